@@ -1,0 +1,27 @@
+# Two entry points: `make run` (the main job on the built-in default) and `make test`.
+# Both create .venv and install the project on first use. CPU machines pin torch through
+# constraints-cpu.txt; on a GPU machine run `make CONSTRAINTS= run` to get the CUDA build.
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet $(PIP_CONSTRAINT_FLAG) -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/kvserve generate --prompt "The capital of France is" --prompt "Once upon a time"
+
+test: install
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/kvserve bench engine

@@ -1,0 +1,104 @@
+"""The `kvserve` command line."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path(os.environ.get("KVSERVE_HOME", Path.home() / ".cache" / "kvserve")) / "tiny-llama"
+
+
+def default_model() -> str:
+    """The built-in default: a tiny random-weight Llama, built here on first use."""
+    from kvserve.cluster.tiny_model import build_tiny_checkpoint
+
+    return str(build_tiny_checkpoint(DEFAULT_MODEL_DIR, arch="llama"))
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="Hugging Face checkpoint folder (default: a tiny built-in model)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    options = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "load_format": args.load_format,
+        "enable_prefix_caching": not args.no_prefix_caching,
+    }
+    if args.max_model_len:
+        options["max_model_len"] = args.max_model_len
+    return options
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from kvserve.workers.llm import LLM
+    from kvserve.workers.sampling_params import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    llm = LLM(args.model or default_model(), **_engine_options(args))
+    for output in llm.generate(args.prompt or ["Hello, my name is"], params):
+        completion = output.outputs[0]
+        if args.json:
+            record = {
+                "prompt": output.prompt,
+                "text": completion.text,
+                "token_ids": completion.token_ids,
+                "finish_reason": completion.finish_reason,
+            }
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(f"{output.prompt!r} -> {completion.text!r} ({completion.finish_reason})")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kvserve.cluster import bench_engine
+
+    return bench_engine.main(args, args.model or default_model(), _engine_options(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvserve", description="LLM serving on Ray with a KV-aware router")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    gen = verbs.add_parser("generate", help="offline generation, no HTTP")
+    _add_engine_flags(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(run=_generate)
+
+    bench = verbs.add_parser("bench", help="benchmarks")
+    bench_verbs = bench.add_subparsers(dest="bench_verb", required=True)
+    engine = bench_verbs.add_parser("engine", help="offline engine against HF transformers generate")
+    _add_engine_flags(engine)
+    from kvserve.cluster.bench_engine import add_flags
+
+    add_flags(engine)
+    engine.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"kvserve {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The block hash shared by the engine and the router.
+
+A full block of the KV cache is named by `hash_block(parent_hash, token_ids, extra_keys)`:
+SHA-256 over a canonical byte encoding, so the value is the same in every process and on
+every machine, and the chain through `parent_hash` makes a block's name depend on the whole
+prefix before it. The router imports this module to compute a prompt's chain; it also
+compares `HASH_CHECK` with a replica's before trusting that replica's events.
+"""
+
+import hashlib
+import json
+import struct
+from collections.abc import Sequence
+
+BlockHash = bytes
+
+ROOT_HASH: BlockHash = bytes(32)
+
+
+def _encode_tokens(token_ids: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(token_ids)}q", *token_ids)
+
+
+def _encode_extra_keys(extra_keys: tuple | None) -> bytes:
+    if not extra_keys:
+        return b""
+    return json.dumps(list(extra_keys), separators=(",", ":"), sort_keys=True).encode()
+
+
+def hash_block(
+    parent_hash: BlockHash, token_ids: Sequence[int], extra_keys: tuple | None = None
+) -> BlockHash:
+    """The name of a full block, chained through its parent's name."""
+    tokens = _encode_tokens(token_ids)
+    extra = _encode_extra_keys(extra_keys)
+    digest = hashlib.sha256(parent_hash)
+    digest.update(len(tokens).to_bytes(4, "little"))
+    digest.update(tokens)
+    digest.update(extra)
+    return digest.digest()
+
+
+def first_block_extra_keys(cache_salt: str | None, lora_name: str | None = None) -> tuple | None:
+    """Extra keys of a request's first block: tenant salt and adapter name, when present."""
+    keys = tuple(k for k in (("salt", cache_salt), ("lora", lora_name)) if k[1] is not None)
+    return keys or None
+
+
+def hash_block_chain(
+    token_ids: Sequence[int],
+    block_size: int,
+    cache_salt: str | None = None,
+    num_blocks: int | None = None,
+) -> list[BlockHash]:
+    """Hashes of the leading full blocks of `token_ids` (all of them unless `num_blocks`)."""
+    full = len(token_ids) // block_size
+    if num_blocks is not None:
+        full = min(full, num_blocks)
+    hashes: list[BlockHash] = []
+    parent = ROOT_HASH
+    extra = first_block_extra_keys(cache_salt)
+    for i in range(full):
+        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra)
+        hashes.append(parent)
+        extra = None
+    return hashes
+
+
+def hash_check_value(block_size: int) -> str:
+    """Hex hash of a fixed test vector: two replicas agree on hashing iff this agrees."""
+    vector = list(range(1, 2 * block_size + 1))
+    return hash_block_chain(vector, block_size, cache_salt="kvserve-check")[-1].hex()

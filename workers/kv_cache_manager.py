@@ -1,0 +1,139 @@
+"""Per-sequence block tables over the block pool, with prefix caching and KV events."""
+
+from kvserve.workers.block_hash import ROOT_HASH, BlockHash, first_block_extra_keys, hash_block
+from kvserve.workers.block_pool import BlockPool, KVBlock
+from kvserve.workers.kv_events import KVEventBatch
+from kvserve.workers.sequence import Sequence
+
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, block_size)
+        self.seq_blocks: dict[str, list[KVBlock]] = {}
+        self.block_tables: dict[str, list[int]] = {}
+        self.num_hashed_blocks: dict[str, int] = {}
+        self._event_seq = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.pool.num_free / self.pool.num_blocks
+
+    def get_computed_blocks(self, seq: Sequence) -> list[KVBlock]:
+        """Cached blocks holding a prefix of `seq`, leaving at least one token to compute."""
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        self._extend_hashes(seq, max_blocks)
+        return self.pool.lookup(seq.block_hashes[:max_blocks])
+
+    def allocate_slots(
+        self, seq: Sequence, num_new_tokens: int, computed_blocks: list[KVBlock] = ()
+    ) -> bool:
+        """Give `seq` room for `num_new_tokens` more tokens after its computed ones (and after
+        `computed_blocks`, a cache hit being admitted with it). False, changing nothing, if
+        the pool is too short."""
+        blocks = self.seq_blocks.setdefault(seq.seq_id, [])
+        num_cached = len(computed_blocks) * self.block_size
+        total = seq.num_computed_tokens + num_cached + num_new_tokens
+        needed = blocks_for(total, self.block_size) - len(blocks) - len(computed_blocks)
+        reclaimable = sum(1 for b in computed_blocks if b.ref_count == 0)
+        if needed > self.pool.num_free - reclaimable:
+            if not blocks:
+                self._forget(seq)
+            return False
+        table = self.block_tables.setdefault(seq.seq_id, [])
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            blocks.extend(computed_blocks)
+            table.extend(b.block_id for b in computed_blocks)
+        if needed > 0:
+            fresh = self.pool.take(needed)
+            blocks.extend(fresh)
+            table.extend(b.block_id for b in fresh)
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(seq, total)
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Return every block of `seq`; its last blocks become the first to be evicted."""
+        blocks = self.seq_blocks.get(seq.seq_id)
+        if blocks is not None:
+            self.pool.release(reversed(blocks))
+        self._forget(seq)
+
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Let `child` share the full blocks of `parent`. A partly filled last block is given
+        to the child as a fresh block instead; the returned (src, dst) block ids must then be
+        copied before the next forward pass. Needs one free block when there is a partial one."""
+        blocks = self.seq_blocks[parent.seq_id]
+        num_full = parent.num_computed_tokens // self.block_size
+        shared = blocks[:num_full]
+        self.pool.touch(shared)
+        child_blocks = list(shared)
+        copy = None
+        if len(blocks) > num_full:
+            (fresh,) = self.pool.take(1)
+            child_blocks.append(fresh)
+            copy = (blocks[num_full].block_id, fresh.block_id)
+        self.seq_blocks[child.seq_id] = child_blocks
+        self.block_tables[child.seq_id] = [b.block_id for b in child_blocks]
+        self.num_hashed_blocks[child.seq_id] = min(num_full, self.num_hashed_blocks.get(parent.seq_id, 0))
+        child.block_hashes = parent.block_hashes[:num_full]
+        return copy
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_cache()
+
+    def take_events(self) -> KVEventBatch | None:
+        """The events since the last call, numbered; None when nothing happened."""
+        if not self.pool.events:
+            return None
+        self._event_seq += 1
+        batch = KVEventBatch(self._event_seq, self.pool.events)
+        self.pool.events = []
+        return batch
+
+    def _forget(self, seq: Sequence) -> None:
+        self.seq_blocks.pop(seq.seq_id, None)
+        self.block_tables.pop(seq.seq_id, None)
+        self.num_hashed_blocks.pop(seq.seq_id, None)
+
+    def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
+        hashes = seq.block_hashes
+        size = self.block_size
+        for i in range(len(hashes), num_blocks):
+            parent = hashes[i - 1] if i else ROOT_HASH
+            extra = None if i else first_block_extra_keys(seq.cache_salt)
+            hashes.append(hash_block(parent, seq.token_ids[i * size : (i + 1) * size], extra))
+
+    def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Register the blocks that will be full once `num_tokens` tokens are computed. Their
+        K/V is written by the coming forward pass, before any attention reads it."""
+        num_full = min(num_tokens, seq.num_tokens) // self.block_size
+        start = self.num_hashed_blocks.get(seq.seq_id, 0)
+        if num_full <= start:
+            return
+        self._extend_hashes(seq, num_full)
+        parent: BlockHash | None = seq.block_hashes[start - 1] if start else None
+        size = self.block_size
+        self.pool.cache(
+            self.seq_blocks[seq.seq_id][start:num_full],
+            seq.block_hashes[start:num_full],
+            parent,
+            seq.token_ids[start * size : num_full * size],
+        )
+        self.num_hashed_blocks[seq.seq_id] = num_full

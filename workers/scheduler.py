@@ -1,0 +1,143 @@
+"""Iteration-level scheduling: which sequences run in the next forward pass, and how far."""
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvserve.workers.kv_cache_manager import KVCacheManager
+from kvserve.workers.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's plan. Decodes (one new token) come first, then prompt chunks."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    """FCFS (or by priority: a lower value first) continuous batching with chunked prefill.
+
+    Running sequences are served before waiting ones are admitted. When blocks run out, the
+    running sequence that would run last is preempted: its blocks are freed and it goes back to
+    the head of the queue, to be recomputed (with the help of the prefix cache) later.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by Sequence.sort_key
+        self.pending_copies: list[tuple[int, int]] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        if seq.priority == 0 and (not self.waiting or self.waiting[-1].sort_key() <= seq.sort_key()):
+            self.waiting.append(seq)
+            return
+        keys = [s.sort_key() for s in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, seq.sort_key()), seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch(block_copies=self.pending_copies)
+        self.pending_copies = []
+        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(batch, budget)
+        if batch.num_preempted == 0:
+            self._admit_waiting(batch, budget)
+        self._put_decodes_first(batch)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(seq, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is seq:
+                    return budget
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.kv.get_computed_blocks(seq)
+            num_cached = len(hits) * self.kv.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(seq, num_new, hits):
+                break
+            self.waiting.popleft()
+            seq.num_computed_tokens = num_cached
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=Sequence.sort_key)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+
+    @staticmethod
+    def _put_decodes_first(batch: ScheduledBatch) -> None:
+        pairs = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda p: p[1] != 1)
+        batch.seqs = [s for s, _ in pairs]
+        batch.num_new_tokens = [n for _, n in pairs]
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def fork_samples(self, parent: Sequence) -> list[Sequence]:
+        """Start the other samples of `parent`'s request, sharing its prompt blocks."""
+        children = parent.forks
+        parent.forks = []
+        for child in children:
+            copy = self.kv.fork(parent, child)
+            if copy is not None:
+                self.pending_copies.append(copy)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
+            child.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, child, key=Sequence.sort_key)
+        return children
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End `seq` wherever it is and free its blocks at once."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

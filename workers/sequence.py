@@ -1,0 +1,83 @@
+"""The engine's view of one sample of one request: its tokens and where it stands."""
+
+import enum
+
+import torch
+
+from kvserve.workers.block_hash import BlockHash
+from kvserve.workers.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop token or stop string
+    LENGTH = "length"  # max_tokens or max_model_len
+    ABORT = "abort"
+
+
+class Sequence:
+    """One generation stream. A request with `n > 1` has n of them: sample 0 is scheduled
+    first; the others are forked from it, sharing its prompt blocks, once its prompt is done."""
+
+    def __init__(
+        self,
+        request_id: str,
+        sample_index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival: float,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ):
+        self.request_id = request_id
+        self.sample_index = sample_index
+        self.seq_id = f"{request_id}#{sample_index}"
+        self.params = params
+        self.priority = priority
+        self.arrival = arrival
+        self.cache_salt = cache_salt
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_prompt_tokens = 0
+        self.block_hashes: list[BlockHash] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_preemptions = 0
+        self.forks: list[Sequence] = []  # samples 1..n-1, waiting for this prompt to finish
+        self.generator = self._make_generator(params.seed, sample_index)
+
+    @staticmethod
+    def _make_generator(seed: int | None, sample_index: int) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator().manual_seed(seed + sample_index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def sort_key(self) -> tuple[int, float, int]:
+        """Lower runs first: priority value, then arrival, then sample index."""
+        return (self.priority, self.arrival, self.sample_index)
