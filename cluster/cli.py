@@ -60,6 +60,50 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_overrides(args: argparse.Namespace) -> dict:
+    engine = {"model": args.model, "device": args.device, "dtype": args.dtype}
+    serving = {"replicas": args.replicas, "router": args.router, "host": args.host, "port": args.port}
+    return {"engine": engine, "serving": serving}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from kvserve.cluster.app import build_app
+    from kvserve.cluster.config import load_config
+
+    config = load_config(args.config, _config_overrides(args), default_model)
+    ray.init(address=args.address, ignore_reinit_error=True, logging_level="WARNING")
+    serving = config.serving
+    serve.start(http_options={"host": serving.host, "port": serving.port})
+    serve.run(build_app(config), name=serving.app_name, route_prefix="/")
+    print(f"kvserve: serving {config.served_model_name()!r} at http://{serving.host}:{serving.port}/v1 "
+          f"({serving.replicas} replica(s), router {serving.router}); Ctrl-C to stop", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("kvserve: shutting down", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from kvserve.cluster.config import load_config
+
+    config = load_config(args.config, default_model=lambda: str(DEFAULT_MODEL_DIR))
+    print(f"{args.config}: valid ({config.serving.replicas} replica(s), router {config.serving.router})")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from kvserve.cluster import bench_engine
 
@@ -80,6 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(run=_generate)
 
+    srv = verbs.add_parser("serve", help="start (or join) Ray, deploy, serve HTTP until Ctrl-C")
+    srv.add_argument("--config", help="application config YAML (see configs/)")
+    srv.add_argument("--model", help="Hugging Face checkpoint folder (default: a tiny built-in model)")
+    srv.add_argument("--replicas", type=int)
+    srv.add_argument("--router", choices=["kv", "pow2", "round_robin", "prefix_approx"])
+    srv.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    srv.add_argument("--host")
+    srv.add_argument("--port", type=int)
+    srv.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    srv.set_defaults(run=_serve)
+
+    val = verbs.add_parser("validate", help="check an application config file")
+    val.add_argument("config")
+    val.set_defaults(run=_validate)
+
     bench = verbs.add_parser("bench", help="benchmarks")
     bench_verbs = bench.add_subparsers(dest="bench_verb", required=True)
     engine = bench_verbs.add_parser("engine", help="offline engine against HF transformers generate")
@@ -88,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_flags(engine)
     engine.set_defaults(run=_bench)
+    from kvserve.cluster import bench_serve
+
+    load = bench_verbs.add_parser("serve", help="load generator against a running endpoint")
+    bench_serve.add_flags(load)
+    load.set_defaults(run=lambda args: bench_serve.main(args))
     return parser
 
 

@@ -47,8 +47,8 @@ class _Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.runner = ModelRunner(config)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model, local_files_only=True)
         model_config = self.runner.model_config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         if self.max_model_len > model_config.max_position_embeddings:

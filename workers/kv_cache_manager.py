@@ -95,6 +95,11 @@ class KVCacheManager:
         child.block_hashes = parent.block_hashes[:num_full]
         return copy
 
+    @property
+    def event_seq(self) -> int:
+        """Sequence number of the last batch handed out by `take_events`."""
+        return self._event_seq
+
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_cache()
 

@@ -1,0 +1,58 @@
+"""Builds the Serve application (ingress + LLMServer replicas) from an `AppConfig`."""
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from kvserve.cluster.config import AppConfig
+from kvserve.router.ingress import Ingress
+from kvserve.router.policies import policy_class
+from kvserve.workers.models.config import ModelConfig
+from kvserve.workers.server import LLMServer
+
+
+def router_config(config: AppConfig) -> RequestRouterConfig:
+    serving = config.serving
+    kwargs = {}
+    if serving.router == "kv":
+        kwargs = {"block_size": config.engine.block_size, **serving.router_options.model_dump()}
+    return RequestRouterConfig(
+        request_router_class=policy_class(serving.router),
+        request_router_kwargs=kwargs,
+        request_routing_stats_period_s=1.0,
+    )
+
+
+def ingress_settings(config: AppConfig) -> dict:
+    engine = config.engine
+    model = ModelConfig.from_pretrained_dir(engine.model)
+    return {
+        "served_model_name": config.served_model_name(),
+        "block_size": engine.block_size,
+        "max_model_len": engine.max_model_len or model.max_position_embeddings,
+        "tokenizer": engine.tokenizer or engine.model,
+        "api_key": config.serving.api_key,
+    }
+
+
+def build_app(config: AppConfig):
+    serving = config.serving
+    actor_options = {"num_cpus": serving.replica_cpus, "num_gpus": serving.replica_gpus}
+    llm = serve.deployment(
+        LLMServer,
+        name="LLMServer",
+        num_replicas=serving.replicas,
+        ray_actor_options=actor_options,
+        max_ongoing_requests=serving.max_ongoing_requests,
+        max_queued_requests=serving.max_queued_requests,
+        request_router_config=router_config(config),
+        health_check_period_s=2.0,
+        health_check_timeout_s=30.0,
+    ).bind(config.engine.model_dump())
+    ingress = serve.deployment(
+        Ingress,
+        name="Ingress",
+        num_replicas=serving.ingress_replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=1000,
+    )
+    return ingress.bind(llm, ingress_settings(config))

@@ -1,0 +1,83 @@
+"""The application config: one pydantic tree, filled from a YAML file and CLI flags."""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvserve.router.policies import POLICIES
+from kvserve.workers.config import EngineConfig
+
+
+class RouterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    load_cost_tokens: int = Field(64, ge=0, description="kv: prompt tokens one in-flight request is worth")
+    max_imbalance: int = Field(4, ge=0, description="kv: most extra in-flight requests over the least busy replica")
+
+
+class ServingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    app_name: str = "kvserve"
+    served_model_name: str | None = Field(None, description="the model id clients use; default: the folder name")
+    replicas: int = Field(1, ge=1)
+    ingress_replicas: int = Field(1, ge=1)
+    router: Literal[POLICIES] = "kv"
+    router_options: RouterOptions = RouterOptions()
+    replica_cpus: float = Field(1.0, ge=0)
+    replica_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica takes at once")
+    max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica before 503s; -1: no limit")
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: EngineConfig
+    serving: ServingConfig = ServingConfig()
+
+    def served_model_name(self) -> str:
+        return self.serving.served_model_name or Path(self.engine.model).name
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None, default_model=None) -> AppConfig:
+    """Read `path` (YAML), apply `overrides` ({"engine": {...}, "serving": {...}}), and fill
+    `engine.model` from `default_model()` when neither gives one."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {})
+        raw[section].update({k: v for k, v in values.items() if v is not None})
+    engine = raw.setdefault("engine", {})
+    if isinstance(engine, dict) and not engine.get("model") and default_model is not None:
+        engine["model"] = default_model()
+    try:
+        return AppConfig(**raw)
+    except ValidationError as error:
+        raise ConfigError(f"invalid config: {_describe(error)}") from None

@@ -1,0 +1,123 @@
+"""Plain-PyTorch ops: the CPU path and the ground truth for the Triton kernels."""
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.kernels.metadata import AttentionMetadata
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write row t of key/value [T, H, D] into slot `slot_mapping[t]` of the paged caches."""
+    _, _, num_heads, head_dim = k_cache.shape
+    k_cache.view(-1, num_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, num_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries [T, Hq, D] over its cached context."""
+    out = q.new_empty(q.shape)
+    num_decodes = meta.num_decodes
+    if num_decodes:
+        out[:num_decodes] = _decode_attention(q[:num_decodes], k_cache, v_cache, meta, scale)
+    starts, context_lens = meta.query_start_loc_cpu, meta.context_lens_cpu
+    for i in range(num_decodes, meta.num_seqs):
+        start, end = starts[i], starts[i + 1]
+        out[start:end] = _prefill_attention(
+            q[start:end], k_cache, v_cache, meta.block_tables[i], context_lens[i], scale
+        )
+    return out
+
+
+def _decode_attention(q, k_cache, v_cache, meta, scale):
+    """All single-query sequences at once, over their blocks gathered into a padded batch."""
+    num_decodes = q.shape[0]
+    block_size = k_cache.shape[1]
+    max_ctx = max(meta.context_lens_cpu[:num_decodes])
+    num_blocks = -(-max_ctx // block_size)
+    tables = meta.block_tables[:num_decodes, :num_blocks]
+    keys = _gather(k_cache, tables)  # [B, Hk, L, D]
+    values = _gather(v_cache, tables)
+    positions = torch.arange(keys.shape[2], device=q.device)
+    mask = positions < meta.context_lens[:num_decodes, None]  # [B, L]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+def _prefill_attention(q, k_cache, v_cache, block_table, context_len, scale):
+    """One sequence's queries [Q, Hq, D], the last Q of its `context_len` tokens."""
+    block_size = k_cache.shape[1]
+    table = block_table[: -(-context_len // block_size)]
+    keys = _gather(k_cache, table[None])[..., :context_len, :]
+    values = _gather(v_cache, table[None])[..., :context_len, :]
+    q_len = q.shape[0]
+    if q_len == context_len:
+        mask, causal = None, True
+    else:
+        # Query i sits at absolute position context_len - q_len + i and sees keys up to there.
+        mask = torch.ones(q_len, context_len, dtype=torch.bool, device=q.device).tril(context_len - q_len)
+        causal = False
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0), keys, values,
+        attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Blocks `tables` [B, N] of a cache [blocks, block_size, H, D] as [B, H, N*block_size, D]."""
+    batch, num_blocks = tables.shape
+    _, block_size, num_heads, head_dim = cache.shape
+    blocks = cache[tables.flatten()]
+    return blocks.view(batch, num_blocks * block_size, num_heads, head_dim).transpose(1, 2)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm as Hugging Face's LlamaRMSNorm; with `residual`, adds it first and returns
+    `(normed, x + residual)`."""
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if residual is None else (normed, x)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style RoPE (rotate halves) of q [T, Hq, D] and k [T, Hk, D], in place."""
+    cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x.copy_(rotated)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2*I] -> silu(x[:, :I]) * x[:, I:]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -1,0 +1,107 @@
+"""Keeps a local `KVIndex` in step with the KV event hub, in the background.
+
+One follower per application and process: the request router of every handle in the process
+and the ingress's /metrics read the same copy. Replicas whose block size or hash check value
+differ from ours are kept out of the index (and counted), never trusted.
+"""
+
+import asyncio
+import logging
+
+import ray
+
+from kvserve.router.kv_index import KVIndex
+from kvserve.workers.block_hash import hash_check_value
+from kvserve.workers.kv_event_hub import hub_name
+
+logger = logging.getLogger(__name__)
+
+FOLLOW_TIMEOUT_S = 2.0
+_followers: dict[str, "KVIndexFollower"] = {}
+
+
+class KVIndexFollower:
+    def __init__(self, app_name: str, block_size: int):
+        self.app_name = app_name
+        self.block_size = block_size
+        self.expected_check = hash_check_value(block_size)
+        self.index = KVIndex()
+        self.stats: dict[str, dict] = {}
+        self.rejected: set[str] = set()
+        self.departed: set[str] = set()  # replica ids are never reused
+        self._version = -1
+        self._task: asyncio.Task | None = None
+
+    @classmethod
+    def for_app(cls, app_name: str, block_size: int) -> "KVIndexFollower":
+        follower = _followers.get(app_name)
+        if follower is None:
+            follower = _followers[app_name] = cls(app_name, block_size)
+        follower.ensure_running()
+        return follower
+
+    def ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._follow_forever())
+
+    @property
+    def trusted(self) -> set[str]:
+        return set(self.index.replicas)
+
+    async def _follow_forever(self) -> None:
+        hub = None
+        while True:
+            try:
+                hub = hub or ray.get_actor(hub_name(self.app_name), namespace="kvserve")
+                news = await hub.follow.remote(self._cursors(), self._version, FOLLOW_TIMEOUT_S)
+                self.apply(news)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # no hub yet, or it restarted: try again shortly
+                logger.debug("KV event hub not reachable: %r", error)
+                hub = None
+                await asyncio.sleep(0.5)
+
+    def _cursors(self) -> dict[str, int]:
+        return {r: s.last_seq for r, s in self.index.replicas.items()}
+
+    def apply(self, news: dict) -> None:
+        """Fold one answer of the hub into the index."""
+        self._version = news["version"]
+        replicas = news["replicas"]
+        for gone in set(self.index.replicas) - set(replicas):
+            self.forget(gone)
+        for replica, info in replicas.items():
+            if replica in self.departed:
+                continue
+            self.stats[replica] = info["stats"]
+            if not self._agrees(replica, info):
+                continue
+            if "snapshot" in info:
+                snap = info["snapshot"]
+                self.index.load_snapshot(replica, info["block_size"], snap["seq"], snap["blocks"])
+                continue
+            self.index.add_replica(replica, info["block_size"])
+            for batch in info["batches"]:
+                if not self.index.apply(replica, batch):
+                    self.index.drop_replica(replica)  # the next answer brings a snapshot
+                    break
+
+    def _agrees(self, replica: str, info: dict) -> bool:
+        if info["block_size"] == self.block_size and info["hash_check"] == self.expected_check:
+            return True
+        if replica not in self.rejected:
+            logger.error(
+                "replica %s hashes blocks differently (block size %s, check %s; ours %s, %s): "
+                "it gets no prefix-aware routing", replica, info["block_size"], info["hash_check"],
+                self.block_size, self.expected_check,
+            )
+            self.rejected.add(replica)
+        return False
+
+    def forget(self, replica: str, departed: bool = False) -> None:
+        if departed:
+            self.departed.add(replica)
+        self.index.drop_replica(replica)
+        self.stats.pop(replica, None)
+        self.rejected.discard(replica)

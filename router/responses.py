@@ -1,0 +1,96 @@
+"""Turns the engine's streamed chunks into OpenAI response bodies."""
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ChoiceState:
+    """What one choice (one prompt x one sample) has produced so far."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    return "stop" if reason == "abort" else reason
+
+
+class TokenText:
+    """Token strings for logprobs, decoded one token at a time (cached)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self._cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+
+def completion_logprobs(entries: list[dict], token_text: TokenText, text_start: int) -> dict:
+    tokens = [token_text(e["token_id"]) for e in entries]
+    offsets, at = [], text_start
+    for token in tokens:
+        offsets.append(at)
+        at += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{token_text(t): lp for t, lp in e["top"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: list[dict], token_text: TokenText) -> dict:
+    def item(token_id: int, logprob: float) -> dict:
+        token = token_text(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {
+        "content": [
+            {**item(e["token_id"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
+            for e in entries
+        ]
+    }
+
+
+def completion_body(request_id: str, model: str, choices: list[dict], usage: Usage | None, chat: bool) -> dict:
+    body = {
+        "id": request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        body["usage"] = usage.to_dict()
+    return body
+
+
+def chunk_body(request_id: str, model: str, choices: list[dict], usage: Usage | None, chat: bool) -> dict:
+    body = completion_body(request_id, model, choices, usage, chat)
+    body["object"] = "chat.completion.chunk" if chat else "text_completion"
+    if usage is None and chat:
+        body["usage"] = None
+    return body

@@ -1,0 +1,53 @@
+"""Prometheus metrics of the front door and the router, one registry per process.
+
+Per-replica series carry the label `replica`. Engine-side gauges (KV usage, running,
+waiting) come from the stats each replica publishes through the KV event hub.
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+REQUESTS = Counter("kvserve_requests_total", "Requests by outcome", ["replica", "status"])
+PROMPT_TOKENS = Counter("kvserve_prompt_tokens_total", "Prompt tokens", ["replica"])
+GENERATED_TOKENS = Counter("kvserve_generation_tokens_total", "Generated tokens", ["replica"])
+PREFIX_HIT_TOKENS = Counter(
+    "kvserve_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache", ["replica"]
+)
+PREFIX_QUERIED_TOKENS = Counter(
+    "kvserve_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache", ["replica"]
+)
+TTFT = Histogram("kvserve_time_to_first_token_seconds", "Time to first token", ["replica"], buckets=LATENCY_BUCKETS)
+ITL = Histogram("kvserve_inter_token_latency_seconds", "Time between streamed tokens", ["replica"], buckets=LATENCY_BUCKETS)
+E2E = Histogram("kvserve_e2e_request_latency_seconds", "Request latency", ["replica"], buckets=LATENCY_BUCKETS)
+KV_USAGE = Gauge("kvserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", ["replica"])
+RUNNING = Gauge("kvserve_num_requests_running", "Sequences running", ["replica"])
+WAITING = Gauge("kvserve_num_requests_waiting", "Sequences waiting", ["replica"])
+ROUTING_DECISIONS = Counter("kvserve_routing_decisions_total", "Routing decisions", ["policy", "reason"])
+ROUTING_TIME = Histogram(
+    "kvserve_routing_decision_seconds", "Time of the routing decision itself", ["policy"],
+    buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
+)
+INDEX_BLOCKS = Gauge("kvserve_router_index_blocks", "Blocks the router's KV index holds per replica", ["replica"])
+UNTRUSTED_REPLICAS = Gauge(
+    "kvserve_untrusted_replicas", "Replicas whose block hashing disagrees with the router's"
+)
+
+
+def record_decision(policy: str, reason: str, seconds: float) -> None:
+    ROUTING_DECISIONS.labels(policy, reason).inc()
+    ROUTING_TIME.labels(policy).observe(seconds)
+
+
+def export_replica_stats(stats: dict[str, dict], index_blocks: dict[str, int], untrusted: int) -> None:
+    """Refresh the per-replica gauges; replicas that are gone lose their series."""
+    for gauge in (KV_USAGE, RUNNING, WAITING, INDEX_BLOCKS):
+        gauge.clear()
+    for replica, s in stats.items():
+        total = s.get("kv_blocks_total") or 1
+        KV_USAGE.labels(replica).set(s.get("kv_blocks_used", 0) / total)
+        RUNNING.labels(replica).set(s.get("running", 0))
+        WAITING.labels(replica).set(s.get("waiting", 0))
+    for replica, blocks in index_blocks.items():
+        INDEX_BLOCKS.labels(replica).set(blocks)
+    UNTRUSTED_REPLICAS.set(untrusted)

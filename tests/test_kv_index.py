@@ -1,0 +1,70 @@
+"""The router's KV index, fed the engine's own event batches."""
+
+from kvserve.router.kv_follower import KVIndexFollower
+from kvserve.router.kv_index import KVIndex
+from kvserve.workers.block_hash import hash_block_chain, hash_check_value
+from kvserve.workers.kv_cache_manager import KVCacheManager
+from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.sequence import Sequence
+
+BLOCK = 4
+
+
+def run_prompt(kv: KVCacheManager, name: str, tokens: list[int]) -> Sequence:
+    seq = Sequence(name, 0, tokens, SamplingParams(), 0.0)
+    hits = kv.get_computed_blocks(seq)
+    assert kv.allocate_slots(seq, len(tokens) - len(hits) * BLOCK, hits)
+    seq.num_computed_tokens = len(tokens)
+    return seq
+
+
+def test_index_follows_two_engines_exactly():
+    engines = {"a": KVCacheManager(8, BLOCK), "b": KVCacheManager(8, BLOCK)}
+    index = KVIndex()
+    for name in engines:
+        index.add_replica(name, BLOCK)
+    shared = list(range(12))
+    run_prompt(engines["a"], "x", shared + [50])
+    run_prompt(engines["b"], "y", shared[:4] + [99] * 9)
+    for name, kv in engines.items():
+        assert index.apply(name, kv.take_events().to_dict())
+    query = hash_block_chain(shared + [1, 2, 3, 4], BLOCK)
+    assert index.prefix_matches(query, ["a", "b"]) == {"a": 3, "b": 1}
+    assert index.num_blocks == len(set(engines["a"].pool.cached) | set(engines["b"].pool.cached))
+
+
+def test_eviction_and_replica_loss_leave_no_trace():
+    kv = KVCacheManager(3, BLOCK)
+    index = KVIndex()
+    index.add_replica("a", BLOCK)
+    seq = run_prompt(kv, "x", list(range(9)))
+    kv.free(seq)
+    run_prompt(kv, "y", [7] * 9)  # needs all three blocks: evicts the first prompt's
+    assert index.apply("a", kv.take_events().to_dict())
+    assert set(index.holders) == set(kv.pool.cached)
+    assert index.prefix_matches(hash_block_chain(list(range(9)), BLOCK), ["a"]) == {"a": 0}
+    index.drop_replica("a")
+    assert index.num_blocks == 0 and not index.replicas
+
+
+def test_a_sequence_gap_is_refused():
+    kv = KVCacheManager(8, BLOCK)
+    index = KVIndex()
+    index.add_replica("a", BLOCK)
+    run_prompt(kv, "x", list(range(5)))
+    kv.take_events()  # batch 1 lost
+    run_prompt(kv, "y", list(range(20, 25)))
+    assert not index.apply("a", kv.take_events().to_dict())
+
+
+def test_follower_distrusts_a_replica_that_hashes_differently():
+    follower = KVIndexFollower("test-app", BLOCK)
+    good = {"block_size": BLOCK, "hash_check": hash_check_value(BLOCK), "stats": {},
+            "snapshot": {"seq": 3, "blocks": hash_block_chain(list(range(8)), BLOCK)}}
+    other_size = {**good, "block_size": 8, "hash_check": hash_check_value(8)}
+    other_hash = {**good, "hash_check": "00" * 32}
+    follower.apply({"version": 1, "replicas": {"good": good, "size": other_size, "hash": other_hash}})
+    assert follower.trusted == {"good"}
+    assert follower.rejected == {"size", "hash"}
+    follower.apply({"version": 2, "replicas": {"size": other_size}})
+    assert follower.trusted == set() and follower.index.num_blocks == 0

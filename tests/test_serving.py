@@ -1,0 +1,204 @@
+"""The whole serving path on a real local Ray cluster: the `openai` client against the
+ingress, two engine replicas behind the KV-aware router."""
+
+import re
+import socket
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+from ray import serve
+
+from kvserve.cluster.app import build_app
+from kvserve.cluster.config import load_config
+from kvserve.workers.llm import LLM
+from kvserve.workers.sampling_params import SamplingParams
+
+APP = "kvtest"
+ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 160, "max_model_len": 256}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints):
+    port = free_port()
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR")
+    config = load_config(None, {
+        "engine": {**ENGINE, "model": str(tiny_checkpoints["llama"])},
+        "serving": {"app_name": APP, "replicas": 2, "router": "kv", "port": port, "replica_cpus": 1,
+                    "router_options": {"max_imbalance": 3}},
+    })
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name=APP, route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{base}/ready").status_code != 200:
+        assert time.monotonic() < deadline, "replicas never became ready"
+        time.sleep(0.5)
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model_name(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_checkpoints):
+    return LLM(str(tiny_checkpoints["llama"]), **ENGINE)
+
+
+def test_completion_equals_the_offline_engine(client, model_name, offline):
+    prompts = ["The quick brown fox", "Once upon a time there was"]
+    expected = offline.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for prompt, want in zip(prompts, expected):
+        got = client.completions.create(model=model_name, prompt=prompt, max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == want.outputs[0].text
+        assert got.choices[0].finish_reason == "length"
+        assert got.usage.completion_tokens == 12
+        assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+
+
+def test_streamed_completion_equals_the_plain_one(client, model_name):
+    args = dict(model=model_name, prompt="Hello there", max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_chat_plain_and_streamed(client, model_name):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}]
+    plain = client.chat.completions.create(model=model_name, messages=messages, max_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert plain.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=model_name, messages=messages, max_completion_tokens=8,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == plain.choices[0].message.content
+    assert plain.usage.completion_tokens == 8
+
+
+def test_n_logprobs_stop_and_seed(client, model_name):
+    two = client.completions.create(model=model_name, prompt="Numbers:", n=2, max_tokens=8, temperature=1.0,
+                                    seed=5, logprobs=2, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    for choice in two.choices:
+        assert len(choice.logprobs.tokens) == 8 and all(len(t) == 2 for t in choice.logprobs.top_logprobs)
+    again = client.completions.create(model=model_name, prompt="Numbers:", n=2, max_tokens=8, temperature=1.0,
+                                      seed=5, logprobs=2, extra_body={"ignore_eos": True})
+    assert [c.text for c in two.choices] == [c.text for c in again.choices]
+    full = client.completions.create(model=model_name, prompt="Story:", max_tokens=30, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[4:7]
+    cut = client.completions.create(model=model_name, prompt="Story:", max_tokens=30, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=4, logprobs=True, top_logprobs=3, temperature=0)
+    assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
+
+
+def test_bad_input_gets_openai_errors(server, client, model_name):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=model_name, prompt="x", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="max_model_len"):
+        client.completions.create(model=model_name, prompt=[5] * 300)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="no-such-model", prompt="x")
+    reply = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "error" in reply.json()
+
+
+def completion_with_header(server, model_name, prompt, max_tokens=4):
+    reply = httpx.post(f"{server}/v1/completions", json={"model": model_name, "prompt": prompt,
+                       "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.headers["x-kvserve-replica"], reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_shared_prefixes_follow_their_cache_and_groups_spread(server, model_name):
+    groups = [[1000 + 7 * g + i for i in range(96)] for g in range(4)]
+    holders = {}
+    for g, prefix in enumerate(groups):
+        first, _ = completion_with_header(server, model_name, prefix + [3, g])
+        time.sleep(0.6)  # let the stored events reach the router
+        for k in range(3):
+            replica, cached = completion_with_header(server, model_name, prefix + [4 + k, g])
+            assert replica == first and cached >= 80
+        holders[g] = first
+    assert len(set(holders.values())) == 2
+
+
+def test_a_hot_holder_sheds_load_to_the_other_replica(server, model_name):
+    import concurrent.futures as cf
+
+    prefix = [2000 + i for i in range(96)]
+    holder, _ = completion_with_header(server, model_name, prefix + [1])
+    time.sleep(0.6)
+    with cf.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda i: completion_with_header(server, model_name, prefix + [i], 40), range(12)))
+    replicas = [r for r, _ in results]
+    assert holder in replicas and len(set(replicas)) == 2
+
+
+def metric(server, name: str) -> dict[str, float]:
+    text = httpx.get(f"{server}/metrics").text
+    return {m[0]: float(m[1]) for m in re.findall(rf'^{name}{{replica="([^"]+)"}} (\S+)$', text, re.M)}
+
+
+def test_metrics_cover_every_replica(server, model_name):
+    completion_with_header(server, model_name, [9] * 40)
+    text = httpx.get(f"{server}/metrics").text
+    for name in ("kvserve_prefix_cache_hit_tokens_total", "kvserve_prefix_cache_queried_tokens_total",
+                 "kvserve_time_to_first_token_seconds_bucket", "kvserve_kv_cache_usage_ratio",
+                 "kvserve_num_requests_running", 'kvserve_routing_decisions_total{policy="kv"'):
+        assert name in text
+    assert len(metric(server, "kvserve_kv_cache_usage_ratio")) == 2
+
+
+def test_disconnect_mid_stream_frees_the_blocks(server, model_name):
+    with httpx.stream("POST", f"{server}/v1/completions", json={
+        "model": model_name, "prompt": [11] * 50, "max_tokens": 200, "stream": True, "ignore_eos": True,
+    }, timeout=60) as reply:
+        replica = reply.headers["x-kvserve-replica"]
+        lines = reply.iter_lines()
+        next(lines)
+    deadline = time.monotonic() + 3
+    while metric(server, "kvserve_num_requests_running").get(replica, 1) > 0:
+        assert time.monotonic() < deadline, "the aborted request is still running"
+        time.sleep(0.1)
+
+
+def test_killed_replica_leaves_the_index_and_serving_goes_on(server, model_name):
+    prefix = [3000 + i for i in range(64)]
+    victim, _ = completion_with_header(server, model_name, prefix + [1])
+    time.sleep(0.6)
+    assert metric(server, "kvserve_router_index_blocks").get(victim, 0) > 0
+    actor = next(
+        a for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA") and a["name"].endswith(victim)
+    )
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 30
+    while victim in metric(server, "kvserve_router_index_blocks"):
+        assert time.monotonic() < deadline, "the dead replica is still in the index"
+        time.sleep(0.5)
+    for i in range(4):
+        replica, _ = completion_with_header(server, model_name, prefix + [i])
+        assert replica != victim

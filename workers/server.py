@@ -1,0 +1,246 @@
+"""`LLMServer`: one engine per Ray Serve replica, stepping in its own thread.
+
+Requests arrive through the Serve handle as token ids plus sampling settings and stream
+their outputs back chunk by chunk. The engine thread owns the engine; the replica's event loop
+only queues commands for it and forwards its outputs, so a long forward pass never blocks
+the replica from taking requests, answering health checks or reporting stats.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import ray
+from ray import serve
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+from kvserve.workers.block_hash import hash_check_value
+from kvserve.workers.config import EngineConfig
+from kvserve.workers.engine import LLMEngine
+from kvserve.workers.kv_event_hub import KVEventHub, hub_name
+from kvserve.workers.outputs import RequestOutput
+from kvserve.workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+STATS_PERIOD_S = 0.25
+
+
+@dataclass
+class GenerateRequest:
+    """What crosses the handle: token ids, never HTTP. `block_hashes` is for the KV-aware
+    router and `prompt` (the text) for the text-based baseline router."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict  # SamplingParams fields
+    prompt: str = ""
+    block_hashes: list[bytes] = field(default_factory=list)
+    cache_salt: str | None = None
+    priority: int = 0
+
+
+def get_or_create_hub(app_name: str):
+    """The application's hub actor; Serve kills it on `serve.shutdown()`."""
+    hub = (
+        ray.remote(KVEventHub)
+        .options(name=hub_name(app_name), namespace="kvserve", get_if_exists=True,
+                 lifetime="detached", num_cpus=0, max_concurrency=1000)
+        .remote()
+    )
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    ray.get(controller._register_shutdown_cleanup_actor.remote(hub))
+    return hub
+
+
+def output_chunk(output: RequestOutput, replica: str) -> dict:
+    """One streamed update of a request: what each sample added in the last step."""
+    return {
+        "replica": replica,
+        "num_prompt_tokens": len(output.prompt_token_ids),
+        "num_cached_tokens": output.num_cached_tokens,
+        "outputs": [
+            {
+                "index": o.index,
+                "delta_text": o.delta_text,
+                "delta_token_ids": o.delta_token_ids,
+                "delta_logprobs": _logprobs_tail(o),
+                "num_tokens": len(o.token_ids),
+                "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason,
+            }
+            for o in output.outputs
+            if o.delta_token_ids or o.finish_reason
+        ],
+        "finished": output.finished,
+    }
+
+
+def _logprobs_tail(output) -> list | None:
+    if output.logprobs is None or not output.delta_token_ids:
+        return None
+    return [
+        {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
+        for lp in output.logprobs[-len(output.delta_token_ids):]
+    ]
+
+
+class EngineThread(threading.Thread):
+    """Runs the engine: applies queued commands, steps while there is work, publishes."""
+
+    def __init__(self, engine: LLMEngine, deliver, publish):
+        super().__init__(name="kvserve-engine", daemon=True)
+        self.engine = engine
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.deliver = deliver
+        self.publish = publish
+        self.error: BaseException | None = None
+        self._stopping = False
+
+    def submit(self, command) -> None:
+        self.commands.put(command)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.commands.put(lambda engine: None)
+
+    def run(self) -> None:
+        try:
+            while not self._stopping:
+                block = not self.engine.has_unfinished_requests()
+                self._apply_commands(block)
+                if self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        self.deliver(output)
+                self.publish(self.engine)
+        except BaseException as error:  # the replica reports unhealthy and Serve replaces it
+            logger.exception("engine thread died")
+            self.error = error
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            command = self.commands.get(timeout=STATS_PERIOD_S) if block else self.commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            command(self.engine)
+            try:
+                command = self.commands.get_nowait()
+            except queue.Empty:
+                return
+
+
+class LLMServer:
+    """The Serve deployment class (the application builder applies `serve.deployment`)."""
+
+    def __init__(self, engine_config: dict):
+        self.engine = LLMEngine(EngineConfig(**engine_config))
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.hub = get_or_create_hub(context.app_name)
+        self.hub.register.remote(self.replica_id, self.engine.config.block_size,
+                                 hash_check_value(self.engine.config.block_size),
+                                 ray.get_runtime_context().current_actor)
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop = asyncio.get_event_loop()
+        self._pending_events: list[dict] = []
+        self._last_stats_at = 0.0
+        self._resync = False
+        self.thread = EngineThread(self.engine, self._deliver, self._publish)
+        self.thread.start()
+
+    # -- engine thread side --------------------------------------------------------------
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is not None:
+            self._loop.call_soon_threadsafe(stream.put_nowait, output_chunk(output, self.replica_id))
+
+    def _publish(self, engine: LLMEngine) -> None:
+        """Send KV events as they happen and load at least every STATS_PERIOD_S."""
+        batch = engine.take_kv_events()
+        now = time.monotonic()
+        if batch is None and now - self._last_stats_at < STATS_PERIOD_S:
+            return
+        self._last_stats_at = now
+        stats = engine.stats()
+        if self._resync:
+            self._resync = False
+            pool = engine.kv.pool
+            self.hub.publish_snapshot.remote(self.replica_id, engine.kv.event_seq, list(pool.cached), stats)
+            return
+        ref = self.hub.publish.remote(self.replica_id, [batch.to_dict()] if batch else [], stats)
+        ref.future().add_done_callback(self._on_published)
+
+    def _on_published(self, future) -> None:
+        try:
+            accepted = future.result()
+        except Exception:  # the hub restarted or is gone: start over from a snapshot
+            accepted = False
+        if not accepted:
+            self._resync = True
+
+    # -- replica side --------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[dict]:
+        """Stream the outputs of one request, one chunk per engine step that changed it."""
+        self._raise_if_dead()
+        params = SamplingParams(**request.sampling)
+        request_id = request.request_id
+        stream: asyncio.Queue = asyncio.Queue()
+        added: asyncio.Future = self._loop.create_future()
+        self._streams[request_id] = stream
+
+        def add(engine: LLMEngine) -> None:
+            try:
+                engine.add_request(request_id, request.prompt_token_ids, params,
+                                   request.priority, request.cache_salt)
+                self._loop.call_soon_threadsafe(added.set_result, None)
+            except ValueError as error:
+                self._loop.call_soon_threadsafe(added.set_exception, error)
+
+        finished = False
+        try:
+            self.thread.submit(add)
+            await added
+            while not finished:
+                chunk = await self._next_chunk(stream)
+                finished = chunk["finished"]
+                yield chunk
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.thread.submit(lambda engine: engine.abort_request(request_id))
+
+    async def _next_chunk(self, stream: asyncio.Queue) -> dict:
+        while True:
+            try:
+                return await asyncio.wait_for(stream.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                self._raise_if_dead()
+
+    def _raise_if_dead(self) -> None:
+        if self.thread.error is not None or not self.thread.is_alive():
+            raise RuntimeError(f"the engine of replica {self.replica_id} has stopped: {self.thread.error!r}")
+
+    def record_routing_stats(self) -> dict:
+        return {**self.engine.stats(), "replica": self.replica_id}
+
+    def check_health(self) -> None:
+        self._raise_if_dead()
+
+    def info(self) -> dict:
+        return {"replica": self.replica_id, "block_size": self.engine.config.block_size,
+                "max_model_len": self.engine.max_model_len, **self.engine.stats()}
+
+    def __del__(self):
+        thread = getattr(self, "thread", None)
+        if thread is not None:
+            thread.stop()
+        hub = getattr(self, "hub", None)
+        if hub is not None:
+            hub.unregister.remote(self.replica_id)
