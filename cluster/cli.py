@@ -16,6 +16,20 @@ def default_model() -> str:
     return str(build_tiny_checkpoint(DEFAULT_MODEL_DIR, arch="llama"))
 
 
+BENCH_MODEL_SHAPE = dict(
+    hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
+)
+
+
+def bench_model() -> str:
+    """A small random-weight Llama for engine benchmarks: big enough that the model's work,
+    not Python, fills most of a step on a CPU."""
+    from kvserve.cluster.tiny_model import build_tiny_checkpoint
+
+    return str(build_tiny_checkpoint(DEFAULT_MODEL_DIR.parent / "bench-llama", arch="llama", **BENCH_MODEL_SHAPE))
+
+
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face checkpoint folder (default: a tiny built-in model)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -107,7 +121,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from kvserve.cluster import bench_engine
 
-    return bench_engine.main(args, args.model or default_model(), _engine_options(args))
+    return bench_engine.main(args, args.model or bench_model(), _engine_options(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

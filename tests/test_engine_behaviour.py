@@ -103,7 +103,7 @@ def test_abort_at_random_points_leaks_no_block(llm):
         ([5] * 300, SamplingParams(), "max_model_len"),
         ([], SamplingParams(), "empty"),
         ([5, 99999], SamplingParams(), "vocabulary"),
-        ([5] * 200, SamplingParams(max_tokens=4000), "KV blocks"),
+        ([5] * 200, SamplingParams(max_tokens=50, n=16), "KV blocks"),
     ],
 )
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm, prompt, params, message):

@@ -66,7 +66,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def fork(self, data):
         parent = self.live[data.draw(st.sampled_from(sorted(self.live)))]
-        if parent.num_tokens % BLOCK and self.kv.num_free_blocks == 0:
+        if not self.kv.can_fork(parent):
+            assert parent.num_tokens % BLOCK and self.kv.num_free_blocks == 0
             return
         child = Sequence(parent.request_id, self.next_id, parent.token_ids, PARAMS, 0.0, cache_salt=parent.cache_salt)
         self.next_id += 1

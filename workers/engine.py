@@ -114,10 +114,10 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
-        needed = blocks_for(longest, self.config.block_size)
-        if params.n > 1:
-            needed += params.n - 1  # each fork takes its own copy of a partial block at least
+        size = self.config.block_size
+        per_sample = blocks_for(min(len(token_ids) + params.max_tokens, self.max_model_len), size)
+        shared = len(token_ids) // size  # full prompt blocks, shared by the samples
+        needed = per_sample + (params.n - 1) * (per_sample - shared)
         if needed > self.kv.num_blocks:
             raise ValueError(
                 f"the request needs up to {needed} KV blocks but the pool has only "

@@ -75,10 +75,14 @@ class KVCacheManager:
             self.pool.release(reversed(blocks))
         self._forget(seq)
 
+    def can_fork(self, parent: Sequence) -> bool:
+        partial = len(self.seq_blocks[parent.seq_id]) > parent.num_computed_tokens // self.block_size
+        return not partial or self.pool.num_free > 0
+
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Let `child` share the full blocks of `parent`. A partly filled last block is given
         to the child as a fresh block instead; the returned (src, dst) block ids must then be
-        copied before the next forward pass. Needs one free block when there is a partial one."""
+        copied before the next forward pass. Check `can_fork` first."""
         blocks = self.seq_blocks[parent.seq_id]
         num_full = parent.num_computed_tokens // self.block_size
         shared = blocks[:num_full]

@@ -116,11 +116,15 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def fork_samples(self, parent: Sequence) -> list[Sequence]:
-        """Start the other samples of `parent`'s request, sharing its prompt blocks."""
+    def fork_samples(self, parent: Sequence) -> None:
+        """Start the other samples of `parent`'s request, sharing its prompt blocks. A sample
+        that finds no block for its copy of a partial last block queues to recompute instead."""
         children = parent.forks
         parent.forks = []
         for child in children:
+            if not self.kv.can_fork(parent):
+                self.waiting.appendleft(child)
+                continue
             copy = self.kv.fork(parent, child)
             if copy is not None:
                 self.pending_copies.append(copy)
@@ -128,7 +132,6 @@ class Scheduler:
             child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
             child.status = SequenceStatus.RUNNING
             bisect.insort(self.running, child, key=Sequence.sort_key)
-        return children
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End `seq` wherever it is and free its blocks at once."""
