@@ -32,6 +32,8 @@ from kvserve.workers.block_hash import hash_block_chain
 from kvserve.workers.server import GenerateRequest
 
 REPLICA_HEADER = "x-kvserve-replica"
+# `serve.ingress` pickles the class when it decorates it: everything its methods use must be
+# defined above it.
 
 app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
 
@@ -92,6 +94,137 @@ class _RequestTimer:
     def finished(self, replica: str, status: str) -> None:
         metrics.E2E.labels(replica).observe(time.perf_counter() - self.start)
         metrics.REQUESTS.labels(replica, status).inc()
+
+
+class _Generation:
+    """One HTTP request's generation: several prompts x n samples, merged into choices."""
+
+    def __init__(self, ingress: "Ingress", request_id: str, body, chat: bool, num_prompts: int,
+                 firsts: list[dict], streams: list, timers: list[_RequestTimer]):
+        self.ingress, self.request_id, self.body, self.chat = ingress, request_id, body, chat
+        self.n = body.n
+        self.choices = [ChoiceState(i) for i in range(num_prompts * self.n)]
+        self.firsts, self.streams, self.timers = firsts, streams, timers
+        self.usage = Usage()
+        for first in firsts:
+            self.usage.prompt_tokens += first["num_prompt_tokens"] * self.n
+            self.usage.cached_tokens += first["num_cached_tokens"]
+            replica = first["replica"]
+            metrics.PROMPT_TOKENS.labels(replica).inc(first["num_prompt_tokens"])
+            metrics.PREFIX_QUERIED_TOKENS.labels(replica).inc(first["num_prompt_tokens"])
+            metrics.PREFIX_HIT_TOKENS.labels(replica).inc(first["num_cached_tokens"])
+
+    async def _chunks(self) -> AsyncIterator[tuple[int, dict]]:
+        """(prompt index, chunk) in arrival order across the prompts' streams."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                await queue.put((i, self.firsts[i]))
+                if not self.firsts[i]["finished"]:
+                    async for chunk in self.streams[i]:
+                        await queue.put((i, chunk))
+            except Exception as error:  # surfaced to the consumer below
+                await queue.put((i, error))
+            await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.streams))]
+        open_streams = len(tasks)
+        try:
+            while open_streams:
+                i, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream in self.streams:
+                stream.cancel()
+
+    def _fold(self, prompt_index: int, chunk: dict) -> list[tuple[ChoiceState, dict]]:
+        """Apply a chunk; returns each touched choice with its delta."""
+        replica = chunk["replica"]
+        touched = []
+        new_tokens = 0
+        for out in chunk["outputs"]:
+            choice = self.choices[prompt_index * self.n + out["index"]]
+            choice.text += out["delta_text"]
+            choice.token_ids += out["delta_token_ids"]
+            choice.logprobs += out["delta_logprobs"] or []
+            choice.finish_reason = openai_finish_reason(out["finish_reason"])
+            new_tokens += len(out["delta_token_ids"])
+            touched.append((choice, out))
+        if new_tokens:
+            self.usage.completion_tokens += new_tokens
+            metrics.GENERATED_TOKENS.labels(replica).inc(new_tokens)
+            self.timers[prompt_index].tokens_arrived(replica)
+        if chunk["finished"]:
+            self.timers[prompt_index].finished(replica, "ok")
+        return touched
+
+    async def collect(self) -> dict:
+        try:
+            async for i, chunk in self._chunks():
+                self._fold(i, chunk)
+        except Exception as error:
+            raise _engine_error(error) from error
+        choices = [self._final_choice(c) for c in self.choices]
+        return completion_body(self.request_id, self.ingress.model_name, choices, self.usage, self.chat)
+
+    def _final_choice(self, choice: ChoiceState) -> dict:
+        logprobs = self._logprobs(choice.logprobs, 0) if self._wants_logprobs() else None
+        if self.chat:
+            message = {"role": "assistant", "content": choice.text}
+            return {"index": choice.index, "message": message, "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason}
+        return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
+                "finish_reason": choice.finish_reason}
+
+    def _wants_logprobs(self) -> bool:
+        return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
+
+    def _logprobs(self, entries: list[dict], text_start: int) -> dict:
+        if self.chat:
+            return chat_logprobs(entries, self.ingress.token_text)
+        return completion_logprobs(entries, self.ingress.token_text, text_start)
+
+    async def sse(self) -> AsyncIterator[bytes]:
+        model = self.ingress.model_name
+        usage_in_chunks = self.body.include_usage_in_stream
+        if self.chat:
+            first = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None} for c in self.choices]
+            yield _sse(chunk_body(self.request_id, model, first, None, True))
+        try:
+            async for i, chunk in self._chunks():
+                deltas = [self._delta_choice(c, out) for c, out in self._fold(i, chunk)]
+                if deltas:
+                    yield _sse(chunk_body(self.request_id, model, deltas, None, self.chat))
+        except Exception as error:
+            yield _sse(_engine_error(error).response().body, raw=True)
+        if usage_in_chunks:
+            yield _sse(chunk_body(self.request_id, model, [], self.usage, self.chat))
+        yield b"data: [DONE]\n\n"
+
+    def _delta_choice(self, choice: ChoiceState, out: dict) -> dict:
+        entries = out["delta_logprobs"] or []
+        logprobs = None
+        if self._wants_logprobs():
+            logprobs = self._logprobs(entries, len(choice.text) - len(out["delta_text"]))
+        reason = openai_finish_reason(out["finish_reason"])
+        if self.chat:
+            return {"index": choice.index, "delta": {"content": out["delta_text"]},
+                    "logprobs": logprobs, "finish_reason": reason}
+        return {"index": choice.index, "text": out["delta_text"], "logprobs": logprobs, "finish_reason": reason}
+
+
+def _sse(body, raw: bool = False) -> bytes:
+    payload = body if raw else json.dumps(body, ensure_ascii=False).encode()
+    return b"data: " + payload + b"\n\n"
 
 
 @serve.ingress(app)
@@ -226,134 +359,3 @@ class Ingress:
             priority=body.priority,
         )
         return self.llm.options(stream=True).generate.remote(request)
-
-
-class _Generation:
-    """One HTTP request's generation: several prompts x n samples, merged into choices."""
-
-    def __init__(self, ingress: Ingress, request_id: str, body, chat: bool, num_prompts: int,
-                 firsts: list[dict], streams: list, timers: list[_RequestTimer]):
-        self.ingress, self.request_id, self.body, self.chat = ingress, request_id, body, chat
-        self.n = body.n
-        self.choices = [ChoiceState(i) for i in range(num_prompts * self.n)]
-        self.firsts, self.streams, self.timers = firsts, streams, timers
-        self.usage = Usage()
-        for first in firsts:
-            self.usage.prompt_tokens += first["num_prompt_tokens"] * self.n
-            self.usage.cached_tokens += first["num_cached_tokens"]
-            replica = first["replica"]
-            metrics.PROMPT_TOKENS.labels(replica).inc(first["num_prompt_tokens"])
-            metrics.PREFIX_QUERIED_TOKENS.labels(replica).inc(first["num_prompt_tokens"])
-            metrics.PREFIX_HIT_TOKENS.labels(replica).inc(first["num_cached_tokens"])
-
-    async def _chunks(self) -> AsyncIterator[tuple[int, dict]]:
-        """(prompt index, chunk) in arrival order across the prompts' streams."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int) -> None:
-            try:
-                await queue.put((i, self.firsts[i]))
-                if not self.firsts[i]["finished"]:
-                    async for chunk in self.streams[i]:
-                        await queue.put((i, chunk))
-            except Exception as error:  # surfaced to the consumer below
-                await queue.put((i, error))
-            await queue.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.streams))]
-        open_streams = len(tasks)
-        try:
-            while open_streams:
-                i, item = await queue.get()
-                if item is None:
-                    open_streams -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield i, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            for stream in self.streams:
-                stream.cancel()
-
-    def _fold(self, prompt_index: int, chunk: dict) -> list[tuple[ChoiceState, dict]]:
-        """Apply a chunk; returns each touched choice with its delta."""
-        replica = chunk["replica"]
-        touched = []
-        new_tokens = 0
-        for out in chunk["outputs"]:
-            choice = self.choices[prompt_index * self.n + out["index"]]
-            choice.text += out["delta_text"]
-            choice.token_ids += out["delta_token_ids"]
-            choice.logprobs += out["delta_logprobs"] or []
-            choice.finish_reason = openai_finish_reason(out["finish_reason"])
-            new_tokens += len(out["delta_token_ids"])
-            touched.append((choice, out))
-        if new_tokens:
-            self.usage.completion_tokens += new_tokens
-            metrics.GENERATED_TOKENS.labels(replica).inc(new_tokens)
-            self.timers[prompt_index].tokens_arrived(replica)
-        if chunk["finished"]:
-            self.timers[prompt_index].finished(replica, "ok")
-        return touched
-
-    async def collect(self) -> dict:
-        try:
-            async for i, chunk in self._chunks():
-                self._fold(i, chunk)
-        except Exception as error:
-            raise _engine_error(error) from error
-        choices = [self._final_choice(c) for c in self.choices]
-        return completion_body(self.request_id, self.ingress.model_name, choices, self.usage, self.chat)
-
-    def _final_choice(self, choice: ChoiceState) -> dict:
-        logprobs = self._logprobs(choice.logprobs, 0) if self._wants_logprobs() else None
-        if self.chat:
-            message = {"role": "assistant", "content": choice.text}
-            return {"index": choice.index, "message": message, "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason}
-        return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
-                "finish_reason": choice.finish_reason}
-
-    def _wants_logprobs(self) -> bool:
-        return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
-
-    def _logprobs(self, entries: list[dict], text_start: int) -> dict:
-        if self.chat:
-            return chat_logprobs(entries, self.ingress.token_text)
-        return completion_logprobs(entries, self.ingress.token_text, text_start)
-
-    async def sse(self) -> AsyncIterator[bytes]:
-        model = self.ingress.model_name
-        usage_in_chunks = self.body.include_usage_in_stream
-        if self.chat:
-            first = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                      "logprobs": None, "finish_reason": None} for c in self.choices]
-            yield _sse(chunk_body(self.request_id, model, first, None, True))
-        try:
-            async for i, chunk in self._chunks():
-                deltas = [self._delta_choice(c, out) for c, out in self._fold(i, chunk)]
-                if deltas:
-                    yield _sse(chunk_body(self.request_id, model, deltas, None, self.chat))
-        except Exception as error:
-            yield _sse(_engine_error(error).response().body, raw=True)
-        if usage_in_chunks:
-            yield _sse(chunk_body(self.request_id, model, [], self.usage, self.chat))
-        yield b"data: [DONE]\n\n"
-
-    def _delta_choice(self, choice: ChoiceState, out: dict) -> dict:
-        entries = out["delta_logprobs"] or []
-        logprobs = None
-        if self._wants_logprobs():
-            logprobs = self._logprobs(entries, len(choice.text) - len(out["delta_text"]))
-        reason = openai_finish_reason(out["finish_reason"])
-        if self.chat:
-            return {"index": choice.index, "delta": {"content": out["delta_text"]},
-                    "logprobs": logprobs, "finish_reason": reason}
-        return {"index": choice.index, "text": out["delta_text"], "logprobs": logprobs, "finish_reason": reason}
-
-
-def _sse(body, raw: bool = False) -> bytes:
-    payload = body if raw else json.dumps(body, ensure_ascii=False).encode()
-    return b"data: " + payload + b"\n\n"

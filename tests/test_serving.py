@@ -1,6 +1,7 @@
 """The whole serving path on a real local Ray cluster: the `openai` client against the
 ingress, two engine replicas behind the KV-aware router."""
 
+import random
 import re
 import socket
 import time
@@ -99,7 +100,7 @@ def test_n_logprobs_stop_and_seed(client, model_name):
                                     seed=5, logprobs=2, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in two.choices) == [0, 1]
     for choice in two.choices:
-        assert len(choice.logprobs.tokens) == 8 and all(len(t) == 2 for t in choice.logprobs.top_logprobs)
+        assert len(choice.logprobs.tokens) == 8 and all(1 <= len(t) <= 2 for t in choice.logprobs.top_logprobs)
     again = client.completions.create(model=model_name, prompt="Numbers:", n=2, max_tokens=8, temperature=1.0,
                                       seed=5, logprobs=2, extra_body={"ignore_eos": True})
     assert [c.text for c in two.choices] == [c.text for c in again.choices]
@@ -125,6 +126,11 @@ def test_bad_input_gets_openai_errors(server, client, model_name):
     assert reply.status_code == 400 and "error" in reply.json()
 
 
+def random_tokens(count: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 500) for _ in range(count)]
+
+
 def completion_with_header(server, model_name, prompt, max_tokens=4):
     reply = httpx.post(f"{server}/v1/completions", json={"model": model_name, "prompt": prompt,
                        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}, timeout=60)
@@ -133,7 +139,7 @@ def completion_with_header(server, model_name, prompt, max_tokens=4):
 
 
 def test_shared_prefixes_follow_their_cache_and_groups_spread(server, model_name):
-    groups = [[1000 + 7 * g + i for i in range(96)] for g in range(4)]
+    groups = [random_tokens(96, seed=g) for g in range(4)]
     holders = {}
     for g, prefix in enumerate(groups):
         first, _ = completion_with_header(server, model_name, prefix + [3, g])
@@ -148,7 +154,7 @@ def test_shared_prefixes_follow_their_cache_and_groups_spread(server, model_name
 def test_a_hot_holder_sheds_load_to_the_other_replica(server, model_name):
     import concurrent.futures as cf
 
-    prefix = [2000 + i for i in range(96)]
+    prefix = random_tokens(96, seed=10)
     holder, _ = completion_with_header(server, model_name, prefix + [1])
     time.sleep(0.6)
     with cf.ThreadPoolExecutor(12) as pool:
@@ -186,7 +192,7 @@ def test_disconnect_mid_stream_frees_the_blocks(server, model_name):
 
 
 def test_killed_replica_leaves_the_index_and_serving_goes_on(server, model_name):
-    prefix = [3000 + i for i in range(64)]
+    prefix = random_tokens(64, seed=11)
     victim, _ = completion_with_header(server, model_name, prefix + [1])
     time.sleep(0.6)
     assert metric(server, "kvserve_router_index_blocks").get(victim, 0) > 0
