@@ -8,7 +8,7 @@ CONSTRAINTS ?= constraints-cpu.txt
 PIP_CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench
+.PHONY: install run generate test bench
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 install: $(VENV)/.installed
 
 run: install
+	$(VENV)/bin/kvserve serve
+
+generate: install
 	$(VENV)/bin/kvserve generate --prompt "The capital of France is" --prompt "Once upon a time"
 
 test: install

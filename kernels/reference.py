@@ -41,16 +41,39 @@ def paged_attention(
 
 
 def _decode_attention(q, k_cache, v_cache, meta, scale):
-    """All single-query sequences at once, over their blocks gathered into a padded batch."""
-    num_decodes = q.shape[0]
+    """All single-query sequences, in a few padded batches of similar context lengths (one
+    batch padded to the longest context would gather and attend to mostly padding)."""
+    lens = meta.context_lens_cpu[: q.shape[0]]
+    out = torch.empty_like(q)
+    for group in _length_groups(lens):
+        rows = torch.tensor(group, device=q.device)
+        out[rows] = _decode_batch(q[rows], k_cache, v_cache, meta.block_tables[rows], meta.context_lens[rows],
+                                  max(lens[i] for i in group), scale)
+    return out
+
+
+def _length_groups(lens: list[int], max_padding: float = 1.25) -> list[list[int]]:
+    """Row indices grouped longest first, each group padded by at most `max_padding`."""
+    order = sorted(range(len(lens)), key=lens.__getitem__, reverse=True)
+    groups: list[list[int]] = []
+    longest = total = 0
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * longest <= max_padding * (total + lens[i]):
+            groups[-1].append(i)
+            total += lens[i]
+            continue
+        groups.append([i])
+        longest = total = lens[i]
+    return groups
+
+
+def _decode_batch(q, k_cache, v_cache, tables, context_lens, max_ctx, scale):
     block_size = k_cache.shape[1]
-    max_ctx = max(meta.context_lens_cpu[:num_decodes])
-    num_blocks = -(-max_ctx // block_size)
-    tables = meta.block_tables[:num_decodes, :num_blocks]
+    tables = tables[:, : -(-max_ctx // block_size)]
     keys = _gather(k_cache, tables)  # [B, Hk, L, D]
     values = _gather(v_cache, tables)
     positions = torch.arange(keys.shape[2], device=q.device)
-    mask = positions < meta.context_lens[:num_decodes, None]  # [B, L]
+    mask = positions < context_lens[:, None]  # [B, L]
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
     )
