@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     load = bench_verbs.add_parser("serve", help="load generator against a running endpoint")
     bench_serve.add_flags(load)
     load.set_defaults(run=lambda args: bench_serve.main(args))
+    from kvserve.cluster import bench_route
+
+    route = bench_verbs.add_parser("route", help="time of the KV-aware routing decision")
+    bench_route.add_flags(route)
+    route.set_defaults(run=lambda args: bench_route.main(args))
     return parser
 
 

@@ -68,3 +68,39 @@ def test_follower_distrusts_a_replica_that_hashes_differently():
     assert follower.rejected == {"size", "hash"}
     follower.apply({"version": 2, "replicas": {"size": other_size}})
     assert follower.trusted == set() and follower.index.num_blocks == 0
+
+
+def follower_with(holdings: dict[str, list[int]], stats: dict[str, dict] | None = None) -> KVIndexFollower:
+    """A follower whose replicas hold the leading blocks of the given token lists."""
+    follower = KVIndexFollower("scoring-test", BLOCK)
+    replicas = {
+        name: {"block_size": BLOCK, "hash_check": hash_check_value(BLOCK), "stats": (stats or {}).get(name, {}),
+               "snapshot": {"seq": 1, "blocks": hash_block_chain(tokens, BLOCK)}}
+        for name, tokens in holdings.items()
+    }
+    follower.apply({"version": 1, "replicas": replicas})
+    return follower
+
+
+def test_scorer_prefers_the_holder_until_it_is_too_busy():
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(40))
+    follower = follower_with({"a": [], "b": prompt[:32], "c": prompt[:8]})
+    scorer = KVScorer(follower, block_size=BLOCK, load_cost_tokens=4, max_imbalance=2)
+    hashes = hash_block_chain(prompt, BLOCK)
+    order, reason = scorer.rank(["a", "b", "c"], hashes, len(prompt))
+    assert order[:2] == [1, 2] and reason == "cached_prefix"
+    scorer.in_flight["b"] = 3  # 3 more than the least busy: held back
+    order, reason = scorer.rank(["a", "b", "c"], hashes, len(prompt))
+    assert order[0] == 2 and order[-1] == 1 and reason == "load_guard"
+
+
+def test_scorer_spreads_new_prefixes_by_kv_usage():
+    from kvserve.router.kv_scoring import KVScorer
+
+    follower = follower_with({"a": [], "b": []}, stats={"a": {"kv_blocks_used": 9, "kv_blocks_total": 10},
+                                                         "b": {"kv_blocks_used": 1, "kv_blocks_total": 10}})
+    scorer = KVScorer(follower, block_size=BLOCK)
+    order, reason = scorer.rank(["a", "b"], hash_block_chain(list(range(12)), BLOCK), 12)
+    assert order == [1, 0] and reason == "no_cached_prefix"

@@ -1,0 +1,61 @@
+"""The KV-aware routing decision, free of Serve so that it can be tested and timed alone."""
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from kvserve.router.kv_follower import KVIndexFollower
+from kvserve.workers.block_hash import BlockHash
+
+
+@dataclass
+class KVScorer:
+    """cost(replica) = uncached prompt tokens + `load_cost_tokens` x requests in flight there.
+    A replica busier than the least busy one by more than `max_imbalance` requests is held
+    back to the end of the ranking, whatever it caches: that stops a hot prefix from piling
+    every request onto its holder."""
+
+    follower: KVIndexFollower
+    block_size: int = 16
+    load_cost_tokens: int = 64
+    max_imbalance: int = 4
+
+    def __post_init__(self):
+        self.in_flight: Counter[str] = Counter()
+
+    def load(self, replica: str) -> int:
+        """Requests in flight there: ours, or the replica's own count if that is larger
+        (other ingress replicas route to it too)."""
+        stats = self.follower.stats.get(replica, {})
+        return max(self.in_flight[replica], stats.get("running", 0) + stats.get("waiting", 0))
+
+    def kv_usage(self, replica: str) -> float:
+        stats = self.follower.stats.get(replica, {})
+        return stats.get("kv_blocks_used", 0) / max(stats.get("kv_blocks_total", 1), 1)
+
+    def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int) -> tuple[list[int], str]:
+        """Indices of `replicas`, best first, and the reason for the first choice."""
+        index = self.follower.index
+        matched = index.prefix_matches(block_hashes, [r for r in replicas if r in index.replicas])
+        loads = [self.load(r) for r in replicas]
+        least = min(loads)
+        costs = [
+            num_tokens - matched.get(r, 0) * self.block_size + self.load_cost_tokens * load
+            for r, load in zip(replicas, loads)
+        ]
+        order = sorted(
+            range(len(replicas)),
+            key=lambda k: (costs[k], loads[k], self.kv_usage(replicas[k]), random.random()),
+        )
+        allowed = [k for k in order if loads[k] - least <= self.max_imbalance]
+        held_back = [k for k in order if loads[k] - least > self.max_imbalance]
+        top = max(matched.values(), default=0)
+        return allowed + held_back, self._reason(matched.get(replicas[allowed[0]], 0), top, held_back)
+
+    @staticmethod
+    def _reason(best_match: int, top_match: int, held_back: list[int]) -> str:
+        if top_match == 0:
+            return "no_cached_prefix"
+        if best_match == top_match:
+            return "cached_prefix"
+        return "load_guard" if held_back else "load_balance"
