@@ -44,6 +44,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-len", type=int, default=384, help="shared-prefix: tokens of each group's prefix")
     parser.add_argument("--groups", type=int, default=8, help="shared-prefix groups / multi-turn conversations")
     parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--max-history", type=int, default=1536, help="multi-turn: longest conversation, in tokens")
     parser.add_argument("--block-size", type=int, default=16, help="for the oracle hit rate")
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="goodput: TTFT limit in seconds")
     parser.add_argument("--slo-tpot", type=float, default=0.5, help="goodput: TPOT limit in seconds")
@@ -70,6 +71,8 @@ def make_prompts(args, vocab: int) -> list[list[int]]:
     prompts = []
     for _ in range(args.num_requests):
         c = rng.randrange(args.groups)
+        if len(histories[c]) + args.prompt_len + args.output_len > args.max_history:
+            histories[c] = _words(rng, args.prefix_len, vocab)  # a new conversation
         histories[c] = histories[c] + _words(rng, args.prompt_len, vocab)
         prompts.append(list(histories[c]))
         histories[c] = histories[c] + _words(rng, args.output_len, vocab)

@@ -22,6 +22,14 @@ BENCH_MODEL_SHAPE = dict(
 )
 
 
+def long_context_model() -> str:
+    """The tiny default model with room for 4k-token conversations."""
+    from kvserve.cluster.tiny_model import build_tiny_checkpoint
+
+    return str(build_tiny_checkpoint(DEFAULT_MODEL_DIR.parent / "tiny-llama-4k", arch="llama",
+                                     max_position_embeddings=4096))
+
+
 def bench_model() -> str:
     """A small random-weight Llama for engine benchmarks: big enough that the model's work,
     not Python, fills most of a step on a CPU."""
@@ -172,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     route = bench_verbs.add_parser("route", help="time of the KV-aware routing decision")
     bench_route.add_flags(route)
     route.set_defaults(run=lambda args: bench_route.main(args))
+    from kvserve.cluster import bench_routers
+
+    routers = bench_verbs.add_parser("routers", help="every routing policy side by side on local CPU replicas")
+    routers.add_argument("--model", help="checkpoint folder (default: the built-in tiny model)")
+    bench_routers.add_flags(routers)
+    routers.set_defaults(run=lambda args: bench_routers.main(args, args.model or long_context_model()))
     return parser
 
 

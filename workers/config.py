@@ -24,6 +24,7 @@ class EngineConfig(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1, description="size of the KV pool; derived from kv_cache_memory_gib if unset")
     kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV pool size when num_kv_blocks is unset")
     seed: int = 0
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads of this engine (several replicas share a CPU)")
 
     @model_validator(mode="after")
     def _check_device(self) -> "EngineConfig":

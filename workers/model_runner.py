@@ -29,6 +29,8 @@ class ModelRunner:
         self.model_config = ModelConfig.from_pretrained_dir(config.model)
         self.dtype = config.torch_dtype(self.model_config.torch_dtype)
         torch.manual_seed(config.seed)
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format)
         self.block_size = config.block_size
         self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit(config.kv_cache_memory_gib)
