@@ -61,7 +61,7 @@ def _words(rng: random.Random, n: int, vocab: int) -> list[int]:
 def make_prompts(args, vocab: int) -> list[list[int]]:
     """Token-id prompts in send order. multi-turn: each conversation's next prompt holds its
     whole history (earlier prompts plus a stand-in for the answers) and a new user turn."""
-    rng = random.Random(args.bench_seed)
+    rng = random.Random(f"{args.workload}-{args.bench_seed}")  # workloads share no tokens by chance
     if args.workload == "random":
         return [_words(rng, args.prompt_len, vocab) for _ in range(args.num_requests)]
     if args.workload == "shared-prefix":

@@ -22,12 +22,19 @@ BENCH_MODEL_SHAPE = dict(
 )
 
 
-def long_context_model() -> str:
-    """The tiny default model with room for 4k-token conversations."""
+ROUTER_BENCH_SHAPE = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=32, max_position_embeddings=4096,
+)
+
+
+def router_bench_model() -> str:
+    """A small random-weight Llama whose prefill costs enough on a CPU core for the router to
+    matter, with room for long conversations."""
     from kvserve.cluster.tiny_model import build_tiny_checkpoint
 
-    return str(build_tiny_checkpoint(DEFAULT_MODEL_DIR.parent / "tiny-llama-4k", arch="llama",
-                                     max_position_embeddings=4096))
+    return str(build_tiny_checkpoint(DEFAULT_MODEL_DIR.parent / "router-bench-llama", arch="llama",
+                                     **ROUTER_BENCH_SHAPE))
 
 
 def bench_model() -> str:
@@ -185,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     routers = bench_verbs.add_parser("routers", help="every routing policy side by side on local CPU replicas")
     routers.add_argument("--model", help="checkpoint folder (default: the built-in tiny model)")
     bench_routers.add_flags(routers)
-    routers.set_defaults(run=lambda args: bench_routers.main(args, args.model or long_context_model()))
+    routers.set_defaults(run=lambda args: bench_routers.main(args, args.model or router_bench_model()))
     return parser
 
 

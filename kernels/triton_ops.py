@@ -1,10 +1,12 @@
 """Triton kernels with the signatures and semantics of `reference`, for the GPU path.
 
-Every kernel also runs under Triton's interpreter (`TRITON_INTERPRET=1`) on CPU tensors, which is
-how the tests check them against the references on a machine without a GPU.
+`store_kv` and `paged_attention` also take optional per-tensor scales, for an FP8 (e4m3) KV
+cache. Every kernel also runs under Triton's interpreter (`TRITON_INTERPRET=1`) on CPU tensors,
+which is how the tests check them against the references on a machine without a GPU.
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -16,7 +18,9 @@ from kvserve.kernels.metadata import AttentionMetadata
 PARTITION_SIZE = 256
 
 # The interpreter multiplies bfloat16 blocks as raw 16-bit integers, so there dots run in float32.
-_INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
+# Read as @triton.jit reads it, when this module's kernels are defined.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 
 
 def store_kv(
@@ -25,13 +29,15 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write row t of key/value [T, H, D] into slot `slot_mapping[t]` of the paged caches."""
+    """Write row t of key/value [T, H, D] into slot `slot_mapping[t]` of the paged caches, as
+    key / k_scale and value / v_scale; an FP8 (e4m3) cache clamps them to its range."""
     num_tokens, num_heads, head_dim = key.shape
-    if num_tokens == 0:
-        return
+    assert key.stride(2) == value.stride(2) == 1
     _store_kv_kernel[(num_tokens,)](
-        key, value, k_cache, v_cache, slot_mapping,
+        key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         *_cache_strides(k_cache),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
@@ -41,7 +47,7 @@ def store_kv(
 
 @triton.jit
 def _store_kv_kernel(
-    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale, v_scale,
     key_stride_t, key_stride_h, value_stride_t, value_stride_h,
     cache_stride_block, cache_stride_slot, cache_stride_head,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -57,9 +63,17 @@ def _store_kv_kernel(
         + heads * cache_stride_head + dims
     )
     key = tl.load(key_ptr + token * key_stride_t + heads * key_stride_h + dims, mask=mask)
-    tl.store(k_cache_ptr + cache_offsets, key, mask=mask)
+    tl.store(k_cache_ptr + cache_offsets, _quantize(key, k_scale, k_cache_ptr), mask=mask)
     value = tl.load(value_ptr + token * value_stride_t + heads * value_stride_h + dims, mask=mask)
-    tl.store(v_cache_ptr + cache_offsets, value, mask=mask)
+    tl.store(v_cache_ptr + cache_offsets, _quantize(value, v_scale, v_cache_ptr), mask=mask)
+
+
+@triton.jit
+def _quantize(x, scale, cache_ptr):
+    x = x.to(tl.float32) / scale
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        x = tl.clamp(x, -_FP8_MAX, _FP8_MAX)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 def paged_attention(
@@ -68,20 +82,24 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries [T, Hq, D] over its cached context."""
+    """Causal attention of each sequence's new queries [T, Hq, D] over its cached context,
+    whose keys and values are the caches' times k_scale and v_scale (see `store_kv`)."""
     head_dim = q.shape[2]
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two >= 16"
+    assert q.stride(2) == 1
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    qk_scale = scale * math.log2(math.e)  # softmax in base 2
+    qk_scale = scale * k_scale * math.log2(math.e)  # softmax in base 2
     if meta.num_decodes:
-        _decode_attention(q, k_cache, v_cache, meta, qk_scale, out)
+        _decode_attention(q, k_cache, v_cache, meta, qk_scale, v_scale, out)
     if meta.num_decodes < meta.num_seqs:
-        _prefill_attention(q, k_cache, v_cache, meta, qk_scale, out)
+        _prefill_attention(q, k_cache, v_cache, meta, qk_scale, v_scale, out)
     return out
 
 
-def _decode_attention(q, k_cache, v_cache, meta, qk_scale, out):
+def _decode_attention(q, k_cache, v_cache, meta, qk_scale, v_scale, out):
     """Flash decoding: each (sequence, KV head, partition) program attends its query heads to
     one partition of the context; a second kernel merges the partitions."""
     num_seqs, (_, num_heads, head_dim) = meta.num_decodes, q.shape
@@ -95,10 +113,10 @@ def _decode_attention(q, k_cache, v_cache, meta, qk_scale, out):
         partial_max, partial_sum, partial_out, qk_scale,
         q.stride(0), q.stride(1), meta.block_tables.stride(0), *_cache_strides(k_cache),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=_kv_tile(head_dim), PARTITION_SIZE=PARTITION_SIZE,
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=_tile(head_dim), PARTITION_SIZE=PARTITION_SIZE,
     )
     _decode_reduce_kernel[(num_seqs, num_heads)](
-        partial_max, partial_sum, partial_out, out, meta.context_lens,
+        partial_max, partial_sum, partial_out, out, meta.context_lens, v_scale,
         out.stride(0), out.stride(1), num_partitions,
         HEAD_DIM=head_dim, PARTITION_SIZE=PARTITION_SIZE,
         MAX_PARTITIONS=triton.next_power_of_2(num_partitions),
@@ -150,7 +168,7 @@ def _decode_partition_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    partial_max_ptr, partial_sum_ptr, partial_out_ptr, out_ptr, context_lens_ptr,
+    partial_max_ptr, partial_sum_ptr, partial_out_ptr, out_ptr, context_lens_ptr, v_scale,
     out_stride_t, out_stride_h, num_partitions,
     HEAD_DIM: tl.constexpr, PARTITION_SIZE: tl.constexpr, MAX_PARTITIONS: tl.constexpr,
 ):
@@ -168,29 +186,29 @@ def _decode_reduce_kernel(
     for p in range(0, used):
         weight = tl.exp2(tl.load(partial_max_ptr + first + p) - global_max)
         acc += weight * tl.load(partial_out_ptr + (first + p) * HEAD_DIM + dims)
-    tl.store(out_ptr + seq * out_stride_t + head * out_stride_h + dims, acc / total)
+    tl.store(out_ptr + seq * out_stride_t + head * out_stride_h + dims, acc * (v_scale / total))
 
 
-def _prefill_attention(q, k_cache, v_cache, meta, qk_scale, out):
+def _prefill_attention(q, k_cache, v_cache, meta, qk_scale, v_scale, out):
     """One launch over all multi-token sequences: a program per (query tile, sequence, head)."""
     num_heads, head_dim = q.shape[1:]
     num_seqs = meta.num_seqs - meta.num_decodes
-    block_m = _query_tile(head_dim)
-    grid = (triton.cdiv(meta.max_query_len, block_m), num_seqs, num_heads)
+    tile = _tile(head_dim)
+    grid = (triton.cdiv(meta.max_query_len, tile), num_seqs, num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, meta.block_tables, meta.context_lens, meta.query_start_loc,
-        qk_scale, meta.num_decodes,
+        qk_scale, v_scale, meta.num_decodes,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), meta.block_tables.stride(0),
         *_cache_strides(k_cache),
         GROUP=num_heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=_kv_tile(head_dim),
+        BLOCK_M=tile, BLOCK_N=tile,
     )
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-    qk_scale, first_seq,
+    qk_scale, v_scale, first_seq,
     q_stride_t, q_stride_h, out_stride_t, out_stride_h, block_tables_stride,
     cache_stride_block, cache_stride_slot, cache_stride_head,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -224,7 +242,7 @@ def _prefill_kernel(
             kv_pos, kv_valid, visible, qk_scale,
             cache_stride_block, cache_stride_slot, cache_stride_head, BLOCK_SIZE, HEAD_DIM,
         )
-    out = acc / row_sum[:, None]
+    out = acc * (v_scale / row_sum)[:, None]
     tl.store(out_ptr + (query_start + rows)[:, None] * out_stride_t + head * out_stride_h + dims[None, :],
              out, mask=row_valid[:, None])
 
@@ -237,17 +255,18 @@ def _attend_tile(
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     """Fold the keys at positions `kv_pos` (read through the block table) into the online
-    softmax of `q` [M, D]: running max and sum [M] in base 2 and unnormalized output [M, D]."""
+    softmax of `q` [M, D]: running max and sum [M] in base 2 and unnormalized output [M, D].
+    An FP8 cache is widened to q's dtype; its scales are applied to scores and output."""
     block_ids = tl.load(block_table_ptr + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
-    rows = block_ids * cache_stride_block + (kv_pos % BLOCK_SIZE) * cache_stride_slot + kv_head * cache_stride_head
-    offsets = rows[:, None] + tl.arange(0, HEAD_DIM)[None, :]
-    k = tl.load(k_cache_ptr + offsets, mask=kv_valid[:, None], other=0.0)
+    slots = block_ids * cache_stride_block + (kv_pos % BLOCK_SIZE) * cache_stride_slot
+    offsets = (slots + kv_head * cache_stride_head)[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + offsets, mask=kv_valid[:, None], other=0.0).to(q.dtype)
     scores = tl.where(visible, _dot(q, tl.trans(k)) * qk_scale, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, 1))
     probs = tl.exp2(scores - new_max[:, None])
     rescale = tl.exp2(row_max - new_max)
-    v = tl.load(v_cache_ptr + offsets, mask=kv_valid[:, None], other=0.0)
-    acc = acc * rescale[:, None] + _dot(probs.to(v.dtype), v)
+    v = tl.load(v_cache_ptr + offsets, mask=kv_valid[:, None], other=0.0).to(q.dtype)
+    acc = acc * rescale[:, None] + _dot(probs.to(q.dtype), v)
     return new_max, row_sum * rescale + tl.sum(probs, 1), acc
 
 
@@ -265,11 +284,8 @@ def _cache_strides(cache: torch.Tensor) -> tuple[int, int, int]:
     return cache.stride(0), cache.stride(1), cache.stride(2)
 
 
-def _kv_tile(head_dim: int) -> int:
-    return 64 if head_dim <= 128 else 32
-
-
-def _query_tile(head_dim: int) -> int:
+def _tile(head_dim: int) -> int:
+    """Query and KV tile length: shorter for large heads, to keep tiles in shared memory."""
     return 64 if head_dim <= 128 else 32
 
 
@@ -306,7 +322,8 @@ def _rms_norm_kernel(
     out_offsets = (i * tl.num_programs(1) + j) * size + cols
     x = tl.load(x_ptr + i * x_stride0 + j * x_stride1 + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + i * residual_stride0 + j * residual_stride1 + cols, mask=mask, other=0.0)
+        residual_row = residual_ptr + i * residual_stride0 + j * residual_stride1
+        residual = tl.load(residual_row + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x.dtype)  # rounded like the reference
         tl.store(summed_ptr + out_offsets, x, mask=mask)
     x32 = x.to(tl.float32)
@@ -316,10 +333,11 @@ def _rms_norm_kernel(
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
-    """x [..., N] as a [A, B, N] view, keeping strided leading dims (per-head slices of qkv);
+    """x [..., N] as [A, B, N], a view for 2D x and for strided per-head slices of qkv [T, H, D];
     tokens go first, on the grid axis that has no 65535 limit."""
-    assert x.stride(-1) == 1
-    return x[:, None] if x.dim() == 2 else x.reshape(-1, *x.shape[-2:])
+    rows = x if x.dim() == 3 else x.reshape(-1, 1, x.shape[-1])
+    assert rows.stride(2) == 1
+    return rows
 
 
 def rotary_embedding(
@@ -332,14 +350,13 @@ def rotary_embedding(
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert q.stride(2) == k.stride(2) == cos_sin_cache.stride(1) == 1
-    if num_tokens:
-        _rotary_kernel[(num_tokens,)](
-            positions, q, k, cos_sin_cache,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-            NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,
-            BLOCK_Q=triton.next_power_of_2(num_q_heads), BLOCK_K=triton.next_power_of_2(num_kv_heads),
-            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
-        )
+    _rotary_kernel[(num_tokens,)](
+        positions, q, k, cos_sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=head_dim // 2,
+        BLOCK_Q=triton.next_power_of_2(num_q_heads), BLOCK_K=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+    )
     return q, k
 
 
@@ -378,13 +395,12 @@ def _rotate_heads(
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[T, 2*I] -> silu(x[:, :I]) * x[:, I:]."""
     rows = x.reshape(-1, x.shape[-1])
+    assert rows.stride(1) == 1
     size = x.shape[-1] // 2
     out = torch.empty(*x.shape[:-1], size, dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(size))
-    if rows.shape[0]:
-        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(size, block))](
-            rows, out, rows.stride(0), size, BLOCK=block
-        )
+    grid = (rows.shape[0], triton.cdiv(size, block))
+    _silu_and_mul_kernel[grid](rows, out, rows.stride(0), size, BLOCK=block)
     return out
 
 

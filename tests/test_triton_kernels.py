@@ -24,6 +24,7 @@ ON_GPU = [
     pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 NAN = float("nan")
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
@@ -86,8 +87,11 @@ def random_seqs(seed: int) -> list[tuple[int, int]]:
     return decodes + [(q + int(p), q) for q, p in zip(prefill_lens, prefixes)]
 
 
+ATTENTION_ARGS = "seqs, num_kv_heads, group, head_dim, block_size, dtype, device"
+
+
 @pytest.mark.parametrize(
-    "seqs, num_kv_heads, group, head_dim, block_size, dtype, device",
+    ATTENTION_ARGS,
     [
         cpu(DECODES + PREFILLS, 2, 1, 16, 8, torch.float32, id="mixed-gqa1-d16-bs8"),
         cpu(DECODES + PREFILLS, 2, 2, 32, 16, torch.float32, id="mixed-gqa2-d32-bs16"),
@@ -105,6 +109,39 @@ def random_seqs(seed: int) -> list[tuple[int, int]]:
     ],
 )
 def test_paged_attention(paged, seqs, num_kv_heads, group, head_dim, block_size, dtype, device):
+    q, k_cache, v_cache, meta = attention_batch(
+        paged, seqs, num_kv_heads, group, head_dim, block_size, dtype, device
+    )
+    scale = head_dim**-0.5
+
+    got = triton_ops.paged_attention(q, k_cache, v_cache, meta, scale)
+
+    assert_matches(got, reference.paged_attention(q, k_cache, v_cache, meta, scale))
+
+
+@pytest.mark.parametrize(
+    ATTENTION_ARGS,
+    [
+        cpu(DECODES + PREFILLS, 2, 2, 32, 8, torch.float32, id="mixed-gqa2-d32-bs8"),
+        gpu(GPU_DECODES + GPU_PREFILLS, 8, 4, 128, 16, torch.bfloat16, id="llama-bf16"),
+    ],
+)
+def test_paged_attention_fp8_cache(paged, seqs, num_kv_heads, group, head_dim, block_size, dtype, device):
+    """Against the reference over the dequantized caches."""
+    q, k_cache, v_cache, meta = attention_batch(
+        paged, seqs, num_kv_heads, group, head_dim, block_size, dtype, device
+    )
+    k_scale, v_scale, scale = 0.3, 0.7, head_dim**-0.5
+    k_fp8, v_fp8 = to_fp8(k_cache / k_scale), to_fp8(v_cache / v_scale)
+
+    got = triton_ops.paged_attention(q, k_fp8, v_fp8, meta, scale, k_scale, v_scale)
+
+    dequantized = (k_fp8.to(dtype) * k_scale, v_fp8.to(dtype) * v_scale)
+    assert_matches(got, reference.paged_attention(q, *dequantized, meta, scale))
+
+
+def attention_batch(paged, seqs, num_kv_heads, group, head_dim, block_size, dtype, device):
+    """Queries, caches over shuffled blocks and metadata for a ragged batch of (context_len, query_len)."""
     torch.manual_seed(0)
     context_lens, query_lens = zip(*seqs)
     num_blocks = sum(-(-n // block_size) for n in context_lens) + 7
@@ -121,15 +158,15 @@ def test_paged_attention(paged, seqs, num_kv_heads, group, head_dim, block_size,
     # Queries as a strided slice of a fused projection, as the model hands them over.
     qkv = torch.randn(sum(query_lens), (num_kv_heads * group + 1) * head_dim, dtype=dtype, device=device)
     q = qkv[:, head_dim:].view(-1, num_kv_heads * group, head_dim)
-    scale = head_dim**-0.5
-
-    got = triton_ops.paged_attention(q, k_cache, v_cache, meta, scale)
-
-    assert_matches(got, reference.paged_attention(q, k_cache, v_cache, meta, scale))
+    return q, k_cache, v_cache, meta
 
 
 def all_slots(tables, context_lens, block_size, device) -> torch.Tensor:
-    slots = [t[p // block_size] * block_size + p % block_size for t, n in zip(tables, context_lens) for p in range(n)]
+    slots = [
+        table[p // block_size] * block_size + p % block_size
+        for table, context_len in zip(tables, context_lens)
+        for p in range(context_len)
+    ]
     return torch.tensor(slots, device=device)
 
 
@@ -137,6 +174,11 @@ def to_device(meta, device):
     for name in ("query_start_loc", "context_lens", "block_tables", "slot_mapping"):
         setattr(meta, name, getattr(meta, name).to(device))
     return meta
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """e4m3 with saturation (torch's cast turns values out of range into NaN)."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 @pytest.mark.parametrize(
@@ -148,13 +190,9 @@ def to_device(meta, device):
     ],
 )
 def test_store_kv_writes_only_its_slots(paged, seqs, num_kv_heads, head_dim, block_size, dtype, device):
-    torch.manual_seed(0)
-    context_lens, query_lens = zip(*seqs)
-    num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
-    meta = paged.metadata(paged.block_tables(context_lens, block_size, num_blocks), context_lens, query_lens, block_size)
-    slots = meta.slot_mapping.to(device)
-    kv = torch.randn(len(slots), 2, num_kv_heads, head_dim + 1, dtype=dtype, device=device)
-    key, value = kv[:, 0, :, 1:], kv[:, 1, :, 1:]  # strided, as slices of a fused projection
+    key, value, slots, num_blocks = store_batch(
+        paged, seqs, num_kv_heads, head_dim, block_size, dtype, device
+    )
     k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), NAN, dtype=dtype, device=device)
     v_cache = k_cache.clone()
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
@@ -164,6 +202,48 @@ def test_store_kv_writes_only_its_slots(paged, seqs, num_kv_heads, head_dim, blo
     reference.store_kv(key, value, expected_k, expected_v, slots)
     torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "seqs, num_kv_heads, head_dim, block_size, dtype, device",
+    [
+        cpu(DECODES[:3] + PREFILLS, 2, 32, 16, torch.bfloat16, id="d32-bs16-bf16"),
+        gpu(GPU_DECODES + GPU_PREFILLS, 8, 128, 16, torch.bfloat16, id="llama-bf16"),
+    ],
+)
+def test_store_kv_quantizes_to_fp8(paged, seqs, num_kv_heads, head_dim, block_size, dtype, device):
+    key, value, slots, num_blocks = store_batch(
+        paged, seqs, num_kv_heads, head_dim, block_size, dtype, device
+    )
+    k_scale, v_scale = 0.5, 0.25
+    if device == "cpu":
+        # The interpreter rounds float32 to e4m3 wrongly when the mantissa carries into the
+        # exponent (126.1 -> 64), so on CPU only values e4m3 holds exactly are stored.
+        key.copy_(to_fp8(key / k_scale).to(dtype) * k_scale)
+        value.copy_(to_fp8(value / v_scale).to(dtype) * v_scale)
+    key[0, 0, :2] = torch.tensor([1e4, -1e4], device=device)  # out of range: saturates
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), NAN, device=device)
+    v_cache = k_cache.clone()
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+
+    triton_ops.store_kv(key, value, k_cache, v_cache, slots, k_scale, v_scale)
+
+    quantized = (to_fp8(key / k_scale).float(), to_fp8(value / v_scale).float())
+    reference.store_kv(*quantized, expected_k, expected_v, slots)
+    torch.testing.assert_close(k_cache.float(), expected_k, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache.float(), expected_v, rtol=0, atol=0, equal_nan=True)
+
+
+def store_batch(paged, seqs, num_kv_heads, head_dim, block_size, dtype, device):
+    """Keys and values [T, H, D], strided as slices of a fused projection, and their slots."""
+    torch.manual_seed(0)
+    context_lens, query_lens = zip(*seqs)
+    num_blocks = sum(-(-n // block_size) for n in context_lens) + 3
+    tables = paged.block_tables(context_lens, block_size, num_blocks)
+    slots = paged.metadata(tables, context_lens, query_lens, block_size).slot_mapping.to(device)
+    kv = torch.randn(len(slots), 2, num_kv_heads, head_dim + 1, dtype=dtype, device=device)
+    return kv[:, 0, :, 1:], kv[:, 1, :, 1:], slots, num_blocks
 
 
 @pytest.mark.parametrize(
@@ -210,9 +290,9 @@ def test_rotary_embedding(num_tokens, num_heads, num_kv_heads, head_dim, dtype, 
     cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
     positions = torch.randint(0, max_positions, (num_tokens,), device=device)
     qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, dtype=dtype, device=device)
-    q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)
-    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
-    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
+    q, k = q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim)
+    v_before = v.clone()
     expected_q, expected_k = reference.rotary_embedding(positions, q.clone(), k.clone(), cos_sin_cache)
 
     got_q, got_k = triton_ops.rotary_embedding(positions, q, k, cos_sin_cache)
@@ -220,7 +300,7 @@ def test_rotary_embedding(num_tokens, num_heads, num_kv_heads, head_dim, dtype, 
     assert got_q is q and got_k is k
     assert_matches(q, expected_q)
     assert_matches(k, expected_k)
-    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before)
+    assert torch.equal(v, v_before)
 
 
 @pytest.mark.parametrize(

@@ -2,60 +2,95 @@
 
 from tokenizers.decoders import DecodeStream
 
+_REPLACEMENT = "\ufffd"  # what a decoder makes of bytes that are not (yet) a whole character
+_CONTEXT_TOKENS = 4
+_MAX_CONTEXT_TOKENS = 16
+
 
 class IncrementalDetokenizer:
     """Text of each new token as soon as it forms whole characters: a character whose UTF-8
-    bytes span several byte-level tokens comes out once, complete, never as U+FFFD."""
+    bytes span several byte-level tokens comes out once, complete, never as U+FFFD.
+
+    `tokenizer` is a fast (Rust-backed) Hugging Face tokenizer."""
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
         self._backend = tokenizer.backend_tokenizer
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        # The prompt's tail gives the first output token its context (a leading space).
-        for token_id in prompt_token_ids[-4:]:
-            self._stream.step(self._backend, token_id)
+        context = self._context(prompt_token_ids, skip_special_tokens)
+        # The prompt's tail gives the first output token its context (a leading space, say).
+        primed = "".join(text for token_id in context if (text := self._stream.step(self._backend, token_id)))
+        # A prompt that ends inside a character leaves the stream waiting since its last whole
+        # character, so its first output would repeat the prompt's text from there on.
+        prompt_text = self._decode(context, skip_special_tokens).rstrip(_REPLACEMENT)
+        self._repeated = len(prompt_text) - len(primed)
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._backend, token_id) or ""
+        text = self._stream.step(self._backend, token_id)
+        if not text:
+            return ""
+        if self._repeated:
+            text, self._repeated = text[self._repeated :], 0
+        return text
+
+    def _context(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> list[int]:
+        """The last few prompt tokens, from a character boundary on: a tail that started
+        inside a character would decode to U+FFFD first, and the stream would emit it."""
+        num_prompt = len(prompt_token_ids)
+        longest = min(_MAX_CONTEXT_TOKENS, num_prompt)
+        for length in range(min(_CONTEXT_TOKENS, num_prompt), longest + 1):
+            tail = prompt_token_ids[num_prompt - length :]
+            if not self._decode(tail, skip_special_tokens).startswith(_REPLACEMENT):
+                return tail
+        # No boundary within reach (a prompt given as ids may start inside a character).
+        return prompt_token_ids[num_prompt - longest :]
+
+    def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
 class StopStringMatcher:
-    """Cuts the output at the first stop string. Text that could still turn out to be the
-    start of a stop string is held back until it cannot, so no partial stop string is ever
-    emitted."""
+    """Cuts the output at the first stop string to complete (the longest of those completing
+    at the same character). Text that could still turn out to be the start of a stop string
+    is held back until it cannot, so no part of a stop string is emitted unless asked for."""
 
     def __init__(self, stops: list[str], include_stop_str_in_output: bool = False):
-        self.stops = stops
-        self.include = include_stop_str_in_output
+        self._stops = list(stops)
+        self._include = include_stop_str_in_output
+        self._longest = max(map(len, self._stops), default=0)
         self._held = ""
-        self._longest = max((len(s) for s in stops), default=0)
 
     def feed(self, text: str) -> tuple[str, bool, str | None]:
-        """(text to emit now, whether a stop string ended the output, which one)."""
-        if not self.stops:
+        """The new text of one step -> (text to emit now, whether a stop string ended the
+        output, which one)."""
+        if not self._stops:
             return text, False, None
         pending = self._held + text
-        hit = self._first_stop(pending)
+        hit = self._first_completed(pending)
         if hit is not None:
-            at, stop = hit
+            start, stop = hit
             self._held = ""
-            return pending[: at + len(stop)] if self.include else pending[:at], True, stop
-        keep = self._undecided_suffix(pending)
-        self._held = pending[len(pending) - keep :] if keep else ""
-        return pending[: len(pending) - keep], False, None
+            return pending[: start + len(stop) if self._include else start], True, stop
+        held = self._partial_stop_length(pending)
+        self._held = pending[len(pending) - held :]
+        return pending[: len(pending) - held], False, None
 
     def flush(self) -> str:
+        """The held-back text, for a sequence that ends for another reason."""
         held, self._held = self._held, ""
         return held
 
-    def _first_stop(self, text: str) -> tuple[int, str] | None:
-        found = [(text.find(s), s) for s in self.stops]
-        found = [(at, s) for at, s in found if at >= 0]
-        return min(found, key=lambda f: f[0]) if found else None
+    def _first_completed(self, text: str) -> tuple[int, str] | None:
+        """(start, stop string) of the occurrence in `text` that ends first, if any."""
+        found = [(at + len(stop), -len(stop), at, stop) for stop in self._stops if (at := text.find(stop)) >= 0]
+        if not found:
+            return None
+        _, _, start, stop = min(found)
+        return start, stop
 
-    def _undecided_suffix(self, text: str) -> int:
+    def _partial_stop_length(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
         for length in range(min(len(text), self._longest - 1), 0, -1):
             tail = text[-length:]
-            if any(s.startswith(tail) for s in self.stops):
+            if any(stop.startswith(tail) for stop in self._stops):
                 return length
         return 0

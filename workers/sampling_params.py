@@ -1,42 +1,89 @@
-"""Per-request sampling settings, with the names vLLM users know."""
+"""Per-request sampling settings, with the names and defaults vLLM users know.
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+The sampler reads these fields for every row of every step. Pydantic v2 keeps field values
+as plain instance attributes (no assignment validation, no `__getattr__` on the way), so a
+read costs about what it costs on any Python object.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+# Below this temperature a row takes the argmax: dividing the logits by it would overflow.
+GREEDY_TEMPERATURE = 1e-5
+
+# field -> (whether a value is valid, what the error message says it must be)
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v >= 1, ">= 1"),
+    "temperature": (lambda v: v >= 0, ">= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: v >= -1, "-1 or 0 (off), or >= 1"),
+    "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "seed": (lambda v: -(2**63) <= v < 2**63, "a signed 64-bit integer"),
+    "presence_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "frequency_penalty": (lambda v: -2 <= v <= 2, "in [-2, 2]"),
+    "repetition_penalty": (lambda v: v > 0, "> 0"),
+    "max_tokens": (lambda v: v >= 1, ">= 1"),
+    "min_tokens": (lambda v: v >= 0, ">= 0"),
+    "stop": (lambda v: all(v), "non-empty strings"),
+    "stop_token_ids": (lambda v: all(t >= 0 for t in v), "token ids >= 0"),
+    "logprobs": (lambda v: 0 <= v <= 20, "in [0, 20]"),
+}
+
+
+def _shown(value: Any) -> str:
+    """-1.0 reads as -1, as the user most likely wrote it."""
+    return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
 class SamplingParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    n: int = Field(1, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0, le=1)
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
     seed: int | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    repetition_penalty: float = Field(1.0, gt=0)
-    max_tokens: int = Field(16, ge=1)
-    min_tokens: int = Field(0, ge=0)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int = 16
+    min_tokens: int = 0
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = None  # how many top tokens to report; 0: the sampled one only
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
     @field_validator("stop", mode="before")
     @classmethod
-    def _one_stop_string(cls, value):
+    def _one_stop_string(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @field_validator(*_RULES)
+    @classmethod
+    def _within_rules(cls, value: Any, info: ValidationInfo) -> Any:
+        valid, requirement = _RULES[info.field_name]
+        if value is not None and not valid(value):
+            raise ValueError(f"{info.field_name} must be {requirement}, got {_shown(value)}")
+        return value
 
     @model_validator(mode="after")
     def _min_within_max(self) -> "SamplingParams":
         if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise ValueError(
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens}, "
+                f"max_tokens={self.max_tokens}"
+            )
         return self
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

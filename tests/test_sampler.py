@@ -1,0 +1,200 @@
+import math
+import random
+
+import pytest
+import torch
+
+from kvserve.workers.sampler import Sampler, SamplingRow
+from kvserve.workers.sampling_params import SamplingParams
+
+VOCAB = 64
+EOS = 2
+PROBS = [0.5, 0.3, 0.15, 0.05]  # a distribution whose filtered sets are easy to tell apart
+
+
+@pytest.fixture(autouse=True)
+def fixed_global_seed():
+    torch.manual_seed(0)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], eos: tuple[int, ...] = (EOS,)):
+    """The sampler changes its input in place; the tests keep theirs."""
+    return Sampler()(logits.clone(), rows, eos)
+
+
+def row(prompt=(1,), output=(), generator=None, **params) -> SamplingRow:
+    return SamplingRow(SamplingParams(**params), list(prompt), list(output), generator)
+
+
+def draws(probs: list[float], count: int, **params) -> list[int]:
+    """`count` tokens drawn in one batch from `probs`, each row unseeded."""
+    logits = torch.tensor(probs).log().expand(count, -1)
+    return sample(logits, [row(**params) for _ in range(count)]).token_ids
+
+
+def frequencies(tokens: list[int], vocab: int) -> list[float]:
+    return [tokens.count(token) / len(tokens) for token in range(vocab)]
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(8, VOCAB)
+    out = sample(logits, [row(temperature=0) for _ in range(8)])
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+    assert out.logprobs == [None] * 8 and out.top_logprobs == [None] * 8
+
+
+def test_top_k_of_one_is_greedy():
+    logits = torch.randn(8, VOCAB)
+    assert sample(logits, [row(top_k=1) for _ in range(8)]).token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token():
+    logits = torch.randn(200, VOCAB)
+    assert sample(logits, [row(top_p=1e-9) for _ in range(200)]).token_ids == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize(
+    "params, kept",
+    [
+        ({"top_k": 2}, {0, 1}),
+        ({"top_k": 3}, {0, 1, 2}),
+        ({"top_p": 0.75}, {0, 1}),
+        ({"top_p": 0.85}, {0, 1, 2}),
+        ({"min_p": 0.25}, {0, 1, 2}),
+        ({"min_p": 0.5}, {0, 1}),
+        ({"top_k": 3, "top_p": 0.5}, {0}),
+        ({}, {0, 1, 2, 3}),
+    ],
+)
+def test_filters_keep_exactly_the_expected_tokens(params, kept):
+    assert set(draws(PROBS, 2000, **params)) == kept
+
+
+def test_filters_apply_per_row_in_a_mixed_batch():
+    settings = [{"top_k": 2}, {}, {"min_p": 0.5}, {"top_p": 0.85}, {"temperature": 0}]
+    kept = [{0, 1}, {0, 1, 2, 3}, {0, 1}, {0, 1, 2}, {0}]
+    rows = [row(**settings[i % 5]) for i in range(2000)]
+    tokens = sample(torch.tensor(PROBS).log().expand(len(rows), -1), rows).token_ids
+    for k in range(5):
+        assert set(tokens[k::5]) == kept[k]
+
+
+def test_draws_follow_the_distribution():
+    observed = frequencies(draws(PROBS, 4000), 4)
+    assert all(abs(o - p) < 0.04 for o, p in zip(observed, PROBS)), observed
+
+
+def test_low_temperature_sharpens_and_high_temperature_flattens():
+    cold = frequencies(draws(PROBS, 2000, temperature=0.25), 4)
+    hot = frequencies(draws(PROBS, 2000, temperature=4.0), 4)
+    assert cold[0] > 0.8
+    assert hot[0] < 0.4 and min(hot) > 0.15
+
+
+def naive_penalties(logits: torch.Tensor, prompt: list[int], output: list[int], params: SamplingParams):
+    """One row at a time, token by token: the reading of vLLM's penalties the sampler must match."""
+    logits = logits.clone()
+    for token in set(prompt + output):
+        value = logits[token]
+        logits[token] = value / params.repetition_penalty if value > 0 else value * params.repetition_penalty
+    for token in set(output):
+        logits[token] -= params.frequency_penalty * output.count(token) + params.presence_penalty
+    return logits
+
+
+def test_penalties_match_a_naive_per_row_loop():
+    rng = random.Random(0)
+    rows = []
+    for _ in range(300):
+        params = rng.choice(
+            [
+                {"repetition_penalty": rng.uniform(0.5, 2.0)},
+                {"presence_penalty": rng.uniform(-2, 2)},
+                {"frequency_penalty": rng.uniform(-2, 2)},
+                {
+                    "repetition_penalty": rng.uniform(0.5, 2.0),
+                    "presence_penalty": rng.uniform(-2, 2),
+                    "frequency_penalty": rng.uniform(-2, 2),
+                },
+                {},
+            ]
+        )
+        history = [rng.randrange(8) for _ in range(rng.randrange(12))]  # few tokens: many repeats
+        cut = rng.randrange(len(history) + 1)
+        rows.append(row(history[:cut] or [1], history[cut:], temperature=0, **params))
+    # Small logits around the argmax: the penalties decide which token wins.
+    logits = torch.randn(len(rows), 8)
+    expected = [
+        naive_penalties(logits[i], r.prompt_token_ids, r.output_token_ids, r.params).argmax().item()
+        for i, r in enumerate(rows)
+    ]
+    assert sample(logits, rows).token_ids == expected
+    assert expected != logits.argmax(dim=-1).tolist()  # the penalties did change tokens
+
+
+def test_min_tokens_blocks_eos_and_stop_tokens_until_reached():
+    logits = torch.zeros(4, VOCAB)
+    logits[:, EOS] = 10.0
+    logits[:, 5] = 9.0
+    logits[:, 7] = 8.0
+    rows = [
+        row(output=[], temperature=0, min_tokens=2, stop_token_ids=[5]),
+        row(output=[3], temperature=0, min_tokens=2, stop_token_ids=[5], ignore_eos=True),
+        row(output=[3, 4], temperature=0, min_tokens=2, stop_token_ids=[5]),
+        row(output=[], temperature=0, min_tokens=2),
+    ]
+    assert sample(logits, rows).token_ids == [7, 7, EOS, 5]
+
+
+def test_min_tokens_ignores_stop_token_ids_beyond_the_logits():
+    logits = torch.randn(1, VOCAB)
+    out = sample(logits, [row(temperature=0, min_tokens=1, stop_token_ids=[VOCAB + 10])], eos=(VOCAB + 1,))
+    assert out.token_ids == logits.argmax(dim=-1).tolist()
+
+
+def seeded_tokens(seed: int, neighbours: list[SamplingRow], position: int, steps: int = 6) -> list[int]:
+    """Tokens of one seeded request over `steps` steps, sampled in a batch with `neighbours`."""
+    step_logits = torch.randn(steps, VOCAB, generator=torch.Generator().manual_seed(123))
+    target = row(generator=torch.Generator().manual_seed(seed), top_p=0.95)
+    tokens = []
+    for logits in step_logits:
+        batch = neighbours[:position] + [target] + neighbours[position:]
+        batch_logits = torch.randn(len(batch), VOCAB)
+        batch_logits[position] = logits
+        token = sample(batch_logits, batch).token_ids[position]
+        target.output_token_ids.append(token)
+        tokens.append(token)
+    return tokens
+
+
+def test_a_seed_gives_the_same_tokens_whatever_the_rest_of_the_batch():
+    alone = seeded_tokens(7, [], 0)
+    neighbours = [row(), row(generator=torch.Generator().manual_seed(7)), row(temperature=0), row(top_k=3)]
+    assert seeded_tokens(7, neighbours, 2) == alone
+    assert seeded_tokens(7, neighbours[:1], 1) == alone
+    assert seeded_tokens(8, [], 0) != alone
+
+
+def test_unseeded_rows_differ_from_each_other():
+    tokens = sample(torch.zeros(16, 1000), [row() for _ in range(16)]).token_ids
+    assert len(set(tokens)) > 8
+
+
+def test_logprobs_are_those_of_the_raw_logits():
+    logits = torch.randn(4, VOCAB)
+    rows = [
+        row(output=[4, 4], logprobs=5, temperature=0.7, top_k=10, repetition_penalty=1.5, presence_penalty=1.0),
+        row(temperature=0),
+        row(logprobs=0, min_tokens=3),
+        row(logprobs=20, temperature=0),
+    ]
+    out = sample(logits, rows)
+    expected = torch.log_softmax(logits, dim=-1)
+    for i in (0, 2, 3):
+        assert math.isclose(out.logprobs[i], expected[i, out.token_ids[i]].item(), abs_tol=1e-6)
+    top_values, top_ids = expected[0].topk(5)
+    assert [t for t, _ in out.top_logprobs[0]] == top_ids.tolist()
+    assert all(math.isclose(v, e, abs_tol=1e-6) for (_, v), e in zip(out.top_logprobs[0], top_values.tolist()))
+    assert out.logprobs[1] is None and out.top_logprobs[1] is None
+    assert out.top_logprobs[2] == []
+    assert len(out.top_logprobs[3]) == 20 and out.top_logprobs[3][0][0] == out.token_ids[3]
