@@ -20,7 +20,8 @@ _NEG_INF = float("-inf")
 
 @dataclass(slots=True)
 class SamplingRow:
-    """One sequence that samples this step. `generator` is set when the request has a seed."""
+    """One sequence that samples this step. `generator` is set when the request has a seed.
+    Token ids are below the vocabulary size (the width of the logits), as the engine checks."""
 
     params: SamplingParams
     prompt_token_ids: list[int]
@@ -71,7 +72,9 @@ class Sampler:
         `eos_token_ids` are the model's end tokens, masked with `params.stop_token_ids` while
         a row has fewer than `params.min_tokens` outputs (even with `ignore_eos`)."""
         plan = _Plan.of(rows)
-        raw_logprobs = logits[_index(plan.logprobs, logits)].log_softmax(dim=-1) if plan.logprobs else None
+        raw_logprobs = None
+        if plan.logprobs:  # taken before anything below changes the logits
+            raw_logprobs = logits[_index(plan.logprobs, logits)].log_softmax(dim=-1)
         if plan.min_tokens:
             _mask_stop_tokens(logits, rows, plan.min_tokens, eos_token_ids)
         if plan.penalties:
@@ -113,29 +116,35 @@ def _mask_stop_tokens(
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], penalized: list[int]) -> None:
-    """Repetition over prompt and output (positive logits divided, negative multiplied),
-    then frequency and presence over the output only, as in vLLM. Only the (row, token)
-    pairs that occur are touched, not whole rows of the vocabulary. A token that occurs
-    several times is read once before it is written, so writing it again changes nothing."""
+    """As in vLLM: repetition over prompt and output, then frequency and presence over the
+    output only. Only the (row, token) pairs that occur are touched, not whole vocabulary
+    rows. Rows without a penalty of a kind contribute no tokens to it."""
     params = [rows[i].params for i in penalized]
-    # Rows without a penalty of a kind contribute no tokens to it.
-    row_of, token, which = _occurrences(
-        logits,
-        penalized,
-        [
-            rows[i].prompt_token_ids + rows[i].output_token_ids if p.repetition_penalty != 1.0 else []
-            for i, p in zip(penalized, params)
-        ],
-    )
+    contexts = [
+        rows[i].prompt_token_ids + rows[i].output_token_ids if p.repetition_penalty != 1.0 else []
+        for i, p in zip(penalized, params)
+    ]
+    outputs = [
+        rows[i].output_token_ids if p.frequency_penalty or p.presence_penalty else []
+        for i, p in zip(penalized, params)
+    ]
+    _apply_repetition_penalty(logits, _occurrences(logits, penalized, contexts), params)
+    _apply_output_penalties(logits, _occurrences(logits, penalized, outputs), params)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, occurrences, params: list[SamplingParams]) -> None:
+    """Positive logits divided by the penalty, negative ones multiplied. A token seen several
+    times is read before any write, so each write of it stores the same value."""
+    row_of, token, which = occurrences
     factor = _values([p.repetition_penalty for p in params], logits)[which]
     values = logits[row_of, token]
     logits[row_of, token] = torch.where(values > 0, values / factor, values * factor)
 
-    row_of, token, which = _occurrences(
-        logits,
-        penalized,
-        [rows[i].output_token_ids if p.frequency_penalty or p.presence_penalty else [] for i, p in zip(penalized, params)],
-    )
+
+def _apply_output_penalties(logits: torch.Tensor, occurrences, params: list[SamplingParams]) -> None:
+    """Frequency once per occurrence (accumulated), presence once per distinct token (the same
+    read-then-write as the repetition penalty)."""
+    row_of, token, which = occurrences
     frequency = _values([p.frequency_penalty for p in params], logits)[which]
     logits.index_put_((row_of, token), -frequency, accumulate=True)
     presence = _values([p.presence_penalty for p in params], logits)[which]
