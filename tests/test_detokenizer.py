@@ -40,7 +40,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def increments(tokenizer, prompt: list[int], output: list[int], skip_special_tokens: bool = True) -> list[str]:
+def increments(tokenizer, prompt: list[int], output: list[int], skip_special_tokens=True) -> list[str]:
     detokenizer = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens)
     return [detokenizer.step(token_id) for token_id in output]
 

@@ -172,6 +172,7 @@ def test_a_seed_gives_the_same_tokens_whatever_the_rest_of_the_batch():
     neighbours = [row(), row(generator=torch.Generator().manual_seed(7)), row(temperature=0), row(top_k=3)]
     assert seeded_tokens(7, neighbours, 2) == alone
     assert seeded_tokens(7, neighbours[:1], 1) == alone
+    assert seeded_tokens(7, neighbours[1:2], 0) == alone  # every row seeded
     assert seeded_tokens(8, [], 0) != alone
 
 
@@ -183,7 +184,7 @@ def test_unseeded_rows_differ_from_each_other():
 def test_logprobs_are_those_of_the_raw_logits():
     logits = torch.randn(4, VOCAB)
     rows = [
-        row(output=[4, 4], logprobs=5, temperature=0.7, top_k=10, repetition_penalty=1.5, presence_penalty=1.0),
+        row(output=[4, 4], logprobs=5, temperature=0.7, top_k=10, repetition_penalty=1.5, min_tokens=5),
         row(temperature=0),
         row(logprobs=0, min_tokens=3),
         row(logprobs=20, temperature=0),
@@ -193,8 +194,9 @@ def test_logprobs_are_those_of_the_raw_logits():
     for i in (0, 2, 3):
         assert math.isclose(out.logprobs[i], expected[i, out.token_ids[i]].item(), abs_tol=1e-6)
     top_values, top_ids = expected[0].topk(5)
-    assert [t for t, _ in out.top_logprobs[0]] == top_ids.tolist()
-    assert all(math.isclose(v, e, abs_tol=1e-6) for (_, v), e in zip(out.top_logprobs[0], top_values.tolist()))
+    ids, values = zip(*out.top_logprobs[0])
+    assert list(ids) == top_ids.tolist()
+    torch.testing.assert_close(torch.tensor(values), top_values)
     assert out.logprobs[1] is None and out.top_logprobs[1] is None
     assert out.top_logprobs[2] == []
     assert len(out.top_logprobs[3]) == 20 and out.top_logprobs[3][0][0] == out.token_ids[3]

@@ -15,14 +15,14 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
         self._backend = tokenizer.backend_tokenizer
+        self._skip_special_tokens = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
-        context = self._context(prompt_token_ids, skip_special_tokens)
         # The prompt's tail gives the first output token its context (a leading space, say).
-        primed = "".join(text for token_id in context if (text := self._stream.step(self._backend, token_id)))
-        # A prompt that ends inside a character leaves the stream waiting since its last whole
-        # character, so its first output would repeat the prompt's text from there on.
-        prompt_text = self._decode(context, skip_special_tokens).rstrip(_REPLACEMENT)
-        self._repeated = len(prompt_text) - len(primed)
+        context = self._context(prompt_token_ids)
+        primed = "".join(filter(None, (self._stream.step(self._backend, token_id) for token_id in context)))
+        # A prompt that ends inside a character leaves the stream holding back the text since its
+        # last whole character: its first output would repeat what the prompt already shows.
+        self._repeated = len(self._decode(context).rstrip(_REPLACEMENT)) - len(primed)
 
     def step(self, token_id: int) -> str:
         text = self._stream.step(self._backend, token_id)
@@ -32,20 +32,20 @@ class IncrementalDetokenizer:
             text, self._repeated = text[self._repeated :], 0
         return text
 
-    def _context(self, prompt_token_ids: list[int], skip_special_tokens: bool) -> list[int]:
+    def _context(self, prompt_token_ids: list[int]) -> list[int]:
         """The last few prompt tokens, from a character boundary on: a tail that started
         inside a character would decode to U+FFFD first, and the stream would emit it."""
         num_prompt = len(prompt_token_ids)
         longest = min(_MAX_CONTEXT_TOKENS, num_prompt)
         for length in range(min(_CONTEXT_TOKENS, num_prompt), longest + 1):
             tail = prompt_token_ids[num_prompt - length :]
-            if not self._decode(tail, skip_special_tokens).startswith(_REPLACEMENT):
+            if not self._decode(tail).startswith(_REPLACEMENT):
                 return tail
         # No boundary within reach (a prompt given as ids may start inside a character).
         return prompt_token_ids[num_prompt - longest :]
 
-    def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
-        return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._backend.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
 
 
 class StopStringMatcher:
@@ -81,7 +81,9 @@ class StopStringMatcher:
 
     def _first_completed(self, text: str) -> tuple[int, str] | None:
         """(start, stop string) of the occurrence in `text` that ends first, if any."""
-        found = [(at + len(stop), -len(stop), at, stop) for stop in self._stops if (at := text.find(stop)) >= 0]
+        found = [
+            (at + len(stop), -len(stop), at, stop) for stop in self._stops if (at := text.find(stop)) >= 0
+        ]
         if not found:
             return None
         _, _, start, stop = min(found)

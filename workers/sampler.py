@@ -17,6 +17,9 @@ from kvserve.workers.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 
+# Per token occurrence: its logits row, the token, and the index of its row's params.
+_Occurrences = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 @dataclass(slots=True)
 class SamplingRow:
@@ -132,7 +135,9 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], penalized: l
     _apply_output_penalties(logits, _occurrences(logits, penalized, outputs), params)
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, occurrences, params: list[SamplingParams]) -> None:
+def _apply_repetition_penalty(
+    logits: torch.Tensor, occurrences: _Occurrences, params: list[SamplingParams]
+) -> None:
     """Positive logits divided by the penalty, negative ones multiplied. A token seen several
     times is read before any write, so each write of it stores the same value."""
     row_of, token, which = occurrences
@@ -141,7 +146,9 @@ def _apply_repetition_penalty(logits: torch.Tensor, occurrences, params: list[Sa
     logits[row_of, token] = torch.where(values > 0, values / factor, values * factor)
 
 
-def _apply_output_penalties(logits: torch.Tensor, occurrences, params: list[SamplingParams]) -> None:
+def _apply_output_penalties(
+    logits: torch.Tensor, occurrences: _Occurrences, params: list[SamplingParams]
+) -> None:
     """Frequency once per occurrence (accumulated), presence once per distinct token (the same
     read-then-write as the repetition penalty)."""
     row_of, token, which = occurrences
@@ -151,11 +158,8 @@ def _apply_output_penalties(logits: torch.Tensor, occurrences, params: list[Samp
     logits[row_of, token] = logits[row_of, token] - presence
 
 
-def _occurrences(
-    logits: torch.Tensor, row_numbers: list[int], token_lists: list[list[int]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For every token of every list: the logits row it belongs to, the token, and which
-    list (k for token_lists[k], whose row is row_numbers[k])."""
+def _occurrences(logits: torch.Tensor, row_numbers: list[int], token_lists: list[list[int]]) -> _Occurrences:
+    """Every token of every list; token_lists[k] belongs to logits row row_numbers[k]."""
     lengths = torch.tensor([len(tokens) for tokens in token_lists])
     which = torch.repeat_interleave(torch.arange(len(token_lists)), lengths).to(logits.device)
     tokens = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long, device=logits.device)
