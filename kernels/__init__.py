@@ -1,12 +1,21 @@
-"""Attention, cache and activation ops, chosen per device."""
+"""Attention, cache and activation ops, chosen per device in this one place.
 
+On CUDA the Triton kernels run, elsewhere the plain-PyTorch references. The environment
+variable `KVSERVE_KERNELS=triton|torch` overrides the choice (Triton on a CPU needs
+`TRITON_INTERPRET=1`, set before triton is first imported).
+"""
+
+import importlib
+import os
 from types import ModuleType
 
 import torch
 
-from kvserve.kernels import reference
+CHOICES = {"torch": "kvserve.kernels.reference", "triton": "kvserve.kernels.triton_ops"}
 
 
 def get_ops(device: torch.device) -> ModuleType:
-    """The op implementations for `device`: for now the PyTorch references everywhere."""
-    return reference
+    choice = os.environ.get("KVSERVE_KERNELS") or ("triton" if torch.device(device).type == "cuda" else "torch")
+    if choice not in CHOICES:
+        raise ValueError(f"KVSERVE_KERNELS={choice!r} is not one of {', '.join(CHOICES)}")
+    return importlib.import_module(CHOICES[choice])

@@ -6,7 +6,6 @@ which is how the tests check them against the references on a machine without a 
 """
 
 import math
-import os
 
 import torch
 import triton
@@ -18,8 +17,8 @@ from kvserve.kernels.metadata import AttentionMetadata
 PARTITION_SIZE = 256
 
 # The interpreter multiplies bfloat16 blocks as raw 16-bit integers, so there dots run in float32.
-# Read as @triton.jit reads it, when this module's kernels are defined.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# Read, like @triton.jit reads it, when this module's kernels are defined.
+_INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 _FP8_MAX = tl.constexpr(torch.finfo(torch.float8_e4m3fn).max)
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from kvserve.kernels import reference, triton_ops
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = triton.knobs.runtime.interpret
 ON_CPU = pytest.mark.skipif(not INTERPRETED, reason="run under the interpreter by a child process")
 ON_GPU = [
     pytest.mark.gpu,
