@@ -46,7 +46,10 @@ class KVAwareRouter(RequestRouter):
         routing_metrics.record_decision("kv", reason, time.perf_counter() - start)
         return [[candidate_replicas[k]] for k in order]
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        # Serve calls this for every request sent (on_request_routed only under its
+        # strict max_ongoing_requests mode); on_request_completed balances it.
+        super().on_send_request(replica_id)
         self._scorer().in_flight[replica_id.unique_id] += 1
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

@@ -157,8 +157,10 @@ def test_a_hot_holder_sheds_load_to_the_other_replica(server, model_name):
     prefix = random_tokens(96, seed=10)
     holder, _ = completion_with_header(server, model_name, prefix + [1])
     time.sleep(0.6)
+    # Long generations, all sent at once: the holder is soon more than max_imbalance (3)
+    # requests busier than the other replica, which must then take some.
     with cf.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda i: completion_with_header(server, model_name, prefix + [i], 40), range(12)))
+        results = list(pool.map(lambda i: completion_with_header(server, model_name, prefix + [i], 120), range(12)))
     replicas = [r for r, _ in results]
     assert holder in replicas and len(set(replicas)) == 2
 
