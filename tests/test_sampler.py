@@ -23,7 +23,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos: tuple[int, ...] =
 
 
 def row(prompt=(1,), output=(), generator=None, **params) -> SamplingRow:
-    return SamplingRow(SamplingParams(**params), list(prompt), list(output), generator)
+    return SamplingRow(SamplingParams(**params), list(prompt) + list(output), len(prompt), generator)
 
 
 def draws(probs: list[float], count: int, **params) -> list[int]:
@@ -125,7 +125,7 @@ def test_penalties_match_a_naive_per_row_loop():
     # Small logits around the argmax: the penalties decide which token wins.
     logits = torch.randn(len(rows), 8)
     expected = [
-        naive_penalties(logits[i], r.prompt_token_ids, r.output_token_ids, r.params).argmax().item()
+        naive_penalties(logits[i], r.token_ids[: r.num_prompt_tokens], r.output_token_ids, r.params).argmax().item()
         for i, r in enumerate(rows)
     ]
     assert sample(logits, rows).token_ids == expected
@@ -162,7 +162,7 @@ def seeded_tokens(seed: int, neighbours: list[SamplingRow], position: int, steps
         batch_logits = torch.randn(len(batch), VOCAB)
         batch_logits[position] = logits
         token = sample(batch_logits, batch).token_ids[position]
-        target.output_token_ids.append(token)
+        target.token_ids.append(token)
         tokens.append(token)
     return tokens
 

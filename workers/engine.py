@@ -150,7 +150,7 @@ class LLMEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass; return the requests that changed, finished ones last time."""
+        """Run one forward pass; return the requests it changed (finished ones for the last time)."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []

@@ -80,7 +80,7 @@ class ModelRunner:
         last_rows = [meta.query_start_loc_cpu[s.batch_index + 1] - 1 for s in samples]
         logits = self.model.compute_logits(hidden[torch.tensor(last_rows, device=self.device)])
         rows = [
-            SamplingRow(s.seq.params, s.seq.prompt_token_ids, s.seq.output_token_ids, s.seq.generator)
+            SamplingRow(s.seq.params, s.seq.token_ids, s.seq.num_prompt_tokens, s.seq.generator)
             for s in samples
         ]
         return self.sampler(logits, rows, eos_token_ids)

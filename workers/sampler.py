@@ -23,13 +23,22 @@ _Occurrences = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass(slots=True)
 class SamplingRow:
-    """One sequence that samples this step. `generator` is set when the request has a seed.
+    """One sequence that samples this step: its prompt then output tokens (the sequence's own
+    list, not a copy: most rows never look at it), and a generator when the request has a seed.
     Token ids are below the vocabulary size (the width of the logits), as the engine checks."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]
+    num_prompt_tokens: int
     generator: torch.Generator | None = None
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclass(slots=True)
@@ -55,7 +64,7 @@ class _Plan:
         plan = cls()
         for i, row in enumerate(rows):
             params = row.params
-            if len(row.output_token_ids) < params.min_tokens:
+            if row.num_output_tokens < params.min_tokens:
                 plan.min_tokens.append(i)
             if params.uses_penalties:
                 plan.penalties.append(i)
@@ -124,7 +133,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], penalized: l
     rows. Rows without a penalty of a kind contribute no tokens to it."""
     params = [rows[i].params for i in penalized]
     contexts = [
-        rows[i].prompt_token_ids + rows[i].output_token_ids if p.repetition_penalty != 1.0 else []
+        rows[i].token_ids if p.repetition_penalty != 1.0 else []
         for i, p in zip(penalized, params)
     ]
     outputs = [
