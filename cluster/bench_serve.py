@@ -80,12 +80,14 @@ def make_prompts(args, vocab: int) -> list[list[int]]:
 
 
 def oracle_hit_rate(prompts: list[list[int]], block_size: int) -> float:
+    """What one replica with an unbounded cache would reuse: every full block of every earlier
+    prompt stays cached; a lookup leaves at least the last token to compute, as the engine's."""
     seen: set[bytes] = set()
     hit = total = 0
     for prompt in prompts:
-        chain = hash_block_chain(prompt, block_size, num_blocks=(len(prompt) - 1) // block_size)
-        depth = next((i for i, h in enumerate(chain) if h not in seen), len(chain))
-        hit += depth * block_size
+        chain = hash_block_chain(prompt, block_size)
+        lookup = chain[: (len(prompt) - 1) // block_size]
+        hit += next((i for i, h in enumerate(lookup) if h not in seen), len(lookup)) * block_size
         total += len(prompt)
         seen.update(chain)
     return hit / total
