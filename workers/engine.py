@@ -1,6 +1,5 @@
 """The engine: requests in, one scheduled forward pass per step, outputs back."""
 
-import gc
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -71,10 +70,6 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids(model_config.eos_token_ids)
         self.vocab_size = model_config.vocab_size
         self.requests: dict[str, _Request] = {}
-        # The model, tokenizer and pool are long-lived: keep the collector from rescanning them
-        # in the middle of steps.
-        gc.collect()
-        gc.freeze()
 
     def _eos_token_ids(self, from_model: Seq[int]) -> tuple[int, ...]:
         ids = set(from_model)
