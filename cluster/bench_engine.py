@@ -84,7 +84,7 @@ def scheduler_step_time(num_seqs: int, prompt_len: int = 64, steps: int = 300) -
     block_size = 16
     blocks = num_seqs * ((prompt_len + steps) // block_size + 2)
     kv = KVCacheManager(blocks, block_size, enable_prefix_caching=True)
-    scheduler = Scheduler(SchedulerConfig(num_seqs, 1 << 20, 1 << 20), kv)
+    scheduler = Scheduler(SchedulerConfig(num_seqs, 1 << 20), kv)
     params = SamplingParams(max_tokens=steps + 1)
     rng = random.Random(0)
     for i in range(num_seqs):

@@ -64,7 +64,7 @@ class LLMEngine:
                 "kv_cache_memory_gib, or lower max_model_len"
             )
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
             self.kv,
         )
         self.eos_token_ids = self._eos_token_ids(model_config.eos_token_ids)

@@ -12,7 +12,6 @@ from kvserve.workers.sequence import FinishReason, Sequence, SequenceStatus
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
-    max_model_len: int
 
 
 @dataclass

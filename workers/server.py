@@ -233,10 +233,6 @@ class LLMServer:
     def check_health(self) -> None:
         self._raise_if_dead()
 
-    def info(self) -> dict:
-        return {"replica": self.replica_id, "block_size": self.engine.config.block_size,
-                "max_model_len": self.engine.max_model_len, **self.engine.stats()}
-
     def __del__(self):
         thread = getattr(self, "thread", None)
         if thread is not None:
