@@ -36,7 +36,9 @@ def ingress_settings(config: AppConfig) -> dict:
 
 def build_app(config: AppConfig):
     serving = config.serving
-    actor_options = {"num_cpus": serving.replica_cpus, "num_gpus": serving.replica_gpus}
+    # With tp_size > 1 the worker actors' placement group holds the GPUs, not the replica.
+    gpus = serving.replica_gpus if config.engine.tp_size == 1 else 0
+    actor_options = {"num_cpus": serving.replica_cpus, "num_gpus": gpus}
     llm = serve.deployment(
         LLMServer,
         name="LLMServer",

@@ -90,7 +90,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _config_overrides(args: argparse.Namespace) -> dict:
-    engine = {"model": args.model, "device": args.device, "dtype": args.dtype}
+    engine = {"model": args.model, "device": args.device, "dtype": args.dtype, "tp_size": args.tp}
     serving = {"replicas": args.replicas, "router": args.router, "host": args.host, "port": args.port}
     return {"engine": engine, "serving": serving}
 
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--router", choices=["kv", "pow2", "round_robin", "prefix_approx"])
     srv.add_argument("--device", choices=["auto", "cpu", "cuda"])
     srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    srv.add_argument("--tp", type=int, help="tensor-parallel ranks per replica (engine.tp_size)")
     srv.add_argument("--host")
     srv.add_argument("--port", type=int)
     srv.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
@@ -187,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     route = bench_verbs.add_parser("route", help="time of the KV-aware routing decision")
     bench_route.add_flags(route)
     route.set_defaults(run=lambda args: bench_route.main(args))
+    from kvserve.cluster import bench_tp
+
+    tp = bench_verbs.add_parser("tp", help="per-step overhead of tensor parallelism against tp 1")
+    _add_engine_flags(tp)
+    bench_tp.add_flags(tp)
+    tp.set_defaults(run=lambda args: bench_tp.main(args, args.model or bench_model(), _engine_options(args)))
     from kvserve.cluster import bench_routers
 
     routers = bench_verbs.add_parser("routers", help="every routing policy side by side on local CPU replicas")

@@ -25,10 +25,12 @@ class EngineConfig(BaseModel):
     kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV pool size when num_kv_blocks is unset")
     seed: int = 0
     cpu_threads: int | None = Field(None, ge=1, description="torch threads of this engine (several replicas share a CPU)")
+    tp_size: int = Field(1, ge=1, description="tensor-parallel ranks: >1 runs the model on that many worker actors")
 
     @model_validator(mode="after")
     def _check_device(self) -> "EngineConfig":
-        if self.device == "cuda" and not torch.cuda.is_available():
+        # With tp_size > 1 the worker actors hold the GPUs, not the process that checks this.
+        if self.device == "cuda" and self.tp_size == 1 and not torch.cuda.is_available():
             raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device")
         return self
 

@@ -44,10 +44,19 @@ class _Request:
         )
 
 
+def _make_runner(config: EngineConfig):
+    """The model in this process, or spread over `tp_size` worker actors."""
+    if config.tp_size == 1:
+        return ModelRunner(config)
+    from kvserve.workers.tp_worker import TPExecutor  # Ray is needed only here
+
+    return TPExecutor(config)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.runner = ModelRunner(config)
+        self.runner = _make_runner(config)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model, local_files_only=True)
         model_config = self.runner.model_config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings

@@ -1,4 +1,5 @@
-"""Builds the model on its device and fills it from a Hugging Face safetensors checkpoint."""
+"""Builds the model (or one tensor-parallel rank's shard of it) on its device and fills it
+from a Hugging Face safetensors checkpoint, reading only the slices that rank holds."""
 
 import json
 from pathlib import Path
@@ -7,8 +8,10 @@ import torch
 from safetensors import safe_open
 
 from kvserve.kernels import get_ops
+from kvserve.workers.distributed import SINGLE, TPGroup
 from kvserve.workers.models.config import ModelConfig
-from kvserve.workers.models.decoder import DecoderForCausalLM, MergedLinear
+from kvserve.workers.models.decoder import DecoderForCausalLM
+from kvserve.workers.parallel_layers import CheckpointSlice, MergedLinear
 
 # Checkpoint projections that we stack into one matmul: (our merged projection, its index).
 STACKED = {
@@ -26,16 +29,17 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     load_format: str = "auto",
+    tp: TPGroup = SINGLE,
 ) -> tuple[DecoderForCausalLM, ModelConfig]:
-    """The model with its weights from `model_dir`, or random ones of the same shapes for
-    `load_format="dummy"`."""
+    """The model (`tp`'s rank of it) with its weights from `model_dir`, or random ones of the
+    same shapes for `load_format="dummy"`."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"unknown load_format {load_format!r}; expected 'auto' or 'dummy'")
     config = ModelConfig.from_pretrained_dir(model_dir)
     device = torch.device(device)
     # Built on the meta device so that no weight is allocated or initialized twice.
     with torch.device("meta"):
-        model = DecoderForCausalLM(config, get_ops(device))
+        model = DecoderForCausalLM(config, get_ops(device), tp)
     model.to(dtype=dtype).materialize(device).requires_grad_(False)
     if load_format == "dummy":
         _init_dummy_weights(model)
@@ -63,7 +67,7 @@ def _load_safetensors(model: DecoderForCausalLM, model_dir: Path) -> None:
                 if target not in pending:
                     raise ValueError(f"unexpected or repeated weight {name!r} in {path}")
                 pending.remove(target)
-                _copy(_destination(model, *target), f.get_tensor(name), name)
+                _copy(_destination(model, *target), _read(f, name, _checkpoint_slice(model, *target)), name)
     if pending:
         missing = sorted(f"{name}[{index}]" if index is not None else name for name, index in pending)
         raise ValueError(f"weights missing from the checkpoint in {model_dir}: {', '.join(missing)}")
@@ -110,6 +114,23 @@ def _destination(model: DecoderForCausalLM, param_name: str, index: int | None) 
         return param
     sizes = model.get_submodule(param_name.rsplit(".", 1)[0]).output_sizes
     return param.narrow(0, sum(sizes[:index]), sizes[index])
+
+
+def _checkpoint_slice(model: DecoderForCausalLM, param_name: str, index: int | None) -> CheckpointSlice:
+    module = model.get_submodule(param_name.rsplit(".", 1)[0])
+    slice_of = getattr(module, "checkpoint_slice", None)
+    return slice_of(index) if slice_of is not None else None
+
+
+def _read(f, name: str, part: CheckpointSlice) -> torch.Tensor:
+    """The whole tensor, or only `part` of it from the file."""
+    if part is None:
+        return f.get_tensor(name)
+    dim, start, length = part
+    tensor = f.get_slice(name)
+    index = [slice(None)] * len(tensor.get_shape())
+    index[dim] = slice(start, start + length)
+    return tensor[tuple(index)]
 
 
 def _copy(destination: torch.Tensor, tensor: torch.Tensor, name: str) -> None:

@@ -3,23 +3,20 @@
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvserve.kernels.metadata import AttentionMetadata
+from kvserve.workers.distributed import SINGLE, TPGroup
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.rope import build_cos_sin_cache
+from kvserve.workers.parallel_layers import (
+    MergedLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    kv_heads_of_rank,
+)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-
-
-class MergedLinear(nn.Linear):
-    """Several projections of the same input stacked into one matmul; the loader fills the
-    rows of each from its own checkpoint tensor."""
-
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool):
-        super().__init__(in_features, sum(output_sizes), bias=bias)
-        self.output_sizes = output_sizes
 
 
 class RMSNorm(nn.Module):
@@ -34,19 +31,24 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType):
+    """This rank's query heads and the KV heads they read (all of them with one rank)."""
+
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup):
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
-        self.scale = config.head_dim**-0.5
+        self.num_heads = config.num_heads // tp.size
+        first_kv_head, self.num_kv_heads = kv_heads_of_rank(config, tp)
+        self.head_dim = head_dim = config.head_dim
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        self.scale = head_dim**-0.5
         self.ops = ops
+        starts = None
+        if tp.size > 1:
+            starts = [tp.rank * self.q_size, first_kv_head * head_dim, first_kv_head * head_dim]
         self.qkv_proj = MergedLinear(
-            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=config.attention_bias
+            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.attention_bias, starts
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(config.num_heads * head_dim, config.hidden_size, tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops)
@@ -67,11 +69,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType):
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup):
         super().__init__()
-        size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=False)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        size = config.intermediate_size // tp.size
+        starts = [tp.rank * size] * 2 if tp.size > 1 else None
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], False, starts)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,12 +82,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType):
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.self_attn = Attention(config, ops)
+        self.self_attn = Attention(config, ops, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.mlp = MLP(config, ops)
+        self.mlp = MLP(config, ops, tp)
 
     def forward(self, x, residual, positions, kv_cache, meta, cos_sin_cache):
         """Returns (mlp output, residual): the caller adds them, fused into the next norm."""
@@ -98,14 +101,16 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType):
+    """The whole model, or with `tp` of several ranks this rank's shard of every layer."""
+
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup = SINGLE):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, ops) for _ in range(config.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, ops, tp) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(config), persistent=False)
 
     def materialize(self, device: torch.device) -> "DecoderForCausalLM":
@@ -130,4 +135,4 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.config.tie_word_embeddings else self.lm_head
-        return F.linear(hidden, head.weight).float()
+        return head.logits(hidden)

@@ -1,0 +1,169 @@
+"""Tensor-parallel worker actors, and the engine-side executor that starts and drives them.
+
+The replica's engine keeps the scheduler and the KV cache manager; each step it sends the
+`StepPlan` to every rank in one call per rank. Every rank runs its shard of the forward pass;
+rank 0 alone samples and answers with the tokens.
+"""
+
+import dataclasses
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from kvserve.workers.config import EngineConfig
+from kvserve.workers.distributed import free_port, join_group
+from kvserve.workers.model_runner import ModelRunner, SampleRequest, StepPlan, build_plan
+from kvserve.workers.models.config import ModelConfig
+from kvserve.workers.parallel_layers import check_shardable
+from kvserve.workers.sampler import SamplerOutput
+from kvserve.workers.scheduler import ScheduledBatch
+
+PLACEMENT_TIMEOUT_S = 60.0
+
+# Rank 0's answer: the sampled tokens and the advanced state of each seeded row's generator.
+RankOutput = tuple[SamplerOutput, list[torch.Tensor | None]]
+
+
+class TPWorker:
+    """One rank (a Ray actor): its shards of the model and of the KV cache."""
+
+    def address(self) -> tuple[str, int]:
+        """Where the group's rendezvous listens when this is rank 0."""
+        return ray.util.get_node_ip_address(), free_port()
+
+    def start(self, config: EngineConfig, rank: int, size: int, master: tuple[str, int]) -> int:
+        """Join the group, load this rank's shard, allocate its KV cache; the blocks it holds."""
+        tp = join_group(rank, size, *master, config.torch_device())
+        self.runner = ModelRunner(config, tp)
+        return self.runner.num_kv_blocks
+
+    def execute(self, plan: StepPlan) -> RankOutput | None:
+        output = self.runner.run(_to_device(plan, self.runner.device))
+        if output is None:
+            return None
+        return output, [row.generator.get_state() if row.generator is not None else None for row in plan.rows]
+
+
+def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
+    if device.type == "cpu":
+        return plan
+    meta = plan.meta
+    meta = dataclasses.replace(
+        meta,
+        query_start_loc=meta.query_start_loc.to(device, non_blocking=True),
+        context_lens=meta.context_lens.to(device, non_blocking=True),
+        block_tables=meta.block_tables.to(device, non_blocking=True),
+        slot_mapping=meta.slot_mapping.to(device, non_blocking=True),
+    )
+    return dataclasses.replace(
+        plan, input_ids=plan.input_ids.to(device), positions=plan.positions.to(device), meta=meta
+    )
+
+
+class TPExecutor:
+    """Stands in for `ModelRunner` in an engine with `tp_size > 1`: owns the ranks' placement
+    group and actors, and tears both down if a rank fails to start or dies."""
+
+    def __init__(self, config: EngineConfig):
+        self.model_config = ModelConfig.from_pretrained_dir(config.model)
+        check_shardable(self.model_config, config.tp_size)
+        if not ray.is_initialized():
+            ray.init()
+        self.block_size = config.block_size
+        self.placement_group: PlacementGroup | None = None
+        self.workers: list = []
+        try:
+            self.num_kv_blocks = self._start(config)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, config: EngineConfig) -> int:
+        device = _rank_device(config)
+        config = config.model_copy(update={"device": device})
+        size = config.tp_size
+        bundle = {"GPU": 1} if device == "cuda" else {"CPU": 1}
+        self.placement_group = placement_group([bundle] * size, strategy="STRICT_PACK")
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            raise ValueError(
+                f"the {size} tensor-parallel ranks ({bundle} each, on one node) could not be placed "
+                f"within {PLACEMENT_TIMEOUT_S:.0f} s: the cluster lacks the resources"
+            )
+        actor = ray.remote(TPWorker)
+        self.workers = [
+            actor.options(
+                num_cpus=bundle.get("CPU", 0),
+                num_gpus=bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),
+            ).remote()
+            for rank in range(size)
+        ]
+        master = ray.get(self.workers[0].address.remote())
+        starts = [w.start.remote(config, rank, size, master) for rank, w in enumerate(self.workers)]
+        return min(_gather(starts, "failed to start", ValueError))
+
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        block_tables: dict[str, list[int]],
+        samples: list[SampleRequest],
+        eos_token_ids: tuple[int, ...],
+    ) -> SamplerOutput | None:
+        if not self.workers:
+            raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")
+        plan = build_plan(batch, block_tables, samples, eos_token_ids, self.block_size, torch.device("cpu"))
+        others = ray.put(dataclasses.replace(plan, rows=None))
+        refs = [self.workers[0].execute.remote(plan)] + [w.execute.remote(others) for w in self.workers[1:]]
+        try:
+            answer = _gather(refs, "failed during a step", RuntimeError)[0]
+        except RuntimeError:
+            self.shutdown()  # the surviving ranks are stuck in a collective
+            raise
+        if answer is None:
+            return None
+        output, states = answer
+        for row, state in zip(plan.rows, states):
+            if state is not None:
+                row.generator.set_state(state)
+        return output
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+def _rank_device(config: EngineConfig) -> str:
+    """The ranks' device: `auto` means GPUs when the cluster has any."""
+    gpus_per_node = [node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]]
+    device = config.device
+    if device == "auto":
+        device = "cuda" if any(gpus_per_node) else "cpu"
+    if device == "cuda" and config.tp_size > max(gpus_per_node, default=0):
+        raise ValueError(
+            f"tp_size {config.tp_size} is larger than the GPUs of any node "
+            f"(at most {max(gpus_per_node, default=0):.0f}): the ranks of a replica share one node"
+        )
+    return device
+
+
+def _gather(refs: list, failure: str, error_type: type[Exception]) -> list:
+    """The ranks' results in rank order, failing as soon as any rank fails (its peers may
+    otherwise wait in a collective for it)."""
+    rank_of = {ref: rank for rank, ref in enumerate(refs)}
+    results = [None] * len(refs)
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        rank = rank_of[ready[0]]
+        try:
+            results[rank] = ray.get(ready[0])
+        except ray.exceptions.RayError as error:
+            raise error_type(f"tensor-parallel rank {rank} {failure}: {error}") from error
+    return results
