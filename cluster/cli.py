@@ -200,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     routers.add_argument("--model", help="checkpoint folder (default: the built-in tiny model)")
     bench_routers.add_flags(routers)
     routers.set_defaults(run=lambda args: bench_routers.main(args, args.model or router_bench_model()))
+    from kvserve.cluster import bench_decode, bench_kernels
+
+    kernels = bench_verbs.add_parser("kernels", help="paged attention against copy bandwidth and torch SDPA")
+    bench_kernels.add_flags(kernels)
+    kernels.set_defaults(run=bench_kernels.main)
+    decode = bench_verbs.add_parser("decode", help="decode step of a Llama-3-8B-shaped model against its floor and HF")
+    bench_decode.add_flags(decode)
+    decode.set_defaults(run=bench_decode.main)
     return parser
 
 

@@ -1,8 +1,18 @@
 """The pieces of the benchmark tools that compute numbers we publish."""
 
 import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 
+import pytest
+import torch
+
+from kvserve.cluster import cli
 from kvserve.cluster.bench_serve import make_prompts, oracle_hit_rate, percentiles
+from kvserve.kernels import reference
 
 
 def test_oracle_reuses_every_full_block_seen_before():
@@ -26,3 +36,83 @@ def test_workloads_differ_and_share_what_they_should():
 def test_percentiles():
     p = percentiles([float(i) for i in range(100)])
     assert (p["p50"], p["p90"], p["p99"]) == (50.0, 90.0, 99.0)
+
+
+KERNEL_FLAGS = ["--grid", "2x40,3x16", "--prefill-lens", "16,33", "--prefix-len", "20", "--num-heads", "4",
+                "--num-kv-heads", "2", "--head-dim", "32", "--copy-mib", "4", "--reps", "2", "--warmup", "1"]
+
+
+def run_cli(tmp_path, *argv: str) -> dict:
+    """Runs `kvserve *argv` in this process; returns the report it wrote with --json."""
+    out = tmp_path / "bench.json"
+    assert cli.main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def table_rows(stdout: str, first_cell: str) -> list[list[str]]:
+    lines = [line for line in stdout.splitlines() if line.startswith(f"| {first_cell}")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def test_bench_kernels_rows_match_the_shapes(tmp_path, capsys):
+    report = run_cli(tmp_path, "bench", "kernels", *KERNEL_FLAGS, "--dtype", "float32")
+    stdout = capsys.readouterr().out
+    assert report["kernels"] == "kvserve.kernels.reference" and report["copy_gbps"] > 0
+    for row, (batch, context) in zip(report["decode"], [(2, 40), (3, 16)], strict=True):
+        kv = 2 * batch * context * 2 * 32 * 4  # K and V: 2 KV heads of 32 float32s per token
+        q_and_out = 2 * batch * 4 * 32 * 4
+        assert row["mbytes"] * 1e6 == pytest.approx(kv + q_and_out)
+        assert row["paged_ms"] > 0 and row["sdpa_ms"] > 0
+        assert row["gbps"] == pytest.approx(row["mbytes"] / row["paged_ms"])
+        assert len(table_rows(stdout, f"{batch}x{context} ")[0]) == 7
+    for row, prefix in zip(report["prefill"], [0, 20], strict=True):
+        pairs = sum(n * prefix + n * (n + 1) // 2 for n in (16, 33))
+        assert row["tflops"] * row["paged_ms"] * 1e9 == pytest.approx(4 * 4 * 32 * pairs)
+        assert row["of_sdpa_pct"] == pytest.approx(100 * row["sdpa_ms"] / row["paged_ms"])
+    assert len(table_rows(stdout, "16,33 ")) == 2
+    assert "paging overhead %, worst case" in stdout
+
+
+@pytest.mark.parametrize("wrong", ["zeros", "drops-newest-token"])
+def test_bench_kernels_refuses_a_wrong_kernel(monkeypatch, capsys, wrong):
+    right = reference.paged_attention
+
+    def wrong_kernel(q, k_cache, v_cache, meta, scale):
+        if wrong == "zeros":
+            return torch.zeros_like(q)
+        shorter = dataclasses.replace(meta, context_lens=meta.context_lens - 1,
+                                      context_lens_cpu=[n - 1 for n in meta.context_lens_cpu])
+        return right(q, k_cache, v_cache, shorter, scale)
+
+    monkeypatch.setattr(reference, "paged_attention", wrong_kernel)
+    assert cli.main(["bench", "kernels", *KERNEL_FLAGS]) == 2
+    assert "decode 2x40: paged attention and SDPA disagree" in capsys.readouterr().err
+
+
+def test_bench_kernels_runs_the_triton_kernels_under_the_interpreter():
+    child = subprocess.run(
+        [sys.executable, "-m", "kvserve.cluster.cli", "bench", "kernels", *KERNEL_FLAGS, "--reps", "1"],
+        env={**os.environ, "TRITON_INTERPRET": "1", "KVSERVE_KERNELS": "triton"},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-5000:]
+    assert "kernels: kvserve.kernels.triton_ops" in child.stdout
+    assert len(table_rows(child.stdout, "2x40 ")) == 1
+
+
+def test_bench_decode_tiny_model(tmp_path, capsys):
+    report = run_cli(tmp_path, "bench", "decode", "--shape", "tiny", "--batches", "1,2", "--context", "8",
+                        "--steps", "3", "--dtype", "float32", "--copy-mib", "4", "--reps", "2")
+    stdout = capsys.readouterr().out
+    hidden, inter, layers, heads, kv_heads, dim, vocab = 64, 128, 2, 4, 2, 16, 512
+    layer = 2 * hidden * heads * dim + 2 * hidden * kv_heads * dim + 3 * hidden * inter + 2 * hidden
+    weights = 4 * (layers * layer + hidden + vocab * hidden)  # float32, without the input embedding
+    kv_per_token = 4 * 2 * layers * kv_heads * dim
+    for row, batch in zip(report["decode"], [1, 2], strict=True):
+        read = weights + batch * (8 + (3 + 3) / 2) * kv_per_token
+        assert row["floor_ms"] * 1e6 * report["copy_gbps"] == pytest.approx(read)
+        assert row["step_ms"] > 0 and row["hf_step_ms"] > 0
+        assert row["tok_s"] == pytest.approx(batch / row["step_ms"] * 1e3)
+        assert row["vs_hf"] == pytest.approx(row["tok_s"] / row["hf_tok_s"])
+        assert len(table_rows(stdout, f"{batch} | 8 ")[0]) == 9
+    assert "batch-1 step within 1.25x of the floor" in stdout

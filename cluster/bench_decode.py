@@ -1,0 +1,157 @@
+"""`kvserve bench decode`: the engine's decode step on a Llama-3-8B-shaped model with dummy
+weights, against the floor of reading every weight and the batch's KV once at the measured copy
+bandwidth, and against Hugging Face transformers' `generate` on the same device."""
+
+import argparse
+import gc
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvserve.cluster.bench_kernels import (
+    DTYPES, add_common_flags, copy_bandwidth, parse_sizes, print_info, print_table, resolve_device, run_info,
+    write_json,
+)
+from kvserve.cluster.bench_tp import decode_step_time
+
+BLOCK_SIZE = 16
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=16384,
+                 rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+}
+HF_NOTE = ("HF: the same config built by transformers with random weights on the same device and dtype "
+           "(the work of a step does not depend on the values), its defaults (sdpa attention, dynamic "
+           "cache), greedy; for both, only decode steps after the first two tokens are timed, prefill excluded")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
+    parser.add_argument("--batches", type=parse_sizes, default="1,16,64,256")
+    parser.add_argument("--context", type=int, default=1024, help="prompt tokens of every sequence")
+    parser.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
+    parser.add_argument("--skip-hf", action="store_true")
+    add_common_flags(parser)
+
+
+def write_config_only_checkpoint(out_dir: Path, shape: str) -> None:
+    """config.json and a tokenizer, no weights: all that `load_format: dummy` reads."""
+    from transformers import LlamaConfig
+
+    from kvserve.cluster.tiny_model import ARCHITECTURES, build_tokenizer
+
+    tokenizer = build_tokenizer(out_dir)
+    LlamaConfig(
+        **SHAPES[shape], architectures=[ARCHITECTURES["llama"]], tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(out_dir)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: all but the input embedding, of which it reads
+    only the batch's rows (unless tied to the output head, which reads it whole)."""
+    total = sum(p.nbytes for p in model.parameters())
+    return total if model.config.tie_word_embeddings else total - model.embed_tokens.weight.nbytes
+
+
+def engine_rows(model_dir: str, args, device: torch.device, copy_bps: float) -> list[dict]:
+    from kvserve.workers.llm import LLM
+
+    max_len = args.context + args.steps + 2  # decode_step_time generates steps + 2 tokens
+    blocks_per_seq = -(-max_len // BLOCK_SIZE) + 1
+    llm = LLM(model_dir, device=device.type, dtype=args.dtype, load_format="dummy", max_model_len=max_len,
+              block_size=BLOCK_SIZE, max_num_seqs=max(args.batches),
+              num_kv_blocks=max(args.batches) * blocks_per_seq)
+    runner = llm.engine.runner
+    mc = runner.model_config
+    weights = weight_bytes(runner.model)
+    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * runner.dtype.itemsize
+    # The timed steps read contexts of context + 2 to context + steps + 1 tokens.
+    mean_context = args.context + (args.steps + 3) / 2
+    rows = []
+    for batch in args.batches:
+        step_s = decode_step_time(llm, batch, args.context, args.steps)
+        floor_s = (weights + batch * mean_context * kv_per_token) / copy_bps
+        rows.append(dict(batch=batch, context=args.context, step_ms=step_s * 1e3, floor_ms=floor_s * 1e3,
+                         of_floor=step_s / floor_s, tok_s=batch / step_s))
+        print(f"engine, batch {batch}: {step_s * 1e3:.2f} ms per step", flush=True)
+    print(f"weights read per step: {weights / 1e6:.1f} MB, KV per token: {kv_per_token} bytes")
+    return rows
+
+
+def hf_step_time(hf, batch: int, context: int, steps: int, device: torch.device) -> float:
+    """Mean seconds of HF's decode steps, timed like `decode_step_time`: after two tokens."""
+    from transformers import StoppingCriteriaList
+
+    clock = _StepClock(device)
+    ids = torch.randint(3, hf.config.vocab_size, (batch, context), device=device)
+    with torch.inference_mode():
+        hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps + 2,
+                    min_new_tokens=steps + 2, do_sample=False, pad_token_id=hf.config.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([clock]))
+    return (clock.times[-1] - clock.times[1]) / steps
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it stamps the time as each token comes out."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def add_hf_columns(rows: list[dict], model_dir: str, args, device: torch.device) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(config, dtype=DTYPES[args.dtype]).eval()
+    for row in rows:
+        try:
+            step_s = hf_step_time(hf, row["batch"], args.context, args.steps, device)
+        except torch.OutOfMemoryError:
+            step_s = float("nan")
+            print(f"HF, batch {row['batch']}: out of memory")
+        hf_tok_s = row["batch"] / step_s
+        row.update(hf_step_ms=step_s * 1e3, hf_tok_s=hf_tok_s, vs_hf=row["tok_s"] / hf_tok_s)
+
+
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    copy_bps = copy_bandwidth(device, args.copy_mib, args.reps, args.warmup)
+    info = run_info(args, device)
+    print_info(info, copy_bandwidth=f"{copy_bps / 1e9:.1f} GB/s (read + write)")
+    with tempfile.TemporaryDirectory(prefix=f"kvserve-{args.shape}-") as model_dir:
+        write_config_only_checkpoint(Path(model_dir), args.shape)
+        rows = engine_rows(model_dir, args, device, copy_bps)
+        gc.collect()  # the engine's weights and KV pool, before HF's are allocated
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not args.skip_hf:
+            add_hf_columns(rows, model_dir, args, device)
+    columns = {"batch": "{batch}", "context": "{context}", "step ms": "{step_ms:.2f}",
+               "floor ms": "{floor_ms:.2f}", "step / floor": "{of_floor:.2f}x", "tok/s": "{tok_s:.1f}"}
+    if not args.skip_hf:
+        columns |= {"HF step ms": "{hf_step_ms:.2f}", "HF tok/s": "{hf_tok_s:.1f}", "vs HF": "{vs_hf:.2f}x"}
+    print_table(columns, rows)
+    print("floor = (weight bytes + KV bytes read at the mean context of the timed steps) / copy bandwidth")
+    if not args.skip_hf:
+        print(HF_NOTE)
+    at_1 = [r["of_floor"] for r in rows if r["batch"] == 1]
+    result = f"{at_1[0]:.2f}x ({'met' if at_1[0] <= 1.25 else 'missed'})" if at_1 else "batch 1 not in --batches"
+    print(f"target (issue 3, on an H100/H200): batch-1 step within 1.25x of the floor: {result}")
+    write_json(args.json, dict(info, copy_gbps=copy_bps / 1e9, decode=rows))
+    return 0
