@@ -8,6 +8,7 @@ from kvserve.router.ingress import Ingress
 from kvserve.router.policies import policy_class
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.server import LLMServer
+from kvserve.workers.tp_worker import placement_bundles
 
 
 def router_config(config: AppConfig) -> RequestRouterConfig:
@@ -34,16 +35,26 @@ def ingress_settings(config: AppConfig) -> dict:
     }
 
 
+def replica_resources(config: AppConfig) -> dict:
+    """Deployment options for the replica's resources: with tp_size > 1 a placement group whose
+    bundles hold the ranks' GPUs (or CPUs), the replica sharing the first with rank 0."""
+    serving = config.serving
+    if config.engine.tp_size == 1:
+        return {"ray_actor_options": {"num_cpus": serving.replica_cpus, "num_gpus": serving.replica_gpus}}
+    return {
+        "ray_actor_options": {"num_cpus": serving.replica_cpus, "num_gpus": 0},
+        "placement_group_bundles": placement_bundles(config.engine, serving.replica_cpus),
+        "placement_group_strategy": "STRICT_PACK",
+    }
+
+
 def build_app(config: AppConfig):
     serving = config.serving
-    # With tp_size > 1 the worker actors' placement group holds the GPUs, not the replica.
-    gpus = serving.replica_gpus if config.engine.tp_size == 1 else 0
-    actor_options = {"num_cpus": serving.replica_cpus, "num_gpus": gpus}
     llm = serve.deployment(
         LLMServer,
         name="LLMServer",
         num_replicas=serving.replicas,
-        ray_actor_options=actor_options,
+        **replica_resources(config),
         max_ongoing_requests=serving.max_ongoing_requests,
         max_queued_requests=serving.max_queued_requests,
         request_router_config=router_config(config),

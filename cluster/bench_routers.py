@@ -43,7 +43,7 @@ def _wait_ready(url: str, replicas: int, timeout_s: float = 300) -> None:
     while time.monotonic() < deadline:
         try:
             reply = httpx.get(f"{url}/ready", timeout=5)
-            if reply.status_code == 200 and reply.json()["replicas"] >= replicas:
+            if reply.status_code == 200 and len(reply.json()["replicas"]) >= replicas:
                 return
         except httpx.HTTPError:
             pass

@@ -287,7 +287,7 @@ class Ingress:
 
     @app.get("/ready")
     async def ready(self) -> Response:
-        replicas = len(self._ensure_follower().stats)
+        replicas = sorted(self._ensure_follower().stats)
         status = 200 if replicas else 503
         return JSONResponse({"ready": bool(replicas), "replicas": replicas}, status_code=status)
 

@@ -1,14 +1,17 @@
 """Tensor parallelism on CPU: two gloo ranks as Ray actors against the in-process engine."""
 
 import argparse
+import os
 import random
 import shutil
+import signal
 import time
 
 import httpx
 import pytest
 import ray
 from ray import serve
+from ray._private import state as ray_state
 from ray.util import placement_group_table
 
 from kvserve.cluster import bench_tp
@@ -29,7 +32,7 @@ def ray_cluster():
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR")
     yield
     ray.shutdown()
 
@@ -116,31 +119,79 @@ def test_serve_flag_sets_engine_tp_size(checkpoints):
     assert load_config(None, _config_overrides(args)).engine.tp_size == 2
 
 
-def test_served_completion_with_tp2_equals_the_offline_engine(checkpoints):
-    model = str(checkpoints["llama"])
-    port = free_port()
-    config = load_config(None, {
-        "engine": {**ENGINE, "model": model, "tp_size": 2},
-        "serving": {"app_name": "tptest", "port": port, "replica_cpus": 0},
-    })
-    expected = LLM(model, **ENGINE).generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=8))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app(config), name="tptest", route_prefix="/")
-        body = {"model": config.served_model_name(), "prompt": "The quick brown fox", "max_tokens": 8,
-                "temperature": 0}
-        got = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
-        assert got["choices"][0]["text"] == expected[0].outputs[0].text
-    finally:
-        serve.shutdown()
-    deadline = time.monotonic() + 30  # the replica's placement group goes with it, soon after
-    while live_placement_groups():
-        assert time.monotonic() < deadline, "the tp ranks' placement group outlived the replica"
-        time.sleep(0.5)
-
-
 def test_bench_tp_reports_both_step_times(checkpoints, capsys):
     args = argparse.Namespace(tp=2, batch=2, prompt_len=8, steps=2)
     assert bench_tp.main(args, str(checkpoints["llama"]), ENGINE) == 0
     out = capsys.readouterr().out
     assert "tp 1:" in out and "tp 2:" in out and "per step" in out
+
+
+@pytest.fixture(scope="module")
+def served(checkpoints):
+    """Two tp-2 replicas behind round robin, so that both serve."""
+    model = str(checkpoints["llama"])
+    port = free_port()
+    config = load_config(None, {
+        "engine": {**ENGINE, "model": model, "tp_size": 2},
+        "serving": {"app_name": "tptest", "replicas": 2, "router": "round_robin", "port": port,
+                    "replica_cpus": 0},
+    })
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(config), name="tptest", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while len(replica_ids((url, None))) < 2:
+            assert time.monotonic() < deadline, "the replicas never reported to the router"
+            time.sleep(0.5)
+        yield url, config.served_model_name()
+    finally:
+        serve.shutdown()
+    deadline = time.monotonic() + 30  # the replicas' placement groups go with them, soon after
+    while live_placement_groups():
+        assert time.monotonic() < deadline, "a tp replica's placement group outlived it"
+        time.sleep(0.5)
+
+
+def complete(served, prompt: str, timeout: float = 60) -> httpx.Response:
+    url, model = served
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    return httpx.post(f"{url}/v1/completions", json=body, timeout=timeout)
+
+
+def test_served_completions_with_tp2_equal_the_offline_engine(served, checkpoints):
+    expected = LLM(str(checkpoints["llama"]), **ENGINE).generate(
+        "The quick brown fox", SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].text
+    answers = [complete(served, "The quick brown fox") for _ in range(4)]
+    assert {a.headers["x-kvserve-replica"] for a in answers} == set(replica_ids(served))
+    assert [a.json()["choices"][0]["text"] for a in answers] == [expected] * 4
+    # The ranks live in their replica's placement group: the two replicas' and no others.
+    assert len(live_placement_groups()) == 2
+
+
+def test_killed_rank_gets_its_replica_replaced(served):
+    before = set(replica_ids(served))
+    os.kill(rank_pids()[0], signal.SIGKILL)
+    started = time.monotonic()
+    served_by: set[str] = set()
+    seen: list = []
+    while not (served_by - before and len(replica_ids(served)) == 2):
+        assert time.monotonic() - started < 150, f"no replacement replica; served by {served_by}, saw {seen}"
+        answer = complete(served, "The quick brown fox", timeout=30)
+        if answer.status_code == 200:
+            served_by.add(answer.headers["x-kvserve-replica"])
+        else:  # a request that reached the broken replica before Serve replaced it
+            assert answer.status_code >= 500 and "error" in answer.json()
+        seen.append((round(time.monotonic() - started), answer.status_code, replica_ids(served)))
+        time.sleep(0.5)
+    assert served_by & before, "the healthy replica stopped serving meanwhile"
+    assert len(rank_pids()) == 4
+
+
+def replica_ids(served) -> list[str]:
+    return httpx.get(f"{served[0]}/ready", timeout=10).json()["replicas"]
+
+
+def rank_pids() -> list[int]:
+    return [actor["Pid"] for actor in ray_state.actors().values()
+            if actor["ActorClassName"] == "TPWorker" and actor["State"] == "ALIVE"]

@@ -10,6 +10,8 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
+import ray
+
 HUB_NAME_PREFIX = "kvserve-kv-event-hub"
 LOG_BATCHES = 256
 LIVENESS_PERIOD_S = 1.0
@@ -64,22 +66,33 @@ class KVEventHub:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def register(self, replica: str, block_size: int, hash_check: str, actor=None) -> None:
-        self.replicas[replica] = _ReplicaState(block_size, hash_check, actor)
+    async def register(
+        self, replica: str, block_size: int, hash_check: str, actor=None,
+        seq: int = 0, blocks: list | None = None, stats: dict | None = None,
+    ) -> None:
+        """Add a replica, or start it over from a snapshot of its blocks at event `seq`."""
+        state = _ReplicaState(block_size, hash_check, actor, seq, set(blocks or ()))
+        state.stats = stats or {}
+        self.replicas[replica] = state
         self._bump()
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._drop_dead_replicas())
 
     async def _drop_dead_replicas(self) -> None:
-        """A killed replica never says goodbye: ping each one and forget those that are gone."""
+        """A killed replica never says goodbye: ping them all and forget those that are gone.
+        A slow answer is not death (Serve's health checks deal with hung replicas)."""
         while True:
             await asyncio.sleep(LIVENESS_PERIOD_S)
-            for replica, state in list(self.replicas.items()):
-                if state.actor is None:
-                    continue
-                try:
-                    await asyncio.wait_for(state.actor.__ray_ready__.remote(), 10 * LIVENESS_PERIOD_S)
-                except Exception:
+            pings = {
+                replica: asyncio.ensure_future(state.actor.__ray_ready__.remote())
+                for replica, state in self.replicas.items() if state.actor is not None
+            }
+            if pings:
+                await asyncio.wait(pings.values(), timeout=10 * LIVENESS_PERIOD_S)
+            for replica, ping in pings.items():
+                if not ping.done():
+                    ping.cancel()
+                elif isinstance(ping.exception(), ray.exceptions.ActorDiedError):
                     self.unregister(replica)
 
     def unregister(self, replica: str) -> None:
@@ -87,8 +100,8 @@ class KVEventHub:
             self._bump()
 
     def publish(self, replica: str, batches: list[dict], stats: dict) -> bool:
-        """Take a replica's next batches; False if they do not follow on (the replica must
-        then send a snapshot)."""
+        """Take a replica's next batches; False if they do not follow on or the replica is
+        unknown here (the replica must then register again with a snapshot)."""
         state = self.replicas.get(replica)
         if state is None:
             return False
@@ -99,14 +112,6 @@ class KVEventHub:
             state.apply(batch)
         self._bump()
         return True
-
-    def publish_snapshot(self, replica: str, seq: int, blocks: list, stats: dict) -> None:
-        state = self.replicas.get(replica)
-        if state is None:
-            return
-        state.seq, state.blocks, state.stats = seq, set(blocks), stats
-        state.log.clear()
-        self._bump()
 
     async def follow(self, cursors: dict[str, int], version: int, timeout_s: float) -> dict:
         """Everything newer than the caller's cursors, waiting up to `timeout_s` for news."""

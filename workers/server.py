@@ -24,6 +24,7 @@ from kvserve.workers.engine import LLMEngine
 from kvserve.workers.kv_event_hub import KVEventHub, hub_name
 from kvserve.workers.outputs import RequestOutput
 from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.tp_worker import TPExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +143,7 @@ class LLMServer:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.hub = get_or_create_hub(context.app_name)
-        self.hub.register.remote(self.replica_id, self.engine.config.block_size,
-                                 hash_check_value(self.engine.config.block_size),
-                                 ray.get_runtime_context().current_actor)
+        self._register()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop = asyncio.get_event_loop()
         self._pending_events: list[dict] = []
@@ -152,6 +151,12 @@ class LLMServer:
         self._resync = False
         self.thread = EngineThread(self.engine, self._deliver, self._publish)
         self.thread.start()
+
+    def _register(self, seq: int = 0, blocks: list | None = None, stats: dict | None = None) -> None:
+        """Join the hub, or join it again from a snapshot (after a lost batch or a hub restart)."""
+        block_size = self.engine.config.block_size
+        self.hub.register.remote(self.replica_id, block_size, hash_check_value(block_size),
+                                 ray.get_runtime_context().current_actor, seq, blocks, stats)
 
     # -- engine thread side --------------------------------------------------------------
 
@@ -170,8 +175,7 @@ class LLMServer:
         stats = engine.stats()
         if self._resync:
             self._resync = False
-            pool = engine.kv.pool
-            self.hub.publish_snapshot.remote(self.replica_id, engine.kv.event_seq, list(pool.cached), stats)
+            self._register(engine.kv.event_seq, list(engine.kv.pool.cached), stats)
             return
         ref = self.hub.publish.remote(self.replica_id, [batch.to_dict()] if batch else [], stats)
         ref.future().add_done_callback(self._on_published)
@@ -179,7 +183,7 @@ class LLMServer:
     def _on_published(self, future) -> None:
         try:
             accepted = future.result()
-        except Exception:  # the hub restarted or is gone: start over from a snapshot
+        except Exception:  # the hub restarted or is gone: join again from a snapshot
             accepted = False
         if not accepted:
             self._resync = True
@@ -230,8 +234,10 @@ class LLMServer:
     def record_routing_stats(self) -> dict:
         return {**self.engine.stats(), "replica": self.replica_id}
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         self._raise_if_dead()
+        if isinstance(self.engine.runner, TPExecutor):
+            await self.engine.runner.check_ranks()
 
     def __del__(self):
         thread = getattr(self, "thread", None)

@@ -5,11 +5,17 @@ The replica's engine keeps the scheduler and the KV cache manager; each step it 
 rank 0 alone samples and answers with the tokens.
 """
 
+import asyncio
 import dataclasses
 
 import ray
 import torch
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kvserve.workers.config import EngineConfig
@@ -21,13 +27,19 @@ from kvserve.workers.sampler import SamplerOutput
 from kvserve.workers.scheduler import ScheduledBatch
 
 PLACEMENT_TIMEOUT_S = 60.0
+PING_TIMEOUT_S = 10.0
 
 # Rank 0's answer: the sampled tokens and the advanced state of each seeded row's generator.
 RankOutput = tuple[SamplerOutput, list[torch.Tensor | None]]
 
 
 class TPWorker:
-    """One rank (a Ray actor): its shards of the model and of the KV cache."""
+    """One rank (a Ray actor): its shards of the model and of the KV cache. `ping` runs in its
+    own concurrency group, so it answers while a step is running."""
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> None:
+        pass
 
     def address(self) -> tuple[str, int]:
         """Where the group's rendezvous listens when this is rank 0."""
@@ -62,9 +74,23 @@ def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
     )
 
 
+def placement_bundles(config: EngineConfig, replica_cpus: float) -> list[dict[str, float]]:
+    """The placement group of a serving replica with `tp_size` ranks: one bundle per rank,
+    the replica itself sharing bundle 0 with rank 0."""
+    bundle = _rank_bundle(_rank_device(config))
+    first = {**bundle, "CPU": bundle.get("CPU", 0) + replica_cpus}
+    return [first] + [bundle] * (config.tp_size - 1)
+
+
+def _rank_bundle(device: str) -> dict[str, float]:
+    return {"GPU": 1} if device == "cuda" else {"CPU": 1}
+
+
 class TPExecutor:
-    """Stands in for `ModelRunner` in an engine with `tp_size > 1`: owns the ranks' placement
-    group and actors, and tears both down if a rank fails to start or dies."""
+    """Stands in for `ModelRunner` in an engine with `tp_size > 1`: starts the ranks in the
+    placement group of the process it runs in (a serving replica's, see `placement_bundles`)
+    or, when there is none, in a group of its own; stops them, and removes a group of its own,
+    if a rank fails to start or dies."""
 
     def __init__(self, config: EngineConfig):
         self.model_config = ModelConfig.from_pretrained_dir(config.model)
@@ -73,6 +99,7 @@ class TPExecutor:
             ray.init()
         self.block_size = config.block_size
         self.placement_group: PlacementGroup | None = None
+        self.owns_placement_group = False
         self.workers: list = []
         try:
             self.num_kv_blocks = self._start(config)
@@ -84,15 +111,9 @@ class TPExecutor:
         device = _rank_device(config)
         config = config.model_copy(update={"device": device})
         size = config.tp_size
-        bundle = {"GPU": 1} if device == "cuda" else {"CPU": 1}
-        self.placement_group = placement_group([bundle] * size, strategy="STRICT_PACK")
-        ready, _ = ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
-            raise ValueError(
-                f"the {size} tensor-parallel ranks ({bundle} each, on one node) could not be placed "
-                f"within {PLACEMENT_TIMEOUT_S:.0f} s: the cluster lacks the resources"
-            )
-        actor = ray.remote(TPWorker)
+        bundle = _rank_bundle(device)
+        self._place(size, bundle)
+        actor = ray.remote(concurrency_groups={"health": 1})(TPWorker)
         self.workers = [
             actor.options(
                 num_cpus=bundle.get("CPU", 0),
@@ -104,6 +125,35 @@ class TPExecutor:
         master = ray.get(self.workers[0].address.remote())
         starts = [w.start.remote(config, rank, size, master) for rank, w in enumerate(self.workers)]
         return min(_gather(starts, "failed to start", ValueError))
+
+    def _place(self, size: int, bundle: dict[str, float]) -> None:
+        current = get_current_placement_group()
+        if current is not None:
+            if len(current.bundle_specs) < size:
+                raise ValueError(
+                    f"this process's placement group has {len(current.bundle_specs)} bundles, "
+                    f"fewer than tp_size {size}: deploy the replica with `placement_bundles`"
+                )
+            self.placement_group = current
+            return
+        self.placement_group = placement_group([bundle] * size, strategy="STRICT_PACK")
+        self.owns_placement_group = True
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            raise ValueError(
+                f"the {size} tensor-parallel ranks ({bundle} each, on one node) could not be placed "
+                f"within {PLACEMENT_TIMEOUT_S:.0f} s: the cluster lacks the resources"
+            )
+
+    async def check_ranks(self) -> None:
+        """Raise if a rank is gone or stops answering (a serving replica's health check)."""
+        if not self.workers:
+            raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")
+        pings = [worker.ping.remote() for worker in self.workers]
+        try:
+            await asyncio.wait_for(asyncio.gather(*pings), PING_TIMEOUT_S)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as error:
+            raise RuntimeError(f"a tensor-parallel rank of this engine is not answering: {error!r}") from error
 
     def execute(
         self,
@@ -134,9 +184,10 @@ class TPExecutor:
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []
-        if self.placement_group is not None:
+        if self.owns_placement_group:
             remove_placement_group(self.placement_group)
-            self.placement_group = None
+            self.owns_placement_group = False
+        self.placement_group = None
 
 
 def _rank_device(config: EngineConfig) -> str:
