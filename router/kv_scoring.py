@@ -10,10 +10,12 @@ from kvserve.workers.block_hash import BlockHash
 
 @dataclass
 class KVScorer:
-    """cost(replica) = uncached prompt tokens + `load_cost_tokens` x requests in flight there.
-    A replica busier than the least busy one by more than `max_imbalance` requests is held
-    back to the end of the ranking, whatever it caches: that stops a hot prefix from piling
-    every request onto its holder."""
+    """cost(replica) = prompt tokens it would compute + `load_cost_tokens` x requests in flight
+    there + the tokens of the cached blocks it would have to evict to make room (work some later
+    request may have to redo). Ties go to the replica whose pool holds the least, so that new
+    prefixes spread over the cluster's whole cache. A replica busier than the least busy one by
+    more than `max_imbalance` requests is held back to the end of the ranking, whatever it
+    caches: that stops a hot prefix from piling every request onto its holder."""
 
     follower: KVIndexFollower
     block_size: int = 16
@@ -29,9 +31,21 @@ class KVScorer:
         stats = self.follower.stats.get(replica, {})
         return max(self.in_flight[replica], stats.get("running", 0) + stats.get("waiting", 0))
 
-    def kv_usage(self, replica: str) -> float:
-        stats = self.follower.stats.get(replica, {})
-        return stats.get("kv_blocks_used", 0) / max(stats.get("kv_blocks_total", 1), 1)
+    def occupied_blocks(self, replica: str) -> int:
+        """Blocks of its pool that hold something: cached (exact, from the index) or in use."""
+        state = self.follower.index.replicas.get(replica)
+        cached = len(state.blocks) if state is not None else 0
+        return max(cached, self.follower.stats.get(replica, {}).get("kv_blocks_used", 0))
+
+    def fill(self, replica: str) -> float:
+        total = self.follower.stats.get(replica, {}).get("kv_blocks_total")
+        return self.occupied_blocks(replica) / total if total else 0.0
+
+    def evicted_blocks(self, replica: str, new_blocks: int) -> int:
+        total = self.follower.stats.get(replica, {}).get("kv_blocks_total")
+        if not total:
+            return 0
+        return max(0, new_blocks - (total - self.occupied_blocks(replica)))
 
     def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int) -> tuple[list[int], str]:
         """Indices of `replicas`, best first, and the reason for the first choice."""
@@ -39,13 +53,16 @@ class KVScorer:
         matched = index.prefix_matches(block_hashes, [r for r in replicas if r in index.replicas])
         loads = [self.load(r) for r in replicas]
         least = min(loads)
+        prompt_blocks = -(-num_tokens // self.block_size)
         costs = [
-            num_tokens - matched.get(r, 0) * self.block_size + self.load_cost_tokens * load
+            num_tokens - matched.get(r, 0) * self.block_size
+            + self.load_cost_tokens * load
+            + self.block_size * self.evicted_blocks(r, prompt_blocks - matched.get(r, 0))
             for r, load in zip(replicas, loads)
         ]
         order = sorted(
             range(len(replicas)),
-            key=lambda k: (costs[k], loads[k], self.kv_usage(replicas[k]), random.random()),
+            key=lambda k: (costs[k], loads[k], self.fill(replicas[k]), random.random()),
         )
         allowed = [k for k in order if loads[k] - least <= self.max_imbalance]
         held_back = [k for k in order if loads[k] - least > self.max_imbalance]

@@ -104,3 +104,27 @@ def test_scorer_spreads_new_prefixes_by_kv_usage():
     scorer = KVScorer(follower, block_size=BLOCK)
     order, reason = scorer.rank(["a", "b"], hash_block_chain(list(range(12)), BLOCK), 12)
     assert order == [1, 0] and reason == "no_cached_prefix"
+
+
+def test_scorer_counts_idle_cached_blocks_as_occupied():
+    """Blocks that only sit in the prefix cache show as free in the engine's usage; the index
+    knows they are there, and a new prefix goes where it evicts nothing."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    total = {"kv_blocks_used": 0, "kv_blocks_total": 12}
+    follower = follower_with({"a": list(range(100, 140)), "b": list(range(200, 208))},
+                             stats={"a": total, "b": total})
+    scorer = KVScorer(follower, block_size=BLOCK)
+    prompt = list(range(16))
+    assert scorer.rank(["a", "b"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
+
+
+def test_scorer_weighs_evictions_against_load():
+    from kvserve.router.kv_scoring import KVScorer
+
+    full, empty = {"kv_blocks_used": 0, "kv_blocks_total": 10}, {"kv_blocks_used": 0, "kv_blocks_total": 10}
+    follower = follower_with({"full": list(range(100, 140)), "empty": []}, stats={"full": full, "empty": empty})
+    scorer = KVScorer(follower, block_size=BLOCK, load_cost_tokens=4)
+    scorer.in_flight["empty"] = 1  # costs 4 tokens; evicting 6 blocks on "full" costs 24
+    prompt = list(range(24))
+    assert scorer.rank(["full", "empty"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
