@@ -23,8 +23,8 @@ BENCH_MODEL_SHAPE = dict(
 
 
 ROUTER_BENCH_SHAPE = dict(
-    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=32, max_position_embeddings=4096,
+    hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
 )
 
 
@@ -73,8 +73,12 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    llm = LLM(args.model or default_model(), **_engine_options(args))
-    for output in llm.generate(args.prompt or ["Hello, my name is"], params):
+    llm = LLM(args.model or default_model(), **_engine_options(args), tp_size=args.tp)
+    try:
+        outputs = llm.generate(args.prompt or ["Hello, my name is"], params)
+    finally:
+        llm.engine.shutdown()
+    for output in outputs:
         completion = output.outputs[0]
         if args.json:
             record = {
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (worker actors on a local Ray)")
     gen.set_defaults(run=_generate)
 
     srv = verbs.add_parser("serve", help="start (or join) Ray, deploy, serve HTTP until Ctrl-C")

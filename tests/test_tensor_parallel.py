@@ -16,7 +16,7 @@ from ray.util import placement_group_table
 
 from kvserve.cluster import bench_tp
 from kvserve.cluster.app import build_app
-from kvserve.cluster.cli import _config_overrides, build_parser
+from kvserve.cluster.cli import _config_overrides, build_parser, main
 from kvserve.cluster.config import load_config
 from kvserve.cluster.tiny_model import build_tiny_checkpoint
 from kvserve.workers.distributed import free_port
@@ -112,6 +112,17 @@ def test_killed_rank_fails_the_next_step(checkpoints):
         llm.generate(prompts(seed=1), params)
     assert time.monotonic() - started < 30
     assert len(live_placement_groups()) == len(before) - 1
+
+
+def test_generate_with_tp2_prints_what_tp1_does(checkpoints, capsys):
+    def run(tp: str) -> str:
+        assert main(["generate", "--model", str(checkpoints["qwen2"]), "--device", "cpu", "--tp", tp,
+                     "--prompt", "The quick brown fox", "--max-tokens", "6", "--json"]) == 0
+        return capsys.readouterr().out
+
+    before = live_placement_groups()
+    assert run("2") == run("1")
+    assert live_placement_groups() == before
 
 
 def test_serve_flag_sets_engine_tp_size(checkpoints):

@@ -241,6 +241,11 @@ class LLMEngine:
 
     # -- state for the serving layer -----------------------------------------------------
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel ranks and free their placement group (tp_size > 1)."""
+        if self.config.tp_size > 1:
+            self.runner.shutdown()
+
     def take_kv_events(self) -> KVEventBatch | None:
         return self.kv.take_events()
 
