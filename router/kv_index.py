@@ -1,11 +1,28 @@
 """Which replica holds which KV block, rebuilt from the replicas' own KV events."""
 
+from collections.abc import Callable, Set as AbstractSet
 from dataclasses import dataclass, field
 
 from kvserve.workers.block_hash import BlockHash
 
 
 _NOBODY: frozenset[str] = frozenset()
+
+
+def leading_matches(
+    block_hashes: list[BlockHash], replicas: list[str], holders_of: Callable[[BlockHash], AbstractSet[str]]
+) -> dict[str, int]:
+    """For each replica, how many leading blocks of `block_hashes` it is among `holders_of`."""
+    matched = dict.fromkeys(replicas, len(block_hashes))
+    alive = set(replicas)
+    for depth, block_hash in enumerate(block_hashes):
+        gone = alive - holders_of(block_hash)
+        for replica in gone:
+            matched[replica] = depth
+        alive -= gone
+        if not alive:
+            break
+    return matched
 
 
 @dataclass
@@ -62,16 +79,7 @@ class KVIndex:
 
     def prefix_matches(self, block_hashes: list[BlockHash], replicas: list[str]) -> dict[str, int]:
         """For each replica, how many leading blocks of `block_hashes` it holds."""
-        matched = dict.fromkeys(replicas, len(block_hashes))
-        alive = set(replicas)
-        for depth, block_hash in enumerate(block_hashes):
-            gone = alive - self.holders.get(block_hash, _NOBODY)
-            for replica in gone:
-                matched[replica] = depth
-            alive -= gone
-            if not alive:
-                break
-        return matched
+        return leading_matches(block_hashes, replicas, lambda h: self.holders.get(h, _NOBODY))
 
     @property
     def num_blocks(self) -> int:

@@ -5,17 +5,21 @@ from collections import Counter
 from dataclasses import dataclass
 
 from kvserve.router.kv_follower import KVIndexFollower
+from kvserve.router.recent_routes import RecentRoutes
 from kvserve.workers.block_hash import BlockHash
 
 
 @dataclass
 class KVScorer:
-    """cost(replica) = prompt tokens it would compute + `load_cost_tokens` x requests in flight
-    there + the tokens of the cached blocks it would have to evict to make room (work some later
-    request may have to redo). Ties go to the replica whose pool holds the least, so that new
-    prefixes spread over the cluster's whole cache. A replica busier than the least busy one by
-    more than `max_imbalance` requests is held back to the end of the ranking, whatever it
-    caches: that stops a hot prefix from piling every request onto its holder."""
+    """cost(replica) = prompt tokens it would compute
+                     + `load_cost_tokens` x requests in flight there
+                     + the tokens of its new blocks x the share of its pool already in use or
+                       cached (the cached work those blocks push out there, now or soon).
+    The last term places new prefixes by what the replicas hold rather than by their
+    momentary load, which spreads them over the cluster's whole cache and keeps evictions
+    low. A replica busier than the least busy one by more than `max_imbalance` requests is
+    held back to the end of the ranking, whatever it caches: that stops a hot prefix from
+    piling every request onto its holder."""
 
     follower: KVIndexFollower
     block_size: int = 16
@@ -24,6 +28,11 @@ class KVScorer:
 
     def __post_init__(self):
         self.in_flight: Counter[str] = Counter()
+        self.recent = RecentRoutes()
+
+    def record(self, replica: str, block_hashes: list[BlockHash]) -> None:
+        """The request with these blocks goes to `replica` (see `RecentRoutes`)."""
+        self.recent.add(replica, block_hashes)
 
     def load(self, replica: str) -> int:
         """Requests in flight there: ours, or the replica's own count if that is larger
@@ -39,25 +48,22 @@ class KVScorer:
 
     def fill(self, replica: str) -> float:
         total = self.follower.stats.get(replica, {}).get("kv_blocks_total")
-        return self.occupied_blocks(replica) / total if total else 0.0
-
-    def evicted_blocks(self, replica: str, new_blocks: int) -> int:
-        total = self.follower.stats.get(replica, {}).get("kv_blocks_total")
-        if not total:
-            return 0
-        return max(0, new_blocks - (total - self.occupied_blocks(replica)))
+        return min(self.occupied_blocks(replica) / total, 1.0) if total else 0.0
 
     def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int) -> tuple[list[int], str]:
         """Indices of `replicas`, best first, and the reason for the first choice."""
         index = self.follower.index
-        matched = index.prefix_matches(block_hashes, [r for r in replicas if r in index.replicas])
+        trusted = [r for r in replicas if r in index.replicas]
+        matched = index.prefix_matches(block_hashes, trusted)
+        for replica, depth in self.recent.prefix_matches(block_hashes, trusted).items():
+            matched[replica] = max(depth, matched.get(replica, 0))
         loads = [self.load(r) for r in replicas]
         least = min(loads)
         prompt_blocks = -(-num_tokens // self.block_size)
         costs = [
             num_tokens - matched.get(r, 0) * self.block_size
             + self.load_cost_tokens * load
-            + self.block_size * self.evicted_blocks(r, prompt_blocks - matched.get(r, 0))
+            + self.block_size * (prompt_blocks - matched.get(r, 0)) * self.fill(r)
             for r, load in zip(replicas, loads)
         ]
         order = sorted(

@@ -42,7 +42,9 @@ class KVAwareRouter(RequestRouter):
         hashes = getattr(request, "block_hashes", None) or []
         num_tokens = len(getattr(request, "prompt_token_ids", None) or [])
         ids = [r.replica_id.unique_id for r in candidate_replicas]
-        order, reason = self._scorer().rank(ids, hashes, num_tokens)
+        scorer = self._scorer()
+        order, reason = scorer.rank(ids, hashes, num_tokens)
+        scorer.record(ids[order[0]], hashes)
         routing_metrics.record_decision("kv", reason, time.perf_counter() - start)
         return [[candidate_replicas[k]] for k in order]
 

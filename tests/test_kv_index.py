@@ -128,3 +128,30 @@ def test_scorer_weighs_evictions_against_load():
     scorer.in_flight["empty"] = 1  # costs 4 tokens; evicting 6 blocks on "full" costs 24
     prompt = list(range(24))
     assert scorer.rank(["full", "empty"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
+
+
+def test_recent_routes_match_until_they_expire():
+    from kvserve.router.recent_routes import RecentRoutes
+
+    recent = RecentRoutes(ttl_s=5.0)
+    chain = hash_block_chain(list(range(16)), BLOCK)
+    recent.add("a", chain[:3], now=0.0)
+    recent.add("a", chain[:2], now=1.0)
+    recent.add("b", chain[:1], now=2.0)
+    assert recent.prefix_matches(chain, ["a", "b", "c"], now=2.0) == {"a": 3, "b": 1, "c": 0}
+    assert recent.prefix_matches(chain, ["a", "b"], now=5.5) == {"a": 2, "b": 1}
+    assert recent.prefix_matches(chain, ["a", "b"], now=7.5) == {"a": 0, "b": 0}
+
+
+def test_scorer_sends_a_follow_up_after_its_first_request_before_any_event():
+    from kvserve.router.kv_scoring import KVScorer
+
+    follower = follower_with({"a": [], "b": [], "c": []})
+    scorer = KVScorer(follower, block_size=BLOCK)
+    first = list(range(20))
+    hashes = hash_block_chain(first, BLOCK)
+    order, _ = scorer.rank(["a", "b", "c"], hashes, len(first))
+    scorer.record(["a", "b", "c"][order[0]], hashes)
+    follow_up = first + [99, 98, 97, 96]
+    again, reason = scorer.rank(["a", "b", "c"], hash_block_chain(follow_up, BLOCK), len(follow_up))
+    assert again[0] == order[0] and reason == "cached_prefix"
