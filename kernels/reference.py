@@ -1,9 +1,16 @@
-"""Plain-PyTorch ops: the CPU path and the ground truth for the Triton kernels."""
+"""Plain-PyTorch ops: the CPU path and the ground truth for the Triton kernels.
+
+`store_kv` and `paged_attention` take per-tensor scales for an FP8 (e4m3) KV cache, as the
+Triton kernels do: the cache holds key / k_scale and value / v_scale.
+"""
 
 import torch
 import torch.nn.functional as F
 
 from kvserve.kernels.metadata import AttentionMetadata
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
 
 
 def store_kv(
@@ -12,11 +19,20 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write row t of key/value [T, H, D] into slot `slot_mapping[t]` of the paged caches."""
+    """Write row t of key/value [T, H, D] into slot `slot_mapping[t]` of the paged caches, as
+    key / k_scale and value / v_scale; an FP8 cache saturates them to its range."""
     _, _, num_heads, head_dim = k_cache.shape
-    k_cache.view(-1, num_heads, head_dim).index_copy_(0, slot_mapping, key)
-    v_cache.view(-1, num_heads, head_dim).index_copy_(0, slot_mapping, value)
+    k_cache.view(-1, num_heads, head_dim)[slot_mapping] = _quantize(key, k_scale, k_cache.dtype)
+    v_cache.view(-1, num_heads, head_dim)[slot_mapping] = _quantize(value, v_scale, v_cache.dtype)
+
+
+def _quantize(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == FP8:
+        return (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)  # torch's cast overflows to NaN
+    return x if scale == 1.0 else x / scale
 
 
 def paged_attention(
@@ -25,8 +41,16 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries [T, Hq, D] over its cached context."""
+    """Causal attention of each sequence's new queries [T, Hq, D] over its cached context,
+    whose keys and values are the caches' times k_scale and v_scale (see `store_kv`)."""
+    out = _attention(q, k_cache, v_cache, meta, scale * k_scale)
+    return out if v_scale == 1.0 else out.mul_(v_scale)
+
+
+def _attention(q, k_cache, v_cache, meta, scale):
     out = q.new_empty(q.shape)
     num_decodes = meta.num_decodes
     if num_decodes:
@@ -70,8 +94,8 @@ def _length_groups(lens: list[int], max_padding: float = 1.25) -> list[list[int]
 def _decode_batch(q, k_cache, v_cache, tables, context_lens, max_ctx, scale):
     block_size = k_cache.shape[1]
     tables = tables[:, : -(-max_ctx // block_size)]
-    keys = _gather(k_cache, tables)  # [B, Hk, L, D]
-    values = _gather(v_cache, tables)
+    keys = _gather(k_cache, tables, q.dtype)  # [B, Hk, L, D]
+    values = _gather(v_cache, tables, q.dtype)
     positions = torch.arange(keys.shape[2], device=q.device)
     mask = positions < context_lens[:, None]  # [B, L]
     out = F.scaled_dot_product_attention(
@@ -84,8 +108,8 @@ def _prefill_attention(q, k_cache, v_cache, block_table, context_len, scale):
     """One sequence's queries [Q, Hq, D], the last Q of its `context_len` tokens."""
     block_size = k_cache.shape[1]
     table = block_table[: -(-context_len // block_size)]
-    keys = _gather(k_cache, table[None])[..., :context_len, :]
-    values = _gather(v_cache, table[None])[..., :context_len, :]
+    keys = _gather(k_cache, table[None], q.dtype)[..., :context_len, :]
+    values = _gather(v_cache, table[None], q.dtype)[..., :context_len, :]
     q_len = q.shape[0]
     if q_len == context_len:
         mask, causal = None, True
@@ -100,11 +124,12 @@ def _prefill_attention(q, k_cache, v_cache, block_table, context_len, scale):
     return out[0].transpose(0, 1)
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """Blocks `tables` [B, N] of a cache [blocks, block_size, H, D] as [B, H, N*block_size, D]."""
+def _gather(cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Blocks `tables` [B, N] of a cache [blocks, block_size, H, D] as [B, H, N*block_size, D]
+    in `dtype` (an FP8 cache is widened to the queries' dtype)."""
     batch, num_blocks = tables.shape
     _, block_size, num_heads, head_dim = cache.shape
-    blocks = cache[tables.flatten()]
+    blocks = cache[tables.flatten()].to(dtype)
     return blocks.view(batch, num_blocks * block_size, num_heads, head_dim).transpose(1, 2)
 
 

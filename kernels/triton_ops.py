@@ -72,7 +72,19 @@ def _quantize(x, scale, cache_ptr):
     x = x.to(tl.float32) / scale
     if cache_ptr.dtype.element_ty == tl.float8e4nv:
         x = tl.clamp(x, -_FP8_MAX, _FP8_MAX)
+        if _INTERPRETED:
+            x = _round_to_e4m3(x)
     return x.to(cache_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """x on the e4m3 grid (ties to even), still in float32. The interpreter's own cast truncates
+    subnormals and drops a rounding carry into the exponent (1.97 -> 1.0); exact values it
+    casts right. `(x + magic) - magic` rounds x to a multiple of magic's float32 ulp, `step`."""
+    step = tl.exp2(tl.floor(tl.log2(tl.maximum(tl.abs(x), 2.0**-6))) - 3.0)  # 3 mantissa bits
+    magic = step * 1.5 * 2.0**23
+    return (x + magic) - magic
 
 
 def paged_attention(

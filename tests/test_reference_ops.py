@@ -80,6 +80,35 @@ def test_paged_attention_matches_dense(paged, seqs, dtype, block_size, group):
         torch.testing.assert_close(got, expected, atol=tolerance, rtol=tolerance)
 
 
+def test_fp8_cache_stores_scaled_and_attends_dequantized(paged):
+    """K/V stored as e4m3 of key / k_scale (saturated), attended as the cache times the scale."""
+    torch.manual_seed(0)
+    context_lens, query_lens = zip(*(DECODES + PREFILLS))
+    block_size, k_scale, v_scale = 4, 0.02, 0.05
+    tables = paged.block_tables(context_lens, block_size, NUM_BLOCKS)
+    meta = paged.metadata(tables, context_lens, query_lens, block_size)
+    k_cache = torch.zeros(NUM_BLOCKS, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=ops.FP8)
+    v_cache = torch.zeros_like(k_cache)
+    q = torch.randn(sum(query_lens), NUM_KV_HEADS * 2, HEAD_DIM)
+    dense = []
+    for table, ctx in zip(tables, context_lens):
+        k, v = torch.randn(2, ctx, NUM_KV_HEADS, HEAD_DIM)
+        k[0, 0, 0] = 1e3  # beyond 448 * k_scale: saturates
+        slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(ctx)])
+        ops.store_kv(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+        dense.append((k, v))
+
+    scale = HEAD_DIM**-0.5
+    out = ops.paged_attention(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
+
+    starts = meta.query_start_loc_cpu
+    for i, (k, v) in enumerate(dense):
+        k_fp8, v_fp8 = ((t / s).clamp(-ops.FP8_MAX, ops.FP8_MAX).to(ops.FP8) for t, s in ((k, k_scale), (v, v_scale)))
+        assert k_fp8[0, 0, 0].float() == ops.FP8_MAX
+        expected = naive_attention(q[starts[i] : starts[i + 1]], k_fp8.double() * k_scale, v_fp8.double() * v_scale, scale)
+        torch.testing.assert_close(out[starts[i] : starts[i + 1]].double(), expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_hf(dtype):
     hf = LlamaRMSNorm(64, eps=1e-5)

@@ -209,6 +209,7 @@ def test_store_kv_writes_only_its_slots(paged, seqs, num_kv_heads, head_dim, blo
     "seqs, num_kv_heads, head_dim, block_size, dtype, device",
     [
         cpu(DECODES[:3] + PREFILLS, 2, 32, 16, torch.bfloat16, id="d32-bs16-bf16"),
+        cpu(DECODES[:3] + PREFILLS, 2, 16, 8, torch.float32, id="d16-bs8"),
         gpu(GPU_DECODES + GPU_PREFILLS, 8, 128, 16, torch.bfloat16, id="llama-bf16"),
     ],
 )
@@ -217,23 +218,17 @@ def test_store_kv_quantizes_to_fp8(paged, seqs, num_kv_heads, head_dim, block_si
         paged, seqs, num_kv_heads, head_dim, block_size, dtype, device
     )
     k_scale, v_scale = 0.5, 0.25
-    if device == "cpu":
-        # The interpreter rounds float32 to e4m3 wrongly when the mantissa carries into the
-        # exponent (126.1 -> 64), so on CPU only values e4m3 holds exactly are stored.
-        key.copy_(to_fp8(key / k_scale).to(dtype) * k_scale)
-        value.copy_(to_fp8(value / v_scale).to(dtype) * v_scale)
     key[0, 0, :2] = torch.tensor([1e4, -1e4], device=device)  # out of range: saturates
-    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), NAN, device=device)
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), NAN, device=device).to(torch.float8_e4m3fn)
     v_cache = k_cache.clone()
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
 
     triton_ops.store_kv(key, value, k_cache, v_cache, slots, k_scale, v_scale)
 
-    quantized = (to_fp8(key / k_scale).float(), to_fp8(value / v_scale).float())
-    reference.store_kv(*quantized, expected_k, expected_v, slots)
-    torch.testing.assert_close(k_cache.float(), expected_k, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(v_cache.float(), expected_v, rtol=0, atol=0, equal_nan=True)
+    reference.store_kv(key, value, expected_k, expected_v, slots, k_scale, v_scale)
+    assert expected_k.view(-1, num_kv_heads, head_dim)[slots[0], 0, :2].float().abs().eq(FP8_MAX).all()
+    torch.testing.assert_close(k_cache.float(), expected_k.float(), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache.float(), expected_v.float(), rtol=0, atol=0, equal_nan=True)
 
 
 def store_batch(paged, seqs, num_kv_heads, head_dim, block_size, dtype, device):

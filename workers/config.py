@@ -21,8 +21,21 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(256, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
     enable_prefix_caching: bool = True
-    num_kv_blocks: int | None = Field(None, ge=1, description="size of the KV pool; derived from kv_cache_memory_gib if unset")
-    kv_cache_memory_gib: float = Field(1.0, gt=0, description="KV pool size when num_kv_blocks is unset")
+    num_kv_blocks: int | None = Field(None, ge=1, description="size of the KV pool; derived from memory if unset")
+    kv_cache_memory_gib: float | None = Field(
+        None, gt=0, description="KV pool size when num_kv_blocks is unset; if unset too, sized from "
+        "gpu_memory_utilization on CUDA and 1 GiB on a CPU"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of the GPU's memory this engine fills: weights, activations, KV pool"
+    )
+    kv_cache_dtype: Literal["auto", "fp8_e4m3"] = Field(
+        "auto", description="`auto` stores K/V in the model's dtype; `fp8_e4m3` in FP8 with a scale per layer"
+    )
+    calculate_kv_scales: bool = Field(
+        False, description="FP8 KV scales from a warm-up forward on random tokens instead of 1.0"
+    )
+    enforce_eager: bool = Field(False, description="no CUDA graphs for decode steps")
     seed: int = 0
     cpu_threads: int | None = Field(None, ge=1, description="torch threads of this engine (several replicas share a CPU)")
     tp_size: int = Field(1, ge=1, description="tensor-parallel ranks: >1 runs the model on that many worker actors")
@@ -32,6 +45,10 @@ class EngineConfig(BaseModel):
         # With tp_size > 1 the worker actors hold the GPUs, not the process that checks this.
         if self.device == "cuda" and self.tp_size == 1 and not torch.cuda.is_available():
             raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device")
+        if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
+            raise ValueError("calculate_kv_scales needs kv_cache_dtype: 'fp8_e4m3'")
+        if self.tp_size == 1 and self.torch_device().type == "cuda":
+            check_fp8_kv_cache(self.kv_cache_dtype, torch.cuda.get_device_capability())
         return self
 
     def torch_device(self) -> torch.device:
@@ -46,3 +63,16 @@ class EngineConfig(BaseModel):
         if self.torch_device().type == "cpu" or checkpoint_dtype is None:
             return torch.float32
         return checkpoint_dtype
+
+    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8_e4m3" else model_dtype
+
+
+def check_fp8_kv_cache(kv_cache_dtype: str, capability: tuple[int, int]) -> None:
+    """The Triton kernels convert to and from e4m3 with instructions of compute capability 8.9
+    (Ada, Hopper) and newer."""
+    if kv_cache_dtype == "fp8_e4m3" and capability < (8, 9):
+        raise ValueError(
+            f"kv_cache_dtype: 'fp8_e4m3' needs a GPU of compute capability 8.9 or newer; this one is "
+            f"{capability[0]}.{capability[1]}: use kv_cache_dtype: 'auto'"
+        )

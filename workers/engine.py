@@ -69,8 +69,8 @@ class LLMEngine:
         if self.kv.num_blocks < blocks_for(self.max_model_len, config.block_size):
             raise ValueError(
                 f"the KV pool ({self.kv.num_blocks} blocks of {config.block_size} tokens) cannot hold "
-                f"one sequence of max_model_len {self.max_model_len}: raise num_kv_blocks or "
-                "kv_cache_memory_gib, or lower max_model_len"
+                f"one sequence of max_model_len {self.max_model_len}: raise num_kv_blocks, "
+                "kv_cache_memory_gib or gpu_memory_utilization, or lower max_model_len"
             )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),

@@ -8,16 +8,22 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.kernels import get_ops
 from kvserve.kernels.metadata import AttentionMetadata
 from kvserve.workers.config import EngineConfig
 from kvserve.workers.distributed import SINGLE, TPGroup
+from kvserve.workers.kv_memory import blocks_in, bytes_per_block
 from kvserve.workers.model_loader import load_model
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.parallel_layers import kv_heads_of_rank
 from kvserve.workers.sampler import Sampler, SamplerOutput, SamplingRow
+from kvserve.workers.sampling_params import SamplingParams
 from kvserve.workers.scheduler import ScheduledBatch
 from kvserve.workers.sequence import Sequence
+from kvserve.workers.transfer import to_device
+
+
+# One sequence's share of a step: its new tokens, the position of the first, its block table.
+Chunk = tuple[list[int], int, list[int]]
 
 
 @dataclass
@@ -47,41 +53,59 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE):
         self.config = config
         self.device = config.torch_device()
-        self.model_config = ModelConfig.from_pretrained_dir(config.model)
-        self.dtype = config.torch_dtype(self.model_config.torch_dtype)
+        self.model_config = mc = ModelConfig.from_pretrained_dir(config.model)
+        self.dtype = config.torch_dtype(mc.torch_dtype)
+        self.kv_dtype = config.kv_cache_torch_dtype(self.dtype)
         torch.manual_seed(config.seed)
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format, tp)
-        self.num_kv_heads = kv_heads_of_rank(self.model_config, tp)[1]
+        self.num_kv_heads = kv_heads_of_rank(mc, tp)[1]
         self.block_size = config.block_size
-        self.num_kv_blocks = config.num_kv_blocks or self._blocks_that_fit(config.kv_cache_memory_gib)
-        self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks)
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.sampler = Sampler()
+        if config.calculate_kv_scales:
+            self._warm_up(calibrate_kv_scales=True)
+        self.num_kv_blocks = config.num_kv_blocks or blocks_in(config.kv_cache_memory_gib or 1.0, self._block_bytes())
+        self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks, self.kv_dtype)
 
-    def _bytes_per_block(self) -> int:
+    def _block_bytes(self) -> int:
         mc = self.model_config
-        elements = 2 * mc.num_layers * self.block_size * self.num_kv_heads * mc.head_dim
-        return elements * self.dtype.itemsize
+        return bytes_per_block(mc.num_layers, self.block_size, self.num_kv_heads, mc.head_dim, self.kv_dtype)
 
-    def _blocks_that_fit(self, memory_gib: float) -> int:
-        return int(memory_gib * 2**30) // self._bytes_per_block()
-
-    def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _allocate_kv_caches(self, num_blocks: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         mc = self.model_config
         shape = (num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         # Zeroed: padded reads of unused slots must never meet NaN garbage.
         return [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
             for _ in range(mc.num_layers)
         ]
+
+    @torch.inference_mode()
+    def _warm_up(self, calibrate_kv_scales: bool) -> None:
+        """One forward of `max_num_batched_tokens` random tokens, and sampling for as many rows
+        as a step may sample, over a scratch KV cache in the model's dtype. With
+        `calibrate_kv_scales` every layer sets its FP8 scales from the K and V it saw."""
+        attention = [layer.self_attn for layer in self.model.layers]
+        for layer in attention:
+            layer.calibrate_kv_scales = calibrate_kv_scales
+        num_tokens = self.config.max_num_batched_tokens
+        chunks, num_blocks = _random_prompts(num_tokens, self.max_model_len, self.block_size, self.model_config.vocab_size)
+        input_ids, positions, meta = flat_inputs(chunks, self.block_size, self.device)
+        caches = self._allocate_kv_caches(num_blocks, self.dtype)
+        hidden = self.model(input_ids, positions, caches, meta)
+        for layer in attention:
+            layer.calibrate_kv_scales = False
+        num_rows = min(self.config.max_num_seqs, num_tokens)
+        rows = [SamplingRow(SamplingParams(), [0], 1)] * num_rows
+        self.sampler(self.model.compute_logits(hidden[:num_rows]), rows)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src = to_device([s for s, _ in copies], torch.long, self.device)
+        dst = to_device([d for _, d in copies], torch.long, self.device)
         for k_cache, v_cache in self.kv_caches:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
@@ -101,7 +125,7 @@ class ModelRunner:
         hidden = self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)
         if not plan.last_rows:
             return None
-        logits = self.model.compute_logits(hidden[torch.tensor(plan.last_rows, device=self.device)])
+        logits = self.model.compute_logits(hidden[to_device(plan.last_rows, torch.long, self.device)])
         if plan.rows is None:
             return None
         return self.sampler(logits, plan.rows, plan.eos_token_ids)
@@ -115,7 +139,12 @@ def build_plan(
     block_size: int,
     device: torch.device,
 ) -> StepPlan:
-    input_ids, positions, meta = _prepare_inputs(batch, block_tables, block_size, device)
+    chunks = [
+        (seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + num_new], seq.num_computed_tokens,
+         block_tables[seq.seq_id])
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens)
+    ]
+    input_ids, positions, meta = flat_inputs(chunks, block_size, device)
     return StepPlan(
         batch.block_copies,
         input_ids,
@@ -127,47 +156,48 @@ def build_plan(
     )
 
 
-def _prepare_inputs(
-    batch: ScheduledBatch, block_tables: dict[str, list[int]], size: int, device: torch.device
+def _random_prompts(num_tokens: int, max_len: int, block_size: int, vocab_size: int) -> tuple[list[Chunk], int]:
+    """Whole prompts of random tokens, `num_tokens` in all, at most `max_len` each, over blocks
+    0, 1, 2, ...; and the number of blocks they fill."""
+    generator = torch.Generator().manual_seed(0)
+    chunks, num_blocks = [], 0
+    for start in range(0, num_tokens, max_len):
+        length = min(max_len, num_tokens - start)
+        blocks = list(range(num_blocks, num_blocks - (-length // block_size)))
+        chunks.append((torch.randint(vocab_size, (length,), generator=generator).tolist(), 0, blocks))
+        num_blocks += len(blocks)
+    return chunks, num_blocks
+
+
+def flat_inputs(
+    chunks: list[Chunk], size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """The flattened tokens, positions and attention metadata of a step; the chunks of one new
+    token (decodes) come first."""
     tokens: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     starts = [0]
     context_lens: list[int] = []
-    tables: list[list[int]] = []
-    num_decodes = 0
-    for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-        start = seq.num_computed_tokens
-        end = start + num_new
-        table = block_tables[seq.seq_id]
-        if num_new == 1:
-            num_decodes += 1
-            tokens.append(seq.token_ids[start])
-            positions.append(start)
-            slots.append(table[start // size] * size + start % size)
-        else:
-            tokens.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // size] * size + p % size for p in range(start, end))
-        starts.append(starts[-1] + num_new)
+    for new_tokens, start, table in chunks:
+        end = start + len(new_tokens)
+        tokens.extend(new_tokens)
+        positions.extend(range(start, end))
+        slots.extend(table[p // size] * size + p % size for p in range(start, end))
+        starts.append(end - start + starts[-1])
         context_lens.append(end)
-        tables.append(table)
+    tables = [table for _, _, table in chunks]
     max_blocks = max(len(t) for t in tables)
     padded = [t + [0] * (max_blocks - len(t)) for t in tables]
     meta = AttentionMetadata(
-        num_decodes=num_decodes,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        max_query_len=max(batch.num_new_tokens),
+        num_decodes=sum(len(new_tokens) == 1 for new_tokens, _, _ in chunks),
+        query_start_loc=to_device(starts, torch.int32, device),
+        context_lens=to_device(context_lens, torch.int32, device),
+        block_tables=to_device(padded, torch.int32, device),
+        slot_mapping=to_device(slots, torch.int64, device),
+        max_query_len=max(len(new_tokens) for new_tokens, _, _ in chunks),
         max_context_len=max(context_lens),
         query_start_loc_cpu=starts,
         context_lens_cpu=context_lens,
     )
-    return (
-        torch.tensor(tokens, dtype=torch.long, device=device),
-        torch.tensor(positions, dtype=torch.long, device=device),
-        meta,
-    )
+    return to_device(tokens, torch.long, device), to_device(positions, torch.long, device), meta

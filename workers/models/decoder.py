@@ -17,6 +17,7 @@ from kvserve.workers.parallel_layers import (
 )
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+FP8_HEADROOM = 8.0
 
 
 class RMSNorm(nn.Module):
@@ -53,6 +54,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops)
         self.qk_norm = config.qk_norm
+        # The KV cache holds k / k_scale and v / v_scale: 1.0 but for a calibrated FP8 cache.
+        self.k_scale = self.v_scale = 1.0
+        self.calibrate_kv_scales = False
 
     def forward(self, x, positions, kv_cache: KVCache, meta: AttentionMetadata, cos_sin_cache):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -62,10 +66,19 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rotary_embedding(positions, q, k, cos_sin_cache)
+        if self.calibrate_kv_scales:
+            self.k_scale, self.v_scale = fp8_scale(k), fp8_scale(v)
         k_cache, v_cache = kv_cache
-        self.ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        self.ops.store_kv(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        out = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(out.view(-1, self.q_size))
+
+
+def fp8_scale(x: torch.Tensor) -> float:
+    """A scale that puts x's largest magnitude at 1/FP8_HEADROOM of e4m3's range: room for inputs
+    larger than the calibration's, which costs no precision (e4m3's relative step is the same
+    over most of its range)."""
+    return max(x.abs().max().item(), 1e-6) * FP8_HEADROOM / torch.finfo(torch.float8_e4m3fn).max
 
 
 class MLP(nn.Module):
