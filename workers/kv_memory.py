@@ -12,3 +12,42 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 
 def blocks_in(memory_gib: float, block_bytes: int) -> int:
     return int(memory_gib * GIB) // block_bytes
+
+
+def blocks_for_gpu(total: int, free_at_start: int, peak_used: int, utilization: float, block_bytes: int) -> int:
+    """Blocks that fit in `utilization` of a GPU's `total` bytes beside the engine's own peak use
+    (weights, the activations of the largest step, memory outside torch's allocator)."""
+    budget = total * utilization
+    if budget > free_at_start:
+        raise ValueError(
+            f"gpu_memory_utilization {utilization} asks for {budget / GIB:.2f} GiB of the GPU's {total / GIB:.2f} GiB "
+            f"but only {free_at_start / GIB:.2f} GiB were free when the engine started: lower gpu_memory_utilization"
+        )
+    blocks = int(budget - peak_used) // block_bytes
+    if blocks < 1:
+        raise ValueError(
+            f"no KV block fits: gpu_memory_utilization {utilization} gives the engine {budget / GIB:.2f} GiB and the "
+            f"model takes {peak_used / GIB:.2f} GiB at its peak (weights, and activations at max_num_batched_tokens): "
+            "raise gpu_memory_utilization, lower max_num_batched_tokens, or set num_kv_blocks"
+        )
+    return blocks
+
+
+class GPUMemoryProfile:
+    """This engine's use of its GPU, from before its weights load to the peak of a warm-up step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        torch.cuda.reset_peak_memory_stats(device)
+        self.free_at_start, self.total = torch.cuda.mem_get_info(device)
+        self.allocated_at_start = torch.cuda.memory_allocated(device)
+        self.reserved_at_start = torch.cuda.memory_reserved(device)
+
+    def peak_used(self) -> int:
+        """Torch's peak allocation since the start, plus what appeared on the device outside
+        torch's allocator meanwhile (library workspaces, kernel code)."""
+        torch.cuda.synchronize(self.device)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        reserved = torch.cuda.memory_reserved(self.device) - self.reserved_at_start
+        outside_torch = max(self.free_at_start - free - reserved, 0)
+        return torch.cuda.max_memory_allocated(self.device) - self.allocated_at_start + outside_torch

@@ -11,7 +11,7 @@ import torch
 from kvserve.kernels.metadata import AttentionMetadata
 from kvserve.workers.config import EngineConfig
 from kvserve.workers.distributed import SINGLE, TPGroup
-from kvserve.workers.kv_memory import blocks_in, bytes_per_block
+from kvserve.workers.kv_memory import GPUMemoryProfile, blocks_for_gpu, blocks_in, bytes_per_block
 from kvserve.workers.model_loader import load_model
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.parallel_layers import kv_heads_of_rank
@@ -21,6 +21,8 @@ from kvserve.workers.scheduler import ScheduledBatch
 from kvserve.workers.sequence import Sequence
 from kvserve.workers.transfer import to_device
 
+
+DEFAULT_CPU_KV_GIB = 1.0
 
 # One sequence's share of a step: its new tokens, the position of the first, its block table.
 Chunk = tuple[list[int], int, list[int]]
@@ -59,15 +61,30 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
+        sized_by_gpu = self.device.type == "cuda" and not (config.num_kv_blocks or config.kv_cache_memory_gib)
+        profile = GPUMemoryProfile(self.device) if sized_by_gpu else None
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format, tp)
         self.num_kv_heads = kv_heads_of_rank(mc, tp)[1]
         self.block_size = config.block_size
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.sampler = Sampler()
-        if config.calculate_kv_scales:
-            self._warm_up(calibrate_kv_scales=True)
-        self.num_kv_blocks = config.num_kv_blocks or blocks_in(config.kv_cache_memory_gib or 1.0, self._block_bytes())
+        scratch_bytes = self._warm_up(config.calculate_kv_scales) if profile or config.calculate_kv_scales else 0
+        self.num_kv_blocks = self._pool_blocks(profile, scratch_bytes)
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks, self.kv_dtype)
+
+    def _pool_blocks(self, profile: GPUMemoryProfile | None, scratch_bytes: int) -> int:
+        """`num_kv_blocks`, or what fits in `kv_cache_memory_gib`, or on CUDA in the share of
+        the GPU that `gpu_memory_utilization` leaves beside the warm-up's peak (less its
+        scratch KV cache)."""
+        config = self.config
+        if config.num_kv_blocks:
+            return config.num_kv_blocks
+        if profile is None:
+            return blocks_in(config.kv_cache_memory_gib or DEFAULT_CPU_KV_GIB, self._block_bytes())
+        peak_used = profile.peak_used() - scratch_bytes
+        return blocks_for_gpu(
+            profile.total, profile.free_at_start, peak_used, config.gpu_memory_utilization, self._block_bytes()
+        )
 
     def _block_bytes(self) -> int:
         mc = self.model_config
@@ -83,10 +100,11 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def _warm_up(self, calibrate_kv_scales: bool) -> None:
-        """One forward of `max_num_batched_tokens` random tokens, and sampling for as many rows
-        as a step may sample, over a scratch KV cache in the model's dtype. With
-        `calibrate_kv_scales` every layer sets its FP8 scales from the K and V it saw."""
+    def _warm_up(self, calibrate_kv_scales: bool) -> int:
+        """The largest step: one forward of `max_num_batched_tokens` random tokens, and sampling
+        for as many rows as a step may sample, over a scratch KV cache in the model's dtype;
+        returns the scratch cache's bytes. With `calibrate_kv_scales` every layer sets its FP8
+        scales from the K and V it saw."""
         attention = [layer.self_attn for layer in self.model.layers]
         for layer in attention:
             layer.calibrate_kv_scales = calibrate_kv_scales
@@ -100,6 +118,7 @@ class ModelRunner:
         num_rows = min(self.config.max_num_seqs, num_tokens)
         rows = [SamplingRow(SamplingParams(), [0], 1)] * num_rows
         self.sampler(self.model.compute_logits(hidden[:num_rows]), rows)
+        return sum(k.nbytes + v.nbytes for k, v in caches)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
