@@ -14,6 +14,7 @@ from ray import serve
 
 from kvserve.cluster.app import build_app
 from kvserve.cluster.config import load_config
+from kvserve.workers.kv_event_hub import hub_name
 from kvserve.workers.llm import LLM
 from kvserve.workers.sampling_params import SamplingParams
 
@@ -191,6 +192,26 @@ def test_disconnect_mid_stream_frees_the_blocks(server, model_name):
     while metric(server, "kvserve_num_requests_running").get(replica, 1) > 0:
         assert time.monotonic() < deadline, "the aborted request is still running"
         time.sleep(0.1)
+
+
+def test_a_lost_hub_is_rebuilt_from_the_replicas(server, model_name):
+    """The hub holds nothing the replicas cannot give again: killed, a new one comes up with
+    every replica's blocks, and prefixes keep going to their holders."""
+    prefix = random_tokens(96, seed=12)
+    holder, _ = completion_with_header(server, model_name, prefix + [1])
+    ray.kill(ray.get_actor(hub_name(APP), namespace="kvserve"), no_restart=True)
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, "no new hub with both replicas"
+        time.sleep(0.5)
+        try:
+            news = ray.get(ray.get_actor(hub_name(APP), namespace="kvserve").follow.remote({}, -1, 0))
+        except (ValueError, ray.exceptions.RayActorError):  # not created yet, or the dead one
+            continue
+        if len(news["replicas"]) == 2 and news["replicas"][holder]["snapshot"]["blocks"]:
+            break
+    replica, cached = completion_with_header(server, model_name, prefix + [2])
+    assert replica == holder and cached >= 80
 
 
 def test_killed_replica_leaves_the_index_and_serving_goes_on(server, model_name):

@@ -46,11 +46,12 @@ class GenerateRequest:
 
 
 def get_or_create_hub(app_name: str):
-    """The application's hub actor; Serve kills it on `serve.shutdown()`."""
+    """The application's hub actor; Serve kills it on `serve.shutdown()`. It is kept out of
+    the calling replica's placement group, which would take it down with that replica."""
     hub = (
         ray.remote(KVEventHub)
         .options(name=hub_name(app_name), namespace="kvserve", get_if_exists=True,
-                 lifetime="detached", num_cpus=0, max_concurrency=1000)
+                 lifetime="detached", num_cpus=0, max_concurrency=1000, scheduling_strategy="DEFAULT")
         .remote()
     )
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
@@ -142,13 +143,15 @@ class LLMServer:
         self.engine = LLMEngine(EngineConfig(**engine_config))
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self.hub = get_or_create_hub(context.app_name)
+        self.app_name = context.app_name
+        self.hub = get_or_create_hub(self.app_name)
         self._register()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop = asyncio.get_event_loop()
         self._pending_events: list[dict] = []
         self._last_stats_at = 0.0
         self._resync = False
+        self._hub_lost = False
         self.thread = EngineThread(self.engine, self._deliver, self._publish)
         self.thread.start()
 
@@ -174,16 +177,28 @@ class LLMServer:
         self._last_stats_at = now
         stats = engine.stats()
         if self._resync:
-            self._resync = False
-            self._register(engine.kv.event_seq, list(engine.kv.pool.cached), stats)
+            self._rejoin(engine, stats)
             return
         ref = self.hub.publish.remote(self.replica_id, [batch.to_dict()] if batch else [], stats)
         ref.future().add_done_callback(self._on_published)
 
+    def _rejoin(self, engine: LLMEngine, stats: dict) -> None:
+        """Register again from a snapshot, with a new hub if the old one is gone."""
+        if self._hub_lost:
+            try:
+                self.hub = get_or_create_hub(self.app_name)
+            except Exception as error:  # Serve's controller is restarting: try again next period
+                logger.warning("KV event hub not reachable: %r", error)
+                return
+            self._hub_lost = False
+        self._resync = False
+        self._register(engine.kv.event_seq, list(engine.kv.pool.cached), stats)
+
     def _on_published(self, future) -> None:
         try:
             accepted = future.result()
-        except Exception:  # the hub restarted or is gone: join again from a snapshot
+        except Exception:  # the hub is gone: join a new one from a snapshot
+            self._hub_lost = True
             accepted = False
         if not accepted:
             self._resync = True
