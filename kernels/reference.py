@@ -67,9 +67,14 @@ def _attention(q, k_cache, v_cache, meta, scale):
 def _decode_attention(q, k_cache, v_cache, meta, scale):
     """All single-query sequences, in a few padded batches of similar context lengths (one
     batch padded to the longest context would gather and attend to mostly padding)."""
-    lens = meta.context_lens_cpu[: q.shape[0]]
+    num_decodes = q.shape[0]
+    lens = meta.context_lens_cpu[:num_decodes]
+    groups = _length_groups(lens)
+    if len(groups) == 1:  # no rows to pick: nothing copied to the device (a CUDA graph allows none)
+        tables, context_lens = meta.block_tables[:num_decodes], meta.context_lens[:num_decodes]
+        return _decode_batch(q, k_cache, v_cache, tables, context_lens, max(lens), scale)
     out = torch.empty_like(q)
-    for group in _length_groups(lens):
+    for group in groups:
         rows = torch.tensor(group, device=q.device)
         out[rows] = _decode_batch(q[rows], k_cache, v_cache, meta.block_tables[rows], meta.context_lens[rows],
                                   max(lens[i] for i in group), scale)

@@ -64,8 +64,8 @@ def test_fp8_halves_the_bytes_of_a_block_and_doubles_the_pool(tiny_checkpoints):
     assert fp8._block_bytes() * 2 == bf16._block_bytes()
     assert fp8.num_kv_blocks == 2 * bf16.num_kv_blocks
     k_cache = fp8.kv_caches[0][0]
-    assert k_cache.dtype == torch.float8_e4m3fn and k_cache.shape[0] == fp8.num_kv_blocks
-    assert sum(k.nbytes + v.nbytes for k, v in fp8.kv_caches) == fp8.num_kv_blocks * fp8._block_bytes()
+    assert k_cache.dtype == torch.float8_e4m3fn and k_cache.shape[0] == fp8.num_kv_blocks + 1  # + the scratch block
+    assert sum(k.nbytes + v.nbytes for k, v in fp8.kv_caches) == (fp8.num_kv_blocks + 1) * fp8._block_bytes()
 
 
 def test_unsupported_combinations_name_the_key(tiny_checkpoints):

@@ -49,6 +49,7 @@ def naive_attention(q, k, v, scale):
         pytest.param(DECODES, torch.float32, id="decodes"),
         pytest.param(PREFILLS, torch.float32, id="prefills"),
         pytest.param(DECODES + PREFILLS, torch.bfloat16, id="mixed-bf16"),
+        pytest.param([(9, 1), (10, 1)] + PREFILLS, torch.float32, id="mixed-one-decode-group"),
     ],
 )
 def test_paged_attention_matches_dense(paged, seqs, dtype, block_size, group):

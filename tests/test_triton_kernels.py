@@ -7,6 +7,7 @@ the whole run has TRITON_INTERPRET=1, the CPU tests run in a child pytest proces
 it (`test_cpu_kernels_under_interpreter`), and are skipped here.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -139,6 +140,31 @@ def test_paged_attention_fp8_cache(paged, seqs, num_kv_heads, group, head_dim, b
 
     dequantized = (k_fp8.to(dtype) * k_scale, v_fp8.to(dtype) * v_scale)
     assert_matches(got, reference.paged_attention(q, *dequantized, meta, scale))
+
+
+@pytest.mark.parametrize(
+    ATTENTION_ARGS,
+    [
+        cpu(DECODES, 2, 4, 32, 8, torch.float32, id="decodes-gqa4-d32-bs8"),
+        gpu(GPU_DECODES, 8, 4, 128, 16, torch.bfloat16, id="llama-bf16"),
+    ],
+)
+def test_decode_attention_launched_as_a_cuda_graph_does(paged, seqs, num_kv_heads, group, head_dim, block_size,
+                                                        dtype, device):
+    """A captured decode graph launches the kernels for the longest context it allows, with
+    block tables wider than any sequence's and stale block ids past each one's context."""
+    q, k_cache, v_cache, meta = attention_batch(
+        paged, seqs, num_kv_heads, group, head_dim, block_size, dtype, device
+    )
+    scale, num_seqs, longest = head_dim**-0.5, len(seqs), 3 * max(n for n, _ in seqs)
+    stale = torch.randint(0, k_cache.shape[0], (num_seqs, -(-longest // block_size)), dtype=torch.int32, device=device)
+    stale[:, : meta.block_tables.shape[1]] = meta.block_tables
+    as_graph = dataclasses.replace(meta, block_tables=stale, max_context_len=longest,
+                                   context_lens_cpu=[longest] * num_seqs)
+
+    expected = reference.paged_attention(q, k_cache, v_cache, meta, scale)
+    assert_matches(triton_ops.paged_attention(q, k_cache, v_cache, as_graph, scale), expected)
+    assert_matches(reference.paged_attention(q, k_cache, v_cache, as_graph, scale), expected)
 
 
 def attention_batch(paged, seqs, num_kv_heads, group, head_dim, block_size, dtype, device):

@@ -35,7 +35,9 @@ class EngineConfig(BaseModel):
     calculate_kv_scales: bool = Field(
         False, description="FP8 KV scales from a warm-up forward on random tokens instead of 1.0"
     )
-    enforce_eager: bool = Field(False, description="no CUDA graphs for decode steps")
+    enforce_eager: bool = Field(
+        False, description="no CUDA graphs: otherwise decode steps replay them on CUDA with tp_size 1"
+    )
     seed: int = 0
     cpu_threads: int | None = Field(None, ge=1, description="torch threads of this engine (several replicas share a CPU)")
     tp_size: int = Field(1, ge=1, description="tensor-parallel ranks: >1 runs the model on that many worker actors")

@@ -10,6 +10,7 @@ import torch
 
 from kvserve.kernels.metadata import AttentionMetadata
 from kvserve.workers.config import EngineConfig
+from kvserve.workers.cuda_graphs import DecodeGraphs
 from kvserve.workers.distributed import SINGLE, TPGroup
 from kvserve.workers.kv_memory import GPUMemoryProfile, blocks_for_gpu, blocks_in, bytes_per_block
 from kvserve.workers.model_loader import load_model
@@ -70,7 +71,13 @@ class ModelRunner:
         self.sampler = Sampler()
         scratch_bytes = self._warm_up(config.calculate_kv_scales) if profile or config.calculate_kv_scales else 0
         self.num_kv_blocks = self._pool_blocks(profile, scratch_bytes)
-        self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks, self.kv_dtype)
+        # One block past the pool's: the padding rows of a decode graph's batch use it alone.
+        self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks + 1, self.kv_dtype)
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and tp.size == 1:
+            self.graphs = self.decode_graphs()
+            with torch.inference_mode():
+                self.graphs.capture()
 
     def _pool_blocks(self, profile: GPUMemoryProfile | None, scratch_bytes: int) -> int:
         """`num_kv_blocks`, or what fits in `kv_cache_memory_gib`, or on CUDA in the share of
@@ -84,6 +91,14 @@ class ModelRunner:
         peak_used = profile.peak_used() - scratch_bytes
         return blocks_for_gpu(
             profile.total, profile.free_at_start, peak_used, config.gpu_memory_utilization, self._block_bytes()
+        )
+
+    def decode_graphs(self) -> DecodeGraphs:
+        """Padded decode steps over this runner's model and KV cache, not yet captured."""
+        return DecodeGraphs(
+            lambda input_ids, positions, meta: self.model(input_ids, positions, self.kv_caches, meta),
+            self.config.max_num_seqs, self.max_model_len, self.block_size, self.num_kv_blocks,
+            self.model_config.hidden_size, self.dtype, self.device,
         )
 
     def _block_bytes(self) -> int:
@@ -140,14 +155,22 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> SamplerOutput | None:
-        self.copy_blocks(plan.block_copies)
-        hidden = self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)
-        if not plan.last_rows:
-            return None
-        logits = self.model.compute_logits(hidden[to_device(plan.last_rows, torch.long, self.device)])
-        if plan.rows is None:
+        logits = self.logits(plan)
+        if logits is None or plan.rows is None:
             return None
         return self.sampler(logits, plan.rows, plan.eos_token_ids)
+
+    def logits(self, plan: StepPlan) -> torch.Tensor | None:
+        """The forward pass of a step and the logits of its `last_rows`: all queued on the
+        device, none waited for."""
+        self.copy_blocks(plan.block_copies)
+        if self.graphs is not None and self.graphs.covers(plan.meta):
+            hidden = self.graphs.run(plan.input_ids, plan.positions, plan.meta)
+        else:
+            hidden = self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)
+        if not plan.last_rows:
+            return None
+        return self.model.compute_logits(hidden[to_device(plan.last_rows, torch.long, self.device)])
 
 
 def build_plan(

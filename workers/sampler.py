@@ -14,6 +14,7 @@ from itertools import chain
 import torch
 
 from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.transfer import to_device
 
 _NEG_INF = float("-inf")
 
@@ -98,7 +99,7 @@ class Sampler:
 
 
 def _index(row_numbers: list[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(row_numbers, dtype=torch.long, device=like.device)
+    return to_device(row_numbers, torch.long, like.device)
 
 
 def _choose(logits: torch.Tensor, rows: list[SamplingRow], random: list[int]) -> torch.Tensor:
@@ -170,13 +171,13 @@ def _apply_output_penalties(
 def _occurrences(logits: torch.Tensor, row_numbers: list[int], token_lists: list[list[int]]) -> _Occurrences:
     """Every token of every list; token_lists[k] belongs to logits row row_numbers[k]."""
     lengths = torch.tensor([len(tokens) for tokens in token_lists])
-    which = torch.repeat_interleave(torch.arange(len(token_lists)), lengths).to(logits.device)
-    tokens = torch.tensor(list(chain.from_iterable(token_lists)), dtype=torch.long, device=logits.device)
+    which = to_device(torch.repeat_interleave(torch.arange(len(token_lists)), lengths), torch.long, logits.device)
+    tokens = to_device(list(chain.from_iterable(token_lists)), torch.long, logits.device)
     return _index(row_numbers, logits)[which], tokens, which
 
 
 def _values(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype, device=like.device)
+    return to_device(values, like.dtype, like.device)
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -248,9 +249,8 @@ def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | N
     vocab = probs.shape[1]
     for i, generator in enumerate(generators):
         if generator is not None:
-            noise[i] = torch.empty(vocab, dtype=probs.dtype, device=generator.device).exponential_(
-                generator=generator
-            )
+            draw = torch.empty(vocab, dtype=probs.dtype, device=generator.device).exponential_(generator=generator)
+            noise[i] = to_device(draw, probs.dtype, probs.device)
     # A zero draw would turn a filtered token's 0 / 0 into NaN, which argmax would pick.
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
 

@@ -70,7 +70,10 @@ def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
         slot_mapping=meta.slot_mapping.to(device, non_blocking=True),
     )
     return dataclasses.replace(
-        plan, input_ids=plan.input_ids.to(device), positions=plan.positions.to(device), meta=meta
+        plan,
+        input_ids=plan.input_ids.to(device, non_blocking=True),
+        positions=plan.positions.to(device, non_blocking=True),
+        meta=meta,
     )
 
 

@@ -8,6 +8,6 @@ def to_device(values: list | torch.Tensor, dtype: torch.dtype, device: torch.dev
     memory and copied without blocking: a copy from pageable memory would first wait for all the
     work already queued on the stream, a host-device sync in the middle of a step."""
     tensor = torch.as_tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
