@@ -36,10 +36,10 @@ def ingress_settings(config: AppConfig) -> dict:
 
 
 def replica_resources(config: AppConfig) -> dict:
-    """Deployment options for the replica's resources: with tp_size > 1 a placement group whose
-    bundles hold the ranks' GPUs (or CPUs), the replica sharing the first with rank 0."""
+    """Deployment options for the replica's resources: with worker actors a placement group
+    whose bundles hold the ranks' GPUs (or CPUs), the replica sharing the first with rank 0."""
     serving = config.serving
-    if config.engine.tp_size == 1:
+    if not config.engine.uses_workers:
         return {"ray_actor_options": {"num_cpus": serving.replica_cpus, "num_gpus": serving.replica_gpus}}
     return {
         "ray_actor_options": {"num_cpus": serving.replica_cpus, "num_gpus": 0},

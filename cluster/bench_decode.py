@@ -38,6 +38,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens of every sequence")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true", help="decode steps without CUDA graphs")
     add_common_flags(parser)
 
 
@@ -69,7 +70,7 @@ def engine_rows(model_dir: str, args, device: torch.device, copy_bps: float) -> 
     blocks_per_seq = -(-max_len // BLOCK_SIZE) + 1
     llm = LLM(model_dir, device=device.type, dtype=args.dtype, load_format="dummy", max_model_len=max_len,
               block_size=BLOCK_SIZE, max_num_seqs=max(args.batches),
-              num_kv_blocks=max(args.batches) * blocks_per_seq)
+              num_kv_blocks=max(args.batches) * blocks_per_seq, enforce_eager=args.enforce_eager)
     runner = llm.engine.runner
     mc = runner.model_config
     weights = weight_bytes(runner.model)

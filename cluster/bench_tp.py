@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tp", type=int, default=2, help="ranks to compare against tp 1")
+    parser.add_argument("--tp", type=int, default=2, help="worker actors to compare against the in-process tp 1")
     parser.add_argument("--batch", type=int, default=8, help="sequences decoding together")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed")
@@ -38,15 +38,18 @@ def decode_step_time(llm: "LLM", batch: int, prompt_len: int, steps: int) -> flo
 
 
 def main(args: argparse.Namespace, model: str, options: dict) -> int:
+    """The in-process engine against the same engine on `--tp` worker actors; with `--tp 1`
+    (one GPU) what remains is the cost of the plan's trip to the rank and the tokens' return."""
     from kvserve.workers.llm import LLM
 
-    times = {}
-    for tp in (1, args.tp):
-        llm = LLM(model, **options, tp_size=tp)
-        times[tp] = decode_step_time(llm, args.batch, args.prompt_len, args.steps)
-        if tp > 1:
-            llm.engine.runner.shutdown()
-        print(f"tp {tp}: {times[tp] * 1e3:.2f} ms per decode step ({args.batch} sequences)", flush=True)
-    added = times[args.tp] - times[1]
-    print(f"tp {args.tp} adds {added * 1e3:+.2f} ms per step ({added / times[1]:+.0%}) on this machine")
+    runs = {"in-process, tp 1": {}, f"worker actors, tp {args.tp}": {"distributed_executor_backend": "ray",
+                                                                     "tp_size": args.tp}}
+    times = []
+    for label, placement in runs.items():
+        llm = LLM(model, **options, **placement)
+        times.append(decode_step_time(llm, args.batch, args.prompt_len, args.steps))
+        llm.engine.shutdown()
+        print(f"{label}: {times[-1] * 1e3:.2f} ms per decode step ({args.batch} sequences)", flush=True)
+    added = times[1] - times[0]
+    print(f"worker actors at tp {args.tp} add {added * 1e3:+.2f} ms per step ({added / times[0]:+.0%}) on this machine")
     return 0

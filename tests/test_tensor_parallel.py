@@ -53,7 +53,7 @@ def prompts(seed: int = 0) -> list[list[int]]:
 
 
 def tp_engine(model_dir, **options) -> LLM:
-    return LLM(str(model_dir), **ENGINE, tp_size=2, **options)
+    return LLM(str(model_dir), **{**ENGINE, "tp_size": 2, **options})
 
 
 def generate(llm: LLM, params: SamplingParams) -> list[list[list[int]]]:
@@ -64,15 +64,20 @@ def live_placement_groups() -> list[str]:
     return [pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama-kv1"])
-def test_tp2_greedy_tokens_equal_tp1(arch, checkpoints):
+@pytest.mark.parametrize(
+    "arch, workers",
+    [("llama", {}), ("qwen2", {}), ("llama-kv1", {}),
+     ("llama", {"tp_size": 1, "distributed_executor_backend": "ray"})],
+    ids=["llama", "qwen2", "llama-kv1", "llama-tp1-on-a-worker"],
+)
+def test_worker_actors_give_the_in_process_greedy_tokens(arch, workers, checkpoints):
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     expected = generate(LLM(str(checkpoints[arch]), **ENGINE), greedy)
-    llm = tp_engine(checkpoints[arch])
+    llm = tp_engine(checkpoints[arch], **workers)
     try:
         assert generate(llm, greedy) == expected
     finally:
-        llm.engine.runner.shutdown()
+        llm.engine.shutdown()
 
 
 def test_seeded_samples_follow_the_generator_across_steps(checkpoints):
@@ -131,10 +136,12 @@ def test_serve_flag_sets_engine_tp_size(checkpoints):
 
 
 def test_bench_tp_reports_both_step_times(checkpoints, capsys):
+    before = live_placement_groups()
     args = argparse.Namespace(tp=2, batch=2, prompt_len=8, steps=2)
     assert bench_tp.main(args, str(checkpoints["llama"]), ENGINE) == 0
     out = capsys.readouterr().out
-    assert "tp 1:" in out and "tp 2:" in out and "per step" in out
+    assert "in-process, tp 1:" in out and "worker actors, tp 2:" in out and "add" in out
+    assert live_placement_groups() == before
 
 
 @pytest.fixture(scope="module")

@@ -41,17 +41,26 @@ class EngineConfig(BaseModel):
     seed: int = 0
     cpu_threads: int | None = Field(None, ge=1, description="torch threads of this engine (several replicas share a CPU)")
     tp_size: int = Field(1, ge=1, description="tensor-parallel ranks: >1 runs the model on that many worker actors")
+    distributed_executor_backend: Literal["auto", "ray"] = Field(
+        "auto", description="`auto`: the model in the engine's process at tp_size 1, on Ray worker actors "
+        "above; `ray`: on worker actors at any tp_size"
+    )
 
     @model_validator(mode="after")
     def _check_device(self) -> "EngineConfig":
-        # With tp_size > 1 the worker actors hold the GPUs, not the process that checks this.
-        if self.device == "cuda" and self.tp_size == 1 and not torch.cuda.is_available():
+        # With worker actors they hold the GPUs, not the process that checks this.
+        if self.device == "cuda" and not self.uses_workers and not torch.cuda.is_available():
             raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device")
         if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
             raise ValueError("calculate_kv_scales needs kv_cache_dtype: 'fp8_e4m3'")
-        if self.tp_size == 1 and self.torch_device().type == "cuda":
+        if not self.uses_workers and self.torch_device().type == "cuda":
             check_fp8_kv_cache(self.kv_cache_dtype, torch.cuda.get_device_capability())
         return self
+
+    @property
+    def uses_workers(self) -> bool:
+        """Whether the model runs on Ray worker actors rather than in the engine's process."""
+        return self.tp_size > 1 or self.distributed_executor_backend == "ray"
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

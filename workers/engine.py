@@ -46,7 +46,7 @@ class _Request:
 
 def _make_runner(config: EngineConfig):
     """The model in this process, or spread over `tp_size` worker actors."""
-    if config.tp_size == 1:
+    if not config.uses_workers:
         return ModelRunner(config)
     from kvserve.workers.tp_worker import TPExecutor  # Ray is needed only here
 
@@ -242,8 +242,8 @@ class LLMEngine:
     # -- state for the serving layer -----------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel ranks and free their placement group (tp_size > 1)."""
-        if self.config.tp_size > 1:
+        """Stop the worker actors and free their placement group, if the model runs on them."""
+        if self.config.uses_workers:
             self.runner.shutdown()
 
     def take_kv_events(self) -> KVEventBatch | None:

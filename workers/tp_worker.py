@@ -90,10 +90,11 @@ def _rank_bundle(device: str) -> dict[str, float]:
 
 
 class TPExecutor:
-    """Stands in for `ModelRunner` in an engine with `tp_size > 1`: starts the ranks in the
-    placement group of the process it runs in (a serving replica's, see `placement_bundles`)
-    or, when there is none, in a group of its own; stops them, and removes a group of its own,
-    if a rank fails to start or dies."""
+    """Stands in for `ModelRunner` in an engine whose model runs on worker actors (`tp_size > 1`,
+    or `distributed_executor_backend: ray`): starts the ranks in the placement group of the
+    process it runs in (a serving replica's, see `placement_bundles`) or, when there is none, in
+    a group of its own; stops them, and removes a group of its own, if a rank fails to start or
+    dies."""
 
     def __init__(self, config: EngineConfig):
         self.model_config = ModelConfig.from_pretrained_dir(config.model)
