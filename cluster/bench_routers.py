@@ -6,9 +6,11 @@ import asyncio
 import json
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.cluster import bench_serve
 
@@ -23,7 +25,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-blocks", type=int, default=160, help="KV pool of each replica, in blocks")
     parser.add_argument("--out", default="bench-routers", help="prefix of the .jsonl and .png written")
     for flag, default in (("--rate", 3.0), ("--num-requests", 96), ("--prompt-len", 48), ("--prefix-len", 320),
-                          ("--groups", 8), ("--output-len", 16),
+                          ("--groups", 16), ("--output-len", 16),
                           ("--max-history", 1536)):
         parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--block-size", type=int, default=16)
@@ -113,15 +115,29 @@ def _warm_up(url: str, replicas: int) -> None:
 def _run_workload(args: argparse.Namespace) -> dict:
     models = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"]
     prompts = bench_serve.make_prompts(args, models[0]["vocab_size"])
+    decided_before = routing_decisions(args.url)
     results, elapsed = asyncio.run(bench_serve.run_load(args, prompts, models[0]["id"]))
-    return bench_serve.summarize(args, results, elapsed, bench_serve.oracle_hit_rate(prompts, args.block_size))
+    summary = bench_serve.summarize(args, results, elapsed, bench_serve.oracle_hit_rate(prompts, args.block_size))
+    summary["decisions"] = dict(routing_decisions(args.url) - decided_before)
+    return summary
+
+
+def routing_decisions(url: str) -> Counter:
+    """The ingress's routing decisions so far, by reason."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return Counter({
+        sample.labels["reason"]: int(sample.value)
+        for family in text_string_to_metric_families(text) if family.name == "kvserve_routing_decisions"
+        for sample in family.samples if sample.name.endswith("_total")
+    })
 
 
 def print_comparison(summaries: list[dict]) -> None:
     print("\n| workload | policy | hit rate (oracle) | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | E2E p50 ms "
-          "| req/s | goodput req/s | refused |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| req/s | goodput req/s | refused | decisions |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for s in sorted(summaries, key=lambda s: (s["workload"], POLICIES.index(s["policy"]))):
         print(f"| {s['workload']} | {s['policy']} | {s['prefix_hit_rate']:.3f} ({s['oracle_hit_rate']:.3f}) "
               f"| {s['ttft']['p50'] * 1e3:.0f} | {s['ttft']['p99'] * 1e3:.0f} | {s['tpot']['p50'] * 1e3:.1f} "
-              f"| {s['e2e']['p50'] * 1e3:.0f} | {s['request_throughput']:.2f} | {s['goodput']:.2f} | {s['refused']} |")
+              f"| {s['e2e']['p50'] * 1e3:.0f} | {s['request_throughput']:.2f} | {s['goodput']:.2f} | {s['refused']} "
+              f"| {', '.join(f'{reason} {n}' for reason, n in sorted(s['decisions'].items()))} |")

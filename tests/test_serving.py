@@ -13,6 +13,7 @@ import ray
 from ray import serve
 
 from kvserve.cluster.app import build_app
+from kvserve.cluster.bench_routers import routing_decisions
 from kvserve.cluster.config import load_config
 from kvserve.workers.kv_event_hub import hub_name
 from kvserve.workers.llm import LLM
@@ -179,6 +180,16 @@ def test_metrics_cover_every_replica(server, model_name):
                  "kvserve_num_requests_running", 'kvserve_routing_decisions_total{policy="kv"'):
         assert name in text
     assert len(metric(server, "kvserve_kv_cache_usage_ratio")) == 2
+
+
+def test_bench_routers_counts_the_decisions_by_reason(server, model_name):
+    before = routing_decisions(server)
+    prefix = random_tokens(64, seed=13)
+    for i in range(3):
+        completion_with_header(server, model_name, prefix + [i])
+        time.sleep(0.3)
+    counted = routing_decisions(server) - before
+    assert counted["no_cached_prefix"] >= 1 and sum(counted.values()) == 3
 
 
 def test_disconnect_mid_stream_frees_the_blocks(server, model_name):
