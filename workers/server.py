@@ -148,7 +148,6 @@ class LLMServer:
         self._register()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop = asyncio.get_event_loop()
-        self._pending_events: list[dict] = []
         self._last_stats_at = 0.0
         self._resync = False
         self._hub_lost = False
