@@ -17,8 +17,9 @@ from torch.nn.attention.bias import causal_lower_right
 
 from kvserve.kernels import get_ops
 from kvserve.kernels.metadata import AttentionMetadata
+from kvserve.workers.config import DTYPES
+from kvserve.workers.model_runner import flat_inputs
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TARGETS = ("targets (issue 3, on an H100/H200): decode >= 80% of copy bandwidth at 64x4096, "
            "paging overhead <= 10%, prefill >= 70% of SDPA's TFLOP/s")
 
@@ -99,29 +100,13 @@ def paged_batch(context_lens: list[int], query_lens: list[int], heads: Heads, de
     """Queries [T, Hq, D], K/V caches over shuffled blocks and the metadata of a ragged batch
     whose sequences' new tokens are the last `query_lens` of their `context_lens`: all decodes
     (one new token each) or all prefills."""
-    size = heads.block_size
-    counts = [-(-n // size) for n in context_lens]
+    counts = [-(-n // heads.block_size) for n in context_lens]
     pool = torch.randperm(sum(counts)).split(counts)
-    tables = torch.zeros(len(counts), max(counts), dtype=torch.int32)
-    for row, blocks in zip(tables, pool):
-        row[: len(blocks)] = blocks
-    positions = [torch.arange(ctx - q, ctx) for ctx, q in zip(context_lens, query_lens)]
-    slots = torch.cat([table[pos // size] * size + pos % size for table, pos in zip(tables, positions)])
-    starts = [0, *torch.tensor(query_lens).cumsum(0).tolist()]
-    meta = AttentionMetadata(
-        num_decodes=len(query_lens) if max(query_lens) == 1 else 0,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-        block_tables=tables.to(device),
-        slot_mapping=slots.to(device=device, dtype=torch.int64),
-        max_query_len=max(query_lens),
-        max_context_len=max(context_lens),
-        query_start_loc_cpu=starts,
-        context_lens_cpu=list(context_lens),
-    )
-    cache_shape = (sum(counts), size, heads.num_kv_heads, heads.head_dim)
+    chunks = [([0] * q, ctx - q, blocks.tolist()) for ctx, q, blocks in zip(context_lens, query_lens, pool)]
+    _, _, meta = flat_inputs(chunks, heads.block_size, device)
+    cache_shape = (sum(counts), heads.block_size, heads.num_kv_heads, heads.head_dim)
     k_cache, v_cache = (torch.randn(cache_shape, dtype=heads.dtype, device=device) for _ in range(2))
-    q = torch.randn(starts[-1], heads.num_heads, heads.head_dim, dtype=heads.dtype, device=device)
+    q = torch.randn(sum(query_lens), heads.num_heads, heads.head_dim, dtype=heads.dtype, device=device)
     return q, k_cache, v_cache, meta
 
 

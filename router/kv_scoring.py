@@ -57,23 +57,22 @@ class KVScorer:
         matched = index.prefix_matches(block_hashes, trusted)
         for replica, depth in self.recent.prefix_matches(block_hashes, trusted).items():
             matched[replica] = max(depth, matched.get(replica, 0))
+        depths = [matched.get(r, 0) for r in replicas]
         loads = [self.load(r) for r in replicas]
+        fills = [self.fill(r) for r in replicas]
         least = min(loads)
         prompt_blocks = -(-num_tokens // self.block_size)
         costs = [
-            num_tokens - matched.get(r, 0) * self.block_size
+            num_tokens - depth * self.block_size
             + self.load_cost_tokens * load
-            + self.block_size * (prompt_blocks - matched.get(r, 0)) * self.fill(r)
-            for r, load in zip(replicas, loads)
+            + self.block_size * (prompt_blocks - depth) * fill
+            for depth, load, fill in zip(depths, loads, fills)
         ]
-        order = sorted(
-            range(len(replicas)),
-            key=lambda k: (costs[k], loads[k], self.fill(replicas[k]), random.random()),
-        )
+        order = sorted(range(len(replicas)), key=lambda k: (costs[k], loads[k], fills[k], random.random()))
         allowed = [k for k in order if loads[k] - least <= self.max_imbalance]
         held_back = [k for k in order if loads[k] - least > self.max_imbalance]
         top = max(matched.values(), default=0)
-        return allowed + held_back, self._reason(matched.get(replicas[allowed[0]], 0), top, held_back)
+        return allowed + held_back, self._reason(depths[allowed[0]], top, held_back)
 
     @staticmethod
     def _reason(best_match: int, top_match: int, held_back: list[int]) -> str:

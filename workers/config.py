@@ -5,7 +5,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from kvserve.workers.models.config import DTYPES
+
 
 
 class EngineConfig(BaseModel):

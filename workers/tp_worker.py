@@ -25,6 +25,7 @@ from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.parallel_layers import check_shardable
 from kvserve.workers.sampler import SamplerOutput
 from kvserve.workers.scheduler import ScheduledBatch
+from kvserve.workers.transfer import to_device
 
 PLACEMENT_TIMEOUT_S = 60.0
 PING_TIMEOUT_S = 10.0
@@ -59,22 +60,17 @@ class TPWorker:
 
 
 def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
+    """The plan as it arrived (on the CPU) with its tensors on this rank's device."""
     if device.type == "cpu":
         return plan
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return to_device(tensor, tensor.dtype, device)
+
     meta = plan.meta
-    meta = dataclasses.replace(
-        meta,
-        query_start_loc=meta.query_start_loc.to(device, non_blocking=True),
-        context_lens=meta.context_lens.to(device, non_blocking=True),
-        block_tables=meta.block_tables.to(device, non_blocking=True),
-        slot_mapping=meta.slot_mapping.to(device, non_blocking=True),
-    )
-    return dataclasses.replace(
-        plan,
-        input_ids=plan.input_ids.to(device, non_blocking=True),
-        positions=plan.positions.to(device, non_blocking=True),
-        meta=meta,
-    )
+    tensors = ("query_start_loc", "context_lens", "block_tables", "slot_mapping")
+    meta = dataclasses.replace(meta, **{name: move(getattr(meta, name)) for name in tensors})
+    return dataclasses.replace(plan, input_ids=move(plan.input_ids), positions=move(plan.positions), meta=meta)
 
 
 def placement_bundles(config: EngineConfig, replica_cpus: float) -> list[dict[str, float]]:
