@@ -48,7 +48,8 @@ def main(args: argparse.Namespace) -> int:
     for k in range(args.decisions):
         hashes, num_tokens = queries[k % len(queries)]
         start = time.perf_counter()
-        scorer.rank(replicas, hashes, num_tokens)
+        order, _ = scorer.rank(replicas, hashes, num_tokens)
+        scorer.record(replicas[order[0]], hashes)  # as the router does, within its decision
         times.append(time.perf_counter() - start)
     times.sort()
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731

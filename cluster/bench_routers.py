@@ -26,7 +26,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-routers", help="prefix of the .jsonl and .png written")
     for flag, default in (("--rate", 3.0), ("--num-requests", 96), ("--prompt-len", 48), ("--prefix-len", 320),
                           ("--groups", 16), ("--output-len", 16),
-                          ("--max-history", 1536)):
+                          ("--max-history", 1536), ("--system-len", 0)):
         parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--slo-ttft", type=float, default=2.0)

@@ -45,6 +45,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", type=int, default=8, help="shared-prefix groups / multi-turn conversations")
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--max-history", type=int, default=1536, help="multi-turn: longest conversation, in tokens")
+    parser.add_argument("--system-len", type=int, default=0,
+                        help="shared-prefix, multi-turn: tokens of a system prompt that opens every prompt")
     parser.add_argument("--block-size", type=int, default=16, help="for the oracle hit rate")
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="goodput: TTFT limit in seconds")
     parser.add_argument("--slo-tpot", type=float, default=0.5, help="goodput: TPOT limit in seconds")
@@ -60,19 +62,22 @@ def _words(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 def make_prompts(args, vocab: int) -> list[list[int]]:
     """Token-id prompts in send order. multi-turn: each conversation's next prompt holds its
-    whole history (earlier prompts plus a stand-in for the answers) and a new user turn."""
+    whole history (earlier prompts plus a stand-in for the answers) and a new user turn.
+    With `system_len`, the shared-prefix and multi-turn prompts open with one system prompt,
+    as a chat application's do; the tokens after it are the same as without."""
     rng = random.Random(f"{args.workload}-{args.bench_seed}")  # workloads share no tokens by chance
     if args.workload == "random":
         return [_words(rng, args.prompt_len, vocab) for _ in range(args.num_requests)]
+    system = _words(random.Random(f"system-{args.bench_seed}"), args.system_len, vocab)
     if args.workload == "shared-prefix":
-        prefixes = [_words(rng, args.prefix_len, vocab) for _ in range(args.groups)]
+        prefixes = [system + _words(rng, args.prefix_len, vocab) for _ in range(args.groups)]
         return [rng.choice(prefixes) + _words(rng, args.prompt_len, vocab) for _ in range(args.num_requests)]
-    histories = [_words(rng, args.prefix_len, vocab) for _ in range(args.groups)]
+    histories = [system + _words(rng, args.prefix_len, vocab) for _ in range(args.groups)]
     prompts = []
     for _ in range(args.num_requests):
         c = rng.randrange(args.groups)
         if len(histories[c]) + args.prompt_len + args.output_len > args.max_history:
-            histories[c] = _words(rng, args.prefix_len, vocab)  # a new conversation
+            histories[c] = system + _words(rng, args.prefix_len, vocab)  # a new conversation
         histories[c] = histories[c] + _words(rng, args.prompt_len, vocab)
         prompts.append(list(histories[c]))
         histories[c] = histories[c] + _words(rng, args.output_len, vocab)

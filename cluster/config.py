@@ -15,6 +15,8 @@ class RouterOptions(BaseModel):
 
     load_cost_tokens: int = Field(64, ge=0, description="kv: prompt tokens one in-flight request is worth")
     max_imbalance: int = Field(4, ge=0, description="kv: most extra in-flight requests over the least busy replica")
+    working_set_window_s: float = Field(
+        60.0, gt=0, description="kv: how long a prompt sent to a replica counts as wanted in its cache")
 
 
 class ServingConfig(BaseModel):

@@ -1,27 +1,28 @@
 """Which replica holds which KV block, rebuilt from the replicas' own KV events."""
 
-from collections.abc import Callable, Set as AbstractSet
+from collections.abc import Callable, Container, Set as AbstractSet
 from dataclasses import dataclass, field
 
 from kvserve.workers.block_hash import BlockHash
 
 
-_NOBODY: frozenset[str] = frozenset()
+_NOTHING: frozenset[BlockHash] = frozenset()
 
 
 def leading_matches(
-    block_hashes: list[BlockHash], replicas: list[str], holders_of: Callable[[BlockHash], AbstractSet[str]]
+    block_hashes: list[BlockHash], replicas: list[str], held_by: Callable[[str], Container[BlockHash]]
 ) -> dict[str, int]:
-    """For each replica, how many leading blocks of `block_hashes` it is among `holders_of`."""
-    matched = dict.fromkeys(replicas, len(block_hashes))
-    alive = set(replicas)
-    for depth, block_hash in enumerate(block_hashes):
-        gone = alive - holders_of(block_hash)
-        for replica in gone:
-            matched[replica] = depth
-        alive -= gone
-        if not alive:
-            break
+    """For each replica, how many leading blocks of `block_hashes` are in `held_by(replica)`.
+    One walk per replica, stopping at its first miss: most replicas miss the first block."""
+    matched = {}
+    for replica in replicas:
+        held = held_by(replica)
+        depth = 0
+        for block_hash in block_hashes:
+            if block_hash not in held:
+                break
+            depth += 1
+        matched[replica] = depth
     return matched
 
 
@@ -79,7 +80,11 @@ class KVIndex:
 
     def prefix_matches(self, block_hashes: list[BlockHash], replicas: list[str]) -> dict[str, int]:
         """For each replica, how many leading blocks of `block_hashes` it holds."""
-        return leading_matches(block_hashes, replicas, lambda h: self.holders.get(h, _NOBODY))
+        return leading_matches(block_hashes, replicas, self._blocks_of)
+
+    def _blocks_of(self, replica: str) -> AbstractSet[BlockHash]:
+        state = self.replicas.get(replica)
+        return state.blocks if state is not None else _NOTHING
 
     @property
     def num_blocks(self) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.recent_routes import RecentRoutes
+from kvserve.router.working_sets import WorkingSets
 from kvserve.workers.block_hash import BlockHash
 
 
@@ -13,26 +14,37 @@ from kvserve.workers.block_hash import BlockHash
 class KVScorer:
     """cost(replica) = prompt tokens it would compute
                      + `load_cost_tokens` x requests in flight there
-                     + the tokens of its new blocks x the share of its pool already in use or
-                       cached (the cached work those blocks push out there, now or soon).
-    The last term places new prefixes by what the replicas hold rather than by their
-    momentary load, which spreads them over the cluster's whole cache and keeps evictions
-    low. A replica busier than the least busy one by more than `max_imbalance` requests is
-    held back to the end of the ranking, whatever it caches: that stops a hot prefix from
-    piling every request onto its holder."""
+                     + the tokens of its new blocks x the share of its pool that recent
+                       traffic keeps wanted (the cached work those blocks push out, now or
+                       as the conversations there grow).
+    The last term places new prefixes by the replicas' working sets (`WorkingSets`), not by
+    their momentary load nor by blocks that sit cached but unwanted: the live prefixes spread
+    over the cluster's whole cache, and a prefix every replica could use (a system prompt)
+    does not pull every new conversation onto its first holder. Equal costs go to the
+    replica with the most free room in its pool. A replica busier than the least busy one by
+    more than `max_imbalance` requests is held back to the end of the ranking, whatever it
+    caches: that stops a hot prefix from piling every request onto its holder."""
 
     follower: KVIndexFollower
     block_size: int = 16
     load_cost_tokens: int = 64
     max_imbalance: int = 4
+    working_set_window_s: float = 60.0
 
     def __post_init__(self):
         self.in_flight: Counter[str] = Counter()
         self.recent = RecentRoutes()
+        self.working_sets = WorkingSets(self.working_set_window_s)
 
     def record(self, replica: str, block_hashes: list[BlockHash]) -> None:
-        """The request with these blocks goes to `replica` (see `RecentRoutes`)."""
+        """The request with these blocks goes to `replica`."""
         self.recent.add(replica, block_hashes)
+        total = self.follower.stats.get(replica, {}).get("kv_blocks_total", 0)
+        self.working_sets.add(replica, block_hashes, limit=2 * total)
+
+    def forget(self, replica: str) -> None:
+        self.in_flight.pop(replica, None)
+        self.working_sets.forget(replica)
 
     def load(self, replica: str) -> int:
         """Requests in flight there: ours, or the replica's own count if that is larger
@@ -50,6 +62,14 @@ class KVScorer:
         total = self.follower.stats.get(replica, {}).get("kv_blocks_total")
         return min(self.occupied_blocks(replica) / total, 1.0) if total else 0.0
 
+    def pressure(self, replica: str) -> float:
+        """Its working set, or the blocks in use if more, over its pool: above 1 (up to 2)
+        when the traffic sent there already wants more than it can cache."""
+        stats = self.follower.stats.get(replica, {})
+        total = stats.get("kv_blocks_total")
+        wanted = max(self.working_sets.blocks(replica), stats.get("kv_blocks_used", 0))
+        return wanted / total if total else 0.0
+
     def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int) -> tuple[list[int], str]:
         """Indices of `replicas`, best first, and the reason for the first choice."""
         index = self.follower.index
@@ -60,13 +80,14 @@ class KVScorer:
         depths = [matched.get(r, 0) for r in replicas]
         loads = [self.load(r) for r in replicas]
         fills = [self.fill(r) for r in replicas]
+        pressures = [self.pressure(r) for r in replicas]
         least = min(loads)
         prompt_blocks = -(-num_tokens // self.block_size)
         costs = [
             num_tokens - depth * self.block_size
             + self.load_cost_tokens * load
-            + self.block_size * (prompt_blocks - depth) * fill
-            for depth, load, fill in zip(depths, loads, fills)
+            + self.block_size * (prompt_blocks - depth) * pressure
+            for depth, load, pressure in zip(depths, loads, pressures)
         ]
         order = sorted(range(len(replicas)), key=lambda k: (costs[k], loads[k], fills[k], random.random()))
         allowed = [k for k in order if loads[k] - least <= self.max_imbalance]

@@ -19,9 +19,10 @@ from kvserve.router.kv_scoring import KVScorer
 class KVAwareRouter(RequestRouter):
     """Ranks replicas with `KVScorer` over the local copy of the KV index (no remote call)."""
 
-    def initialize_state(self, block_size: int = 16, load_cost_tokens: int = 64, max_imbalance: int = 4):
+    def initialize_state(self, block_size: int = 16, load_cost_tokens: int = 64, max_imbalance: int = 4,
+                         working_set_window_s: float = 60.0):
         self.settings = {"block_size": block_size, "load_cost_tokens": load_cost_tokens,
-                         "max_imbalance": max_imbalance}
+                         "max_imbalance": max_imbalance, "working_set_window_s": working_set_window_s}
         self.scorer: KVScorer | None = None
         self.known: set[str] = set()
 
@@ -73,7 +74,7 @@ class KVAwareRouter(RequestRouter):
         if self.scorer is None:
             return
         for replica in replicas:
-            self.scorer.in_flight.pop(replica, None)
+            self.scorer.forget(replica)
             self.scorer.follower.forget(replica, departed=True)
 
 

@@ -23,7 +23,7 @@ def test_oracle_reuses_every_full_block_seen_before():
 
 def test_workloads_differ_and_share_what_they_should():
     args = argparse.Namespace(workload="shared-prefix", bench_seed=0, num_requests=20, prompt_len=8,
-                              prefix_len=32, groups=2, output_len=4, max_history=200)
+                              prefix_len=32, groups=2, output_len=4, max_history=200, system_len=0)
     shared = make_prompts(args, 500)
     assert len({tuple(p[:32]) for p in shared}) == 2
     args.workload = "multi-turn"
@@ -31,6 +31,21 @@ def test_workloads_differ_and_share_what_they_should():
     assert all(len(p) <= 200 for p in turns) and oracle_hit_rate(turns, 16) > 0.5
     args.workload = "random"
     assert oracle_hit_rate(make_prompts(args, 500), 16) == 0
+
+
+@pytest.mark.parametrize("workload", ["shared-prefix", "multi-turn"])
+def test_a_system_prompt_opens_every_prompt_and_leaves_the_rest_alone(workload):
+    args = argparse.Namespace(workload=workload, bench_seed=0, num_requests=20, prompt_len=8,
+                              prefix_len=32, groups=4, output_len=4, max_history=120, system_len=0)
+    plain = make_prompts(args, 500)
+    args.system_len = 24
+    with_system = make_prompts(args, 500)
+    system = with_system[0][:24]
+    assert all(p[:24] == system for p in with_system)
+    if workload == "shared-prefix":
+        assert [p[24:] for p in with_system] == plain
+    else:  # the system prompt counts towards max_history, so conversations restart sooner
+        assert all(len(p) <= 120 for p in with_system) and with_system[0][24:] == plain[0]
 
 
 def test_percentiles():

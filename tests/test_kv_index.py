@@ -119,15 +119,57 @@ def test_scorer_counts_idle_cached_blocks_as_occupied():
     assert scorer.rank(["a", "b"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
 
 
-def test_scorer_weighs_evictions_against_load():
+def test_scorer_weighs_evicting_wanted_blocks_against_load():
+    """Blocks that recent traffic keeps alive cost their recomputation when a new prefix
+    pushes them out; blocks only sitting in the cache cost little more than nothing."""
     from kvserve.router.kv_scoring import KVScorer
 
-    full, empty = {"kv_blocks_used": 0, "kv_blocks_total": 10}, {"kv_blocks_used": 0, "kv_blocks_total": 10}
-    follower = follower_with({"full": list(range(100, 140)), "empty": []}, stats={"full": full, "empty": empty})
+    pool = {"kv_blocks_used": 0, "kv_blocks_total": 10}
+    follower = follower_with({"wanted": [], "stale": list(range(100, 140)), "busy": []},
+                             stats={"wanted": pool, "stale": pool, "busy": pool})
     scorer = KVScorer(follower, block_size=BLOCK, load_cost_tokens=4)
-    scorer.in_flight["empty"] = 1  # costs 4 tokens; evicting 6 blocks on "full" costs 24
+    scorer.record("wanted", hash_block_chain(list(range(500, 500 + 10 * BLOCK)), BLOCK))  # its whole pool
+    scorer.in_flight["busy"] = 1  # costs 4 tokens; 2 blocks pushing out wanted ones cost 32
     prompt = list(range(24))
-    assert scorer.rank(["full", "empty"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
+    assert scorer.rank(["wanted", "stale", "busy"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 2, 0]
+
+
+def test_a_system_prompt_held_by_one_replica_does_not_pull_every_conversation_there():
+    """Every conversation opens with the same system prompt, which one replica caches: it
+    saves each new conversation a little there, and the conversations would pile up on it."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    system = list(range(2 * BLOCK))
+    pool = {"kv_blocks_used": 0, "kv_blocks_total": 20}  # a conversation wants half
+    follower = follower_with({"a": system, "b": [], "c": [], "d": []}, stats=dict.fromkeys("abcd", pool))
+    scorer = KVScorer(follower, block_size=BLOCK)
+    chosen = []
+    for k in range(4):
+        prompt = system + list(range(1000 * (k + 1), 1000 * (k + 1) + 8 * BLOCK))
+        hashes = hash_block_chain(prompt, BLOCK)
+        order, _ = scorer.rank(list("abcd"), hashes, len(prompt))
+        chosen.append("abcd"[order[0]])
+        scorer.record(chosen[-1], hashes)
+    assert chosen[0] == "a" and sorted(chosen) == list("abcd"), chosen
+
+
+def test_working_sets_count_the_distinct_blocks_sent_within_the_window():
+    from kvserve.router.working_sets import WorkingSets
+
+    sets = WorkingSets(window_s=10.0)
+    conversation = hash_block_chain(list(range(4 * BLOCK)), BLOCK)
+    other = hash_block_chain(list(range(100, 100 + BLOCK)), BLOCK)
+    sets.add("a", conversation[:2], limit=100, now=0.0)
+    sets.add("a", conversation, limit=100, now=1.0)  # the next turn holds the first
+    sets.add("a", conversation[:3], limit=100, now=2.0)
+    sets.add("a", other, limit=100, now=5.0)
+    assert sets.blocks("a", now=5.0) == 4 + 1 and sets.blocks("b", now=5.0) == 0
+    assert sets.blocks("a", now=12.5) == 1  # the conversation was last sent at 2.0
+    assert sets.blocks("a", now=15.5) == 0
+    sets.add("a", conversation, limit=2, now=16.0)
+    assert sets.blocks("a", now=16.0) == 2
+    sets.forget("a")
+    assert sets.blocks("a", now=16.0) == 0
 
 
 def test_recent_routes_match_until_they_expire():
