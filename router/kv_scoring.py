@@ -5,7 +5,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.recent_routes import RecentRoutes
 from kvserve.router.working_sets import WorkingSets
 from kvserve.workers.block_hash import BlockHash
 
@@ -30,17 +29,16 @@ class KVScorer:
     load_cost_tokens: int = 64
     max_imbalance: int = 4
     working_set_window_s: float = 60.0
+    recent_s: float = 5.0  # by when a request's KV events have normally reached the index
 
     def __post_init__(self):
         self.in_flight: Counter[str] = Counter()
-        self.recent = RecentRoutes()
         self.working_sets = WorkingSets(self.working_set_window_s)
 
     def record(self, replica: str, block_hashes: list[BlockHash]) -> None:
         """The request with these blocks goes to `replica`."""
-        self.recent.add(replica, block_hashes)
-        total = self.follower.stats.get(replica, {}).get("kv_blocks_total", 0)
-        self.working_sets.add(replica, block_hashes, limit=2 * total)
+        total = self.follower.stats.get(replica, {}).get("kv_blocks_total")
+        self.working_sets.add(replica, block_hashes, limit=2 * total if total else None)
 
     def forget(self, replica: str) -> None:
         self.in_flight.pop(replica, None)
@@ -75,7 +73,7 @@ class KVScorer:
         index = self.follower.index
         trusted = [r for r in replicas if r in index.replicas]
         matched = index.prefix_matches(block_hashes, trusted)
-        for replica, depth in self.recent.prefix_matches(block_hashes, trusted).items():
+        for replica, depth in self.working_sets.recent_matches(block_hashes, trusted, self.recent_s).items():
             matched[replica] = max(depth, matched.get(replica, 0))
         depths = [matched.get(r, 0) for r in replicas]
         loads = [self.load(r) for r in replicas]

@@ -173,16 +173,16 @@ def test_working_sets_count_the_distinct_blocks_sent_within_the_window():
 
 
 def test_recent_routes_match_until_they_expire():
-    from kvserve.router.recent_routes import RecentRoutes
+    from kvserve.router.working_sets import WorkingSets
 
-    recent = RecentRoutes(ttl_s=5.0)
+    recent = WorkingSets()
     chain = hash_block_chain(list(range(16)), BLOCK)
-    recent.add("a", chain[:3], now=0.0)
-    recent.add("a", chain[:2], now=1.0)
-    recent.add("b", chain[:1], now=2.0)
-    assert recent.prefix_matches(chain, ["a", "b", "c"], now=2.0) == {"a": 3, "b": 1, "c": 0}
-    assert recent.prefix_matches(chain, ["a", "b"], now=5.5) == {"a": 2, "b": 1}
-    assert recent.prefix_matches(chain, ["a", "b"], now=7.5) == {"a": 0, "b": 0}
+    recent.add("a", chain[:3], limit=None, now=0.0)
+    recent.add("a", chain[:2], limit=None, now=1.0)
+    recent.add("b", chain[:1], limit=None, now=2.0)
+    assert recent.recent_matches(chain, ["a", "b", "c"], within_s=5.0, now=2.0) == {"a": 3, "b": 1, "c": 0}
+    assert recent.recent_matches(chain, ["a", "b"], within_s=5.0, now=5.5) == {"a": 2, "b": 1}
+    assert recent.recent_matches(chain, ["a", "b"], within_s=5.0, now=7.5) == {"a": 0, "b": 0}
 
 
 def test_scorer_sends_a_follow_up_after_its_first_request_before_any_event():
