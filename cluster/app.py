@@ -4,11 +4,11 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from kvserve.cluster.config import AppConfig
-from kvserve.router.ingress import Ingress
+from kvserve.router.ingress import Ingress, IngressSettings
 from kvserve.router.policies import policy_class
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.server import LLMServer
-from kvserve.workers.tp_worker import placement_bundles
+from kvserve.workers.runner.tp_executor import placement_bundles
 
 
 def router_config(config: AppConfig) -> RequestRouterConfig:
@@ -19,20 +19,18 @@ def router_config(config: AppConfig) -> RequestRouterConfig:
     return RequestRouterConfig(
         request_router_class=policy_class(serving.router),
         request_router_kwargs=kwargs,
-        request_routing_stats_period_s=1.0,
     )
 
 
-def ingress_settings(config: AppConfig) -> dict:
+def ingress_settings(config: AppConfig) -> IngressSettings:
     engine = config.engine
-    model = ModelConfig.from_pretrained_dir(engine.model)
-    return {
-        "served_model_name": config.served_model_name(),
-        "block_size": engine.block_size,
-        "max_model_len": engine.max_model_len or model.max_position_embeddings,
-        "tokenizer": engine.tokenizer or engine.model,
-        "api_key": config.serving.api_key,
-    }
+    return IngressSettings(
+        served_model_name=config.served_model_name(),
+        block_size=engine.block_size,
+        max_model_len=engine.effective_max_model_len(ModelConfig.from_pretrained_dir(engine.model)),
+        tokenizer=engine.tokenizer_dir,
+        api_key=config.serving.api_key,
+    )
 
 
 def replica_resources(config: AppConfig) -> dict:
@@ -60,7 +58,7 @@ def build_app(config: AppConfig):
         request_router_config=router_config(config),
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
-    ).bind(config.engine.model_dump())
+    ).bind(config.engine)
     ingress = serve.deployment(
         Ingress,
         name="Ingress",

@@ -68,7 +68,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
 
 def _generate(args: argparse.Namespace) -> int:
     from kvserve.workers.llm import LLM
-    from kvserve.workers.sampling_params import SamplingParams
+    from kvserve.workers.engine.sampling_params import SamplingParams
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
@@ -138,7 +138,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from kvserve.cluster import bench_engine
+    from kvserve.cluster.bench import engine as bench_engine
 
     return bench_engine.main(args, args.model or bench_model(), _engine_options(args))
 
@@ -179,33 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
     bench_verbs = bench.add_subparsers(dest="bench_verb", required=True)
     engine = bench_verbs.add_parser("engine", help="offline engine against HF transformers generate")
     _add_engine_flags(engine)
-    from kvserve.cluster.bench_engine import add_flags
+    from kvserve.cluster.bench.engine import add_flags
 
     add_flags(engine)
     engine.set_defaults(run=_bench)
-    from kvserve.cluster import bench_serve
+    from kvserve.cluster.bench import serve as bench_serve
 
     load = bench_verbs.add_parser("serve", help="load generator against a running endpoint")
     bench_serve.add_flags(load)
     load.set_defaults(run=lambda args: bench_serve.main(args))
-    from kvserve.cluster import bench_route
+    from kvserve.cluster.bench import route as bench_route
 
     route = bench_verbs.add_parser("route", help="time of the KV-aware routing decision")
     bench_route.add_flags(route)
     route.set_defaults(run=lambda args: bench_route.main(args))
-    from kvserve.cluster import bench_tp
+    from kvserve.cluster.bench import tp as bench_tp
 
     tp = bench_verbs.add_parser("tp", help="per-step overhead of tensor parallelism against tp 1")
     _add_engine_flags(tp)
     bench_tp.add_flags(tp)
     tp.set_defaults(run=lambda args: bench_tp.main(args, args.model or bench_model(), _engine_options(args)))
-    from kvserve.cluster import bench_routers
+    from kvserve.cluster.bench import routers as bench_routers
 
     routers = bench_verbs.add_parser("routers", help="every routing policy side by side on local CPU replicas")
     routers.add_argument("--model", help="checkpoint folder (default: the built-in tiny model)")
     bench_routers.add_flags(routers)
     routers.set_defaults(run=lambda args: bench_routers.main(args, args.model or router_bench_model()))
-    from kvserve.cluster import bench_decode, bench_kernels
+    from kvserve.cluster.bench import decode as bench_decode, kernels as bench_kernels
 
     kernels = bench_verbs.add_parser("kernels", help="paged attention against copy bandwidth and torch SDPA")
     bench_kernels.add_flags(kernels)

@@ -1,22 +1,12 @@
 """The application config: one pydantic tree, filled from a YAML file and CLI flags."""
 
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvserve.router.policies import POLICIES
-from kvserve.workers.config import EngineConfig
-
-
-class RouterOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    load_cost_tokens: int = Field(64, ge=0, description="kv: prompt tokens one in-flight request is worth")
-    max_imbalance: int = Field(4, ge=0, description="kv: most extra in-flight requests over the least busy replica")
-    working_set_window_s: float = Field(
-        60.0, gt=0, description="kv: how long a prompt sent to a replica counts as wanted in its cache")
+from kvserve.router.options import Policy, RouterOptions
+from kvserve.workers.engine.config import EngineConfig
 
 
 class ServingConfig(BaseModel):
@@ -26,7 +16,7 @@ class ServingConfig(BaseModel):
     served_model_name: str | None = Field(None, description="the model id clients use; default: the folder name")
     replicas: int = Field(1, ge=1)
     ingress_replicas: int = Field(1, ge=1)
-    router: Literal[POLICIES] = "kv"
+    router: Policy = "kv"
     router_options: RouterOptions = RouterOptions()
     replica_cpus: float = Field(1.0, ge=0)
     replica_gpus: float = Field(0.0, ge=0)

@@ -10,10 +10,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.exceptions import RayTaskError
@@ -23,13 +25,15 @@ from transformers import AutoTokenizer
 
 from kvserve.router import routing_metrics as metrics
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.protocol import ChatCompletionRequest, CompletionRequest
+from kvserve.router.openai_schema import ChatCompletionRequest, CompletionRequest
 from kvserve.router.responses import (
     ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body,
     completion_logprobs, openai_finish_reason,
 )
-from kvserve.workers.block_hash import hash_block_chain
-from kvserve.workers.server import GenerateRequest
+from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
+from kvserve.workers.protocol import (
+    GenerateRequest, OutputDelta, SampleDelta, SamplingParams, TokenLogprobs, prompt_length_problem,
+)
 
 REPLICA_HEADER = "x-kvserve-replica"
 # `serve.ingress` pickles the class when it decorates it: everything its methods use must be
@@ -57,13 +61,23 @@ async def _openai_error(_: Request, error: OpenAIError) -> JSONResponse:
     return error.response()
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+def invalid_value(error: RequestValidationError | ValidationError) -> OpenAIError:
+    """A 400 naming the first field pydantic refused."""
     first = error.errors()[0]
     location = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(location) or None
     message = f"{param}: {first['msg']}" if param else first["msg"]
-    return bad_request(message, param).response()
+    return bad_request(message, param)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    return invalid_value(error).response()
+
+
+@app.exception_handler(ValidationError)
+async def _sampling_error(_: Request, error: ValidationError) -> JSONResponse:
+    return invalid_value(error).response()
 
 
 def _engine_error(error: Exception) -> OpenAIError:
@@ -100,30 +114,29 @@ class _Generation:
     """One HTTP request's generation: several prompts x n samples, merged into choices."""
 
     def __init__(self, ingress: "Ingress", request_id: str, body, chat: bool, num_prompts: int,
-                 firsts: list[dict], streams: list, timers: list[_RequestTimer]):
+                 firsts: list[OutputDelta], streams: list, timers: list[_RequestTimer]):
         self.ingress, self.request_id, self.body, self.chat = ingress, request_id, body, chat
         self.n = body.n
         self.choices = [ChoiceState(i) for i in range(num_prompts * self.n)]
         self.firsts, self.streams, self.timers = firsts, streams, timers
         self.usage = Usage()
         for first in firsts:
-            self.usage.prompt_tokens += first["num_prompt_tokens"] * self.n
-            self.usage.cached_tokens += first["num_cached_tokens"]
-            replica = first["replica"]
-            metrics.PROMPT_TOKENS.labels(replica).inc(first["num_prompt_tokens"])
-            metrics.PREFIX_QUERIED_TOKENS.labels(replica).inc(first["num_prompt_tokens"])
-            metrics.PREFIX_HIT_TOKENS.labels(replica).inc(first["num_cached_tokens"])
+            self.usage.prompt_tokens += first.num_prompt_tokens * self.n
+            self.usage.cached_tokens += first.num_cached_tokens
+            metrics.PROMPT_TOKENS.labels(first.replica).inc(first.num_prompt_tokens)
+            metrics.PREFIX_QUERIED_TOKENS.labels(first.replica).inc(first.num_prompt_tokens)
+            metrics.PREFIX_HIT_TOKENS.labels(first.replica).inc(first.num_cached_tokens)
 
-    async def _chunks(self) -> AsyncIterator[tuple[int, dict]]:
-        """(prompt index, chunk) in arrival order across the prompts' streams."""
+    async def _deltas(self) -> AsyncIterator[tuple[int, OutputDelta]]:
+        """(prompt index, delta) in arrival order across the prompts' streams."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:
             try:
                 await queue.put((i, self.firsts[i]))
-                if not self.firsts[i]["finished"]:
-                    async for chunk in self.streams[i]:
-                        await queue.put((i, chunk))
+                if not self.firsts[i].finished:
+                    async for delta in self.streams[i]:
+                        await queue.put((i, delta))
             except Exception as error:  # surfaced to the consumer below
                 await queue.put((i, error))
             await queue.put((i, None))
@@ -145,31 +158,31 @@ class _Generation:
             for stream in self.streams:
                 stream.cancel()
 
-    def _fold(self, prompt_index: int, chunk: dict) -> list[tuple[ChoiceState, dict]]:
-        """Apply a chunk; returns each touched choice with its delta."""
-        replica = chunk["replica"]
+    def _fold(self, prompt_index: int, delta: OutputDelta) -> list[tuple[ChoiceState, SampleDelta]]:
+        """Apply a delta; returns each touched choice with its sample's delta."""
+        replica = delta.replica
         touched = []
         new_tokens = 0
-        for out in chunk["outputs"]:
-            choice = self.choices[prompt_index * self.n + out["index"]]
-            choice.text += out["delta_text"]
-            choice.token_ids += out["delta_token_ids"]
-            choice.logprobs += out["delta_logprobs"] or []
-            choice.finish_reason = openai_finish_reason(out["finish_reason"])
-            new_tokens += len(out["delta_token_ids"])
-            touched.append((choice, out))
+        for sample in delta.samples:
+            choice = self.choices[prompt_index * self.n + sample.index]
+            choice.text += sample.text
+            choice.token_ids += sample.token_ids
+            choice.logprobs += sample.logprobs or []
+            choice.finish_reason = openai_finish_reason(sample.finish_reason)
+            new_tokens += len(sample.token_ids)
+            touched.append((choice, sample))
         if new_tokens:
             self.usage.completion_tokens += new_tokens
             metrics.GENERATED_TOKENS.labels(replica).inc(new_tokens)
             self.timers[prompt_index].tokens_arrived(replica)
-        if chunk["finished"]:
+        if delta.finished:
             self.timers[prompt_index].finished(replica, "ok")
         return touched
 
     async def collect(self) -> dict:
         try:
-            async for i, chunk in self._chunks():
-                self._fold(i, chunk)
+            async for i, delta in self._deltas():
+                self._fold(i, delta)
         except Exception as error:
             raise _engine_error(error) from error
         choices = [self._final_choice(c) for c in self.choices]
@@ -187,7 +200,7 @@ class _Generation:
     def _wants_logprobs(self) -> bool:
         return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
 
-    def _logprobs(self, entries: list[dict], text_start: int) -> dict:
+    def _logprobs(self, entries: list[TokenLogprobs], text_start: int) -> dict:
         if self.chat:
             return chat_logprobs(entries, self.ingress.token_text)
         return completion_logprobs(entries, self.ingress.token_text, text_start)
@@ -200,26 +213,25 @@ class _Generation:
                       "logprobs": None, "finish_reason": None} for c in self.choices]
             yield _sse(chunk_body(self.request_id, model, first, None, True))
         try:
-            async for i, chunk in self._chunks():
-                deltas = [self._delta_choice(c, out) for c, out in self._fold(i, chunk)]
-                if deltas:
-                    yield _sse(chunk_body(self.request_id, model, deltas, None, self.chat))
+            async for i, delta in self._deltas():
+                choices = [self._delta_choice(c, sample) for c, sample in self._fold(i, delta)]
+                if choices:
+                    yield _sse(chunk_body(self.request_id, model, choices, None, self.chat))
         except Exception as error:
             yield _sse(_engine_error(error).response().body, raw=True)
         if usage_in_chunks:
             yield _sse(chunk_body(self.request_id, model, [], self.usage, self.chat))
         yield b"data: [DONE]\n\n"
 
-    def _delta_choice(self, choice: ChoiceState, out: dict) -> dict:
-        entries = out["delta_logprobs"] or []
+    def _delta_choice(self, choice: ChoiceState, sample: SampleDelta) -> dict:
         logprobs = None
         if self._wants_logprobs():
-            logprobs = self._logprobs(entries, len(choice.text) - len(out["delta_text"]))
-        reason = openai_finish_reason(out["finish_reason"])
+            logprobs = self._logprobs(sample.logprobs or [], len(choice.text) - len(sample.text))
+        reason = openai_finish_reason(sample.finish_reason)
         if self.chat:
-            return {"index": choice.index, "delta": {"content": out["delta_text"]},
+            return {"index": choice.index, "delta": {"content": sample.text},
                     "logprobs": logprobs, "finish_reason": reason}
-        return {"index": choice.index, "text": out["delta_text"], "logprobs": logprobs, "finish_reason": reason}
+        return {"index": choice.index, "text": sample.text, "logprobs": logprobs, "finish_reason": reason}
 
 
 def _sse(body, raw: bool = False) -> bytes:
@@ -227,15 +239,25 @@ def _sse(body, raw: bool = False) -> bytes:
     return b"data: " + payload + b"\n\n"
 
 
+@dataclass(frozen=True)
+class IngressSettings:
+    served_model_name: str
+    block_size: int
+    max_model_len: int
+    tokenizer: str  # folder
+    api_key: str | None
+
+
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, llm: DeploymentHandle, settings: dict):
+    def __init__(self, llm: DeploymentHandle, settings: IngressSettings):
         self.llm = llm
-        self.model_name: str = settings["served_model_name"]
-        self.block_size: int = settings["block_size"]
-        self.max_model_len: int = settings["max_model_len"]
-        self.api_key: str | None = settings.get("api_key")
-        self.tokenizer = AutoTokenizer.from_pretrained(settings["tokenizer"], local_files_only=True)
+        self.model_name = settings.served_model_name
+        self.block_size = settings.block_size
+        self.max_model_len = settings.max_model_len
+        self.hash_check = hash_check_value(self.block_size)
+        self.api_key = settings.api_key
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer, local_files_only=True)
         self.token_text = TokenText(self.tokenizer)
         self.app_name = serve.get_replica_context().app_name
         self.follower: KVIndexFollower | None = None
@@ -265,11 +287,9 @@ class Ingress:
             text = prompt
         else:
             ids, text = list(prompt), self.tokenizer.decode(prompt)
-        if not ids:
-            raise bad_request("the prompt is empty", "prompt")
-        if len(ids) >= self.max_model_len:
-            raise bad_request(f"the prompt has {len(ids)} tokens; this model's max_model_len is "
-                              f"{self.max_model_len}, leaving no room to generate", "prompt")
+        problem = prompt_length_problem(len(ids), self.max_model_len)
+        if problem is not None:
+            raise bad_request(problem, "prompt")
         return text, ids
 
     def _max_tokens(self, ids: list[int], asked: int | None) -> int:
@@ -330,7 +350,7 @@ class Ingress:
 
     # -- generation --------------------------------------------------------------------
 
-    async def _serve(self, prompts, sampling: dict, body, chat: bool) -> Response:
+    async def _serve(self, prompts, sampling: SamplingParams, body, chat: bool) -> Response:
         self._ensure_follower()
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams = [self._start(f"{request_id}-{i}", text, ids, sampling, body) for i, (text, ids) in enumerate(prompts)]
@@ -341,20 +361,21 @@ class Ingress:
             for s in streams:
                 s.cancel()
             raise _engine_error(error) from error
-        replicas = [f["replica"] for f in firsts]
+        replicas = [f.replica for f in firsts]
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(replicas))}
         run = _Generation(self, request_id, body, chat, len(prompts), firsts, streams, timers)
         if body.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
         return JSONResponse(await run.collect(), headers=headers)
 
-    def _start(self, request_id: str, text: str, ids: list[int], sampling: dict, body):
+    def _start(self, request_id: str, text: str, ids: list[int], sampling: SamplingParams, body):
         request = GenerateRequest(
             request_id=request_id,
             prompt_token_ids=ids,
             sampling=sampling,
             prompt=text,
             block_hashes=hash_block_chain(ids, self.block_size, body.cache_salt),
+            hash_check=self.hash_check,
             cache_salt=body.cache_salt,
             priority=body.priority,
         )

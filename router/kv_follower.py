@@ -11,7 +11,8 @@ import logging
 import ray
 
 from kvserve.router.kv_index import KVIndex
-from kvserve.workers.block_hash import hash_check_value
+from kvserve.workers.engine.block_hash import hash_check_value
+from kvserve.workers.protocol import EngineStats, HubNews, ReplicaNews
 from kvserve.workers.kv_event_hub import hub_name
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class KVIndexFollower:
         self.block_size = block_size
         self.expected_check = hash_check_value(block_size)
         self.index = KVIndex()
-        self.stats: dict[str, dict] = {}
+        self.stats: dict[str, EngineStats] = {}
         self.rejected: set[str] = set()
         self.departed: set[str] = set()  # replica ids are never reused
         self._version = -1
@@ -43,10 +44,6 @@ class KVIndexFollower:
     def ensure_running(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._follow_forever())
-
-    @property
-    def trusted(self) -> set[str]:
-        return set(self.index.replicas)
 
     async def _follow_forever(self) -> None:
         hub = None
@@ -65,35 +62,35 @@ class KVIndexFollower:
     def _cursors(self) -> dict[str, int]:
         return {r: s.last_seq for r, s in self.index.replicas.items()}
 
-    def apply(self, news: dict) -> None:
+    def apply(self, news: HubNews) -> None:
         """Fold one answer of the hub into the index."""
-        self._version = news["version"]
-        replicas = news["replicas"]
-        for gone in set(self.index.replicas) - set(replicas):
+        self._version = news.version
+        for gone in set(self.index.replicas) - set(news.replicas):
             self.forget(gone)
-        for replica, info in replicas.items():
+        for replica, replica_news in news.replicas.items():
             if replica in self.departed:
                 continue
-            self.stats[replica] = info["stats"]
-            if not self._agrees(replica, info):
-                continue
-            if "snapshot" in info:
-                snap = info["snapshot"]
-                self.index.load_snapshot(replica, info["block_size"], snap["seq"], snap["blocks"])
-                continue
-            self.index.add_replica(replica, info["block_size"])
-            for batch in info["batches"]:
-                if not self.index.apply(replica, batch):
-                    self.index.drop_replica(replica)  # the next answer brings a snapshot
-                    break
+            self.stats[replica] = replica_news.stats
+            if self._agrees(replica, replica_news):
+                self._apply_replica(replica, replica_news)
 
-    def _agrees(self, replica: str, info: dict) -> bool:
-        if info["block_size"] == self.block_size and info["hash_check"] == self.expected_check:
+    def _apply_replica(self, replica: str, news: ReplicaNews) -> None:
+        if news.snapshot is not None:
+            self.index.load_snapshot(replica, news.block_size, news.snapshot)
+            return
+        self.index.add_replica(replica, news.block_size)
+        for batch in news.batches:
+            if not self.index.apply(replica, batch):
+                self.index.drop_replica(replica)  # the next answer brings a snapshot
+                return
+
+    def _agrees(self, replica: str, news: ReplicaNews) -> bool:
+        if news.block_size == self.block_size and news.hash_check == self.expected_check:
             return True
         if replica not in self.rejected:
             logger.error(
                 "replica %s hashes blocks differently (block size %s, check %s; ours %s, %s): "
-                "it gets no prefix-aware routing", replica, info["block_size"], info["hash_check"],
+                "it gets no prefix-aware routing", replica, news.block_size, news.hash_check,
                 self.block_size, self.expected_check,
             )
             self.rejected.add(replica)

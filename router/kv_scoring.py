@@ -5,14 +5,15 @@ from collections import Counter
 from dataclasses import dataclass
 
 from kvserve.router.kv_follower import KVIndexFollower
+from kvserve.router.options import RouterOptions
 from kvserve.router.working_sets import WorkingSets
-from kvserve.workers.block_hash import BlockHash
+from kvserve.workers.protocol import BlockHash, EngineStats
 
 
 @dataclass
 class KVScorer:
     """cost(replica) = prompt tokens it would compute
-                     + `load_cost_tokens` x requests in flight there
+                     + `options.load_cost_tokens` x requests in flight there
                      + the tokens of its new blocks x the share of its pool that recent
                        traffic keeps wanted (the cached work those blocks push out, now or
                        as the conversations there grow).
@@ -21,24 +22,25 @@ class KVScorer:
     over the cluster's whole cache, and a prefix every replica could use (a system prompt)
     does not pull every new conversation onto its first holder. Equal costs go to the
     replica with the most free room in its pool. A replica busier than the least busy one by
-    more than `max_imbalance` requests is held back to the end of the ranking, whatever it
-    caches: that stops a hot prefix from piling every request onto its holder."""
+    more than `options.max_imbalance` requests is held back to the end of the ranking,
+    whatever it caches: that stops a hot prefix from piling every request onto its holder."""
 
     follower: KVIndexFollower
-    block_size: int = 16
-    load_cost_tokens: int = 64
-    max_imbalance: int = 4
-    working_set_window_s: float = 60.0
-    recent_s: float = 5.0  # by when a request's KV events have normally reached the index
+    block_size: int
+    options: RouterOptions = RouterOptions()
 
     def __post_init__(self):
         self.in_flight: Counter[str] = Counter()
-        self.working_sets = WorkingSets(self.working_set_window_s)
+        self.working_sets = WorkingSets(self.options.working_set_window_s)
+
+    def _stats(self, replica: str) -> EngineStats | None:
+        """What the replica last published; None until the hub has passed it on."""
+        return self.follower.stats.get(replica)
 
     def record(self, replica: str, block_hashes: list[BlockHash]) -> None:
         """The request with these blocks goes to `replica`."""
-        total = self.follower.stats.get(replica, {}).get("kv_blocks_total")
-        self.working_sets.add(replica, block_hashes, limit=2 * total if total else None)
+        stats = self._stats(replica)
+        self.working_sets.add(replica, block_hashes, limit=2 * stats.kv_blocks_total if stats else None)
 
     def forget(self, replica: str) -> None:
         self.in_flight.pop(replica, None)
@@ -47,33 +49,32 @@ class KVScorer:
     def load(self, replica: str) -> int:
         """Requests in flight there: ours, or the replica's own count if that is larger
         (other ingress replicas route to it too)."""
-        stats = self.follower.stats.get(replica, {})
-        return max(self.in_flight[replica], stats.get("running", 0) + stats.get("waiting", 0))
-
-    def occupied_blocks(self, replica: str) -> int:
-        """Blocks of its pool that hold something: cached (exact, from the index) or in use."""
-        state = self.follower.index.replicas.get(replica)
-        cached = len(state.blocks) if state is not None else 0
-        return max(cached, self.follower.stats.get(replica, {}).get("kv_blocks_used", 0))
+        stats = self._stats(replica)
+        return max(self.in_flight[replica], stats.running + stats.waiting if stats else 0)
 
     def fill(self, replica: str) -> float:
-        total = self.follower.stats.get(replica, {}).get("kv_blocks_total")
-        return min(self.occupied_blocks(replica) / total, 1.0) if total else 0.0
+        """The share of its pool that holds something: cached (exact, from the index) or in use."""
+        stats = self._stats(replica)
+        if stats is None:
+            return 0.0
+        state = self.follower.index.replicas.get(replica)
+        cached = len(state.blocks) if state is not None else 0
+        return min(max(cached, stats.kv_blocks_used) / stats.kv_blocks_total, 1.0)
 
     def pressure(self, replica: str) -> float:
         """Its working set, or the blocks in use if more, over its pool: above 1 (up to 2)
         when the traffic sent there already wants more than it can cache."""
-        stats = self.follower.stats.get(replica, {})
-        total = stats.get("kv_blocks_total")
-        wanted = max(self.working_sets.blocks(replica), stats.get("kv_blocks_used", 0))
-        return wanted / total if total else 0.0
+        stats = self._stats(replica)
+        if stats is None:
+            return 0.0
+        return max(self.working_sets.blocks(replica), stats.kv_blocks_used) / stats.kv_blocks_total
 
     def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int) -> tuple[list[int], str]:
         """Indices of `replicas`, best first, and the reason for the first choice."""
         index = self.follower.index
         trusted = [r for r in replicas if r in index.replicas]
         matched = index.prefix_matches(block_hashes, trusted)
-        for replica, depth in self.working_sets.recent_matches(block_hashes, trusted, self.recent_s).items():
+        for replica, depth in self.working_sets.recent_matches(block_hashes, trusted, self.options.recent_s).items():
             matched[replica] = max(depth, matched.get(replica, 0))
         depths = [matched.get(r, 0) for r in replicas]
         loads = [self.load(r) for r in replicas]
@@ -83,13 +84,13 @@ class KVScorer:
         prompt_blocks = -(-num_tokens // self.block_size)
         costs = [
             num_tokens - depth * self.block_size
-            + self.load_cost_tokens * load
+            + self.options.load_cost_tokens * load
             + self.block_size * (prompt_blocks - depth) * pressure
             for depth, load, pressure in zip(depths, loads, pressures)
         ]
         order = sorted(range(len(replicas)), key=lambda k: (costs[k], loads[k], fills[k], random.random()))
-        allowed = [k for k in order if loads[k] - least <= self.max_imbalance]
-        held_back = [k for k in order if loads[k] - least > self.max_imbalance]
+        allowed = [k for k in order if loads[k] - least <= self.options.max_imbalance]
+        held_back = [k for k in order if loads[k] - least > self.options.max_imbalance]
         top = max(matched.values(), default=0)
         return allowed + held_back, self._reason(depths[allowed[0]], top, held_back)
 

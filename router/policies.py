@@ -14,22 +14,22 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from kvserve.router import routing_metrics
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.kv_scoring import KVScorer
+from kvserve.router.options import Policy, RouterOptions
 
 
 class KVAwareRouter(RequestRouter):
     """Ranks replicas with `KVScorer` over the local copy of the KV index (no remote call)."""
 
-    def initialize_state(self, block_size: int = 16, load_cost_tokens: int = 64, max_imbalance: int = 4,
-                         working_set_window_s: float = 60.0):
-        self.settings = {"block_size": block_size, "load_cost_tokens": load_cost_tokens,
-                         "max_imbalance": max_imbalance, "working_set_window_s": working_set_window_s}
+    def initialize_state(self, block_size: int, **options):
+        self.block_size = block_size
+        self.options = RouterOptions(**options)
         self.scorer: KVScorer | None = None
         self.known: set[str] = set()
 
     def _scorer(self) -> KVScorer:
         if self.scorer is None:
-            follower = KVIndexFollower.for_app(self._deployment_id.app_name, self.settings["block_size"])
-            self.scorer = KVScorer(follower, **self.settings)
+            follower = KVIndexFollower.for_app(self._deployment_id.app_name, self.block_size)
+            self.scorer = KVScorer(follower, self.block_size, self.options)
         self.scorer.follower.ensure_running()
         return self.scorer
 
@@ -104,7 +104,7 @@ class Pow2Router(PowerOfTwoChoicesRequestRouter):
         return await super().choose_replicas(candidate_replicas, pending_request)
 
 
-def policy_class(name: str) -> type:
+def policy_class(name: Policy) -> type:
     """The router class for a policy name of the config."""
     if name == "prefix_approx":
         from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import (
@@ -113,6 +113,3 @@ def policy_class(name: str) -> type:
 
         return PrefixCacheAffinityRouter
     return {"kv": KVAwareRouter, "pow2": Pow2Router, "round_robin": RoundRobinRouter}[name]
-
-
-POLICIES = ("kv", "pow2", "round_robin", "prefix_approx")

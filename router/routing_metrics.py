@@ -6,6 +6,8 @@ waiting) come from the stats each replica publishes through the KV event hub.
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from kvserve.workers.protocol import EngineStats
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 REQUESTS = Counter("kvserve_requests_total", "Requests by outcome", ["replica", "status"])
@@ -39,15 +41,14 @@ def record_decision(policy: str, reason: str, seconds: float) -> None:
     ROUTING_TIME.labels(policy).observe(seconds)
 
 
-def export_replica_stats(stats: dict[str, dict], index_blocks: dict[str, int], untrusted: int) -> None:
+def export_replica_stats(stats: dict[str, EngineStats], index_blocks: dict[str, int], untrusted: int) -> None:
     """Refresh the per-replica gauges; replicas that are gone lose their series."""
     for gauge in (KV_USAGE, RUNNING, WAITING, INDEX_BLOCKS):
         gauge.clear()
     for replica, s in stats.items():
-        total = s.get("kv_blocks_total") or 1
-        KV_USAGE.labels(replica).set(s.get("kv_blocks_used", 0) / total)
-        RUNNING.labels(replica).set(s.get("running", 0))
-        WAITING.labels(replica).set(s.get("waiting", 0))
+        KV_USAGE.labels(replica).set(s.kv_blocks_used / s.kv_blocks_total)
+        RUNNING.labels(replica).set(s.running)
+        WAITING.labels(replica).set(s.waiting)
     for replica, blocks in index_blocks.items():
         INDEX_BLOCKS.labels(replica).set(blocks)
     UNTRUSTED_REPLICAS.set(untrusted)

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 
 from kvserve.router.kv_index import leading_matches
-from kvserve.workers.block_hash import BlockHash
+from kvserve.workers.engine.block_hash import BlockHash
 
 
 class _SentSince:

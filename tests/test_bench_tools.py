@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvserve.cluster import cli
-from kvserve.cluster.bench_serve import make_prompts, oracle_hit_rate, percentiles
+from kvserve.cluster.bench.serve import make_prompts, oracle_hit_rate, percentiles
 from kvserve.kernels import reference
 
 

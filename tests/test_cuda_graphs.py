@@ -5,10 +5,10 @@ the graphs themselves are captured and replayed."""
 import pytest
 import torch
 
-from kvserve.workers.cuda_graphs import bucket_sizes
+from kvserve.workers.runner.cuda_graphs import bucket_sizes
 from kvserve.workers.llm import LLM
-from kvserve.workers.model_runner import build_plan
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.runner.model_runner import build_plan
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 ENGINE = {"dtype": "float32", "num_kv_blocks": 64, "max_model_len": 128, "max_num_seqs": 16, "block_size": 8}
 PROMPTS = [[(7 * i + j) % 500 + 3 for j in range(5 + 3 * i)] for i in range(11)]

@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kvserve.workers.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from kvserve.workers.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 
 REPLACEMENT = "\ufffd"
 CORPUS = [

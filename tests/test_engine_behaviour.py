@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from kvserve.workers.config import EngineConfig
-from kvserve.workers.engine import LLMEngine
+from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.runner import start_engine
 from kvserve.workers.llm import LLM
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_bad_sampling_params_name_the_field(options, message):
 
 def test_pool_too_small_for_one_sequence(tiny_checkpoints):
     with pytest.raises(ValueError, match="cannot hold one sequence of max_model_len"):
-        LLMEngine(EngineConfig(model=str(tiny_checkpoints["llama"]), device="cpu", num_kv_blocks=4))
+        start_engine(EngineConfig(model=str(tiny_checkpoints["llama"]), device="cpu", num_kv_blocks=4))
 
 
 def test_unknown_architecture_and_missing_files(tiny_checkpoints, tmp_path):

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from kvserve.workers.llm import LLM
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 MAX_TOKENS = 10

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from kvserve.workers.llm import LLM
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 PROMPTS = [[5, 17, 99, 3] * 5, list(range(40, 77)), [300, 301], list(range(100, 150))]
 ENGINE = dict(device="cpu", dtype="float32", block_size=8, max_num_batched_tokens=24, num_kv_blocks=64)
 CHILD = """
 import json, sys
 from kvserve.workers.llm import LLM
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams
 prompts, options = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 outs = LLM(sys.argv[1], **options).generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0))
 print(json.dumps([[o.outputs[0].token_ids, [p.logprob for p in o.outputs[0].logprobs]] for o in outs]))

@@ -7,10 +7,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from kvserve.workers.config import EngineConfig, check_fp8_kv_cache
+from kvserve.workers.engine.config import EngineConfig, check_fp8_kv_cache
 from kvserve.workers.llm import LLM
-from kvserve.workers.model_runner import ModelRunner
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.runner.model_runner import ModelRunner
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64, "max_model_len": 256}
 

@@ -5,11 +5,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kvserve.workers.block_hash import hash_block_chain
-from kvserve.workers.kv_cache_manager import KVCacheManager, blocks_for
-from kvserve.workers.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from kvserve.workers.sampling_params import SamplingParams
-from kvserve.workers.sequence import Sequence
+from kvserve.workers.engine.block_hash import hash_block_chain
+from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for
+from kvserve.workers.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.sequence import Sequence
 
 BLOCK = 4
 PARAMS = SamplingParams()
@@ -118,7 +118,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert sum(b.block_hash is not None for b in pool.blocks) == len(pool.cached)
         for seq in self.live.values():
             num_full = seq.num_computed_tokens // BLOCK
-            chain = hash_block_chain(seq.token_ids, BLOCK, seq.cache_salt, num_full)
+            chain = hash_block_chain(seq.token_ids[: num_full * BLOCK], BLOCK, seq.cache_salt)
             for block, expected in zip(self.kv.seq_blocks[seq.seq_id], chain):
                 assert block.block_hash in (None, expected)
 

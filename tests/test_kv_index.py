@@ -2,10 +2,12 @@
 
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.kv_index import KVIndex
-from kvserve.workers.block_hash import hash_block_chain, hash_check_value
-from kvserve.workers.kv_cache_manager import KVCacheManager
-from kvserve.workers.sampling_params import SamplingParams
-from kvserve.workers.sequence import Sequence
+from kvserve.router.options import RouterOptions
+from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
+from kvserve.workers.engine.kv_cache_manager import KVCacheManager
+from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.sequence import Sequence
+from kvserve.workers.protocol import BlockSnapshot, EngineStats, HubNews, ReplicaNews
 
 BLOCK = 4
 
@@ -27,10 +29,11 @@ def test_index_follows_two_engines_exactly():
     run_prompt(engines["a"], "x", shared + [50])
     run_prompt(engines["b"], "y", shared[:4] + [99] * 9)
     for name, kv in engines.items():
-        assert index.apply(name, kv.take_events().to_dict())
+        assert index.apply(name, kv.take_events())
     query = hash_block_chain(shared + [1, 2, 3, 4], BLOCK)
     assert index.prefix_matches(query, ["a", "b"]) == {"a": 3, "b": 1}
-    assert index.num_blocks == len(set(engines["a"].pool.cached) | set(engines["b"].pool.cached))
+    for name, kv in engines.items():
+        assert index.replicas[name].blocks == set(kv.cached_block_hashes())
 
 
 def test_eviction_and_replica_loss_leave_no_trace():
@@ -40,11 +43,11 @@ def test_eviction_and_replica_loss_leave_no_trace():
     seq = run_prompt(kv, "x", list(range(9)))
     kv.free(seq)
     run_prompt(kv, "y", [7] * 9)  # needs all three blocks: evicts the first prompt's
-    assert index.apply("a", kv.take_events().to_dict())
-    assert set(index.holders) == set(kv.pool.cached)
+    assert index.apply("a", kv.take_events())
+    assert index.replicas["a"].blocks == set(kv.cached_block_hashes())
     assert index.prefix_matches(hash_block_chain(list(range(9)), BLOCK), ["a"]) == {"a": 0}
     index.drop_replica("a")
-    assert index.num_blocks == 0 and not index.replicas
+    assert not index.replicas
 
 
 def test_a_sequence_gap_is_refused():
@@ -54,31 +57,38 @@ def test_a_sequence_gap_is_refused():
     run_prompt(kv, "x", list(range(5)))
     kv.take_events()  # batch 1 lost
     run_prompt(kv, "y", list(range(20, 25)))
-    assert not index.apply("a", kv.take_events().to_dict())
+    assert not index.apply("a", kv.take_events())
+
+
+def pool_stats(total: int = 1 << 20, used: int = 0) -> EngineStats:
+    return EngineStats(running=0, waiting=0, kv_blocks_total=total, kv_blocks_used=used, kv_blocks_cached=0,
+                       num_preemptions=0)
+
+
+def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None = None,
+            stats: EngineStats | None = None) -> ReplicaNews:
+    """A replica's news as the hub gives it: a snapshot holding the blocks of `tokens`."""
+    return ReplicaNews(block_size, hash_check or hash_check_value(block_size), stats or pool_stats(), None,
+                       BlockSnapshot(1, hash_block_chain(tokens, block_size)))
 
 
 def test_follower_distrusts_a_replica_that_hashes_differently():
     follower = KVIndexFollower("test-app", BLOCK)
-    good = {"block_size": BLOCK, "hash_check": hash_check_value(BLOCK), "stats": {},
-            "snapshot": {"seq": 3, "blocks": hash_block_chain(list(range(8)), BLOCK)}}
-    other_size = {**good, "block_size": 8, "hash_check": hash_check_value(8)}
-    other_hash = {**good, "hash_check": "00" * 32}
-    follower.apply({"version": 1, "replicas": {"good": good, "size": other_size, "hash": other_hash}})
-    assert follower.trusted == {"good"}
+    good = news_of(list(range(8)))
+    other_size = news_of(list(range(8)), block_size=8)
+    other_hash = news_of(list(range(8)), hash_check="00" * 32)
+    follower.apply(HubNews(1, {"good": good, "size": other_size, "hash": other_hash}))
+    assert set(follower.index.replicas) == {"good"}
     assert follower.rejected == {"size", "hash"}
-    follower.apply({"version": 2, "replicas": {"size": other_size}})
-    assert follower.trusted == set() and follower.index.num_blocks == 0
+    follower.apply(HubNews(2, {"size": other_size}))
+    assert not follower.index.replicas
 
 
-def follower_with(holdings: dict[str, list[int]], stats: dict[str, dict] | None = None) -> KVIndexFollower:
+def follower_with(holdings: dict[str, list[int]], stats: dict[str, EngineStats] | None = None) -> KVIndexFollower:
     """A follower whose replicas hold the leading blocks of the given token lists."""
     follower = KVIndexFollower("scoring-test", BLOCK)
-    replicas = {
-        name: {"block_size": BLOCK, "hash_check": hash_check_value(BLOCK), "stats": (stats or {}).get(name, {}),
-               "snapshot": {"seq": 1, "blocks": hash_block_chain(tokens, BLOCK)}}
-        for name, tokens in holdings.items()
-    }
-    follower.apply({"version": 1, "replicas": replicas})
+    stats = stats or {}
+    follower.apply(HubNews(1, {name: news_of(tokens, stats=stats.get(name)) for name, tokens in holdings.items()}))
     return follower
 
 
@@ -87,7 +97,7 @@ def test_scorer_prefers_the_holder_until_it_is_too_busy():
 
     prompt = list(range(40))
     follower = follower_with({"a": [], "b": prompt[:32], "c": prompt[:8]})
-    scorer = KVScorer(follower, block_size=BLOCK, load_cost_tokens=4, max_imbalance=2)
+    scorer = KVScorer(follower, BLOCK, RouterOptions(load_cost_tokens=4, max_imbalance=2))
     hashes = hash_block_chain(prompt, BLOCK)
     order, reason = scorer.rank(["a", "b", "c"], hashes, len(prompt))
     assert order[:2] == [1, 2] and reason == "cached_prefix"
@@ -96,12 +106,11 @@ def test_scorer_prefers_the_holder_until_it_is_too_busy():
     assert order[0] == 2 and order[-1] == 1 and reason == "load_guard"
 
 
-def test_scorer_spreads_new_prefixes_by_kv_usage():
+def test_scorer_places_a_new_prefix_where_fewer_blocks_are_in_use():
     from kvserve.router.kv_scoring import KVScorer
 
-    follower = follower_with({"a": [], "b": []}, stats={"a": {"kv_blocks_used": 9, "kv_blocks_total": 10},
-                                                         "b": {"kv_blocks_used": 1, "kv_blocks_total": 10}})
-    scorer = KVScorer(follower, block_size=BLOCK)
+    follower = follower_with({"a": [], "b": []}, stats={"a": pool_stats(10, used=9), "b": pool_stats(10, used=1)})
+    scorer = KVScorer(follower, BLOCK)
     order, reason = scorer.rank(["a", "b"], hash_block_chain(list(range(12)), BLOCK), 12)
     assert order == [1, 0] and reason == "no_cached_prefix"
 
@@ -111,10 +120,10 @@ def test_scorer_counts_idle_cached_blocks_as_occupied():
     knows they are there, and a new prefix goes where it evicts nothing."""
     from kvserve.router.kv_scoring import KVScorer
 
-    total = {"kv_blocks_used": 0, "kv_blocks_total": 12}
+    total = pool_stats(12)
     follower = follower_with({"a": list(range(100, 140)), "b": list(range(200, 208))},
                              stats={"a": total, "b": total})
-    scorer = KVScorer(follower, block_size=BLOCK)
+    scorer = KVScorer(follower, BLOCK)
     prompt = list(range(16))
     assert scorer.rank(["a", "b"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
 
@@ -124,10 +133,10 @@ def test_scorer_weighs_evicting_wanted_blocks_against_load():
     pushes them out; blocks only sitting in the cache cost little more than nothing."""
     from kvserve.router.kv_scoring import KVScorer
 
-    pool = {"kv_blocks_used": 0, "kv_blocks_total": 10}
+    pool = pool_stats(10)
     follower = follower_with({"wanted": [], "stale": list(range(100, 140)), "busy": []},
                              stats={"wanted": pool, "stale": pool, "busy": pool})
-    scorer = KVScorer(follower, block_size=BLOCK, load_cost_tokens=4)
+    scorer = KVScorer(follower, BLOCK, RouterOptions(load_cost_tokens=4))
     scorer.record("wanted", hash_block_chain(list(range(500, 500 + 10 * BLOCK)), BLOCK))  # its whole pool
     scorer.in_flight["busy"] = 1  # costs 4 tokens; 2 blocks pushing out wanted ones cost 32
     prompt = list(range(24))
@@ -140,9 +149,9 @@ def test_a_system_prompt_held_by_one_replica_does_not_pull_every_conversation_th
     from kvserve.router.kv_scoring import KVScorer
 
     system = list(range(2 * BLOCK))
-    pool = {"kv_blocks_used": 0, "kv_blocks_total": 20}  # a conversation wants half
+    pool = pool_stats(20)  # a conversation wants half
     follower = follower_with({"a": system, "b": [], "c": [], "d": []}, stats=dict.fromkeys("abcd", pool))
-    scorer = KVScorer(follower, block_size=BLOCK)
+    scorer = KVScorer(follower, BLOCK)
     chosen = []
     for k in range(4):
         prompt = system + list(range(1000 * (k + 1), 1000 * (k + 1) + 8 * BLOCK))
@@ -172,7 +181,7 @@ def test_working_sets_count_the_distinct_blocks_sent_within_the_window():
     assert sets.blocks("a", now=16.0) == 0
 
 
-def test_recent_routes_match_until_they_expire():
+def test_working_sets_match_recent_sends_until_they_expire():
     from kvserve.router.working_sets import WorkingSets
 
     recent = WorkingSets()
@@ -189,7 +198,7 @@ def test_scorer_sends_a_follow_up_after_its_first_request_before_any_event():
     from kvserve.router.kv_scoring import KVScorer
 
     follower = follower_with({"a": [], "b": [], "c": []})
-    scorer = KVScorer(follower, block_size=BLOCK)
+    scorer = KVScorer(follower, BLOCK)
     first = list(range(20))
     hashes = hash_block_chain(first, BLOCK)
     order, _ = scorer.rank(["a", "b", "c"], hashes, len(first))

@@ -6,9 +6,9 @@ import gc
 import pytest
 import torch
 
-from kvserve.workers.config import EngineConfig
-from kvserve.workers.kv_memory import GIB, blocks_for_gpu, blocks_in, bytes_per_block
-from kvserve.workers.model_runner import ModelRunner
+from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.runner.kv_memory import GIB, blocks_for_gpu, blocks_in, bytes_per_block
+from kvserve.workers.runner.model_runner import ModelRunner
 
 H100_TOTAL = 85_029_158_912  # what torch.cuda.mem_get_info reports on an 80 GB H100: 79.19 GiB
 LLAMA3_8B_WEIGHTS = 16_060_522_496  # bf16

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from kvserve.cluster.tiny_model import build_tiny_checkpoint
-from kvserve.workers.model_loader import load_model
+from kvserve.workers.models.loader import load_model
 from kvserve.workers.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
 BLOCK_SIZE, NUM_BLOCKS = 8, 64

@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from kvserve.workers.sampler import Sampler, SamplingRow
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.runner.sampler import Sampler, SamplingRow
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 VOCAB = 64
 EOS = 2

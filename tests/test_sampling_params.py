@@ -1,7 +1,7 @@
 import pydantic
 import pytest
 
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 
 def test_defaults_are_vllm_defaults():

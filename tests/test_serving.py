@@ -13,11 +13,11 @@ import ray
 from ray import serve
 
 from kvserve.cluster.app import build_app
-from kvserve.cluster.bench_routers import routing_decisions
+from kvserve.cluster.bench.routers import routing_decisions
 from kvserve.cluster.config import load_config
 from kvserve.workers.kv_event_hub import hub_name
 from kvserve.workers.llm import LLM
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 APP = "kvtest"
 ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 160, "max_model_len": 256}

@@ -14,14 +14,14 @@ from ray import serve
 from ray._private import state as ray_state
 from ray.util import placement_group_table
 
-from kvserve.cluster import bench_tp
+from kvserve.cluster.bench import tp as bench_tp
 from kvserve.cluster.app import build_app
 from kvserve.cluster.cli import _config_overrides, build_parser, main
 from kvserve.cluster.config import load_config
 from kvserve.cluster.tiny_model import build_tiny_checkpoint
-from kvserve.workers.distributed import free_port
+from kvserve.workers.models.distributed import free_port
 from kvserve.workers.llm import LLM
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64, "max_model_len": 256}
 

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 import ray
 
+from kvserve.workers.protocol import (
+    BlockHash, BlockSnapshot, EngineStats, HubNews, KVEventBatch, ReplicaNews, ReplicaRegistration,
+)
+from kvserve.workers.engine.kv_events import apply_events
+
 HUB_NAME_PREFIX = "kvserve-kv-event-hub"
 LOG_BATCHES = 256
 LIVENESS_PERIOD_S = 1.0
@@ -25,31 +30,30 @@ def hub_name(app_name: str) -> str:
 class _ReplicaState:
     block_size: int
     hash_check: str
-    actor: object = None  # the replica's actor handle, pinged for liveness
-    seq: int = 0
-    blocks: set = field(default_factory=set)
-    log: deque = field(default_factory=lambda: deque(maxlen=LOG_BATCHES))
-    stats: dict = field(default_factory=dict)
+    actor: object  # the replica's actor handle, pinged for liveness
+    seq: int
+    blocks: set[BlockHash]
+    stats: EngineStats
+    log: deque[KVEventBatch] = field(default_factory=lambda: deque(maxlen=LOG_BATCHES))
 
-    def apply(self, batch: dict) -> None:
-        for event in batch["events"]:
-            if event["type"] == "stored":
-                self.blocks.update(event["block_hashes"])
-            elif event["type"] == "removed":
-                self.blocks.difference_update(event["block_hashes"])
-            else:
-                self.blocks.clear()
-        self.seq = batch["seq"]
+    @classmethod
+    def of(cls, registration: ReplicaRegistration) -> "_ReplicaState":
+        snapshot = registration.snapshot
+        return cls(registration.block_size, registration.hash_check, registration.actor,
+                   snapshot.seq, set(snapshot.blocks), registration.stats)
+
+    def apply(self, batch: KVEventBatch) -> None:
+        apply_events(self.blocks, batch.events)
+        self.seq = batch.seq
         self.log.append(batch)
 
-    def updates_since(self, cursor: int) -> dict:
-        info = {"block_size": self.block_size, "hash_check": self.hash_check, "stats": self.stats}
-        oldest = self.log[0]["seq"] if self.log else self.seq + 1
-        if cursor >= oldest - 1 and cursor <= self.seq:
-            info["batches"] = [b for b in self.log if b["seq"] > cursor]
-        else:
-            info["snapshot"] = {"seq": self.seq, "blocks": list(self.blocks)}
-        return info
+    def news_since(self, cursor: int) -> ReplicaNews:
+        oldest = self.log[0].seq if self.log else self.seq + 1
+        if oldest - 1 <= cursor <= self.seq:
+            batches = [b for b in self.log if b.seq > cursor]
+            return ReplicaNews(self.block_size, self.hash_check, self.stats, batches, None)
+        snapshot = BlockSnapshot(self.seq, list(self.blocks))
+        return ReplicaNews(self.block_size, self.hash_check, self.stats, None, snapshot)
 
 
 class KVEventHub:
@@ -66,14 +70,9 @@ class KVEventHub:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def register(
-        self, replica: str, block_size: int, hash_check: str, actor=None,
-        seq: int = 0, blocks: list | None = None, stats: dict | None = None,
-    ) -> None:
-        """Add a replica, or start it over from a snapshot of its blocks at event `seq`."""
-        state = _ReplicaState(block_size, hash_check, actor, seq, set(blocks or ()))
-        state.stats = stats or {}
-        self.replicas[replica] = state
+    async def register(self, registration: ReplicaRegistration) -> None:
+        """Add a replica, or start it over from a snapshot of its blocks."""
+        self.replicas[registration.replica] = _ReplicaState.of(registration)
         self._bump()
         if self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._drop_dead_replicas())
@@ -85,7 +84,7 @@ class KVEventHub:
             await asyncio.sleep(LIVENESS_PERIOD_S)
             pings = {
                 replica: asyncio.ensure_future(state.actor.__ray_ready__.remote())
-                for replica, state in self.replicas.items() if state.actor is not None
+                for replica, state in self.replicas.items()
             }
             if pings:
                 await asyncio.wait(pings.values(), timeout=10 * LIVENESS_PERIOD_S)
@@ -99,7 +98,7 @@ class KVEventHub:
         if self.replicas.pop(replica, None) is not None:
             self._bump()
 
-    def publish(self, replica: str, batches: list[dict], stats: dict) -> bool:
+    def publish(self, replica: str, batches: list[KVEventBatch], stats: EngineStats) -> bool:
         """Take a replica's next batches; False if they do not follow on or the replica is
         unknown here (the replica must then register again with a snapshot)."""
         state = self.replicas.get(replica)
@@ -107,20 +106,18 @@ class KVEventHub:
             return False
         state.stats = stats
         for batch in batches:
-            if batch["seq"] != state.seq + 1:
+            if batch.seq != state.seq + 1:
                 return False
             state.apply(batch)
         self._bump()
         return True
 
-    async def follow(self, cursors: dict[str, int], version: int, timeout_s: float) -> dict:
+    async def follow(self, cursors: dict[str, int], version: int, timeout_s: float) -> HubNews:
         """Everything newer than the caller's cursors, waiting up to `timeout_s` for news."""
         if version == self.version:
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
             except asyncio.TimeoutError:
                 pass
-        return {
-            "version": self.version,
-            "replicas": {r: s.updates_since(cursors.get(r, -1)) for r, s in self.replicas.items()},
-        }
+        news = {r: s.news_since(cursors.get(r, -1)) for r, s in self.replicas.items()}
+        return HubNews(self.version, news)

@@ -3,10 +3,10 @@
 import itertools
 from collections.abc import Sequence as Seq
 
-from kvserve.workers.config import EngineConfig
-from kvserve.workers.engine import LLMEngine
-from kvserve.workers.outputs import RequestOutput
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.engine.outputs import RequestOutput
+from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.runner import start_engine
 
 Prompt = str | list[int] | dict
 
@@ -22,7 +22,7 @@ def _prompt_input(prompt: Prompt) -> str | list[int]:
 
 class LLM:
     def __init__(self, model: str, **engine_options):
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        self.engine = start_engine(EngineConfig(model=model, **engine_options))
         self._ids = itertools.count()
 
     def generate(

@@ -12,37 +12,24 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import ray
 from ray import serve
 from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-from kvserve.workers.block_hash import hash_check_value
-from kvserve.workers.config import EngineConfig
-from kvserve.workers.engine import LLMEngine
+from kvserve.workers.engine.block_hash import hash_check_value
+from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.engine.engine import LLMEngine
+from kvserve.workers.engine.outputs import RequestOutput
 from kvserve.workers.kv_event_hub import KVEventHub, hub_name
-from kvserve.workers.outputs import RequestOutput
-from kvserve.workers.sampling_params import SamplingParams
-from kvserve.workers.tp_worker import TPExecutor
+from kvserve.workers.protocol import (
+    BlockSnapshot, EngineStats, GenerateRequest, OutputDelta, ReplicaRegistration, SampleDelta,
+)
+from kvserve.workers.runner import start_engine
 
 logger = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 0.25
-
-
-@dataclass
-class GenerateRequest:
-    """What crosses the handle: token ids, never HTTP. `block_hashes` is for the KV-aware
-    router and `prompt` (the text) for the text-based baseline router."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling: dict  # SamplingParams fields
-    prompt: str = ""
-    block_hashes: list[bytes] = field(default_factory=list)
-    cache_salt: str | None = None
-    priority: int = 0
 
 
 def get_or_create_hub(app_name: str):
@@ -59,36 +46,25 @@ def get_or_create_hub(app_name: str):
     return hub
 
 
-def output_chunk(output: RequestOutput, replica: str) -> dict:
+def output_delta(output: RequestOutput, replica: str) -> OutputDelta:
     """One streamed update of a request: what each sample added in the last step."""
-    return {
-        "replica": replica,
-        "num_prompt_tokens": len(output.prompt_token_ids),
-        "num_cached_tokens": output.num_cached_tokens,
-        "outputs": [
-            {
-                "index": o.index,
-                "delta_text": o.delta_text,
-                "delta_token_ids": o.delta_token_ids,
-                "delta_logprobs": _logprobs_tail(o),
-                "num_tokens": len(o.token_ids),
-                "finish_reason": o.finish_reason,
-                "stop_reason": o.stop_reason,
-            }
+    return OutputDelta(
+        replica=replica,
+        num_prompt_tokens=len(output.prompt_token_ids),
+        num_cached_tokens=output.num_cached_tokens,
+        samples=[
+            SampleDelta(
+                index=o.index,
+                text=o.delta_text,
+                token_ids=o.delta_token_ids,
+                logprobs=o.logprobs[-len(o.delta_token_ids):] if o.logprobs and o.delta_token_ids else None,
+                finish_reason=o.finish_reason,
+            )
             for o in output.outputs
             if o.delta_token_ids or o.finish_reason
         ],
-        "finished": output.finished,
-    }
-
-
-def _logprobs_tail(output) -> list | None:
-    if output.logprobs is None or not output.delta_token_ids:
-        return None
-    return [
-        {"token_id": lp.token_id, "logprob": lp.logprob, "top": lp.top}
-        for lp in output.logprobs[-len(output.delta_token_ids):]
-    ]
+        finished=output.finished,
+    )
 
 
 class EngineThread(threading.Thread):
@@ -139,8 +115,9 @@ class EngineThread(threading.Thread):
 class LLMServer:
     """The Serve deployment class (the application builder applies `serve.deployment`)."""
 
-    def __init__(self, engine_config: dict):
-        self.engine = LLMEngine(EngineConfig(**engine_config))
+    def __init__(self, engine_config: EngineConfig):
+        self.engine = start_engine(engine_config)
+        self.hash_check = hash_check_value(self.engine.config.block_size)
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name
@@ -154,18 +131,21 @@ class LLMServer:
         self.thread = EngineThread(self.engine, self._deliver, self._publish)
         self.thread.start()
 
-    def _register(self, seq: int = 0, blocks: list | None = None, stats: dict | None = None) -> None:
+    def _register(self, stats: EngineStats | None = None) -> None:
         """Join the hub, or join it again from a snapshot (after a lost batch or a hub restart)."""
-        block_size = self.engine.config.block_size
-        self.hub.register.remote(self.replica_id, block_size, hash_check_value(block_size),
-                                 ray.get_runtime_context().current_actor, seq, blocks, stats)
+        seq, blocks = self.engine.cached_blocks()
+        registration = ReplicaRegistration(
+            self.replica_id, self.engine.config.block_size, self.hash_check,
+            ray.get_runtime_context().current_actor, BlockSnapshot(seq, blocks), stats or self.engine.stats(),
+        )
+        self.hub.register.remote(registration)
 
     # -- engine thread side --------------------------------------------------------------
 
     def _deliver(self, output: RequestOutput) -> None:
         stream = self._streams.get(output.request_id)
         if stream is not None:
-            self._loop.call_soon_threadsafe(stream.put_nowait, output_chunk(output, self.replica_id))
+            self._loop.call_soon_threadsafe(stream.put_nowait, output_delta(output, self.replica_id))
 
     def _publish(self, engine: LLMEngine) -> None:
         """Send KV events as they happen and load at least every STATS_PERIOD_S."""
@@ -176,12 +156,12 @@ class LLMServer:
         self._last_stats_at = now
         stats = engine.stats()
         if self._resync:
-            self._rejoin(engine, stats)
+            self._rejoin(stats)
             return
-        ref = self.hub.publish.remote(self.replica_id, [batch.to_dict()] if batch else [], stats)
+        ref = self.hub.publish.remote(self.replica_id, [batch] if batch else [], stats)
         ref.future().add_done_callback(self._on_published)
 
-    def _rejoin(self, engine: LLMEngine, stats: dict) -> None:
+    def _rejoin(self, stats: EngineStats) -> None:
         """Register again from a snapshot, with a new hub if the old one is gone."""
         if self._hub_lost:
             try:
@@ -191,7 +171,7 @@ class LLMServer:
                 return
             self._hub_lost = False
         self._resync = False
-        self._register(engine.kv.event_seq, list(engine.kv.pool.cached), stats)
+        self._register(stats)
 
     def _on_published(self, future) -> None:
         try:
@@ -204,19 +184,19 @@ class LLMServer:
 
     # -- replica side --------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[dict]:
-        """Stream the outputs of one request, one chunk per engine step that changed it."""
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
+        """Stream the outputs of one request, one delta per engine step that changed it."""
         self._raise_if_dead()
-        params = SamplingParams(**request.sampling)
         request_id = request.request_id
+        hashes = request.block_hashes if request.hash_check == self.hash_check else None
         stream: asyncio.Queue = asyncio.Queue()
         added: asyncio.Future = self._loop.create_future()
         self._streams[request_id] = stream
 
         def add(engine: LLMEngine) -> None:
             try:
-                engine.add_request(request_id, request.prompt_token_ids, params,
-                                   request.priority, request.cache_salt)
+                engine.add_request(request_id, request.prompt_token_ids, request.sampling, request.priority,
+                                   request.cache_salt, block_hashes=hashes)
                 self._loop.call_soon_threadsafe(added.set_result, None)
             except ValueError as error:
                 self._loop.call_soon_threadsafe(added.set_exception, error)
@@ -226,15 +206,15 @@ class LLMServer:
             self.thread.submit(add)
             await added
             while not finished:
-                chunk = await self._next_chunk(stream)
-                finished = chunk["finished"]
-                yield chunk
+                delta = await self._next_delta(stream)
+                finished = delta.finished
+                yield delta
         finally:
             self._streams.pop(request_id, None)
             if not finished:
                 self.thread.submit(lambda engine: engine.abort_request(request_id))
 
-    async def _next_chunk(self, stream: asyncio.Queue) -> dict:
+    async def _next_delta(self, stream: asyncio.Queue) -> OutputDelta:
         while True:
             try:
                 return await asyncio.wait_for(stream.get(), timeout=1.0)
@@ -245,13 +225,9 @@ class LLMServer:
         if self.thread.error is not None or not self.thread.is_alive():
             raise RuntimeError(f"the engine of replica {self.replica_id} has stopped: {self.thread.error!r}")
 
-    def record_routing_stats(self) -> dict:
-        return {**self.engine.stats(), "replica": self.replica_id}
-
     async def check_health(self) -> None:
         self._raise_if_dead()
-        if isinstance(self.engine.runner, TPExecutor):
-            await self.engine.runner.check_ranks()
+        await self.engine.runner.check_health()
 
     def __del__(self):
         thread = getattr(self, "thread", None)

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from kvserve.kernels.metadata import AttentionMetadata
-from kvserve.workers.distributed import SINGLE, TPGroup
+from kvserve.workers.models.distributed import SINGLE, TPGroup
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.rope import build_cos_sin_cache
-from kvserve.workers.parallel_layers import (
+from kvserve.workers.models.parallel_layers import (
     MergedLinear,
     RowParallelLinear,
     VocabParallelEmbedding,

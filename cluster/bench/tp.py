@@ -6,7 +6,7 @@ import random
 import time
 from typing import TYPE_CHECKING
 
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from kvserve.workers.llm import LLM

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from kvserve.workers.block_hash import hash_block_chain
+from kvserve.workers.engine.block_hash import hash_block_chain
 
 
 @dataclass

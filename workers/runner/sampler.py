@@ -13,8 +13,9 @@ from itertools import chain
 
 import torch
 
-from kvserve.workers.sampling_params import SamplingParams
-from kvserve.workers.transfer import to_device
+from kvserve.workers.engine.executor import SamplerOutput
+from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.runner.transfer import to_device
 
 _NEG_INF = float("-inf")
 
@@ -40,15 +41,6 @@ class SamplingRow:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-
-@dataclass(slots=True)
-class SamplerOutput:
-    token_ids: list[int]
-    # For rows whose params ask for logprobs, else None: the sampled token's logprob, and the
-    # `params.logprobs` most likely (token id, logprob) pairs, most likely first.
-    logprobs: list[float | None]
-    top_logprobs: list[list[tuple[int, float]] | None]
 
 
 @dataclass(slots=True)

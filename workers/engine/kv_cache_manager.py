@@ -1,9 +1,9 @@
 """Per-sequence block tables over the block pool, with prefix caching and KV events."""
 
-from kvserve.workers.block_hash import ROOT_HASH, BlockHash, first_block_extra_keys, hash_block
-from kvserve.workers.block_pool import BlockPool, KVBlock
-from kvserve.workers.kv_events import KVEventBatch
-from kvserve.workers.sequence import Sequence
+from kvserve.workers.engine.block_hash import BlockHash, extend_block_chain
+from kvserve.workers.engine.block_pool import BlockPool, KVBlock
+from kvserve.workers.engine.kv_events import KVEventBatch
+from kvserve.workers.engine.sequence import Sequence
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -29,8 +29,11 @@ class KVCacheManager:
         return self.pool.num_free
 
     @property
-    def usage(self) -> float:
-        return 1.0 - self.pool.num_free / self.pool.num_blocks
+    def num_cached_blocks(self) -> int:
+        return len(self.pool.cached)
+
+    def cached_block_hashes(self) -> list[BlockHash]:
+        return list(self.pool.cached)
 
     def get_computed_blocks(self, seq: Sequence) -> list[KVBlock]:
         """Cached blocks holding a prefix of `seq`, leaving at least one token to compute."""
@@ -122,12 +125,7 @@ class KVCacheManager:
         self.num_hashed_blocks.pop(seq.seq_id, None)
 
     def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
-        hashes = seq.block_hashes
-        size = self.block_size
-        for i in range(len(hashes), num_blocks):
-            parent = hashes[i - 1] if i else ROOT_HASH
-            extra = None if i else first_block_extra_keys(seq.cache_salt)
-            hashes.append(hash_block(parent, seq.token_ids[i * size : (i + 1) * size], extra))
+        extend_block_chain(seq.block_hashes, seq.token_ids, self.block_size, seq.cache_salt, num_blocks)
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Register the blocks that will be full once `num_tokens` tokens are computed. Their

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.workers.kv_cache_manager import KVCacheManager
-from kvserve.workers.sampling_params import SamplingParams
-from kvserve.workers.scheduler import Scheduler, SchedulerConfig
-from kvserve.workers.sequence import Sequence
+from kvserve.workers.engine.kv_cache_manager import KVCacheManager
+from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.workers.engine.sequence import Sequence
 
 
 @dataclass

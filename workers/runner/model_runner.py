@@ -9,32 +9,24 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.kernels.metadata import AttentionMetadata
-from kvserve.workers.config import EngineConfig
-from kvserve.workers.cuda_graphs import DecodeGraphs
-from kvserve.workers.distributed import SINGLE, TPGroup
-from kvserve.workers.kv_memory import GPUMemoryProfile, blocks_for_gpu, blocks_in, bytes_per_block
-from kvserve.workers.model_loader import load_model
+from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.engine.executor import SampleRequest, SamplerOutput
+from kvserve.workers.runner.cuda_graphs import DecodeGraphs
+from kvserve.workers.models.distributed import SINGLE, TPGroup
+from kvserve.workers.runner.kv_memory import GPUMemoryProfile, blocks_for_gpu, blocks_in, bytes_per_block
+from kvserve.workers.models.loader import load_model
 from kvserve.workers.models.config import ModelConfig
-from kvserve.workers.parallel_layers import kv_heads_of_rank
-from kvserve.workers.sampler import Sampler, SamplerOutput, SamplingRow
-from kvserve.workers.sampling_params import SamplingParams
-from kvserve.workers.scheduler import ScheduledBatch
-from kvserve.workers.sequence import Sequence
-from kvserve.workers.transfer import to_device
+from kvserve.workers.models.parallel_layers import kv_heads_of_rank
+from kvserve.workers.runner.sampler import Sampler, SamplingRow
+from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.scheduler import ScheduledBatch
+from kvserve.workers.runner.transfer import to_device
 
 
 DEFAULT_CPU_KV_GIB = 1.0
 
 # One sequence's share of a step: its new tokens, the position of the first, its block table.
 Chunk = tuple[list[int], int, list[int]]
-
-
-@dataclass
-class SampleRequest:
-    """Sample `seq`'s next token from the logits of the last new token of `batch_index`."""
-
-    batch_index: int
-    seq: Sequence
 
 
 @dataclass
@@ -67,7 +59,7 @@ class ModelRunner:
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format, tp)
         self.num_kv_heads = kv_heads_of_rank(mc, tp)[1]
         self.block_size = config.block_size
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        self.max_model_len = config.effective_max_model_len(mc)
         self.sampler = Sampler()
         scratch_bytes = self._warm_up(config.calculate_kv_scales) if profile or config.calculate_kv_scales else 0
         self.num_kv_blocks = self._pool_blocks(profile, scratch_bytes)
@@ -134,6 +126,12 @@ class ModelRunner:
         rows = [SamplingRow(SamplingParams(), [0], 1)] * num_rows
         self.sampler(self.model.compute_logits(hidden[:num_rows]), rows)
         return sum(k.nbytes + v.nbytes for k, v in caches)
+
+    async def check_health(self) -> None:
+        """Nothing to check: the model runs in this process."""
+
+    def shutdown(self) -> None:
+        """Nothing to release beyond this process."""
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:

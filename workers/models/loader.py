@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 
 from kvserve.kernels import get_ops
-from kvserve.workers.distributed import SINGLE, TPGroup
+from kvserve.workers.models.distributed import SINGLE, TPGroup
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.decoder import DecoderForCausalLM
-from kvserve.workers.parallel_layers import CheckpointSlice, MergedLinear
+from kvserve.workers.models.parallel_layers import CheckpointSlice, MergedLinear
 
 # Checkpoint projections that we stack into one matmul: (our merged projection, its index).
 STACKED = {

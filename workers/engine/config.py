@@ -5,7 +5,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvserve.workers.models.config import DTYPES
+from kvserve.workers.models.config import DTYPES, ModelConfig
 
 
 
@@ -62,6 +62,17 @@ class EngineConfig(BaseModel):
     def uses_workers(self) -> bool:
         """Whether the model runs on Ray worker actors rather than in the engine's process."""
         return self.tp_size > 1 or self.distributed_executor_backend == "ray"
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.tokenizer or self.model
+
+    def effective_max_model_len(self, model: ModelConfig) -> int:
+        """`max_model_len`, or the model's own limit when unset; never beyond that limit."""
+        limit = model.max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {limit}")
+        return self.max_model_len or limit
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

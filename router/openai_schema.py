@@ -4,6 +4,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from kvserve.workers.protocol import SamplingParams
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -41,8 +43,9 @@ class _SamplingFields(BaseModel):
     def _stop_list(cls, value):
         return [value] if isinstance(value, str) else value
 
-    def sampling(self, max_tokens: int, logprobs: int | None) -> dict:
-        """Keyword arguments of the engine's SamplingParams."""
+    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The engine's sampling parameters; raises pydantic's ValidationError on values the
+        engine refuses."""
         fields = {
             "n": self.n,
             "max_tokens": max_tokens,
@@ -62,7 +65,7 @@ class _SamplingFields(BaseModel):
         for name in ("temperature", "top_p", "top_k"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)
-        return fields
+        return SamplingParams(**fields)
 
     @property
     def include_usage_in_stream(self) -> bool:

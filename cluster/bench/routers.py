@@ -12,15 +12,15 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvserve.cluster import bench_serve
+from kvserve.cluster.bench import serve as bench_serve
+from kvserve.router.options import POLICIES
 
-POLICIES = ["kv", "prefix_approx", "pow2", "round_robin"]
 WORKLOADS = ["shared-prefix", "multi-turn", "random"]
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=4)
-    parser.add_argument("--policies", nargs="+", default=POLICIES)
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--workloads", nargs="+", default=WORKLOADS)
     parser.add_argument("--kv-blocks", type=int, default=160, help="KV pool of each replica, in blocks")
     parser.add_argument("--out", default="bench-routers", help="prefix of the .jsonl and .png written")

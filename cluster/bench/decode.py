@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from kvserve.cluster.bench_kernels import (
+from kvserve.cluster.bench.kernels import (
     add_common_flags, copy_bandwidth, parse_sizes, print_info, print_table, resolve_device, run_info,
     write_json,
 )
-from kvserve.cluster.bench_tp import decode_step_time
-from kvserve.workers.config import DTYPES
+from kvserve.cluster.bench.tp import decode_step_time
+from kvserve.workers.engine.config import DTYPES
 
 BLOCK_SIZE = 16
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

@@ -11,7 +11,8 @@ import time
 
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.kv_scoring import KVScorer
-from kvserve.workers.block_hash import hash_block_chain, hash_check_value
+from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
+from kvserve.workers.protocol import BlockSnapshot, EngineStats, HubNews, ReplicaNews
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +34,11 @@ def main(args: argparse.Namespace) -> int:
     news = {}
     for i, name in enumerate(replicas):
         held = [h for chain in chains[i :: args.replicas] for h in chain]
-        stats = {"running": rng.randrange(8), "waiting": 0, "kv_blocks_used": len(held), "kv_blocks_total": 1 << 20}
-        news[name] = {"block_size": size, "hash_check": hash_check_value(size), "stats": stats,
-                      "snapshot": {"seq": 1, "blocks": held}}
-    follower.apply({"version": 1, "replicas": news})
-    scorer = KVScorer(follower, block_size=size)
+        stats = EngineStats(running=rng.randrange(8), waiting=0, kv_blocks_total=1 << 20, kv_blocks_used=len(held),
+                            kv_blocks_cached=len(held), num_preemptions=0)
+        news[name] = ReplicaNews(size, hash_check_value(size), stats, None, BlockSnapshot(1, held))
+    follower.apply(HubNews(1, news))
+    scorer = KVScorer(follower, size)
     queries = []
     for _ in range(64):
         base = rng.choice(prompts)
@@ -54,6 +55,6 @@ def main(args: argparse.Namespace) -> int:
     times.sort()
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
     print(f"routing decision, {args.replicas} replicas, {args.prompt_tokens}-token prompts "
-          f"({follower.index.num_blocks} blocks indexed): p50 {pick(0.5):.3f} ms, p90 {pick(0.9):.3f} ms, "
+          f"({sum(len(r.blocks) for r in follower.index.replicas.values())} blocks indexed): p50 {pick(0.5):.3f} ms, p90 {pick(0.9):.3f} ms, "
           f"p99 {pick(0.99):.3f} ms")
     return 0

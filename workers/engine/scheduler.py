@@ -4,8 +4,8 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvserve.workers.kv_cache_manager import KVCacheManager
-from kvserve.workers.sequence import FinishReason, Sequence, SequenceStatus
+from kvserve.workers.engine.kv_cache_manager import KVCacheManager
+from kvserve.workers.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass

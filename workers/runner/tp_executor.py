@@ -18,14 +18,14 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from kvserve.workers.config import EngineConfig
-from kvserve.workers.distributed import free_port, join_group
-from kvserve.workers.model_runner import ModelRunner, SampleRequest, StepPlan, build_plan
+from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.engine.executor import SampleRequest, SamplerOutput
+from kvserve.workers.models.distributed import free_port, join_group
+from kvserve.workers.runner.model_runner import ModelRunner, StepPlan, build_plan
 from kvserve.workers.models.config import ModelConfig
-from kvserve.workers.parallel_layers import check_shardable
-from kvserve.workers.sampler import SamplerOutput
-from kvserve.workers.scheduler import ScheduledBatch
-from kvserve.workers.transfer import to_device
+from kvserve.workers.models.parallel_layers import check_shardable
+from kvserve.workers.engine.scheduler import ScheduledBatch
+from kvserve.workers.runner.transfer import to_device
 
 PLACEMENT_TIMEOUT_S = 60.0
 PING_TIMEOUT_S = 10.0
@@ -145,7 +145,7 @@ class TPExecutor:
                 f"within {PLACEMENT_TIMEOUT_S:.0f} s: the cluster lacks the resources"
             )
 
-    async def check_ranks(self) -> None:
+    async def check_health(self) -> None:
         """Raise if a rank is gone or stops answering (a serving replica's health check)."""
         if not self.workers:
             raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")

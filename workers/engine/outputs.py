@@ -37,3 +37,15 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return all(o.finished for o in self.outputs)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's load and KV pool, as the replica publishes it to the routers."""
+
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int  # held by running or waiting-to-resume sequences
+    kv_blocks_cached: int  # reusable prefix blocks, in use or not
+    num_preemptions: int

@@ -6,15 +6,17 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer
 
-from kvserve.workers.config import EngineConfig
-from kvserve.workers.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from kvserve.workers.kv_cache_manager import KVCacheManager, blocks_for
-from kvserve.workers.kv_events import KVEventBatch
-from kvserve.workers.model_runner import ModelRunner, SampleRequest
-from kvserve.workers.outputs import CompletionOutput, RequestOutput, TokenLogprobs
-from kvserve.workers.sampling_params import SamplingParams
-from kvserve.workers.scheduler import Scheduler, SchedulerConfig
-from kvserve.workers.sequence import FinishReason, Sequence
+from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for
+from kvserve.workers.engine.kv_events import KVEventBatch
+from kvserve.workers.engine.executor import ModelExecutor, SampleRequest, SamplerOutput
+from kvserve.workers.engine.block_hash import BlockHash
+from kvserve.workers.engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprobs
+from kvserve.workers.engine.prompt_checks import prompt_length_problem
+from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.workers.engine.sequence import FinishReason, Sequence
 
 
 @dataclass
@@ -44,27 +46,13 @@ class _Request:
         )
 
 
-def _make_runner(config: EngineConfig):
-    """The model in this process, or spread over `tp_size` worker actors."""
-    if not config.uses_workers:
-        return ModelRunner(config)
-    from kvserve.workers.tp_worker import TPExecutor  # Ray is needed only here
-
-    return TPExecutor(config)
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, runner: ModelExecutor):
         self.config = config
-        self.runner = _make_runner(config)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model, local_files_only=True)
+        self.runner = runner
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir, local_files_only=True)
         model_config = self.runner.model_config
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
-        if self.max_model_len > model_config.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len {self.max_model_len} exceeds the model's "
-                f"max_position_embeddings {model_config.max_position_embeddings}"
-            )
+        self.max_model_len = config.effective_max_model_len(model_config)
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         if self.kv.num_blocks < blocks_for(self.max_model_len, config.block_size):
             raise ValueError(
@@ -96,8 +84,11 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
+        block_hashes: list[BlockHash] | None = None,
     ) -> None:
-        """Queue a request; raises ValueError, changing nothing, if it can never be served."""
+        """Queue a request; raises ValueError, changing nothing, if it can never be served.
+        `block_hashes`, the prompt's block chain if the caller computed it with this engine's
+        block size and salt, saves hashing it again."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
@@ -108,18 +99,16 @@ class LLMEngine:
             Sequence(request_id, i, token_ids, params, arrival, priority, cache_salt)
             for i in range(params.n)
         ]
+        if block_hashes:
+            seqs[0].block_hashes = list(block_hashes)
         seqs[0].forks = seqs[1:]
         self.requests[request_id] = _Request(request_id, text, [self._new_sample(s) for s in seqs])
         self.scheduler.add(seqs[0])
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("the prompt is empty")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens; with max_model_len {self.max_model_len} "
-                "there is no room to generate"
-            )
+        problem = prompt_length_problem(len(token_ids), self.max_model_len)
+        if problem is not None:
+            raise ValueError(problem)
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
@@ -183,7 +172,7 @@ class LLMEngine:
                 samples.extend(SampleRequest(i, child) for child in seq.forks)
         return samples
 
-    def _append_tokens(self, samples: list[SampleRequest], sampled) -> list[_Request]:
+    def _append_tokens(self, samples: list[SampleRequest], sampled: SamplerOutput) -> list[_Request]:
         changed: dict[str, _Request] = {}
         for row, request in enumerate(samples):
             seq = request.seq
@@ -193,7 +182,7 @@ class LLMEngine:
             changed[seq.request_id] = state
         return list(changed.values())
 
-    def _append_token(self, sample: _Sample, sampled, row: int) -> None:
+    def _append_token(self, sample: _Sample, sampled: SamplerOutput, row: int) -> None:
         seq, out = sample.seq, sample.output
         token = sampled.token_ids[row]
         seq.token_ids.append(token)
@@ -243,17 +232,21 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the worker actors and free their placement group, if the model runs on them."""
-        if self.config.uses_workers:
-            self.runner.shutdown()
+        self.runner.shutdown()
 
     def take_kv_events(self) -> KVEventBatch | None:
         return self.kv.take_events()
 
-    def stats(self) -> dict:
-        return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "kv_blocks_used": self.kv.num_blocks - self.kv.num_free_blocks,
-            "kv_blocks_total": self.kv.num_blocks,
-            "num_preemptions": self.scheduler.num_preemptions,
-        }
+    def cached_blocks(self) -> tuple[int, list[BlockHash]]:
+        """The sequence number of the last KV event batch taken, and the blocks cached as of it."""
+        return self.kv.event_seq, self.kv.cached_block_hashes()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.kv.num_blocks,
+            kv_blocks_used=self.kv.num_blocks - self.kv.num_free_blocks,
+            kv_blocks_cached=self.kv.num_cached_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )

@@ -4,8 +4,8 @@ import enum
 
 import torch
 
-from kvserve.workers.block_hash import BlockHash
-from kvserve.workers.sampling_params import SamplingParams
+from kvserve.workers.engine.block_hash import BlockHash
+from kvserve.workers.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvserve.workers.distributed import SINGLE, TPGroup
+from kvserve.workers.models.distributed import SINGLE, TPGroup
 from kvserve.workers.models.config import ModelConfig
 
 # (dim, start, length) of a checkpoint tensor, or None for the whole tensor.

@@ -46,23 +46,25 @@ def first_block_extra_keys(cache_salt: str | None, lora_name: str | None = None)
     return keys or None
 
 
-def hash_block_chain(
+def extend_block_chain(
+    hashes: list[BlockHash],
     token_ids: Sequence[int],
     block_size: int,
-    cache_salt: str | None = None,
-    num_blocks: int | None = None,
-) -> list[BlockHash]:
-    """Hashes of the leading full blocks of `token_ids` (all of them unless `num_blocks`)."""
-    full = len(token_ids) // block_size
-    if num_blocks is not None:
-        full = min(full, num_blocks)
+    cache_salt: str | None,
+    num_blocks: int,
+) -> None:
+    """Append to `hashes` (the chain of `token_ids`' first blocks so far) the hashes of its
+    next blocks, up to `num_blocks` full blocks in all."""
+    for i in range(len(hashes), num_blocks):
+        parent = hashes[i - 1] if i else ROOT_HASH
+        extra = None if i else first_block_extra_keys(cache_salt)
+        hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra))
+
+
+def hash_block_chain(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None) -> list[BlockHash]:
+    """Hashes of every full block of `token_ids`."""
     hashes: list[BlockHash] = []
-    parent = ROOT_HASH
-    extra = first_block_extra_keys(cache_salt)
-    for i in range(full):
-        parent = hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra)
-        hashes.append(parent)
-        extra = None
+    extend_block_chain(hashes, token_ids, block_size, cache_salt, len(token_ids) // block_size)
     return hashes
 
 

@@ -3,8 +3,8 @@
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from kvserve.workers.block_hash import BlockHash
-from kvserve.workers.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvserve.workers.engine.block_hash import BlockHash
+from kvserve.workers.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 class KVBlock:
@@ -108,7 +108,7 @@ class BlockPool:
 
     def _record_stored(self, run: list[BlockHash], parent: BlockHash | None, token_ids) -> None:
         if run:
-            self.events.append(BlockStored(run, parent, list(token_ids), self.block_size))
+            self.events.append(BlockStored(run, parent, list(token_ids), self.block_size, lora_name=None))
 
     def reset_cache(self) -> bool:
         """Forget every cached block; only possible while no block is in use."""

@@ -1,0 +1,21 @@
+"""The routing policies by name, and the KV-aware policy's settings with their defaults: the
+one place the config, the CLI, the benchmarks and the router itself take them from."""
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Policy = Literal["kv", "prefix_approx", "pow2", "round_robin"]
+POLICIES: tuple[str, ...] = get_args(Policy)
+
+
+class RouterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    load_cost_tokens: int = Field(64, ge=0, description="kv: prompt tokens one in-flight request is worth")
+    max_imbalance: int = Field(4, ge=0, description="kv: most extra in-flight requests over the least busy replica")
+    working_set_window_s: float = Field(
+        60.0, gt=0, description="kv: how long a prompt sent to a replica counts as wanted in its cache")
+    recent_s: float = Field(
+        5.0, gt=0, description="kv: how long the router's own sends count as cached, until the replica's "
+        "KV events have reached the index")

@@ -1,0 +1,47 @@
+"""What the engine needs from whatever runs the model: one declared interface that the
+in-process `ModelRunner` and the tensor-parallel `TPExecutor` (both in `workers/runner/`)
+implement. The engine is handed one; it never builds it."""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvserve.workers.engine.scheduler import ScheduledBatch
+from kvserve.workers.engine.sequence import Sequence
+from kvserve.workers.models.config import ModelConfig
+
+
+@dataclass
+class SampleRequest:
+    """Sample `seq`'s next token from the logits of the last new token of `batch_index`."""
+
+    batch_index: int
+    seq: Sequence
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: list[int]
+    # For rows whose params ask for logprobs, else None: the sampled token's logprob, and the
+    # `params.logprobs` most likely (token id, logprob) pairs, most likely first.
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+class ModelExecutor(Protocol):
+    model_config: ModelConfig
+    num_kv_blocks: int  # the KV pool the model's cache tensors hold, in blocks
+
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        block_tables: dict[str, list[int]],
+        samples: list[SampleRequest],
+        eos_token_ids: tuple[int, ...],
+    ) -> SamplerOutput | None:
+        """Run one step's forward pass and sample the rows of `samples`."""
+
+    async def check_health(self) -> None:
+        """Raise if the model can no longer run (a rank is gone)."""
+
+    def shutdown(self) -> None:
+        """Release what the executor holds beyond this process (actors, placement groups)."""

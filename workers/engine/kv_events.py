@@ -1,0 +1,53 @@
+"""KV cache events, in the shape vLLM publishes them, so external indexers can read them too.
+
+Whoever keeps a copy of a replica's block set (the KV event hub, every router's index)
+applies the replica's events with `apply_events`, the one definition of what each means.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kvserve.workers.engine.block_hash import BlockHash
+
+
+@dataclass(frozen=True)
+class BlockStored:
+    block_hashes: list[BlockHash]
+    parent_block_hash: BlockHash | None
+    token_ids: list[int]
+    block_size: int
+    lora_name: str | None
+
+    def apply_to(self, blocks: set[BlockHash]) -> None:
+        blocks.update(self.block_hashes)
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    block_hashes: list[BlockHash]
+
+    def apply_to(self, blocks: set[BlockHash]) -> None:
+        blocks.difference_update(self.block_hashes)
+
+
+@dataclass(frozen=True)
+class AllBlocksCleared:
+    def apply_to(self, blocks: set[BlockHash]) -> None:
+        blocks.clear()
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+@dataclass(frozen=True)
+class KVEventBatch:
+    """Events in the order they happened; `seq` grows by one per batch of one replica."""
+
+    seq: int
+    events: list[KVEvent]
+
+
+def apply_events(blocks: set[BlockHash], events: Iterable[KVEvent]) -> None:
+    """Bring a copy of a replica's block set up to date with its events, in order."""
+    for event in events:
+        event.apply_to(blocks)

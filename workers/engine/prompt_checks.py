@@ -1,0 +1,13 @@
+"""What makes a prompt impossible to serve, known before any model runs."""
+
+
+def prompt_length_problem(num_tokens: int, max_model_len: int) -> str | None:
+    """Why a prompt of `num_tokens` cannot be served under `max_model_len`, or None. The
+    ingress answers with it (400) before routing; the engine refuses with it as well, for
+    callers that reach it directly."""
+    if num_tokens == 0:
+        return "the prompt is empty"
+    if num_tokens >= max_model_len:
+        return (f"the prompt has {num_tokens} tokens; with max_model_len {max_model_len} there is "
+                "no room to generate")
+    return None
