@@ -1,12 +1,25 @@
-"""The `kvserve` command line."""
+"""The `kvserve` command line.
+
+Every flag that sets a config field is an entry of CONFIG_FLAGS and takes its type, choices,
+default and help from that pydantic field. A verb's own modules (torch, Ray, the benchmarks)
+are imported only when it runs, so that building the parser stays quick."""
 
 import argparse
+import importlib
 import json
 import os
 import sys
+import types
+from importlib.metadata import version
 from pathlib import Path
+from typing import Literal, NamedTuple, Union, get_args, get_origin
 
-DEFAULT_MODEL_DIR = Path(os.environ.get("KVSERVE_HOME", Path.home() / ".cache" / "kvserve")) / "tiny-llama"
+from pydantic.fields import FieldInfo
+
+from kvserve.cluster.config import AppConfig, load_config
+
+MODEL_CACHE = Path(os.environ.get("KVSERVE_HOME", Path.home() / ".cache" / "kvserve"))
+DEFAULT_MODEL_DIR = MODEL_CACHE / "tiny-llama"
 
 
 def default_model() -> str:
@@ -16,64 +29,81 @@ def default_model() -> str:
     return str(build_tiny_checkpoint(DEFAULT_MODEL_DIR, arch="llama"))
 
 
-BENCH_MODEL_SHAPE = dict(
-    hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
+class ConfigFlag(NamedTuple):
+    section: str  # the AppConfig field holding `field`: "engine" or "serving"
+    field: str
+    option: str
+
+
+CONFIG_FLAGS = (
+    ConfigFlag("engine", "model", "--model"),
+    ConfigFlag("engine", "device", "--device"),
+    ConfigFlag("engine", "dtype", "--dtype"),
+    ConfigFlag("engine", "load_format", "--load-format"),
+    ConfigFlag("engine", "max_model_len", "--max-model-len"),
+    ConfigFlag("engine", "enable_prefix_caching", "--prefix-caching"),  # and --no-prefix-caching
+    ConfigFlag("engine", "tp_size", "--tp"),
+    ConfigFlag("serving", "replicas", "--replicas"),
+    ConfigFlag("serving", "router", "--router"),
+    ConfigFlag("serving", "host", "--host"),
+    ConfigFlag("serving", "port", "--port"),
 )
+ENGINE_FLAGS = tuple(flag for flag in CONFIG_FLAGS if flag.section == "engine")
+# `bench tp` has a --tp of its own: the worker actors it compares with the in-process engine.
+BENCH_ENGINE_FLAGS = tuple(flag for flag in ENGINE_FLAGS if flag.field != "tp_size")
 
 
-ROUTER_BENCH_SHAPE = dict(
-    hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
-)
+def _config_field(flag: ConfigFlag) -> FieldInfo:
+    return AppConfig.model_fields[flag.section].annotation.model_fields[flag.field]
 
 
-def router_bench_model() -> str:
-    """A small random-weight Llama whose prefill costs enough on a CPU core for the router to
-    matter, with room for long conversations."""
-    from kvserve.cluster.tiny_model import build_tiny_checkpoint
-
-    return str(build_tiny_checkpoint(DEFAULT_MODEL_DIR.parent / "router-bench-llama", arch="llama",
-                                     **ROUTER_BENCH_SHAPE))
-
-
-def bench_model() -> str:
-    """A small random-weight Llama for engine benchmarks: big enough that the model's work,
-    not Python, fills most of a step on a CPU."""
-    from kvserve.cluster.tiny_model import build_tiny_checkpoint
-
-    return str(build_tiny_checkpoint(DEFAULT_MODEL_DIR.parent / "bench-llama", arch="llama", **BENCH_MODEL_SHAPE))
+def _value_options(annotation) -> dict:
+    """How argparse reads a value of `annotation`: `X | None` as X, a bool as a --name /
+    --no-name pair, a Literal as its choices."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = (arg for arg in get_args(annotation) if arg is not type(None))
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if get_origin(annotation) is Literal:
+        return {"choices": get_args(annotation)}
+    return {"type": annotation}
 
 
-def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="Hugging Face checkpoint folder (default: a tiny built-in model)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--no-prefix-caching", action="store_true")
+def _help(field: FieldInfo, model_default: str) -> str:
+    default = model_default if field.is_required() else field.default
+    text = field.description if default is None else f"{field.description} (default: {default})"
+    return text.replace("%", "%%")  # argparse expands %-formats in help
 
 
-def _engine_options(args: argparse.Namespace) -> dict:
-    options = {
-        "device": args.device,
-        "dtype": args.dtype,
-        "load_format": args.load_format,
-        "enable_prefix_caching": not args.no_prefix_caching,
-    }
-    if args.max_model_len:
-        options["max_model_len"] = args.max_model_len
-    return options
+def add_config_flags(parser: argparse.ArgumentParser, flags: tuple[ConfigFlag, ...], model_default: str) -> None:
+    """A flag for each of `flags`; `model_default` says which model runs without --model. Every
+    flag defaults to None, so that one not given leaves the config file's value in place."""
+    for flag in flags:
+        field = _config_field(flag)
+        parser.add_argument(flag.option, dest=flag.field, help=_help(field, model_default),
+                            **_value_options(field.annotation))
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, dict]:
+    """The config fields the flags given in `args` set, as `load_config` takes them:
+    {"engine": {...}, "serving": {...}}."""
+    overrides: dict[str, dict] = {}
+    for flag in CONFIG_FLAGS:
+        value = getattr(args, flag.field, None)
+        if value is not None:
+            overrides.setdefault(flag.section, {})[flag.field] = value
+    return overrides
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from kvserve.workers.llm import LLM
     from kvserve.workers.engine.sampling_params import SamplingParams
+    from kvserve.workers.llm import LLM
 
+    engine = load_config(None, config_overrides(args), default_model).engine
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    llm = LLM(args.model or default_model(), **_engine_options(args), tp_size=args.tp)
+    llm = LLM(**engine.model_dump())
     try:
         outputs = llm.generate(args.prompt or ["Hello, my name is"], params)
     finally:
@@ -93,12 +123,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_overrides(args: argparse.Namespace) -> dict:
-    engine = {"model": args.model, "device": args.device, "dtype": args.dtype, "tp_size": args.tp}
-    serving = {"replicas": args.replicas, "router": args.router, "host": args.host, "port": args.port}
-    return {"engine": engine, "serving": serving}
-
-
 def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -107,9 +131,8 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from kvserve.cluster.app import build_app
-    from kvserve.cluster.config import load_config
 
-    config = load_config(args.config, _config_overrides(args), default_model)
+    config = load_config(args.config, config_overrides(args), default_model)
     ray.init(address=args.address, ignore_reinit_error=True, logging_level="WARNING")
     serving = config.serving
     serve.start(http_options={"host": serving.host, "port": serving.port})
@@ -130,89 +153,107 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kvserve.cluster.config import load_config
-
     config = load_config(args.config, default_model=lambda: str(DEFAULT_MODEL_DIR))
     print(f"{args.config}: valid ({config.serving.replicas} replica(s), router {config.serving.router})")
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from kvserve.cluster.bench import engine as bench_engine
+class _LazyVerbParser(argparse.ArgumentParser):
+    """A verb whose flags, and the modules they come from, are added only when the command line
+    names it: `add_flags(parser)` runs then."""
 
-    return bench_engine.main(args, args.model or bench_model(), _engine_options(args))
+    def __init__(self, *args, add_flags, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_flags = add_flags
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._add_flags is not None:
+            add_flags, self._add_flags = self._add_flags, None
+            add_flags(self)
+        return super().parse_known_args(args, namespace)
+
+
+def _bench_engine_settings(args: argparse.Namespace) -> tuple[str, dict]:
+    """The model (the benchmark Llama unless --model) and the engine options the flags give."""
+    from kvserve.cluster.bench.models import bench_model
+
+    options = config_overrides(args).get("engine", {})
+    return options.pop("model", None) or bench_model(MODEL_CACHE), options
+
+
+def _engine_bench_flags(name: str):
+    """The flags of a benchmark that runs the engine: the engine's config flags and its own."""
+    def add_flags(parser: argparse.ArgumentParser) -> None:
+        bench = importlib.import_module(f"kvserve.cluster.bench.{name}")
+        add_config_flags(parser, BENCH_ENGINE_FLAGS, "a small random-weight Llama, built on first use")
+        bench.add_flags(parser)
+        parser.set_defaults(run=lambda args: bench.main(args, *_bench_engine_settings(args)))
+    return add_flags
+
+
+def _routers_bench_flags(parser: argparse.ArgumentParser) -> None:
+    from kvserve.cluster.bench import routers
+    from kvserve.cluster.bench.models import router_bench_model
+
+    parser.add_argument("--model", help="checkpoint folder (default: a small random-weight Llama, built on first use)")
+    routers.add_flags(parser)
+    parser.set_defaults(run=lambda args: routers.main(args, args.model or router_bench_model(MODEL_CACHE)))
+
+
+def _plain_bench_flags(name: str):
+    """The flags of a benchmark whose `main(args)` needs nothing else."""
+    def add_flags(parser: argparse.ArgumentParser) -> None:
+        bench = importlib.import_module(f"kvserve.cluster.bench.{name}")
+        bench.add_flags(parser)
+        parser.set_defaults(run=bench.main)
+    return add_flags
+
+
+BENCHES = (
+    ("engine", "offline engine against HF transformers generate", _engine_bench_flags("engine")),
+    ("serve", "load generator against a running endpoint", _plain_bench_flags("serve")),
+    ("route", "time of the KV-aware routing decision", _plain_bench_flags("route")),
+    ("tp", "per-step overhead of tensor parallelism against tp 1", _engine_bench_flags("tp")),
+    ("routers", "every routing policy side by side on local CPU replicas", _routers_bench_flags),
+    ("kernels", "paged attention against copy bandwidth and torch SDPA", _plain_bench_flags("kernels")),
+    ("decode", "decode step of a Llama-3-8B-shaped model against its floor and HF",
+     _plain_bench_flags("decode")),
+)
+
+
+def _add_generate(verbs) -> None:
+    gen = verbs.add_parser("generate", help="offline generation, no HTTP")
+    add_config_flags(gen, ENGINE_FLAGS, "a tiny random-weight Llama, built on first use")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    gen.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default: %(default)s)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass (default: %(default)s)")
+    gen.add_argument("--seed", type=int, help="seed of the sampling (default: none)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(run=_generate)
+
+
+def _add_serve(verbs) -> None:
+    srv = verbs.add_parser("serve", help="start (or join) Ray, deploy, serve HTTP until Ctrl-C")
+    srv.add_argument("--config", help="application config YAML (see configs/); flags given override it")
+    add_config_flags(srv, CONFIG_FLAGS, "a tiny random-weight Llama, built on first use")
+    srv.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
+    srv.set_defaults(run=_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvserve", description="LLM serving on Ray with a KV-aware router")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('kvserve')}")
     verbs = parser.add_subparsers(dest="verb", required=True)
-
-    gen = verbs.add_parser("generate", help="offline generation, no HTTP")
-    _add_engine_flags(gen)
-    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
-    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (worker actors on a local Ray)")
-    gen.set_defaults(run=_generate)
-
-    srv = verbs.add_parser("serve", help="start (or join) Ray, deploy, serve HTTP until Ctrl-C")
-    srv.add_argument("--config", help="application config YAML (see configs/)")
-    srv.add_argument("--model", help="Hugging Face checkpoint folder (default: a tiny built-in model)")
-    srv.add_argument("--replicas", type=int)
-    srv.add_argument("--router", choices=["kv", "pow2", "round_robin", "prefix_approx"])
-    srv.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    srv.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    srv.add_argument("--tp", type=int, help="tensor-parallel ranks per replica (engine.tp_size)")
-    srv.add_argument("--host")
-    srv.add_argument("--port", type=int)
-    srv.add_argument("--address", help="Ray cluster address to join (default: start a local Ray)")
-    srv.set_defaults(run=_serve)
-
+    _add_generate(verbs)
+    _add_serve(verbs)
     val = verbs.add_parser("validate", help="check an application config file")
     val.add_argument("config")
     val.set_defaults(run=_validate)
-
     bench = verbs.add_parser("bench", help="benchmarks")
-    bench_verbs = bench.add_subparsers(dest="bench_verb", required=True)
-    engine = bench_verbs.add_parser("engine", help="offline engine against HF transformers generate")
-    _add_engine_flags(engine)
-    from kvserve.cluster.bench.engine import add_flags
-
-    add_flags(engine)
-    engine.set_defaults(run=_bench)
-    from kvserve.cluster.bench import serve as bench_serve
-
-    load = bench_verbs.add_parser("serve", help="load generator against a running endpoint")
-    bench_serve.add_flags(load)
-    load.set_defaults(run=lambda args: bench_serve.main(args))
-    from kvserve.cluster.bench import route as bench_route
-
-    route = bench_verbs.add_parser("route", help="time of the KV-aware routing decision")
-    bench_route.add_flags(route)
-    route.set_defaults(run=lambda args: bench_route.main(args))
-    from kvserve.cluster.bench import tp as bench_tp
-
-    tp = bench_verbs.add_parser("tp", help="per-step overhead of tensor parallelism against tp 1")
-    _add_engine_flags(tp)
-    bench_tp.add_flags(tp)
-    tp.set_defaults(run=lambda args: bench_tp.main(args, args.model or bench_model(), _engine_options(args)))
-    from kvserve.cluster.bench import routers as bench_routers
-
-    routers = bench_verbs.add_parser("routers", help="every routing policy side by side on local CPU replicas")
-    routers.add_argument("--model", help="checkpoint folder (default: the built-in tiny model)")
-    bench_routers.add_flags(routers)
-    routers.set_defaults(run=lambda args: bench_routers.main(args, args.model or router_bench_model()))
-    from kvserve.cluster.bench import decode as bench_decode, kernels as bench_kernels
-
-    kernels = bench_verbs.add_parser("kernels", help="paged attention against copy bandwidth and torch SDPA")
-    bench_kernels.add_flags(kernels)
-    kernels.set_defaults(run=bench_kernels.main)
-    decode = bench_verbs.add_parser("decode", help="decode step of a Llama-3-8B-shaped model against its floor and HF")
-    bench_decode.add_flags(decode)
-    decode.set_defaults(run=bench_decode.main)
+    bench_verbs = bench.add_subparsers(dest="bench_verb", required=True, parser_class=_LazyVerbParser)
+    for name, help_text, add_flags in BENCHES:
+        bench_verbs.add_parser(name, help=help_text, add_flags=add_flags)
     return parser
 
 

@@ -12,19 +12,22 @@ from kvserve.workers.engine.config import EngineConfig
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    app_name: str = "kvserve"
+    app_name: str = Field("kvserve", description="the Ray Serve application's name")
     served_model_name: str | None = Field(None, description="the model id clients use; default: the folder name")
-    replicas: int = Field(1, ge=1)
-    ingress_replicas: int = Field(1, ge=1)
-    router: Policy = "kv"
-    router_options: RouterOptions = RouterOptions()
-    replica_cpus: float = Field(1.0, ge=0)
-    replica_gpus: float = Field(0.0, ge=0)
+    replicas: int = Field(1, ge=1, description="engine replicas, each with its own KV cache")
+    ingress_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress that routes requests")
+    router: Policy = Field("kv", description="how the ingress picks a replica for each request")
+    router_options: RouterOptions = Field(RouterOptions(), description="settings of the `kv` routing policy")
+    replica_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves for each engine replica")
+    replica_gpus: float = Field(
+        0.0, ge=0, description="GPUs Ray reserves for each engine replica that runs its model in process; "
+        "worker actors reserve their own"
+    )
     max_ongoing_requests: int = Field(64, ge=1, description="requests one replica takes at once")
     max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica before 503s; -1: no limit")
-    api_key: str | None = None
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = Field(None, description="the bearer token clients must send; default: none needed")
+    host: str = Field("127.0.0.1", description="address the HTTP server listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port the HTTP server listens on")
 
 
 class AppConfig(BaseModel):

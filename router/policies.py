@@ -23,14 +23,15 @@ class KVAwareRouter(RequestRouter):
     def initialize_state(self, block_size: int, **options):
         self.block_size = block_size
         self.options = RouterOptions(**options)
+        self.follower: KVIndexFollower | None = None
         self.scorer: KVScorer | None = None
         self.known: set[str] = set()
 
     def _scorer(self) -> KVScorer:
         if self.scorer is None:
-            follower = KVIndexFollower.for_app(self._deployment_id.app_name, self.block_size)
-            self.scorer = KVScorer(follower, self.block_size, self.options)
-        self.scorer.follower.ensure_running()
+            self.follower = KVIndexFollower.for_app(self._deployment_id.app_name, self.block_size)
+            self.scorer = KVScorer(self.follower, self.block_size, self.options)
+        self.follower.ensure_running()
         return self.scorer
 
     async def choose_replicas(
@@ -75,7 +76,7 @@ class KVAwareRouter(RequestRouter):
             return
         for replica in replicas:
             self.scorer.forget(replica)
-            self.scorer.follower.forget(replica, departed=True)
+            self.follower.forget(replica, departed=True)
 
 
 class RoundRobinRouter(RequestRouter):

@@ -3,6 +3,8 @@
 import time
 from dataclasses import dataclass, field
 
+from kvserve.workers.protocol import TokenLogprobs
+
 
 @dataclass
 class ChoiceState:
@@ -11,7 +13,7 @@ class ChoiceState:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
 
 
@@ -48,28 +50,28 @@ class TokenText:
         return text
 
 
-def completion_logprobs(entries: list[dict], token_text: TokenText, text_start: int) -> dict:
-    tokens = [token_text(e["token_id"]) for e in entries]
+def completion_logprobs(entries: list[TokenLogprobs], token_text: TokenText, text_start: int) -> dict:
+    tokens = [token_text(e.token_id) for e in entries]
     offsets, at = [], text_start
     for token in tokens:
         offsets.append(at)
         at += len(token)
     return {
         "tokens": tokens,
-        "token_logprobs": [e["logprob"] for e in entries],
-        "top_logprobs": [{token_text(t): lp for t, lp in e["top"]} for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
         "text_offset": offsets,
     }
 
 
-def chat_logprobs(entries: list[dict], token_text: TokenText) -> dict:
+def chat_logprobs(entries: list[TokenLogprobs], token_text: TokenText) -> dict:
     def item(token_id: int, logprob: float) -> dict:
         token = token_text(token_id)
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {
         "content": [
-            {**item(e["token_id"], e["logprob"]), "top_logprobs": [item(t, lp) for t, lp in e["top"]]}
+            {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
             for e in entries
         ]
     }

@@ -1,16 +1,26 @@
 """The application config and the `kvserve` command line, run as a user runs them."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import pytest
 
-from kvserve.cluster.config import ConfigError, load_config
+from kvserve.cluster.cli import CONFIG_FLAGS, build_parser, config_overrides
+from kvserve.cluster.config import ConfigError, ServingConfig, load_config
+from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.models.config import DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = {"engine": EngineConfig, "serving": ServingConfig}
+# The flags of `serve` and `generate` that set no config field.
+OTHER_FLAGS = {"--help", "--config", "--address", "--prompt", "--max-tokens", "--temperature", "--top-p", "--seed",
+               "--json"}
 
 
 def kvserve(*args: str, home: Path) -> subprocess.CompletedProcess:
@@ -61,3 +71,66 @@ def test_generate_json_on_the_built_in_model(tmp_path):
 def test_generate_reports_a_missing_model_folder(tmp_path):
     result = kvserve("generate", "--model", str(tmp_path / "nowhere"), home=tmp_path)
     assert result.returncode == 2 and "config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def verb_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (verbs,) = (action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return verbs.choices
+
+
+def test_every_config_flag_sets_a_field_and_shows_its_description():
+    flags = {flag.option: flag for flag in CONFIG_FLAGS}
+    verbs = verb_parsers(build_parser())
+    seen = set()
+    for verb in ("serve", "generate"):
+        for action in verbs[verb]._actions:
+            if OTHER_FLAGS.intersection(action.option_strings):
+                continue
+            option = action.option_strings[0]
+            flag = flags[option]
+            field = SECTIONS[flag.section].model_fields[flag.field]
+            assert action.dest == flag.field and action.default is None, option
+            assert field.description and action.help.startswith(field.description), option
+            annotation = field.annotation
+            if get_origin(annotation) is Literal:
+                assert tuple(action.choices) == get_args(annotation), option
+            seen.add(option)
+    assert seen == set(flags)
+
+
+def test_flags_given_override_the_file_and_the_rest_leave_it(tmp_path):
+    args = build_parser().parse_args(["serve", "--config", str(ROOT / "configs" / "cpu-default.yaml"),
+                                      "--tp", "2", "--no-prefix-caching", "--port", "9000"])
+    assert config_overrides(args) == {"engine": {"tp_size": 2, "enable_prefix_caching": False},
+                                      "serving": {"port": 9000}}
+    config = load_config(args.config, config_overrides(args), lambda: str(tmp_path))
+    assert config.engine.tp_size == 2 and not config.engine.enable_prefix_caching and config.serving.port == 9000
+    assert config.engine.device == "cpu" and config.serving.replicas == 2  # from the file
+
+
+def test_bench_tp_keeps_its_own_tp_flag():
+    args = build_parser().parse_args(["bench", "tp", "--tp", "1", "--dtype", "float32"])
+    assert args.tp == 1 and config_overrides(args) == {"engine": {"dtype": "float32"}}
+
+
+def test_dtype_names_are_the_torch_dtypes():
+    assert set(get_args(EngineConfig.model_fields["dtype"].annotation)) == {"auto", *DTYPES}
+
+
+def test_version(tmp_path):
+    result = kvserve("--version", home=tmp_path)
+    assert result.returncode == 0 and version("kvserve") in result.stdout
+
+
+def test_help_imports_neither_torch_nor_ray():
+    code = (
+        "import contextlib, io, sys\n"
+        "from kvserve.cluster.cli import main\n"
+        "for argv in (['--help'], ['serve', '--help'], ['generate', '--help'], ['bench', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "loaded = [name for name in ('torch', 'ray') if name in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -6,10 +6,11 @@ import shutil
 
 import pytest
 
+from kvserve.workers.engine import block_hash
 from kvserve.workers.engine.config import EngineConfig
-from kvserve.workers.runner import start_engine
-from kvserve.workers.llm import LLM
 from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.llm import LLM
+from kvserve.workers.runner import start_engine
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,21 @@ def test_unknown_architecture_and_missing_files(tiny_checkpoints, tmp_path):
 def test_unknown_engine_option_is_an_error(tiny_checkpoints):
     with pytest.raises(ValueError, match="max_num_seq"):
         EngineConfig(model=str(tiny_checkpoints["llama"]), max_num_seq=3)
+
+
+def test_block_hashes_from_the_caller_are_used_not_computed_again(llm, monkeypatch):
+    """The ingress hashes every prompt to route it; the engine takes that chain as it is."""
+    prompt = list(range(100, 150))  # three full blocks of 16 and a partial one
+    chain = block_hash.hash_block_chain(prompt, llm.engine.config.block_size)
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    expected = llm.generate([prompt], params)[0].outputs[0].token_ids
+    llm.engine.kv.reset_prefix_cache()
+    calls = []
+    real_hash_block = block_hash.hash_block
+    monkeypatch.setattr(block_hash, "hash_block", lambda *args: calls.append(args) or real_hash_block(*args))
+    llm.engine.add_request("given-hashes", prompt, params, block_hashes=chain)
+    outputs = []
+    while llm.engine.has_unfinished_requests():
+        outputs += llm.engine.step()
+    assert outputs[-1].outputs[0].token_ids == expected
+    assert calls == [] and set(chain) <= set(llm.engine.cached_blocks()[1])

@@ -3,7 +3,6 @@ ingress, two engine replicas behind the KV-aware router."""
 
 import random
 import re
-import socket
 import time
 
 import httpx
@@ -17,16 +16,11 @@ from kvserve.cluster.bench.routers import routing_decisions
 from kvserve.cluster.config import load_config
 from kvserve.workers.kv_event_hub import hub_name
 from kvserve.workers.llm import LLM
+from kvserve.workers.models.distributed import free_port
 from kvserve.workers.engine.sampling_params import SamplingParams
 
 APP = "kvtest"
 ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 160, "max_model_len": 256}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +213,7 @@ def test_a_lost_hub_is_rebuilt_from_the_replicas(server, model_name):
             news = ray.get(ray.get_actor(hub_name(APP), namespace="kvserve").follow.remote({}, -1, 0))
         except (ValueError, ray.exceptions.RayActorError):  # not created yet, or the dead one
             continue
-        if len(news["replicas"]) == 2 and news["replicas"][holder]["snapshot"]["blocks"]:
+        if len(news.replicas) == 2 and news.replicas[holder].snapshot.blocks:
             break
     replica, cached = completion_with_header(server, model_name, prefix + [2])
     assert replica == holder and cached >= 80

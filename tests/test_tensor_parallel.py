@@ -16,7 +16,7 @@ from ray.util import placement_group_table
 
 from kvserve.cluster.bench import tp as bench_tp
 from kvserve.cluster.app import build_app
-from kvserve.cluster.cli import _config_overrides, build_parser, main
+from kvserve.cluster.cli import build_parser, config_overrides, main
 from kvserve.cluster.config import load_config
 from kvserve.cluster.tiny_model import build_tiny_checkpoint
 from kvserve.workers.models.distributed import free_port
@@ -132,7 +132,7 @@ def test_generate_with_tp2_prints_what_tp1_does(checkpoints, capsys):
 
 def test_serve_flag_sets_engine_tp_size(checkpoints):
     args = build_parser().parse_args(["serve", "--model", str(checkpoints["llama"]), "--tp", "2"])
-    assert load_config(None, _config_overrides(args)).engine.tp_size == 2
+    assert load_config(None, config_overrides(args)).engine.tp_size == 2
 
 
 def test_bench_tp_reports_both_step_times(checkpoints, capsys):

@@ -15,7 +15,7 @@ from kvserve.cluster.bench.kernels import (
     write_json,
 )
 from kvserve.cluster.bench.tp import decode_step_time
-from kvserve.workers.engine.config import DTYPES
+from kvserve.workers.models.config import DTYPES
 
 BLOCK_SIZE = 16
 LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

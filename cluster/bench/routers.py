@@ -4,7 +4,6 @@ other, under the same workloads; a table of the results and a PNG plot."""
 import argparse
 import asyncio
 import json
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.cluster.bench import serve as bench_serve
 from kvserve.router.options import POLICIES
+from kvserve.workers.models.distributed import free_port
 
 WORKLOADS = ["shared-prefix", "multi-turn", "random"]
 
@@ -32,12 +32,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-ttft", type=float, default=2.0)
     parser.add_argument("--slo-tpot", type=float, default=0.5)
     parser.add_argument("--bench-seed", type=int, default=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_ready(url: str, replicas: int, timeout_s: float = 300) -> None:
@@ -60,7 +54,7 @@ def main(args: argparse.Namespace, model: str) -> int:
     from kvserve.cluster.app import build_app
     from kvserve.cluster.config import load_config
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=2 * args.replicas + 2, include_dashboard=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -4,7 +4,7 @@ A full block of the KV cache is named by `hash_block(parent_hash, token_ids, ext
 SHA-256 over a canonical byte encoding, so the value is the same in every process and on
 every machine, and the chain through `parent_hash` makes a block's name depend on the whole
 prefix before it. The router imports this module to compute a prompt's chain; it also
-compares `HASH_CHECK` with a replica's before trusting that replica's events.
+compares `hash_check_value(block_size)` with a replica's before trusting that replica's events.
 """
 
 import hashlib

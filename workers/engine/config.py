@@ -1,12 +1,16 @@
-"""The engine's settings, validated once; the application config in cluster/ embeds it."""
+"""The engine's settings, validated once; the application config in cluster/ embeds it.
 
-from typing import Literal
+torch is imported only where a method needs it, so that the CLI can build its flags from these
+fields without loading torch."""
 
-import torch
+from typing import TYPE_CHECKING, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from kvserve.workers.models.config import DTYPES, ModelConfig
+if TYPE_CHECKING:
+    import torch
 
+    from kvserve.workers.models.config import ModelConfig
 
 
 class EngineConfig(BaseModel):
@@ -14,14 +18,20 @@ class EngineConfig(BaseModel):
 
     model: str = Field(description="Hugging Face checkpoint folder")
     tokenizer: str | None = Field(None, description="tokenizer folder, if not the model's")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    load_format: Literal["auto", "dummy"] = "auto"
-    block_size: int = Field(16, ge=1, le=256)
-    max_model_len: int | None = Field(None, ge=1)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    enable_prefix_caching: bool = True
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when torch sees a GPU, else CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations; `auto`: the checkpoint's dtype on a GPU, float32 on a CPU"
+    )
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="`auto` reads the checkpoint's weights; `dummy` fills random ones of the same shapes"
+    )
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV cache block")
+    max_model_len: int | None = Field(
+        None, ge=1, description="longest sequence, prompt and output; default: the model's max_position_embeddings"
+    )
+    max_num_seqs: int = Field(256, ge=1, description="sequences running in one step")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="tokens computed in one step")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes seen before")
     num_kv_blocks: int | None = Field(None, ge=1, description="size of the KV pool; derived from memory if unset")
     kv_cache_memory_gib: float | None = Field(
         None, gt=0, description="KV pool size when num_kv_blocks is unset; if unset too, sized from "
@@ -39,7 +49,8 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(
         False, description="no CUDA graphs: otherwise decode steps replay them on CUDA with tp_size 1"
     )
-    seed: int = 0
+    seed: int = Field(0, description="torch's global seed in the engine: dummy weights, and sampling for requests "
+                      "without a seed of their own")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads of this engine (several replicas share a CPU)")
     tp_size: int = Field(1, ge=1, description="tensor-parallel ranks: >1 runs the model on that many worker actors")
     distributed_executor_backend: Literal["auto", "ray"] = Field(
@@ -49,6 +60,8 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_device(self) -> "EngineConfig":
+        import torch
+
         # With worker actors they hold the GPUs, not the process that checks this.
         if self.device == "cuda" and not self.uses_workers and not torch.cuda.is_available():
             raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device")
@@ -67,27 +80,35 @@ class EngineConfig(BaseModel):
     def tokenizer_dir(self) -> str:
         return self.tokenizer or self.model
 
-    def effective_max_model_len(self, model: ModelConfig) -> int:
+    def effective_max_model_len(self, model: "ModelConfig") -> int:
         """`max_model_len`, or the model's own limit when unset; never beyond that limit."""
         limit = model.max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > limit:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings {limit}")
         return self.max_model_len or limit
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self) -> "torch.device":
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def torch_dtype(self, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
+    def torch_dtype(self, checkpoint_dtype: "torch.dtype | None") -> "torch.dtype":
         """`auto` is the checkpoint's dtype on a GPU and float32 on a CPU."""
+        import torch
+
+        from kvserve.workers.models.config import DTYPES
+
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         if self.torch_device().type == "cpu" or checkpoint_dtype is None:
             return torch.float32
         return checkpoint_dtype
 
-    def kv_cache_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+    def kv_cache_torch_dtype(self, model_dtype: "torch.dtype") -> "torch.dtype":
+        import torch
+
         return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8_e4m3" else model_dtype
 
 

@@ -44,10 +44,6 @@ class Scheduler:
         self.pending_copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def add(self, seq: Sequence) -> None:
         if seq.priority == 0 and (not self.waiting or self.waiting[-1].sort_key() <= seq.sort_key()):
             self.waiting.append(seq)

@@ -37,6 +37,7 @@ SINGLE = TPGroup()
 
 
 def free_port() -> int:
+    """A TCP port free on this machine now, on every interface."""
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]

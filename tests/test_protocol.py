@@ -1,0 +1,85 @@
+"""The messages of workers/protocol.py cross Ray as they are: through an actor call and a
+Serve handle each comes back equal to what was sent, and none can be built with a field left
+out."""
+
+import dataclasses
+
+import pytest
+import ray
+from ray import serve
+
+from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
+from kvserve.workers.protocol import (
+    AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EngineStats, GenerateRequest, HubNews,
+    KVEventBatch, OutputDelta, ReplicaNews, ReplicaRegistration, SampleDelta, SamplingParams, TokenLogprobs,
+)
+
+BLOCK = 4
+CHAIN = hash_block_chain(list(range(12)), BLOCK, cache_salt="tenant")
+STATS = EngineStats(running=2, waiting=1, kv_blocks_total=64, kv_blocks_used=9, kv_blocks_cached=5,
+                    num_preemptions=0)
+BATCH = KVEventBatch(7, [
+    BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None),
+    BlockRemoved(CHAIN[:1]),
+    AllBlocksCleared(),
+])
+
+
+def messages() -> list:
+    """One of each message, every field set to something other than a default."""
+    sampling = SamplingParams(n=2, temperature=0.5, top_k=5, max_tokens=9, stop=["\n"], seed=3, logprobs=1)
+    sample = SampleDelta(index=1, text="hi", token_ids=[5, 6],
+                         logprobs=[TokenLogprobs(5, -0.5, [(5, -0.5)]), TokenLogprobs(6, -1.0, [(7, -0.2)])],
+                         finish_reason="length")
+    return [
+        GenerateRequest(request_id="cmpl-1-0", prompt_token_ids=list(range(13)), sampling=sampling,
+                        prompt="text", block_hashes=CHAIN, hash_check=hash_check_value(BLOCK),
+                        cache_salt="tenant", priority=-1),
+        OutputDelta(replica="r1", num_prompt_tokens=13, num_cached_tokens=8, samples=[sample], finished=True),
+        STATS,
+        BATCH,
+        HubNews(3, {
+            "r1": ReplicaNews(BLOCK, hash_check_value(BLOCK), STATS, [BATCH], None),
+            "r2": ReplicaNews(BLOCK, hash_check_value(BLOCK), STATS, None, BlockSnapshot(7, CHAIN)),
+        }),
+        ReplicaRegistration("r1", BLOCK, hash_check_value(BLOCK), "actor-handle", BlockSnapshot(7, CHAIN), STATS),
+    ]
+
+
+@pytest.fixture(scope="module")
+def echoes():
+    """An actor and a Serve deployment that return what they get."""
+
+    class Echo:  # defined here so that Ray pickles it by value: the tests folder is no package
+        def echo(self, message):
+            return message
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    actor = ray.remote(Echo).remote()
+    handle = serve.run(serve.deployment(Echo, ray_actor_options={"num_cpus": 0}).bind(), name="echo",
+                       route_prefix=None)
+    yield actor, handle
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("index", range(len(messages())), ids=[type(m).__name__ for m in messages()])
+def test_each_message_crosses_an_actor_call_and_a_serve_handle_unchanged(echoes, index):
+    actor, handle = echoes
+    sent = messages()[index]
+    assert ray.get(actor.echo.remote(sent)) == sent
+    assert handle.echo.remote(sent).result(timeout_s=60) == sent
+
+
+@pytest.mark.parametrize("index", range(len(messages())), ids=[type(m).__name__ for m in messages()])
+def test_no_message_can_leave_a_field_out(index):
+    message = messages()[index]
+    fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    for name in fields:
+        with pytest.raises(TypeError, match=name):
+            type(message)(**{k: v for k, v in fields.items() if k != name})
+
+
+def test_messages_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        STATS.running = 0
