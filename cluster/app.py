@@ -1,9 +1,15 @@
-"""Builds the Serve application (ingress + LLMServer replicas) from an `AppConfig`."""
+"""Builds the Serve application (ingress + LLMServer replicas) from an `AppConfig`.
+
+`app_builder` is the import path that Serve config files (`serve run`, `serve deploy`) and
+KubeRay's `serveConfigV2` name: `kvserve.cluster.app:app_builder`, with the kvserve config as
+the application's `args`. The deployments' Serve options set here (replicas, resources,
+placement, queue limits) are defaults that a Serve config's `deployments:` entries override.
+"""
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from kvserve.cluster.config import AppConfig
+from kvserve.cluster.config import AppConfig, parse_config
 from kvserve.router.ingress import Ingress, IngressSettings
 from kvserve.router.policies import policy_class
 from kvserve.workers.models.config import ModelConfig
@@ -67,3 +73,8 @@ def build_app(config: AppConfig):
         max_ongoing_requests=1000,
     )
     return ingress.bind(llm, ingress_settings(config))
+
+
+def app_builder(args: dict):
+    """The application of a Serve config: `args` is a kvserve config (engine, serving)."""
+    return build_app(parse_config(args))

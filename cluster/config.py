@@ -72,7 +72,12 @@ def load_config(path: str | Path | None, overrides: dict | None = None, default_
     engine = raw.setdefault("engine", {})
     if isinstance(engine, dict) and not engine.get("model") and default_model is not None:
         engine["model"] = default_model()
+    return parse_config(raw)
+
+
+def parse_config(raw: dict) -> AppConfig:
+    """The config of a mapping (a YAML file's, or a Serve config's application `args`)."""
     try:
-        return AppConfig(**raw)
+        return AppConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"invalid config: {_describe(error)}") from None
