@@ -14,7 +14,7 @@ from kvserve.router.ingress import Ingress, IngressSettings
 from kvserve.router.policies import policy_class
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.server import LLMServer
-from kvserve.workers.runner.tp_executor import placement_bundles
+from kvserve.workers.runner.tp_executor import placement_bundles, rank_device
 
 
 def router_config(config: AppConfig) -> RequestRouterConfig:
@@ -47,7 +47,9 @@ def replica_resources(config: AppConfig) -> dict:
         return {"ray_actor_options": {"num_cpus": serving.replica_cpus, "num_gpus": serving.replica_gpus}}
     return {
         "ray_actor_options": {"num_cpus": serving.replica_cpus, "num_gpus": 0},
-        "placement_group_bundles": placement_bundles(config.engine, serving.replica_cpus),
+        "placement_group_bundles": placement_bundles(
+            config.engine, serving.replica_cpus, rank_device(config.engine)
+        ),
         "placement_group_strategy": "STRICT_PACK",
     }
 

@@ -124,36 +124,53 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
     import ray
     from ray import serve
 
+    from kvserve.cluster import preflight
     from kvserve.cluster.app import build_app
+    from kvserve.cluster.deploy import deploy
 
     config = load_config(args.config, config_overrides(args), default_model)
     ray.init(address=args.address, ignore_reinit_error=True, logging_level="WARNING")
-    serving = config.serving
-    serve.start(http_options={"host": serving.host, "port": serving.port})
-    serve.run(build_app(config), name=serving.app_name, route_prefix="/")
-    print(f"kvserve: serving {config.served_model_name()!r} at http://{serving.host}:{serving.port}/v1 "
-          f"({serving.replicas} replica(s), router {serving.router}); Ctrl-C to stop", flush=True)
+    try:
+        if args.address is None and not ray.cluster_resources().get("GPU"):
+            config = preflight.fit_to_cpus(config, ray.cluster_resources()["CPU"])
+        preflight.check(config, preflight.cluster_node_types())
+        serving = config.serving
+        serve.start(http_options={"host": serving.host, "port": serving.port})
+        deploy(build_app(config), config)
+        print(f"kvserve: serving {config.served_model_name()!r} at http://{serving.host}:{serving.port}/v1 "
+              f"({serving.replicas} replica(s), router {serving.router}); Ctrl-C to stop", flush=True)
+        _wait_for_a_stop()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _wait_for_a_stop() -> None:
+    import signal
+    import threading
+
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         stop.wait()
     except KeyboardInterrupt:
         pass
-    finally:
-        print("kvserve: shutting down", flush=True)
-        serve.shutdown()
-        ray.shutdown()
-    return 0
+    print("kvserve: shutting down", flush=True)
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from kvserve.cluster.preflight import PreflightError, check_model
+
     config = load_config(args.config, default_model=lambda: str(DEFAULT_MODEL_DIR))
+    if not Path(config.engine.model).is_dir():
+        print(f"{args.config}: note: model folder {config.engine.model} is not on this machine; "
+              "its checkpoint was not checked")
+    elif problems := check_model(config.engine):
+        raise PreflightError("\n".join(problems))
     print(f"{args.config}: valid ({config.serving.replicas} replica(s), router {config.serving.router})")
     return 0
 
@@ -262,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
-        print(f"kvserve {args.verb}: error: {error}", file=sys.stderr)
-        return 2
+        for line in str(error).splitlines():
+            print(f"kvserve {args.verb}: error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ class ServingConfig(BaseModel):
     api_key: str | None = Field(None, description="the bearer token clients must send; default: none needed")
     host: str = Field("127.0.0.1", description="address the HTTP server listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the HTTP server listens on")
+    deploy_timeout_s: float = Field(
+        120.0, gt=0, description="how long `kvserve serve` waits for the application to run before it fails, "
+        "saying what blocks it"
+    )
 
 
 class AppConfig(BaseModel):

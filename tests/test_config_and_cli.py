@@ -45,7 +45,7 @@ def test_unknown_keys_and_bad_values_name_the_key(tmp_path, tiny_checkpoints):
     assert "engine.blok_size: unknown key" in str(error.value)
     assert "serving.replicas" in str(error.value)
     result = kvserve("validate", str(bad), home=tmp_path)
-    assert result.returncode == 2 and "engine.blok_size" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "engine.blok_size" in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
 
@@ -70,7 +70,7 @@ def test_generate_json_on_the_built_in_model(tmp_path):
 
 def test_generate_reports_a_missing_model_folder(tmp_path):
     result = kvserve("generate", "--model", str(tmp_path / "nowhere"), home=tmp_path)
-    assert result.returncode == 2 and "config.json" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "config.json" in result.stderr and "Traceback" not in result.stderr
 
 
 def verb_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

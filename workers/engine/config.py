@@ -53,6 +53,9 @@ class EngineConfig(BaseModel):
                       "without a seed of their own")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads of this engine (several replicas share a CPU)")
     tp_size: int = Field(1, ge=1, description="tensor-parallel ranks: >1 runs the model on that many worker actors")
+    rank_cpus: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves for each worker actor (rank) when the ranks run on CPUs"
+    )
     distributed_executor_backend: Literal["auto", "ray"] = Field(
         "auto", description="`auto`: the model in the engine's process at tp_size 1, on Ray worker actors "
         "above; `ray`: on worker actors at any tp_size"

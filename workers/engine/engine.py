@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for
+from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for, check_pool_holds_a_sequence
 from kvserve.workers.engine.kv_events import KVEventBatch
 from kvserve.workers.engine.executor import ModelExecutor, SampleRequest, SamplerOutput
 from kvserve.workers.engine.block_hash import BlockHash
@@ -54,12 +54,7 @@ class LLMEngine:
         model_config = self.runner.model_config
         self.max_model_len = config.effective_max_model_len(model_config)
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        if self.kv.num_blocks < blocks_for(self.max_model_len, config.block_size):
-            raise ValueError(
-                f"the KV pool ({self.kv.num_blocks} blocks of {config.block_size} tokens) cannot hold "
-                f"one sequence of max_model_len {self.max_model_len}: raise num_kv_blocks, "
-                "kv_cache_memory_gib or gpu_memory_utilization, or lower max_model_len"
-            )
+        check_pool_holds_a_sequence(self.kv.num_blocks, config.block_size, self.max_model_len)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
             self.kv,

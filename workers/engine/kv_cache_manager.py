@@ -10,6 +10,16 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def check_pool_holds_a_sequence(num_blocks: int, block_size: int, max_model_len: int) -> None:
+    """Raise ValueError if a pool of `num_blocks` cannot hold one sequence of `max_model_len`."""
+    if num_blocks < blocks_for(max_model_len, block_size):
+        raise ValueError(
+            f"the KV pool ({num_blocks} blocks of {block_size} tokens) cannot hold one sequence of "
+            f"max_model_len {max_model_len}: raise num_kv_blocks, kv_cache_memory_gib or "
+            "gpu_memory_utilization, or lower max_model_len"
+        )
+
+
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size

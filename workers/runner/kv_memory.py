@@ -2,7 +2,13 @@
 
 import torch
 
+from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.models.config import ModelConfig
+from kvserve.workers.models.distributed import TPGroup
+from kvserve.workers.models.parallel_layers import kv_heads_of_rank
+
 GIB = 2**30
+DEFAULT_CPU_KV_GIB = 1.0
 
 
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -51,3 +57,20 @@ class GPUMemoryProfile:
         reserved = torch.cuda.memory_reserved(self.device) - self.reserved_at_start
         outside_torch = max(self.free_at_start - free - reserved, 0)
         return torch.cuda.max_memory_allocated(self.device) - self.allocated_at_start + outside_torch
+
+
+def rank_block_bytes(config: EngineConfig, model: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of one block of one rank's KV cache (its share of the KV heads) in `dtype`."""
+    num_kv_heads = kv_heads_of_rank(model, TPGroup(0, config.tp_size))[1]
+    return bytes_per_block(model.num_layers, config.block_size, num_kv_heads, model.head_dim, dtype)
+
+
+def configured_pool_blocks(config: EngineConfig, block_bytes: int, on_cuda: bool) -> int | None:
+    """The KV pool's size when the settings fix it: `num_kv_blocks`, what fits in
+    `kv_cache_memory_gib`, or on a CPU the default budget; None when it is sized from the
+    GPU's memory after a profiling run."""
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    if config.kv_cache_memory_gib or not on_cuda:
+        return blocks_in(config.kv_cache_memory_gib or DEFAULT_CPU_KV_GIB, block_bytes)
+    return None

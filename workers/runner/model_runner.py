@@ -13,7 +13,9 @@ from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.executor import SampleRequest, SamplerOutput
 from kvserve.workers.runner.cuda_graphs import DecodeGraphs
 from kvserve.workers.models.distributed import SINGLE, TPGroup
-from kvserve.workers.runner.kv_memory import GPUMemoryProfile, blocks_for_gpu, blocks_in, bytes_per_block
+from kvserve.workers.runner.kv_memory import (
+    GPUMemoryProfile, blocks_for_gpu, configured_pool_blocks, rank_block_bytes,
+)
 from kvserve.workers.models.loader import load_model
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.parallel_layers import kv_heads_of_rank
@@ -22,8 +24,6 @@ from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch
 from kvserve.workers.runner.transfer import to_device
 
-
-DEFAULT_CPU_KV_GIB = 1.0
 
 # One sequence's share of a step: its new tokens, the position of the first, its block table.
 Chunk = tuple[list[int], int, list[int]]
@@ -54,15 +54,15 @@ class ModelRunner:
         torch.manual_seed(config.seed)
         if config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
-        sized_by_gpu = self.device.type == "cuda" and not (config.num_kv_blocks or config.kv_cache_memory_gib)
-        profile = GPUMemoryProfile(self.device) if sized_by_gpu else None
+        fixed_pool_blocks = configured_pool_blocks(config, self._block_bytes(), self.device.type == "cuda")
+        profile = GPUMemoryProfile(self.device) if fixed_pool_blocks is None else None
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format, tp)
         self.num_kv_heads = kv_heads_of_rank(mc, tp)[1]
         self.block_size = config.block_size
         self.max_model_len = config.effective_max_model_len(mc)
         self.sampler = Sampler()
         scratch_bytes = self._warm_up(config.calculate_kv_scales) if profile or config.calculate_kv_scales else 0
-        self.num_kv_blocks = self._pool_blocks(profile, scratch_bytes)
+        self.num_kv_blocks = fixed_pool_blocks or self._profiled_pool_blocks(profile, scratch_bytes)
         # One block past the pool's: the padding rows of a decode graph's batch use it alone.
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks + 1, self.kv_dtype)
         self.graphs = None
@@ -71,18 +71,12 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graphs.capture()
 
-    def _pool_blocks(self, profile: GPUMemoryProfile | None, scratch_bytes: int) -> int:
-        """`num_kv_blocks`, or what fits in `kv_cache_memory_gib`, or on CUDA in the share of
-        the GPU that `gpu_memory_utilization` leaves beside the warm-up's peak (less its
-        scratch KV cache)."""
-        config = self.config
-        if config.num_kv_blocks:
-            return config.num_kv_blocks
-        if profile is None:
-            return blocks_in(config.kv_cache_memory_gib or DEFAULT_CPU_KV_GIB, self._block_bytes())
+    def _profiled_pool_blocks(self, profile: GPUMemoryProfile, scratch_bytes: int) -> int:
+        """The blocks that fit in the share of the GPU that `gpu_memory_utilization` leaves
+        beside the warm-up's peak (less its scratch KV cache)."""
         peak_used = profile.peak_used() - scratch_bytes
         return blocks_for_gpu(
-            profile.total, profile.free_at_start, peak_used, config.gpu_memory_utilization, self._block_bytes()
+            profile.total, profile.free_at_start, peak_used, self.config.gpu_memory_utilization, self._block_bytes()
         )
 
     def decode_graphs(self) -> DecodeGraphs:
@@ -94,8 +88,7 @@ class ModelRunner:
         )
 
     def _block_bytes(self) -> int:
-        mc = self.model_config
-        return bytes_per_block(mc.num_layers, self.block_size, self.num_kv_heads, mc.head_dim, self.kv_dtype)
+        return rank_block_bytes(self.config, self.model_config, self.kv_dtype)
 
     def _allocate_kv_caches(self, num_blocks: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         mc = self.model_config

@@ -73,16 +73,16 @@ def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
     return dataclasses.replace(plan, input_ids=move(plan.input_ids), positions=move(plan.positions), meta=meta)
 
 
-def placement_bundles(config: EngineConfig, replica_cpus: float) -> list[dict[str, float]]:
-    """The placement group of a serving replica with `tp_size` ranks: one bundle per rank,
-    the replica itself sharing bundle 0 with rank 0."""
-    bundle = _rank_bundle(_rank_device(config))
+def placement_bundles(config: EngineConfig, replica_cpus: float, device: str) -> list[dict[str, float]]:
+    """The placement group of a serving replica with `tp_size` ranks on `device`: one bundle
+    per rank, the replica itself sharing bundle 0 with rank 0."""
+    bundle = _rank_bundle(device, config.rank_cpus)
     first = {**bundle, "CPU": bundle.get("CPU", 0) + replica_cpus}
     return [first] + [bundle] * (config.tp_size - 1)
 
 
-def _rank_bundle(device: str) -> dict[str, float]:
-    return {"GPU": 1} if device == "cuda" else {"CPU": 1}
+def _rank_bundle(device: str, rank_cpus: float) -> dict[str, float]:
+    return {"GPU": 1} if device == "cuda" else {"CPU": rank_cpus}
 
 
 class TPExecutor:
@@ -108,10 +108,10 @@ class TPExecutor:
             raise
 
     def _start(self, config: EngineConfig) -> int:
-        device = _rank_device(config)
+        device = rank_device(config)
         config = config.model_copy(update={"device": device})
         size = config.tp_size
-        bundle = _rank_bundle(device)
+        bundle = _rank_bundle(device, config.rank_cpus)
         self._place(size, bundle)
         actor = ray.remote(concurrency_groups={"health": 1})(TPWorker)
         self.workers = [
@@ -190,8 +190,10 @@ class TPExecutor:
         self.placement_group = None
 
 
-def _rank_device(config: EngineConfig) -> str:
-    """The ranks' device: `auto` means GPUs when the cluster has any."""
+def rank_device(config: EngineConfig) -> str:
+    """The ranks' device on the running cluster: `auto` means GPUs when it has any."""
+    if config.device == "cpu":
+        return "cpu"
     gpus_per_node = [node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]]
     device = config.device
     if device == "auto":
