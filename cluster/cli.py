@@ -163,15 +163,14 @@ def _wait_for_a_stop() -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kvserve.cluster.preflight import PreflightError, check_model
+    from kvserve.cluster.validate import validate_file
 
-    config = load_config(args.config, default_model=lambda: str(DEFAULT_MODEL_DIR))
-    if not Path(config.engine.model).is_dir():
-        print(f"{args.config}: note: model folder {config.engine.model} is not on this machine; "
-              "its checkpoint was not checked")
-    elif problems := check_model(config.engine):
-        raise PreflightError("\n".join(problems))
-    print(f"{args.config}: valid ({config.serving.replicas} replica(s), router {config.serving.router})")
+    kinds, problems = validate_file(args.config, args.crds, default_model=str(DEFAULT_MODEL_DIR))
+    for problem in problems:
+        print(f"{args.config}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{args.config}: valid ({', '.join(kinds)})")
     return 0
 
 
@@ -264,8 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
     _add_generate(verbs)
     _add_serve(verbs)
-    val = verbs.add_parser("validate", help="check an application config file")
-    val.add_argument("config")
+    val = verbs.add_parser("validate", help="check a kvserve config, a Serve config, a ray up YAML or a KubeRay manifest")
+    val.add_argument("config", help="the YAML file")
+    val.add_argument("--crds", help="folder of the KubeRay CRD schemas, for manifests (default: the "
+                     "repository's k8s/crds)")
     val.set_defaults(run=_validate)
     bench = verbs.add_parser("bench", help="benchmarks")
     bench_verbs = bench.add_subparsers(dest="bench_verb", required=True, parser_class=_LazyVerbParser)

@@ -5,6 +5,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvserve.cluster.documents import pydantic_problems
 from kvserve.router.options import Policy, RouterOptions
 from kvserve.workers.engine.config import EngineConfig
 
@@ -48,15 +49,6 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
 
 
-def _describe(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"])
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        lines.append(f"{key}: {message}")
-    return "; ".join(lines)
-
-
 def load_config(path: str | Path | None, overrides: dict | None = None, default_model=None) -> AppConfig:
     """Read `path` (YAML), apply `overrides` ({"engine": {...}, "serving": {...}}), and fill
     `engine.model` from `default_model()` when neither gives one."""
@@ -84,4 +76,4 @@ def parse_config(raw: dict) -> AppConfig:
     try:
         return AppConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"invalid config: {_describe(error)}") from None
+        raise ConfigError("invalid config: " + "; ".join(pydantic_problems(error, []))) from None

@@ -3,7 +3,6 @@ weights, against the floor of reading every weight and the batch's KV once at th
 bandwidth, and against Hugging Face transformers' `generate` on the same device."""
 
 import argparse
-import gc
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ from kvserve.cluster.bench.kernels import (
     add_common_flags, copy_bandwidth, parse_sizes, print_info, print_table, resolve_device, run_info,
     write_json,
 )
-from kvserve.cluster.bench.tp import decode_step_time
+from kvserve.cluster.bench.tp import decode_step_time, release_device_memory
 from kvserve.workers.models.config import DTYPES
 
 BLOCK_SIZE = 16
@@ -39,6 +38,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens of every sequence")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per batch")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--skip-engine", action="store_true", help="HF's steps alone")
     parser.add_argument("--enforce-eager", action="store_true", help="decode steps without CUDA graphs")
     add_common_flags(parser)
 
@@ -127,33 +127,56 @@ def add_hf_columns(rows: list[dict], model_dir: str, args, device: torch.device)
         except torch.OutOfMemoryError:
             step_s = float("nan")
             print(f"HF, batch {row['batch']}: out of memory")
-        hf_tok_s = row["batch"] / step_s
-        row.update(hf_step_ms=step_s * 1e3, hf_tok_s=hf_tok_s, vs_hf=row["tok_s"] / hf_tok_s)
+        row.update(hf_step_ms=step_s * 1e3, hf_tok_s=row["batch"] / step_s)
+        if "tok_s" in row:
+            row["vs_hf"] = row["tok_s"] / row["hf_tok_s"]
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.skip_engine and args.skip_hf:
+        raise ValueError("--skip-engine and --skip-hf leave nothing to measure")
     device = resolve_device(args.device)
     copy_bps = copy_bandwidth(device, args.copy_mib, args.reps, args.warmup)
     info = run_info(args, device)
     print_info(info, copy_bandwidth=f"{copy_bps / 1e9:.1f} GB/s (read + write)")
     with tempfile.TemporaryDirectory(prefix=f"kvserve-{args.shape}-") as model_dir:
         write_config_only_checkpoint(Path(model_dir), args.shape)
+        rows = measured_rows(model_dir, args, device, copy_bps)
+    print_table(table_columns(args), rows)
+    print_notes(args, rows)
+    write_json(args.json, dict(info, copy_gbps=copy_bps / 1e9, decode=rows))
+    return 0
+
+
+def measured_rows(model_dir: str, args, device: torch.device, copy_bps: float) -> list[dict]:
+    if args.skip_engine:
+        rows = [dict(batch=batch, context=args.context) for batch in args.batches]
+    else:
         rows = engine_rows(model_dir, args, device, copy_bps)
-        gc.collect()  # the engine's weights and KV pool, before HF's are allocated
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if not args.skip_hf:
-            add_hf_columns(rows, model_dir, args, device)
-    columns = {"batch": "{batch}", "context": "{context}", "step ms": "{step_ms:.2f}",
-               "floor ms": "{floor_ms:.2f}", "step / floor": "{of_floor:.2f}x", "tok/s": "{tok_s:.1f}"}
+        release_device_memory(device)  # the engine's weights and KV pool, before HF's are allocated
     if not args.skip_hf:
-        columns |= {"HF step ms": "{hf_step_ms:.2f}", "HF tok/s": "{hf_tok_s:.1f}", "vs HF": "{vs_hf:.2f}x"}
-    print_table(columns, rows)
-    print("floor = (weight bytes + KV bytes read at the mean context of the timed steps) / copy bandwidth")
+        add_hf_columns(rows, model_dir, args, device)
+    return rows
+
+
+def table_columns(args: argparse.Namespace) -> dict[str, str]:
+    columns = {"batch": "{batch}", "context": "{context}"}
+    if not args.skip_engine:
+        columns |= {"step ms": "{step_ms:.2f}", "floor ms": "{floor_ms:.2f}", "step / floor": "{of_floor:.2f}x",
+                    "tok/s": "{tok_s:.1f}"}
+    if not args.skip_hf:
+        columns |= {"HF step ms": "{hf_step_ms:.2f}", "HF tok/s": "{hf_tok_s:.1f}"}
+    if not (args.skip_engine or args.skip_hf):
+        columns["vs HF"] = "{vs_hf:.2f}x"
+    return columns
+
+
+def print_notes(args: argparse.Namespace, rows: list[dict]) -> None:
     if not args.skip_hf:
         print(HF_NOTE)
+    if args.skip_engine:
+        return
+    print("floor = (weight bytes + KV bytes read at the mean context of the timed steps) / copy bandwidth")
     at_1 = [r["of_floor"] for r in rows if r["batch"] == 1]
     result = f"{at_1[0]:.2f}x ({'met' if at_1[0] <= 1.25 else 'missed'})" if at_1 else "batch 1 not in --batches"
     print(f"target (issue 3, on an H100/H200): batch-1 step within 1.25x of the floor: {result}")
-    write_json(args.json, dict(info, copy_gbps=copy_bps / 1e9, decode=rows))
-    return 0

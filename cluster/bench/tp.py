@@ -2,10 +2,14 @@
 rank, the all-reduces, the sampled tokens coming back) against the in-process engine."""
 
 import argparse
+import gc
 import random
 import time
 from typing import TYPE_CHECKING
 
+import torch
+
+from kvserve.cluster.bench.kernels import resolve_device, run_info, write_json
 from kvserve.workers.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -17,6 +21,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences decoding together")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
 def decode_step_time(llm: "LLM", batch: int, prompt_len: int, steps: int) -> float:
@@ -37,19 +42,45 @@ def decode_step_time(llm: "LLM", batch: int, prompt_len: int, steps: int) -> flo
     return elapsed / steps
 
 
+def release_device_memory(device: torch.device) -> None:
+    """Hands the memory of an engine that is gone back to the GPU: the next engine sizes its KV
+    pool from what the GPU has free."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main(args: argparse.Namespace, model: str, options: dict) -> int:
     """The in-process engine against the same engine on `--tp` worker actors; with `--tp 1`
     (one GPU) what remains is the cost of the plan's trip to the rank and the tokens' return."""
+    import ray
+
+    # A Ray of its own: a plain `ray.init()` would join one that `ray start` left on this machine.
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    device = resolve_device(options.get("device", "auto"))
+    try:
+        step_ms = placement_step_times(args, model, options, device)
+    finally:
+        ray.shutdown()
+    in_process, workers = step_ms.values()
+    added = workers - in_process
+    print(f"worker actors at tp {args.tp} add {added:+.2f} ms per step ({added / in_process:+.0%}) on this machine")
+    write_json(args.json, dict(run_info(args, device), model=model, step_ms=step_ms, added_ms=added))
+    return 0
+
+
+def placement_step_times(args: argparse.Namespace, model: str, options: dict, device: torch.device) -> dict[str, float]:
+    """Milliseconds per decode step of the in-process engine and of the one on worker actors."""
     from kvserve.workers.llm import LLM
 
     runs = {"in-process, tp 1": {}, f"worker actors, tp {args.tp}": {"distributed_executor_backend": "ray",
                                                                      "tp_size": args.tp}}
-    times = []
+    step_ms = {}
     for label, placement in runs.items():
         llm = LLM(model, **options, **placement)
-        times.append(decode_step_time(llm, args.batch, args.prompt_len, args.steps))
+        step_ms[label] = decode_step_time(llm, args.batch, args.prompt_len, args.steps) * 1e3
         llm.engine.shutdown()
-        print(f"{label}: {times[-1] * 1e3:.2f} ms per decode step ({args.batch} sequences)", flush=True)
-    added = times[1] - times[0]
-    print(f"worker actors at tp {args.tp} add {added * 1e3:+.2f} ms per step ({added / times[0]:+.0%}) on this machine")
-    return 0
+        del llm
+        release_device_memory(device)
+        print(f"{label}: {step_ms[label]:.2f} ms per decode step ({args.batch} sequences)", flush=True)
+    return step_ms

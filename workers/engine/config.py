@@ -62,17 +62,22 @@ class EngineConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_device(self) -> "EngineConfig":
-        import torch
-
-        # With worker actors they hold the GPUs, not the process that checks this.
-        if self.device == "cuda" and not self.uses_workers and not torch.cuda.is_available():
-            raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device")
+    def _check_kv_scales(self) -> "EngineConfig":
+        # The device is checked where the model runs (`check_device`): a config is also built
+        # where there is no GPU, by Serve on a cluster's head node say.
         if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
             raise ValueError("calculate_kv_scales needs kv_cache_dtype: 'fp8_e4m3'")
-        if not self.uses_workers and self.torch_device().type == "cuda":
-            check_fp8_kv_cache(self.kv_cache_dtype, torch.cuda.get_device_capability())
         return self
+
+    def check_device(self) -> None:
+        """Raise ValueError if this process cannot run the model on the device asked for."""
+        import torch
+
+        if self.torch_device().type != "cuda":
+            return
+        if not torch.cuda.is_available():
+            raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device")
+        check_fp8_kv_cache(self.kv_cache_dtype, torch.cuda.get_device_capability())
 
     @property
     def uses_workers(self) -> bool:

@@ -46,6 +46,7 @@ class StepPlan:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE):
+        config.check_device()
         self.config = config
         self.device = config.torch_device()
         self.model_config = mc = ModelConfig.from_pretrained_dir(config.model)

@@ -191,19 +191,12 @@ class TPExecutor:
 
 
 def rank_device(config: EngineConfig) -> str:
-    """The ranks' device on the running cluster: `auto` means GPUs when it has any."""
-    if config.device == "cpu":
-        return "cpu"
-    gpus_per_node = [node["Resources"].get("GPU", 0) for node in ray.nodes() if node["Alive"]]
-    device = config.device
-    if device == "auto":
-        device = "cuda" if any(gpus_per_node) else "cpu"
-    if device == "cuda" and config.tp_size > max(gpus_per_node, default=0):
-        raise ValueError(
-            f"tp_size {config.tp_size} is larger than the GPUs of any node "
-            f"(at most {max(gpus_per_node, default=0):.0f}): the ranks of a replica share one node"
-        )
-    return device
+    """The ranks' device: `auto` means GPUs when the running cluster has any. Whether a node
+    holds all of a replica's ranks is for the placement group (and `kvserve serve`'s preflight)
+    to find out."""
+    if config.device != "auto":
+        return config.device
+    return "cuda" if any(node["Resources"].get("GPU") for node in ray.nodes() if node["Alive"]) else "cpu"
 
 
 def _gather(refs: list, failure: str, error_type: type[Exception]) -> list:
