@@ -23,8 +23,10 @@ run: install
 generate: install
 	$(VENV)/bin/kvserve generate --prompt "The capital of France is" --prompt "Once upon a time"
 
+# The `ray up` test (tests/test_ray_up.py; root, sshd, rsync, nc) runs last, in a pytest of its own.
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	KVSERVE_RAY_UP_TEST=1 $(PYTHON) -m pytest $(PYTEST_ARGS) tests/test_ray_up.py
 
 bench: install
 	$(VENV)/bin/kvserve bench engine
