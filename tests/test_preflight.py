@@ -99,7 +99,7 @@ def test_a_replica_that_cannot_be_placed_fails_in_time(local_ray, tiny_checkpoin
             deploy(build_app(config), config)
     finally:
         serve.shutdown()
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60  # Serve's start included, on a loaded machine
 
 
 def test_serve_with_tp2_on_cpus_becomes_ready_on_a_small_machine(tiny_checkpoints, tmp_path):

@@ -137,7 +137,7 @@ def test_serve_flag_sets_engine_tp_size(checkpoints):
 
 def test_bench_tp_reports_both_step_times(checkpoints, capsys):
     before = live_placement_groups()
-    args = argparse.Namespace(tp=2, batch=2, prompt_len=8, steps=2)
+    args = argparse.Namespace(tp=2, batch=2, prompt_len=8, steps=2, json=None)
     assert bench_tp.main(args, str(checkpoints["llama"]), ENGINE) == 0
     out = capsys.readouterr().out
     assert "in-process, tp 1:" in out and "worker actors, tp 2:" in out and "add" in out

@@ -55,13 +55,17 @@ def main(args: argparse.Namespace, model: str, options: dict) -> int:
     (one GPU) what remains is the cost of the plan's trip to the rank and the tokens' return."""
     import ray
 
-    # A Ray of its own: a plain `ray.init()` would join one that `ray start` left on this machine.
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    # The caller's Ray if it has one; else one of its own (a plain `ray.init()` would join one
+    # that `ray start` left on this machine), shut down after.
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR")
     device = resolve_device(options.get("device", "auto"))
     try:
         step_ms = placement_step_times(args, model, options, device)
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
     in_process, workers = step_ms.values()
     added = workers - in_process
     print(f"worker actors at tp {args.tp} add {added:+.2f} ms per step ({added / in_process:+.0%}) on this machine")
