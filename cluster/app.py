@@ -30,12 +30,18 @@ def router_config(config: AppConfig) -> RequestRouterConfig:
 
 def ingress_settings(config: AppConfig) -> IngressSettings:
     engine = config.engine
+    model = ModelConfig.from_pretrained_dir(engine.model)
     return IngressSettings(
         served_model_name=config.served_model_name(),
         block_size=engine.block_size,
-        max_model_len=engine.effective_max_model_len(ModelConfig.from_pretrained_dir(engine.model)),
+        max_model_len=engine.effective_max_model_len(model),
         tokenizer=engine.tokenizer_dir,
         api_key=config.serving.api_key,
+        vocab_size=model.vocab_size,
+        max_n=config.serving.max_n,
+        max_stop_strings=config.serving.max_stop_strings,
+        max_request_bytes=config.serving.max_request_bytes,
+        metrics_need_api_key=config.serving.metrics_need_api_key,
     )
 
 
@@ -66,7 +72,9 @@ def build_app(config: AppConfig):
         request_router_config=router_config(config),
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
-    ).bind(config.engine)
+        graceful_shutdown_timeout_s=serving.drain_timeout_s,
+        graceful_shutdown_wait_loop_s=1.0,
+    ).bind(config.engine, serving.step_timeout_s)
     ingress = serve.deployment(
         Ingress,
         name="Ingress",

@@ -8,7 +8,9 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import types
 from importlib.metadata import version
 from pathlib import Path
@@ -20,6 +22,7 @@ from kvserve.cluster.config import AppConfig, load_config
 
 MODEL_CACHE = Path(os.environ.get("KVSERVE_HOME", Path.home() / ".cache" / "kvserve"))
 DEFAULT_MODEL_DIR = MODEL_CACHE / "tiny-llama"
+LOOPBACK = "127.0.0.1"
 
 
 def default_model() -> str:
@@ -47,6 +50,7 @@ CONFIG_FLAGS = (
     ConfigFlag("serving", "router", "--router"),
     ConfigFlag("serving", "host", "--host"),
     ConfigFlag("serving", "port", "--port"),
+    ConfigFlag("serving", "api_key", "--api-key"),
 )
 ENGINE_FLAGS = tuple(flag for flag in CONFIG_FLAGS if flag.section == "engine")
 # `bench tp` has a --tp of its own: the worker actors it compares with the in-process engine.
@@ -124,6 +128,45 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    _stop_on_signals()
+    config = load_config(args.config, config_overrides(args), default_model)
+    try:
+        _start_ray(args.address)
+        _deploy(config, local=args.address is None)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        print("kvserve: shutting down", flush=True)
+    finally:
+        _stop_ray()
+    return 0
+
+
+def _stop_on_signals() -> None:
+    """SIGINT and SIGTERM both stop `serve`, whatever disposition it inherited: a background
+    job of a non-interactive shell starts with SIGINT ignored."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+
+
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _start_ray(address: str | None) -> None:
+    """Join the cluster at `address`, or start a local Ray whose every port is on loopback. Ray
+    takes the node's address from the network unless it thinks it can't be part of a cluster (as
+    on macOS); this environment variable, read when `ray` is imported, makes it use 127.0.0.1."""
+    if address is None:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+
+    if address is None:
+        ray.init(address="local", dashboard_host=LOOPBACK, logging_level="WARNING")
+    else:
+        ray.init(address=address, logging_level="WARNING")
+
+
+def _deploy(config: AppConfig, local: bool) -> None:
     import ray
     from ray import serve
 
@@ -131,35 +174,23 @@ def _serve(args: argparse.Namespace) -> int:
     from kvserve.cluster.app import build_app
     from kvserve.cluster.deploy import deploy
 
-    config = load_config(args.config, config_overrides(args), default_model)
-    ray.init(address=args.address, ignore_reinit_error=True, logging_level="WARNING")
-    try:
-        if args.address is None and not ray.cluster_resources().get("GPU"):
-            config = preflight.fit_to_cpus(config, ray.cluster_resources()["CPU"])
-        preflight.check(config, preflight.cluster_node_types())
-        serving = config.serving
-        serve.start(http_options={"host": serving.host, "port": serving.port})
-        deploy(build_app(config), config)
-        print(f"kvserve: serving {config.served_model_name()!r} at http://{serving.host}:{serving.port}/v1 "
-              f"({serving.replicas} replica(s), router {serving.router}); Ctrl-C to stop", flush=True)
-        _wait_for_a_stop()
-    finally:
+    if local and not ray.cluster_resources().get("GPU"):
+        config = preflight.fit_to_cpus(config, ray.cluster_resources()["CPU"])
+    preflight.check(config, preflight.cluster_node_types())
+    serving = config.serving
+    serve.start(http_options={"host": serving.host, "port": serving.port})
+    deploy(build_app(config), config)
+    print(f"kvserve: serving {config.served_model_name()!r} at http://{serving.host}:{serving.port}/v1 "
+          f"({serving.replicas} replica(s), router {serving.router}); Ctrl-C to stop", flush=True)
+
+
+def _stop_ray() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
         serve.shutdown()
         ray.shutdown()
-    return 0
-
-
-def _wait_for_a_stop() -> None:
-    import signal
-    import threading
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    print("kvserve: shutting down", flush=True)
 
 
 def _validate(args: argparse.Namespace) -> int:

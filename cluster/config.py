@@ -1,13 +1,16 @@
 """The application config: one pydantic tree, filled from a YAML file and CLI flags."""
 
+import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvserve.cluster.documents import pydantic_problems
 from kvserve.router.options import Policy, RouterOptions
 from kvserve.workers.engine.config import EngineConfig
+
+API_KEY_ENV = "KVSERVE_API_KEY"
 
 
 class ServingConfig(BaseModel):
@@ -25,21 +28,46 @@ class ServingConfig(BaseModel):
         "worker actors reserve their own"
     )
     max_ongoing_requests: int = Field(64, ge=1, description="requests one replica takes at once")
-    max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica before 503s; -1: no limit")
-    api_key: str | None = Field(None, description="the bearer token clients must send; default: none needed")
+    max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica before 429s; -1: no limit")
+    step_timeout_s: float = Field(
+        60.0, gt=0, description="longest an engine may go without finishing a step while it has work before "
+        "its replica reports unhealthy (Serve then replaces it) and its waiting clients get an error"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="how long a replica that is shut down or redeployed keeps serving the requests "
+        "it already has before it is stopped"
+    )
+    api_key: str | None = Field(
+        None, validate_default=True, description="the key clients must send on /v1/* as "
+        "`Authorization: Bearer <key>`; default: $KVSERVE_API_KEY, else none needed"
+    )
+    metrics_need_api_key: bool = Field(False, description="whether /metrics needs the API key too")
     host: str = Field("127.0.0.1", description="address the HTTP server listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the HTTP server listens on")
+    max_n: int = Field(16, ge=1, description="the most samples (`n`) one request may ask for")
+    max_stop_strings: int = Field(
+        16, ge=0, description="the most stop strings one request may give (OpenAI allows 4, vLLM any number)"
+    )
+    max_request_bytes: int = Field(
+        4 * 2**20, ge=1024, description="the largest request body the ingress reads; larger ones get 413"
+    )
     deploy_timeout_s: float = Field(
         120.0, gt=0, description="how long `kvserve serve` waits for the application to run before it fails, "
         "saying what blocks it"
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key_from_environment(cls, key: str | None) -> str | None:
+        """A key the config or a flag gives wins over $KVSERVE_API_KEY."""
+        return key or os.environ.get(API_KEY_ENV) or None
 
 
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: EngineConfig
-    serving: ServingConfig = ServingConfig()
+    serving: ServingConfig = Field(default_factory=ServingConfig)  # reads $KVSERVE_API_KEY when built
 
     def served_model_name(self) -> str:
         return self.serving.served_model_name or Path(self.engine.model).name

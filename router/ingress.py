@@ -6,26 +6,30 @@ request router picks the replica. It never runs the model.
 """
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from jinja2 import TemplateError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve._private.common import ReplicaState
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
 from kvserve.router import routing_metrics as metrics
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.openai_schema import ChatCompletionRequest, CompletionRequest
+from kvserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, validation_problem
 from kvserve.router.responses import (
     ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body,
     completion_logprobs, openai_finish_reason,
@@ -63,11 +67,7 @@ async def _openai_error(_: Request, error: OpenAIError) -> JSONResponse:
 
 def invalid_value(error: RequestValidationError | ValidationError) -> OpenAIError:
     """A 400 naming the first field pydantic refused."""
-    first = error.errors()[0]
-    location = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(location) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
-    return bad_request(message, param)
+    return bad_request(*validation_problem(error.errors()[0]))
 
 
 @app.exception_handler(RequestValidationError)
@@ -80,10 +80,81 @@ async def _sampling_error(_: Request, error: ValidationError) -> JSONResponse:
     return invalid_value(error).response()
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, wrong method, body too large) in OpenAI's shape."""
+    messages = {404: f"there is no route {request.url.path}",
+                405: f"{request.method} is not allowed on {request.url.path}"}
+    message = messages.get(error.status_code, str(error.detail))
+    return OpenAIError(error.status_code, message, "invalid_request_error").response()
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
+    return OpenAIError(500, f"internal error: {type(error).__name__}", "internal_error").response()
+
+
+class _BodySizeLimit:
+    """413 for a body over `app.state.max_request_bytes`: at once when Content-Length says so,
+    otherwise as soon as the streamed body passes the limit."""
+
+    def __init__(self, asgi_app):
+        self.asgi_app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        # The app Serve runs is a copy unpickled in the replica, not this module's `app`.
+        limit = getattr(scope["app"].state, "max_request_bytes", None) if "app" in scope else None
+        if scope["type"] != "http" or limit is None:
+            return await self.asgi_app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await _too_large(limit).response()(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, _too_large(limit).message)
+            return message
+
+        await self.asgi_app(scope, limited_receive, send)
+
+
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"the request body is larger than {limit} bytes", "invalid_request_error")
+
+
+app.add_middleware(_BodySizeLimit)
+
+
+RETRY_AFTER_S = 1
+REPLICA_RETRIES = 2  # sends of a request whose replica died before its first output
+
+
+class RetryLater(OpenAIError):
+    """An error that says when to come back (`Retry-After`)."""
+
+    def response(self) -> JSONResponse:
+        reply = super().response()
+        reply.headers["retry-after"] = str(RETRY_AFTER_S)
+        return reply
+
+
+def _replica_died(error: BaseException) -> bool:
+    """Whether the replica serving a call died (the error may come wrapped in a task error)."""
+    return isinstance(error, RayActorError) or isinstance(getattr(error, "cause", None), RayActorError)
+
+
 def _engine_error(error: Exception) -> OpenAIError:
     """Map a failure from the LLMServer call to an HTTP error."""
     if isinstance(error, BackPressureError):
-        return OpenAIError(503, "the server is overloaded, retry later", "server_overloaded", code="overloaded")
+        return RetryLater(429, "too many requests are waiting for the model: retry after a moment",
+                          "requests", code="rate_limit_exceeded")
+    if _replica_died(error):
+        return RetryLater(503, "the replica serving this request stopped before it finished: retry the request",
+                          "server_error", code="replica_stopped")
     cause = error.cause if isinstance(error, RayTaskError) else error
     if isinstance(cause, ValueError):
         return bad_request(str(cause))
@@ -246,6 +317,11 @@ class IngressSettings:
     max_model_len: int
     tokenizer: str  # folder
     api_key: str | None
+    vocab_size: int  # the model's: token ids from clients must be below it
+    max_n: int
+    max_stop_strings: int
+    max_request_bytes: int
+    metrics_need_api_key: bool = False
 
 
 @serve.ingress(app)
@@ -255,8 +331,11 @@ class Ingress:
         self.model_name = settings.served_model_name
         self.block_size = settings.block_size
         self.max_model_len = settings.max_model_len
+        self.settings = settings
+        app.state.max_request_bytes = settings.max_request_bytes
         self.hash_check = hash_check_value(self.block_size)
-        self.api_key = settings.api_key
+        self.authorization = None if settings.api_key is None else f"Bearer {settings.api_key}".encode()
+        self.metrics_need_api_key = settings.metrics_need_api_key
         self.tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer, local_files_only=True)
         self.token_text = TokenText(self.tokenizer)
         self.app_name = serve.get_replica_context().app_name
@@ -271,10 +350,21 @@ class Ingress:
     # -- checks ------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
+        """With an API key configured, the request must send it as a bearer token; compared in
+        constant time, on the header's raw bytes (Starlette decodes headers as latin-1)."""
+        if self.authorization is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
-            raise OpenAIError(401, "missing or wrong API key", "authentication_error", code="invalid_api_key")
+        sent = request.headers.get("authorization", "").encode("latin-1")
+        if not hmac.compare_digest(sent, self.authorization):
+            raise OpenAIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
+                              "authentication_error", code="invalid_api_key")
+
+    def _running_llm_replicas(self) -> int:
+        """LLMServer replicas the Serve controller reports RUNNING: the set the handle's router
+        sends requests to, so one request can be served as soon as this is above zero."""
+        app_status = serve.status().applications.get(self.app_name)
+        deployment = app_status.deployments.get(self.llm.deployment_name) if app_status else None
+        return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -286,11 +376,40 @@ class Ingress:
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
             text = prompt
         else:
+            self._check_token_ids(prompt, "prompt")
             ids, text = list(prompt), self.tokenizer.decode(prompt)
         problem = prompt_length_problem(len(ids), self.max_model_len)
         if problem is not None:
             raise bad_request(problem, "prompt")
         return text, ids
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        """Before anything decodes them: an id a tokenizer cannot hold raises OverflowError."""
+        bad = next((t for t in ids if not 0 <= t < self.settings.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} in {param} is outside the vocabulary "
+                              f"[0, {self.settings.vocab_size})", param)
+
+    def _check_sampling_limits(self, body) -> None:
+        """The server's limits, which the schema cannot know."""
+        if body.n > self.settings.max_n:
+            raise bad_request(f"n must be <= {self.settings.max_n}", "n")
+        if body.stop and len(body.stop) > self.settings.max_stop_strings:
+            raise bad_request(f"stop may hold at most {self.settings.max_stop_strings} strings", "stop")
+        if body.top_k is not None and body.top_k > self.settings.vocab_size:
+            raise bad_request(f"top_k must be <= the vocabulary size {self.settings.vocab_size}", "top_k")
+        self._check_token_ids(body.stop_token_ids or [], "stop_token_ids")
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> str:
+        if not self.tokenizer.chat_template:
+            raise bad_request("this model's tokenizer has no chat template", "messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=body.add_generation_prompt, tokenize=False
+            )
+        except (TemplateError, TypeError, ValueError) as error:
+            raise bad_request(f"the model's chat template cannot take these messages: {error}", "messages") from None
 
     def _max_tokens(self, ids: list[int], asked: int | None) -> int:
         room = self.max_model_len - len(ids)
@@ -307,12 +426,16 @@ class Ingress:
 
     @app.get("/ready")
     async def ready(self) -> Response:
-        replicas = sorted(self._ensure_follower().stats)
-        status = 200 if replicas else 503
-        return JSONResponse({"ready": bool(replicas), "replicas": replicas}, status_code=status)
+        """Ready once Serve runs an LLMServer replica; `replicas` lists those whose KV events the
+        router follows (the KV-aware policy routes on them)."""
+        running = await asyncio.to_thread(self._running_llm_replicas)
+        body = {"ready": running > 0, "running_replicas": running, "replicas": sorted(self._ensure_follower().stats)}
+        return JSONResponse(body, status_code=200 if running else 503)
 
     @app.get("/metrics")
-    async def metrics_text(self) -> Response:
+    async def metrics_text(self, request: Request) -> Response:
+        if self.metrics_need_api_key:
+            self._authorize(request)
         follower = self._ensure_follower()
         index_blocks = {r: len(state.blocks) for r, state in list(follower.index.replicas.items())}
         metrics.export_replica_stats(dict(follower.stats), index_blocks, len(follower.rejected))
@@ -329,6 +452,7 @@ class Ingress:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._authorize(request)
         self._check_model(body.model)
+        self._check_sampling_limits(body)
         prompts = [self._tokenize(p) for p in body.prompts()]
         max_tokens = min(self._max_tokens(ids, body.max_tokens) for _, ids in prompts)
         sampling = body.sampling(max_tokens, body.logprobs)
@@ -338,13 +462,8 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._authorize(request)
         self._check_model(body.model)
-        if not self.tokenizer.chat_template:
-            raise bad_request("this model's tokenizer has no chat template", "messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        text = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=body.add_generation_prompt, tokenize=False
-        )
-        prompt = self._tokenize(text, add_special_tokens=False)
+        self._check_sampling_limits(body)
+        prompt = self._tokenize(self._chat_prompt(body), add_special_tokens=False)
         sampling = body.sampling(self._max_tokens(prompt[1], body.requested_max_tokens()), body.logprobs_count())
         return await self._serve([prompt], sampling, body, chat=True)
 
@@ -353,14 +472,16 @@ class Ingress:
     async def _serve(self, prompts, sampling: SamplingParams, body, chat: bool) -> Response:
         self._ensure_follower()
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        streams = [self._start(f"{request_id}-{i}", text, ids, sampling, body) for i, (text, ids) in enumerate(prompts)]
-        timers = [_RequestTimer() for _ in streams]
-        try:
-            firsts = await asyncio.gather(*(anext(s) for s in streams))
-        except Exception as error:
-            for s in streams:
-                s.cancel()
-            raise _engine_error(error) from error
+        starts = [self._start(f"{request_id}-{i}", text, ids, sampling, body) for i, (text, ids) in enumerate(prompts)]
+        timers = [_RequestTimer() for _ in starts]
+        started = await asyncio.gather(*starts, return_exceptions=True)
+        failures = [s for s in started if isinstance(s, BaseException)]
+        if failures:
+            for s in started:
+                if not isinstance(s, BaseException):
+                    s[0].cancel()
+            raise _engine_error(failures[0]) from failures[0]
+        streams, firsts = [s for s, _ in started], [f for _, f in started]
         replicas = [f.replica for f in firsts]
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(replicas))}
         run = _Generation(self, request_id, body, chat, len(prompts), firsts, streams, timers)
@@ -368,7 +489,9 @@ class Ingress:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
         return JSONResponse(await run.collect(), headers=headers)
 
-    def _start(self, request_id: str, text: str, ids: list[int], sampling: SamplingParams, body):
+    async def _start(self, request_id: str, text: str, ids: list[int], sampling: SamplingParams, body):
+        """The stream of one prompt and its first delta. A replica that dies before the first
+        delta has given the client nothing: the request goes again, to a live replica."""
         request = GenerateRequest(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -379,4 +502,11 @@ class Ingress:
             cache_salt=body.cache_salt,
             priority=body.priority,
         )
-        return self.llm.options(stream=True).generate.remote(request)
+        for attempt in range(REPLICA_RETRIES + 1):
+            stream = self.llm.options(stream=True).generate.remote(request)
+            try:
+                return stream, await anext(stream)
+            except BaseException as error:
+                stream.cancel()
+                if not _replica_died(error) or attempt == REPLICA_RETRIES:
+                    raise

@@ -2,17 +2,22 @@
 
 One follower per application and process: the request router of every handle in the process
 and the ingress's /metrics read the same copy. Replicas whose block size or hash check value
-differ from ours are kept out of the index (and counted), never trusted.
+differ from ours are kept out of the index (and counted), never trusted. A replica whose
+news cannot be trusted (a gap, a heartbeat that disagrees with the index, a new epoch) is
+dropped from the index, unknown until the hub's next answer brings a snapshot; batches of
+another epoch than the index's are fenced, never applied.
 """
 
 import asyncio
 import logging
+import time
 
 import ray
 
-from kvserve.router.kv_index import KVIndex
+from kvserve.router import routing_metrics as metrics
+from kvserve.router.kv_index import Fate, KVIndex
 from kvserve.workers.engine.block_hash import hash_check_value
-from kvserve.workers.protocol import EngineStats, HubNews, ReplicaNews
+from kvserve.workers.protocol import EngineStats, HubNews, KVCursor, ReplicaNews
 from kvserve.workers.kv_event_hub import hub_name
 
 logger = logging.getLogger(__name__)
@@ -22,7 +27,7 @@ _followers: dict[str, "KVIndexFollower"] = {}
 
 
 class KVIndexFollower:
-    def __init__(self, app_name: str, block_size: int):
+    def __init__(self, app_name: str, block_size: int, clock=time.monotonic):
         self.app_name = app_name
         self.block_size = block_size
         self.expected_check = hash_check_value(block_size)
@@ -30,6 +35,7 @@ class KVIndexFollower:
         self.stats: dict[str, EngineStats] = {}
         self.rejected: set[str] = set()
         self.departed: set[str] = set()  # replica ids are never reused
+        self.clock = clock  # times heartbeats' arrival; see `known`
         self._version = -1
         self._task: asyncio.Task | None = None
 
@@ -50,7 +56,7 @@ class KVIndexFollower:
         while True:
             try:
                 hub = hub or ray.get_actor(hub_name(self.app_name), namespace="kvserve")
-                news = await hub.follow.remote(self._cursors(), self._version, FOLLOW_TIMEOUT_S)
+                news = await hub.follow.remote(self.cursors(), self._version, FOLLOW_TIMEOUT_S)
                 self.apply(news)
             except asyncio.CancelledError:
                 raise
@@ -59,30 +65,52 @@ class KVIndexFollower:
                 hub = None
                 await asyncio.sleep(0.5)
 
-    def _cursors(self) -> dict[str, int]:
-        return {r: s.last_seq for r, s in self.index.replicas.items()}
+    def cursors(self) -> dict[str, KVCursor]:
+        return {r: KVCursor(s.epoch, s.last_seq) for r, s in self.index.replicas.items()}
+
+    def known(self, replicas: list[str]) -> list[str]:
+        """Those of `replicas` whose cached blocks the index knows now."""
+        return self.index.known(replicas, self.clock())
 
     def apply(self, news: HubNews) -> None:
         """Fold one answer of the hub into the index."""
         self._version = news.version
+        now = self.clock()
         for gone in set(self.index.replicas) - set(news.replicas):
             self.forget(gone)
         for replica, replica_news in news.replicas.items():
             if replica in self.departed:
                 continue
-            self.stats[replica] = replica_news.stats
+            self.stats[replica] = replica_news.heartbeat.stats
             if self._agrees(replica, replica_news):
-                self._apply_replica(replica, replica_news)
+                self._apply_replica(replica, replica_news, now)
 
-    def _apply_replica(self, replica: str, news: ReplicaNews) -> None:
+    def _apply_replica(self, replica: str, news: ReplicaNews, now: float) -> None:
         if news.snapshot is not None:
-            self.index.load_snapshot(replica, news.block_size, news.snapshot)
+            self.index.load_snapshot(replica, news.block_size, news.snapshot, news.heartbeat, now)
+            metrics.KV_SNAPSHOTS.inc()
+        elif not self._apply_batches(replica, news):
             return
-        self.index.add_replica(replica, news.block_size)
+        if not self.index.hear(replica, news.heartbeat, now):
+            self._lose(replica, "heartbeat")
+
+    def _apply_batches(self, replica: str, news: ReplicaNews) -> bool:
         for batch in news.batches:
-            if not self.index.apply(replica, batch):
-                self.index.drop_replica(replica)  # the next answer brings a snapshot
-                return
+            fate = self.index.apply(replica, batch)
+            if fate is Fate.GAP:
+                self._lose(replica, "gap")
+                return False
+            if fate is Fate.FENCED:
+                metrics.KV_FENCED_BATCHES.inc()
+            elif fate is Fate.APPLIED:
+                metrics.KV_EVENT_LAG.observe(max(0.0, time.time() - batch.ts))
+        return True
+
+    def _lose(self, replica: str, cause: str) -> None:
+        """Unknown until a snapshot arrives; the hub is asked for one at once."""
+        self.index.drop_replica(replica)
+        self._version = -1
+        metrics.REPLICAS_LOST.labels(cause).inc()
 
     def _agrees(self, replica: str, news: ReplicaNews) -> bool:
         if news.block_size == self.block_size and news.hash_check == self.expected_check:

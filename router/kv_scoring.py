@@ -4,6 +4,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+from kvserve.router import routing_metrics
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.options import RouterOptions
 from kvserve.router.working_sets import WorkingSets
@@ -71,10 +72,9 @@ class KVScorer:
 
     def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int) -> tuple[list[int], str]:
         """Indices of `replicas`, best first, and the reason for the first choice."""
-        index = self.follower.index
-        trusted = [r for r in replicas if r in index.replicas]
-        matched = index.prefix_matches(block_hashes, trusted)
-        for replica, depth in self.working_sets.recent_matches(block_hashes, trusted, self.options.recent_s).items():
+        known = self._known(replicas)
+        matched = self.follower.index.prefix_matches(block_hashes, known)
+        for replica, depth in self.working_sets.recent_matches(block_hashes, known, self.options.recent_s).items():
             matched[replica] = max(depth, matched.get(replica, 0))
         depths = [matched.get(r, 0) for r in replicas]
         loads = [self.load(r) for r in replicas]
@@ -93,6 +93,14 @@ class KVScorer:
         held_back = [k for k in order if loads[k] - least > self.options.max_imbalance]
         top = max(matched.values(), default=0)
         return allowed + held_back, self._reason(depths[allowed[0]], top, held_back)
+
+    def _known(self, replicas: list[str]) -> list[str]:
+        """The replicas whose caches we may count on. An unknown one (restarted, lost events,
+        silent) is scored as caching nothing, not even what we recently sent it."""
+        known = self.follower.known(replicas)
+        if len(known) < len(replicas) and set(replicas) - set(known) - self.follower.rejected:
+            routing_metrics.UNKNOWN_DECISIONS.inc()
+        return known
 
     @staticmethod
     def _reason(best_match: int, top_match: int, held_back: list[int]) -> str:

@@ -34,6 +34,22 @@ INDEX_BLOCKS = Gauge("kvserve_router_index_blocks", "Blocks the router's KV inde
 UNTRUSTED_REPLICAS = Gauge(
     "kvserve_untrusted_replicas", "Replicas whose block hashing disagrees with the router's"
 )
+UNKNOWN_DECISIONS = Counter(
+    "kvserve_routing_decisions_with_unknown_replicas_total",
+    "KV-aware decisions made while a candidate replica's cache was unknown (scored as empty)",
+)
+REPLICAS_LOST = Counter(
+    "kvserve_router_kv_replicas_lost_total",
+    "Replicas the router's KV index stopped trusting until a snapshot, by cause", ["cause"],
+)
+KV_SNAPSHOTS = Counter("kvserve_router_kv_snapshots_total", "Block snapshots loaded into the router's KV index")
+KV_FENCED_BATCHES = Counter(
+    "kvserve_router_kv_fenced_batches_total", "KV event batches of a stale epoch, refused by the router"
+)
+KV_EVENT_LAG = Histogram(
+    "kvserve_router_kv_event_lag_seconds", "From a KV event batch taken on its replica to the router's index",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 
 
 def record_decision(policy: str, reason: str, seconds: float) -> None:

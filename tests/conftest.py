@@ -1,11 +1,20 @@
+import contextlib
 import itertools
+import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
+import httpx
 import pytest
+import ray
 import torch
+from ray import serve
 
+from kvserve.cluster.app import build_app
+from kvserve.cluster.config import load_config
 from kvserve.cluster.tiny_model import build_tiny_checkpoint
 from kvserve.kernels.metadata import AttentionMetadata
+from kvserve.workers.models.distributed import free_port
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -54,3 +63,31 @@ def paged_metadata(
 def paged():
     """The helpers above, for tests that lay out a paged batch by hand."""
     return SimpleNamespace(block_tables=random_block_tables, metadata=paged_metadata)
+
+
+@contextlib.contextmanager
+def served_app(overrides: dict, num_cpus: int) -> Iterator[str]:
+    """The application of `overrides` ({"engine": ..., "serving": ...}) on a local Ray of
+    `num_cpus` CPUs, on a free port; yields its base URL once /ready answers 200."""
+    port = free_port()
+    serving = {**overrides.get("serving", {}), "port": port}
+    config = load_config(None, {**overrides, "serving": serving})
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name=config.serving.app_name, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{base}/ready").status_code != 200:
+            assert time.monotonic() < deadline, "the replicas never became ready"
+            time.sleep(0.5)
+        yield base
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def local_app():
+    """`served_app`, for module fixtures that serve an application."""
+    return served_app

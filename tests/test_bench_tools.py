@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from kvserve.cluster import cli
-from kvserve.cluster.bench.serve import make_prompts, oracle_hit_rate, percentiles
+from kvserve.cluster.bench.serve import (
+    Result, add_flags, fit_lengths, make_prompts, oracle_hit_rate, percentiles, print_table, summarize,
+)
 from kvserve.kernels import reference
 
 
@@ -46,6 +48,28 @@ def test_a_system_prompt_opens_every_prompt_and_leaves_the_rest_alone(workload):
         assert [p[24:] for p in with_system] == plain
     else:  # the system prompt counts towards max_history, so conversations restart sooner
         assert all(len(p) <= 120 for p in with_system) and with_system[0][24:] == plain[0]
+
+
+@pytest.mark.parametrize("workload", ["random", "shared-prefix", "multi-turn"])
+def test_default_lengths_fit_the_served_model(workload):
+    parser = argparse.ArgumentParser()
+    add_flags(parser)
+    args = parser.parse_args(["--url", "http://x", "--workload", workload, "--num-requests", "40"])
+    note = fit_lengths(args, 512)
+    prompts = make_prompts(args, 500)
+    assert all(len(p) + args.output_len <= 512 for p in prompts)
+    assert (note is None) == (workload == "random")
+    assert fit_lengths(args, 512) is None  # fitted once, they stay
+
+
+def test_refusals_print_the_servers_reason(capsys):
+    args = argparse.Namespace(label="", workload="random", rate=1.0, slo_ttft=1.0, slo_tpot=1.0)
+    reason = "400: max_tokens 32 plus the prompt's 512 tokens exceed max_model_len 512"
+    results = [Result(ok=False, status=400, refusal=reason)] * 2 + [Result(ok=True, output_tokens=1)]
+    summary = summarize(args, results, 1.0, 0.0)
+    assert summary["refusals"] == {reason: 2}
+    print_table(summary)
+    assert f"refused x2: {reason}" in capsys.readouterr().out
 
 
 def test_percentiles():

@@ -79,6 +79,52 @@ def test_special_tokens_are_skipped_or_kept(tokenizer):
     assert "".join(increments(tokenizer, [tokenizer.bos_token_id], output, False)) == "hi</s>"
 
 
+def finished_text(tokenizer, prompt: list[int], output: list[int]) -> str:
+    """What a finished sequence hands out: every increment, then the flush."""
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt)
+    return "".join(detokenizer.step(token_id) for token_id in output) + detokenizer.flush()
+
+
+def decoded_output(tokenizer, prompt: list[int], output: list[int]) -> str:
+    """The tokenizer's own decode of the output, less a trailing incomplete character."""
+    prompt_text = tokenizer.decode(prompt, skip_special_tokens=True).rstrip(REPLACEMENT)
+    whole = tokenizer.decode(prompt + output, skip_special_tokens=True)
+    return whole[len(prompt_text) :].rstrip(REPLACEMENT)
+
+
+def test_whole_characters_before_an_incomplete_one_reach_the_end(tokenizer):
+    """After a stray byte, a token of whole characters plus the first byte of another: the
+    stream holds all of it back; the flush gives the whole characters."""
+    vocab = tokenizer.get_vocab()
+    ends_inside = next(
+        t for t in sorted(vocab.values())
+        if (text := tokenizer.decode([t])).endswith(REPLACEMENT) and text.rstrip(REPLACEMENT).strip()
+    )
+    stray = tokenizer.convert_tokens_to_ids("\u0122")  # byte 0x80 in byte-level BPE: never a character start
+    prompt = tokenizer.encode("hello", add_special_tokens=False)
+    output = [stray] + tokenizer.encode(" 日本", add_special_tokens=False) + [ends_inside]
+    expected = decoded_output(tokenizer, prompt, output)
+    assert "日本" in expected and expected.endswith(tokenizer.decode([ends_inside]).rstrip(REPLACEMENT))
+    assert finished_text(tokenizer, prompt, output) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_finished_text_is_the_decode_of_its_tokens(tokenizer, data):
+    token_ids = st.integers(0, len(tokenizer) - 1)
+    prompt = data.draw(st.lists(token_ids, min_size=1, max_size=6))
+    output = data.draw(st.lists(token_ids, min_size=1, max_size=12))
+    assert finished_text(tokenizer, prompt, output) == decoded_output(tokenizer, prompt, output)
+
+
+def test_flush_gives_nothing_twice(tokenizer):
+    detokenizer = IncrementalDetokenizer(tokenizer, [0])
+    for token_id in tokenizer.encode("naïve 日本", add_special_tokens=False):
+        detokenizer.step(token_id)
+    detokenizer.flush()
+    assert detokenizer.flush() == ""
+
+
 def test_ids_outside_the_tokenizer_decode_to_nothing(tokenizer):
     assert increments(tokenizer, [0], [len(tokenizer) + 5]) == [""]
 

@@ -167,4 +167,4 @@ def test_block_hashes_from_the_caller_are_used_not_computed_again(llm, monkeypat
     while llm.engine.has_unfinished_requests():
         outputs += llm.engine.step()
     assert outputs[-1].outputs[0].token_ids == expected
-    assert calls == [] and set(chain) <= set(llm.engine.cached_blocks()[1])
+    assert calls == [] and set(chain) <= set(llm.engine.cached_blocks().blocks)

@@ -1,13 +1,15 @@
 """The router's KV index, fed the engine's own event batches."""
 
+import dataclasses
+
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.kv_index import KVIndex
+from kvserve.router.kv_index import Fate, KVIndex
 from kvserve.router.options import RouterOptions
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import Sequence
-from kvserve.workers.protocol import BlockSnapshot, EngineStats, HubNews, ReplicaNews
+from kvserve.workers.protocol import BlockSnapshot, EngineStats, Heartbeat, HubNews, ReplicaNews
 
 BLOCK = 4
 
@@ -20,16 +22,22 @@ def run_prompt(kv: KVCacheManager, name: str, tokens: list[int]) -> Sequence:
     return seq
 
 
+def start_following(index: KVIndex, replica: str, kv: KVCacheManager) -> None:
+    snapshot = kv.snapshot()
+    heartbeat = Heartbeat(snapshot.epoch, snapshot.seq, 0.0, pool_stats(cached=len(snapshot.blocks)))
+    index.load_snapshot(replica, BLOCK, snapshot, heartbeat, now=0.0)
+
+
 def test_index_follows_two_engines_exactly():
     engines = {"a": KVCacheManager(8, BLOCK), "b": KVCacheManager(8, BLOCK)}
     index = KVIndex()
-    for name in engines:
-        index.add_replica(name, BLOCK)
+    for name, kv in engines.items():
+        start_following(index, name, kv)
     shared = list(range(12))
     run_prompt(engines["a"], "x", shared + [50])
     run_prompt(engines["b"], "y", shared[:4] + [99] * 9)
     for name, kv in engines.items():
-        assert index.apply(name, kv.take_events())
+        assert index.apply(name, kv.take_events()) is Fate.APPLIED
     query = hash_block_chain(shared + [1, 2, 3, 4], BLOCK)
     assert index.prefix_matches(query, ["a", "b"]) == {"a": 3, "b": 1}
     for name, kv in engines.items():
@@ -39,11 +47,11 @@ def test_index_follows_two_engines_exactly():
 def test_eviction_and_replica_loss_leave_no_trace():
     kv = KVCacheManager(3, BLOCK)
     index = KVIndex()
-    index.add_replica("a", BLOCK)
+    start_following(index, "a", kv)
     seq = run_prompt(kv, "x", list(range(9)))
     kv.free(seq)
     run_prompt(kv, "y", [7] * 9)  # needs all three blocks: evicts the first prompt's
-    assert index.apply("a", kv.take_events())
+    assert index.apply("a", kv.take_events()) is Fate.APPLIED
     assert index.replicas["a"].blocks == set(kv.cached_block_hashes())
     assert index.prefix_matches(hash_block_chain(list(range(9)), BLOCK), ["a"]) == {"a": 0}
     index.drop_replica("a")
@@ -53,23 +61,25 @@ def test_eviction_and_replica_loss_leave_no_trace():
 def test_a_sequence_gap_is_refused():
     kv = KVCacheManager(8, BLOCK)
     index = KVIndex()
-    index.add_replica("a", BLOCK)
+    start_following(index, "a", kv)
     run_prompt(kv, "x", list(range(5)))
     kv.take_events()  # batch 1 lost
     run_prompt(kv, "y", list(range(20, 25)))
-    assert not index.apply("a", kv.take_events())
+    assert index.apply("a", kv.take_events()) is Fate.GAP
 
 
-def pool_stats(total: int = 1 << 20, used: int = 0) -> EngineStats:
-    return EngineStats(running=0, waiting=0, kv_blocks_total=total, kv_blocks_used=used, kv_blocks_cached=0,
+def pool_stats(total: int = 1 << 20, used: int = 0, cached: int = 0) -> EngineStats:
+    return EngineStats(running=0, waiting=0, kv_blocks_total=total, kv_blocks_used=used, kv_blocks_cached=cached,
                        num_preemptions=0)
 
 
 def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None = None,
             stats: EngineStats | None = None) -> ReplicaNews:
     """A replica's news as the hub gives it: a snapshot holding the blocks of `tokens`."""
-    return ReplicaNews(block_size, hash_check or hash_check_value(block_size), stats or pool_stats(), None,
-                       BlockSnapshot(1, hash_block_chain(tokens, block_size)))
+    blocks = hash_block_chain(tokens, block_size)
+    heartbeat = Heartbeat(7, 1, 0.0, dataclasses.replace(stats or pool_stats(), kv_blocks_cached=len(blocks)))
+    return ReplicaNews(block_size, hash_check or hash_check_value(block_size), heartbeat, None,
+                       BlockSnapshot(7, 1, blocks))
 
 
 def test_follower_distrusts_a_replica_that_hashes_differently():

@@ -10,19 +10,23 @@ from ray import serve
 
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.protocol import (
-    AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EngineStats, GenerateRequest, HubNews,
-    KVEventBatch, OutputDelta, ReplicaNews, ReplicaRegistration, SampleDelta, SamplingParams, TokenLogprobs,
+    AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EngineStats, GenerateRequest, Heartbeat, HubNews,
+    KVCursor, KVEventBatch, OutputDelta, ReplicaNews, ReplicaRegistration, SampleDelta, SamplingParams,
+    TokenLogprobs,
 )
 
 BLOCK = 4
 CHAIN = hash_block_chain(list(range(12)), BLOCK, cache_salt="tenant")
 STATS = EngineStats(running=2, waiting=1, kv_blocks_total=64, kv_blocks_used=9, kv_blocks_cached=5,
                     num_preemptions=0)
-BATCH = KVEventBatch(7, [
+EPOCH = 2**62 + 5
+BATCH = KVEventBatch(EPOCH, 7, 1.7e9, [
     BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None),
     BlockRemoved(CHAIN[:1]),
     AllBlocksCleared(),
 ])
+HEARTBEAT = Heartbeat(EPOCH, 7, 1.7e9 + 0.25, STATS)
+SNAPSHOT = BlockSnapshot(EPOCH, 7, CHAIN)
 
 
 def messages() -> list:
@@ -38,11 +42,14 @@ def messages() -> list:
         OutputDelta(replica="r1", num_prompt_tokens=13, num_cached_tokens=8, samples=[sample], finished=True),
         STATS,
         BATCH,
+        SNAPSHOT,
+        HEARTBEAT,
+        KVCursor(EPOCH, 6),
         HubNews(3, {
-            "r1": ReplicaNews(BLOCK, hash_check_value(BLOCK), STATS, [BATCH], None),
-            "r2": ReplicaNews(BLOCK, hash_check_value(BLOCK), STATS, None, BlockSnapshot(7, CHAIN)),
+            "r1": ReplicaNews(BLOCK, hash_check_value(BLOCK), HEARTBEAT, [BATCH], None),
+            "r2": ReplicaNews(BLOCK, hash_check_value(BLOCK), HEARTBEAT, None, SNAPSHOT),
         }),
-        ReplicaRegistration("r1", BLOCK, hash_check_value(BLOCK), "actor-handle", BlockSnapshot(7, CHAIN), STATS),
+        ReplicaRegistration("r1", BLOCK, hash_check_value(BLOCK), "actor-handle", SNAPSHOT, HEARTBEAT),
     ]
 
 

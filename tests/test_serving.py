@@ -9,14 +9,10 @@ import httpx
 import openai
 import pytest
 import ray
-from ray import serve
 
-from kvserve.cluster.app import build_app
 from kvserve.cluster.bench.routers import routing_decisions
-from kvserve.cluster.config import load_config
 from kvserve.workers.kv_event_hub import hub_name
 from kvserve.workers.llm import LLM
-from kvserve.workers.models.distributed import free_port
 from kvserve.workers.engine.sampling_params import SamplingParams
 
 APP = "kvtest"
@@ -24,24 +20,13 @@ ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 160, "max_model_
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoints):
-    port = free_port()
-    ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR")
-    config = load_config(None, {
+def server(tiny_checkpoints, local_app):
+    with local_app({
         "engine": {**ENGINE, "model": str(tiny_checkpoints["llama"])},
-        "serving": {"app_name": APP, "replicas": 2, "router": "kv", "port": port, "replica_cpus": 1,
+        "serving": {"app_name": APP, "replicas": 2, "router": "kv", "replica_cpus": 1,
                     "router_options": {"max_imbalance": 3}},
-    })
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name=APP, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while httpx.get(f"{base}/ready").status_code != 200:
-        assert time.monotonic() < deadline, "replicas never became ready"
-        time.sleep(0.5)
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+    }, num_cpus=6) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

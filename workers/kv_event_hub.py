@@ -3,7 +3,13 @@
 Replicas publish their event batches here in order; every router follows the hub with a long
 poll and keeps its own copy of the index, so a routing decision never waits on the network.
 The hub keeps each replica's current block set besides a bounded log of recent batches: a
-follower that fell behind the log (or saw a gap) gets a snapshot instead of the batches.
+follower that fell behind the log (or saw a gap, or follows another epoch) gets a snapshot
+instead of the batches.
+
+Each registration starts an epoch of the replica (one start of its engine). Batches and
+heartbeats of any other epoch are fenced: counted, never applied. A batch that skips a
+sequence number, or a heartbeat whose block count disagrees with the hub's copy, makes the
+hub forget the replica until it registers again with a snapshot.
 """
 
 import asyncio
@@ -13,7 +19,7 @@ from dataclasses import dataclass, field
 import ray
 
 from kvserve.workers.protocol import (
-    BlockHash, BlockSnapshot, EngineStats, HubNews, KVEventBatch, ReplicaNews, ReplicaRegistration,
+    BlockHash, BlockSnapshot, Heartbeat, HubNews, KVCursor, KVEventBatch, ReplicaNews, ReplicaRegistration,
 )
 from kvserve.workers.engine.kv_events import apply_events
 
@@ -31,29 +37,35 @@ class _ReplicaState:
     block_size: int
     hash_check: str
     actor: object  # the replica's actor handle, pinged for liveness
+    epoch: int
     seq: int
     blocks: set[BlockHash]
-    stats: EngineStats
+    heartbeat: Heartbeat
     log: deque[KVEventBatch] = field(default_factory=lambda: deque(maxlen=LOG_BATCHES))
 
     @classmethod
     def of(cls, registration: ReplicaRegistration) -> "_ReplicaState":
         snapshot = registration.snapshot
         return cls(registration.block_size, registration.hash_check, registration.actor,
-                   snapshot.seq, set(snapshot.blocks), registration.stats)
+                   snapshot.epoch, snapshot.seq, set(snapshot.blocks), registration.heartbeat)
 
     def apply(self, batch: KVEventBatch) -> None:
         apply_events(self.blocks, batch.events)
         self.seq = batch.seq
         self.log.append(batch)
 
-    def news_since(self, cursor: int) -> ReplicaNews:
+    def agrees(self, heartbeat: Heartbeat) -> bool:
+        """The heartbeat's position and block count are the hub's copy's (a late one, from
+        before the batches already applied, says nothing)."""
+        return heartbeat.seq < self.seq or (heartbeat.seq == self.seq and heartbeat.num_blocks == len(self.blocks))
+
+    def news_since(self, cursor: KVCursor | None) -> ReplicaNews:
         oldest = self.log[0].seq if self.log else self.seq + 1
-        if oldest - 1 <= cursor <= self.seq:
-            batches = [b for b in self.log if b.seq > cursor]
-            return ReplicaNews(self.block_size, self.hash_check, self.stats, batches, None)
-        snapshot = BlockSnapshot(self.seq, list(self.blocks))
-        return ReplicaNews(self.block_size, self.hash_check, self.stats, None, snapshot)
+        if cursor is not None and cursor.epoch == self.epoch and oldest - 1 <= cursor.seq <= self.seq:
+            batches = [b for b in self.log if b.seq > cursor.seq]
+            return ReplicaNews(self.block_size, self.hash_check, self.heartbeat, batches, None)
+        snapshot = BlockSnapshot(self.epoch, self.seq, list(self.blocks))
+        return ReplicaNews(self.block_size, self.hash_check, self.heartbeat, None, snapshot)
 
 
 class KVEventHub:
@@ -62,6 +74,7 @@ class KVEventHub:
     def __init__(self):
         self.replicas: dict[str, _ReplicaState] = {}
         self.version = 0
+        self.fenced_batches = 0  # batches of an epoch other than the registered one
         self._changed = asyncio.Event()
         self._watchdog: asyncio.Task | None = None
 
@@ -98,26 +111,38 @@ class KVEventHub:
         if self.replicas.pop(replica, None) is not None:
             self._bump()
 
-    def publish(self, replica: str, batches: list[KVEventBatch], stats: EngineStats) -> bool:
-        """Take a replica's next batches; False if they do not follow on or the replica is
-        unknown here (the replica must then register again with a snapshot)."""
+    def publish(self, replica: str, batches: list[KVEventBatch], heartbeat: Heartbeat) -> bool:
+        """Take a replica's next batches and its heartbeat (the position after them); False if
+        the replica must register again with a snapshot: it is unknown here, of another epoch,
+        or its batches skip one or leave a block count other than the heartbeat's."""
         state = self.replicas.get(replica)
         if state is None:
             return False
-        state.stats = stats
+        fenced = [batch for batch in batches if batch.epoch != state.epoch]
+        self.fenced_batches += len(fenced)
+        if fenced or heartbeat.epoch != state.epoch:
+            return False
         for batch in batches:
-            if batch.seq != state.seq + 1:
-                return False
-            state.apply(batch)
+            if batch.seq == state.seq + 1:  # a repeat is skipped; after a gap the heartbeat disagrees
+                state.apply(batch)
+        if not state.agrees(heartbeat):
+            return self._lose(replica)
+        if heartbeat.seq >= state.heartbeat.seq:
+            state.heartbeat = heartbeat
         self._bump()
         return True
 
-    async def follow(self, cursors: dict[str, int], version: int, timeout_s: float) -> HubNews:
+    def _lose(self, replica: str) -> bool:
+        """Forget a replica whose copy can no longer be trusted, until it registers again."""
+        self.unregister(replica)
+        return False
+
+    async def follow(self, cursors: dict[str, KVCursor], version: int, timeout_s: float) -> HubNews:
         """Everything newer than the caller's cursors, waiting up to `timeout_s` for news."""
         if version == self.version:
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
             except asyncio.TimeoutError:
                 pass
-        news = {r: s.news_since(cursors.get(r, -1)) for r, s in self.replicas.items()}
+        news = {r: s.news_since(cursors.get(r)) for r, s in self.replicas.items()}
         return HubNews(self.version, news)

@@ -1,11 +1,11 @@
 """Every message that crosses a process boundary: ingress -> replica (the generate request),
 replica -> ingress (streamed output deltas), replica -> KV event hub (registration, event
-batches, stats) and hub -> routers (news of every replica).
+batches, heartbeats) and hub -> routers (news of every replica).
 
 All are frozen dataclasses that Ray pickles as they are; readers use attributes, and a field
 left out is an error when the message is built, never a silent 0 where it is read. Messages
-the engine itself produces are defined beside it and named here: `KVEventBatch` and its
-event kinds (`workers/engine/kv_events.py`), `EngineStats` and `TokenLogprobs`
+the engine itself produces are defined beside it and named here: `KVEventBatch`, its
+event kinds and `BlockSnapshot` (`workers/engine/kv_events.py`), `EngineStats` and `TokenLogprobs`
 (`workers/engine/outputs.py`), and the rule for a prompt's length that both ends apply
 (`workers/engine/prompt_checks.py`). This module imports nothing heavier than those, so the
 router can use it without loading the engine.
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.kv_events import (
-    AllBlocksCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch,
+    AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, KVEvent, KVEventBatch,
 )
 from kvserve.workers.engine.outputs import EngineStats, TokenLogprobs
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
@@ -23,7 +23,7 @@ from kvserve.workers.engine.sampling_params import SamplingParams
 
 __all__ = [
     "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EngineStats",
-    "GenerateRequest", "HubNews", "KVEvent", "KVEventBatch", "OutputDelta", "ReplicaNews",
+    "GenerateRequest", "Heartbeat", "HubNews", "KVCursor", "KVEvent", "KVEventBatch", "OutputDelta", "ReplicaNews",
     "ReplicaRegistration", "SampleDelta", "SamplingParams", "TokenLogprobs", "prompt_length_problem",
 ]
 
@@ -72,12 +72,25 @@ class OutputDelta:
 # -- replica <-> KV event hub <-> routers --------------------------------------------------
 
 
-@dataclass(frozen=True)
-class BlockSnapshot:
-    """A replica's whole block set as of its event batch `seq`."""
+# A replica publishes a heartbeat at least this often, with or without events; a router
+# that hears none for MISSED_HEARTBEATS periods stops trusting its picture of that replica.
+HEARTBEAT_PERIOD_S = 0.25
+MISSED_HEARTBEATS = 8
 
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A replica's position in its event stream, and its load: after batch `seq` of `epoch`
+    it caches `num_blocks` blocks. `sent_at` (its wall time) makes every heartbeat distinct."""
+
+    epoch: int
     seq: int
-    blocks: list[BlockHash]
+    sent_at: float
+    stats: EngineStats
+
+    @property
+    def num_blocks(self) -> int:
+        return self.stats.kv_blocks_cached
 
 
 @dataclass(frozen=True)
@@ -89,17 +102,26 @@ class ReplicaRegistration:
     hash_check: str
     actor: object  # the replica's actor handle, which the hub pings for liveness
     snapshot: BlockSnapshot
-    stats: EngineStats
+    heartbeat: Heartbeat
+
+
+@dataclass(frozen=True)
+class KVCursor:
+    """How far a follower has applied one replica's events."""
+
+    epoch: int
+    seq: int
 
 
 @dataclass(frozen=True)
 class ReplicaNews:
-    """What a follower learns of one replica: event batches after its cursor, or a
-    snapshot when the hub no longer has them all (or the follower saw a gap)."""
+    """What a follower learns of one replica: its last heartbeat, and the event batches after
+    the follower's cursor, or a snapshot when the hub no longer has them all (or the cursor
+    is of another epoch, or missing)."""
 
     block_size: int
     hash_check: str
-    stats: EngineStats
+    heartbeat: Heartbeat
     batches: list[KVEventBatch] | None
     snapshot: BlockSnapshot | None
 

@@ -23,13 +23,13 @@ from kvserve.workers.engine.engine import LLMEngine
 from kvserve.workers.engine.outputs import RequestOutput
 from kvserve.workers.kv_event_hub import KVEventHub, hub_name
 from kvserve.workers.protocol import (
-    BlockSnapshot, EngineStats, GenerateRequest, OutputDelta, ReplicaRegistration, SampleDelta,
+    HEARTBEAT_PERIOD_S, EngineStats, GenerateRequest, Heartbeat, OutputDelta, ReplicaRegistration, SampleDelta,
 )
 from kvserve.workers.runner import start_engine
 
 logger = logging.getLogger(__name__)
 
-STATS_PERIOD_S = 0.25
+STATS_PERIOD_S = HEARTBEAT_PERIOD_S
 
 
 def get_or_create_hub(app_name: str):
@@ -68,15 +68,21 @@ def output_delta(output: RequestOutput, replica: str) -> OutputDelta:
 
 
 class EngineThread(threading.Thread):
-    """Runs the engine: applies queued commands, steps while there is work, publishes."""
+    """Runs the engine: applies queued commands, steps while there is work, publishes.
 
-    def __init__(self, engine: LLMEngine, deliver, publish):
+    Every pass of the loop beats (`beat`); an idle loop still beats each STATS_PERIOD_S, so a
+    loop that has not beaten for `step_timeout_s` is stuck in a step or elsewhere."""
+
+    def __init__(self, engine: LLMEngine, deliver, fail, publish, step_timeout_s: float):
         super().__init__(name="kvserve-engine", daemon=True)
         self.engine = engine
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.deliver = deliver
+        self.fail = fail
         self.publish = publish
+        self.step_timeout_s = step_timeout_s
         self.error: BaseException | None = None
+        self.beat = time.monotonic()
         self._stopping = False
 
     def submit(self, command) -> None:
@@ -86,18 +92,49 @@ class EngineThread(threading.Thread):
         self._stopping = True
         self.commands.put(lambda engine: None)
 
+    def problem(self) -> str | None:
+        """Why this engine cannot serve, or None while it can."""
+        if self.error is not None:
+            return f"its engine failed: {self.error!r}"
+        if not self.is_alive():
+            return "its engine loop has stopped"
+        stalled = time.monotonic() - self.beat
+        if stalled > self.step_timeout_s:
+            return f"its engine made no progress for {stalled:.0f} s (serving.step_timeout_s {self.step_timeout_s:g})"
+        return None
+
     def run(self) -> None:
         try:
             while not self._stopping:
                 block = not self.engine.has_unfinished_requests()
                 self._apply_commands(block)
                 if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
-                        self.deliver(output)
+                    self._step()
                 self.publish(self.engine)
+                self.beat = time.monotonic()
         except BaseException as error:  # the replica reports unhealthy and Serve replaces it
             logger.exception("engine thread died")
             self.error = error
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:
+            logger.exception("engine step failed")
+            self._fail_all(error)
+            return
+        for output in outputs:
+            self.deliver(output)
+
+    def _fail_all(self, error: Exception) -> None:
+        """Fail every request the engine holds with the step's error; if that does not leave
+        the engine empty, its state is lost: stop, and the replica reports unhealthy."""
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self.fail(request_id, RuntimeError(f"the engine step failed: {error!r}"))
+        stats = self.engine.stats()
+        if stats.running or stats.waiting or stats.kv_blocks_used:
+            raise RuntimeError(f"engine state lost after a failed step ({error!r}): {stats}") from error
 
     def _apply_commands(self, block: bool) -> None:
         try:
@@ -115,7 +152,7 @@ class EngineThread(threading.Thread):
 class LLMServer:
     """The Serve deployment class (the application builder applies `serve.deployment`)."""
 
-    def __init__(self, engine_config: EngineConfig):
+    def __init__(self, engine_config: EngineConfig, step_timeout_s: float = 60.0):
         self.engine = start_engine(engine_config)
         self.hash_check = hash_check_value(self.engine.config.block_size)
         context = serve.get_replica_context()
@@ -128,15 +165,17 @@ class LLMServer:
         self._last_stats_at = 0.0
         self._resync = False
         self._hub_lost = False
-        self.thread = EngineThread(self.engine, self._deliver, self._publish)
+        self.thread = EngineThread(self.engine, self._deliver, self._fail, self._publish, step_timeout_s)
         self.thread.start()
 
     def _register(self, stats: EngineStats | None = None) -> None:
         """Join the hub, or join it again from a snapshot (after a lost batch or a hub restart)."""
-        seq, blocks = self.engine.cached_blocks()
+        snapshot = self.engine.cached_blocks()
+        self._kv_epoch, self._kv_seq = snapshot.epoch, snapshot.seq
+        heartbeat = Heartbeat(snapshot.epoch, snapshot.seq, time.time(), stats or self.engine.stats())
         registration = ReplicaRegistration(
             self.replica_id, self.engine.config.block_size, self.hash_check,
-            ray.get_runtime_context().current_actor, BlockSnapshot(seq, blocks), stats or self.engine.stats(),
+            ray.get_runtime_context().current_actor, snapshot, heartbeat,
         )
         self.hub.register.remote(registration)
 
@@ -147,8 +186,14 @@ class LLMServer:
         if stream is not None:
             self._loop.call_soon_threadsafe(stream.put_nowait, output_delta(output, self.replica_id))
 
+    def _fail(self, request_id: str, error: Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._loop.call_soon_threadsafe(stream.put_nowait, error)
+
     def _publish(self, engine: LLMEngine) -> None:
-        """Send KV events as they happen and load at least every STATS_PERIOD_S."""
+        """Send KV events as they happen, and a heartbeat (position in the event stream and
+        load) with them or at least every STATS_PERIOD_S."""
         batch = engine.take_kv_events()
         now = time.monotonic()
         if batch is None and now - self._last_stats_at < STATS_PERIOD_S:
@@ -158,7 +203,10 @@ class LLMServer:
         if self._resync:
             self._rejoin(stats)
             return
-        ref = self.hub.publish.remote(self.replica_id, [batch] if batch else [], stats)
+        if batch is not None:
+            self._kv_seq = batch.seq
+        heartbeat = Heartbeat(self._kv_epoch, self._kv_seq, time.time(), stats)
+        ref = self.hub.publish.remote(self.replica_id, [batch] if batch else [], heartbeat)
         ref.future().add_done_callback(self._on_published)
 
     def _rejoin(self, stats: EngineStats) -> None:
@@ -190,21 +238,18 @@ class LLMServer:
         request_id = request.request_id
         hashes = request.block_hashes if request.hash_check == self.hash_check else None
         stream: asyncio.Queue = asyncio.Queue()
-        added: asyncio.Future = self._loop.create_future()
         self._streams[request_id] = stream
 
         def add(engine: LLMEngine) -> None:
             try:
                 engine.add_request(request_id, request.prompt_token_ids, request.sampling, request.priority,
                                    request.cache_salt, block_hashes=hashes)
-                self._loop.call_soon_threadsafe(added.set_result, None)
-            except ValueError as error:
-                self._loop.call_soon_threadsafe(added.set_exception, error)
+            except ValueError as error:  # the request's own problem: raised by _next_delta
+                self._loop.call_soon_threadsafe(stream.put_nowait, error)
 
         finished = False
         try:
             self.thread.submit(add)
-            await added
             while not finished:
                 delta = await self._next_delta(stream)
                 finished = delta.finished
@@ -215,15 +260,21 @@ class LLMServer:
                 self.thread.submit(lambda engine: engine.abort_request(request_id))
 
     async def _next_delta(self, stream: asyncio.Queue) -> OutputDelta:
+        """The next delta; raises the request's own failure, or the engine's once it cannot serve."""
         while True:
             try:
-                return await asyncio.wait_for(stream.get(), timeout=1.0)
+                item = await asyncio.wait_for(stream.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 self._raise_if_dead()
+                continue
+            if isinstance(item, Exception):
+                raise item
+            return item
 
     def _raise_if_dead(self) -> None:
-        if self.thread.error is not None or not self.thread.is_alive():
-            raise RuntimeError(f"the engine of replica {self.replica_id} has stopped: {self.thread.error!r}")
+        problem = self.thread.problem()
+        if problem is not None:
+            raise RuntimeError(f"replica {self.replica_id} cannot serve: {problem}")
 
     async def check_health(self) -> None:
         self._raise_if_dead()

@@ -12,7 +12,7 @@ import time
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.kv_scoring import KVScorer
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
-from kvserve.workers.protocol import BlockSnapshot, EngineStats, HubNews, ReplicaNews
+from kvserve.workers.protocol import BlockSnapshot, EngineStats, Heartbeat, HubNews, ReplicaNews
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -29,14 +29,15 @@ def main(args: argparse.Namespace) -> int:
     prompts = [[rng.randrange(32000) for _ in range(args.prompt_tokens)]
                for _ in range(args.replicas * args.prompts_per_replica)]
     chains = [hash_block_chain(p, size) for p in prompts]
-    follower = KVIndexFollower("bench-route", size)
+    follower = KVIndexFollower("bench-route", size, clock=lambda: 0.0)  # no replica ever falls silent
     replicas = [f"replica-{i}" for i in range(args.replicas)]
     news = {}
     for i, name in enumerate(replicas):
         held = [h for chain in chains[i :: args.replicas] for h in chain]
         stats = EngineStats(running=rng.randrange(8), waiting=0, kv_blocks_total=1 << 20, kv_blocks_used=len(held),
                             kv_blocks_cached=len(held), num_preemptions=0)
-        news[name] = ReplicaNews(size, hash_check_value(size), stats, None, BlockSnapshot(1, held))
+        heartbeat = Heartbeat(epoch=i, seq=1, sent_at=0.0, stats=stats)
+        news[name] = ReplicaNews(size, hash_check_value(size), heartbeat, None, BlockSnapshot(i, 1, held))
     follower.apply(HubNews(1, news))
     scorer = KVScorer(follower, size)
     queries = []

@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
@@ -23,6 +24,7 @@ from kvserve.workers.engine.block_hash import hash_block_chain
 class Result:
     ok: bool
     status: int = 200
+    refusal: str = ""  # the server's reason, when it refused the request
     prompt_tokens: int = 0
     cached_tokens: int = 0
     output_tokens: int = 0
@@ -108,6 +110,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
         result.status = reply.status_code
         if reply.status_code != 200:
             await reply.aread()
+            result.refusal = _reason(reply)
             return result
         async for line in reply.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -128,6 +131,30 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
     result.e2e = time.perf_counter() - start
     result.ok = True
     return result
+
+
+def _reason(reply: httpx.Response) -> str:
+    try:
+        return f"{reply.status_code}: {reply.json()['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{reply.status_code}: {reply.text[:200]}"
+
+
+def fit_lengths(args, max_model_len: int) -> str | None:
+    """Shrinks the token lengths in proportion so that the longest request (prompt plus
+    output) fits the served model; returns a note saying so, or None when they already fit."""
+    names = ["system_len", "prompt_len", "output_len"] + ([] if args.workload == "random" else ["prefix_len"])
+    longest = sum(getattr(args, name) for name in names)
+    if args.workload == "multi-turn":
+        args.max_history = min(args.max_history, max_model_len)
+    if longest <= max_model_len:
+        return None
+    scale = max_model_len / longest
+    for name in names:
+        value = getattr(args, name)
+        setattr(args, name, max(1, int(value * scale)) if value else 0)
+    shown = ", ".join(f"{name.replace('_', '-')} {getattr(args, name)}" for name in names)
+    return f"lengths shrunk to fit the model's max_model_len {max_model_len}: {shown}"
 
 
 async def run_load(args, prompts: list[list[int]], model: str) -> tuple[list[Result], float]:
@@ -161,6 +188,7 @@ def summarize(args, results: list[Result], elapsed: float, oracle: float) -> dic
         "rate": args.rate,
         "requests": len(results),
         "refused": len(results) - len(done),
+        "refusals": dict(Counter(r.refusal for r in results if not r.ok).most_common()),
         "ttft": percentiles([r.ttft for r in done]),
         "tpot": percentiles([r.tpot for r in done if r.tpot is not None]),
         "itl": percentiles([x for r in done for x in r.itls]),
@@ -176,6 +204,8 @@ def summarize(args, results: list[Result], elapsed: float, oracle: float) -> dic
 def print_table(summary: dict) -> None:
     print(f"== {summary['label']} ({summary['workload']}, {summary['rate']} req/s, {summary['requests']} requests, "
           f"{summary['refused']} refused)")
+    for reason, count in summary.get("refusals", {}).items():
+        print(f"refused x{count}: {reason}")
     print(f"{'metric':<8}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}")
     for name in ("ttft", "tpot", "itl", "e2e"):
         p = summary[name]
@@ -208,6 +238,8 @@ def main(args: argparse.Namespace) -> int:
     models = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"]
     model = models[0]["id"]
     vocab = models[0].get("vocab_size") or 32000
+    if models[0].get("max_model_len") and (note := fit_lengths(args, models[0]["max_model_len"])):
+        print(note)
     prompts = make_prompts(args, vocab)
     results, elapsed = asyncio.run(run_load(args, prompts, model))
     summary = summarize(args, results, elapsed, oracle_hit_rate(prompts, args.block_size))

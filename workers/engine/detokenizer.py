@@ -18,19 +18,32 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         # The prompt's tail gives the first output token its context (a leading space, say).
-        context = self._context(prompt_token_ids)
-        primed = "".join(filter(None, (self._stream.step(self._backend, token_id) for token_id in context)))
+        self._token_ids = self._context(prompt_token_ids)
+        primed = "".join(filter(None, (self._stream.step(self._backend, t) for t in self._token_ids)))
+        self._output_start = len(self._decode(self._token_ids).rstrip(_REPLACEMENT))
         # A prompt that ends inside a character leaves the stream holding back the text since its
         # last whole character: its first output would repeat what the prompt already shows.
-        self._repeated = len(self._decode(context).rstrip(_REPLACEMENT)) - len(primed)
+        self._repeated = self._output_start - len(primed)
+        self._num_emitted = 0  # characters of output text handed out so far
 
     def step(self, token_id: int) -> str:
+        self._token_ids.append(token_id)
         text = self._stream.step(self._backend, token_id)
         if not text:
             return ""
         if self._repeated:
             text, self._repeated = text[self._repeated :], 0
+        self._num_emitted += len(text)
         return text
+
+    def flush(self) -> str:
+        """At the end of the sequence, the text still held back: the stream holds everything
+        after a token that ends inside a character, whole characters included. Only a trailing
+        incomplete character is dropped."""
+        text = self._decode(self._token_ids)[self._output_start :].rstrip(_REPLACEMENT)
+        rest = text[self._num_emitted :]
+        self._num_emitted += len(rest)
+        return rest
 
     def _context(self, prompt_token_ids: list[int]) -> list[int]:
         """The last few prompt tokens, from a character boundary on: a tail that started

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for, check_pool_holds_a_sequence
-from kvserve.workers.engine.kv_events import KVEventBatch
+from kvserve.workers.engine.kv_events import BlockSnapshot, KVEventBatch
 from kvserve.workers.engine.executor import ModelExecutor, SampleRequest, SamplerOutput
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprobs
@@ -186,7 +186,10 @@ class LLMEngine:
         if out.logprobs is not None:
             out.logprobs.append(TokenLogprobs(token, sampled.logprobs[row], sampled.top_logprobs[row]))
         reason, stop = self._token_stop(seq, token)
-        text, stopped, stop_str = sample.stop_matcher.feed(sample.detokenizer.step(token))
+        piece = sample.detokenizer.step(token)
+        if reason is not None:
+            piece += sample.detokenizer.flush()
+        text, stopped, stop_str = sample.stop_matcher.feed(piece)
         out.delta_text += text
         if stopped:
             reason, stop = FinishReason.STOP, stop_str
@@ -232,9 +235,9 @@ class LLMEngine:
     def take_kv_events(self) -> KVEventBatch | None:
         return self.kv.take_events()
 
-    def cached_blocks(self) -> tuple[int, list[BlockHash]]:
-        """The sequence number of the last KV event batch taken, and the blocks cached as of it."""
-        return self.kv.event_seq, self.kv.cached_block_hashes()
+    def cached_blocks(self) -> BlockSnapshot:
+        """The blocks cached as of the last KV event batch taken."""
+        return self.kv.snapshot()
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -1,8 +1,11 @@
 """Per-sequence block tables over the block pool, with prefix caching and KV events."""
 
+import secrets
+import time
+
 from kvserve.workers.engine.block_hash import BlockHash, extend_block_chain
 from kvserve.workers.engine.block_pool import BlockPool, KVBlock
-from kvserve.workers.engine.kv_events import KVEventBatch
+from kvserve.workers.engine.kv_events import BlockSnapshot, KVEventBatch
 from kvserve.workers.engine.sequence import Sequence
 
 
@@ -28,6 +31,7 @@ class KVCacheManager:
         self.seq_blocks: dict[str, list[KVBlock]] = {}
         self.block_tables: dict[str, list[int]] = {}
         self.num_hashed_blocks: dict[str, int] = {}
+        self.epoch = secrets.randbits(63)  # a fresh cache: readers of older events must start over
         self._event_seq = 0
 
     @property
@@ -112,10 +116,9 @@ class KVCacheManager:
         child.block_hashes = parent.block_hashes[:num_full]
         return copy
 
-    @property
-    def event_seq(self) -> int:
-        """Sequence number of the last batch handed out by `take_events`."""
-        return self._event_seq
+    def snapshot(self) -> BlockSnapshot:
+        """The cached blocks as of the last batch handed out by `take_events`."""
+        return BlockSnapshot(self.epoch, self._event_seq, self.cached_block_hashes())
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_cache()
@@ -125,7 +128,7 @@ class KVCacheManager:
         if not self.pool.events:
             return None
         self._event_seq += 1
-        batch = KVEventBatch(self._event_seq, self.pool.events)
+        batch = KVEventBatch(self.epoch, self._event_seq, time.time(), self.pool.events)
         self.pool.events = []
         return batch
 

@@ -41,10 +41,22 @@ KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 @dataclass(frozen=True)
 class KVEventBatch:
-    """Events in the order they happened; `seq` grows by one per batch of one replica."""
+    """Events in the order they happened. `epoch` names one start of the engine (its cache
+    starts empty), `seq` grows by one per batch within it, `ts` is the wall time it was taken."""
 
+    epoch: int
     seq: int
+    ts: float
     events: list[KVEvent]
+
+
+@dataclass(frozen=True)
+class BlockSnapshot:
+    """An engine's whole block set as of its event batch `seq` of `epoch`."""
+
+    epoch: int
+    seq: int
+    blocks: list[BlockHash]
 
 
 def apply_events(blocks: set[BlockHash], events: Iterable[KVEvent]) -> None:

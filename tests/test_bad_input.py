@@ -1,0 +1,186 @@
+"""Bad input over HTTP on a real local Ray + Serve: every kind gets a 4xx with an OpenAI-style
+error body naming the parameter, and the server keeps serving."""
+
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+APP = "badinput"
+MAX_MODEL_LEN = 256
+MAX_REQUEST_BYTES = 64 * 1024
+VOCAB = 512  # the tiny model's
+LEAKS = ("Traceback", "errors.pydantic.dev", "Input should", "Value error", 'File "')
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, local_app):
+    with local_app({
+        "engine": {"model": str(tiny_checkpoints["llama"]), "device": "cpu", "dtype": "float32",
+                   "num_kv_blocks": 64, "max_model_len": MAX_MODEL_LEN},
+        "serving": {"app_name": APP, "replicas": 1, "replica_cpus": 0.5, "max_request_bytes": MAX_REQUEST_BYTES},
+    }, num_cpus=2) as base, httpx.Client(base_url=base, timeout=60) as client:
+        yield client
+
+
+def completion(**fields) -> dict:
+    return {"prompt": "Hello", "max_tokens": 2, **fields}
+
+
+def chat(**fields) -> dict:
+    return {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **fields}
+
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+CASES = {
+    # id: (method, route, body (bytes: sent as is), status, param)
+    "malformed json": ("POST", C, b'{"prompt": "x",', 400, None),
+    "body not an object": ("POST", C, b"[1, 2]", 400, None),
+    "empty body": ("POST", C, b"", 400, None),
+    "missing prompt": ("POST", C, {"max_tokens": 2}, 400, "prompt"),
+    "prompt wrong type": ("POST", C, completion(prompt={"a": 1}), 400, "prompt"),
+    "n wrong type": ("POST", C, completion(n="two"), 400, "n"),
+    "unknown field": ("POST", C, completion(bogus=1), 400, "bogus"),
+    "max_tokens 0": ("POST", C, completion(max_tokens=0), 400, "max_tokens"),
+    "max_tokens negative": ("POST", C, completion(max_tokens=-3), 400, "max_tokens"),
+    "max_tokens beyond context": ("POST", C, completion(max_tokens=10**6), 400, "max_tokens"),
+    "prompt plus max_tokens": ("POST", C, completion(prompt=[5] * 200, max_tokens=100), 400, "max_tokens"),
+    "prompt fills the context": ("POST", C, completion(prompt=[5] * MAX_MODEL_LEN), 400, "prompt"),
+    "temperature negative": ("POST", C, completion(temperature=-0.5), 400, "temperature"),
+    "temperature nan": ("POST", C, b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
+    "top_p 0": ("POST", C, completion(top_p=0), 400, "top_p"),
+    "top_p over 1": ("POST", C, completion(top_p=1.5), 400, "top_p"),
+    "n 0": ("POST", C, completion(n=0), 400, "n"),
+    "n over the maximum": ("POST", C, completion(n=17), 400, "n"),
+    "logprobs over 20": ("POST", C, completion(logprobs=21), 400, "logprobs"),
+    "top_logprobs over 20": ("POST", CHAT, chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    "empty prompt": ("POST", C, completion(prompt=""), 400, "prompt"),
+    "empty prompt list": ("POST", C, completion(prompt=[]), 400, "prompt"),
+    "empty token list": ("POST", C, completion(prompt=[[]]), 400, "prompt"),
+    "negative token id": ("POST", C, completion(prompt=[1, -1]), 400, "prompt"),
+    "token id past 2^63": ("POST", C, completion(prompt=[2**63]), 400, "prompt"),
+    "token id past 2^64": ("POST", C, completion(prompt=[[3], [2**64]]), 400, "prompt"),
+    "token id past the vocabulary": ("POST", C, completion(prompt=[VOCAB]), 400, "prompt"),
+    "stop token id negative": ("POST", C, completion(stop_token_ids=[-1]), 400, "stop_token_ids"),
+    "stop token id past the vocabulary": ("POST", C, completion(stop_token_ids=[2**70]), 400, "stop_token_ids"),
+    "top_k past the vocabulary": ("POST", C, completion(top_k=10**30), 400, "top_k"),
+    "unknown model": ("POST", C, completion(model="gpt-9"), 404, "model"),
+    "unknown role": ("POST", CHAT, chat(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
+    "content the template cannot take": (
+        "POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "url": "x"}]}]),
+        400, "messages[0].content"),
+    "no messages": ("POST", CHAT, chat(messages=[]), 400, "messages"),
+    "too many stop strings": ("POST", C, completion(stop=[f"s{i}" for i in range(17)]), 400, "stop"),
+    "empty stop string": ("POST", C, completion(stop=["x", ""]), 400, "stop"),
+    "empty cache_salt": ("POST", C, completion(cache_salt=""), 400, "cache_salt"),
+    "cache_salt not printable": ("POST", C, completion(cache_salt="a\nb"), 400, "cache_salt"),
+    "cache_salt too long": ("POST", C, completion(cache_salt="s" * 257), 400, "cache_salt"),
+    "cache_salt not a string": ("POST", C, completion(cache_salt=5), 400, "cache_salt"),
+    "body too large": ("POST", C, completion(prompt="x" * MAX_REQUEST_BYTES), 413, None),
+    "unknown route": ("GET", "/v1/nothing", None, 404, None),
+    "wrong method": ("GET", C, None, 405, None),
+}
+
+
+def send(client: httpx.Client, method: str, route: str, body) -> httpx.Response:
+    if isinstance(body, bytes):
+        return client.request(method, route, content=body, headers={"content-type": "application/json"})
+    return client.request(method, route, json=body)
+
+
+def assert_error_body(reply: httpx.Response) -> dict:
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and not any(leak in error["message"] for leak in LEAKS), error["message"]
+    return error
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gets_an_openai_error_naming_the_parameter(server, case):
+    method, route, body, status, param = CASES[case]
+    reply = send(server, method, route, body)
+    assert reply.status_code == status, reply.text
+    assert assert_error_body(reply)["param"] == param
+
+
+def test_messages_read_as_sentences(server):
+    def message(route, body):
+        return send(server, "POST", route, body).json()["error"]["message"]
+
+    assert message(C, b'{"prompt": "x",') == "the request body is not valid JSON"
+    assert message(C, b"[1]") == "the request body must be a JSON object"
+    assert message(C, completion(temperature=-1)) == "temperature must be >= 0"
+    assert message(C, completion(n=17)) == "n must be <= 16"
+    assert message(C, completion(prompt=[-1])) == "token id -1 in prompt is outside the vocabulary [0, 512)"
+
+
+def test_a_streamed_body_over_the_limit_gets_413(server):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(MAX_REQUEST_BYTES // 1024 + 1):
+            yield b"x" * 1024
+        yield b'"}'
+
+    reply = server.post(C, content=chunks(), headers={"content-type": "application/json"})
+    assert reply.status_code == 413
+    assert_error_body(reply)
+
+
+def test_still_serves_after_bad_input(server):
+    reply = server.post(C, json=completion(max_tokens=4, ignore_eos=True))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] == 4
+
+
+# -- fuzz ----------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+token_ids = st.lists(st.integers(-3, VOCAB + 3) | st.integers(), max_size=6)
+messages = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "robot"]) | json_values},
+                          optional={"content": st.text(max_size=12) | json_values, "name": json_values}),
+    max_size=3,
+) | json_values
+SHARED = {
+    "model": json_values, "n": st.integers(-1, 3) | json_values, "temperature": st.floats() | json_values,
+    "top_p": st.floats() | json_values, "top_k": st.integers() | json_values, "min_p": st.floats(),
+    "stop": st.lists(st.text(max_size=3), max_size=3) | json_values, "seed": st.integers(),
+    "presence_penalty": st.floats(), "frequency_penalty": st.floats(), "repetition_penalty": st.floats(),
+    "stream": st.booleans() | json_values, "stream_options": json_values, "min_tokens": st.integers(),
+    "ignore_eos": st.booleans(), "stop_token_ids": token_ids | json_values, "skip_special_tokens": json_values,
+    "include_stop_str_in_output": st.booleans(), "cache_salt": st.text(max_size=4) | json_values,
+    "priority": st.integers(), "user": json_values,
+}
+COMPLETION_FIELDS = {**SHARED, "prompt": st.text(max_size=20) | token_ids | st.lists(token_ids, max_size=2) | json_values,
+                     "logprobs": st.integers(-1, 22) | json_values, "echo": json_values, "suffix": json_values}
+CHAT_FIELDS = {**SHARED, "messages": messages, "logprobs": json_values, "top_logprobs": st.integers(-1, 22),
+               "max_completion_tokens": st.integers(-1, 4) | json_values,
+               "add_generation_prompt": json_values}
+
+
+def bodies(fields: dict):
+    """Random values for the known fields (any subset), random extra fields, and a
+    `max_tokens` that is small when valid, so that accepted requests finish quickly."""
+    known = st.fixed_dictionaries({"max_tokens": st.integers(-1, 4) | json_values}, optional=fields)
+    extra = st.dictionaries(st.text(min_size=1, max_size=6), json_values, max_size=2)
+    return st.tuples(known, extra).map(lambda pair: {**pair[1], **pair[0]}) | json_values
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(route_and_body=st.sampled_from([C]).flatmap(lambda r: st.tuples(st.just(r), bodies(COMPLETION_FIELDS)))
+       | st.tuples(st.just(CHAT), bodies(CHAT_FIELDS)))
+def test_fuzzed_bodies_never_get_a_5xx(server, route_and_body):
+    route, body = route_and_body
+    payload = json.dumps(body, allow_nan=True).encode()
+    reply = send(server, "POST", route, payload)
+    assert reply.status_code < 500, (body, reply.text)
+    if reply.status_code >= 400:
+        assert_error_body(reply)
