@@ -129,6 +129,40 @@ def _too_large(limit: int) -> OpenAIError:
 app.add_middleware(_BodySizeLimit)
 
 
+@dataclass(frozen=True)
+class ApiKeyGate:
+    """Which paths need the API key, and whether a request's `authorization` header holds it:
+    compared in constant time on the raw header bytes."""
+
+    authorization: bytes  # b"Bearer <key>"
+    metrics_too: bool
+
+    def protects(self, path: str) -> bool:
+        return path.startswith("/v1/") or (self.metrics_too and path == "/metrics")
+
+    def admits(self, header: bytes) -> bool:
+        return hmac.compare_digest(header, self.authorization)
+
+
+class _ApiKeyCheck:
+    """401 for a protected path without the key, before the body is even read."""
+
+    def __init__(self, asgi_app):
+        self.asgi_app = asgi_app
+
+    async def __call__(self, scope, receive, send):
+        gate = getattr(scope["app"].state, "api_key_gate", None) if "app" in scope else None
+        if scope["type"] == "http" and gate is not None and gate.protects(scope["path"]):
+            if not gate.admits(dict(scope["headers"]).get(b"authorization", b"")):
+                error = OpenAIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
+                                    "authentication_error", code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        await self.asgi_app(scope, receive, send)
+
+
+app.add_middleware(_ApiKeyCheck)
+
+
 RETRY_AFTER_S = 1
 REPLICA_RETRIES = 2  # sends of a request whose replica died before its first output
 
@@ -334,8 +368,8 @@ class Ingress:
         self.settings = settings
         app.state.max_request_bytes = settings.max_request_bytes
         self.hash_check = hash_check_value(self.block_size)
-        self.authorization = None if settings.api_key is None else f"Bearer {settings.api_key}".encode()
-        self.metrics_need_api_key = settings.metrics_need_api_key
+        if settings.api_key is not None:
+            app.state.api_key_gate = ApiKeyGate(f"Bearer {settings.api_key}".encode(), settings.metrics_need_api_key)
         self.tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer, local_files_only=True)
         self.token_text = TokenText(self.tokenizer)
         self.app_name = serve.get_replica_context().app_name
@@ -348,16 +382,6 @@ class Ingress:
         return self.follower
 
     # -- checks ------------------------------------------------------------------------
-
-    def _authorize(self, request: Request) -> None:
-        """With an API key configured, the request must send it as a bearer token; compared in
-        constant time, on the header's raw bytes (Starlette decodes headers as latin-1)."""
-        if self.authorization is None:
-            return
-        sent = request.headers.get("authorization", "").encode("latin-1")
-        if not hmac.compare_digest(sent, self.authorization):
-            raise OpenAIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
-                              "authentication_error", code="invalid_api_key")
 
     def _running_llm_replicas(self) -> int:
         """LLMServer replicas the Serve controller reports RUNNING: the set the handle's router
@@ -433,24 +457,20 @@ class Ingress:
         return JSONResponse(body, status_code=200 if running else 503)
 
     @app.get("/metrics")
-    async def metrics_text(self, request: Request) -> Response:
-        if self.metrics_need_api_key:
-            self._authorize(request)
+    async def metrics_text(self) -> Response:
         follower = self._ensure_follower()
         index_blocks = {r: len(state.blocks) for r, state in list(follower.index.replicas.items())}
         metrics.export_replica_stats(dict(follower.stats), index_blocks, len(follower.rejected))
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        self._authorize(request)
+    async def models(self) -> dict:
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvserve",
                 "max_model_len": self.max_model_len, "vocab_size": len(self.tokenizer)}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self._authorize(request)
+    async def completions(self, body: CompletionRequest) -> Response:
         self._check_model(body.model)
         self._check_sampling_limits(body)
         prompts = [self._tokenize(p) for p in body.prompts()]
@@ -459,8 +479,7 @@ class Ingress:
         return await self._serve(prompts, sampling, body, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self._authorize(request)
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         self._check_model(body.model)
         self._check_sampling_limits(body)
         prompt = self._tokenize(self._chat_prompt(body), add_special_tokens=False)

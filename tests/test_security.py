@@ -94,6 +94,12 @@ class TestIngress:
         reply = httpx.request(method, f"{base}{route}", json=body, headers=_bearer(KEY), timeout=60)
         assert reply.status_code == 200, reply.text
 
+    def test_the_key_is_checked_before_the_body(self, server):
+        base, _ = server
+        reply = httpx.post(f"{base}/v1/completions", content=b"{not json", timeout=60,
+                           headers={"content-type": "application/json"})
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+
     def test_health_and_ready_stay_open_and_metrics_can_need_the_key(self, server):
         base, _ = server
         assert httpx.get(f"{base}/health").status_code == 200
