@@ -36,7 +36,8 @@ from kvserve.router.responses import (
 )
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.protocol import (
-    GenerateRequest, OutputDelta, SampleDelta, SamplingParams, TokenLogprobs, prompt_length_problem,
+    GenerateRequest, OutputDelta, RequestRefused, SampleDelta, SamplingParams, TokenLogprobs,
+    prompt_length_problem,
 )
 
 REPLICA_HEADER = "x-kvserve-replica"
@@ -189,9 +190,9 @@ def _engine_error(error: Exception) -> OpenAIError:
     if _replica_died(error):
         return RetryLater(503, "the replica serving this request stopped before it finished: retry the request",
                           "server_error", code="replica_stopped")
+    if isinstance(error, OpenAIError):
+        return error
     cause = error.cause if isinstance(error, RayTaskError) else error
-    if isinstance(cause, ValueError):
-        return bad_request(str(cause))
     return OpenAIError(500, f"internal error: {cause!r}", "internal_error")
 
 
@@ -524,8 +525,13 @@ class Ingress:
         for attempt in range(REPLICA_RETRIES + 1):
             stream = self.llm.options(stream=True).generate.remote(request)
             try:
-                return stream, await anext(stream)
+                first = await anext(stream)
             except BaseException as error:
                 stream.cancel()
                 if not _replica_died(error) or attempt == REPLICA_RETRIES:
                     raise
+                continue
+            if isinstance(first, RequestRefused):
+                stream.cancel()
+                raise bad_request(first.reason)
+            return stream, first

@@ -2,12 +2,14 @@
 error body naming the parameter, and the server keeps serving."""
 
 import json
+import time
+from pathlib import Path
 
 import httpx
 import pytest
+import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 
 APP = "badinput"
 MAX_MODEL_LEN = 256
@@ -127,6 +129,25 @@ def test_a_streamed_body_over_the_limit_gets_413(server):
     reply = server.post(C, content=chunks(), headers={"content-type": "application/json"})
     assert reply.status_code == 413
     assert_error_body(reply)
+
+
+def replica_logs() -> dict[Path, int]:
+    """The Serve replica log files of this Ray session and their sizes."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    return {path: path.stat().st_size for path in logs.glob("replica_*LLMServer*.log")}
+
+
+def test_a_request_the_engine_refuses_is_a_400_logged_in_one_line(server):
+    """16 samples of up to 200 tokens want more KV blocks than the replica's 64: the engine
+    refuses, the client gets a 400 with the engine's reason, and the replica logs it at INFO
+    in one line, no traceback."""
+    before = replica_logs()
+    reply = server.post(C, json=completion(n=16, max_tokens=200))
+    assert reply.status_code == 400 and "KV blocks" in reply.json()["error"]["message"], reply.text
+    time.sleep(1)  # the log line reaches its file
+    written = "".join(path.read_bytes()[before.get(path, 0):].decode(errors="replace")
+                      for path in replica_logs())
+    assert "refused: the request needs up to" in written and "Traceback" not in written
 
 
 def test_still_serves_after_bad_input(server):

@@ -11,7 +11,7 @@ from ray import serve
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.protocol import (
     AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EngineStats, GenerateRequest, Heartbeat, HubNews,
-    KVCursor, KVEventBatch, OutputDelta, ReplicaNews, ReplicaRegistration, SampleDelta, SamplingParams,
+    KVCursor, KVEventBatch, OutputDelta, ReplicaNews, ReplicaRegistration, RequestRefused, SampleDelta, SamplingParams,
     TokenLogprobs,
 )
 
@@ -40,6 +40,7 @@ def messages() -> list:
                         prompt="text", block_hashes=CHAIN, hash_check=hash_check_value(BLOCK),
                         cache_salt="tenant", priority=-1),
         OutputDelta(replica="r1", num_prompt_tokens=13, num_cached_tokens=8, samples=[sample], finished=True),
+        RequestRefused("the request needs up to 90 KV blocks but the pool has only 64"),
         STATS,
         BATCH,
         SNAPSHOT,

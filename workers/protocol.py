@@ -24,7 +24,7 @@ from kvserve.workers.engine.sampling_params import SamplingParams
 __all__ = [
     "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EngineStats",
     "GenerateRequest", "Heartbeat", "HubNews", "KVCursor", "KVEvent", "KVEventBatch", "OutputDelta", "ReplicaNews",
-    "ReplicaRegistration", "SampleDelta", "SamplingParams", "TokenLogprobs", "prompt_length_problem",
+    "ReplicaRegistration", "RequestRefused", "SampleDelta", "SamplingParams", "TokenLogprobs", "prompt_length_problem",
 ]
 
 # -- ingress <-> replica -------------------------------------------------------------------
@@ -56,6 +56,14 @@ class SampleDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None  # one per new token, when the request asked
     finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class RequestRefused:
+    """The replica's only answer to a request its engine cannot take as it stands (the
+    request's own problem, such as more KV blocks than the pool has): the ingress answers 400."""
+
+    reason: str
 
 
 @dataclass(frozen=True)

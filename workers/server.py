@@ -23,11 +23,11 @@ from kvserve.workers.engine.engine import LLMEngine
 from kvserve.workers.engine.outputs import RequestOutput
 from kvserve.workers.kv_event_hub import KVEventHub, hub_name
 from kvserve.workers.protocol import (
-    HEARTBEAT_PERIOD_S, EngineStats, GenerateRequest, Heartbeat, OutputDelta, ReplicaRegistration, SampleDelta,
+    HEARTBEAT_PERIOD_S, EngineStats, GenerateRequest, Heartbeat, OutputDelta, ReplicaRegistration, RequestRefused, SampleDelta,
 )
 from kvserve.workers.runner import start_engine
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's own log file
 
 STATS_PERIOD_S = HEARTBEAT_PERIOD_S
 
@@ -232,7 +232,7 @@ class LLMServer:
 
     # -- replica side --------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[OutputDelta | RequestRefused]:
         """Stream the outputs of one request, one delta per engine step that changed it."""
         self._raise_if_dead()
         request_id = request.request_id
@@ -244,22 +244,26 @@ class LLMServer:
             try:
                 engine.add_request(request_id, request.prompt_token_ids, request.sampling, request.priority,
                                    request.cache_salt, block_hashes=hashes)
-            except ValueError as error:  # the request's own problem: raised by _next_delta
-                self._loop.call_soon_threadsafe(stream.put_nowait, error)
+            except ValueError as error:  # the request's own problem, not an error of ours
+                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused(str(error)))
 
         finished = False
         try:
             self.thread.submit(add)
             while not finished:
                 delta = await self._next_delta(stream)
-                finished = delta.finished
+                if isinstance(delta, RequestRefused):
+                    logger.info("request %s refused: %s", request_id, delta.reason)
+                    finished = True
+                else:
+                    finished = delta.finished
                 yield delta
         finally:
             self._streams.pop(request_id, None)
             if not finished:
                 self.thread.submit(lambda engine: engine.abort_request(request_id))
 
-    async def _next_delta(self, stream: asyncio.Queue) -> OutputDelta:
+    async def _next_delta(self, stream: asyncio.Queue) -> OutputDelta | RequestRefused:
         """The next delta; raises the request's own failure, or the engine's once it cannot serve."""
         while True:
             try:
