@@ -2,6 +2,7 @@
 error body naming the parameter, and the server keeps serving."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -18,10 +19,22 @@ VOCAB = 512  # the tiny model's
 LEAKS = ("Traceback", "errors.pydantic.dev", "Input should", "Value error", 'File "')
 
 
+def with_strict_template(checkpoint: Path, folder: Path) -> Path:
+    """A copy of `checkpoint` whose chat template refuses tool messages, as many real ones
+    refuse roles or shapes they were not trained on."""
+    copy = shutil.copytree(checkpoint, folder / "strict-template")
+    template = (copy / "chat_template.jinja").read_text()
+    refusal = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
+               "{{ raise_exception('no tool messages') }}{% endif %}{% endfor %}")
+    (copy / "chat_template.jinja").write_text(refusal + template)
+    return copy
+
+
 @pytest.fixture(scope="module")
-def server(tiny_checkpoints, local_app):
+def server(tiny_checkpoints, local_app, tmp_path_factory):
+    model = with_strict_template(tiny_checkpoints["llama"], tmp_path_factory.mktemp("bad-input"))
     with local_app({
-        "engine": {"model": str(tiny_checkpoints["llama"]), "device": "cpu", "dtype": "float32",
+        "engine": {"model": str(model), "device": "cpu", "dtype": "float32",
                    "num_kv_blocks": 64, "max_model_len": MAX_MODEL_LEN},
         "serving": {"app_name": APP, "replicas": 1, "replica_cpus": 0.5, "max_request_bytes": MAX_REQUEST_BYTES},
     }, num_cpus=2) as base, httpx.Client(base_url=base, timeout=60) as client:
@@ -71,6 +84,8 @@ CASES = {
     "top_k past the vocabulary": ("POST", C, completion(top_k=10**30), 400, "top_k"),
     "unknown model": ("POST", C, completion(model="gpt-9"), 404, "model"),
     "unknown role": ("POST", CHAT, chat(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
+    "a message the chat template refuses": ("POST", CHAT, chat(messages=[{"role": "tool", "content": "x"}]), 400,
+                                             "messages"),
     "content the template cannot take": (
         "POST", CHAT, chat(messages=[{"role": "user", "content": [{"type": "image_url", "url": "x"}]}]),
         400, "messages[0].content"),
