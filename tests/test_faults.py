@@ -225,3 +225,24 @@ def test_health_checks_answer_during_a_burst_and_every_request_ends_cleanly(serv
             assert "error" not in events[-1] and events[-1]["choices"][0]["finish_reason"] == "length"
     assert len(health_waits) >= 3 and max(health_waits) < 1.0, health_waits
     wait_until_idle(server)
+
+
+def test_deleting_the_app_lets_in_flight_streams_finish(server):
+    """Last in this module: it takes the application down. A stream under way when Serve
+    starts to shut the application down still runs to its end (serving.drain_timeout_s)."""
+    wait_for_replicas(server)
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            async with client.stream("POST", f"{server}/v1/completions", json=body([9] * 8, 100, True)) as reply:
+                lines = reply.aiter_lines()
+                await anext(lines)
+                deleting = asyncio.create_task(asyncio.to_thread(serve.delete, APP))
+                rest = [line async for line in lines if line.startswith("data: ")]
+            await deleting
+        return rest
+
+    rest = asyncio.run(scenario())
+    chunks = [json.loads(line[6:]) for line in rest[:-1]]
+    assert rest[-1] == "data: [DONE]" and not any("error" in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
