@@ -6,343 +6,29 @@ request router picks the replica. It never runs the model.
 """
 
 import asyncio
-import hmac
-import json
-import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from jinja2 import TemplateError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
 from ray.serve._private.common import ReplicaState
-from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
 from kvserve.router import routing_metrics as metrics
+from kvserve.router.errors import OpenAIError, bad_request, engine_error, replica_died
+from kvserve.router.generation import Generation, RequestTimer
+from kvserve.router.http_app import ApiKeyGate, app
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, validation_problem
-from kvserve.router.responses import (
-    ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body,
-    completion_logprobs, openai_finish_reason,
-)
+from kvserve.router.openai_schema import ChatCompletionRequest, CompletionRequest
+from kvserve.router.responses import TokenText
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
-from kvserve.workers.protocol import (
-    GenerateRequest, OutputDelta, RequestRefused, SampleDelta, SamplingParams, TokenLogprobs,
-    prompt_length_problem,
-)
+from kvserve.workers.protocol import GenerateRequest, RequestRefused, SamplingParams, prompt_length_problem
 
 REPLICA_HEADER = "x-kvserve-replica"
-# `serve.ingress` pickles the class when it decorates it: everything its methods use must be
-# defined above it.
-
-app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
-
-
-def bad_request(message: str, param: str | None = None) -> OpenAIError:
-    return OpenAIError(400, message, "invalid_request_error", param)
-
-
-@app.exception_handler(OpenAIError)
-async def _openai_error(_: Request, error: OpenAIError) -> JSONResponse:
-    return error.response()
-
-
-def invalid_value(error: RequestValidationError | ValidationError) -> OpenAIError:
-    """A 400 naming the first field pydantic refused."""
-    return bad_request(*validation_problem(error.errors()[0]))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-    return invalid_value(error).response()
-
-
-@app.exception_handler(ValidationError)
-async def _sampling_error(_: Request, error: ValidationError) -> JSONResponse:
-    return invalid_value(error).response()
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-    """Starlette's own refusals (no such route, wrong method, body too large) in OpenAI's shape."""
-    messages = {404: f"there is no route {request.url.path}",
-                405: f"{request.method} is not allowed on {request.url.path}"}
-    message = messages.get(error.status_code, str(error.detail))
-    return OpenAIError(error.status_code, message, "invalid_request_error").response()
-
-
-@app.exception_handler(Exception)
-async def _unexpected_error(_: Request, error: Exception) -> JSONResponse:
-    return OpenAIError(500, f"internal error: {type(error).__name__}", "internal_error").response()
-
-
-class _BodySizeLimit:
-    """413 for a body over `app.state.max_request_bytes`: at once when Content-Length says so,
-    otherwise as soon as the streamed body passes the limit."""
-
-    def __init__(self, asgi_app):
-        self.asgi_app = asgi_app
-
-    async def __call__(self, scope, receive, send):
-        # The app Serve runs is a copy unpickled in the replica, not this module's `app`.
-        limit = getattr(scope["app"].state, "max_request_bytes", None) if "app" in scope else None
-        if scope["type"] != "http" or limit is None:
-            return await self.asgi_app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            return await _too_large(limit).response()(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:
-                raise HTTPException(413, _too_large(limit).message)
-            return message
-
-        await self.asgi_app(scope, limited_receive, send)
-
-
-def _too_large(limit: int) -> OpenAIError:
-    return OpenAIError(413, f"the request body is larger than {limit} bytes", "invalid_request_error")
-
-
-app.add_middleware(_BodySizeLimit)
-
-
-@dataclass(frozen=True)
-class ApiKeyGate:
-    """Which paths need the API key, and whether a request's `authorization` header holds it:
-    compared in constant time on the raw header bytes."""
-
-    authorization: bytes  # b"Bearer <key>"
-    metrics_too: bool
-
-    def protects(self, path: str) -> bool:
-        return path.startswith("/v1/") or (self.metrics_too and path == "/metrics")
-
-    def admits(self, header: bytes) -> bool:
-        return hmac.compare_digest(header, self.authorization)
-
-
-class _ApiKeyCheck:
-    """401 for a protected path without the key, before the body is even read."""
-
-    def __init__(self, asgi_app):
-        self.asgi_app = asgi_app
-
-    async def __call__(self, scope, receive, send):
-        gate = getattr(scope["app"].state, "api_key_gate", None) if "app" in scope else None
-        if scope["type"] == "http" and gate is not None and gate.protects(scope["path"]):
-            if not gate.admits(dict(scope["headers"]).get(b"authorization", b"")):
-                error = OpenAIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
-                                    "authentication_error", code="invalid_api_key")
-                return await error.response()(scope, receive, send)
-        await self.asgi_app(scope, receive, send)
-
-
-app.add_middleware(_ApiKeyCheck)
-
-
-RETRY_AFTER_S = 1
 REPLICA_RETRIES = 2  # sends of a request whose replica died before its first output
-
-
-class RetryLater(OpenAIError):
-    """An error that says when to come back (`Retry-After`)."""
-
-    def response(self) -> JSONResponse:
-        reply = super().response()
-        reply.headers["retry-after"] = str(RETRY_AFTER_S)
-        return reply
-
-
-def _replica_died(error: BaseException) -> bool:
-    """Whether the replica serving a call died (the error may come wrapped in a task error)."""
-    return isinstance(error, RayActorError) or isinstance(getattr(error, "cause", None), RayActorError)
-
-
-def _engine_error(error: Exception) -> OpenAIError:
-    """Map a failure from the LLMServer call to an HTTP error."""
-    if isinstance(error, BackPressureError):
-        return RetryLater(429, "too many requests are waiting for the model: retry after a moment",
-                          "requests", code="rate_limit_exceeded")
-    if _replica_died(error):
-        return RetryLater(503, "the replica serving this request stopped before it finished: retry the request",
-                          "server_error", code="replica_stopped")
-    if isinstance(error, OpenAIError):
-        return error
-    cause = error.cause if isinstance(error, RayTaskError) else error
-    return OpenAIError(500, f"internal error: {cause!r}", "internal_error")
-
-
-class _RequestTimer:
-    """Per-request latency metrics, labelled with the replica that served it."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.last_token_at: float | None = None
-
-    def tokens_arrived(self, replica: str) -> None:
-        now = time.perf_counter()
-        if self.last_token_at is None:
-            metrics.TTFT.labels(replica).observe(now - self.start)
-        else:
-            metrics.ITL.labels(replica).observe(now - self.last_token_at)
-        self.last_token_at = now
-
-    def finished(self, replica: str, status: str) -> None:
-        metrics.E2E.labels(replica).observe(time.perf_counter() - self.start)
-        metrics.REQUESTS.labels(replica, status).inc()
-
-
-class _Generation:
-    """One HTTP request's generation: several prompts x n samples, merged into choices."""
-
-    def __init__(self, ingress: "Ingress", request_id: str, body, chat: bool, num_prompts: int,
-                 firsts: list[OutputDelta], streams: list, timers: list[_RequestTimer]):
-        self.ingress, self.request_id, self.body, self.chat = ingress, request_id, body, chat
-        self.n = body.n
-        self.choices = [ChoiceState(i) for i in range(num_prompts * self.n)]
-        self.firsts, self.streams, self.timers = firsts, streams, timers
-        self.usage = Usage()
-        for first in firsts:
-            self.usage.prompt_tokens += first.num_prompt_tokens * self.n
-            self.usage.cached_tokens += first.num_cached_tokens
-            metrics.PROMPT_TOKENS.labels(first.replica).inc(first.num_prompt_tokens)
-            metrics.PREFIX_QUERIED_TOKENS.labels(first.replica).inc(first.num_prompt_tokens)
-            metrics.PREFIX_HIT_TOKENS.labels(first.replica).inc(first.num_cached_tokens)
-
-    async def _deltas(self) -> AsyncIterator[tuple[int, OutputDelta]]:
-        """(prompt index, delta) in arrival order across the prompts' streams."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int) -> None:
-            try:
-                await queue.put((i, self.firsts[i]))
-                if not self.firsts[i].finished:
-                    async for delta in self.streams[i]:
-                        await queue.put((i, delta))
-            except Exception as error:  # surfaced to the consumer below
-                await queue.put((i, error))
-            await queue.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.streams))]
-        open_streams = len(tasks)
-        try:
-            while open_streams:
-                i, item = await queue.get()
-                if item is None:
-                    open_streams -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    yield i, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            for stream in self.streams:
-                stream.cancel()
-
-    def _fold(self, prompt_index: int, delta: OutputDelta) -> list[tuple[ChoiceState, SampleDelta]]:
-        """Apply a delta; returns each touched choice with its sample's delta."""
-        replica = delta.replica
-        touched = []
-        new_tokens = 0
-        for sample in delta.samples:
-            choice = self.choices[prompt_index * self.n + sample.index]
-            choice.text += sample.text
-            choice.token_ids += sample.token_ids
-            choice.logprobs += sample.logprobs or []
-            choice.finish_reason = openai_finish_reason(sample.finish_reason)
-            new_tokens += len(sample.token_ids)
-            touched.append((choice, sample))
-        if new_tokens:
-            self.usage.completion_tokens += new_tokens
-            metrics.GENERATED_TOKENS.labels(replica).inc(new_tokens)
-            self.timers[prompt_index].tokens_arrived(replica)
-        if delta.finished:
-            self.timers[prompt_index].finished(replica, "ok")
-        return touched
-
-    async def collect(self) -> dict:
-        try:
-            async for i, delta in self._deltas():
-                self._fold(i, delta)
-        except Exception as error:
-            raise _engine_error(error) from error
-        choices = [self._final_choice(c) for c in self.choices]
-        return completion_body(self.request_id, self.ingress.model_name, choices, self.usage, self.chat)
-
-    def _final_choice(self, choice: ChoiceState) -> dict:
-        logprobs = self._logprobs(choice.logprobs, 0) if self._wants_logprobs() else None
-        if self.chat:
-            message = {"role": "assistant", "content": choice.text}
-            return {"index": choice.index, "message": message, "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason}
-        return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
-                "finish_reason": choice.finish_reason}
-
-    def _wants_logprobs(self) -> bool:
-        return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
-
-    def _logprobs(self, entries: list[TokenLogprobs], text_start: int) -> dict:
-        if self.chat:
-            return chat_logprobs(entries, self.ingress.token_text)
-        return completion_logprobs(entries, self.ingress.token_text, text_start)
-
-    async def sse(self) -> AsyncIterator[bytes]:
-        model = self.ingress.model_name
-        usage_in_chunks = self.body.include_usage_in_stream
-        if self.chat:
-            first = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
-                      "logprobs": None, "finish_reason": None} for c in self.choices]
-            yield _sse(chunk_body(self.request_id, model, first, None, True))
-        try:
-            async for i, delta in self._deltas():
-                choices = [self._delta_choice(c, sample) for c, sample in self._fold(i, delta)]
-                if choices:
-                    yield _sse(chunk_body(self.request_id, model, choices, None, self.chat))
-        except Exception as error:
-            yield _sse(_engine_error(error).response().body, raw=True)
-        if usage_in_chunks:
-            yield _sse(chunk_body(self.request_id, model, [], self.usage, self.chat))
-        yield b"data: [DONE]\n\n"
-
-    def _delta_choice(self, choice: ChoiceState, sample: SampleDelta) -> dict:
-        logprobs = None
-        if self._wants_logprobs():
-            logprobs = self._logprobs(sample.logprobs or [], len(choice.text) - len(sample.text))
-        reason = openai_finish_reason(sample.finish_reason)
-        if self.chat:
-            return {"index": choice.index, "delta": {"content": sample.text},
-                    "logprobs": logprobs, "finish_reason": reason}
-        return {"index": choice.index, "text": sample.text, "logprobs": logprobs, "finish_reason": reason}
-
-
-def _sse(body, raw: bool = False) -> bytes:
-    payload = body if raw else json.dumps(body, ensure_ascii=False).encode()
-    return b"data: " + payload + b"\n\n"
 
 
 @dataclass(frozen=True)
@@ -493,18 +179,19 @@ class Ingress:
         self._ensure_follower()
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         starts = [self._start(f"{request_id}-{i}", text, ids, sampling, body) for i, (text, ids) in enumerate(prompts)]
-        timers = [_RequestTimer() for _ in starts]
+        timers = [RequestTimer() for _ in starts]
         started = await asyncio.gather(*starts, return_exceptions=True)
         failures = [s for s in started if isinstance(s, BaseException)]
         if failures:
             for s in started:
                 if not isinstance(s, BaseException):
                     s[0].cancel()
-            raise _engine_error(failures[0]) from failures[0]
+            raise engine_error(failures[0]) from failures[0]
         streams, firsts = [s for s, _ in started], [f for _, f in started]
         replicas = [f.replica for f in firsts]
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(replicas))}
-        run = _Generation(self, request_id, body, chat, len(prompts), firsts, streams, timers)
+        run = Generation(self.model_name, self.token_text, request_id, body, chat, len(prompts), firsts, streams,
+                         timers)
         if body.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
         return JSONResponse(await run.collect(), headers=headers)
@@ -528,7 +215,7 @@ class Ingress:
                 first = await anext(stream)
             except BaseException as error:
                 stream.cancel()
-                if not _replica_died(error) or attempt == REPLICA_RETRIES:
+                if not replica_died(error) or attempt == REPLICA_RETRIES:
                     raise
                 continue
             if isinstance(first, RequestRefused):

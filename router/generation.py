@@ -1,0 +1,164 @@
+"""One HTTP request's generation: the streams of its prompts from the LLMServer replicas,
+merged into OpenAI choices, as one body or as server-sent events."""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from kvserve.router import routing_metrics as metrics
+from kvserve.router.errors import engine_error
+from kvserve.router.responses import (
+    ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body,
+    completion_logprobs, openai_finish_reason,
+)
+from kvserve.workers.protocol import OutputDelta, SampleDelta, TokenLogprobs
+
+class RequestTimer:
+    """Per-request latency metrics, labelled with the replica that served it."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.last_token_at: float | None = None
+
+    def tokens_arrived(self, replica: str) -> None:
+        now = time.perf_counter()
+        if self.last_token_at is None:
+            metrics.TTFT.labels(replica).observe(now - self.start)
+        else:
+            metrics.ITL.labels(replica).observe(now - self.last_token_at)
+        self.last_token_at = now
+
+    def finished(self, replica: str, status: str) -> None:
+        metrics.E2E.labels(replica).observe(time.perf_counter() - self.start)
+        metrics.REQUESTS.labels(replica, status).inc()
+
+
+class Generation:
+    """One HTTP request's generation: several prompts x n samples, merged into choices."""
+
+    def __init__(self, model_name: str, token_text: TokenText, request_id: str, body, chat: bool, num_prompts: int,
+                 firsts: list[OutputDelta], streams: list, timers: list[RequestTimer]):
+        self.model_name, self.token_text = model_name, token_text
+        self.request_id, self.body, self.chat = request_id, body, chat
+        self.n = body.n
+        self.choices = [ChoiceState(i) for i in range(num_prompts * self.n)]
+        self.firsts, self.streams, self.timers = firsts, streams, timers
+        self.usage = Usage()
+        for first in firsts:
+            self.usage.prompt_tokens += first.num_prompt_tokens * self.n
+            self.usage.cached_tokens += first.num_cached_tokens
+            metrics.PROMPT_TOKENS.labels(first.replica).inc(first.num_prompt_tokens)
+            metrics.PREFIX_QUERIED_TOKENS.labels(first.replica).inc(first.num_prompt_tokens)
+            metrics.PREFIX_HIT_TOKENS.labels(first.replica).inc(first.num_cached_tokens)
+
+    async def _deltas(self) -> AsyncIterator[tuple[int, OutputDelta]]:
+        """(prompt index, delta) in arrival order across the prompts' streams."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                await queue.put((i, self.firsts[i]))
+                if not self.firsts[i].finished:
+                    async for delta in self.streams[i]:
+                        await queue.put((i, delta))
+            except Exception as error:  # surfaced to the consumer below
+                await queue.put((i, error))
+            await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(self.streams))]
+        open_streams = len(tasks)
+        try:
+            while open_streams:
+                i, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream in self.streams:
+                stream.cancel()
+
+    def _fold(self, prompt_index: int, delta: OutputDelta) -> list[tuple[ChoiceState, SampleDelta]]:
+        """Apply a delta; returns each touched choice with its sample's delta."""
+        replica = delta.replica
+        touched = []
+        new_tokens = 0
+        for sample in delta.samples:
+            choice = self.choices[prompt_index * self.n + sample.index]
+            choice.text += sample.text
+            choice.token_ids += sample.token_ids
+            choice.logprobs += sample.logprobs or []
+            choice.finish_reason = openai_finish_reason(sample.finish_reason)
+            new_tokens += len(sample.token_ids)
+            touched.append((choice, sample))
+        if new_tokens:
+            self.usage.completion_tokens += new_tokens
+            metrics.GENERATED_TOKENS.labels(replica).inc(new_tokens)
+            self.timers[prompt_index].tokens_arrived(replica)
+        if delta.finished:
+            self.timers[prompt_index].finished(replica, "ok")
+        return touched
+
+    async def collect(self) -> dict:
+        try:
+            async for i, delta in self._deltas():
+                self._fold(i, delta)
+        except Exception as error:
+            raise engine_error(error) from error
+        choices = [self._final_choice(c) for c in self.choices]
+        return completion_body(self.request_id, self.model_name, choices, self.usage, self.chat)
+
+    def _final_choice(self, choice: ChoiceState) -> dict:
+        logprobs = self._logprobs(choice.logprobs, 0) if self._wants_logprobs() else None
+        if self.chat:
+            message = {"role": "assistant", "content": choice.text}
+            return {"index": choice.index, "message": message, "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason}
+        return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
+                "finish_reason": choice.finish_reason}
+
+    def _wants_logprobs(self) -> bool:
+        return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
+
+    def _logprobs(self, entries: list[TokenLogprobs], text_start: int) -> dict:
+        if self.chat:
+            return chat_logprobs(entries, self.token_text)
+        return completion_logprobs(entries, self.token_text, text_start)
+
+    async def sse(self) -> AsyncIterator[bytes]:
+        model = self.model_name
+        usage_in_chunks = self.body.include_usage_in_stream
+        if self.chat:
+            first = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None} for c in self.choices]
+            yield _sse(chunk_body(self.request_id, model, first, None, True))
+        try:
+            async for i, delta in self._deltas():
+                choices = [self._delta_choice(c, sample) for c, sample in self._fold(i, delta)]
+                if choices:
+                    yield _sse(chunk_body(self.request_id, model, choices, None, self.chat))
+        except Exception as error:
+            yield _sse(engine_error(error).response().body, raw=True)
+        if usage_in_chunks:
+            yield _sse(chunk_body(self.request_id, model, [], self.usage, self.chat))
+        yield b"data: [DONE]\n\n"
+
+    def _delta_choice(self, choice: ChoiceState, sample: SampleDelta) -> dict:
+        logprobs = None
+        if self._wants_logprobs():
+            logprobs = self._logprobs(sample.logprobs or [], len(choice.text) - len(sample.text))
+        reason = openai_finish_reason(sample.finish_reason)
+        if self.chat:
+            return {"index": choice.index, "delta": {"content": sample.text},
+                    "logprobs": logprobs, "finish_reason": reason}
+        return {"index": choice.index, "text": sample.text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _sse(body, raw: bool = False) -> bytes:
+    payload = body if raw else json.dumps(body, ensure_ascii=False).encode()
+    return b"data: " + payload + b"\n\n"
