@@ -42,7 +42,7 @@ class IngressSettings:
     max_n: int
     max_stop_strings: int
     max_request_bytes: int
-    metrics_need_api_key: bool = False
+    metrics_need_api_key: bool
 
 
 @serve.ingress(app)

@@ -152,7 +152,7 @@ class EngineThread(threading.Thread):
 class LLMServer:
     """The Serve deployment class (the application builder applies `serve.deployment`)."""
 
-    def __init__(self, engine_config: EngineConfig, step_timeout_s: float = 60.0):
+    def __init__(self, engine_config: EngineConfig, step_timeout_s: float):
         self.engine = start_engine(engine_config)
         self.hash_check = hash_check_value(self.engine.config.block_size)
         context = serve.get_replica_context()
