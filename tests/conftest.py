@@ -66,14 +66,38 @@ def paged():
 
 
 @contextlib.contextmanager
+def local_ray(num_cpus: int) -> Iterator[None]:
+    """A local Ray of `num_cpus` CPUs, with Serve and Ray shut down however the block ends."""
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
+    try:
+        yield
+    finally:
+        _shut_down_ray()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_outlives_its_module():
+    """A module whose fixture failed half-way leaves no Ray behind to break the next ones."""
+    yield
+    if ray.is_initialized():
+        _shut_down_ray()
+
+
+def _shut_down_ray() -> None:
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
 def served_app(overrides: dict, num_cpus: int) -> Iterator[str]:
     """The application of `overrides` ({"engine": ..., "serving": ...}) on a local Ray of
     `num_cpus` CPUs, on a free port; yields its base URL once /ready answers 200."""
     port = free_port()
     serving = {**overrides.get("serving", {}), "port": port}
     config = load_config(None, {**overrides, "serving": serving})
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR")
-    try:
+    with local_ray(num_cpus):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name=config.serving.app_name, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
@@ -82,12 +106,15 @@ def served_app(overrides: dict, num_cpus: int) -> Iterator[str]:
             assert time.monotonic() < deadline, "the replicas never became ready"
             time.sleep(0.5)
         yield base
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
 def local_app():
     """`served_app`, for module fixtures that serve an application."""
     return served_app
+
+
+@pytest.fixture(scope="session")
+def ray_of():
+    """`local_ray`, for fixtures that start a Ray of their own."""
+    return local_ray

@@ -55,20 +55,18 @@ def faulty_server_class():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoints):
+def server(tiny_checkpoints, ray_of):
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
     config = load_config(None, {"engine": {**ENGINE, "model": str(tiny_checkpoints["llama"])},
                                 "serving": {**SERVING, "port": port}})
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(app_module, "LLMServer", faulty_server_class())
-        serve.run(build_app(config), name=APP, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    wait_for_replicas(base)
-    yield base
-    serve.shutdown()
-    ray.shutdown()
+    with ray_of(4):
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(app_module, "LLMServer", faulty_server_class())
+            serve.run(build_app(config), name=APP, route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        wait_for_replicas(base)
+        yield base
 
 
 def running_replicas() -> int:

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-import ray
 from ray import serve
 
 from kvserve.cluster.app import build_app
@@ -71,10 +70,9 @@ def test_a_small_machine_gets_fractional_reservations(tiny_checkpoints):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
+def local_ray(ray_of):
+    with ray_of(2):
+        yield
 
 
 def test_a_replica_that_fails_to_start_says_why_in_one_line(local_ray, tiny_checkpoints, tmp_path):

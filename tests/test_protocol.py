@@ -55,20 +55,18 @@ def messages() -> list:
 
 
 @pytest.fixture(scope="module")
-def echoes():
+def echoes(ray_of):
     """An actor and a Serve deployment that return what they get."""
 
     class Echo:  # defined here so that Ray pickles it by value: the tests folder is no package
         def echo(self, message):
             return message
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    actor = ray.remote(Echo).remote()
-    handle = serve.run(serve.deployment(Echo, ray_actor_options={"num_cpus": 0}).bind(), name="echo",
-                       route_prefix=None)
-    yield actor, handle
-    serve.shutdown()
-    ray.shutdown()
+    with ray_of(2):
+        actor = ray.remote(Echo).remote()
+        handle = serve.run(serve.deployment(Echo, ray_actor_options={"num_cpus": 0}).bind(), name="echo",
+                           route_prefix=None)
+        yield actor, handle
 
 
 @pytest.mark.parametrize("index", range(len(messages())), ids=[type(m).__name__ for m in messages()])

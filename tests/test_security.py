@@ -47,23 +47,21 @@ class TestIngress:
     actor holds every CPU, so that the ingress is up long before any LLMServer replica."""
 
     @pytest.fixture(scope="class")
-    def server(self, tiny_checkpoints):
+    def server(self, tiny_checkpoints, ray_of):
         port = free_port()
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-        placeholder = _CPUHolder.remote()
-        ray.get(placeholder.ready.remote())
         config = load_config(None, {
             "engine": {**ENGINE, "model": str(tiny_checkpoints["llama"])},
             "serving": {"app_name": APP, "replicas": 1, "replica_cpus": 1, "port": port, "api_key": KEY,
                         "metrics_need_api_key": True},
         })
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve._run(build_app(config), name=APP, route_prefix="/", _blocking=False)
-        base = f"http://127.0.0.1:{port}"
-        _wait_for_the_ingress(base)
-        yield base, placeholder
-        serve.shutdown()
-        ray.shutdown()
+        with ray_of(2):
+            placeholder = _CPUHolder.remote()
+            ray.get(placeholder.ready.remote())
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve._run(build_app(config), name=APP, route_prefix="/", _blocking=False)
+            base = f"http://127.0.0.1:{port}"
+            _wait_for_the_ingress(base)
+            yield base, placeholder
 
     def test_ready_is_503_while_no_llm_replica_runs(self, server):
         base, _ = server

@@ -27,14 +27,9 @@ ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64, "max_model_l
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    """A local Ray, or the one another test module of this run has started already."""
-    if ray.is_initialized():
+def ray_cluster(ray_of):
+    with ray_of(6):
         yield
-        return
-    ray.init(num_cpus=6, include_dashboard=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
