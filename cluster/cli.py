@@ -265,6 +265,7 @@ BENCHES = (
     ("kernels", "paged attention against copy bandwidth and torch SDPA", _plain_bench_flags("kernels")),
     ("decode", "decode step of a Llama-3-8B-shaped model against its floor and HF",
      _plain_bench_flags("decode")),
+    ("overhead", "the engine's host time per decode step, phase by phase", _plain_bench_flags("overhead")),
 )
 
 

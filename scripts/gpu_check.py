@@ -73,7 +73,7 @@ STEPS = (
         what="the project on the machine's Python and CUDA torch, no dependencies",
     ),
     Step(
-        name="gpu-tests", cap_s=90, module="pytest",
+        name="gpu-tests", cap_s=80, module="pytest",
         gpu_args=("-q", "-m", "gpu", *GPU_TEST_FILES),
         dry_args=("-q", "-m", "gpu", *GPU_TEST_FILES),
         what="the gpu-marked tests: kernels at real sizes, graph capture and replay, no host sync inside a "
@@ -89,14 +89,14 @@ STEPS = (
         interpret=True,
     ),
     Step(
-        name="decode", cap_s=100, module=CLI,
+        name="decode", cap_s=80, module=CLI,
         gpu_args=("bench", "decode", *LLAMA3_8B_DECODE, "--batches", "1,16,64", "--skip-hf"),
         dry_args=("bench", "decode", *TINY_DECODE, "--batches", "1,4", "--skip-hf"),
         what="the engine's decode step with CUDA graphs, Llama-3-8B shape, batches 1, 16, 64",
         interpret=True,
     ),
     Step(
-        name="decode-hf", cap_s=60, module=CLI,
+        name="decode-hf", cap_s=55, module=CLI,
         gpu_args=("bench", "decode", *LLAMA3_8B_DECODE, "--batches", "1,16", "--skip-engine"),
         dry_args=("bench", "decode", *TINY_DECODE, "--batches", "1,2", "--skip-engine"),
         what="HF generate's decode step on the same model, batches 1 and 16",
@@ -114,6 +114,15 @@ STEPS = (
                   "--device", "cuda", "--dtype", "bfloat16"),
         dry_args=("bench", "tp", "--tp", "1", "--batch", "2", "--prompt-len", "8", "--steps", "3", *DRY_DEVICE),
         what="the engine on one worker actor (tp 1) against in process, the small benchmark Llama",
+    ),
+    Step(
+        name="overhead", cap_s=35, module=CLI,
+        gpu_args=("bench", "overhead", "--shape", "llama3-8b", "--batches", "64,256", "--modes", "greedy",
+                  "top-p-seeded", "--steps", "10", "--warmup", "3", "--device", "cuda", "--dtype", "bfloat16"),
+        dry_args=("bench", "overhead", "--shape", "tiny", "--batches", "4", "--modes", "greedy", "top-p-seeded",
+                  "--steps", "3", "--warmup", "1", "--device", "cpu"),
+        what="the engine's host time per decode step against the forward pass alone, Llama-3-8B shape, "
+             "batches 64 and 256",
     ),
 )
 SUMMARY_LINES = 80  # of each step's output, in gpu-check.md; gpu-check.log has all of it

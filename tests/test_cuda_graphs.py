@@ -7,7 +7,6 @@ import torch
 
 from kvserve.workers.runner.cuda_graphs import bucket_sizes
 from kvserve.workers.llm import LLM
-from kvserve.workers.runner.model_runner import build_plan
 from kvserve.workers.engine.sampling_params import SamplingParams
 
 ENGINE = {"dtype": "float32", "num_kv_blocks": 64, "max_model_len": 128, "max_num_seqs": 16, "block_size": 8}
@@ -109,7 +108,7 @@ def test_a_decode_step_syncs_only_for_the_sampled_tokens(tiny_checkpoints):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        plan = build_plan(batch, engine.kv.block_tables, samples, engine.eos_token_ids, runner.block_size, runner.device)
+        plan = runner.inputs.plan(batch, engine.kv.block_tables, samples, engine.eos_token_ids)
         with torch.inference_mode():
             logits = runner.logits(plan)
     finally:

@@ -4,10 +4,12 @@ import random
 import pytest
 import torch
 
-from kvserve.workers.runner.sampler import Sampler, SamplingRow
 from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.sequence import Sequence
+from kvserve.workers.runner.sampler import FILTER_WINDOW, Sampler, SamplingRow
 
 VOCAB = 64
+WIDE = 1000  # more tokens than the filters' window
 EOS = 2
 PROBS = [0.5, 0.3, 0.15, 0.05]  # a distribution whose filtered sets are easy to tell apart
 
@@ -22,14 +24,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos: tuple[int, ...] =
     return Sampler()(logits.clone(), rows, eos)
 
 
-def row(prompt=(1,), output=(), generator=None, **params) -> SamplingRow:
-    return SamplingRow(SamplingParams(**params), list(prompt) + list(output), len(prompt), generator)
+def row(prompt=(1,), output=(), seed=None, **params) -> SamplingRow:
+    return SamplingRow(SamplingParams(**params), list(prompt) + list(output), len(prompt), seed)
 
 
 def draws(probs: list[float], count: int, **params) -> list[int]:
     """`count` tokens drawn in one batch from `probs`, each row unseeded."""
-    logits = torch.tensor(probs).log().expand(count, -1)
-    return sample(logits, [row(**params) for _ in range(count)]).token_ids
+    return draws_from(torch.tensor(probs).log(), count, **params)
+
+
+def draws_from(logits: torch.Tensor, count: int, **params) -> list[int]:
+    return sample(logits.expand(count, -1), [row(**params) for _ in range(count)]).token_ids
 
 
 def frequencies(tokens: list[int], vocab: int) -> list[float]:
@@ -77,6 +82,27 @@ def test_filters_apply_per_row_in_a_mixed_batch():
     tokens = sample(torch.tensor(PROBS).log().expand(len(rows), -1), rows).token_ids
     for k in range(5):
         assert set(tokens[k::5]) == kept[k]
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_even_past_the_window():
+    logits = torch.full((WIDE,), -5.0)
+    logits[0] = 1.0
+    logits[100:500] = 0.0  # 400 tokens tied for second place
+    tokens = set(draws_from(logits, 4000, top_k=2))
+    assert tokens <= {0, *range(100, 500)} and len(tokens) > 350
+
+
+def test_top_p_keeps_every_token_tied_with_the_one_that_reaches_it():
+    # The mass reaches 0.5 at token 1 or 2, whichever comes first: both are kept.
+    assert set(draws([0.4, 0.2, 0.2, 0.1, 0.1], 2000, top_p=0.5)) == {0, 1, 2}
+
+
+def test_a_nucleus_wider_than_the_window_is_kept_whole():
+    logits = torch.full((WIDE,), -20.0)
+    logits[: 2 * FILTER_WINDOW] = torch.linspace(0.0, -0.01, 2 * FILTER_WINDOW)  # nearly flat
+    kept = int((logits.double().softmax(dim=-1).cumsum(dim=-1) < 0.9).sum()) + 1
+    tokens = set(draws_from(logits, 6000, top_p=0.9))
+    assert tokens <= set(range(kept)) and len(tokens) > kept - 20
 
 
 def test_draws_follow_the_distribution():
@@ -155,7 +181,7 @@ def test_min_tokens_ignores_stop_token_ids_beyond_the_logits():
 def seeded_tokens(seed: int, neighbours: list[SamplingRow], position: int, steps: int = 6) -> list[int]:
     """Tokens of one seeded request over `steps` steps, sampled in a batch with `neighbours`."""
     step_logits = torch.randn(steps, VOCAB, generator=torch.Generator().manual_seed(123))
-    target = row(generator=torch.Generator().manual_seed(seed), top_p=0.95)
+    target = row(seed=seed, top_p=0.95)
     tokens = []
     for logits in step_logits:
         batch = neighbours[:position] + [target] + neighbours[position:]
@@ -169,11 +195,79 @@ def seeded_tokens(seed: int, neighbours: list[SamplingRow], position: int, steps
 
 def test_a_seed_gives_the_same_tokens_whatever_the_rest_of_the_batch():
     alone = seeded_tokens(7, [], 0)
-    neighbours = [row(), row(generator=torch.Generator().manual_seed(7)), row(temperature=0), row(top_k=3)]
+    neighbours = [row(), row(seed=7), row(temperature=0), row(top_k=3)]
     assert seeded_tokens(7, neighbours, 2) == alone
     assert seeded_tokens(7, neighbours[:1], 1) == alone
     assert seeded_tokens(7, neighbours[1:2], 0) == alone  # every row seeded
     assert seeded_tokens(8, [], 0) != alone
+
+
+def seeded_draw(
+    logits: torch.Tensor, neighbours: list[SamplingRow], position: int, output: list[int], **params
+) -> int:
+    """The token that a row with seed 11 and `output` draws from `logits` among `neighbours`."""
+    target = row(output=output, seed=11, **params)
+    batch = neighbours[:position] + [target] + neighbours[position:]
+    batch_logits = torch.randn(len(batch), logits.shape[0])
+    batch_logits[position] = logits
+    return sample(batch_logits, batch).token_ids[position]
+
+
+@pytest.mark.parametrize(
+    "params",
+    # top_p 0.65 keeps 287 tokens: past the window alone, within the window of the top_k=400
+    # neighbour, so the row draws from its whole row in one batch and from the window in another.
+    [{}, {"top_p": 0.65}, {"top_p": 0.9}, {"top_k": 20, "min_p": 0.05}, {"temperature": 0.5}],
+)
+def test_a_seeded_draw_depends_only_on_its_seed_counter_and_logits(params):
+    """Not on the neighbours (whose filters change the window's width), the row's position,
+    what its earlier tokens were (only how many), or the default generator."""
+    logits = torch.randn(WIDE, generator=torch.Generator().manual_seed(5))
+    neighbours = [row(), row(top_k=400), row(seed=11, top_p=0.5), row(temperature=0), row(min_p=0.2)]
+    torch.manual_seed(1)
+    alone = seeded_draw(logits, [], 0, [5, 6, 7], **params)
+    torch.manual_seed(2)
+    assert seeded_draw(logits, neighbours, 3, [9, 9, 9], **params) == alone
+    torch.manual_seed(3)
+    assert seeded_draw(logits, neighbours[1:2], 1, [1, 2, 3], **params) == alone
+
+
+def test_drawing_a_step_again_gives_the_same_token():
+    """A preempted sequence recomputes its step: a seeded row keeps no state that a draw advances."""
+    logits = torch.randn(1, WIDE)
+    target = row(output=[3, 4], seed=5, top_p=0.9)
+    first = sample(logits, [target]).token_ids
+    sample(torch.randn(3, WIDE), [row(seed=5), row(), row(output=[1, 2], seed=5)])
+    assert sample(logits, [target]).token_ids == first
+
+
+def test_the_counter_and_the_seed_each_change_the_draw():
+    """Over 1000 equally likely tokens: one seed at 64 counters, and 64 seeds at one counter."""
+    logits = torch.zeros(64, WIDE)
+    by_counter = sample(logits, [row(output=[0] * counter, seed=3) for counter in range(64)]).token_ids
+    by_seed = sample(logits, [row(output=[0, 0], seed=seed) for seed in range(64)]).token_ids
+    assert len(set(by_counter)) > 56 and len(set(by_seed)) > 56
+    assert by_counter[2] != by_seed[0]  # seed 3 against seed 0, both at counter 2
+
+
+def test_seeds_span_the_signed_64_bit_range():
+    seeds = [-(2**63), -1, 0, 1, 2**32, 2**63 - 1]
+    tokens = sample(torch.zeros(len(seeds), WIDE), [row(seed=seed) for seed in seeds]).token_ids
+    assert len(set(tokens)) == len(seeds)
+
+
+def test_a_sample_seed_is_the_request_seed_plus_its_index_in_64_bits():
+    params = SamplingParams(n=3, seed=2**63 - 1)
+    assert [Sequence("r", i, [1], params, 0.0).seed for i in range(3)] == [2**63 - 1, -(2**63), -(2**63) + 1]
+    assert Sequence("r", 1, [1], SamplingParams(n=2), 0.0).seed is None
+
+
+def test_unseeded_draws_follow_the_default_generator():
+    logits = torch.zeros(16, WIDE)
+    torch.manual_seed(3)
+    first = sample(logits, [row() for _ in range(16)]).token_ids
+    torch.manual_seed(3)
+    assert sample(logits, [row() for _ in range(16)]).token_ids == first
 
 
 def test_unseeded_rows_differ_from_each_other():

@@ -114,12 +114,13 @@ class _CPUHolder:
 
 def _wait_for_the_ingress(base: str) -> None:
     """Until /ready is answered by the ingress itself (JSON), not by the proxy (text)."""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
         reply = httpx.get(f"{base}/ready")
         if reply.headers.get("content-type") == "application/json":
             return
-        assert time.monotonic() < deadline, "the ingress never came up"
+        assert time.monotonic() < deadline, (
+            f"the ingress never came up: {reply.status_code} {reply.text!r}; {serve.status()}")
         time.sleep(0.5)
 
 

@@ -1,9 +1,10 @@
 """`LLMServer`: one engine per Ray Serve replica, stepping in its own thread.
 
 Requests arrive through the Serve handle as token ids plus sampling settings and stream
-their outputs back chunk by chunk. The engine thread owns the engine; the replica's event loop
-only queues commands for it and forwards its outputs, so a long forward pass never blocks
-the replica from taking requests, answering health checks or reporting stats.
+their outputs back chunk by chunk. The engine thread owns the engine and only steps it; the
+replica's event loop queues commands for it and turns each step's tokens into text and
+deltas (the output processor) while the next step runs, so neither a long forward pass nor
+detokenization holds up the other, or the replica's requests, health checks and stats.
 """
 
 import asyncio
@@ -20,6 +21,7 @@ from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 from kvserve.workers.engine.block_hash import hash_check_value
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.engine import LLMEngine
+from kvserve.workers.engine.output_processor import NewToken
 from kvserve.workers.engine.outputs import RequestOutput
 from kvserve.workers.kv_event_hub import KVEventHub, hub_name
 from kvserve.workers.protocol import (
@@ -47,7 +49,8 @@ def get_or_create_hub(app_name: str):
 
 
 def output_delta(output: RequestOutput, replica: str) -> OutputDelta:
-    """One streamed update of a request: what each sample added in the last step."""
+    """One streamed update of a request: what each sample added in the last step (the
+    outputs of a processor without snapshots, whose logprobs are the step's)."""
     return OutputDelta(
         replica=replica,
         num_prompt_tokens=len(output.prompt_token_ids),
@@ -57,7 +60,7 @@ def output_delta(output: RequestOutput, replica: str) -> OutputDelta:
                 index=o.index,
                 text=o.delta_text,
                 token_ids=o.delta_token_ids,
-                logprobs=o.logprobs[-len(o.delta_token_ids):] if o.logprobs and o.delta_token_ids else None,
+                logprobs=o.logprobs or None,
                 finish_reason=o.finish_reason,
             )
             for o in output.outputs
@@ -118,13 +121,13 @@ class EngineThread(threading.Thread):
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            tokens = self.engine.step_tokens()
         except Exception as error:
             logger.exception("engine step failed")
             self._fail_all(error)
             return
-        for output in outputs:
-            self.deliver(output)
+        if tokens:
+            self.deliver(tokens)
 
     def _fail_all(self, error: Exception) -> None:
         """Fail every request the engine holds with the step's error; if that does not leave
@@ -154,6 +157,7 @@ class LLMServer:
 
     def __init__(self, engine_config: EngineConfig, step_timeout_s: float):
         self.engine = start_engine(engine_config)
+        self.outputs = self.engine.detach_outputs()  # run on this replica's event loop
         self.hash_check = hash_check_value(self.engine.config.block_size)
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
@@ -181,10 +185,8 @@ class LLMServer:
 
     # -- engine thread side --------------------------------------------------------------
 
-    def _deliver(self, output: RequestOutput) -> None:
-        stream = self._streams.get(output.request_id)
-        if stream is not None:
-            self._loop.call_soon_threadsafe(stream.put_nowait, output_delta(output, self.replica_id))
+    def _deliver(self, tokens: list[NewToken]) -> None:
+        self._loop.call_soon_threadsafe(self._process, tokens)
 
     def _fail(self, request_id: str, error: Exception) -> None:
         stream = self._streams.get(request_id)
@@ -232,6 +234,17 @@ class LLMServer:
 
     # -- replica side --------------------------------------------------------------------
 
+    def _process(self, tokens: list[NewToken]) -> None:
+        """One step's tokens -> a delta on each stream they changed; samples a stop string
+        ended go back to the engine to be stopped."""
+        outputs, stopped = self.outputs.process(tokens)
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put_nowait(output_delta(output, self.replica_id))
+        if stopped:
+            self.thread.submit(lambda engine: engine.stop_samples(stopped))
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[OutputDelta | RequestRefused]:
         """Stream the outputs of one request, one delta per engine step that changed it."""
         self._raise_if_dead()
@@ -239,6 +252,7 @@ class LLMServer:
         hashes = request.block_hashes if request.hash_check == self.hash_check else None
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
+        self.outputs.add_request(request_id, None, request.prompt_token_ids, request.sampling)
 
         def add(engine: LLMEngine) -> None:
             try:
@@ -260,6 +274,7 @@ class LLMServer:
                 yield delta
         finally:
             self._streams.pop(request_id, None)
+            self.outputs.abort(request_id)
             if not finished:
                 self.thread.submit(lambda engine: engine.abort_request(request_id))
 

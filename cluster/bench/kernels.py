@@ -18,7 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 from kvserve.kernels import get_ops
 from kvserve.kernels.metadata import AttentionMetadata
 from kvserve.workers.models.config import DTYPES
-from kvserve.workers.runner.model_runner import flat_inputs
+from kvserve.workers.runner.step_inputs import flat_inputs
 
 TARGETS = ("targets (issue 3, on an H100/H200): decode >= 80% of copy bandwidth at 64x4096, "
            "paging overhead <= 10%, prefill >= 70% of SDPA's TFLOP/s")

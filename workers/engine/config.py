@@ -46,6 +46,10 @@ class EngineConfig(BaseModel):
     calculate_kv_scales: bool = Field(
         False, description="FP8 KV scales from a warm-up forward on random tokens instead of 1.0"
     )
+    async_scheduling: Literal["auto", "on", "off"] = Field(
+        "auto", description="prepare step N+1 on the host while the device runs step N, the sampled tokens "
+        "fed back on the device; `auto`: on for CUDA with the model in the engine's process"
+    )
     enforce_eager: bool = Field(
         False, description="no CUDA graphs: otherwise decode steps replay them on CUDA with tp_size 1"
     )
@@ -67,6 +71,9 @@ class EngineConfig(BaseModel):
         # where there is no GPU, by Serve on a cluster's head node say.
         if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
             raise ValueError("calculate_kv_scales needs kv_cache_dtype: 'fp8_e4m3'")
+        if self.async_scheduling == "on" and self.uses_workers:
+            raise ValueError("async_scheduling 'on' needs the model in the engine's process (tp_size 1, "
+                             "distributed_executor_backend 'auto')")
         return self
 
     def check_device(self) -> None:
@@ -83,6 +90,13 @@ class EngineConfig(BaseModel):
     def uses_workers(self) -> bool:
         """Whether the model runs on Ray worker actors rather than in the engine's process."""
         return self.tp_size > 1 or self.distributed_executor_backend == "ray"
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Whether the engine schedules a step while the one before it is still running."""
+        if self.async_scheduling == "auto":
+            return self.torch_device().type == "cuda" and not self.uses_workers
+        return self.async_scheduling == "on"
 
     @property
     def tokenizer_dir(self) -> str:

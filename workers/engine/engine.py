@@ -1,4 +1,4 @@
-"""The engine: requests in, one scheduled forward pass per step, outputs back."""
+"""The engine: requests in, one scheduled forward pass per step, tokens and outputs back."""
 
 import time
 from collections.abc import Sequence as Seq
@@ -7,43 +7,26 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer
 
 from kvserve.workers.engine.config import EngineConfig
-from kvserve.workers.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for, check_pool_holds_a_sequence
 from kvserve.workers.engine.kv_events import BlockSnapshot, KVEventBatch
-from kvserve.workers.engine.executor import ModelExecutor, SampleRequest, SamplerOutput
+from kvserve.workers.engine.executor import ModelExecutor, PendingSample, SampleRequest
 from kvserve.workers.engine.block_hash import BlockHash
-from kvserve.workers.engine.outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprobs
+from kvserve.workers.engine.output_processor import NewToken, OutputProcessor, SampleKey
+from kvserve.workers.engine.outputs import EngineStats, RequestOutput
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.sampling_params import SamplingParams
-from kvserve.workers.engine.scheduler import Scheduler, SchedulerConfig
-from kvserve.workers.engine.sequence import FinishReason, Sequence
+from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from kvserve.workers.engine.sequence import PENDING_TOKEN, FinishReason, Sequence
+from kvserve.workers.engine.step_clock import StepClock
 
 
 @dataclass
-class _Sample:
-    """One sequence of a request and the text made of it so far."""
+class _InFlight:
+    """A launched step: its samples, where each one's pending token sits, its device result."""
 
-    seq: Sequence
-    output: CompletionOutput
-    detokenizer: IncrementalDetokenizer
-    stop_matcher: StopStringMatcher
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    samples: list[_Sample]
-
-    def to_output(self) -> RequestOutput:
-        first = self.samples[0].seq
-        return RequestOutput(
-            self.request_id,
-            self.prompt,
-            first.prompt_token_ids,
-            [s.output for s in self.samples],
-            first.num_cached_prompt_tokens,
-        )
+    samples: list[SampleRequest]
+    indices: list[int]
+    pending: PendingSample
 
 
 class LLMEngine:
@@ -61,7 +44,12 @@ class LLMEngine:
         )
         self.eos_token_ids = self._eos_token_ids(model_config.eos_token_ids)
         self.vocab_size = model_config.vocab_size
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # the samples of every unfinished request
+        self.outputs: OutputProcessor | None = OutputProcessor(self.tokenizer)
+        self.clock: StepClock | None = None  # set by `kvserve bench overhead` only
+        self.overlaps_steps = config.overlaps_steps
+        self._in_flight: _InFlight | None = None  # the step launched last, not read yet
+        self._requests_with_penalties = 0
 
     def _eos_token_ids(self, from_model: Seq[int]) -> tuple[int, ...]:
         ids = set(from_model)
@@ -97,7 +85,11 @@ class LLMEngine:
         if block_hashes:
             seqs[0].block_hashes = list(block_hashes)
         seqs[0].forks = seqs[1:]
-        self.requests[request_id] = _Request(request_id, text, [self._new_sample(s) for s in seqs])
+        self.requests[request_id] = seqs
+        if params.uses_penalties:
+            self._requests_with_penalties += 1
+        if self.outputs is not None:
+            self.outputs.add_request(request_id, text, token_ids, params)
         self.scheduler.add(seqs[0])
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -117,25 +109,23 @@ class LLMEngine:
                 f"{self.kv.num_blocks}: shorten the prompt or max_tokens"
             )
 
-    def _new_sample(self, seq: Sequence) -> _Sample:
-        params = seq.params
-        return _Sample(
-            seq,
-            CompletionOutput(index=seq.sample_index, logprobs=[] if params.logprobs is not None else None),
-            IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens),
-            StopStringMatcher(params.stop, params.include_stop_str_in_output),
-        )
-
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request wherever it is; its blocks are free when this returns."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
+        """Stop a request wherever it is; its blocks are free when this returns. Its last
+        output, when this engine processes its own outputs."""
+        seqs = self.requests.get(request_id)
+        if seqs is None:
             return None
-        for sample in request.samples:
-            if not sample.seq.is_finished:
-                self.scheduler.finish(sample.seq, FinishReason.ABORT)
-                sample.output.finish_reason = FinishReason.ABORT.value
-        return request.to_output()
+        for seq in seqs:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        self._forget(request_id)
+        return self.outputs.abort(request_id) if self.outputs is not None else None
+
+    def detach_outputs(self) -> OutputProcessor:
+        """Hand output processing to the caller, who runs it off the step loop: from now on it
+        registers each request with the returned processor, feeds it what `step_tokens`
+        returns, and passes the samples it stops to `stop_samples`. `step` is gone."""
+        self.outputs = None
+        return OutputProcessor(self.tokenizer, snapshots=False)
 
     # -- stepping ------------------------------------------------------------------------
 
@@ -144,17 +134,92 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one forward pass; return the requests it changed (finished ones for the last time)."""
+        if self.outputs is None:
+            raise RuntimeError("this engine's outputs are processed elsewhere: call step_tokens")
+        outputs, stopped = self.outputs.process(self.step_tokens())
+        self.stop_samples(stopped)
+        if self.clock is not None:
+            self.clock.lap("detokenize")
+        return outputs
+
+    def step_tokens(self) -> list[NewToken]:
+        """Run one forward pass; return the token each sampling sequence got. Stop tokens, EOS
+        and length end sequences here; stop strings are the output processor's.
+
+        With async scheduling the step is launched and the tokens returned are those of the
+        step before it, read while this one runs; a step whose samples use penalties (which
+        read every token so far) waits for that step first."""
+        earlier = [] if self._can_overlap() else self._take_in_flight()
         batch = self.scheduler.schedule()
+        if self.clock is not None:
+            self.clock.lap("schedule")
         if batch.is_empty:
-            return []
+            return earlier + self._take_in_flight()
         samples = self._sample_requests(batch)
+        if self.overlaps_steps and self._can_overlap():
+            return earlier + self._launch(batch, samples)
         sampled = self.runner.execute(batch, self.kv.block_tables, samples, self.eos_token_ids)
+        self._advance(batch, samples)
+        tokens = [self._take_token(s.seq, token, logprob, top, None) for s, token, logprob, top
+                  in zip(samples, sampled.token_ids, sampled.logprobs, sampled.top_logprobs)] if samples else []
+        if self.clock is not None:
+            self.clock.lap("outputs")
+        return earlier + tokens
+
+    def _can_overlap(self) -> bool:
+        return self._requests_with_penalties == 0
+
+    def _launch(self, batch: ScheduledBatch, samples: list[SampleRequest]) -> list[NewToken]:
+        """Queue this step with a pending token per sample, then read the step before it."""
+        previous = self._in_flight
+        pending = self.runner.launch(batch, self.kv.block_tables, samples, self.eos_token_ids,
+                                     previous.pending if previous else None)
+        self._advance(batch, samples)
+        for row, request in enumerate(samples):
+            seq = request.seq
+            seq.token_ids.append(PENDING_TOKEN)
+            seq.num_pending += 1
+            seq.sample_row = row
+            num_tokens = len(seq.token_ids)
+            seq.last_token_pending = (num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens
+                                      or num_tokens >= self.max_model_len)
+        self._in_flight = _InFlight(samples, [len(s.seq.token_ids) - 1 for s in samples], pending)
+        return self._read(previous) if previous else []
+
+    def _take_in_flight(self) -> list[NewToken]:
+        in_flight, self._in_flight = self._in_flight, None
+        return self._read(in_flight) if in_flight else []
+
+    def _read(self, in_flight: "_InFlight") -> list[NewToken]:
+        """Wait for a launched step and put its tokens in place of the pending ones; those of
+        sequences that ended meanwhile (by an earlier token, a stop string, an abort) are dropped."""
+        sampled = in_flight.pending.result()
+        if self.clock is not None:
+            self.clock.lap("forward")
+        tokens = []
+        for request, index, token, logprob, top in zip(in_flight.samples, in_flight.indices, sampled.token_ids,
+                                                       sampled.logprobs, sampled.top_logprobs):
+            seq = request.seq
+            seq.token_ids[index] = token
+            seq.num_pending -= 1
+            if not seq.is_finished:
+                tokens.append(self._take_token(seq, token, logprob, top, index + 1))
+        if self.clock is not None:
+            self.clock.lap("outputs")
+        return tokens
+
+    def _advance(self, batch: ScheduledBatch, samples: list[SampleRequest]) -> None:
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
         for parent in {id(s.seq): s.seq for s in samples if s.seq.forks}.values():
             self.scheduler.fork_samples(parent)
-        changed = self._append_tokens(samples, sampled)
-        return [self._emit(r) for r in changed]
+
+    def stop_samples(self, samples: list[SampleKey]) -> None:
+        """End the samples whose output a stop string ended; finished or unknown ones are skipped."""
+        for request_id, index in samples:
+            seqs = self.requests.get(request_id)
+            if seqs is not None and not seqs[index].is_finished:
+                self._finish(seqs[index], FinishReason.STOP)
 
     @staticmethod
     def _sample_requests(batch) -> list[SampleRequest]:
@@ -162,69 +227,47 @@ class LLMEngine:
         every one of them from the same logits."""
         samples = []
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if seq.num_computed_tokens + num_new == seq.num_tokens:
+            if seq.num_computed_tokens + num_new == len(seq.token_ids):
                 samples.append(SampleRequest(i, seq))
-                samples.extend(SampleRequest(i, child) for child in seq.forks)
+                if seq.forks:
+                    samples += [SampleRequest(i, child) for child in seq.forks]
         return samples
 
-    def _append_tokens(self, samples: list[SampleRequest], sampled: SamplerOutput) -> list[_Request]:
-        changed: dict[str, _Request] = {}
-        for row, request in enumerate(samples):
-            seq = request.seq
-            state = self.requests[seq.request_id]
-            sample = state.samples[seq.sample_index]
-            self._append_token(sample, sampled, row)
-            changed[seq.request_id] = state
-        return list(changed.values())
-
-    def _append_token(self, sample: _Sample, sampled: SamplerOutput, row: int) -> None:
-        seq, out = sample.seq, sample.output
-        token = sampled.token_ids[row]
-        seq.token_ids.append(token)
-        out.token_ids.append(token)
-        out.delta_token_ids.append(token)
-        if out.logprobs is not None:
-            out.logprobs.append(TokenLogprobs(token, sampled.logprobs[row], sampled.top_logprobs[row]))
-        reason, stop = self._token_stop(seq, token)
-        piece = sample.detokenizer.step(token)
+    def _take_token(self, seq: Sequence, token: int, logprob, top, num_tokens: int | None) -> NewToken:
+        """`token` is `seq`'s newest token (appended here when `num_tokens` is None, else already
+        in place as token number `num_tokens`): end `seq` if it stops it."""
+        if num_tokens is None:
+            seq.token_ids.append(token)
+            num_tokens = len(seq.token_ids)
+        reason, stop = self._token_stop(seq, token, num_tokens)
         if reason is not None:
-            piece += sample.detokenizer.flush()
-        text, stopped, stop_str = sample.stop_matcher.feed(piece)
-        out.delta_text += text
-        if stopped:
-            reason, stop = FinishReason.STOP, stop_str
-        elif reason is not None:
-            out.delta_text += sample.stop_matcher.flush()
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            out.finish_reason = reason.value
-            out.stop_reason = stop
+            self._finish(seq, reason)
+        return NewToken(seq.request_id, seq.sample_index, token, logprob, top, reason, stop,
+                        seq.num_cached_prompt_tokens)
 
-    def _token_stop(self, seq: Sequence, token: int) -> tuple[FinishReason | None, int | None]:
+    def _token_stop(self, seq: Sequence, token: int, num_tokens: int) -> tuple[FinishReason | None, int | None]:
         params = seq.params
         if token in params.stop_token_ids:
             return FinishReason.STOP, token
         if token in self.eos_token_ids and not params.ignore_eos:
             return FinishReason.STOP, None
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_tokens - seq.num_prompt_tokens >= params.max_tokens or num_tokens >= self.max_model_len:
             return FinishReason.LENGTH, None
         return None, None
 
-    def _emit(self, request: _Request) -> RequestOutput:
-        """Fold this step's deltas into the texts, snapshot the request, reset the deltas."""
-        for sample in request.samples:
-            sample.output.text += sample.output.delta_text
-        output = request.to_output()
-        output.outputs = [
-            CompletionOutput(**{**vars(s.output), "token_ids": list(s.output.token_ids)})
-            for s in request.samples
-        ]
-        for sample in request.samples:
-            sample.output.delta_text = ""
-            sample.output.delta_token_ids = []
-        if output.finished:
-            del self.requests[request.request_id]
-        return output
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End one sample; the request is done when all of its samples are."""
+        self.scheduler.finish(seq, reason)
+        seqs = self.requests[seq.request_id]
+        if all(s.is_finished for s in seqs):
+            self._forget(seq.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        seqs = self.requests.pop(request_id)
+        if seqs[0].params.uses_penalties:
+            self._requests_with_penalties -= 1
+        if not self.requests:
+            self._in_flight = None  # only the tokens of ended sequences can be in it
 
     # -- state for the serving layer -----------------------------------------------------
 

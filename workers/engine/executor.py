@@ -27,6 +27,13 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]] | None]
 
 
+class PendingSample(Protocol):
+    """A step launched on the device whose sampled tokens the host has not read yet."""
+
+    def result(self) -> SamplerOutput:
+        """Wait for the step and read its tokens."""
+
+
 class ModelExecutor(Protocol):
     model_config: ModelConfig
     num_kv_blocks: int  # the KV pool the model's cache tensors hold, in blocks
@@ -39,6 +46,18 @@ class ModelExecutor(Protocol):
         eos_token_ids: tuple[int, ...],
     ) -> SamplerOutput | None:
         """Run one step's forward pass and sample the rows of `samples`."""
+
+    def launch(
+        self,
+        batch: ScheduledBatch,
+        block_tables: dict[str, list[int]],
+        samples: list[SampleRequest],
+        eos_token_ids: tuple[int, ...],
+        previous: PendingSample | None,
+    ) -> PendingSample:
+        """Queue one step without waiting for it (async scheduling; only executors that run the
+        model in the engine's process have it). A sequence whose new token is PENDING_TOKEN
+        takes it from `previous`, at its `sample_row`."""
 
     async def check_health(self) -> None:
         """Raise if the model can no longer run (a rank is gone)."""

@@ -63,6 +63,8 @@ class KVCacheManager:
         """Give `seq` room for `num_new_tokens` more tokens after its computed ones (and after
         `computed_blocks`, a cache hit being admitted with it). False, changing nothing, if
         the pool is too short."""
+        if not computed_blocks and self._fits(seq, num_new_tokens):
+            return True
         blocks = self.seq_blocks.setdefault(seq.seq_id, [])
         num_cached = len(computed_blocks) * self.block_size
         total = seq.num_computed_tokens + num_cached + num_new_tokens
@@ -82,6 +84,17 @@ class KVCacheManager:
             blocks.extend(fresh)
             table.extend(b.block_id for b in fresh)
         if self.enable_prefix_caching:
+            self._cache_full_blocks(seq, total)
+        return True
+
+    def _fits(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """The common decode case, kept cheap: `seq`'s blocks already have room for its new
+        tokens; the blocks they fill are registered as cached."""
+        blocks = self.seq_blocks.get(seq.seq_id)
+        total = seq.num_computed_tokens + num_new_tokens
+        if blocks is None or total > len(blocks) * self.block_size:
+            return False
+        if self.enable_prefix_caching and total // self.block_size > self.num_hashed_blocks.get(seq.seq_id, 0):
             self._cache_full_blocks(seq, total)
         return True
 
@@ -142,8 +155,9 @@ class KVCacheManager:
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Register the blocks that will be full once `num_tokens` tokens are computed. Their
-        K/V is written by the coming forward pass, before any attention reads it."""
-        num_full = min(num_tokens, seq.num_tokens) // self.block_size
+        K/V is written by the coming forward pass, before any attention reads it. A block
+        holding a pending token waits: its hash needs the token."""
+        num_full = min(num_tokens, seq.num_tokens - seq.num_pending) // self.block_size
         start = self.num_hashed_blocks.get(seq.seq_id, 0)
         if num_full <= start:
             return

@@ -15,7 +15,7 @@ class CompletionOutput:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] | None = None
+    logprobs: list[TokenLogprobs] | None = None  # of every token so far; of the delta's in a stream
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     delta_text: str = ""  # what this step added

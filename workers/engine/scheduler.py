@@ -22,6 +22,9 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     num_preempted: int = 0
+    # Sequences whose blocks were freed (finished or preempted) since the last batch: an
+    # executor that keeps block tables between steps drops theirs.
+    departed: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -42,6 +45,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by Sequence.sort_key
         self.pending_copies: list[tuple[int, int]] = []
+        self.departed: list[str] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -52,20 +56,25 @@ class Scheduler:
         self.waiting.insert(bisect.bisect_right(keys, seq.sort_key()), seq)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch(block_copies=self.pending_copies)
+        batch = ScheduledBatch(block_copies=self.pending_copies, departed=self.departed)
         self.pending_copies = []
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(batch, budget)
         if batch.num_preempted == 0:
             self._admit_waiting(batch, budget)
         self._put_decodes_first(batch)
+        if not batch.is_empty:  # an empty batch reaches no executor: its departures wait for the next
+            self.departed = []
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.last_token_pending:  # it ends when that token comes back: no step past its limit
+                i += 1
+                continue
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             while not self.kv.allocate_slots(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -98,6 +107,8 @@ class Scheduler:
 
     @staticmethod
     def _put_decodes_first(batch: ScheduledBatch) -> None:
+        if batch.num_new_tokens.count(1) == len(batch.num_new_tokens):
+            return
         pairs = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda p: p[1] != 1)
         batch.seqs = [s for s, _ in pairs]
         batch.num_new_tokens = [n for _, n in pairs]
@@ -105,6 +116,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
+        self.departed.append(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -137,5 +149,6 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.kv.free(seq)
+        self.departed.append(seq.seq_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -2,10 +2,11 @@
 
 import enum
 
-import torch
-
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.sampling_params import SamplingParams
+
+
+PENDING_TOKEN = -1  # an output token whose value the device has not handed back yet
 
 
 class SequenceStatus(enum.Enum):
@@ -50,13 +51,21 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.forks: list[Sequence] = []  # samples 1..n-1, waiting for this prompt to finish
-        self.generator = self._make_generator(params.seed, sample_index)
+        # Async scheduling: output tokens still being computed sit at the end of `token_ids` as
+        # PENDING_TOKEN; `sample_row` is this sequence's row among the last step's samples, and
+        # `last_token_pending` says the pending token is its last (max_tokens or max_model_len).
+        self.num_pending = 0
+        self.sample_row = -1
+        self.last_token_pending = False
+        self.seed = self._sample_seed(params.seed, sample_index)
 
     @staticmethod
-    def _make_generator(seed: int | None, sample_index: int) -> torch.Generator | None:
+    def _sample_seed(seed: int | None, sample_index: int) -> int | None:
+        """The request's seed plus the sample's index, so that the samples of one request differ;
+        wrapped into the signed 64-bit range that seeds are given in."""
         if seed is None:
             return None
-        return torch.Generator().manual_seed(seed + sample_index)
+        return (seed + sample_index + 2**63) % 2**64 - 2**63
 
     @property
     def num_tokens(self) -> int:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvserve.kernels.metadata import AttentionMetadata
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.executor import SampleRequest, SamplerOutput
 from kvserve.workers.runner.cuda_graphs import DecodeGraphs
@@ -19,29 +18,25 @@ from kvserve.workers.runner.kv_memory import (
 from kvserve.workers.models.loader import load_model
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.parallel_layers import kv_heads_of_rank
-from kvserve.workers.runner.sampler import Sampler, SamplingRow
+from kvserve.workers.runner.sampler import SampledTokens, Sampler, SamplingRow
+from kvserve.workers.runner.step_inputs import Chunk, InputBatch, StepPlan, flat_inputs
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch
+from kvserve.workers.engine.step_clock import StepClock
 from kvserve.workers.runner.transfer import to_device
 
 
-# One sequence's share of a step: its new tokens, the position of the first, its block table.
-Chunk = tuple[list[int], int, list[int]]
-
-
 @dataclass
-class StepPlan:
-    """Everything a forward pass needs, built once per step. `rows` are the sampling rows of
-    `last_rows`; with tensor parallelism only rank 0 gets them (the other ranks compute the
-    logits of `last_rows` only to take part in gathering them)."""
+class LaunchedStep:
+    """A step queued on the device (async scheduling); None for a step that samples nothing."""
 
-    block_copies: list[tuple[int, int]]
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    last_rows: list[int]
-    rows: list[SamplingRow] | None
-    eos_token_ids: tuple[int, ...]
+    sampled: SampledTokens | None
+
+    def result(self) -> SamplerOutput:
+        """Waits for the step: the host reads its tokens."""
+        if self.sampled is None:
+            return SamplerOutput([], [], [])
+        return self.sampled.output()
 
 
 class ModelRunner:
@@ -62,6 +57,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.max_model_len = config.effective_max_model_len(mc)
         self.sampler = Sampler()
+        self.inputs = InputBatch(-(-self.max_model_len // self.block_size), self.block_size, self.device)
+        self.clock: StepClock | None = None  # set by `kvserve bench overhead` only
         scratch_bytes = self._warm_up(config.calculate_kv_scales) if profile or config.calculate_kv_scales else 0
         self.num_kv_blocks = fixed_pool_blocks or self._profiled_pool_blocks(profile, scratch_bytes)
         # One block past the pool's: the padding rows of a decode graph's batch use it alone.
@@ -143,14 +140,40 @@ class ModelRunner:
         samples: list[SampleRequest],
         eos_token_ids: tuple[int, ...],
     ) -> SamplerOutput | None:
-        return self.run(build_plan(batch, block_tables, samples, eos_token_ids, self.block_size, self.device))
+        plan = self.inputs.plan(batch, block_tables, samples, eos_token_ids)
+        if self.clock is not None:
+            self.clock.lap("inputs")
+        return self.run(plan)
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        batch: ScheduledBatch,
+        block_tables: dict[str, list[int]],
+        samples: list[SampleRequest],
+        eos_token_ids: tuple[int, ...],
+        previous: "LaunchedStep | None",
+    ) -> "LaunchedStep":
+        """The step queued on the device, its pending input tokens taken from `previous`'s
+        sampled ones there; nothing waits for it until `LaunchedStep.result`."""
+        previous_tokens = previous.sampled.token_ids if previous is not None and previous.sampled else None
+        plan = self.inputs.plan(batch, block_tables, samples, eos_token_ids, previous_tokens)
+        logits = self.logits(plan)
+        if logits is None:
+            return LaunchedStep(None)
+        return LaunchedStep(self.sampler.sample(logits, plan.rows, plan.eos_token_ids))
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> SamplerOutput | None:
         logits = self.logits(plan)
+        if self.clock is not None:
+            self.clock.lap("forward")
         if logits is None or plan.rows is None:
             return None
-        return self.sampler(logits, plan.rows, plan.eos_token_ids)
+        sampled = self.sampler(logits, plan.rows, plan.eos_token_ids)
+        if self.clock is not None:
+            self.clock.lap("sampling")
+        return sampled
 
     def logits(self, plan: StepPlan) -> torch.Tensor | None:
         """The forward pass of a step and the logits of its `last_rows`: all queued on the
@@ -165,31 +188,6 @@ class ModelRunner:
         return self.model.compute_logits(hidden[to_device(plan.last_rows, torch.long, self.device)])
 
 
-def build_plan(
-    batch: ScheduledBatch,
-    block_tables: dict[str, list[int]],
-    samples: list[SampleRequest],
-    eos_token_ids: tuple[int, ...],
-    block_size: int,
-    device: torch.device,
-) -> StepPlan:
-    chunks = [
-        (seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + num_new], seq.num_computed_tokens,
-         block_tables[seq.seq_id])
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens)
-    ]
-    input_ids, positions, meta = flat_inputs(chunks, block_size, device)
-    return StepPlan(
-        batch.block_copies,
-        input_ids,
-        positions,
-        meta,
-        [meta.query_start_loc_cpu[s.batch_index + 1] - 1 for s in samples],
-        [SamplingRow(s.seq.params, s.seq.token_ids, s.seq.num_prompt_tokens, s.seq.generator) for s in samples],
-        eos_token_ids,
-    )
-
-
 def _random_prompts(num_tokens: int, max_len: int, block_size: int, vocab_size: int) -> tuple[list[Chunk], int]:
     """Whole prompts of random tokens, `num_tokens` in all, at most `max_len` each, over blocks
     0, 1, 2, ...; and the number of blocks they fill."""
@@ -201,37 +199,3 @@ def _random_prompts(num_tokens: int, max_len: int, block_size: int, vocab_size: 
         chunks.append((torch.randint(vocab_size, (length,), generator=generator).tolist(), 0, blocks))
         num_blocks += len(blocks)
     return chunks, num_blocks
-
-
-def flat_inputs(
-    chunks: list[Chunk], size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """The flattened tokens, positions and attention metadata of a step; the chunks of one new
-    token (decodes) come first."""
-    tokens: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    starts = [0]
-    context_lens: list[int] = []
-    for new_tokens, start, table in chunks:
-        end = start + len(new_tokens)
-        tokens.extend(new_tokens)
-        positions.extend(range(start, end))
-        slots.extend(table[p // size] * size + p % size for p in range(start, end))
-        starts.append(end - start + starts[-1])
-        context_lens.append(end)
-    tables = [table for _, _, table in chunks]
-    max_blocks = max(len(t) for t in tables)
-    padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-    meta = AttentionMetadata(
-        num_decodes=sum(len(new_tokens) == 1 for new_tokens, _, _ in chunks),
-        query_start_loc=to_device(starts, torch.int32, device),
-        context_lens=to_device(context_lens, torch.int32, device),
-        block_tables=to_device(padded, torch.int32, device),
-        slot_mapping=to_device(slots, torch.int64, device),
-        max_query_len=max(len(new_tokens) for new_tokens, _, _ in chunks),
-        max_context_len=max(context_lens),
-        query_start_loc_cpu=starts,
-        context_lens_cpu=context_lens,
-    )
-    return to_device(tokens, torch.long, device), to_device(positions, torch.long, device), meta

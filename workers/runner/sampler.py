@@ -2,22 +2,48 @@
 
 Order of work, per row: stop tokens are masked until `min_tokens`; repetition, frequency and
 presence penalties; then greedy rows take the argmax, and the others go through temperature,
-top-k, top-p and min-p before a draw. Each stage runs only when some row uses it, on those rows
-only, vectorized over them. Logprobs are those of the raw logits, as vLLM reports by default.
+top-k, top-p and min-p before a draw. Each of these stages is a fixed number of tensor
+operations over all the rows that draw, whatever the batch: a row that does not use a stage
+gets the value that leaves it unchanged, and a stage that no row uses is skipped. Logprobs are
+those of the raw logits, as vLLM reports by default.
+
+Top-k, top-p and min-p each keep the tokens whose logit is at least a floor, one per row, found
+among the largest logits of each row (one `topk` for the batch) instead of by sorting the
+vocabulary; a row sorts its logits only when its top-p set reaches past those. A row whose kept
+tokens all lie among them draws there; the others draw from their whole row.
+
+A draw is inverse transform sampling over the kept tokens in vocabulary order, with one uniform
+number per row. A seeded row's number is a hash of its seed and the index of the output token
+being drawn, so its token depends on nothing but its seed, that index and its logits: not on
+the rest of the batch, its place in it, or how often the sequence was preempted and recomputed.
+The other rows' numbers come from torch's default generator.
 """
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
+import torch.nn.functional as F
 
 from kvserve.workers.engine.executor import SamplerOutput
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.runner.transfer import to_device
 
 _NEG_INF = float("-inf")
+
+# How many of the largest logits a row that filters without top-k looks at (top-k rows look
+# at k + 1): enough to hold the kept tokens of most rows with top-p or min-p.
+FILTER_WINDOW = 256
+
+# The draw from a whole row picks a block of this many consecutive tokens, then a token in it.
+_BLOCK = 128
+
+# A draw's uniform number u has 52 random bits, so u <= _MAX_UNIFORM: then in float64 u * x < x
+# for every x > 0, and a draw never lands past the last token that has any weight.
+_UNIFORM_BITS = 52
+_MAX_UNIFORM = 1.0 - 2.0**-_UNIFORM_BITS
+_MASK32 = 0xFFFF_FFFF  # the seeded hash mixes 32-bit words, held in int64
 
 # Per token occurrence: its logits row, the token, and the index of its row's params.
 _Occurrences = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -26,13 +52,13 @@ _Occurrences = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 @dataclass(slots=True)
 class SamplingRow:
     """One sequence that samples this step: its prompt then output tokens (the sequence's own
-    list, not a copy: most rows never look at it), and a generator when the request has a seed.
-    Token ids are below the vocabulary size (the width of the logits), as the engine checks."""
+    list, not a copy: most rows never look at it), and the sample's seed when its request has
+    one. Token ids are below the vocabulary size (the width of the logits), as the engine checks."""
 
     params: SamplingParams
     token_ids: list[int]
     num_prompt_tokens: int
-    generator: torch.Generator | None = None
+    seed: int | None = None
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -44,16 +70,63 @@ class SamplingRow:
 
 
 @dataclass(slots=True)
+class _Draws:
+    """The rows that draw a token and their settings, one entry per draw. A stage a row does not
+    use gets the value that leaves it unchanged (temperature 1.0, top_k 0, top_p inf, min_p
+    0.0), so that each stage runs on all the draws at once."""
+
+    rows: list[int] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    # top_p 1.0 is off as well: the mass of a whole row may round to just below 1.
+    top_p: list[float] = field(default_factory=list)
+    min_p: list[float] = field(default_factory=list)
+    filtered: list[bool] = field(default_factory=list)  # by top-k, top-p or min-p
+    seeds: list[int] = field(default_factory=list)  # 0 where unseeded
+    seeded: list[bool] = field(default_factory=list)
+    counters: list[int] = field(default_factory=list)  # the index of the output token drawn
+    top_p_alone: bool = False  # some draw has top-p but no top-k
+    unbounded: bool = False  # some draw filters without top-k
+
+    def add(self, row_number: int, row: SamplingRow, vocab: int) -> None:
+        params = row.params
+        top_k = params.top_k if 0 < params.top_k < vocab else 0
+        top_p = params.top_p if params.top_p < 1.0 else math.inf
+        filtered = bool(top_k) or top_p < 1.0 or params.min_p > 0.0
+        self.top_p_alone |= top_p < 1.0 and not top_k
+        self.unbounded |= filtered and not top_k
+        self.rows.append(row_number)
+        self.temperature.append(params.temperature)
+        self.top_k.append(top_k)
+        self.top_p.append(top_p)
+        self.min_p.append(params.min_p)
+        self.filtered.append(filtered)
+        self.seeds.append(row.seed or 0)
+        self.seeded.append(row.seed is not None)
+        self.counters.append(row.num_output_tokens)
+
+    def window(self, vocab: int) -> int:
+        """How many of the largest logits the filters look at; 0 when no draw filters. Top-k
+        rows need k + 1, to tell whether ties with their k-th logit run past the window."""
+        largest_k = max(self.top_k, default=0)
+        width = largest_k + 1 if largest_k else 0
+        if self.unbounded:
+            width = max(width, FILTER_WINDOW)
+        return min(width, vocab)
+
+
+@dataclass(slots=True)
 class _Plan:
-    """Which rows need which stage this step; found in one pass over the rows."""
+    """Which rows need which stage this step, and the settings of the draws; found in one pass
+    over the rows."""
 
     min_tokens: list[int] = field(default_factory=list)
     penalties: list[int] = field(default_factory=list)
-    random: list[int] = field(default_factory=list)
     logprobs: list[int] = field(default_factory=list)
+    draws: _Draws = field(default_factory=_Draws)
 
     @classmethod
-    def of(cls, rows: list[SamplingRow]) -> "_Plan":
+    def of(cls, rows: list[SamplingRow], vocab: int) -> "_Plan":
         plan = cls()
         for i, row in enumerate(rows):
             params = row.params
@@ -62,10 +135,35 @@ class _Plan:
             if params.uses_penalties:
                 plan.penalties.append(i)
             if not params.greedy:
-                plan.random.append(i)
+                plan.draws.add(i, row, vocab)
             if params.logprobs is not None:
                 plan.logprobs.append(i)
         return plan
+
+
+@dataclass
+class SampledTokens:
+    """A step's sampled tokens, and the logprobs asked for, still on the device: nothing has
+    waited for them. `output` reads them on the host."""
+
+    token_ids: torch.Tensor  # [rows]
+    rows: list[SamplingRow]
+    logprob_rows: list[int]  # the rows that asked for logprobs
+    sampled_logprobs: torch.Tensor | None = None  # [len(logprob_rows)]: the sampled token's
+    top_values: torch.Tensor | None = None  # [len(logprob_rows), most asked for], most likely first
+    top_ids: torch.Tensor | None = None
+
+    def output(self) -> SamplerOutput:
+        token_ids = self.token_ids.tolist()
+        chosen: list[float | None] = [None] * len(self.rows)
+        top: list[list[tuple[int, float]] | None] = [None] * len(self.rows)
+        if self.logprob_rows:
+            values, ids = self.top_values.tolist(), self.top_ids.tolist()
+            for k, (i, logprob) in enumerate(zip(self.logprob_rows, self.sampled_logprobs.tolist())):
+                n = self.rows[i].params.logprobs
+                chosen[i] = logprob
+                top[i] = list(zip(ids[k][:n], values[k][:n]))
+        return SamplerOutput(token_ids, chosen, top)
 
 
 class Sampler:
@@ -73,35 +171,42 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: tuple[int, ...] = ()
     ) -> SamplerOutput:
+        return self.sample(logits, rows, eos_token_ids).output()
+
+    @torch.inference_mode()
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: tuple[int, ...] = ()
+    ) -> SampledTokens:
         """`logits` is [len(rows), vocab] and is used as scratch space: it is changed in place.
         `eos_token_ids` are the model's end tokens, masked with `params.stop_token_ids` while
         a row has fewer than `params.min_tokens` outputs (even with `ignore_eos`)."""
-        plan = _Plan.of(rows)
+        plan = _Plan.of(rows, logits.shape[1])
         raw_logprobs = None
         if plan.logprobs:  # taken before anything below changes the logits
-            raw_logprobs = logits[_index(plan.logprobs, logits)].log_softmax(dim=-1)
+            wanted = logits if len(plan.logprobs) == len(rows) else logits[_index(plan.logprobs, logits)]
+            raw_logprobs = wanted.log_softmax(dim=-1)
         if plan.min_tokens:
             _mask_stop_tokens(logits, rows, plan.min_tokens, eos_token_ids)
         if plan.penalties:
             _apply_penalties(logits, rows, plan.penalties)
-        token_ids = _choose(logits, rows, plan.random).tolist()
-        if raw_logprobs is None:
-            return SamplerOutput(token_ids, [None] * len(rows), [None] * len(rows))
-        return SamplerOutput(token_ids, *_report_logprobs(raw_logprobs, token_ids, rows, plan.logprobs))
+        sampled = SampledTokens(_choose(logits, plan.draws), rows, plan.logprobs)
+        if raw_logprobs is not None:
+            _add_logprobs(sampled, raw_logprobs)
+        return sampled
 
 
 def _index(row_numbers: list[int], like: torch.Tensor) -> torch.Tensor:
     return to_device(row_numbers, torch.long, like.device)
 
 
-def _choose(logits: torch.Tensor, rows: list[SamplingRow], random: list[int]) -> torch.Tensor:
-    """Greedy rows take the argmax; the `random` ones draw."""
-    if random and len(random) == len(rows):
-        return _sample(logits, rows)
+def _choose(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
+    """Greedy rows take the argmax; the others draw."""
+    if draws.rows and len(draws.rows) == logits.shape[0]:
+        return _sample(logits, draws)
     tokens = logits.argmax(dim=-1)
-    if random:
-        index = _index(random, logits)
-        tokens[index] = _sample(logits[index], [rows[i] for i in random])
+    if draws.rows:
+        index = _index(draws.rows, logits)
+        tokens[index] = _sample(logits[index], draws)
     return tokens
 
 
@@ -176,89 +281,169 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return _values(values, like)[:, None]
 
 
-def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def _sample(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
     """One token per row of `logits` (changed in place) from its filtered distribution."""
-    params = [row.params for row in rows]
-    if any(p.temperature != 1.0 for p in params):
-        logits.div_(_column([p.temperature for p in params], logits))
-    vocab = logits.shape[1]
-    _filter_rows(logits, [p.top_k if 0 < p.top_k < vocab else 0 for p in params], 0, _keep_top_k)
-    _filter_rows(logits, [p.top_p for p in params], 1.0, _keep_top_p)
-    _filter_rows(logits, [p.min_p for p in params], 0.0, _keep_min_p)
-    probs = logits.softmax(dim=-1)
-    return probs.div_(_exponential_noise(probs, [row.generator for row in rows])).argmax(dim=-1)
+    if any(t != 1.0 for t in draws.temperature):
+        logits.div_(_column(draws.temperature, logits))
+    uniforms = to_device(_uniforms(draws), torch.float64, logits.device)
+    width = draws.window(logits.shape[1])
+    if not width:
+        return _draw(logits, uniforms)
+    values, ids = logits.topk(width, dim=-1)
+    floor = _floor(logits, values, draws)
+    tokens = _draw_in_window(values, ids, floor, uniforms)
+    if width < logits.shape[1]:
+        _redraw_past_window(tokens, logits, values, floor, uniforms, draws)
+    return tokens
 
 
-def _filter_rows(
+def _floor(logits: torch.Tensor, values: torch.Tensor, draws: _Draws) -> torch.Tensor:
+    """The smallest logit each row keeps: top-k's (ties with the k-th largest kept too), raised
+    by top-p's over what top-k keeps, and by min-p's; -inf for a row that filters nothing.
+    `values` are the largest logits of each row, in descending order."""
+    width = values.shape[1]
+    floor = _at(values, _index([k - 1 if k else width for k in draws.top_k], logits)[:, None])
+    if any(p < 1.0 for p in draws.top_p):
+        floor = torch.maximum(floor, _top_p_floor(logits, values, floor, draws))
+    if any(draws.min_p):
+        # p >= min_p * p_max in logit space; log(0) = -inf leaves a row without min-p as it is.
+        floor = torch.maximum(floor, values[:, :1] + _column(draws.min_p, logits).log_())
+    return floor
+
+
+def _top_p_floor(
+    logits: torch.Tensor, values: torch.Tensor, kth: torch.Tensor, draws: _Draws
+) -> torch.Tensor:
+    """Top-p keeps the smallest set of most likely tokens whose mass, under what top-k kept
+    (logits >= kth), reaches top_p: every token at least as likely as the one at which the mass
+    reaches it (ties with it included, and always the most likely token). The largest `values`
+    hold that set except in a row whose top-k ties run past them, or a row without top-k whose
+    set is wider: those sort their row."""
+    top_p = _column(draws.top_p, logits)
+    has_top_k = kth > _NEG_INF
+    kept = values.masked_fill(values < kth, _NEG_INF)
+    log_total = kept.logsumexp(dim=-1, keepdim=True)
+    if draws.top_p_alone:
+        log_total = torch.where(has_top_k, log_total, logits.logsumexp(dim=-1, keepdim=True))
+    floor = _nucleus_floor(kept, log_total, top_p)
+    if values.shape[1] < logits.shape[1]:
+        unsettled = (top_p < 1.0) & torch.where(has_top_k, kth == values[:, -1:], floor == _NEG_INF)
+        rows = unsettled.squeeze(1).nonzero().squeeze(1)  # a host sync
+        if len(rows):
+            descending = logits[rows].sort(dim=-1, descending=True).values
+            descending.masked_fill_(descending < kth[rows], _NEG_INF)
+            floor[rows] = _nucleus_floor(descending, descending.logsumexp(dim=-1, keepdim=True), top_p[rows])
+    return floor
+
+
+def _nucleus_floor(descending: torch.Tensor, log_total: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The logit at which the mass of the tokens of `descending`, most likely first, reaches
+    top_p; -inf (no floor) where it stays below."""
+    mass = (descending - log_total).exp_().cumsum_(dim=-1)
+    return _at(descending, (mass < top_p).sum(dim=-1, keepdim=True))
+
+
+def _at(descending: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """descending[row, index[row]], or -inf where the index is one past the last column."""
+    return F.pad(descending, (0, 1), value=_NEG_INF).gather(1, index)
+
+
+def _draw_in_window(
+    values: torch.Tensor, ids: torch.Tensor, floor: torch.Tensor, uniforms: torch.Tensor
+) -> torch.Tensor:
+    """The draw among the tokens of the window (`values` at `ids`) at or above the floor: the
+    inverse transform of `_draw`, over the same tokens in the same (vocabulary) order, so that a
+    row draws the same token (up to rounding) from a window of any width or from its whole row."""
+    top = values[:, :1]
+    ids, order = ids.sort(dim=-1)
+    values = values.gather(1, order)
+    weights = (values - top).exp_().masked_fill_(values < floor, 0.0)
+    cumulative = weights.double().cumsum_(dim=-1)
+    chosen = torch.searchsorted(cumulative, uniforms[:, None] * cumulative[:, -1:], right=True)
+    return ids.gather(1, chosen).squeeze(1)
+
+
+def _redraw_past_window(
+    tokens: torch.Tensor,
     logits: torch.Tensor,
-    values: list[float],
-    off: float,
-    keep: Callable[[torch.Tensor, list[float]], None],
+    values: torch.Tensor,
+    floor: torch.Tensor,
+    uniforms: torch.Tensor,
+    draws: _Draws,
 ) -> None:
-    """Run the in-place filter `keep(logits of some rows, their values)` on the rows whose
-    value is not `off`, leaving the other rows as they are."""
-    used = [i for i, value in enumerate(values) if value != off]
-    if len(used) == len(values):
-        keep(logits, values)
-    elif used:
-        index = _index(used, logits)
-        chosen = logits[index]
-        keep(chosen, [values[i] for i in used])
-        logits[index] = chosen
+    """Rows that may keep a token past the window (no filter, or a wide one) draw again, from
+    their whole row."""
+    wide = (floor <= values[:, -1:]).squeeze(1).nonzero().squeeze(1)  # a host sync
+    if not len(wide):
+        return
+    wide_logits = logits if len(wide) == len(logits) else logits[wide]
+    if any(draws.filtered[i] for i in wide.tolist()):
+        wide_logits.masked_fill_(wide_logits < floor[wide], _NEG_INF)
+    tokens[wide] = _draw(wide_logits, uniforms[wide])
 
 
-def _keep_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
-    """Ties with the k-th largest logit are kept too."""
-    largest = logits.topk(max(top_k), dim=-1).values
-    kth = largest.gather(1, _index([k - 1 for k in top_k], logits)[:, None])
-    logits.masked_fill_(logits < kth, _NEG_INF)
+def _draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse transform sampling in two levels, so that no running sum over the whole vocabulary
+    is needed: u picks a block of _BLOCK tokens by the blocks' cumulative weight, then where u
+    fell within that block's share picks a token by the block's own cumulative weight. Running
+    sums are in float64, so rounding moves no noticeable mass between tokens; and both fractions
+    stay below 1, so a token of weight 0 (masked, or padding) is never drawn. `logits` is
+    changed into the weights."""
+    weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    if weights.shape[1] % _BLOCK:
+        weights = F.pad(weights, (0, -weights.shape[1] % _BLOCK))
+    block_weights = weights.reshape(weights.shape[0], -1, _BLOCK).sum(dim=-1)
+    # The weight before each block, then the total.
+    edges = F.pad(block_weights.double().cumsum_(dim=-1), (1, 0))
+    target = uniforms[:, None] * edges[:, -1:]
+    block = torch.searchsorted(edges, target, right=True) - 1  # edges[block] <= target < edges[block + 1]
+    low, high = edges.gather(1, block), edges.gather(1, block + 1)
+    fraction = ((target - low) / (high - low)).clamp_max_(_MAX_UNIFORM)
+    first = block * _BLOCK
+    in_block = weights.gather(1, first + torch.arange(_BLOCK, device=weights.device)).double().cumsum_(dim=-1)
+    return (first + torch.searchsorted(in_block, fraction * in_block[:, -1:], right=True)).squeeze(1)
 
 
-def _keep_top_p(logits: torch.Tensor, top_p: list[float]) -> None:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p, and always the
-    most likely one. Going up from the least likely, a token is dropped while the mass up to
-    and including it is at most 1 - top_p."""
-    ascending, order = logits.sort(dim=-1)
-    mass_up_to = ascending.softmax(dim=-1).cumsum_(dim=-1)
-    drop = mass_up_to <= 1.0 - _column(top_p, logits)
-    drop[:, -1] = False
-    logits.scatter_(1, order, ascending.masked_fill_(drop, _NEG_INF))
+def _uniforms(draws: _Draws) -> torch.Tensor:
+    """One number in [0, 1) per draw, with 52 random bits, on the CPU. A seeded draw's is a hash
+    of its seed and counter; the others share one call to torch's default generator."""
+    count = len(draws.rows)
+    if not any(draws.seeded):
+        bits = torch.randint(1 << _UNIFORM_BITS, (count,))
+    else:
+        seeds, counters = (torch.tensor(values, dtype=torch.long) for values in (draws.seeds, draws.counters))
+        bits = _hash_bits(seeds, counters)
+        if not all(draws.seeded):
+            seeded = torch.tensor(draws.seeded, dtype=torch.bool)
+            bits = torch.where(seeded, bits, torch.randint(1 << _UNIFORM_BITS, (count,)))
+    return bits.double().mul_(2.0**-_UNIFORM_BITS)
 
 
-def _keep_min_p(logits: torch.Tensor, min_p: list[float]) -> None:
-    """p >= min_p * p_max, in logit space: logit >= max logit + log(min_p)."""
-    floor = logits.amax(dim=-1, keepdim=True) + _column([math.log(p) for p in min_p], logits)
-    logits.masked_fill_(logits < floor, _NEG_INF)
+def _hash_bits(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """52 bits that depend on (seed, counter) alone: the 32-bit words 2 * counter and
+    2 * counter + 1 of the seed's stream, each mixed with the low then the high half of the
+    seed, give 32 and 20 bits."""
+    state = _mix32((counters * 2 + torch.arange(2)[:, None]) & _MASK32)
+    state = _mix32(state ^ (seeds & _MASK32))
+    state = _mix32(state ^ ((seeds >> 32) & _MASK32))
+    return (state[0] << 20) | (state[1] >> 12)
 
 
-def _exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """q ~ Exp(1) per entry, so that argmax(probs / q) draws from probs. Seeded rows take
-    theirs from their own generator, so their draws do not depend on the rest of the batch;
-    the others share one batched draw."""
-    noise = torch.empty_like(probs)
-    if any(generator is None for generator in generators):
-        noise.exponential_()
-    vocab = probs.shape[1]
-    for i, generator in enumerate(generators):
-        if generator is not None:
-            draw = torch.empty(vocab, dtype=probs.dtype, device=generator.device).exponential_(generator=generator)
-            noise[i] = to_device(draw, probs.dtype, probs.device)
-    # A zero draw would turn a filtered token's 0 / 0 into NaN, which argmax would pick.
-    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective mix of 32-bit values held in int64 (the two-round "prospector32" of Chris
+    Wellons' hash-prospector). Both multipliers are below 2^31, so no product reaches 2^63:
+    nothing relies on how a signed int64 overflow wraps."""
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK32
+    x = x ^ (x >> 12)
+    x = (x * 0x297A2D39) & _MASK32
+    return x ^ (x >> 15)
 
 
-def _report_logprobs(
-    raw_logprobs: torch.Tensor, token_ids: list[int], rows: list[SamplingRow], wanted: list[int]
-) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
-    """The sampled token's raw logprob and the top-N, for the `wanted` rows, by row."""
-    sampled = raw_logprobs.gather(1, _index([token_ids[i] for i in wanted], raw_logprobs)[:, None])
-    chosen: list[float | None] = [None] * len(rows)
-    top: list[list[tuple[int, float]] | None] = [None] * len(rows)
+def _add_logprobs(sampled: SampledTokens, raw_logprobs: torch.Tensor) -> None:
+    """The sampled token's raw logprob and the most likely ones, for the rows that asked."""
+    rows, wanted = sampled.rows, sampled.logprob_rows
+    tokens = sampled.token_ids if len(wanted) == len(rows) else sampled.token_ids[_index(wanted, raw_logprobs)]
+    sampled.sampled_logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
     most = max(rows[i].params.logprobs for i in wanted)
-    values, ids = raw_logprobs.topk(most, dim=-1)
-    values, ids = values.tolist(), ids.tolist()
-    for k, (i, logprob) in enumerate(zip(wanted, sampled.squeeze(1).tolist())):
-        n = rows[i].params.logprobs
-        chosen[i] = logprob
-        top[i] = list(zip(ids[k][:n], values[k][:n]))
-    return chosen, top
+    sampled.top_values, sampled.top_ids = raw_logprobs.topk(most, dim=-1)

@@ -21,7 +21,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.executor import SampleRequest, SamplerOutput
 from kvserve.workers.models.distributed import free_port, join_group
-from kvserve.workers.runner.model_runner import ModelRunner, StepPlan, build_plan
+from kvserve.workers.runner.model_runner import ModelRunner
+from kvserve.workers.runner.step_inputs import InputBatch, StepPlan
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.parallel_layers import check_shardable
 from kvserve.workers.engine.scheduler import ScheduledBatch
@@ -29,10 +30,6 @@ from kvserve.workers.runner.transfer import to_device
 
 PLACEMENT_TIMEOUT_S = 60.0
 PING_TIMEOUT_S = 10.0
-
-# Rank 0's answer: the sampled tokens and the advanced state of each seeded row's generator.
-RankOutput = tuple[SamplerOutput, list[torch.Tensor | None]]
-
 
 class TPWorker:
     """One rank (a Ray actor): its shards of the model and of the KV cache. `ping` runs in its
@@ -52,11 +49,9 @@ class TPWorker:
         self.runner = ModelRunner(config, tp)
         return self.runner.num_kv_blocks
 
-    def execute(self, plan: StepPlan) -> RankOutput | None:
-        output = self.runner.run(_to_device(plan, self.runner.device))
-        if output is None:
-            return None
-        return output, [row.generator.get_state() if row.generator is not None else None for row in plan.rows]
+    def execute(self, plan: StepPlan) -> SamplerOutput | None:
+        """Rank 0's answer is the sampled tokens; the other ranks answer None."""
+        return self.runner.run(_to_device(plan, self.runner.device))
 
 
 def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
@@ -97,7 +92,8 @@ class TPExecutor:
         check_shardable(self.model_config, config.tp_size)
         if not ray.is_initialized():
             ray.init()
-        self.block_size = config.block_size
+        max_blocks = -(-config.effective_max_model_len(self.model_config) // config.block_size)
+        self.inputs = InputBatch(max_blocks, config.block_size, torch.device("cpu"))
         self.placement_group: PlacementGroup | None = None
         self.owns_placement_group = False
         self.workers: list = []
@@ -164,21 +160,14 @@ class TPExecutor:
     ) -> SamplerOutput | None:
         if not self.workers:
             raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")
-        plan = build_plan(batch, block_tables, samples, eos_token_ids, self.block_size, torch.device("cpu"))
+        plan = self.inputs.plan(batch, block_tables, samples, eos_token_ids)
         others = ray.put(dataclasses.replace(plan, rows=None))
         refs = [self.workers[0].execute.remote(plan)] + [w.execute.remote(others) for w in self.workers[1:]]
         try:
-            answer = _gather(refs, "failed during a step", RuntimeError)[0]
+            return _gather(refs, "failed during a step", RuntimeError)[0]
         except RuntimeError:
             self.shutdown()  # the surviving ranks are stuck in a collective
             raise
-        if answer is None:
-            return None
-        output, states = answer
-        for row, state in zip(plan.rows, states):
-            if state is not None:
-                row.generator.set_state(state)
-        return output
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -1,0 +1,170 @@
+"""A step's model inputs: the flat tokens, positions and attention metadata of a batch.
+
+`InputBatch` keeps the block tables of the sequences it has seen in place between steps, so a
+step writes only the blocks a sequence gained and the rows of sequences that joined; the rest
+(positions, slots, context lengths) comes from a few array operations over the batch rather
+than a loop over every token. `flat_inputs` builds the same from explicit chunks, for the
+warm-up and the kernel benchmarks.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvserve.kernels.metadata import AttentionMetadata
+from kvserve.workers.engine.executor import SampleRequest
+from kvserve.workers.engine.scheduler import ScheduledBatch
+from kvserve.workers.engine.sequence import PENDING_TOKEN
+from kvserve.workers.runner.sampler import SamplingRow
+from kvserve.workers.runner.transfer import to_device
+
+# One sequence's share of a step: its new tokens, the position of the first, its block table.
+Chunk = tuple[list[int], int, list[int]]
+
+
+@dataclass
+class StepPlan:
+    """Everything a forward pass needs, built once per step. `rows` are the sampling rows of
+    `last_rows`; with tensor parallelism only rank 0 gets them (the other ranks compute the
+    logits of `last_rows` only to take part in gathering them)."""
+
+    block_copies: list[tuple[int, int]]
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    last_rows: list[int]
+    rows: list[SamplingRow] | None
+    eos_token_ids: tuple[int, ...]
+
+
+class InputBatch:
+    """The block tables of the sequences being served, one row each, kept between steps."""
+
+    def __init__(self, max_blocks_per_seq: int, block_size: int, device: torch.device, capacity: int = 64):
+        self.block_size = block_size
+        self.device = device
+        self.tables = np.zeros((capacity, max_blocks_per_seq), dtype=np.int32)
+        self.num_blocks: list[int] = [0] * capacity  # of each row, as copied from its sequence
+        self.rows: dict[str, int] = {}
+        self.free_rows = list(range(capacity - 1, -1, -1))
+
+    def plan(
+        self,
+        batch: ScheduledBatch,
+        block_tables: dict[str, list[int]],
+        samples: list[SampleRequest],
+        eos_token_ids: tuple[int, ...],
+        previous_tokens: torch.Tensor | None = None,
+    ) -> StepPlan:
+        """The step's plan. A sequence whose new token is still pending (async scheduling) takes
+        it from `previous_tokens`, the last step's sampled tokens on the device, at its
+        `sample_row`: the host never waits for it."""
+        for seq_id in batch.departed:
+            self._drop(seq_id)
+        rows, starts, tokens, pending = [], [], [], []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            rows.append(self._row(seq.seq_id, block_tables[seq.seq_id]))
+            start = seq.num_computed_tokens
+            starts.append(start)
+            if num_new == 1:
+                if seq.token_ids[start] == PENDING_TOKEN:
+                    pending.append((len(tokens), seq.sample_row))
+                tokens.append(seq.token_ids[start])
+            else:
+                tokens += seq.token_ids[start : start + num_new]
+        input_ids, positions, meta = self._inputs(rows, starts, batch.num_new_tokens, tokens)
+        if pending:
+            self._fill_pending(input_ids, pending, previous_tokens)
+        return StepPlan(
+            batch.block_copies,
+            input_ids,
+            positions,
+            meta,
+            [meta.query_start_loc_cpu[s.batch_index + 1] - 1 for s in samples],
+            [SamplingRow(s.seq.params, s.seq.token_ids, s.seq.num_prompt_tokens, s.seq.seed) for s in samples],
+            eos_token_ids,
+        )
+
+    def _fill_pending(self, input_ids: torch.Tensor, pending: list[tuple[int, int]],
+                      previous_tokens: torch.Tensor | None) -> None:
+        """input_ids[at] = previous_tokens[sample_row] for each (at, sample_row), on the device."""
+        if previous_tokens is None:
+            raise RuntimeError("a pending token in a step planned without the step that computes it")
+        at, sample_rows = zip(*pending)
+        input_ids[to_device(at, torch.long, self.device)] = previous_tokens[
+            to_device(sample_rows, torch.long, self.device)]
+
+    def _row(self, seq_id: str, table: list[int]) -> int:
+        """`seq_id`'s row, with the blocks its table gained since the last step copied in.
+        Tables only grow while a sequence runs; a preempted one departs and comes back anew."""
+        row = self.rows.get(seq_id)
+        if row is None:
+            row = self._add(seq_id)
+        copied = self.num_blocks[row]
+        if len(table) != copied:
+            self.tables[row, copied : len(table)] = table[copied:]
+            self.num_blocks[row] = len(table)
+        return row
+
+    def _add(self, seq_id: str) -> int:
+        if not self.free_rows:
+            self._grow()
+        row = self.free_rows.pop()
+        self.rows[seq_id] = row
+        self.tables[row] = 0  # past a sequence's blocks its row reads as padding, never as old ids
+        self.num_blocks[row] = 0
+        return row
+
+    def _grow(self) -> None:
+        capacity = len(self.num_blocks)
+        self.tables = np.concatenate([self.tables, np.zeros_like(self.tables)])
+        self.num_blocks += [0] * capacity
+        self.free_rows = list(range(2 * capacity - 1, capacity - 1, -1))
+
+    def _drop(self, seq_id: str) -> None:
+        row = self.rows.pop(seq_id, None)
+        if row is not None:
+            self.free_rows.append(row)
+
+    def _inputs(
+        self, rows: list[int], starts: list[int], query_lens: list[int], tokens: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        size, device = self.block_size, self.device
+        row_of_seq = np.array(rows, dtype=np.int64)
+        start = np.array(starts, dtype=np.int64)
+        query = np.array(query_lens, dtype=np.int64)
+        ends = np.cumsum(query)
+        if len(tokens) == len(rows):  # decodes only: one token per sequence
+            positions, row_of_token = start, row_of_seq
+        else:
+            row_of_token = np.repeat(row_of_seq, query)
+            positions = np.repeat(start - (ends - query), query) + np.arange(len(tokens))
+        slots = self.tables[row_of_token, positions // size].astype(np.int64) * size + positions % size
+        context = start + query
+        max_context = int(context.max())
+        query_start = [0, *ends.tolist()]
+        context_lens = context.tolist()
+        meta = AttentionMetadata(
+            num_decodes=query_lens.count(1),
+            query_start_loc=to_device(query_start, torch.int32, device),
+            context_lens=to_device(context, torch.int32, device),
+            block_tables=to_device(self.tables[row_of_seq, : -(-max_context // size)], torch.int32, device),
+            slot_mapping=to_device(slots, torch.int64, device),
+            max_query_len=max(query_lens),
+            max_context_len=max_context,
+            query_start_loc_cpu=query_start,
+            context_lens_cpu=context_lens,
+        )
+        return to_device(tokens, torch.long, device), to_device(positions, torch.long, device), meta
+
+
+def flat_inputs(
+    chunks: list[Chunk], size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """The flattened tokens, positions and attention metadata of explicit chunks; the chunks of
+    one new token (decodes) come first."""
+    batch = InputBatch(max(len(table) for _, _, table in chunks), size, device, capacity=len(chunks))
+    rows = [batch._row(str(i), table) for i, (_, _, table) in enumerate(chunks)]
+    tokens = [token for new_tokens, _, _ in chunks for token in new_tokens]
+    return batch._inputs(rows, [start for _, start, _ in chunks], [len(t) for t, _, _ in chunks], tokens)
