@@ -7,10 +7,12 @@ operations over all the rows that draw, whatever the batch: a row that does not 
 gets the value that leaves it unchanged, and a stage that no row uses is skipped. Logprobs are
 those of the raw logits, as vLLM reports by default.
 
-Top-k, top-p and min-p each keep the tokens whose logit is at least a floor, one per row, found
-among the largest logits of each row (one `topk` for the batch) instead of by sorting the
-vocabulary; a row sorts its logits only when its top-p set reaches past those. A row whose kept
-tokens all lie among them draws there; the others draw from their whole row.
+Nothing sorts the vocabulary. A row with top-k keeps the tokens whose logit is at least a floor
+(top-k's, raised by top-p's within what top-k keeps and by min-p's), found among its k + 1
+largest logits (one `topk` for those rows); it sorts its row only when ties with its k-th logit
+run past them. A row without top-k applies min-p as a floor under its largest logit and draws
+top-p by rejection: a token drawn outside the nucleus is drawn again from the tokens more
+likely than it, which leaves the nucleus' distribution exact.
 
 A draw is inverse transform sampling over the kept tokens in vocabulary order, with one uniform
 number per row. A seeded row's number is a hash of its seed and the index of the output token
@@ -32,9 +34,10 @@ from kvserve.workers.runner.transfer import to_device
 
 _NEG_INF = float("-inf")
 
-# How many of the largest logits a row that filters without top-k looks at (top-k rows look
-# at k + 1): enough to hold the kept tokens of most rows with top-p or min-p.
-FILTER_WINDOW = 256
+# A row without top-k draws top-p by rejection: a draw whose token lies outside the nucleus is
+# drawn again from the tokens more likely than it. Rows still unsettled after this many
+# rounds (next to never) find their nucleus by sorting.
+MAX_NUCLEUS_ROUNDS = 8
 
 # The draw from a whole row picks a block of this many consecutive tokens, then a token in it.
 _BLOCK = 128
@@ -85,16 +88,12 @@ class _Draws:
     seeds: list[int] = field(default_factory=list)  # 0 where unseeded
     seeded: list[bool] = field(default_factory=list)
     counters: list[int] = field(default_factory=list)  # the index of the output token drawn
-    top_p_alone: bool = False  # some draw has top-p but no top-k
-    unbounded: bool = False  # some draw filters without top-k
 
     def add(self, row_number: int, row: SamplingRow, vocab: int) -> None:
         params = row.params
         top_k = params.top_k if 0 < params.top_k < vocab else 0
         top_p = params.top_p if params.top_p < 1.0 else math.inf
         filtered = bool(top_k) or top_p < 1.0 or params.min_p > 0.0
-        self.top_p_alone |= top_p < 1.0 and not top_k
-        self.unbounded |= filtered and not top_k
         self.rows.append(row_number)
         self.temperature.append(params.temperature)
         self.top_k.append(top_k)
@@ -106,13 +105,17 @@ class _Draws:
         self.counters.append(row.num_output_tokens)
 
     def window(self, vocab: int) -> int:
-        """How many of the largest logits the filters look at; 0 when no draw filters. Top-k
-        rows need k + 1, to tell whether ties with their k-th logit run past the window."""
-        largest_k = max(self.top_k, default=0)
-        width = largest_k + 1 if largest_k else 0
-        if self.unbounded:
-            width = max(width, FILTER_WINDOW)
-        return min(width, vocab)
+        """How many of the largest logits the top-k rows look at: k + 1, to tell whether ties
+        with their k-th logit run past the window."""
+        return min(max(self.top_k) + 1, vocab)
+
+    def subset(self, positions: list[int]) -> "_Draws":
+        """The draws at `positions`, their rows renumbered 0, 1, ... in that order."""
+        part = _Draws(rows=list(range(len(positions))))
+        for name in ("temperature", "top_k", "top_p", "min_p", "filtered", "seeds", "seeded", "counters"):
+            values = getattr(self, name)
+            setattr(part, name, [values[i] for i in positions])
+        return part
 
 
 @dataclass(slots=True)
@@ -282,19 +285,89 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def _sample(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
-    """One token per row of `logits` (changed in place) from its filtered distribution."""
+    """One token per row of `logits` (changed in place) from its filtered distribution: rows
+    with top-k find their kept set among their largest logits, the others draw from their
+    whole row."""
     if any(t != 1.0 for t in draws.temperature):
         logits.div_(_column(draws.temperature, logits))
+    with_top_k = [i for i, k in enumerate(draws.top_k) if k]
+    if not with_top_k:
+        return _sample_whole_rows(logits, draws)
+    if len(with_top_k) == len(draws.rows):
+        return _sample_top_k(logits, draws)
+    without = [i for i, k in enumerate(draws.top_k) if not k]
+    tokens = torch.empty(len(draws.rows), dtype=torch.long, device=logits.device)
+    for positions, sample in ((with_top_k, _sample_top_k), (without, _sample_whole_rows)):
+        index = _index(positions, logits)
+        tokens[index] = sample(logits[index], draws.subset(positions))
+    return tokens
+
+
+def _sample_top_k(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
+    """Rows with top-k: their kept set (top-k, then top-p and min-p within it) lies among their
+    k + 1 largest logits, unless ties with the k-th run past them."""
     uniforms = to_device(_uniforms(draws), torch.float64, logits.device)
     width = draws.window(logits.shape[1])
-    if not width:
-        return _draw(logits, uniforms)
     values, ids = logits.topk(width, dim=-1)
     floor = _floor(logits, values, draws)
     tokens = _draw_in_window(values, ids, floor, uniforms)
     if width < logits.shape[1]:
         _redraw_past_window(tokens, logits, values, floor, uniforms, draws)
     return tokens
+
+
+def _sample_whole_rows(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
+    """Rows without top-k: min-p is a floor under the largest logit, top-p is drawn by rejection
+    (`_draw_nucleus`); nothing is sorted."""
+    if any(draws.min_p):
+        # p >= min_p * p_max in logit space; log(0) = -inf leaves a row without min-p as it is.
+        floor = logits.amax(dim=-1, keepdim=True) + _column(draws.min_p, logits).log_()
+        logits.masked_fill_(logits < floor, _NEG_INF)
+    if any(p < 1.0 for p in draws.top_p):
+        return _draw_nucleus(logits, draws)
+    return _draw(logits, to_device(_uniforms(draws), torch.float64, logits.device))
+
+
+def _draw_nucleus(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
+    """Top-p by rejection. A token belongs to the nucleus when the mass of the tokens strictly
+    more likely than it is below top_p (which keeps the token where the mass reaches top_p,
+    its ties, and always the most likely token). Each round draws from the candidates; a token
+    outside the nucleus rules out itself and every token no more likely than it, so the row's
+    next round draws from the tokens more likely than it. A draw is kept once it is in the
+    nucleus: conditioned on that, it follows the nucleus' renormalised distribution. `logits`
+    hold -inf where min-p filtered; top-p's mass is over the row before min-p, as when top-p is
+    applied first."""
+    probs = logits.softmax(dim=-1)
+    weights = probs.masked_fill(logits == _NEG_INF, 0.0) if any(draws.min_p) else probs.clone()
+    top_p = _column(draws.top_p, logits)  # inf where a row has no top-p: its first draw is kept
+    tokens = torch.empty(len(draws.rows), dtype=torch.long, device=logits.device)
+    active = torch.arange(len(draws.rows), device=logits.device)
+    for round_number in range(MAX_NUCLEUS_ROUNDS):
+        everyone = round_number == 0
+        row_probs = probs if everyone else probs[active]
+        uniforms = _uniforms(draws if everyone else draws.subset(active.tolist()), round_number)
+        drawn = _draw_weights(weights if everyone else weights[active], to_device(uniforms, torch.float64, logits.device))
+        drawn_prob = row_probs.gather(1, drawn[:, None])
+        above = row_probs.mul(row_probs > drawn_prob).sum(dim=-1, keepdim=True)  # (faster than where)
+        kept = (above < top_p[active]).squeeze(1)
+        tokens[active[kept]] = drawn[kept]
+        rejected = active[~kept]
+        if not len(rejected):  # a host sync
+            return tokens
+        weights[rejected] = weights[rejected].masked_fill(probs[rejected] <= drawn_prob[~kept], 0.0)
+        active = rejected
+    tokens[active] = _sorted_nucleus_draw(weights[active], probs[active], top_p[active], draws.subset(active.tolist()))
+    return tokens
+
+
+def _sorted_nucleus_draw(weights: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor,
+                         draws: _Draws) -> torch.Tensor:
+    """The nucleus found by sorting the row, for rows that rejection did not settle."""
+    descending = probs.sort(dim=-1, descending=True).values
+    mass_above = descending.cumsum(dim=-1) - descending
+    smallest_kept = descending.masked_fill(mass_above >= top_p, math.inf).amin(dim=-1, keepdim=True)
+    weights.masked_fill_(probs < smallest_kept, 0.0)
+    return _draw_weights(weights, to_device(_uniforms(draws, MAX_NUCLEUS_ROUNDS), torch.float64, weights.device))
 
 
 def _floor(logits: torch.Tensor, values: torch.Tensor, draws: _Draws) -> torch.Tensor:
@@ -317,17 +390,12 @@ def _top_p_floor(
     """Top-p keeps the smallest set of most likely tokens whose mass, under what top-k kept
     (logits >= kth), reaches top_p: every token at least as likely as the one at which the mass
     reaches it (ties with it included, and always the most likely token). The largest `values`
-    hold that set except in a row whose top-k ties run past them, or a row without top-k whose
-    set is wider: those sort their row."""
+    hold that set except in a row whose top-k ties run past them: those sort their row."""
     top_p = _column(draws.top_p, logits)
-    has_top_k = kth > _NEG_INF
     kept = values.masked_fill(values < kth, _NEG_INF)
-    log_total = kept.logsumexp(dim=-1, keepdim=True)
-    if draws.top_p_alone:
-        log_total = torch.where(has_top_k, log_total, logits.logsumexp(dim=-1, keepdim=True))
-    floor = _nucleus_floor(kept, log_total, top_p)
+    floor = _nucleus_floor(kept, kept.logsumexp(dim=-1, keepdim=True), top_p)
     if values.shape[1] < logits.shape[1]:
-        unsettled = (top_p < 1.0) & torch.where(has_top_k, kth == values[:, -1:], floor == _NEG_INF)
+        unsettled = (top_p < 1.0) & (kth == values[:, -1:])
         rows = unsettled.squeeze(1).nonzero().squeeze(1)  # a host sync
         if len(rows):
             descending = logits[rows].sort(dim=-1, descending=True).values
@@ -389,7 +457,11 @@ def _draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     sums are in float64, so rounding moves no noticeable mass between tokens; and both fractions
     stay below 1, so a token of weight 0 (masked, or padding) is never drawn. `logits` is
     changed into the weights."""
-    weights = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    return _draw_weights(logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_(), uniforms)
+
+
+def _draw_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """`_draw` over weights >= 0 (at least one positive per row) instead of logits."""
     if weights.shape[1] % _BLOCK:
         weights = F.pad(weights, (0, -weights.shape[1] % _BLOCK))
     block_weights = weights.reshape(weights.shape[0], -1, _BLOCK).sum(dim=-1)
@@ -404,15 +476,16 @@ def _draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return (first + torch.searchsorted(in_block, fraction * in_block[:, -1:], right=True)).squeeze(1)
 
 
-def _uniforms(draws: _Draws) -> torch.Tensor:
+def _uniforms(draws: _Draws, round_number: int = 0) -> torch.Tensor:
     """One number in [0, 1) per draw, with 52 random bits, on the CPU. A seeded draw's is a hash
-    of its seed and counter; the others share one call to torch's default generator."""
+    of its seed, its counter and the round of its draw (top-p's rejection may draw again); the
+    others share one call to torch's default generator."""
     count = len(draws.rows)
     if not any(draws.seeded):
         bits = torch.randint(1 << _UNIFORM_BITS, (count,))
     else:
         seeds, counters = (torch.tensor(values, dtype=torch.long) for values in (draws.seeds, draws.counters))
-        bits = _hash_bits(seeds, counters)
+        bits = _hash_bits(seeds, counters * (MAX_NUCLEUS_ROUNDS + 1) + round_number)
         if not all(draws.seeded):
             seeded = torch.tensor(draws.seeded, dtype=torch.bool)
             bits = torch.where(seeded, bits, torch.randint(1 << _UNIFORM_BITS, (count,)))
