@@ -75,8 +75,9 @@ def test_worker_actors_give_the_in_process_greedy_tokens(arch, workers, checkpoi
         llm.engine.shutdown()
 
 
-def test_seeded_samples_follow_the_generator_across_steps(checkpoints):
-    """Rank 0 samples; the generators' advanced state must come back for the next step."""
+def test_seeded_samples_on_rank_0_equal_the_in_process_ones(checkpoints):
+    """Rank 0 samples: a seeded sample's draws depend on its seed and position alone, so
+    nothing but the plan has to travel to the rank for them to equal the in-process ones."""
     seeded = SamplingParams(temperature=0.8, max_tokens=6, n=2, seed=7, ignore_eos=True)
     expected = generate(LLM(str(checkpoints["llama"]), **ENGINE), seeded)
     llm = tp_engine(checkpoints["llama"])
