@@ -266,6 +266,7 @@ BENCHES = (
     ("decode", "decode step of a Llama-3-8B-shaped model against its floor and HF",
      _plain_bench_flags("decode")),
     ("overhead", "the engine's host time per decode step, phase by phase", _plain_bench_flags("overhead")),
+    ("sim", "cluster simulator: our router and engine bookkeeping in simulated time", _plain_bench_flags("sim")),
 )
 
 

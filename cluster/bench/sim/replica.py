@@ -1,0 +1,159 @@
+"""One simulated replica: our real Scheduler and KVCacheManager, with the forward pass
+replaced by the step-time model.
+
+A step is what `LLMEngine.step` does minus the model: `schedule()`, then, when the step's
+time has passed, advance every scheduled sequence's computed tokens and give each one whose
+tokens are all computed its next token (the request's answer, token by token), finishing it
+with `Scheduler.finish` at its output length. After each step the replica takes its KV
+events and publishes them with a heartbeat (`EventStream`), as `LLMServer` does, and a
+heartbeat alone once `HEARTBEAT_PERIOD_S` has passed without one.
+"""
+
+from dataclasses import dataclass
+
+from kvserve.cluster.bench.sim.prompts import prompt_tokens, segment_tokens
+from kvserve.cluster.bench.sim.relay import EventStream
+from kvserve.cluster.bench.sim.workloads import WorkItem
+from kvserve.workers.engine.block_hash import BlockHash
+from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for
+from kvserve.workers.engine.prompt_checks import prompt_length_problem
+from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from kvserve.workers.engine.sequence import FinishReason, Sequence
+from kvserve.workers.protocol import HEARTBEAT_PERIOD_S, EngineStats, Heartbeat
+
+_PARAMS = SamplingParams()  # the scheduler never reads them; the output length is the job's
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One request on its way through the simulated cluster, and what became of it."""
+
+    index: int
+    item: WorkItem
+    block_hashes: list[BlockHash]
+    router: int
+    replica: int = -1
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    cached_tokens: int = 0
+    refused: str | None = None
+    reply_tokens: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The engine settings that shape scheduling (EngineConfig's fields of the same names)."""
+
+    num_blocks: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+
+
+class SimReplica:
+    def __init__(self, name: str, limits: EngineLimits, step_time, publish: bool = True):
+        self.name = name
+        self.limits = limits
+        self.step_time = step_time
+        self.kv = KVCacheManager(limits.num_blocks, limits.block_size, enable_prefix_caching=True)
+        self.scheduler = Scheduler(SchedulerConfig(limits.max_num_seqs, limits.max_num_batched_tokens), self.kv)
+        self.jobs: dict[str, Job] = {}
+        self.batch: ScheduledBatch | None = None
+        self.event_seq = 0  # of the last batch taken
+        self.stream = EventStream(name, limits.block_size, self.kv.snapshot(), self._heartbeat(0.0)) if publish else None
+
+    @property
+    def busy(self) -> bool:
+        return self.batch is not None
+
+    def refusal(self, item: WorkItem) -> str | None:
+        """Why the engine would refuse this request outright (LLMEngine._check_prompt's rules)."""
+        problem = prompt_length_problem(item.input_length, self.limits.max_model_len)
+        if problem is not None:
+            return problem
+        total = min(item.input_length + item.output_length, self.limits.max_model_len)
+        if blocks_for(total, self.limits.block_size) > self.limits.num_blocks:
+            return "more KV blocks than the pool has"
+        return None
+
+    def add(self, job: Job, now: float) -> None:
+        """Queue the request; its prompt's block hashes are the ingress's, as the engine adopts them."""
+        seq = Sequence(f"req-{job.index}", 0, prompt_tokens(job.item.segments), _PARAMS, now)
+        seq.block_hashes = list(job.block_hashes)
+        job.reply_tokens = segment_tokens(job.item.reply, job.item.output_length)
+        self.jobs[seq.seq_id] = job
+        self.scheduler.add(seq)
+
+    def start_step(self, now: float) -> float | None:
+        """Schedule the next step; when it ends, or None if there is nothing to run."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty and batch.num_preempted:  # everything was preempted: admit again
+            batch = self.scheduler.schedule()
+        if batch.is_empty:
+            if self.scheduler.running or self.scheduler.waiting:
+                raise RuntimeError(f"{self.name}: the scheduler has work but scheduled nothing")
+            return None
+        self.batch = batch
+        return now + self._duration(batch)
+
+    def _duration(self, batch: ScheduledBatch) -> float:
+        seqs, num_new_tokens = batch.seqs, batch.num_new_tokens
+        context = sum(seq.num_computed_tokens for seq in seqs)
+        if num_new_tokens.count(1) == len(seqs) and all(s.num_computed_tokens >= s.num_prompt_tokens for s in seqs):
+            return self.step_time(0, len(seqs), context, context + len(seqs))  # decodes only: most steps
+        prefill = decode = pairs = 0
+        for seq, num_new in zip(seqs, num_new_tokens):
+            done = seq.num_computed_tokens
+            if num_new == 1 and done >= seq.num_prompt_tokens:
+                decode += 1
+                pairs += done + 1
+            else:
+                prefill += num_new
+                pairs += num_new * done + num_new * (num_new + 1) // 2
+        return self.step_time(prefill, decode, context, pairs)
+
+    def end_step(self, now: float) -> tuple[list[Job], list[Job]]:
+        """Finish the step in flight: (jobs that got their first token, jobs that finished).
+        The hot loop of the simulator, so it reads `token_ids` rather than the properties."""
+        batch, self.batch = self.batch, None
+        first, finished, jobs = [], [], self.jobs
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            computed = seq.num_computed_tokens + num_new
+            seq.num_computed_tokens = computed
+            tokens = seq.token_ids
+            if computed < len(tokens):
+                continue
+            job = jobs[seq.seq_id]
+            produced = len(tokens) - seq.num_prompt_tokens
+            if job.first_token_s is None:
+                job.first_token_s, job.cached_tokens = now, seq.num_cached_prompt_tokens
+                first.append(job)
+            tokens.append(job.reply_tokens[produced])
+            if produced + 1 >= job.item.output_length:
+                self.scheduler.finish(seq, FinishReason.LENGTH)
+                del jobs[seq.seq_id]
+                job.finish_s, job.reply_tokens = now, None
+                finished.append(job)
+        self._publish(now)
+        return first, finished
+
+    def _publish(self, now: float) -> None:
+        events = self.kv.take_events()
+        if self.stream is None:
+            return
+        if events is None and now - self.stream.last_published < HEARTBEAT_PERIOD_S:
+            return
+        if events is not None:
+            self.event_seq = events.seq
+        self.stream.publish(now, events, self._heartbeat(now))
+
+    def _heartbeat(self, now: float) -> Heartbeat:
+        return Heartbeat(self.kv.epoch, self.event_seq, now, self.stats())
+
+    def stats(self) -> EngineStats:
+        """What LLMEngine.stats() reports."""
+        kv, scheduler = self.kv, self.scheduler
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.num_blocks,
+                           kv.num_blocks - kv.num_free_blocks, kv.num_cached_blocks, scheduler.num_preemptions)

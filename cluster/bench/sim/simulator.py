@@ -1,0 +1,169 @@
+"""The discrete-event loop: requests arrive at ingress routers, are routed, and run on
+simulated replicas in simulated time; nothing sleeps.
+
+Two kinds of event: an arrival (routed at once by its ingress router, or queued there while
+every replica is at `max_ongoing_requests`, or refused when that queue is full, as Serve
+does) and the end of a replica's step (tokens appended, finished requests reported back to
+the router that sent them, queued requests routed again, the next step scheduled). Ties go
+to the step end. The routers hear the replicas' KV events and load `event_delay_s` late.
+"""
+
+import gc
+import heapq
+import random
+from collections import deque
+from dataclasses import dataclass
+
+from kvserve.cluster.bench.sim.prompts import BlockChains
+from kvserve.cluster.bench.sim.relay import DelayedFeed, drop_read_entries
+from kvserve.cluster.bench.sim.replica import EngineLimits, Job, SimReplica
+from kvserve.cluster.bench.sim.routers import ClusterView, make_policy, uses_events
+from kvserve.cluster.bench.sim.workloads import WorkItem
+from kvserve.router.kv_follower import KVIndexFollower
+from kvserve.router.options import RouterOptions
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    replicas: int = 4
+    ingress: int = 1
+    block_size: int = 16
+    kv_blocks: int | None = None  # per replica; default: what the step-time model's GPU leaves
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 32768
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 512  # per ingress router; -1: no limit
+    event_delay_s: float = 0.05
+    seed: int = 0
+    router_options: RouterOptions = RouterOptions()
+
+
+class _Router:
+    """One ingress replica's request router: its policy, its feed, its queue."""
+
+    def __init__(self, policy, feed: DelayedFeed | None):
+        self.policy, self.feed = policy, feed
+        self.queue: deque[Job] = deque()
+
+
+class Cluster:
+    def __init__(self, policy: str, config: SimConfig, step_time, chains: BlockChains):
+        random.seed(config.seed)  # KVScorer breaks ties with the `random` module
+        self.config = config
+        self.chains = chains
+        self.now = 0.0
+        limits = EngineLimits(config.kv_blocks or step_time.kv_blocks(config.block_size), config.block_size,
+                              config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len)
+        if limits.num_blocks < 1:
+            raise ValueError("the step-time model leaves no room for a KV pool: choose another preset or --kv-blocks")
+        follows = uses_events(policy)
+        self.replicas = [SimReplica(f"replica-{k}", limits, step_time, publish=follows)
+                         for k in range(config.replicas)]
+        self.ongoing = [0] * config.replicas
+        view = ClusterView([r.name for r in self.replicas], config.block_size, lambda: self.now, self.ongoing,
+                           random.Random(config.seed + 1))
+        self.routers, shared = [], {}
+        for k in range(config.ingress):
+            follower = KVIndexFollower(f"sim-{k}", config.block_size, clock=lambda: self.now) if follows else None
+            feed = DelayedFeed(follower, [r.stream for r in self.replicas], config.event_delay_s) if follows else None
+            self.routers.append(_Router(make_policy(policy, view, follower, config.router_options, shared), feed))
+        self.feeds = [r.feed for r in self.routers if r.feed is not None]
+        self.steps: list[tuple[float, int]] = []  # (end, replica) of the steps in flight
+        self.ingress_rng = random.Random(config.seed + 2)
+        self.steps_done = 0
+
+    def run(self, items: list[WorkItem]) -> list[Job]:
+        """Every request to its end (finished or refused); the jobs in arrival order."""
+        jobs = []
+        for index, item in enumerate(items):
+            while self.steps and self.steps[0][0] <= item.arrival_s:
+                self._end_step(*heapq.heappop(self.steps))
+            self.now = item.arrival_s
+            job = Job(index, item, self.chains.chain(item.segments), self.ingress_rng.randrange(len(self.routers)))
+            jobs.append(job)
+            self._arrive(job)
+        while self.steps:
+            self._end_step(*heapq.heappop(self.steps))
+        return jobs
+
+    def _arrive(self, job: Job) -> None:
+        problem = self.replicas[0].refusal(job.item)
+        if problem is not None:
+            job.refused = problem
+            return
+        router = self.routers[job.router]
+        if any(r.queue for r in self.routers) or not self._route(job):
+            limit = self.config.max_queued_requests
+            if 0 <= limit <= len(router.queue):
+                job.refused = "queue full"
+            else:
+                router.queue.append(job)
+
+    def _route(self, job: Job) -> bool:
+        """Send to the first replica of the ranking below max_ongoing_requests; False if none."""
+        router = self.routers[job.router]
+        if router.feed is not None:
+            router.feed.catch_up(self.now)
+        limit = self.config.max_ongoing_requests
+        for k in router.policy.rank(job):
+            if self.ongoing[k] < limit:
+                self._send(job, k)
+                return True
+        return False
+
+    def _send(self, job: Job, k: int) -> None:
+        job.replica = k
+        self.ongoing[k] += 1
+        self.routers[job.router].policy.sent(k, job)
+        replica = self.replicas[k]
+        replica.add(job, self.now)
+        if not replica.busy:
+            self._start_step(k)
+
+    def _start_step(self, k: int) -> None:
+        end = self.replicas[k].start_step(self.now)
+        if end is not None:
+            heapq.heappush(self.steps, (end, k))
+
+    def _end_step(self, end: float, k: int) -> None:
+        self.now = end
+        first, finished = self.replicas[k].end_step(end)
+        for job in first:
+            self.routers[job.router].policy.first_token(k, job)
+        for job in finished:
+            self.ongoing[k] -= 1
+            self.routers[job.router].policy.done(k, job)
+        self._start_step(k)
+        if finished:
+            self._route_queued()
+        self.steps_done += 1
+        if self.steps_done % 4096 == 0:
+            drop_read_entries([r.stream for r in self.replicas if r.stream is not None], self.feeds)
+
+    def _route_queued(self) -> None:
+        """Queued requests, oldest first across routers, while some replica has room."""
+        while True:
+            waiting = [r for r in self.routers if r.queue]
+            if not waiting:
+                return
+            router = min(waiting, key=lambda r: r.queue[0].item.arrival_s)
+            if not self._route(router.queue[0]):
+                return
+            router.queue.popleft()
+
+
+def simulate(policy: str, items: list[WorkItem], step_time, config: SimConfig,
+             chains: BlockChains | None = None) -> list[Job]:
+    """One run of `policy` over `items`; `chains` may be shared by runs of the same block size."""
+    chains = chains or BlockChains(config.block_size)
+    # A run holds millions of long-lived objects (blocks, hashes, sequences) and makes almost
+    # no reference cycles: the cyclic collector's full passes over them cost a quarter of the
+    # run and free nothing, so it is paused for the run.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return Cluster(policy, config, step_time, chains).run(items)
+    finally:
+        if collecting:
+            gc.enable()

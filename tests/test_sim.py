@@ -1,0 +1,203 @@
+"""The cluster simulator (`kvserve bench sim`): its step-time model, its workloads, and that
+it runs our real router and engine bookkeeping faithfully enough to compare policies."""
+
+import json
+
+import pytest
+
+from kvserve.cluster.bench.sim.baselines import oracle_hit_rate
+from kvserve.cluster.bench.sim.prompts import BlockChains, prompt_tokens
+from kvserve.cluster.bench.sim.report import summarize
+from kvserve.cluster.bench.sim.routers import SIM_POLICIES
+from kvserve.cluster.bench.sim.simulator import SimConfig, simulate
+from kvserve.cluster.bench.sim.step_time import PRESETS, fit_step_time, load_step_fit
+from kvserve.cluster.bench.sim.workloads import (
+    agentic_tool_loop, llmd_shared_context, mooncake_records, multi_turn_chat, no_reuse, read_mooncake,
+    trace_workload, write_mooncake,
+)
+from kvserve.cluster.cli import main as cli_main
+from kvserve.workers.engine.block_hash import hash_block_chain
+
+H100_8B = PRESETS["h100-llama3-8b-tp1"]
+REQUIRED_KEYS = {"policy", "workload", "rate", "replicas", "ingress", "hit_rate", "oracle_hit_rate", "ttft_p50_s",
+                 "ttft_p90_s", "ttft_p99_s", "tpot_p50_s", "throughput_tok_s", "goodput_req_s", "refused"}
+
+
+def _shared_context(n=240, rate=6.0, seed=0):
+    return llmd_shared_context(n, rate, seed, customers=12, context_tokens=1024, question_tokens=128,
+                               output_tokens=16)
+
+
+def _run(policy, items, **config):
+    settings = {"replicas": 4, "kv_blocks": 300, "seed": 0, **config}
+    return simulate(policy, items, H100_8B, SimConfig(**settings))
+
+
+def _hit_rate(policy, items, **config):
+    return summarize(_run(policy, items, **config), 2.0, None)["hit_rate"]
+
+
+# -- step-time model ---------------------------------------------------------------------------
+
+
+def test_decode_of_an_8b_model_at_batch_1_reads_its_weights_once():
+    floor = H100_8B.model.weight_bytes / H100_8B.gpu.bandwidth / H100_8B.mem_efficiency
+    step = H100_8B(0, 1, 128) - H100_8B.step_overhead_s
+    assert floor == pytest.approx(16.06e9 / 3.35e12 / 0.8)
+    assert step == pytest.approx(floor, rel=0.01)
+
+
+def test_roofline_is_compute_bound_for_long_prefills_and_faster_with_tp():
+    prefill = H100_8B(8192, 0, 0) - H100_8B.step_overhead_s
+    flops = 2 * H100_8B.model.params * 8192
+    assert prefill == pytest.approx(flops / (H100_8B.gpu.flops * H100_8B.compute_efficiency), rel=0.15)
+    assert PRESETS["h100-llama3-8b-tp4"](0, 64, 64 * 2048) < H100_8B(0, 64, 64 * 2048)
+    # decode at batch 64 costs far less than 64 steps at batch 1
+    assert H100_8B(0, 64, 64 * 1024) < 3 * H100_8B(0, 1, 1024)
+
+
+def test_presets_cover_the_issue_and_leave_sane_kv_pools():
+    for name in ("h100-llama3-8b-tp1", "h200-llama3-8b-tp1", "h100-qwen3-32b-tp1", "h200-qwen3-32b-tp4",
+                 "h100-llama3-70b-tp4", "h200-llama3-70b-tp8"):
+        assert name in PRESETS
+    tokens = H100_8B.kv_blocks(16) * 16
+    assert 300_000 < tokens < 500_000  # ~52 GB left over 128 KiB per token
+    assert "h100-llama3-70b-tp1" not in PRESETS  # 141 GB of weights do not fit in 80 GB
+
+
+def test_the_fit_recovers_known_coefficients(tmp_path):
+    truth = (0.004, 2e-5, 3e-4, 5e-8)
+    points = [{"prefill_tokens": p, "decode_seqs": d, "context_tokens": c,
+               "step_s": truth[0] + truth[1] * p + truth[2] * d + truth[3] * c}
+              for p in (0, 512, 2048) for d in (0, 8, 64) for c in (0, 10_000, 200_000)]
+    fit = fit_step_time(points)
+    for got, want in zip((fit.base_s, fit.per_prefill_token_s, fit.per_decode_seq_s, fit.per_context_token_s), truth):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-12)
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps({"points": points, "num_kv_blocks": 1234}))
+    loaded = load_step_fit(path)
+    assert loaded.kv_blocks(16) == 1234
+    assert loaded(512, 8, 10_000) == pytest.approx(truth[0] + 512 * truth[1] + 8 * truth[2] + 1e4 * truth[3])
+
+
+# -- workloads -----------------------------------------------------------------------------------
+
+
+def test_a_mooncake_trace_round_trips(tmp_path):
+    records = [
+        {"timestamp": 0, "input_length": 1100, "output_length": 20, "hash_ids": [0, 1, 2]},
+        {"timestamp": 250, "input_length": 700, "output_length": 5, "hash_ids": [0, 3]},
+        {"timestamp": 1000, "input_length": 300, "output_length": 9, "hash_ids": [4]},
+    ]
+    path = tmp_path / "trace.jsonl"
+    write_mooncake(path, records)
+    items = read_mooncake(path)
+    assert mooncake_records(items) == records
+    write_mooncake(tmp_path / "again.jsonl", mooncake_records(items))
+    assert (tmp_path / "again.jsonl").read_text() == path.read_text()
+    chains = BlockChains(16)
+    first, second = (chains.chain(item.segments) for item in items[:2])
+    assert first[:32] == second[:32] and first[32] != second[32]  # hash id 0 = 512 tokens = 32 blocks shared
+    workload = trace_workload(path)
+    assert workload.native_rate == pytest.approx(2.0)
+    assert [i.arrival_s for i in workload.at_rate(4.0)] == pytest.approx([0.0, 0.125, 0.5])
+
+
+def test_block_chains_are_the_engines_block_hashes():
+    chains = BlockChains(16)
+    for items in (_shared_context(20), multi_turn_chat(30, 2.0, 0), agentic_tool_loop(30, 2.0, 0), no_reuse(5, 1.0, 0)):
+        for item in items:
+            tokens = prompt_tokens(item.segments)
+            assert len(tokens) == item.input_length
+            assert chains.chain(item.segments) == hash_block_chain(tokens, 16)
+
+
+def test_later_turns_resend_the_conversation():
+    items = multi_turn_chat(200, 2.0, 0)
+    by_prompt = {item.segments: item for item in items}
+    second_turns = [item for item in items if len(item.segments) == 4 and item.segments[:2] in by_prompt]
+    assert second_turns
+    for item in second_turns:
+        assert item.segments[2] == (by_prompt[item.segments[:2]].reply, by_prompt[item.segments[:2]].output_length)
+    assert oracle_hit_rate(items, BlockChains(16), 16) > 0.5
+
+
+# -- the simulator ---------------------------------------------------------------------------------
+
+
+def test_a_seed_gives_the_same_run():
+    items = _shared_context(120)
+    runs = [[(j.replica, j.first_token_s, j.finish_s, j.cached_tokens) for j in _run("kv", items, ingress=2)]
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_with_one_replica_and_no_reuse_every_policy_gives_the_same_result():
+    items = no_reuse(40, 4.0, 0, input_tokens=400, output_tokens=12)
+    results = {p: summarize(_run(p, items, replicas=1), 2.0, None) for p in SIM_POLICIES}
+    first = results["kv"]
+    assert first["served"] == 40 and first["hit_rate"] == 0.0
+    for policy, result in results.items():
+        assert result == first, policy
+
+
+def test_kv_finds_at_least_round_robins_hits_and_at_most_the_oracles():
+    items = _shared_context()
+    kv, round_robin = _hit_rate("kv", items), _hit_rate("round_robin", items)
+    oracle = oracle_hit_rate(items, BlockChains(16), 16)
+    assert round_robin <= kv <= oracle
+    assert kv > round_robin + 0.1  # 12 contexts of 64 blocks, 300 blocks per replica: placement matters
+
+
+def test_events_later_than_the_run_leave_kv_no_better_than_random():
+    items = _shared_context()
+    blind = _hit_rate("kv", items, event_delay_s=1e6)
+    random_hits = _hit_rate("random", items)
+    assert blind <= random_hits + 0.03
+    assert _hit_rate("kv", items) > random_hits + 0.1
+
+
+def test_several_ingress_routers_each_route_their_share():
+    jobs = _run("kv", _shared_context(80), ingress=4)
+    assert {j.router for j in jobs} == {0, 1, 2, 3}
+    assert all(j.finish_s is not None for j in jobs)
+
+
+def test_overload_queues_then_refuses():
+    items = no_reuse(60, 1000.0, 0, input_tokens=400, output_tokens=200)
+    jobs = _run("pow2", items, replicas=1, max_ongoing_requests=4, max_queued_requests=10)
+    refused = [j for j in jobs if j.refused]
+    assert refused and all(j.refused == "queue full" for j in refused)
+    assert sum(1 for j in jobs if j.finish_s is not None) == 60 - len(refused)
+
+
+def test_the_cli_verb_writes_one_record_per_run(tmp_path):
+    out = tmp_path / "sim.json"
+    code = cli_main(["bench", "sim", "--workload", "llmd", "--requests", "40", "--param", "customers=3",
+                     "--param", "context_tokens=600", "--param", "question_tokens=100", "--param", "output_tokens=8",
+                     "--replicas", "2", "--ingress", "1,2", "--rates", "2,5", "--policies", "kv,round_robin,dynamo",
+                     "--preset", "h100-llama3-8b-tp1", "--kv-blocks", "200", "--kv-option", "max_imbalance=8",
+                     "--json", str(out), "--markdown", str(tmp_path / "sim.md")])
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert len(records) == 2 * 2 * 3
+    for record in records:
+        assert REQUIRED_KEYS <= set(record)
+        assert record["kv_options"]["max_imbalance"] == 8
+    assert {(r["rate"], r["ingress"], r["policy"]) for r in records} == {
+        (rate, ingress, policy) for rate in (2, 5) for ingress in (1, 2) for policy in ("kv", "round_robin", "dynamo")}
+    assert "| rate (req/s) |" in (tmp_path / "sim.md").read_text()
+    assert (tmp_path / "sim-llmd-r2-i1.png").stat().st_size > 0
+
+
+def test_the_cli_replays_a_trace_at_its_own_rate(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    write_mooncake(trace, [{"timestamp": 100 * k, "input_length": 600, "output_length": 4, "hash_ids": [k % 3, 10 + k]}
+                           for k in range(30)])
+    out = tmp_path / "t.json"
+    assert cli_main(["bench", "sim", "--trace", str(trace), "--policies", "kv,random", "--replicas", "2",
+                     "--preset", "h100-llama3-8b-tp1", "--kv-blocks", "300", "--json", str(out),
+                     "--markdown", str(tmp_path / "t.md")]) == 0
+    records = json.loads(out.read_text())
+    assert [r["rate"] for r in records] == [pytest.approx(10.0)] * 2
+    assert records[0]["workload"] == "t" and records[0]["oracle_hit_rate"] > 0.2
