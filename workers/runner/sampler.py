@@ -89,20 +89,24 @@ class _Draws:
     seeded: list[bool] = field(default_factory=list)
     counters: list[int] = field(default_factory=list)  # the index of the output token drawn
 
-    def add(self, row_number: int, row: SamplingRow, vocab: int) -> None:
-        params = row.params
-        top_k = params.top_k if 0 < params.top_k < vocab else 0
-        top_p = params.top_p if params.top_p < 1.0 else math.inf
-        filtered = bool(top_k) or top_p < 1.0 or params.min_p > 0.0
-        self.rows.append(row_number)
-        self.temperature.append(params.temperature)
-        self.top_k.append(top_k)
-        self.top_p.append(top_p)
-        self.min_p.append(params.min_p)
-        self.filtered.append(filtered)
-        self.seeds.append(row.seed or 0)
-        self.seeded.append(row.seed is not None)
-        self.counters.append(row.num_output_tokens)
+    @classmethod
+    def of(cls, row_numbers: list[int], rows: list[SamplingRow], vocab: int) -> "_Draws":
+        """The draws of `rows` (those numbered `row_numbers`), one list comprehension per setting."""
+        params = [row.params for row in rows]
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        top_p = [p.top_p if p.top_p < 1.0 else math.inf for p in params]
+        seeds = [row.seed for row in rows]
+        return cls(
+            rows=row_numbers,
+            temperature=[p.temperature for p in params],
+            top_k=top_k,
+            top_p=top_p,
+            min_p=[p.min_p for p in params],
+            filtered=[bool(k) or q < 1.0 or p.min_p > 0.0 for k, q, p in zip(top_k, top_p, params)],
+            seeds=[seed or 0 for seed in seeds],
+            seeded=[seed is not None for seed in seeds],
+            counters=[len(row.token_ids) - row.num_prompt_tokens for row in rows],
+        )
 
     def window(self, vocab: int) -> int:
         """How many of the largest logits the top-k rows look at: k + 1, to tell whether ties
@@ -120,8 +124,7 @@ class _Draws:
 
 @dataclass(slots=True)
 class _Plan:
-    """Which rows need which stage this step, and the settings of the draws; found in one pass
-    over the rows."""
+    """Which rows need which stage this step, and the settings of the draws."""
 
     min_tokens: list[int] = field(default_factory=list)
     penalties: list[int] = field(default_factory=list)
@@ -130,18 +133,15 @@ class _Plan:
 
     @classmethod
     def of(cls, rows: list[SamplingRow], vocab: int) -> "_Plan":
-        plan = cls()
-        for i, row in enumerate(rows):
-            params = row.params
-            if row.num_output_tokens < params.min_tokens:
-                plan.min_tokens.append(i)
-            if params.uses_penalties:
-                plan.penalties.append(i)
-            if not params.greedy:
-                plan.draws.add(i, row, vocab)
-            if params.logprobs is not None:
-                plan.logprobs.append(i)
-        return plan
+        params = [row.params for row in rows]
+        drawing = [i for i, p in enumerate(params) if not p.greedy]
+        return cls(
+            min_tokens=[i for i, (row, p) in enumerate(zip(rows, params))
+                        if p.min_tokens and len(row.token_ids) - row.num_prompt_tokens < p.min_tokens],
+            penalties=[i for i, p in enumerate(params) if p.uses_penalties],
+            logprobs=[i for i, p in enumerate(params) if p.logprobs is not None],
+            draws=_Draws.of(drawing, [rows[i] for i in drawing], vocab),
+        )
 
 
 @dataclass

@@ -143,20 +143,23 @@ class InputBatch:
         slots = self.tables[row_of_token, positions // size].astype(np.int64) * size + positions % size
         context = start + query
         max_context = int(context.max())
-        query_start = [0, *ends.tolist()]
-        context_lens = context.tolist()
+        query_start = np.concatenate([[0], ends])
+        # One copy to the device for all the 1-D inputs, then views of it.
+        num_tokens, num_seqs = len(tokens), len(rows)
+        flat = to_device(np.concatenate([tokens, positions, slots, query_start, context]), torch.long, device)
+        input_ids, positions_t, slot_mapping = flat[: 3 * num_tokens].view(3, num_tokens)
         meta = AttentionMetadata(
             num_decodes=query_lens.count(1),
-            query_start_loc=to_device(query_start, torch.int32, device),
-            context_lens=to_device(context, torch.int32, device),
+            query_start_loc=flat[3 * num_tokens : 3 * num_tokens + num_seqs + 1].to(torch.int32),
+            context_lens=flat[3 * num_tokens + num_seqs + 1 :].to(torch.int32),
             block_tables=to_device(self.tables[row_of_seq, : -(-max_context // size)], torch.int32, device),
-            slot_mapping=to_device(slots, torch.int64, device),
+            slot_mapping=slot_mapping,
             max_query_len=max(query_lens),
             max_context_len=max_context,
-            query_start_loc_cpu=query_start,
-            context_lens_cpu=context_lens,
+            query_start_loc_cpu=query_start.tolist(),
+            context_lens_cpu=context.tolist(),
         )
-        return to_device(tokens, torch.long, device), to_device(positions, torch.long, device), meta
+        return input_ids, positions_t, meta
 
 
 def flat_inputs(
