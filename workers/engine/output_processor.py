@@ -55,8 +55,9 @@ class _Request:
 
 class OutputProcessor:
     """The text side of every request in flight. `snapshots`: each output carries the whole
-    text and token ids so far (what `LLMEngine.step` returns, as vLLM's engine does); without
-    it only the deltas and the finish are filled in, which is all a stream needs."""
+    text, token ids and logprobs so far as well as the step's deltas (what `LLMEngine.step`
+    returns, as vLLM's engine does; the lists keep growing until the request finishes);
+    without it only the deltas and the finish are filled in, which is all a stream needs."""
 
     def __init__(self, tokenizer, snapshots: bool = True):
         self.tokenizer = tokenizer
@@ -143,15 +144,17 @@ class OutputProcessor:
 
     @staticmethod
     def _snapshot(sample: _Sample) -> CompletionOutput:
-        """Everything so far, in lists of its own: the caller may keep it across steps."""
+        """Everything so far. The token and logprob lists are the sample's own, not copies
+        (copying them every step would cost time quadratic in the output's length): they grow
+        while the request runs and are final once it has finished."""
         out = sample.output
         out.text += out.delta_text
         out.token_ids += out.delta_token_ids
         if out.logprobs is not None:
             out.logprobs += sample.delta_logprobs
         return CompletionOutput(
-            out.index, out.text, list(out.token_ids), None if out.logprobs is None else list(out.logprobs),
-            out.finish_reason, out.stop_reason, out.delta_text, out.delta_token_ids,
+            out.index, out.text, out.token_ids, out.logprobs, out.finish_reason, out.stop_reason,
+            out.delta_text, out.delta_token_ids,
         )
 
     @staticmethod
