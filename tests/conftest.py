@@ -102,16 +102,31 @@ def served_app(overrides: dict, num_cpus: int) -> Iterator[str]:
         serve.run(build_app(config), name=config.serving.app_name, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
-        while httpx.get(f"{base}/ready").status_code != 200:
+        while (reply := ready_reply(base)) is None or reply.status_code != 200:
             assert time.monotonic() < deadline, "the replicas never became ready"
             time.sleep(0.5)
         yield base
+
+
+def ready_reply(base: str) -> httpx.Response | None:
+    """GET /ready, or None while nothing answers in time: until the ingress has a replica, Serve's
+    proxy may hold a request instead of refusing it."""
+    try:
+        return httpx.get(f"{base}/ready", timeout=5)
+    except httpx.TransportError:
+        return None
 
 
 @pytest.fixture(scope="session")
 def local_app():
     """`served_app`, for module fixtures that serve an application."""
     return served_app
+
+
+@pytest.fixture(scope="session")
+def ready_probe():
+    """`ready_reply`, for tests that wait for an application of their own."""
+    return ready_reply
 
 
 @pytest.fixture(scope="session")

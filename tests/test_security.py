@@ -47,7 +47,7 @@ class TestIngress:
     actor holds every CPU, so that the ingress is up long before any LLMServer replica."""
 
     @pytest.fixture(scope="class")
-    def server(self, tiny_checkpoints, ray_of):
+    def server(self, tiny_checkpoints, ray_of, ready_probe):
         port = free_port()
         config = load_config(None, {
             "engine": {**ENGINE, "model": str(tiny_checkpoints["llama"])},
@@ -60,7 +60,7 @@ class TestIngress:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve._run(build_app(config), name=APP, route_prefix="/", _blocking=False)
             base = f"http://127.0.0.1:{port}"
-            _wait_for_the_ingress(base)
+            _wait_for_the_ingress(base, ready_probe)
             yield base, placeholder
 
     def test_ready_is_503_while_no_llm_replica_runs(self, server):
@@ -112,15 +112,15 @@ class _CPUHolder:
         return True
 
 
-def _wait_for_the_ingress(base: str) -> None:
+def _wait_for_the_ingress(base: str, ready_reply) -> None:
     """Until /ready is answered by the ingress itself (JSON), not by the proxy (text)."""
     deadline = time.monotonic() + 180
     while True:
-        reply = httpx.get(f"{base}/ready")
-        if reply.headers.get("content-type") == "application/json":
+        reply = ready_reply(base)
+        if reply is not None and reply.headers.get("content-type") == "application/json":
             return
-        assert time.monotonic() < deadline, (
-            f"the ingress never came up: {reply.status_code} {reply.text!r}; {serve.status()}")
+        answer = "no answer" if reply is None else f"{reply.status_code} {reply.text!r}"
+        assert time.monotonic() < deadline, f"the ingress never came up: {answer}; {serve.status()}"
         time.sleep(0.5)
 
 
