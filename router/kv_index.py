@@ -1,18 +1,15 @@
 """Which replica holds which KV block, rebuilt from the replicas' own KV events."""
 
-from collections.abc import Callable, Container, Set as AbstractSet
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from kvserve.workers.engine.kv_events import apply_events
+from kvserve.workers.engine.kv_events import AllBlocksCleared, KVEvent, apply_events
 from kvserve.workers.protocol import (
     HEARTBEAT_PERIOD_S, MISSED_HEARTBEATS, BlockHash, BlockSnapshot, Heartbeat, KVEventBatch,
 )
 
 SILENCE_S = MISSED_HEARTBEATS * HEARTBEAT_PERIOD_S
-
-
-_NOTHING: frozenset[BlockHash] = frozenset()
 
 
 def leading_matches(
@@ -58,18 +55,36 @@ class KVIndex:
     batches, in order. The caller drops a replica whose state can no longer be trusted (a gap,
     a heartbeat that disagrees, a new epoch) and loads a snapshot again. A replica without
     state, or whose last heartbeat is older than SILENCE_S, is unknown: it matches nothing.
+
+    Two views of the same facts, kept in step by every snapshot, applied batch and drop:
+    `replicas[r].blocks`, each replica's own block set (its count is what heartbeats check;
+    read it, never change it from outside), and `holders`, from each block hash to whoever
+    holds it, which lets `prefix_matches` walk a prompt's chain once for the whole cluster.
+    A hash's holder is stored as the replica's name while it has one holder (most blocks: a
+    set per block would cost ~200 bytes each and millions of objects for the garbage
+    collector to scan), as a set of two or more names otherwise; a hash nobody holds has no
+    entry.
     """
 
     def __init__(self):
         self.replicas: dict[str, ReplicaBlocks] = {}
+        self.holders: dict[BlockHash, str | set[str]] = {}
 
     def drop_replica(self, replica: str) -> None:
-        self.replicas.pop(replica, None)
+        state = self.replicas.pop(replica, None)
+        if state is not None:
+            self._release(replica, state.blocks)
 
     def load_snapshot(self, replica: str, block_size: int, snapshot: BlockSnapshot, heartbeat: Heartbeat,
                       now: float) -> None:
-        self.replicas[replica] = ReplicaBlocks(block_size, snapshot.epoch, snapshot.seq, set(snapshot.blocks),
-                                               heartbeat, now)
+        blocks = set(snapshot.blocks)
+        old = self.replicas.get(replica)
+        if old is None:
+            self._take(replica, blocks)
+        else:  # a reload mostly finds the same blocks: move only the difference
+            self._release(replica, old.blocks - blocks)
+            self._take(replica, blocks - old.blocks)
+        self.replicas[replica] = ReplicaBlocks(block_size, snapshot.epoch, snapshot.seq, blocks, heartbeat, now)
 
     def apply(self, replica: str, batch: KVEventBatch) -> Fate:
         state = self.replicas.get(replica)
@@ -81,9 +96,56 @@ class KVIndex:
             return Fate.DUPLICATE
         if batch.seq > state.last_seq + 1:
             return Fate.GAP
-        apply_events(state.blocks, batch.events)
+        self._apply_events(replica, state.blocks, batch.events)
         state.last_seq = batch.seq
         return Fate.APPLIED
+
+    def _apply_events(self, replica: str, blocks: set[BlockHash], events: list[KVEvent]) -> None:
+        """`apply_events` (the one definition of what the events mean) on the replica's set,
+        and the net change carried over to `holders`. Only the hashes the events name can
+        change, or everything held for AllBlocksCleared: O(events), or O(blocks) for a clear."""
+        touched: set[BlockHash] = set()
+        for event in events:
+            if isinstance(event, AllBlocksCleared):
+                touched |= blocks
+            else:
+                touched.update(event.block_hashes)
+        before = touched & blocks
+        apply_events(blocks, events)
+        after = touched & blocks
+        self._release(replica, before - after)
+        self._take(replica, after - before)
+
+    def _take(self, replica: str, block_hashes: Iterable[BlockHash]) -> None:
+        """`replica` now holds these blocks (it did not before)."""
+        holders = self.holders
+        for block_hash in block_hashes:
+            held = holders.get(block_hash)
+            if held is None:
+                holders[block_hash] = replica
+            elif type(held) is set:
+                held.add(replica)
+            elif held != replica:
+                holders[block_hash] = {held, replica}
+
+    def _release(self, replica: str, block_hashes: Iterable[BlockHash]) -> None:
+        """`replica` no longer holds these blocks."""
+        holders = self.holders
+        for block_hash in block_hashes:
+            held = holders.get(block_hash)
+            if type(held) is set:
+                held.discard(replica)
+                if len(held) == 1:
+                    holders[block_hash] = next(iter(held))
+            elif held == replica:
+                del holders[block_hash]
+
+    def holders_of(self, block_hash: BlockHash) -> set[str]:
+        """The replicas holding this block (a new set)."""
+        held = self.holders.get(block_hash)
+        if held is None:
+            return set()
+        return set(held) if type(held) is set else {held}
 
     def hear(self, replica: str, heartbeat: Heartbeat, now: float) -> bool:
         """Take a heartbeat; False if it contradicts the replica's state (another epoch, a
@@ -102,9 +164,46 @@ class KVIndex:
         return [r for r in replicas if (state := self.replicas.get(r)) is not None and now - state.heard_at <= SILENCE_S]
 
     def prefix_matches(self, block_hashes: list[BlockHash], replicas: list[str]) -> dict[str, int]:
-        """For each replica, how many leading blocks of `block_hashes` it holds."""
-        return leading_matches(block_hashes, replicas, self._blocks_of)
+        """For each replica, how many leading blocks of `block_hashes` it holds (as
+        `leading_matches` over each replica's set; a replica without state holds nothing).
 
-    def _blocks_of(self, replica: str) -> AbstractSet[BlockHash]:
-        state = self.replicas.get(replica)
-        return state.blocks if state is not None else _NOTHING
+        One walk down the chain for all replicas: those still matching after block d are
+        those still matching before it that hold it (from `holders`). Each of the others keeps
+        the depth at which it dropped out, 0 for most. Once one replica is left, the walk goes
+        on in its own set (one set lookup a block, no holder map), until its first miss. The
+        cost follows the prompt and the blocks' holders, not the number of replicas asked."""
+        matched = dict.fromkeys(replicas, 0)
+        if not matched:
+            return matched
+        holders = self.holders
+        alive = matched.keys()  # the replicas asked that hold every block so far
+        depth = 0
+        chain = iter(block_hashes)
+        for block_hash in chain:
+            held = holders.get(block_hash)
+            if held is None:
+                break
+            if type(held) is set:
+                still = alive if alive <= held else alive & held
+                if not still:
+                    break
+            elif held in alive:
+                still = alive if len(alive) == 1 else {held}
+            else:
+                break
+            if depth and still is not alive:  # at depth 0 those dropping out already have their 0
+                for replica in alive - still:
+                    matched[replica] = depth
+            alive = still
+            depth += 1
+            if len(alive) == 1:
+                (last,) = alive
+                blocks = self.replicas[last].blocks
+                for block_hash in chain:
+                    if block_hash not in blocks:
+                        break
+                    depth += 1
+                break
+        if depth:
+            matched.update(dict.fromkeys(alive, depth))  # `alive` may be a view of `matched`
+        return matched

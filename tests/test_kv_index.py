@@ -2,14 +2,21 @@
 
 import dataclasses
 
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.kv_index import Fate, KVIndex
+from kvserve.router.kv_index import Fate, KVIndex, leading_matches
 from kvserve.router.options import RouterOptions
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager
+from kvserve.workers.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, apply_events
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import Sequence
-from kvserve.workers.protocol import BlockSnapshot, EngineStats, Heartbeat, HubNews, ReplicaNews
+from kvserve.workers.protocol import (
+    BlockHash, BlockSnapshot, EngineStats, Heartbeat, HubNews, KVEventBatch, ReplicaNews,
+)
 
 BLOCK = 4
 
@@ -216,3 +223,108 @@ def test_scorer_sends_a_follow_up_after_its_first_request_before_any_event():
     follow_up = first + [99, 98, 97, 96]
     again, reason = scorer.rank(["a", "b", "c"], hash_block_chain(follow_up, BLOCK), len(follow_up))
     assert again[0] == order[0] and reason == "cached_prefix"
+
+
+HASHES = [bytes([k]) * 32 for k in range(6)]  # a few hashes, so that chains and replicas overlap often
+NAMES = ["a", "b", "c"]
+
+
+def per_replica_walk(index: KVIndex, block_hashes: list[BlockHash], replicas: list[str]) -> dict[str, int]:
+    """What `prefix_matches` must give: each replica's own set, walked until its first miss."""
+    matched = {}
+    for replica in replicas:
+        state = index.replicas.get(replica)
+        held = state.blocks if state is not None else set()
+        depth = 0
+        while depth < len(block_hashes) and block_hashes[depth] in held:
+            depth += 1
+        matched[replica] = depth
+    return matched
+
+
+hash_lists = st.lists(st.sampled_from(HASHES), max_size=6)
+events = st.lists(st.one_of(
+    st.builds(lambda hashes: BlockStored(hashes, None, [], BLOCK, None), hash_lists),
+    st.builds(BlockRemoved, hash_lists),
+    st.just(AllBlocksCleared()),
+), max_size=4)
+
+
+class KVIndexMachine(RuleBasedStateMachine):
+    """Snapshots, event batches (in order or not), drops and queries in any order: the index's
+    sets follow `apply_events`, and its hash -> holders map says the same as those sets."""
+
+    def __init__(self):
+        super().__init__()
+        self.index = KVIndex()
+        self.model: dict[str, set[BlockHash]] = {}  # each replica's blocks, by `apply_events`
+
+    @rule(replica=st.sampled_from(NAMES), blocks=hash_lists, epoch=st.integers(0, 2))
+    def load_snapshot(self, replica, blocks, epoch):
+        heartbeat = Heartbeat(epoch, 3, 0.0, pool_stats(cached=len(set(blocks))))
+        self.index.load_snapshot(replica, BLOCK, BlockSnapshot(epoch, 3, blocks), heartbeat, now=0.0)
+        self.model[replica] = set(blocks)
+
+    @rule(replica=st.sampled_from(NAMES), events=events, step=st.sampled_from([1, 1, 1, 0, 2]),
+          other_epoch=st.booleans())
+    def apply_batch(self, replica, events, step, other_epoch):
+        state = self.index.replicas.get(replica)
+        epoch, seq = (state.epoch, state.last_seq) if state is not None else (0, 0)
+        fate = self.index.apply(replica, KVEventBatch(epoch + other_epoch, seq + step, 0.0, events))
+        if state is None:
+            assert fate is Fate.GAP
+        elif other_epoch:
+            assert fate is Fate.FENCED
+        else:
+            assert fate is {0: Fate.DUPLICATE, 1: Fate.APPLIED, 2: Fate.GAP}[step]
+        if fate is Fate.APPLIED:
+            apply_events(self.model[replica], events)
+
+    @rule(replica=st.sampled_from(NAMES + ["unknown"]))
+    def drop(self, replica):
+        self.index.drop_replica(replica)
+        self.model.pop(replica, None)
+
+    @rule(block_hashes=st.lists(st.sampled_from(HASHES), max_size=8),
+          replicas=st.lists(st.sampled_from(NAMES + ["unknown"]), max_size=5))
+    def query(self, block_hashes, replicas):
+        matched = self.index.prefix_matches(block_hashes, replicas)
+        expected = per_replica_walk(self.index, block_hashes, replicas)
+        assert matched == expected and list(matched) == list(expected)
+        assert matched == leading_matches(block_hashes, replicas, lambda r: self.model.get(r, set()))
+
+    @invariant()
+    def sets_follow_the_events(self):
+        assert {r: s.blocks for r, s in self.index.replicas.items()} == self.model
+
+    @invariant()
+    def holders_say_what_the_sets_say(self):
+        expected: dict[BlockHash, set[str]] = {}
+        for replica, blocks in self.model.items():
+            for block_hash in blocks:
+                expected.setdefault(block_hash, set()).add(replica)
+        assert {h: self.index.holders_of(h) for h in self.index.holders} == expected
+        for held in self.index.holders.values():  # no empty entry, no set standing for one holder
+            assert held in self.model if isinstance(held, str) else len(held) >= 2 and held <= self.model.keys()
+
+
+TestKVIndexMachine = KVIndexMachine.TestCase
+TestKVIndexMachine.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+def test_prefix_matches_walks_once_for_shared_and_sole_holders():
+    index = KVIndex()
+    chain = hash_block_chain(list(range(6 * BLOCK)), BLOCK)
+    for name, depth in {"a": 6, "b": 4, "c": 1, "d": 4, "e": 0}.items():
+        snapshot = BlockSnapshot(1, 0, chain[:depth] + hash_block_chain([1000 + ord(name)] * BLOCK, BLOCK))
+        index.load_snapshot(name, BLOCK, snapshot, Heartbeat(1, 0, 0.0, pool_stats(cached=depth + 1)), now=0.0)
+    assert index.holders[chain[5]] == "a" and index.holders[chain[2]] == {"a", "b", "d"}
+    asked = ["e", "d", "c", "b", "a", "gone"]
+    assert index.prefix_matches(chain, asked) == {"e": 0, "d": 4, "c": 1, "b": 4, "a": 6, "gone": 0}
+    assert index.prefix_matches(chain, ["b", "c"]) == {"b": 4, "c": 1}  # "a" not asked: not counted
+    index.apply("a", KVEventBatch(1, 1, 0.0, [BlockRemoved(chain[3:4])]))
+    index.drop_replica("b")
+    assert index.holders[chain[3]] == "d" and index.holders[chain[4]] == "a"
+    assert index.prefix_matches(chain, asked) == {"e": 0, "d": 4, "c": 1, "b": 0, "a": 3, "gone": 0}
+    index.apply("a", KVEventBatch(1, 2, 0.0, [AllBlocksCleared(), BlockStored(chain[:1], None, [], BLOCK, None)]))
+    assert index.holders[chain[0]] == {"a", "c", "d"} and chain[4] not in index.holders
