@@ -101,14 +101,15 @@ class BlockPool:
                     run_start = i
                 run.append(block_hash)
                 continue
-            self._record_stored(run, parent_hash, token_ids[run_start * size : i * size])
-            run = []
+            if run:
+                self._record_stored(run, parent_hash, token_ids[run_start * size : i * size])
+                run = []
             parent_hash = block_hash
-        self._record_stored(run, parent_hash, token_ids[run_start * size : (run_start + len(run)) * size])
+        if run:
+            self._record_stored(run, parent_hash, token_ids[run_start * size : (run_start + len(run)) * size])
 
     def _record_stored(self, run: list[BlockHash], parent: BlockHash | None, token_ids) -> None:
-        if run:
-            self.events.append(BlockStored(run, parent, list(token_ids), self.block_size, lora_name=None))
+        self.events.append(BlockStored(run, parent, list(token_ids), self.block_size, lora_name=None))
 
     def reset_cache(self) -> bool:
         """Forget every cached block; only possible while no block is in use."""
