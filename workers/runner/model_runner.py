@@ -145,7 +145,6 @@ class ModelRunner:
             self.clock.lap("inputs")
         return self.run(plan)
 
-    @torch.inference_mode()
     def launch(
         self,
         batch: ScheduledBatch,
@@ -158,22 +157,26 @@ class ModelRunner:
         sampled ones there; nothing waits for it until `LaunchedStep.result`."""
         previous_tokens = previous.sampled.token_ids if previous is not None and previous.sampled else None
         plan = self.inputs.plan(batch, block_tables, samples, eos_token_ids, previous_tokens)
-        logits = self.logits(plan)
-        if logits is None:
-            return LaunchedStep(None)
-        return LaunchedStep(self.sampler.sample(logits, plan.rows, plan.eos_token_ids))
+        return LaunchedStep(self._sample(plan))
+
+    def run(self, plan: StepPlan) -> SamplerOutput | None:
+        sampled = self._sample(plan)
+        if sampled is None:
+            return None
+        output = sampled.output()
+        if self.clock is not None:
+            self.clock.lap("sampling")
+        return output
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> SamplerOutput | None:
+    def _sample(self, plan: StepPlan) -> SampledTokens | None:
+        """The step's forward pass and sampling, queued on the device; None when it samples nothing."""
         logits = self.logits(plan)
         if self.clock is not None:
             self.clock.lap("forward")
         if logits is None or plan.rows is None:
             return None
-        sampled = self.sampler(logits, plan.rows, plan.eos_token_ids)
-        if self.clock is not None:
-            self.clock.lap("sampling")
-        return sampled
+        return self.sampler.sample(logits, plan.rows, plan.eos_token_ids)
 
     def logits(self, plan: StepPlan) -> torch.Tensor | None:
         """The forward pass of a step and the logits of its `last_rows`: all queued on the
