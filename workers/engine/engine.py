@@ -180,9 +180,7 @@ class LLMEngine:
             seq.token_ids.append(PENDING_TOKEN)
             seq.num_pending += 1
             seq.sample_row = row
-            num_tokens = len(seq.token_ids)
-            seq.last_token_pending = (num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens
-                                      or num_tokens >= self.max_model_len)
+            seq.last_token_pending = self._at_length(seq, len(seq.token_ids))
         self._in_flight = _InFlight(samples, [len(s.seq.token_ids) - 1 for s in samples], pending)
         return self._read(previous) if previous else []
 
@@ -251,9 +249,13 @@ class LLMEngine:
             return FinishReason.STOP, token
         if token in self.eos_token_ids and not params.ignore_eos:
             return FinishReason.STOP, None
-        if num_tokens - seq.num_prompt_tokens >= params.max_tokens or num_tokens >= self.max_model_len:
+        if self._at_length(seq, num_tokens):
             return FinishReason.LENGTH, None
         return None, None
+
+    def _at_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `seq` with `num_tokens` tokens has reached max_tokens or max_model_len."""
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End one sample; the request is done when all of its samples are."""
