@@ -79,7 +79,8 @@ class LLMEngine:
         self._check_prompt(token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         seqs = [
-            Sequence(request_id, i, token_ids, params, arrival, priority, cache_salt)
+            Sequence(request_id, i, token_ids, params, arrival, priority, cache_salt, self.max_model_len,
+                     frozenset(() if params.ignore_eos else self.eos_token_ids))
             for i in range(params.n)
         ]
         if block_hashes:
@@ -180,7 +181,7 @@ class LLMEngine:
             seq.token_ids.append(PENDING_TOKEN)
             seq.num_pending += 1
             seq.sample_row = row
-            seq.last_token_pending = self._at_length(seq, len(seq.token_ids))
+            seq.last_token_pending = len(seq.token_ids) >= seq.max_num_tokens
         self._in_flight = _InFlight(samples, [len(s.seq.token_ids) - 1 for s in samples], pending)
         return self._read(previous) if previous else []
 
@@ -237,25 +238,21 @@ class LLMEngine:
         if num_tokens is None:
             seq.token_ids.append(token)
             num_tokens = len(seq.token_ids)
-        reason, stop = self._token_stop(seq, token, num_tokens)
-        if reason is not None:
+        reason = stop = None
+        if token in seq.ending_token_ids or num_tokens >= seq.max_num_tokens:
+            reason, stop = self._token_stop(seq, token)
             self._finish(seq, reason)
         return NewToken(seq.request_id, seq.sample_index, token, logprob, top, reason, stop,
                         seq.num_cached_prompt_tokens)
 
-    def _token_stop(self, seq: Sequence, token: int, num_tokens: int) -> tuple[FinishReason | None, int | None]:
+    def _token_stop(self, seq: Sequence, token: int) -> tuple[FinishReason, int | None]:
+        """Why `token` ends `seq`, one of its ending tokens or its length; and the stop token."""
         params = seq.params
         if token in params.stop_token_ids:
             return FinishReason.STOP, token
         if token in self.eos_token_ids and not params.ignore_eos:
             return FinishReason.STOP, None
-        if self._at_length(seq, num_tokens):
-            return FinishReason.LENGTH, None
-        return None, None
-
-    def _at_length(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether `seq` with `num_tokens` tokens has reached max_tokens or max_model_len."""
-        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len
+        return FinishReason.LENGTH, None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End one sample; the request is done when all of its samples are."""

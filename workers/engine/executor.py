@@ -10,7 +10,7 @@ from kvserve.workers.engine.sequence import Sequence
 from kvserve.workers.models.config import ModelConfig
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleRequest:
     """Sample `seq`'s next token from the logits of the last new token of `batch_index`."""
 

@@ -34,6 +34,8 @@ class Sequence:
         arrival: float,
         priority: int = 0,
         cache_salt: str | None = None,
+        max_num_tokens: int | None = None,
+        ending_token_ids: frozenset[int] = frozenset(),
     ):
         self.request_id = request_id
         self.sample_index = sample_index
@@ -58,6 +60,10 @@ class Sequence:
         self.sample_row = -1
         self.last_token_pending = False
         self.seed = self._sample_seed(params.seed, sample_index)
+        # Where it ends at the latest (max_tokens, or a shorter model length), and the tokens
+        # that may end it (stop tokens, EOS): checked for every token, so worked out once.
+        self.max_num_tokens = min(self.num_prompt_tokens + params.max_tokens, max_num_tokens or 1 << 62)
+        self.ending_token_ids = frozenset(params.stop_token_ids) | ending_token_ids
 
     @staticmethod
     def _sample_seed(seed: int | None, sample_index: int) -> int | None:

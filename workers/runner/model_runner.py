@@ -52,7 +52,8 @@ class ModelRunner:
             torch.set_num_threads(config.cpu_threads)
         fixed_pool_blocks = configured_pool_blocks(config, self._block_bytes(), self.device.type == "cuda")
         profile = GPUMemoryProfile(self.device) if fixed_pool_blocks is None else None
-        self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format, tp)
+        self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format, tp,
+                                   quantization=config.quantization)
         self.num_kv_heads = kv_heads_of_rank(mc, tp)[1]
         self.block_size = config.block_size
         self.max_model_len = config.effective_max_model_len(mc)
@@ -186,7 +187,7 @@ class ModelRunner:
             hidden = self.graphs.run(plan.input_ids, plan.positions, plan.meta)
         else:
             hidden = self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)
-        if not plan.last_rows:
+        if not len(plan.last_rows):
             return None
         return self.model.compute_logits(hidden[to_device(plan.last_rows, torch.long, self.device)])
 

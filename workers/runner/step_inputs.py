@@ -33,7 +33,7 @@ class StepPlan:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    last_rows: list[int]
+    last_rows: np.ndarray  # the flat index of each sampling row's last token
     rows: list[SamplingRow] | None
     eos_token_ids: tuple[int, ...]
 
@@ -48,6 +48,7 @@ class InputBatch:
         self.num_blocks: list[int] = [0] * capacity  # of each row, as copied from its sequence
         self.rows: dict[str, int] = {}
         self.free_rows = list(range(capacity - 1, -1, -1))
+        self.sampling_rows: dict[str, SamplingRow] = {}  # of the sequences that sampled
 
     def plan(
         self,
@@ -63,8 +64,11 @@ class InputBatch:
         for seq_id in batch.departed:
             self._drop(seq_id)
         rows, starts, tokens, pending = [], [], [], []
+        row_of, num_blocks = self.rows, self.num_blocks
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            rows.append(self._row(seq.seq_id, block_tables[seq.seq_id]))
+            table = block_tables[seq.seq_id]
+            row = row_of.get(seq.seq_id)
+            rows.append(row if row is not None and num_blocks[row] == len(table) else self._row(seq.seq_id, table))
             start = seq.num_computed_tokens
             starts.append(start)
             if num_new == 1:
@@ -76,15 +80,14 @@ class InputBatch:
         input_ids, positions, meta = self._inputs(rows, starts, batch.num_new_tokens, tokens)
         if pending:
             self._fill_pending(input_ids, pending, previous_tokens)
-        return StepPlan(
-            batch.block_copies,
-            input_ids,
-            positions,
-            meta,
-            [meta.query_start_loc_cpu[s.batch_index + 1] - 1 for s in samples],
-            [SamplingRow(s.seq.params, s.seq.token_ids, s.seq.num_prompt_tokens, s.seq.seed) for s in samples],
-            eos_token_ids,
-        )
+        last_rows = (np.asarray(meta.query_start_loc_cpu[1:]) - 1)[[s.batch_index for s in samples]]
+        cached = self.sampling_rows
+        sampling_rows = [cached.get(s.seq.seq_id) or self._sampling_row(s.seq) for s in samples]
+        return StepPlan(batch.block_copies, input_ids, positions, meta, last_rows, sampling_rows, eos_token_ids)
+
+    def _sampling_row(self, seq) -> SamplingRow:
+        row = self.sampling_rows[seq.seq_id] = SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.seed)
+        return row
 
     def _fill_pending(self, input_ids: torch.Tensor, pending: list[tuple[int, int]],
                       previous_tokens: torch.Tensor | None) -> None:
@@ -123,6 +126,7 @@ class InputBatch:
         self.free_rows = list(range(2 * capacity - 1, capacity - 1, -1))
 
     def _drop(self, seq_id: str) -> None:
+        self.sampling_rows.pop(seq_id, None)
         row = self.rows.pop(seq_id, None)
         if row is not None:
             self.free_rows.append(row)
