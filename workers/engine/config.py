@@ -25,6 +25,10 @@ class EngineConfig(BaseModel):
     load_format: Literal["auto", "dummy"] = Field(
         "auto", description="`auto` reads the checkpoint's weights; `dummy` fills random ones of the same shapes"
     )
+    quantization: Literal["auto", "dequantize"] = Field(
+        "auto", description="`auto`: weights stay as the checkpoint's `quantization_config` quantized them; "
+        "`dequantize`: turned into `dtype` at load (for debugging)"
+    )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV cache block")
     max_model_len: int | None = Field(
         None, ge=1, description="longest sequence, prompt and output; default: the model's max_position_embeddings"

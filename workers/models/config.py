@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from kvserve.workers.models.quant_config import QuantConfig
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -39,6 +41,7 @@ class ModelConfig:
     qk_norm: bool
     eos_token_ids: tuple[int, ...]
     torch_dtype: torch.dtype | None
+    quantization: QuantConfig | None = None
 
     @classmethod
     def from_pretrained_dir(cls, path: str | Path) -> "ModelConfig":
@@ -72,6 +75,7 @@ class ModelConfig:
             qk_norm=architecture == "Qwen3ForCausalLM",
             eos_token_ids=_int_tuple(cfg.get("eos_token_id")),
             torch_dtype=DTYPES.get(cfg.get("dtype") or cfg.get("torch_dtype")),
+            quantization=QuantConfig.from_hf(cfg.get("quantization_config")),
         )
 
 

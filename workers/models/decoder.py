@@ -8,6 +8,7 @@ from torch import nn
 from kvserve.kernels.metadata import AttentionMetadata
 from kvserve.workers.models.distributed import SINGLE, TPGroup
 from kvserve.workers.models.config import ModelConfig
+from kvserve.workers.models.quant_methods import LinearMethods
 from kvserve.workers.models.rope import build_cos_sin_cache
 from kvserve.workers.models.parallel_layers import (
     MergedLinear,
@@ -34,7 +35,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """This rank's query heads and the KV heads they read (all of them with one rank)."""
 
-    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup):
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup, methods: LinearMethods, prefix: str):
         super().__init__()
         self.num_heads = config.num_heads // tp.size
         first_kv_head, self.num_kv_heads = kv_heads_of_rank(config, tp)
@@ -46,10 +47,12 @@ class Attention(nn.Module):
         starts = None
         if tp.size > 1:
             starts = [tp.rank * self.q_size, first_kv_head * head_dim, first_kv_head * head_dim]
+        qkv_method = methods.for_layer([f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")])
         self.qkv_proj = MergedLinear(
-            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.attention_bias, starts
+            config.hidden_size, [self.q_size, self.kv_size, self.kv_size], config.attention_bias, starts, qkv_method
         )
-        self.o_proj = RowParallelLinear(config.num_heads * head_dim, config.hidden_size, tp)
+        o_method = methods.for_layer([f"{prefix}.o_proj"])
+        self.o_proj = RowParallelLinear(config.num_heads * head_dim, config.hidden_size, tp, o_method)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, ops)
@@ -82,12 +85,14 @@ def fp8_scale(x: torch.Tensor) -> float:
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup):
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup, methods: LinearMethods, prefix: str):
         super().__init__()
         size = config.intermediate_size // tp.size
         starts = [tp.rank * size] * 2 if tp.size > 1 else None
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], False, starts)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp)
+        gate_up_method = methods.for_layer([f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], False, starts, gate_up_method)
+        down_method = methods.for_layer([f"{prefix}.down_proj"])
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp, down_method)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,12 +100,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup):
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup, methods: LinearMethods, prefix: str):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.self_attn = Attention(config, ops, tp)
+        self.self_attn = Attention(config, ops, tp, methods, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.mlp = MLP(config, ops, tp)
+        self.mlp = MLP(config, ops, tp, methods, f"{prefix}.mlp")
 
     def forward(self, x, residual, positions, kv_cache, meta, cos_sin_cache):
         """Returns (mlp output, residual): the caller adds them, fused into the next norm."""
@@ -114,13 +119,17 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    """The whole model, or with `tp` of several ranks this rank's shard of every layer."""
+    """The whole model, or with `tp` of several ranks this rank's shard of every layer; its
+    linear layers hold their weights as `methods` (named by the checkpoint's layers) say."""
 
-    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup = SINGLE):
+    def __init__(self, config: ModelConfig, ops: ModuleType, tp: TPGroup = SINGLE, methods: LinearMethods | None = None):
         super().__init__()
+        methods = methods or LinearMethods(None, ops)
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(config, ops, tp) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, ops, tp, methods, f"model.layers.{i}") for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         if not config.tie_word_embeddings:
             self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)

@@ -13,9 +13,7 @@ from torch import nn
 
 from kvserve.workers.models.distributed import SINGLE, TPGroup
 from kvserve.workers.models.config import ModelConfig
-
-# (dim, start, length) of a checkpoint tensor, or None for the whole tensor.
-CheckpointSlice = tuple[int, int, int] | None
+from kvserve.workers.models.linear_methods import DENSE, LinearMethod
 
 
 def check_shardable(config: ModelConfig, tp_size: int) -> None:
@@ -48,32 +46,56 @@ def kv_heads_of_rank(config: ModelConfig, tp: TPGroup) -> tuple[int, int]:
     return tp.rank // ranks_per_kv_head, 1
 
 
-class MergedLinear(nn.Linear):
+class ParallelLinear(nn.Module):
+    """A linear layer whose weights are laid out by its `method` (dense, FP8, packed integers)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, method: LinearMethod, in_total: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.method = method
+        method.create_weights(self, in_features, out_features, in_total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x)
+
+    def in_slice(self) -> tuple[int, int] | None:
+        """(start, length) of the checkpoint's inputs this rank holds; None for all of them."""
+        return None
+
+
+class MergedLinear(ParallelLinear):
     """Several column-parallel projections of the same input stacked into one matmul. Part `i`
     is rows `starts[i]:starts[i] + output_sizes[i]` of its own checkpoint tensor."""
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, starts: list[int] | None = None):
-        super().__init__(in_features, sum(output_sizes), bias=bias)
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, starts: list[int] | None = None,
+                 method: LinearMethod = DENSE):
+        super().__init__(in_features, sum(output_sizes), bias, method, in_features)
         self.output_sizes = output_sizes
         self.starts = starts
 
-    def checkpoint_slice(self, index: int) -> CheckpointSlice:
+    def out_slice(self, index: int) -> tuple[int, int] | None:
+        """(start, length) of part `index`'s checkpoint rows this rank holds; None for all of them."""
         if self.starts is None:
             return None
-        return 0, self.starts[index], self.output_sizes[index]
+        return self.starts[index], self.output_sizes[index]
+
+    def rows_of_part(self, index: int) -> tuple[int, int]:
+        """(first row, number of rows) of part `index` in the merged weight."""
+        return sum(self.output_sizes[:index]), self.output_sizes[index]
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(ParallelLinear):
     """`in_features` split over the ranks; the partial products are summed across them."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup = SINGLE):
-        super().__init__(in_features // tp.size, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup = SINGLE, method: LinearMethod = DENSE):
+        super().__init__(in_features // tp.size, out_features, False, method, in_features)
         self.tp = tp
 
-    def checkpoint_slice(self, index: None) -> CheckpointSlice:
+    def in_slice(self) -> tuple[int, int] | None:
         if self.tp.size == 1:
             return None
-        return 1, self.tp.rank * self.in_features, self.in_features
+        return self.tp.rank * self.in_features, self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(super().forward(x))
@@ -87,11 +109,6 @@ class VocabParallelEmbedding(nn.Embedding):
         super().__init__(vocab_size // tp.size, hidden_size)
         self.tp = tp
         self.vocab_start = tp.rank * self.num_embeddings
-
-    def checkpoint_slice(self, index: None) -> CheckpointSlice:
-        if self.tp.size == 1:
-            return None
-        return 0, self.vocab_start, self.num_embeddings
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
