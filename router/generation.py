@@ -4,7 +4,7 @@ merged into OpenAI choices, as one body or as server-sent events."""
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from kvserve.router import routing_metrics as metrics
 from kvserve.router.errors import engine_error
@@ -12,6 +12,7 @@ from kvserve.router.responses import (
     ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body,
     completion_logprobs, openai_finish_reason,
 )
+from kvserve.router.tool_parsers import NamedCallReader, Parsed, ToolCallReader
 from kvserve.workers.protocol import OutputDelta, SampleDelta, TokenLogprobs
 
 class RequestTimer:
@@ -38,11 +39,15 @@ class Generation:
     """One HTTP request's generation: several prompts x n samples, merged into choices."""
 
     def __init__(self, model_name: str, token_text: TokenText, request_id: str, body, chat: bool, num_prompts: int,
-                 firsts: list[OutputDelta], streams: list, timers: list[RequestTimer]):
+                 firsts: list[OutputDelta], streams: list, timers: list[RequestTimer],
+                 tool_call_reader: Callable[[], ToolCallReader | NamedCallReader] | None = None):
         self.model_name, self.token_text = model_name, token_text
         self.request_id, self.body, self.chat = request_id, body, chat
         self.n = body.n
         self.choices = [ChoiceState(i) for i in range(num_prompts * self.n)]
+        if tool_call_reader is not None:
+            for choice in self.choices:
+                choice.tool_calls = tool_call_reader()
         self.firsts, self.streams, self.timers = firsts, streams, timers
         self.usage = Usage()
         for first in firsts:
@@ -117,8 +122,10 @@ class Generation:
         logprobs = self._logprobs(choice.logprobs, 0) if self._wants_logprobs() else None
         if self.chat:
             message = {"role": "assistant", "content": choice.text}
-            return {"index": choice.index, "message": message, "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason}
+            reason = choice.finish_reason
+            if choice.tool_calls is not None:
+                message, reason = _with_tool_calls(choice)
+            return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
         return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
                 "finish_reason": choice.finish_reason}
 
@@ -154,9 +161,35 @@ class Generation:
             logprobs = self._logprobs(sample.logprobs or [], len(choice.text) - len(sample.text))
         reason = openai_finish_reason(sample.finish_reason)
         if self.chat:
-            return {"index": choice.index, "delta": {"content": sample.text},
-                    "logprobs": logprobs, "finish_reason": reason}
+            delta = {"content": sample.text}
+            if choice.tool_calls is not None:
+                delta, reason = _tool_call_delta(choice, sample)
+            return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return {"index": choice.index, "text": sample.text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _with_tool_calls(choice: ChoiceState) -> tuple[dict, str | None]:
+    """The final message of a choice whose text may hold tool calls, and its finish reason."""
+    reader = choice.tool_calls
+    content = reader.feed(choice.text).content + reader.finish().content
+    message = {"role": "assistant", "content": (content or None) if reader.calls else content}
+    if reader.calls:
+        message["tool_calls"] = [call.to_openai() for call in reader.calls]
+    return message, openai_finish_reason(choice.finish_reason, bool(reader.calls))
+
+
+def _tool_call_delta(choice: ChoiceState, sample: SampleDelta) -> tuple[dict, str | None]:
+    """The streamed delta of a choice whose text may hold tool calls: the content that is
+    certain by now, and each call's name, then its arguments, as they come."""
+    reader = choice.tool_calls
+    parsed = reader.feed(sample.text)
+    if sample.finish_reason is not None:
+        last = reader.finish()
+        parsed = Parsed(parsed.content + last.content, parsed.calls + last.calls)
+    delta: dict = {"content": parsed.content} if parsed.content or not parsed.calls else {}
+    if parsed.calls:
+        delta["tool_calls"] = [call.to_openai() for call in parsed.calls]
+    return delta, openai_finish_reason(sample.finish_reason, bool(reader.calls))
 
 
 def _sse(body, raw: bool = False) -> bytes:

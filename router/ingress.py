@@ -24,6 +24,7 @@ from kvserve.router.http_app import ApiKeyGate, app
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.openai_schema import ChatCompletionRequest, CompletionRequest
 from kvserve.router.responses import TokenText
+from kvserve.router.tool_parsers import FORMATS, format_for_model
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.protocol import GenerateRequest, RequestRefused, SamplingParams, prompt_length_problem
 
@@ -43,6 +44,7 @@ class IngressSettings:
     max_stop_strings: int
     max_request_bytes: int
     metrics_need_api_key: bool
+    tool_parser: str | None = None  # a name in tool_parsers.FORMATS; None: the model's own
 
 
 @serve.ingress(app)
@@ -59,6 +61,8 @@ class Ingress:
             app.state.api_key_gate = ApiKeyGate(f"Bearer {settings.api_key}".encode(), settings.metrics_need_api_key)
         self.tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer, local_files_only=True)
         self.token_text = TokenText(self.tokenizer)
+        self.tool_format = (FORMATS[settings.tool_parser] if settings.tool_parser
+                            else format_for_model(settings.tokenizer, self.tokenizer.chat_template))
         self.app_name = serve.get_replica_context().app_name
         self.follower: KVIndexFollower | None = None
 
@@ -114,10 +118,10 @@ class Ingress:
     def _chat_prompt(self, body: ChatCompletionRequest) -> str:
         if not self.tokenizer.chat_template:
             raise bad_request("this model's tokenizer has no chat template", "messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [m.for_template() for m in body.messages]
         try:
             return self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=body.add_generation_prompt, tokenize=False
+                messages, tools=body.template_tools(), add_generation_prompt=body.add_generation_prompt, tokenize=False
             )
         except (TemplateError, TypeError, ValueError) as error:
             raise bad_request(f"the model's chat template cannot take these messages: {error}", "messages") from None
@@ -190,8 +194,9 @@ class Ingress:
         streams, firsts = [s for s, _ in started], [f for _, f in started]
         replicas = [f.replica for f in firsts]
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(replicas))}
+        reader = body.tool_call_reader(self.tool_format) if chat else None
         run = Generation(self.model_name, self.token_text, request_id, body, chat, len(prompts), firsts, streams,
-                         timers)
+                         timers, reader)
         if body.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
         return JSONResponse(await run.collect(), headers=headers)

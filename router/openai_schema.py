@@ -1,11 +1,17 @@
 """OpenAI-compatible request bodies (plus vLLM's sampling extras), validated by pydantic, and
 pydantic's findings turned into messages a client can act on."""
 
+import json
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from kvserve.workers.protocol import SamplingParams
+from kvserve.router.tool_parsers import (
+    REQUIRED_FORMAT, NamedCallReader, ToolCallFormat, ToolCallReader, named_call_schema, required_calls_schema,
+)
+from kvserve.workers.protocol import SamplingParams, StructuredOutputSpec
 
 
 CACHE_SALT_MAX_CHARS = 256
@@ -13,6 +19,43 @@ CACHE_SALT_MAX_CHARS = 256
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+def refusal(param: str, message: str) -> PydanticCustomError:
+    """A problem a model validator finds with one parameter: reported with that parameter."""
+    return PydanticCustomError("parameter_refused", "{message}", {"message": message, "param": param})
+
+
+def structured_spec(param: str, fields: dict) -> StructuredOutputSpec:
+    """The spec of `fields`; a refusal naming `param` if it cannot be used."""
+    try:
+        return StructuredOutputSpec(**fields)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        raise refusal(param, f"{param}: {problem['ctx']['error'] if 'ctx' in problem else problem['msg']}") from None
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('response_format.json_schema is required with type "json_schema", and only then')
+        return self
+
+    def spec_fields(self) -> dict | None:
+        if self.type == "json_schema":
+            return {"json_schema": self.json_schema.schema_}
+        return {"json_object": True} if self.type == "json_object" else None
 
 
 class _SamplingFields(BaseModel):
@@ -41,6 +84,12 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     cache_salt: str | None = Field(None, min_length=1, max_length=CACHE_SALT_MAX_CHARS)
     priority: int = Field(0, ge=-(2**31), lt=2**31)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    _structured: StructuredOutputSpec | None = PrivateAttr(None)
 
     @field_validator("stop")
     @classmethod
@@ -56,6 +105,27 @@ class _SamplingFields(BaseModel):
         if value is not None and not value.isprintable():
             raise ValueError("cache_salt must hold printable characters only")
         return value
+
+    def _output_constraints(self) -> dict[str, dict]:
+        """parameter -> the StructuredOutputSpec fields it asks for, for each one given."""
+        constraints = {
+            "response_format": self.response_format.spec_fields() if self.response_format else None,
+            "guided_json": {"json_schema": self.guided_json} if self.guided_json is not None else None,
+            "guided_regex": {"regex": self.guided_regex} if self.guided_regex is not None else None,
+            "guided_choice": {"choice": self.guided_choice} if self.guided_choice is not None else None,
+            "guided_grammar": {"grammar": self.guided_grammar} if self.guided_grammar is not None else None,
+        }
+        return {param: fields for param, fields in constraints.items() if fields is not None}
+
+    @model_validator(mode="after")
+    def _one_output_constraint(self):
+        constraints = self._output_constraints()
+        if len(constraints) > 1:
+            first, second = list(constraints)[:2]
+            raise refusal(second, f"{second} cannot be combined with {first}: a request takes one output constraint")
+        for param, fields in constraints.items():
+            self._structured = structured_spec(param, fields)
+        return self
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's sampling parameters; raises pydantic's ValidationError on values the
@@ -75,6 +145,7 @@ class _SamplingFields(BaseModel):
             "logprobs": logprobs,
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
+            "structured": self._structured,
         }
         for name in ("temperature", "top_p", "top_k"):
             if getattr(self, name) is not None:
@@ -112,15 +183,75 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("a tool call's function.arguments must be a JSON object, as text")
+        return value
+
+
+class AssistantToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[AssistantToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """The message as Hugging Face chat templates read it: tool-call arguments as a dict."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": json.loads(call.function.arguments)}}
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.role == "tool" and self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -130,6 +261,9 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
@@ -142,6 +276,58 @@ class ChatCompletionRequest(_SamplingFields):
 
     def logprobs_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    # -- tools ---------------------------------------------------------------------------
+
+    def _functions(self) -> list[dict]:
+        return [tool.function.model_dump(exclude_none=True) for tool in self.tools or []]
+
+    def _forced_functions(self) -> list[dict]:
+        """The functions the output must call: all of them for "required", the named one, or
+        none. Refuses a tool_choice that names no given tool."""
+        functions = self._functions()
+        names = [f["name"] for f in functions]
+        if len(set(names)) != len(names):
+            raise refusal("tools", "tools must have distinct function names")
+        if self.tool_choice == "required":
+            if not functions:
+                raise refusal("tool_choice", 'tool_choice "required" needs tools')
+            return functions
+        if isinstance(self.tool_choice, NamedToolChoice):
+            chosen = [f for f in functions if f["name"] == self.tool_choice.function.name]
+            if not chosen:
+                raise refusal("tool_choice", f"tool_choice names the function {self.tool_choice.function.name!r}, "
+                                             "which is not among tools")
+            return chosen
+        return []
+
+    def _output_constraints(self) -> dict[str, dict]:
+        constraints = super()._output_constraints()
+        forced = self._forced_functions()
+        for i, function in enumerate(self._functions()):
+            if function in forced and "parameters" in function:
+                structured_spec(f"tools[{i}].function.parameters", {"json_schema": function["parameters"]})
+        if self.tool_choice == "required":
+            constraints["tool_choice"] = {"json_schema": required_calls_schema(forced, self.parallel_tool_calls)}
+        elif forced:
+            constraints["tool_choice"] = {"json_schema": named_call_schema(forced[0])}
+        return constraints
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as `apply_chat_template(tools=...)` takes them; none for tool_choice "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def tool_call_reader(self, family: ToolCallFormat) -> Callable[[], ToolCallReader | NamedCallReader] | None:
+        """How to read the tool calls out of each choice's text: in the model family's format,
+        or in the format tool_choice forces; None when the output holds no calls."""
+        if self.template_tools() is None:
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return lambda: NamedCallReader(self.tool_choice.function.name)
+        chosen = REQUIRED_FORMAT if self.tool_choice == "required" else family
+        return lambda: ToolCallReader(chosen)
 
 
 # -- pydantic's findings as messages -----------------------------------------------------
@@ -178,6 +364,8 @@ def validation_problem(error: dict) -> tuple[str, str | None]:
     """(message, param) for one of pydantic's errors of a request body."""
     kind, ctx = error["type"], error.get("ctx") or {}
     loc = list(error.get("loc", ()))
+    if kind == "parameter_refused":
+        return ctx["message"], ctx["param"]
     if kind == "json_invalid":
         return "the request body is not valid JSON", None
     path = loc[1:] if loc[:1] == ["body"] else loc

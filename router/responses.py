@@ -3,18 +3,21 @@
 import time
 from dataclasses import dataclass, field
 
+from kvserve.router.tool_parsers import NamedCallReader, ToolCallReader
 from kvserve.workers.protocol import TokenLogprobs
 
 
 @dataclass
 class ChoiceState:
-    """What one choice (one prompt x one sample) has produced so far."""
+    """What one choice (one prompt x one sample) has produced so far; `tool_calls` reads the
+    tool calls out of its text when the request has tools."""
 
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    tool_calls: ToolCallReader | NamedCallReader | None = None
 
 
 @dataclass
@@ -32,7 +35,10 @@ class Usage:
         }
 
 
-def openai_finish_reason(reason: str | None) -> str | None:
+def openai_finish_reason(reason: str | None, called_tools: bool = False) -> str | None:
+    """A choice whose output ended by itself after calling tools finished with "tool_calls"."""
+    if reason == "stop" and called_tools:
+        return "tool_calls"
     return "stop" if reason == "abort" else reason
 
 

@@ -97,6 +97,15 @@ CASES = {
     "cache_salt too long": ("POST", C, completion(cache_salt="s" * 257), 400, "cache_salt"),
     "cache_salt not a string": ("POST", C, completion(cache_salt=5), 400, "cache_salt"),
     "body too large": ("POST", C, completion(prompt="x" * MAX_REQUEST_BYTES), 413, None),
+    "regex that does not compile": ("POST", C, completion(guided_regex="a(b"), 400, "guided_regex"),
+    "schema that does not compile": ("POST", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}), 400, "response_format"),
+    "two output constraints": ("POST", C, completion(guided_regex="a", guided_choice=["a"]), 400, "guided_choice"),
+    "tool_choice naming no tool": ("POST", CHAT, chat(tool_choice={"type": "function", "function": {"name": "f"}}),
+                                   400, "tool_choice"),
+    "tool call arguments not an object": ("POST", CHAT, chat(messages=[{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "1"}}]}]), 400,
+        "messages[0].tool_calls[0].function.arguments"),
     "unknown route": ("GET", "/v1/nothing", None, 404, None),
     "wrong method": ("GET", C, None, 405, None),
 }
@@ -193,12 +202,15 @@ SHARED = {
     "ignore_eos": st.booleans(), "stop_token_ids": token_ids | json_values, "skip_special_tokens": json_values,
     "include_stop_str_in_output": st.booleans(), "cache_salt": st.text(max_size=4) | json_values,
     "priority": st.integers(), "user": json_values,
+    "response_format": json_values, "guided_json": json_values, "guided_regex": st.text(max_size=8) | json_values,
+    "guided_choice": json_values, "guided_grammar": st.text(max_size=12) | json_values,
 }
 COMPLETION_FIELDS = {**SHARED, "prompt": st.text(max_size=20) | token_ids | st.lists(token_ids, max_size=2) | json_values,
                      "logprobs": st.integers(-1, 22) | json_values, "echo": json_values, "suffix": json_values}
 CHAT_FIELDS = {**SHARED, "messages": messages, "logprobs": json_values, "top_logprobs": st.integers(-1, 22),
                "max_completion_tokens": st.integers(-1, 4) | json_values,
-               "add_generation_prompt": json_values}
+               "add_generation_prompt": json_values, "tools": json_values,
+               "tool_choice": st.sampled_from(["none", "auto", "required"]) | json_values}
 
 
 def bodies(fields: dict):

@@ -6,8 +6,9 @@ All are frozen dataclasses that Ray pickles as they are; readers use attributes,
 left out is an error when the message is built, never a silent 0 where it is read. Messages
 the engine itself produces are defined beside it and named here: `KVEventBatch`, its
 event kinds and `BlockSnapshot` (`workers/engine/kv_events.py`), `EngineStats` and `TokenLogprobs`
-(`workers/engine/outputs.py`), and the rule for a prompt's length that both ends apply
-(`workers/engine/prompt_checks.py`). This module imports nothing heavier than those, so the
+(`workers/engine/outputs.py`), the rule for a prompt's length that both ends apply
+(`workers/engine/prompt_checks.py`), and the output constraint a request may carry
+(`workers/engine/structured_spec.py`). This module imports nothing heavier than those, so the
 router can use it without loading the engine.
 """
 
@@ -20,11 +21,13 @@ from kvserve.workers.engine.kv_events import (
 from kvserve.workers.engine.outputs import EngineStats, TokenLogprobs
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 
 __all__ = [
     "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EngineStats",
     "GenerateRequest", "Heartbeat", "HubNews", "KVCursor", "KVEvent", "KVEventBatch", "OutputDelta", "ReplicaNews",
-    "ReplicaRegistration", "RequestRefused", "SampleDelta", "SamplingParams", "TokenLogprobs", "prompt_length_problem",
+    "ReplicaRegistration", "RequestRefused", "SampleDelta", "SamplingParams", "StructuredOutputSpec", "TokenLogprobs",
+    "prompt_length_problem",
 ]
 
 # -- ingress <-> replica -------------------------------------------------------------------

@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from kvserve.workers.engine.structured_spec import StructuredOutputSpec
+
 # Below this temperature a row takes the argmax: dividing the logits by it would overflow.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -57,6 +59,7 @@ class SamplingParams(BaseModel):
     logprobs: int | None = None  # how many top tokens to report; 0: the sampled one only
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured: StructuredOutputSpec | None = None  # the grammar every output must follow
 
     @field_validator("stop", mode="before")
     @classmethod
