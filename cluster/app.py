@@ -42,6 +42,7 @@ def ingress_settings(config: AppConfig) -> IngressSettings:
         max_stop_strings=config.serving.max_stop_strings,
         max_request_bytes=config.serving.max_request_bytes,
         metrics_need_api_key=config.serving.metrics_need_api_key,
+        tool_parser=config.serving.tool_parser,
     )
 
 

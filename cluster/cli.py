@@ -267,6 +267,7 @@ BENCHES = (
      _plain_bench_flags("decode")),
     ("overhead", "the engine's host time per decode step, phase by phase", _plain_bench_flags("overhead")),
     ("sim", "cluster simulator: our router and engine bookkeeping in simulated time", _plain_bench_flags("sim")),
+    ("structured", "decode tokens/s with and without a JSON schema", _plain_bench_flags("structured")),
 )
 
 

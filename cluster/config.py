@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -45,6 +46,9 @@ class ServingConfig(BaseModel):
     host: str = Field("127.0.0.1", description="address the HTTP server listens on")
     port: int = Field(8000, ge=1, le=65535, description="port the HTTP server listens on")
     max_n: int = Field(16, ge=1, description="the most samples (`n`) one request may ask for")
+    tool_parser: Literal["hermes", "llama3_json", "mistral"] | None = Field(
+        None, description="how the model writes tool calls; default: read from its chat template, else its model type"
+    )
     max_stop_strings: int = Field(
         16, ge=0, description="the most stop strings one request may give (OpenAI allows 4, vLLM any number)"
     )

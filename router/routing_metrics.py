@@ -57,14 +57,26 @@ def record_decision(policy: str, reason: str, seconds: float) -> None:
     ROUTING_TIME.labels(policy).observe(seconds)
 
 
+GRAMMAR_COMPILE_TIME = Gauge(
+    "kvserve_grammar_compile_seconds_total", "Time spent compiling structured-output grammars", ["replica"])
+GRAMMARS_COMPILED = Gauge("kvserve_grammars_compiled_total", "Structured-output grammars compiled", ["replica"])
+GRAMMAR_MASK_TIME = Gauge(
+    "kvserve_grammar_mask_seconds_total", "Time spent filling structured outputs' token masks", ["replica"])
+GRAMMAR_MASKED_STEPS = Gauge("kvserve_grammar_masked_steps_total", "Engine steps with a token mask", ["replica"])
+_GRAMMAR_GAUGES = {GRAMMAR_COMPILE_TIME: "compile_s", GRAMMARS_COMPILED: "compiled",
+                   GRAMMAR_MASK_TIME: "mask_s", GRAMMAR_MASKED_STEPS: "masked_steps"}
+
+
 def export_replica_stats(stats: dict[str, EngineStats], index_blocks: dict[str, int], untrusted: int) -> None:
     """Refresh the per-replica gauges; replicas that are gone lose their series."""
-    for gauge in (KV_USAGE, RUNNING, WAITING, INDEX_BLOCKS):
+    for gauge in (KV_USAGE, RUNNING, WAITING, INDEX_BLOCKS, *_GRAMMAR_GAUGES):
         gauge.clear()
     for replica, s in stats.items():
         KV_USAGE.labels(replica).set(s.kv_blocks_used / s.kv_blocks_total)
         RUNNING.labels(replica).set(s.running)
         WAITING.labels(replica).set(s.waiting)
+        for gauge, field in _GRAMMAR_GAUGES.items() if s.grammars is not None else ():
+            gauge.labels(replica).set(getattr(s.grammars, field))
     for replica, blocks in index_blocks.items():
         INDEX_BLOCKS.labels(replica).set(blocks)
     UNTRUSTED_REPLICAS.set(untrusted)

@@ -93,9 +93,10 @@ def test_no_token_is_computed_past_max_tokens(tiny_checkpoints):
     engine, computed = llm.engine, []
     launch = engine.runner.launch
 
-    def counting_launch(batch, *args):
-        computed.extend(seq.num_output_tokens for seq in batch.seqs if seq.num_computed_tokens >= seq.num_prompt_tokens)
-        return launch(batch, *args)
+    def counting_launch(step, *args):
+        computed.extend(seq.num_output_tokens for seq in step.batch.seqs
+                        if seq.num_computed_tokens >= seq.num_prompt_tokens)
+        return launch(step, *args)
 
     engine.runner.launch = counting_launch
     llm.generate([[5, 6, 7], [8, 9]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))

@@ -155,3 +155,13 @@ def test_bench_decode_tiny_model(tmp_path, capsys):
         assert row["vs_hf"] == pytest.approx(row["tok_s"] / row["hf_tok_s"])
         assert len(table_rows(stdout, f"{batch} | 8 ")[0]) == 9
     assert "batch-1 step within 1.25x of the floor" in stdout
+
+
+def test_bench_structured_reports_both_runs_side_by_side(tmp_path, capsys):
+    report = run_cli(tmp_path, "bench", "structured", "--batches", "1,2", "--tokens", "8", "--rounds", "1")
+    stdout = capsys.readouterr().out
+    for row, batch in zip(report["structured"], [1, 2], strict=True):
+        assert row["batch"] == batch and row["free_tps"] > 0 and row["guided_tps"] > 0
+        assert row["ratio"] == pytest.approx(row["guided_tps"] / row["free_tps"])
+        assert row["mask_ms"] > 0
+        assert len(table_rows(stdout, f"{batch} ")[0]) == 5

@@ -5,6 +5,7 @@ the graphs themselves are captured and replayed."""
 import pytest
 import torch
 
+from kvserve.workers.engine.executor import StepRequest
 from kvserve.workers.runner.cuda_graphs import bucket_sizes
 from kvserve.workers.llm import LLM
 from kvserve.workers.engine.sampling_params import SamplingParams
@@ -108,7 +109,7 @@ def test_a_decode_step_syncs_only_for_the_sampled_tokens(tiny_checkpoints):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        plan = runner.inputs.plan(batch, engine.kv.block_tables, samples, engine.eos_token_ids)
+        plan = runner.inputs.plan(StepRequest(batch, engine.kv.block_tables, samples, engine.eos_token_ids))
         with torch.inference_mode():
             logits = runner.logits(plan)
     finally:

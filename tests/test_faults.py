@@ -41,13 +41,13 @@ def faulty_server_class():
             super().__init__(*args)
             execute = self.engine.runner.execute
 
-            def faulty_execute(batch, *rest):
-                markers = {tuple(seq.token_ids[:4]) for seq in batch.seqs}
+            def faulty_execute(step):
+                markers = {tuple(seq.token_ids[:4]) for seq in step.batch.seqs}
                 if (3, 1, 4, 1) in markers:
                     raise RuntimeError("injected step failure")
                 if (2, 7, 1, 8) in markers:
                     threading.Event().wait()
-                return execute(batch, *rest)
+                return execute(step)
 
             self.engine.runner.execute = faulty_execute
 

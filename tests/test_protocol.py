@@ -10,7 +10,8 @@ from ray import serve
 
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.protocol import (
-    AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EngineStats, GenerateRequest, Heartbeat, HubNews,
+    AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EngineStats, GenerateRequest, GrammarTimings,
+    Heartbeat, HubNews,
     KVCursor, KVEventBatch, OutputDelta, ReplicaNews, ReplicaRegistration, RequestRefused, SampleDelta, SamplingParams,
     TokenLogprobs,
 )
@@ -18,7 +19,7 @@ from kvserve.workers.protocol import (
 BLOCK = 4
 CHAIN = hash_block_chain(list(range(12)), BLOCK, cache_salt="tenant")
 STATS = EngineStats(running=2, waiting=1, kv_blocks_total=64, kv_blocks_used=9, kv_blocks_cached=5,
-                    num_preemptions=0)
+                    num_preemptions=0, grammars=GrammarTimings(compiled=1, compile_s=0.02, masked_steps=3, mask_s=0.001))
 EPOCH = 2**62 + 5
 BATCH = KVEventBatch(EPOCH, 7, 1.7e9, [
     BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None),

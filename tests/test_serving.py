@@ -1,14 +1,18 @@
 """The whole serving path on a real local Ray cluster: the `openai` client against the
 ingress, two engine replicas behind the KV-aware router."""
 
+import json
 import random
 import re
 import time
+from typing import Annotated, Literal
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import ray
+from pydantic import BaseModel, Field
 
 from kvserve.cluster.bench.routers import routing_decisions
 from kvserve.workers.kv_event_hub import hub_name
@@ -94,6 +98,45 @@ def test_n_logprobs_stop_and_seed(client, model_name):
     chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=4, logprobs=True, top_logprobs=3, temperature=0)
     assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
+
+
+class Order(BaseModel):
+    size: Literal["small", "large"]
+    count: Annotated[int, Field(ge=1, le=99)]
+    paid: bool
+
+
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]},
+                                            "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+           "required": ["city", "days"]}
+TOOLS = [{"type": "function", "function": {"name": "forecast", "parameters": WEATHER}}]
+
+
+def test_structured_outputs_parse_with_the_official_client(server, client, model_name):
+    messages = [{"role": "user", "content": "One order, please."}]
+    parsed = client.chat.completions.parse(model=model_name, messages=messages, response_format=Order,
+                                           max_tokens=200, temperature=1.0, seed=2)
+    assert isinstance(parsed.choices[0].message.parsed, Order)
+    regex = client.completions.create(model=model_name, prompt="Code:", max_tokens=20, temperature=1.0, seed=4,
+                                      extra_body={"guided_regex": r"[A-F]{2}-\d{3}"})
+    assert re.fullmatch(r"[A-F]{2}-\d{3}", regex.choices[0].text)
+    assert sum(metric(server, "kvserve_grammars_compiled_total").values()) >= 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_tool_calls_validate_against_the_tool_schema(client, model_name, stream):
+    args = dict(model=model_name, messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+                tool_choice="required", max_tokens=200, temperature=1.0, seed=6)
+    if stream:
+        with client.chat.completions.stream(**args) as events:
+            completion = events.get_final_completion()
+    else:
+        completion = client.chat.completions.create(**args)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        assert call.function.name == "forecast"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
 
 
 def test_bad_input_gets_openai_errors(server, client, model_name):

@@ -45,10 +45,10 @@ def test_every_step_matches_the_per_token_construction(tiny_checkpoints, paged):
     plan_step = inputs.plan
     checked = []
 
-    def checked_plan(batch, block_tables, samples, eos_token_ids):
-        plan = plan_step(batch, block_tables, samples, eos_token_ids)
-        check_plan(plan, batch, block_tables, engine.config.block_size, paged)
-        checked.append(batch.num_preempted)
+    def checked_plan(step):
+        plan = plan_step(step)
+        check_plan(plan, step.batch, step.block_tables, engine.config.block_size, paged)
+        checked.append(step.batch.num_preempted)
         return plan
 
     inputs.plan = checked_plan

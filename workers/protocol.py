@@ -5,7 +5,8 @@ batches, heartbeats) and hub -> routers (news of every replica).
 All are frozen dataclasses that Ray pickles as they are; readers use attributes, and a field
 left out is an error when the message is built, never a silent 0 where it is read. Messages
 the engine itself produces are defined beside it and named here: `KVEventBatch`, its
-event kinds and `BlockSnapshot` (`workers/engine/kv_events.py`), `EngineStats` and `TokenLogprobs`
+event kinds and `BlockSnapshot` (`workers/engine/kv_events.py`), `EngineStats` (with its
+`GrammarTimings`) and `TokenLogprobs`
 (`workers/engine/outputs.py`), the rule for a prompt's length that both ends apply
 (`workers/engine/prompt_checks.py`), and the output constraint a request may carry
 (`workers/engine/structured_spec.py`). This module imports nothing heavier than those, so the
@@ -18,13 +19,13 @@ from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.kv_events import (
     AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, KVEvent, KVEventBatch,
 )
-from kvserve.workers.engine.outputs import EngineStats, TokenLogprobs
+from kvserve.workers.engine.outputs import EngineStats, GrammarTimings, TokenLogprobs
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 
 __all__ = [
-    "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EngineStats",
+    "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EngineStats", "GrammarTimings",
     "GenerateRequest", "Heartbeat", "HubNews", "KVCursor", "KVEvent", "KVEventBatch", "OutputDelta", "ReplicaNews",
     "ReplicaRegistration", "RequestRefused", "SampleDelta", "SamplingParams", "StructuredOutputSpec", "TokenLogprobs",
     "prompt_length_problem",

@@ -128,6 +128,8 @@ class EngineThread(threading.Thread):
             return
         if tokens:
             self.deliver(tokens)
+        for request_id, reason in self.engine.take_refusals():
+            self.fail(request_id, RequestRefused(reason))
 
     def _fail_all(self, error: Exception) -> None:
         """Fail every request the engine holds with the step's error; if that does not leave
@@ -188,7 +190,7 @@ class LLMServer:
     def _deliver(self, tokens: list[NewToken]) -> None:
         self._loop.call_soon_threadsafe(self._process, tokens)
 
-    def _fail(self, request_id: str, error: Exception) -> None:
+    def _fail(self, request_id: str, error: Exception | RequestRefused) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
             self._loop.call_soon_threadsafe(stream.put_nowait, error)

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for, check_pool_holds_a_sequence
 from kvserve.workers.engine.kv_events import BlockSnapshot, KVEventBatch
-from kvserve.workers.engine.executor import ModelExecutor, PendingSample, SampleRequest
+from kvserve.workers.engine.executor import ModelExecutor, PendingSample, SampleRequest, StepRequest
+from kvserve.workers.engine.guided_decoding import GuidedDecoding
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.output_processor import NewToken, OutputProcessor, SampleKey
 from kvserve.workers.engine.outputs import EngineStats, RequestOutput
@@ -18,6 +19,8 @@ from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from kvserve.workers.engine.sequence import PENDING_TOKEN, FinishReason, Sequence
 from kvserve.workers.engine.step_clock import StepClock
+from kvserve.workers.engine.structured_output import StructuredMatcher
+from kvserve.workers.engine.structured_spec import StructuredOutputError
 
 
 @dataclass
@@ -50,6 +53,8 @@ class LLMEngine:
         self.overlaps_steps = config.overlaps_steps
         self._in_flight: _InFlight | None = None  # the step launched last, not read yet
         self._requests_with_penalties = 0
+        self.guided = GuidedDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self._refusals: list[tuple[str, str]] = []  # (request id, why) of requests dropped after add_request
 
     def _eos_token_ids(self, from_model: Seq[int]) -> tuple[int, ...]:
         ids = set(from_model)
@@ -91,7 +96,31 @@ class LLMEngine:
             self._requests_with_penalties += 1
         if self.outputs is not None:
             self.outputs.add_request(request_id, text, token_ids, params)
-        self.scheduler.add(seqs[0])
+        if params.structured is None:
+            self.scheduler.add(seqs[0])
+        else:  # scheduled once its grammar is compiled, off this thread
+            self.guided.add(request_id, params.structured)
+
+    def _schedule_compiled(self) -> None:
+        """Queue the requests whose grammar is ready, each sample with its own matcher; refuse
+        those whose grammar failed to compile."""
+        for request_id, compiled in self.guided.take_compiled():
+            seqs = self.requests[request_id]
+            if isinstance(compiled, StructuredOutputError):
+                for seq in seqs:
+                    self.scheduler.finish(seq, FinishReason.ABORT)
+                self._forget(request_id)
+                self._refusals.append((request_id, str(compiled)))
+                continue
+            for seq in seqs:
+                seq.matcher = StructuredMatcher(compiled)
+            self.scheduler.add(seqs[0])
+
+    def take_refusals(self) -> list[tuple[str, str]]:
+        """The requests dropped since the last call for a problem of their own found after
+        `add_request` returned (a grammar that does not compile), with the reason."""
+        refusals, self._refusals = self._refusals, []
+        return refusals
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         problem = prompt_length_problem(len(token_ids), self.max_model_len)
@@ -138,6 +167,9 @@ class LLMEngine:
         if self.outputs is None:
             raise RuntimeError("this engine's outputs are processed elsewhere: call step_tokens")
         outputs, stopped = self.outputs.process(self.step_tokens())
+        for request_id, reason in self.take_refusals():
+            self.outputs.abort(request_id)
+            raise ValueError(f"request {request_id!r} refused: {reason}")
         self.stop_samples(stopped)
         if self.clock is not None:
             self.clock.lap("detokenize")
@@ -150,6 +182,8 @@ class LLMEngine:
         With async scheduling the step is launched and the tokens returned are those of the
         step before it, read while this one runs; a step whose samples use penalties (which
         read every token so far) waits for that step first."""
+        if self.guided.num_compiling:
+            self._schedule_compiled()
         earlier = [] if self._can_overlap() else self._take_in_flight()
         batch = self.scheduler.schedule()
         if self.clock is not None:
@@ -157,9 +191,11 @@ class LLMEngine:
         if batch.is_empty:
             return earlier + self._take_in_flight()
         samples = self._sample_requests(batch)
+        step = StepRequest(batch, self.kv.block_tables, samples, self.eos_token_ids,
+                           self.guided.token_masks(samples) if self.guided.num_requests else None)
         if self.overlaps_steps and self._can_overlap():
-            return earlier + self._launch(batch, samples)
-        sampled = self.runner.execute(batch, self.kv.block_tables, samples, self.eos_token_ids)
+            return earlier + self._launch(step)
+        sampled = self.runner.execute(step)
         self._advance(batch, samples)
         tokens = [self._take_token(s.seq, token, logprob, top, None) for s, token, logprob, top
                   in zip(samples, sampled.token_ids, sampled.logprobs, sampled.top_logprobs)] if samples else []
@@ -168,13 +204,15 @@ class LLMEngine:
         return earlier + tokens
 
     def _can_overlap(self) -> bool:
-        return self._requests_with_penalties == 0
+        """Whether the next step may be planned before this one's tokens are read: not while a
+        request's sampling reads every token so far (penalties) or its grammar needs the last one."""
+        return self._requests_with_penalties == 0 and self.guided.num_requests == 0
 
-    def _launch(self, batch: ScheduledBatch, samples: list[SampleRequest]) -> list[NewToken]:
+    def _launch(self, step: StepRequest) -> list[NewToken]:
         """Queue this step with a pending token per sample, then read the step before it."""
         previous = self._in_flight
-        pending = self.runner.launch(batch, self.kv.block_tables, samples, self.eos_token_ids,
-                                     previous.pending if previous else None)
+        pending = self.runner.launch(step, previous.pending if previous else None)
+        batch, samples = step.batch, step.samples
         self._advance(batch, samples)
         for row, request in enumerate(samples):
             seq = request.seq
@@ -239,20 +277,29 @@ class LLMEngine:
             seq.token_ids.append(token)
             num_tokens = len(seq.token_ids)
         reason = stop = None
-        if token in seq.ending_token_ids or num_tokens >= seq.max_num_tokens:
-            reason, stop = self._token_stop(seq, token)
-            self._finish(seq, reason)
+        if token in seq.ending_token_ids or num_tokens >= seq.max_num_tokens or seq.matcher is not None:
+            reason, stop = self._token_stop(seq, token, num_tokens)
+            if reason is not None:
+                self._finish(seq, reason)
         return NewToken(seq.request_id, seq.sample_index, token, logprob, top, reason, stop,
                         seq.num_cached_prompt_tokens)
 
-    def _token_stop(self, seq: Sequence, token: int) -> tuple[FinishReason, int | None]:
-        """Why `token` ends `seq`, one of its ending tokens or its length; and the stop token."""
+    def _token_stop(self, seq: Sequence, token: int, num_tokens: int) -> tuple[FinishReason | None, int | None]:
+        """Whether `token` ends `seq` (and the stop token that did): one of its ending tokens,
+        its length, or the end of its grammar, whose matcher takes the token here."""
         params = seq.params
+        if seq.matcher is not None:
+            if not seq.matcher.accept(token):
+                raise RuntimeError(f"token {token} of request {seq.request_id!r} is outside its grammar's mask")
+            if seq.matcher.is_terminated():
+                return FinishReason.STOP, token if token in params.stop_token_ids else None
         if token in params.stop_token_ids:
             return FinishReason.STOP, token
         if token in self.eos_token_ids and not params.ignore_eos:
             return FinishReason.STOP, None
-        return FinishReason.LENGTH, None
+        if num_tokens >= seq.max_num_tokens:
+            return FinishReason.LENGTH, None
+        return None, None
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End one sample; the request is done when all of its samples are."""
@@ -265,14 +312,18 @@ class LLMEngine:
         seqs = self.requests.pop(request_id)
         if seqs[0].params.uses_penalties:
             self._requests_with_penalties -= 1
+        if seqs[0].params.structured is not None:
+            self.guided.forget(request_id)
         if not self.requests:
             self._in_flight = None  # only the tokens of ended sequences can be in it
 
     # -- state for the serving layer -----------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop the worker actors and free their placement group, if the model runs on them."""
+        """Stop the worker actors and free their placement group, if the model runs on them;
+        and the grammar compiler's thread."""
         self.runner.shutdown()
+        self.guided.shutdown()
 
     def take_kv_events(self) -> KVEventBatch | None:
         return self.kv.take_events()
@@ -284,9 +335,10 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return EngineStats(
             running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
+            waiting=len(self.scheduler.waiting) + self.guided.num_compiling,
             kv_blocks_total=self.kv.num_blocks,
             kv_blocks_used=self.kv.num_blocks - self.kv.num_free_blocks,
             kv_blocks_cached=self.kv.num_cached_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            grammars=self.guided.timings_so_far(),
         )

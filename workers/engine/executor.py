@@ -5,6 +5,8 @@ implement. The engine is handed one; it never builds it."""
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from kvserve.workers.engine.scheduler import ScheduledBatch
 from kvserve.workers.engine.sequence import Sequence
 from kvserve.workers.models.config import ModelConfig
@@ -16,6 +18,29 @@ class SampleRequest:
 
     batch_index: int
     seq: Sequence
+
+
+@dataclass(slots=True)
+class TokenMasks:
+    """The tokens that the sample rows `rows` may take this step (structured outputs): one bit
+    per token in `bitmask[row]`, int32 words of 32 tokens, for every sample row (those not in
+    `rows` are left unread)."""
+
+    bitmask: torch.Tensor
+    rows: list[int]
+
+
+@dataclass(slots=True)
+class StepRequest:
+    """One step for an executor: the scheduled batch, every sequence's block table, which
+    sequences sample (the sample rows, in order), the model's end tokens, and the allowed
+    tokens of rows whose output follows a grammar."""
+
+    batch: ScheduledBatch
+    block_tables: dict[str, list[int]]
+    samples: list[SampleRequest]
+    eos_token_ids: tuple[int, ...]
+    token_masks: TokenMasks | None = None
 
 
 @dataclass(slots=True)
@@ -38,23 +63,10 @@ class ModelExecutor(Protocol):
     model_config: ModelConfig
     num_kv_blocks: int  # the KV pool the model's cache tensors hold, in blocks
 
-    def execute(
-        self,
-        batch: ScheduledBatch,
-        block_tables: dict[str, list[int]],
-        samples: list[SampleRequest],
-        eos_token_ids: tuple[int, ...],
-    ) -> SamplerOutput | None:
-        """Run one step's forward pass and sample the rows of `samples`."""
+    def execute(self, step: StepRequest) -> SamplerOutput | None:
+        """Run one step's forward pass and sample the rows of `step.samples`."""
 
-    def launch(
-        self,
-        batch: ScheduledBatch,
-        block_tables: dict[str, list[int]],
-        samples: list[SampleRequest],
-        eos_token_ids: tuple[int, ...],
-        previous: PendingSample | None,
-    ) -> PendingSample:
+    def launch(self, step: StepRequest, previous: PendingSample | None) -> PendingSample:
         """Queue one step without waiting for it (async scheduling; only executors that run the
         model in the engine's process have it). A sequence whose new token is PENDING_TOKEN
         takes it from `previous`, at its `sample_row`."""

@@ -49,3 +49,15 @@ class EngineStats:
     kv_blocks_used: int  # held by running or waiting-to-resume sequences
     kv_blocks_cached: int  # reusable prefix blocks, in use or not
     num_preemptions: int
+    grammars: "GrammarTimings | None"  # structured outputs so far, once there were any
+
+
+@dataclass(frozen=True)
+class GrammarTimings:
+    """Time spent on structured outputs since the engine started: compiling grammars, and
+    filling the steps' token masks."""
+
+    compiled: int
+    compile_s: float
+    masked_steps: int
+    mask_s: float

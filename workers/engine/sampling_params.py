@@ -81,6 +81,9 @@ class SamplingParams(BaseModel):
                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens}, "
                 f"max_tokens={self.max_tokens}"
             )
+        if self.structured is not None and self.min_tokens:
+            # A complete output's grammar allows only the end tokens, which min_tokens masks.
+            raise ValueError("min_tokens cannot be used with a structured output (response_format or guided_*)")
         return self
 
     @property

@@ -60,6 +60,7 @@ class Sequence:
         self.sample_row = -1
         self.last_token_pending = False
         self.seed = self._sample_seed(params.seed, sample_index)
+        self.matcher = None  # a StructuredMatcher: where its output stands in its grammar, if it has one
         # Where it ends at the latest (max_tokens, or a shorter model length), and the tokens
         # that may end it (stop tokens, EOS): checked for every token, so worked out once.
         self.max_num_tokens = min(self.num_prompt_tokens + params.max_tokens, max_num_tokens or 1 << 62)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.workers.engine.config import EngineConfig
-from kvserve.workers.engine.executor import SampleRequest, SamplerOutput
+from kvserve.workers.engine.executor import SamplerOutput, StepRequest
 from kvserve.workers.runner.cuda_graphs import DecodeGraphs
 from kvserve.workers.models.distributed import SINGLE, TPGroup
 from kvserve.workers.runner.kv_memory import (
@@ -21,7 +21,6 @@ from kvserve.workers.models.parallel_layers import kv_heads_of_rank
 from kvserve.workers.runner.sampler import SampledTokens, Sampler, SamplingRow
 from kvserve.workers.runner.step_inputs import Chunk, InputBatch, StepPlan, flat_inputs
 from kvserve.workers.engine.sampling_params import SamplingParams
-from kvserve.workers.engine.scheduler import ScheduledBatch
 from kvserve.workers.engine.step_clock import StepClock
 from kvserve.workers.runner.transfer import to_device
 
@@ -134,30 +133,17 @@ class ModelRunner:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
-    def execute(
-        self,
-        batch: ScheduledBatch,
-        block_tables: dict[str, list[int]],
-        samples: list[SampleRequest],
-        eos_token_ids: tuple[int, ...],
-    ) -> SamplerOutput | None:
-        plan = self.inputs.plan(batch, block_tables, samples, eos_token_ids)
+    def execute(self, step: StepRequest) -> SamplerOutput | None:
+        plan = self.inputs.plan(step)
         if self.clock is not None:
             self.clock.lap("inputs")
         return self.run(plan)
 
-    def launch(
-        self,
-        batch: ScheduledBatch,
-        block_tables: dict[str, list[int]],
-        samples: list[SampleRequest],
-        eos_token_ids: tuple[int, ...],
-        previous: "LaunchedStep | None",
-    ) -> "LaunchedStep":
+    def launch(self, step: StepRequest, previous: "LaunchedStep | None") -> "LaunchedStep":
         """The step queued on the device, its pending input tokens taken from `previous`'s
         sampled ones there; nothing waits for it until `LaunchedStep.result`."""
         previous_tokens = previous.sampled.token_ids if previous is not None and previous.sampled else None
-        plan = self.inputs.plan(batch, block_tables, samples, eos_token_ids, previous_tokens)
+        plan = self.inputs.plan(step, previous_tokens)
         return LaunchedStep(self._sample(plan))
 
     def run(self, plan: StepPlan) -> SamplerOutput | None:
@@ -177,7 +163,7 @@ class ModelRunner:
             self.clock.lap("forward")
         if logits is None or plan.rows is None:
             return None
-        return self.sampler.sample(logits, plan.rows, plan.eos_token_ids)
+        return self.sampler.sample(logits, plan.rows, plan.eos_token_ids, plan.token_masks)
 
     def logits(self, plan: StepPlan) -> torch.Tensor | None:
         """The forward pass of a step and the logits of its `last_rows`: all queued on the

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvserve.workers.engine.executor import SamplerOutput
+from kvserve.workers.engine.executor import SamplerOutput, TokenMasks
+from kvserve.workers.engine.structured_output import apply_token_bitmask
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.runner.transfer import to_device
 
@@ -187,11 +188,19 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(
-        self, logits: torch.Tensor, rows: list[SamplingRow], eos_token_ids: tuple[int, ...] = ()
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        eos_token_ids: tuple[int, ...] = (),
+        token_masks: TokenMasks | None = None,
     ) -> SampledTokens:
         """`logits` is [len(rows), vocab] and is used as scratch space: it is changed in place.
         `eos_token_ids` are the model's end tokens, masked with `params.stop_token_ids` while
-        a row has fewer than `params.min_tokens` outputs (even with `ignore_eos`)."""
+        a row has fewer than `params.min_tokens` outputs (even with `ignore_eos`). The rows of
+        `token_masks` (structured outputs) keep only their allowed tokens, before anything
+        else, logprobs included."""
+        if token_masks is not None:
+            apply_token_bitmask(logits, token_masks.bitmask, token_masks.rows)
         plan = _Plan.of(rows, logits.shape[1])
         raw_logprobs = None
         if plan.logprobs:  # taken before anything below changes the logits

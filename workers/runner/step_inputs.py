@@ -13,8 +13,7 @@ import numpy as np
 import torch
 
 from kvserve.kernels.metadata import AttentionMetadata
-from kvserve.workers.engine.executor import SampleRequest
-from kvserve.workers.engine.scheduler import ScheduledBatch
+from kvserve.workers.engine.executor import StepRequest, TokenMasks
 from kvserve.workers.engine.sequence import PENDING_TOKEN
 from kvserve.workers.runner.sampler import SamplingRow
 from kvserve.workers.runner.transfer import to_device
@@ -36,6 +35,7 @@ class StepPlan:
     last_rows: np.ndarray  # the flat index of each sampling row's last token
     rows: list[SamplingRow] | None
     eos_token_ids: tuple[int, ...]
+    token_masks: TokenMasks | None = None
 
 
 class InputBatch:
@@ -50,17 +50,11 @@ class InputBatch:
         self.free_rows = list(range(capacity - 1, -1, -1))
         self.sampling_rows: dict[str, SamplingRow] = {}  # of the sequences that sampled
 
-    def plan(
-        self,
-        batch: ScheduledBatch,
-        block_tables: dict[str, list[int]],
-        samples: list[SampleRequest],
-        eos_token_ids: tuple[int, ...],
-        previous_tokens: torch.Tensor | None = None,
-    ) -> StepPlan:
+    def plan(self, step: StepRequest, previous_tokens: torch.Tensor | None = None) -> StepPlan:
         """The step's plan. A sequence whose new token is still pending (async scheduling) takes
         it from `previous_tokens`, the last step's sampled tokens on the device, at its
         `sample_row`: the host never waits for it."""
+        batch, block_tables, samples = step.batch, step.block_tables, step.samples
         for seq_id in batch.departed:
             self._drop(seq_id)
         rows, starts, tokens, pending = [], [], [], []
@@ -83,7 +77,8 @@ class InputBatch:
         last_rows = (np.asarray(meta.query_start_loc_cpu[1:]) - 1)[[s.batch_index for s in samples]]
         cached = self.sampling_rows
         sampling_rows = [cached.get(s.seq.seq_id) or self._sampling_row(s.seq) for s in samples]
-        return StepPlan(batch.block_copies, input_ids, positions, meta, last_rows, sampling_rows, eos_token_ids)
+        return StepPlan(batch.block_copies, input_ids, positions, meta, last_rows, sampling_rows,
+                        step.eos_token_ids, step.token_masks)
 
     def _sampling_row(self, seq) -> SamplingRow:
         row = self.sampling_rows[seq.seq_id] = SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.seed)

@@ -19,13 +19,12 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kvserve.workers.engine.config import EngineConfig
-from kvserve.workers.engine.executor import SampleRequest, SamplerOutput
+from kvserve.workers.engine.executor import SamplerOutput, StepRequest
 from kvserve.workers.models.distributed import free_port, join_group
 from kvserve.workers.runner.model_runner import ModelRunner
 from kvserve.workers.runner.step_inputs import InputBatch, StepPlan
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.parallel_layers import check_shardable
-from kvserve.workers.engine.scheduler import ScheduledBatch
 from kvserve.workers.runner.transfer import to_device
 
 PLACEMENT_TIMEOUT_S = 60.0
@@ -151,17 +150,11 @@ class TPExecutor:
         except (ray.exceptions.RayError, asyncio.TimeoutError) as error:
             raise RuntimeError(f"a tensor-parallel rank of this engine is not answering: {error!r}") from error
 
-    def execute(
-        self,
-        batch: ScheduledBatch,
-        block_tables: dict[str, list[int]],
-        samples: list[SampleRequest],
-        eos_token_ids: tuple[int, ...],
-    ) -> SamplerOutput | None:
+    def execute(self, step: StepRequest) -> SamplerOutput | None:
         if not self.workers:
             raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")
-        plan = self.inputs.plan(batch, block_tables, samples, eos_token_ids)
-        others = ray.put(dataclasses.replace(plan, rows=None))
+        plan = self.inputs.plan(step)
+        others = ray.put(dataclasses.replace(plan, rows=None, token_masks=None))
         refs = [self.workers[0].execute.remote(plan)] + [w.execute.remote(others) for w in self.workers[1:]]
         try:
             return _gather(refs, "failed during a step", RuntimeError)[0]

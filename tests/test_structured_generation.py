@@ -1,0 +1,97 @@
+"""Structured outputs through the whole engine: a random-weight model writes gibberish on its
+own, yet every output under a grammar is what the grammar asks for, with n > 1, seeds, logprobs,
+stop strings, prefix caching and preemption in play."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.structured_spec import StructuredOutputSpec
+from kvserve.workers.llm import LLM
+
+# No free-form strings: a random model would take hundreds of tokens to close one.
+ORDER = {
+    "type": "object",
+    "properties": {
+        "size": {"enum": ["small", "large"]},
+        "count": {"type": "integer", "minimum": 1, "maximum": 99},
+        "paid": {"type": "boolean"},
+        "extras": {"type": "array", "items": {"enum": ["ice", "lemon"]}, "maxItems": 2},
+        "table": {
+            "type": "object",
+            "properties": {"row": {"type": "integer", "minimum": 0, "maximum": 9}},
+            "required": ["row"],
+        },
+    },
+    "required": ["size", "count", "paid", "extras", "table"],
+}
+PHONE = r"\d{3}-\d{4}"
+CHOICES = ["yes", "no", "it depends"]
+SUM_GRAMMAR = r"""
+root ::= number (" + " number)*
+number ::= [1-9] [0-9]?
+"""
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoints):
+    return LLM(str(tiny_checkpoints["llama"]), device="cpu", num_kv_blocks=64, max_model_len=512)
+
+
+def guided(n: int = 2, max_tokens: int = 300, **form) -> SamplingParams:
+    return SamplingParams(n=n, temperature=1.0, seed=3, max_tokens=max_tokens,
+                          structured=StructuredOutputSpec(**form))
+
+
+def texts(output) -> list[str]:
+    assert all(o.finish_reason == "stop" for o in output.outputs), [o.finish_reason for o in output.outputs]
+    return [o.text for o in output.outputs]
+
+
+def test_every_output_follows_its_grammar(llm):
+    prompts = ["Order:", "Call me at", "Well?", "Add:", "Order again:"]
+    params = [guided(json_schema=ORDER), guided(regex=PHONE), guided(choice=CHOICES),
+              guided(grammar=SUM_GRAMMAR, max_tokens=40), guided(n=1, json_object=True, max_tokens=400)]
+    order, phone, choice, total, anything = llm.generate(prompts, params)
+    for text in texts(order):
+        jsonschema.validate(json.loads(text), ORDER)
+    assert all(re.fullmatch(PHONE, text) for text in texts(phone))
+    assert all(text in CHOICES for text in texts(choice))
+    for text in texts(total):
+        assert re.fullmatch(r"[1-9][0-9]?( \+ [1-9][0-9]?)*", text)
+    assert isinstance(json.loads(texts(anything)[0]), dict)
+
+
+def test_guided_and_plain_requests_share_a_batch(llm):
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    [alone] = llm.generate(["Hello there"], plain)
+    together = llm.generate(["Hello there", "Pick one:"], [plain, guided(choice=CHOICES, n=1)])
+    assert together[0].outputs[0].token_ids == alone.outputs[0].token_ids
+    assert texts(together[1])[0] in CHOICES
+
+
+def test_seeded_guided_outputs_repeat_with_logprobs_of_allowed_tokens(llm):
+    params = SamplingParams(temperature=1.0, seed=11, max_tokens=200, logprobs=2,
+                            structured=StructuredOutputSpec(json_schema=ORDER))
+    first, again = (llm.generate(["Order:"], params)[0].outputs[0] for _ in range(2))
+    assert first.text == again.text  # the second run also hits the prefix cache
+    jsonschema.validate(json.loads(first.text), ORDER)
+    assert all(lp.logprob > float("-inf") for lp in first.logprobs)
+
+
+def test_preempted_guided_samples_resume_their_grammar(tiny_checkpoints):
+    small = LLM(str(tiny_checkpoints["llama"]), device="cpu", num_kv_blocks=12, block_size=16, max_model_len=160)
+    prompts = ["Order one:", "Order two:", "Order three:", "Order four:"]
+    outputs = small.generate(prompts, guided(json_schema=ORDER, n=1, max_tokens=150))
+    assert small.engine.scheduler.num_preemptions > 0
+    for output in outputs:
+        for text in texts(output):
+            jsonschema.validate(json.loads(text), ORDER)
+
+
+def test_min_tokens_with_a_grammar_is_refused():
+    with pytest.raises(ValueError, match="min_tokens cannot be used with a structured output"):
+        SamplingParams(min_tokens=2, structured=StructuredOutputSpec(choice=CHOICES))
