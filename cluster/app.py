@@ -38,6 +38,8 @@ def ingress_settings(config: AppConfig) -> IngressSettings:
         tokenizer=engine.tokenizer_dir,
         api_key=config.serving.api_key,
         vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        normalize_embeddings=engine.normalize_embeddings,
         max_n=config.serving.max_n,
         max_stop_strings=config.serving.max_stop_strings,
         max_request_bytes=config.serving.max_request_bytes,

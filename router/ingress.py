@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
+from ray.serve import context as serve_context
 from ray.serve._private.common import ReplicaState
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
@@ -22,11 +23,13 @@ from kvserve.router.errors import OpenAIError, bad_request, engine_error, replic
 from kvserve.router.generation import Generation, RequestTimer
 from kvserve.router.http_app import ApiKeyGate, app
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.openai_schema import ChatCompletionRequest, CompletionRequest
-from kvserve.router.responses import TokenText
+from kvserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from kvserve.router.responses import TokenText, embeddings_body
 from kvserve.router.tool_parsers import FORMATS, format_for_model
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
-from kvserve.workers.protocol import GenerateRequest, RequestRefused, SamplingParams, prompt_length_problem
+from kvserve.workers.protocol import (
+    EmbeddingOutput, EmbedRequest, GenerateRequest, RequestRefused, SamplingParams, prompt_length_problem,
+)
 
 REPLICA_HEADER = "x-kvserve-replica"
 REPLICA_RETRIES = 2  # sends of a request whose replica died before its first output
@@ -40,11 +43,22 @@ class IngressSettings:
     tokenizer: str  # folder
     api_key: str | None
     vocab_size: int  # the model's: token ids from clients must be below it
+    hidden_size: int  # the model's: the length of an embedding
+    normalize_embeddings: bool
     max_n: int
     max_stop_strings: int
     max_request_bytes: int
     metrics_need_api_key: bool
     tool_parser: str | None = None  # a name in tool_parsers.FORMATS; None: the model's own
+
+
+def _route_on_its_own(request_id: str) -> None:
+    """Give the calls this task makes a Serve request id of their own. Serve's request router
+    hands the replica it chose for a request to the pending request of the same id, and the
+    calls of one HTTP request (several prompts or inputs) share that request's id: all but
+    one of them would never be routed. Each prompt runs in a task of its own (asyncio.gather),
+    so the id set here stays with that task's calls."""
+    serve_context._set_request_context(_internal_request_id=request_id)
 
 
 @serve.ingress(app)
@@ -177,6 +191,41 @@ class Ingress:
         sampling = body.sampling(self._max_tokens(prompt[1], body.requested_max_tokens()), body.logprobs_count())
         return await self._serve([prompt], sampling, body, chat=True)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(self, body: EmbeddingRequest) -> Response:
+        self._check_model(body.model)
+        if body.dimensions is not None and body.dimensions > self.settings.hidden_size:
+            raise bad_request(f"dimensions must be <= the model's embedding size {self.settings.hidden_size}",
+                              "dimensions")
+        prompts = [self._tokenize(p) for p in body.inputs()]
+        self._ensure_follower()
+        request_id = f"embd-{uuid.uuid4().hex}"
+        embeds = [self._embed(f"{request_id}-{i}", text, ids, body) for i, (text, ids) in enumerate(prompts)]
+        results = await asyncio.gather(*embeds, return_exceptions=True)
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            raise failure if isinstance(failure, OpenAIError) else engine_error(failure) from failure
+        return JSONResponse(embeddings_body(self.model_name, results, body.encoding_format, body.dimensions,
+                                            self.settings.normalize_embeddings))
+
+    async def _embed(self, request_id: str, text: str, ids: list[int], body: EmbeddingRequest) -> EmbeddingOutput:
+        """One prompt's embedding; sent again, to a live replica, if its replica died first."""
+        _route_on_its_own(request_id)
+        request = EmbedRequest(request_id, ids, text, hash_block_chain(ids, self.block_size, body.cache_salt),
+                               self.hash_check, body.cache_salt, body.priority)
+        for attempt in range(REPLICA_RETRIES + 1):
+            stream = self.llm.options(stream=True).embed.remote(request)
+            try:
+                answer = await anext(stream)
+            except BaseException as error:
+                stream.cancel()
+                if not replica_died(error) or attempt == REPLICA_RETRIES:
+                    raise
+                continue
+            if isinstance(answer, RequestRefused):
+                raise bad_request(answer.reason)
+            return answer
+
     # -- generation --------------------------------------------------------------------
 
     async def _serve(self, prompts, sampling: SamplingParams, body, chat: bool) -> Response:
@@ -204,6 +253,7 @@ class Ingress:
     async def _start(self, request_id: str, text: str, ids: list[int], sampling: SamplingParams, body):
         """The stream of one prompt and its first delta. A replica that dies before the first
         delta has given the client nothing: the request goes again, to a live replica."""
+        _route_on_its_own(request_id)
         request = GenerateRequest(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -213,6 +263,7 @@ class Ingress:
             hash_check=self.hash_check,
             cache_salt=body.cache_salt,
             priority=body.priority,
+            kv_retention=body.retention(),
         )
         for attempt in range(REPLICA_RETRIES + 1):
             stream = self.llm.options(stream=True).generate.remote(request)

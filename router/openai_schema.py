@@ -11,7 +11,7 @@ from pydantic_core import PydanticCustomError
 from kvserve.router.tool_parsers import (
     REQUIRED_FORMAT, NamedCallReader, ToolCallFormat, ToolCallReader, named_call_schema, required_calls_schema,
 )
-from kvserve.workers.protocol import SamplingParams, StructuredOutputSpec
+from kvserve.workers.protocol import KVRetention, RetentionRange, SamplingParams, StructuredOutputSpec
 
 
 CACHE_SALT_MAX_CHARS = 256
@@ -58,10 +58,66 @@ class ResponseFormat(BaseModel):
         return {"json_object": True} if self.type == "json_object" else None
 
 
-class _SamplingFields(BaseModel):
-    """Fields both endpoints share; names follow OpenAI, extras follow vLLM."""
+class RetentionRangeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    start: int = Field(0, ge=0)
+    end: int | None = Field(None, gt=0, description="exclusive; null: to the prompt's end")
+    priority: int = Field(ge=0, le=100)
+    duration_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _not_empty(self):
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"kv_retention range end ({self.end}) must be past its start ({self.start})")
+        return self
+
+
+class KVRetentionBody(BaseModel):
+    """TensorRT-LLM's token-range retention: how long to keep which of the prompt's KV blocks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ranges: list[RetentionRangeBody] = Field(default_factory=list, max_length=64)
+    decode_priority: int = Field(35, ge=0, le=100)
+
+    def retention(self) -> KVRetention:
+        ranges = tuple(RetentionRange(r.start, r.end, r.priority, r.duration_s) for r in self.ranges)
+        return KVRetention(ranges, self.decode_priority)
+
+
+class _CacheFields(BaseModel):
+    """Fields every endpoint that fills KV blocks takes: a tenant's cache salt and the
+    request's priority (lower is served sooner)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    cache_salt: str | None = Field(None, min_length=1, max_length=CACHE_SALT_MAX_CHARS)
+    priority: int = Field(0, ge=-(2**31), lt=2**31)
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _printable_salt(cls, value):
+        if value is not None and not value.isprintable():
+            raise ValueError("cache_salt must hold printable characters only")
+        return value
+
+
+def _not_empty(value: str | list, param: str):
+    if value == "" or (isinstance(value, list) and (not value or "" in value)):
+        raise ValueError(f"{param} must not be empty")
+    return value
+
+
+def _one_or_many(value: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One text or token list, or a list of them, as a list."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        return [value]
+    return list(value)
+
+
+class _SamplingFields(_CacheFields):
+    """Fields both generating endpoints share; names follow OpenAI, extras follow vLLM."""
 
     model: str | None = None
     n: int = Field(1, ge=1)  # the upper bound is the server's `serving.max_n`
@@ -82,8 +138,7 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    cache_salt: str | None = Field(None, min_length=1, max_length=CACHE_SALT_MAX_CHARS)
-    priority: int = Field(0, ge=-(2**31), lt=2**31)
+    kv_retention: KVRetentionBody | None = None
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -98,13 +153,6 @@ class _SamplingFields(BaseModel):
         if stops is not None and not all(stops):
             raise ValueError("stop strings must not be empty")
         return stops
-
-    @field_validator("cache_salt")
-    @classmethod
-    def _printable_salt(cls, value):
-        if value is not None and not value.isprintable():
-            raise ValueError("cache_salt must hold printable characters only")
-        return value
 
     def _output_constraints(self) -> dict[str, dict]:
         """parameter -> the StructuredOutputSpec fields it asks for, for each one given."""
@@ -126,6 +174,9 @@ class _SamplingFields(BaseModel):
         for param, fields in constraints.items():
             self._structured = structured_spec(param, fields)
         return self
+
+    def retention(self) -> KVRetention | None:
+        return self.kv_retention.retention() if self.kv_retention is not None else None
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's sampling parameters; raises pydantic's ValidationError on values the
@@ -166,16 +217,31 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _not_empty(cls, value):
-        if value == "" or (isinstance(value, list) and (not value or "" in value)):
-            raise ValueError("prompt must not be empty")
-        return value
+    def _prompt_not_empty(cls, value):
+        return _not_empty(value, "prompt")
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of the request: one text or token list each."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return list(self.prompt)
+        return _one_or_many(self.prompt)
+
+
+class EmbeddingRequest(_CacheFields):
+    """OpenAI's embeddings request. `dimensions` keeps the first that many components of each
+    vector (normalised again when the server normalises)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input_not_empty(cls, value):
+        return _not_empty(value, "input")
+
+    def inputs(self) -> list[str | list[int]]:
+        return _one_or_many(self.input)
 
 
 class TextPart(BaseModel):

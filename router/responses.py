@@ -1,10 +1,13 @@
 """Turns the engine's streamed chunks into OpenAI response bodies."""
 
+import base64
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from kvserve.router.tool_parsers import NamedCallReader, ToolCallReader
-from kvserve.workers.protocol import TokenLogprobs
+from kvserve.workers.protocol import EmbeddingOutput, TokenLogprobs
 
 
 @dataclass
@@ -102,3 +105,22 @@ def chunk_body(request_id: str, model: str, choices: list[dict], usage: Usage | 
     if usage is None and chat:
         body["usage"] = None
     return body
+
+
+def embeddings_body(model: str, outputs: list[EmbeddingOutput], encoding_format: str, dimensions: int | None,
+                    normalize: bool) -> dict:
+    """OpenAI's embeddings response. With `dimensions` each vector keeps that many leading
+    components, normalised again when the server normalises; `base64` is the float32
+    little-endian bytes of each vector, as OpenAI encodes them."""
+    data = []
+    for index, output in enumerate(outputs):
+        vector = np.asarray(output.embedding[:dimensions], dtype=np.float32)
+        if dimensions is not None and normalize:
+            vector /= max(float(np.linalg.norm(vector)), 1e-12)
+        as_bytes = vector.astype("<f4").tobytes()
+        encoded = base64.b64encode(as_bytes).decode() if encoding_format == "base64" else vector.tolist()
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    prompt_tokens = sum(o.num_prompt_tokens for o in outputs)
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens,
+             "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outputs)}}
+    return {"object": "list", "data": data, "model": model, "usage": usage}

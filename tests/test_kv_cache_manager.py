@@ -1,5 +1,6 @@
-"""The block manager under random allocate/append/fork/free sequences, checked against a
-shadow memory that records which token each cache slot holds."""
+"""The block manager under random allocate/append/fork/free sequences, with retention
+priorities and a host tier, checked against a shadow memory that records which token each
+cache slot (device and host) holds."""
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -8,6 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from kvserve.workers.engine.block_hash import hash_block_chain
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for
 from kvserve.workers.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvserve.workers.engine.retention import KVRetention, RetentionRange
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import Sequence
 
@@ -15,20 +17,35 @@ BLOCK = 4
 PARAMS = SamplingParams()
 
 
-def make_seq(name: str, tokens: list[int], salt: str | None = None) -> Sequence:
-    return Sequence(name, 0, tokens, PARAMS, arrival=0.0, cache_salt=salt)
+def make_seq(name: str, tokens: list[int], salt: str | None = None, retention: KVRetention | None = None) -> Sequence:
+    return Sequence(name, 0, tokens, PARAMS, arrival=0.0, cache_salt=salt, kv_retention=retention)
+
+
+RETENTIONS = st.sampled_from([
+    None, None, KVRetention((RetentionRange(0, 4, 100),)), KVRetention((RetentionRange(2, None, 0, 5.0),), 80),
+])
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    @initialize(num_blocks=st.integers(4, 24), caching=st.booleans())
-    def setup(self, num_blocks, caching):
-        self.kv = KVCacheManager(num_blocks, BLOCK, caching)
+    @initialize(num_blocks=st.integers(4, 24), caching=st.booleans(), host_blocks=st.sampled_from([0, 0, 2, 8]))
+    def setup(self, num_blocks, caching, host_blocks):
+        self.kv = KVCacheManager(num_blocks, BLOCK, caching, host_blocks)
         self.slots: dict[int, int] = {}  # slot -> token written there
+        self.host_slots: dict[int, int] = {}
         self.live: dict[str, Sequence] = {}
         self.cached_index: set[bytes] = set()  # rebuilt from the event stream only
+        self.host_index: set[bytes] = set()
         self.next_id = 0
 
+    def _transfer(self) -> None:
+        for t in self.kv.take_transfers():
+            src, dst = (self.slots, self.host_slots) if t.to_host else (self.host_slots, self.slots)
+            for off in range(BLOCK):
+                if t.src * BLOCK + off in src:
+                    dst[t.dst * BLOCK + off] = src[t.src * BLOCK + off]
+
     def _write(self, seq: Sequence, start: int, end: int) -> None:
+        self._transfer()
         table = self.kv.block_tables[seq.seq_id]
         for pos in range(start, end):
             self.slots[table[pos // BLOCK] * BLOCK + pos % BLOCK] = seq.token_ids[pos]
@@ -37,9 +54,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(
         tokens=st.lists(st.integers(0, 3), min_size=1, max_size=14),
         salt=st.sampled_from([None, None, "tenant"]),
+        retention=RETENTIONS,
     )
-    def admit(self, tokens, salt):
-        seq = make_seq(f"s{self.next_id}", tokens, salt)
+    def admit(self, tokens, salt, retention):
+        seq = make_seq(f"s{self.next_id}", tokens, salt, retention)
         self.next_id += 1
         hits = self.kv.get_computed_blocks(seq)
         num_cached = len(hits) * BLOCK
@@ -72,6 +90,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         child = Sequence(parent.request_id, self.next_id, parent.token_ids, PARAMS, 0.0, cache_salt=parent.cache_salt)
         self.next_id += 1
         copy = self.kv.fork(parent, child)
+        self._transfer()
         if copy is not None:
             src, dst = copy
             for off in range(BLOCK):
@@ -107,7 +126,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 refs[block_id] = refs.get(block_id, 0) + 1
         for block in self.kv.pool.blocks:
             assert block.ref_count == refs.get(block.block_id, 0)
-            assert (block.block_id in self.kv.pool.free_queue) == (block.ref_count == 0)
+            assert (block in self.kv.pool.free_queue) == (block.ref_count == 0)
+        assert len(self.kv.pool.free_queue) == sum(b.ref_count == 0 for b in self.kv.pool.blocks)
         assert set(self.kv.seq_blocks) == set(self.live)
 
     @invariant()
@@ -126,14 +146,28 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def events_replay_to_the_cache(self):
         batch = self.kv.take_events()
         for event in batch.events if batch else []:
+            if isinstance(event, AllBlocksCleared):
+                self.cached_index.clear()
+                self.host_index.clear()
+                continue
+            index = self.host_index if event.medium == "cpu" else self.cached_index
             if isinstance(event, BlockStored):
                 assert len(event.token_ids) == len(event.block_hashes) * BLOCK
-                self.cached_index.update(event.block_hashes)
-            elif isinstance(event, BlockRemoved):
-                self.cached_index.difference_update(event.block_hashes)
-            elif isinstance(event, AllBlocksCleared):
-                self.cached_index.clear()
+                index.update(event.block_hashes)
+            else:
+                index.difference_update(event.block_hashes)
         assert self.cached_index == set(self.kv.pool.cached)
+        assert self.host_index == set(self.kv.host.cached if self.kv.host else ())
+
+    @invariant()
+    def host_blocks_hold_what_their_hash_names(self):
+        if not self.kv.host:
+            return
+        self._transfer()
+        for block_hash, block in self.kv.host.cached.items():
+            tokens = [self.host_slots.get(block.block_id * BLOCK + off) for off in range(BLOCK)]
+            assert tokens == list(block.token_ids)
+            assert block.ref_count == 0
 
     def teardown(self):
         if not hasattr(self, "kv"):

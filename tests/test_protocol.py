@@ -10,10 +10,9 @@ from ray import serve
 
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.protocol import (
-    AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EngineStats, GenerateRequest, GrammarTimings,
-    Heartbeat, HubNews,
-    KVCursor, KVEventBatch, OutputDelta, ReplicaNews, ReplicaRegistration, RequestRefused, SampleDelta, SamplingParams,
-    TokenLogprobs,
+    AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EmbedRequest, EmbeddingOutput, EngineStats,
+    GenerateRequest, GrammarTimings, Heartbeat, HubNews, KVCursor, KVEventBatch, KVRetention, OutputDelta,
+    ReplicaNews, ReplicaRegistration, RequestRefused, RetentionRange, SampleDelta, SamplingParams, TokenLogprobs,
 )
 
 BLOCK = 4
@@ -22,8 +21,8 @@ STATS = EngineStats(running=2, waiting=1, kv_blocks_total=64, kv_blocks_used=9, 
                     num_preemptions=0, grammars=GrammarTimings(compiled=1, compile_s=0.02, masked_steps=3, mask_s=0.001))
 EPOCH = 2**62 + 5
 BATCH = KVEventBatch(EPOCH, 7, 1.7e9, [
-    BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None),
-    BlockRemoved(CHAIN[:1]),
+    BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None, medium="cpu", priority=100),
+    BlockRemoved(CHAIN[:1], medium="cpu"),
     AllBlocksCleared(),
 ])
 HEARTBEAT = Heartbeat(EPOCH, 7, 1.7e9 + 0.25, STATS)
@@ -39,8 +38,12 @@ def messages() -> list:
     return [
         GenerateRequest(request_id="cmpl-1-0", prompt_token_ids=list(range(13)), sampling=sampling,
                         prompt="text", block_hashes=CHAIN, hash_check=hash_check_value(BLOCK),
-                        cache_salt="tenant", priority=-1),
+                        cache_salt="tenant", priority=-1,
+                        kv_retention=KVRetention((RetentionRange(0, None, 100, 60.0),), decode_priority=10)),
         OutputDelta(replica="r1", num_prompt_tokens=13, num_cached_tokens=8, samples=[sample], finished=True),
+        EmbedRequest(request_id="embd-1-0", prompt_token_ids=list(range(13)), prompt="text", block_hashes=CHAIN,
+                     hash_check=hash_check_value(BLOCK), cache_salt="tenant", priority=2),
+        EmbeddingOutput(request_id="embd-1-0", embedding=[0.5, -0.25], num_prompt_tokens=13, num_cached_tokens=8),
         RequestRefused("the request needs up to 90 KV blocks but the pool has only 64"),
         STATS,
         BATCH,

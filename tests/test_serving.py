@@ -58,6 +58,10 @@ def test_completion_equals_the_offline_engine(client, model_name, offline):
         assert got.choices[0].finish_reason == "length"
         assert got.usage.completion_tokens == 12
         assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    # Several prompts in one request: each is routed on its own (they once waited forever).
+    both = client.completions.create(model=model_name, prompt=prompts, max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}, timeout=60)
+    assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == [w.outputs[0].text for w in expected]
 
 
 def test_streamed_completion_equals_the_plain_one(client, model_name):
@@ -137,6 +141,19 @@ def test_required_tool_calls_validate_against_the_tool_schema(client, model_name
     for call in choice.message.tool_calls:
         assert call.function.name == "forecast"
         jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+
+
+def test_embeddings_with_the_official_client(client, model_name, offline):
+    texts = ["Hello there", "The quick brown fox"]
+    expected = offline.embed(texts)
+    got = client.embeddings.create(model=model_name, input=texts)  # the client asks for base64
+    for item, want in zip(got.data, expected, strict=True):
+        assert item.embedding == pytest.approx(want.embedding, abs=1e-5)
+    assert got.usage.prompt_tokens == sum(w.num_prompt_tokens for w in expected)
+    short = client.embeddings.create(model=model_name, input=[5, 6, 7], encoding_format="float", dimensions=8)
+    assert len(short.data[0].embedding) == 8 and sum(x * x for x in short.data[0].embedding) == pytest.approx(1.0)
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model=model_name, input="hi", dimensions=10_000)
 
 
 def test_bad_input_gets_openai_errors(server, client, model_name):

@@ -1,10 +1,10 @@
 """Offline batch generation, shaped like vLLM's `LLM` for its users."""
 
 import itertools
-from collections.abc import Sequence as Seq
+from collections.abc import Callable, Sequence as Seq
 
 from kvserve.workers.engine.config import EngineConfig
-from kvserve.workers.engine.outputs import RequestOutput
+from kvserve.workers.engine.outputs import EmbeddingOutput, RequestOutput
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.runner import start_engine
 
@@ -20,6 +20,12 @@ def _prompt_input(prompt: Prompt) -> str | list[int]:
     return prompt
 
 
+def _prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
+
+
 class LLM:
     def __init__(self, model: str, **engine_options):
         self.engine = start_engine(EngineConfig(model=model, **engine_options))
@@ -31,24 +37,39 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt together; outputs come back in the prompts' order."""
-        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        try:
-            for request_id, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(request_id, _prompt_input(prompt), p)
-        except ValueError:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            raise
+        ids = self._add_all(prompts, lambda request_id, prompt, i: self.engine.add_request(request_id, prompt, params[i]))
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
                 if output.finished:
                     finished[output.request_id] = output
         return [finished[i] for i in ids]
+
+    def embed(self, prompts: Prompt | Seq[Prompt]) -> list[EmbeddingOutput]:
+        """The embedding of every prompt (pooled as the engine's `pooling` setting says), in order."""
+        ids = self._add_all(_prompt_list(prompts), lambda request_id, prompt, _: self.engine.add_embedding_request(
+            request_id, prompt))
+        finished: dict[str, EmbeddingOutput] = {}
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+            finished.update((e.request_id, e) for e in self.engine.take_embeddings())
+        return [finished[i] for i in ids]
+
+    def _add_all(self, prompts: list[Prompt], add: Callable[[str, str | list[int], int], None]) -> list[str]:
+        """Each prompt's request id, once `add(request_id, prompt, index)` queued them all; if one
+        is refused (ValueError), none stays queued."""
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        try:
+            for i, (request_id, prompt) in enumerate(zip(ids, prompts)):
+                add(request_id, _prompt_input(prompt), i)
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return ids

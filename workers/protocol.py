@@ -19,19 +19,36 @@ from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.kv_events import (
     AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, KVEvent, KVEventBatch,
 )
-from kvserve.workers.engine.outputs import EngineStats, GrammarTimings, TokenLogprobs
+from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, GrammarTimings, TokenLogprobs
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
+from kvserve.workers.engine.retention import KVRetention, RetentionRange
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 
 __all__ = [
-    "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EngineStats", "GrammarTimings",
-    "GenerateRequest", "Heartbeat", "HubNews", "KVCursor", "KVEvent", "KVEventBatch", "OutputDelta", "ReplicaNews",
-    "ReplicaRegistration", "RequestRefused", "SampleDelta", "SamplingParams", "StructuredOutputSpec", "TokenLogprobs",
+    "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EmbedRequest", "EmbeddingOutput",
+    "EngineStats", "GrammarTimings",
+    "GenerateRequest", "Heartbeat", "HubNews", "KVCursor", "KVEvent", "KVEventBatch", "KVRetention", "OutputDelta", "ReplicaNews",
+    "ReplicaRegistration", "RequestRefused", "RetentionRange", "SampleDelta", "SamplingParams", "StructuredOutputSpec", "TokenLogprobs",
     "prompt_length_problem",
 ]
 
 # -- ingress <-> replica -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """One prompt to embed, as token ids; `prompt`, `block_hashes` and `hash_check` as in
+    `GenerateRequest`, so the routers place it the same way. The replica answers with an
+    `EmbeddingOutput` or a `RequestRefused`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt: str
+    block_hashes: list[BlockHash]
+    hash_check: str
+    cache_salt: str | None
+    priority: int
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,7 @@ class GenerateRequest:
     hash_check: str
     cache_salt: str | None
     priority: int
+    kv_retention: KVRetention | None  # None: every block at the default retention priority
 
 
 @dataclass(frozen=True)

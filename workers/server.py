@@ -25,7 +25,8 @@ from kvserve.workers.engine.output_processor import NewToken
 from kvserve.workers.engine.outputs import RequestOutput
 from kvserve.workers.kv_event_hub import KVEventHub, hub_name
 from kvserve.workers.protocol import (
-    HEARTBEAT_PERIOD_S, EngineStats, GenerateRequest, Heartbeat, OutputDelta, ReplicaRegistration, RequestRefused, SampleDelta,
+    HEARTBEAT_PERIOD_S, EmbeddingOutput, EmbedRequest, EngineStats, GenerateRequest, Heartbeat, OutputDelta,
+    ReplicaRegistration, RequestRefused, SampleDelta,
 )
 from kvserve.workers.runner import start_engine
 
@@ -76,12 +77,12 @@ class EngineThread(threading.Thread):
     Every pass of the loop beats (`beat`); an idle loop still beats each STATS_PERIOD_S, so a
     loop that has not beaten for `step_timeout_s` is stuck in a step or elsewhere."""
 
-    def __init__(self, engine: LLMEngine, deliver, fail, publish, step_timeout_s: float):
+    def __init__(self, engine: LLMEngine, deliver, post, publish, step_timeout_s: float):
         super().__init__(name="kvserve-engine", daemon=True)
         self.engine = engine
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.deliver = deliver
-        self.fail = fail
+        self.post = post  # (request id, item): an error, a refusal or an embedding for its stream
         self.publish = publish
         self.step_timeout_s = step_timeout_s
         self.error: BaseException | None = None
@@ -129,14 +130,16 @@ class EngineThread(threading.Thread):
         if tokens:
             self.deliver(tokens)
         for request_id, reason in self.engine.take_refusals():
-            self.fail(request_id, RequestRefused(reason))
+            self.post(request_id, RequestRefused(reason))
+        for embedding in self.engine.take_embeddings():
+            self.post(embedding.request_id, embedding)
 
     def _fail_all(self, error: Exception) -> None:
         """Fail every request the engine holds with the step's error; if that does not leave
         the engine empty, its state is lost: stop, and the replica reports unhealthy."""
         for request_id in list(self.engine.requests):
             self.engine.abort_request(request_id)
-            self.fail(request_id, RuntimeError(f"the engine step failed: {error!r}"))
+            self.post(request_id, RuntimeError(f"the engine step failed: {error!r}"))
         stats = self.engine.stats()
         if stats.running or stats.waiting or stats.kv_blocks_used:
             raise RuntimeError(f"engine state lost after a failed step ({error!r}): {stats}") from error
@@ -171,7 +174,7 @@ class LLMServer:
         self._last_stats_at = 0.0
         self._resync = False
         self._hub_lost = False
-        self.thread = EngineThread(self.engine, self._deliver, self._fail, self._publish, step_timeout_s)
+        self.thread = EngineThread(self.engine, self._deliver, self._post, self._publish, step_timeout_s)
         self.thread.start()
 
     def _register(self, stats: EngineStats | None = None) -> None:
@@ -190,10 +193,10 @@ class LLMServer:
     def _deliver(self, tokens: list[NewToken]) -> None:
         self._loop.call_soon_threadsafe(self._process, tokens)
 
-    def _fail(self, request_id: str, error: Exception | RequestRefused) -> None:
+    def _post(self, request_id: str, item: Exception | RequestRefused | EmbeddingOutput) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            self._loop.call_soon_threadsafe(stream.put_nowait, error)
+            self._loop.call_soon_threadsafe(stream.put_nowait, item)
 
     def _publish(self, engine: LLMEngine) -> None:
         """Send KV events as they happen, and a heartbeat (position in the event stream and
@@ -259,7 +262,7 @@ class LLMServer:
         def add(engine: LLMEngine) -> None:
             try:
                 engine.add_request(request_id, request.prompt_token_ids, request.sampling, request.priority,
-                                   request.cache_salt, block_hashes=hashes)
+                                   request.cache_salt, block_hashes=hashes, kv_retention=request.kv_retention)
             except ValueError as error:  # the request's own problem, not an error of ours
                 self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused(str(error)))
 
@@ -278,6 +281,33 @@ class LLMServer:
             self._streams.pop(request_id, None)
             self.outputs.abort(request_id)
             if not finished:
+                self.thread.submit(lambda engine: engine.abort_request(request_id))
+
+    async def embed(self, request: EmbedRequest) -> AsyncIterator[EmbeddingOutput | RequestRefused]:
+        """The embedding of one prompt, prefilled on this replica's engine: one item, streamed as
+        `generate` streams (a plain call of the handle stalled in Serve's routing when two were
+        in flight to two replicas)."""
+        self._raise_if_dead()
+        request_id = request.request_id
+        hashes = request.block_hashes if request.hash_check == self.hash_check else None
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+
+        def add(engine: LLMEngine) -> None:
+            try:
+                engine.add_embedding_request(request_id, request.prompt_token_ids, request.priority,
+                                             request.cache_salt, block_hashes=hashes)
+            except ValueError as error:
+                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused(str(error)))
+
+        answer = None
+        try:
+            self.thread.submit(add)
+            answer = await self._next_delta(stream)
+            yield answer
+        finally:
+            self._streams.pop(request_id, None)
+            if answer is None:
                 self.thread.submit(lambda engine: engine.abort_request(request_id))
 
     async def _next_delta(self, stream: asyncio.Queue) -> OutputDelta | RequestRefused:

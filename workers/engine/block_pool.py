@@ -1,35 +1,50 @@
-"""The pool of KV blocks: reference counts, the prefix-cache map and the LRU free queue."""
+"""A pool of KV blocks: reference counts, the prefix-cache map, retention asks and the free queue."""
 
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 from kvserve.workers.engine.block_hash import BlockHash
-from kvserve.workers.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvserve.workers.engine.free_queue import FreeBlockQueue
+from kvserve.workers.engine.kv_events import DEVICE_MEDIUM, HOST_MEDIUM, AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvserve.workers.engine.retention import RetentionAsk, effective_priority, stronger
 
 
 class KVBlock:
-    __slots__ = ("block_id", "ref_count", "block_hash")
+    __slots__ = ("block_id", "on_host", "ref_count", "block_hash", "parent_hash", "token_ids", "retention",
+                 "free_tick", "queued_priority")
 
-    def __init__(self, block_id: int):
+    def __init__(self, block_id: int, on_host: bool = False):
         self.block_id = block_id
+        self.on_host = on_host
         self.ref_count = 0
         self.block_hash: BlockHash | None = None
+        self.parent_hash: BlockHash | None = None  # with token_ids, what a `stored` event of it says
+        self.token_ids: Sequence[int] = ()
+        self.retention: RetentionAsk | None = None  # the strongest ask since it was cached
+        self.free_tick = 0  # when it joined the free queue; 0 while held
+        self.queued_priority = 0
 
     def __repr__(self) -> str:
         return f"KVBlock({self.block_id}, ref={self.ref_count}, cached={self.block_hash is not None})"
 
 
 class BlockPool:
-    """Owns every block. A block with no reference sits in the free queue: uncached ones at
-    the front (handed out first), cached ones behind them in least-recently-freed order, so a
-    cached block is evicted only when no better block is left."""
+    """Owns every block of one medium ("gpu": the device's cache, "cpu": the host tier). A
+    block with no reference sits in the free queue (`FreeBlockQueue`): a cached block is
+    evicted only when no uncached one is left, the lowest retention priority first.
+    `on_evict` sees each cached block just before it loses its hash."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, medium: str = DEVICE_MEDIUM,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_evict: Callable[[KVBlock], None] | None = None):
         if num_blocks < 1:
             raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
         self.block_size = block_size
-        self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self.medium = medium
+        self.clock = clock
+        self.on_evict = on_evict
+        self.blocks = [KVBlock(i, medium == HOST_MEDIUM) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks, clock)
         self.cached: dict[BlockHash, KVBlock] = {}
         self.events: list[KVEvent] = []
 
@@ -45,7 +60,7 @@ class BlockPool:
         """Hand out `count` fresh blocks (the caller checked `num_free`), evicting as needed."""
         taken = []
         for _ in range(count):
-            _, block = self.free_queue.popitem(last=False)
+            block = self.free_queue.pop()
             if block.block_hash is not None:
                 self._evict(block)
             block.ref_count = 1
@@ -56,7 +71,7 @@ class BlockPool:
         """Take one more reference on blocks that may be sitting in the free queue."""
         for block in blocks:
             if block.ref_count == 0:
-                del self.free_queue[block.block_id]
+                self.free_queue.remove(block)
             block.ref_count += 1
 
     def release(self, blocks: Iterable[KVBlock]) -> None:
@@ -64,9 +79,14 @@ class BlockPool:
         for block in blocks:
             block.ref_count -= 1
             if block.ref_count == 0:
-                self.free_queue[block.block_id] = block
-                if block.block_hash is None:
-                    self.free_queue.move_to_end(block.block_id, last=False)
+                self.free_queue.push(block)
+
+    def ask(self, blocks: Iterable[KVBlock], asks: Iterable[RetentionAsk]) -> None:
+        """Raise the retention of cached blocks (one ask each) to what is asked, if stronger."""
+        now = self.clock()
+        for block, asked in zip(blocks, asks):
+            if block.block_hash is not None and stronger(asked, block.retention, now):
+                block.retention = asked
 
     def lookup(self, block_hashes: Sequence[BlockHash]) -> list[KVBlock]:
         """The cached blocks of the longest prefix of `block_hashes`."""
@@ -84,32 +104,50 @@ class BlockPool:
         block_hashes: Sequence[BlockHash],
         parent_hash: BlockHash | None,
         token_ids: Sequence[int],
+        asks: Sequence[RetentionAsk | None],
     ) -> None:
-        """Register full blocks under their hashes (`token_ids` are theirs, back to back).
+        """Register full blocks under their hashes (`token_ids` are theirs, back to back), each
+        with its retention ask (None: the default).
 
         A hash already cached keeps its block. One `stored` event per unbroken run of newly
-        cached blocks, so each event's parent hash and token ids describe exactly its blocks.
+        cached blocks of one priority, so each event's parent hash, token ids and priority
+        describe exactly its blocks.
         """
         size = self.block_size
-        run: list[BlockHash] = []
-        run_start = 0
-        for i, (block, block_hash) in enumerate(zip(blocks, block_hashes)):
+        now = self.clock()
+        run: list[KVBlock] = []
+        for i, (block, block_hash, asked) in enumerate(zip(blocks, block_hashes, asks)):
             if block.block_hash is None and block_hash not in self.cached:
-                block.block_hash = block_hash
-                self.cached[block_hash] = block
-                if not run:
-                    run_start = i
-                run.append(block_hash)
-                continue
-            if run:
-                self._record_stored(run, parent_hash, token_ids[run_start * size : i * size])
+                self._register(block, block_hash, parent_hash, token_ids[i * size : (i + 1) * size], asked)
+                if run and effective_priority(run[-1].retention, now) != effective_priority(asked, now):
+                    self._record_stored(run)
+                    run = []
+                run.append(block)
+            elif run:
+                self._record_stored(run)
                 run = []
             parent_hash = block_hash
         if run:
-            self._record_stored(run, parent_hash, token_ids[run_start * size : (run_start + len(run)) * size])
+            self._record_stored(run)
 
-    def _record_stored(self, run: list[BlockHash], parent: BlockHash | None, token_ids) -> None:
-        self.events.append(BlockStored(run, parent, list(token_ids), self.block_size, lora_name=None))
+    def cache_copy(self, block: KVBlock, source: KVBlock) -> None:
+        """Register `block` as holding what cached `source` (of another pool) holds."""
+        self._register(block, source.block_hash, source.parent_hash, source.token_ids, source.retention)
+        self._record_stored([block])
+
+    def _register(self, block: KVBlock, block_hash: BlockHash, parent_hash: BlockHash | None,
+                  token_ids: Sequence[int], asked: RetentionAsk | None) -> None:
+        block.block_hash = block_hash
+        block.parent_hash = parent_hash
+        block.token_ids = token_ids
+        block.retention = asked
+        self.cached[block_hash] = block
+
+    def _record_stored(self, run: list[KVBlock]) -> None:
+        priority = effective_priority(run[0].retention, self.clock())
+        token_ids = [t for block in run for t in block.token_ids]
+        self.events.append(BlockStored([b.block_hash for b in run], run[0].parent_hash, token_ids, self.block_size,
+                                       lora_name=None, medium=self.medium, priority=priority))
 
     def reset_cache(self) -> bool:
         """Forget every cached block; only possible while no block is in use."""
@@ -117,11 +155,16 @@ class BlockPool:
             return False
         for block in self.blocks:
             block.block_hash = None
+            block.retention = None
         self.cached.clear()
+        self.free_queue.reset()
         self.events.append(AllBlocksCleared())
         return True
 
     def _evict(self, block: KVBlock) -> None:
+        if self.on_evict is not None:
+            self.on_evict(block)
         del self.cached[block.block_hash]
-        self.events.append(BlockRemoved([block.block_hash]))
+        self.events.append(BlockRemoved([block.block_hash], medium=self.medium))
         block.block_hash = None
+        block.retention = None

@@ -13,6 +13,17 @@ if TYPE_CHECKING:
     from kvserve.workers.models.config import ModelConfig
 
 
+class PrefixRetention(BaseModel):
+    """A retention priority for every prompt that starts with `prefix_token_ids` (a fixed
+    system prompt, say), over those tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefix_token_ids: list[int] = Field(min_length=1)
+    priority: int = Field(ge=0, le=100)
+    duration_s: float | None = Field(None, gt=0, description="then the default priority; unset: for good")
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,8 +45,23 @@ class EngineConfig(BaseModel):
         None, ge=1, description="longest sequence, prompt and output; default: the model's max_position_embeddings"
     )
     max_num_seqs: int = Field(256, ge=1, description="sequences running in one step")
+    pooling: Literal["last", "mean"] = Field(
+        "last", description="how /v1/embeddings pools a prompt's final hidden states: `last` token or `mean`"
+    )
+    normalize_embeddings: bool = Field(True, description="whether embeddings are L2-normalised")
     max_num_batched_tokens: int = Field(2048, ge=1, description="tokens computed in one step")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs", description="`fcfs`: requests run in arrival order; `priority`: by the request's `priority` "
+        "(lower first), then arrival, and preemption takes the worst priority first"
+    )
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes seen before")
+    kv_retention_prefixes: list[PrefixRetention] = Field(
+        default_factory=list, description="retention priorities for prompts that start with given tokens"
+    )
+    kv_offload_gib: float = Field(
+        0, ge=0, description="host-memory KV tier (pinned on CUDA) that blocks evicted from the device pool "
+        "move to; 0 turns it off"
+    )
     num_kv_blocks: int | None = Field(None, ge=1, description="size of the KV pool; derived from memory if unset")
     kv_cache_memory_gib: float | None = Field(
         None, gt=0, description="KV pool size when num_kv_blocks is unset; if unset too, sized from "
@@ -75,6 +101,9 @@ class EngineConfig(BaseModel):
         # where there is no GPU, by Serve on a cluster's head node say.
         if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
             raise ValueError("calculate_kv_scales needs kv_cache_dtype: 'fp8_e4m3'")
+        if self.kv_offload_gib and (self.uses_workers or not self.enable_prefix_caching):
+            raise ValueError("kv_offload_gib needs enable_prefix_caching and the model in the engine's process "
+                             "(tp_size 1, distributed_executor_backend 'auto')")
         if self.async_scheduling == "on" and self.uses_workers:
             raise ValueError("async_scheduling 'on' needs the model in the engine's process (tp_size 1, "
                              "distributed_executor_backend 'auto')")

@@ -13,14 +13,19 @@ from kvserve.workers.engine.executor import ModelExecutor, PendingSample, Sample
 from kvserve.workers.engine.guided_decoding import GuidedDecoding
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.output_processor import NewToken, OutputProcessor, SampleKey
-from kvserve.workers.engine.outputs import EngineStats, RequestOutput
+from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, RequestOutput
+from kvserve.workers.engine.pooling import PooledPrompt
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
+from kvserve.workers.engine.retention import KVRetention, with_prefix_retention
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from kvserve.workers.engine.sequence import PENDING_TOKEN, FinishReason, Sequence
 from kvserve.workers.engine.step_clock import StepClock
 from kvserve.workers.engine.structured_output import StructuredMatcher
 from kvserve.workers.engine.structured_spec import StructuredOutputError
+
+# An embedding request is one prompt that never samples: one token of room past it, no more.
+EMBEDDING_PARAMS = SamplingParams(max_tokens=1)
 
 
 @dataclass
@@ -39,10 +44,11 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir, local_files_only=True)
         model_config = self.runner.model_config
         self.max_model_len = config.effective_max_model_len(model_config)
-        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching,
+                                 self.runner.num_host_kv_blocks if config.kv_offload_gib else 0)
         check_pool_holds_a_sequence(self.kv.num_blocks, config.block_size, self.max_model_len)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy),
             self.kv,
         )
         self.eos_token_ids = self._eos_token_ids(model_config.eos_token_ids)
@@ -55,6 +61,8 @@ class LLMEngine:
         self._requests_with_penalties = 0
         self.guided = GuidedDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._refusals: list[tuple[str, str]] = []  # (request id, why) of requests dropped after add_request
+        self._pooling_requests = 0
+        self._embeddings: list[EmbeddingOutput] = []
 
     def _eos_token_ids(self, from_model: Seq[int]) -> tuple[int, ...]:
         ids = set(from_model)
@@ -73,19 +81,23 @@ class LLMEngine:
         cache_salt: str | None = None,
         arrival_time: float | None = None,
         block_hashes: list[BlockHash] | None = None,
+        kv_retention: KVRetention | None = None,
+        pooled: PooledPrompt | None = None,
     ) -> None:
         """Queue a request; raises ValueError, changing nothing, if it can never be served.
         `block_hashes`, the prompt's block chain if the caller computed it with this engine's
-        block size and salt, saves hashing it again."""
+        block size and salt, saves hashing it again. With `pooled` the prompt is embedded
+        instead (`add_embedding_request`)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         self._check_prompt(token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        retention = with_prefix_retention(kv_retention, token_ids, self.config.kv_retention_prefixes)
         seqs = [
             Sequence(request_id, i, token_ids, params, arrival, priority, cache_salt, self.max_model_len,
-                     frozenset(() if params.ignore_eos else self.eos_token_ids))
+                     frozenset(() if params.ignore_eos else self.eos_token_ids), retention)
             for i in range(params.n)
         ]
         if block_hashes:
@@ -94,12 +106,35 @@ class LLMEngine:
         self.requests[request_id] = seqs
         if params.uses_penalties:
             self._requests_with_penalties += 1
-        if self.outputs is not None:
+        if pooled is not None:
+            seqs[0].pooled = pooled
+            self._pooling_requests += 1
+        elif self.outputs is not None:
             self.outputs.add_request(request_id, text, token_ids, params)
         if params.structured is None:
             self.scheduler.add(seqs[0])
         else:  # scheduled once its grammar is compiled, off this thread
             self.guided.add(request_id, params.structured)
+
+    def add_embedding_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        priority: int = 0,
+        cache_salt: str | None = None,
+        block_hashes: list[BlockHash] | None = None,
+        kv_retention: KVRetention | None = None,
+    ) -> None:
+        """Queue a prompt to embed: prefilled like any other, through the same scheduler and
+        prefix cache, pooled chunk by chunk, never decoded; `take_embeddings` hands its vector
+        over once its last chunk is computed, and its blocks are free then."""
+        self.add_request(request_id, prompt, EMBEDDING_PARAMS, priority, cache_salt, block_hashes=block_hashes,
+                         kv_retention=kv_retention, pooled=PooledPrompt(self.config.pooling))
+
+    def take_embeddings(self) -> list[EmbeddingOutput]:
+        """The embedding requests finished since the last call."""
+        embeddings, self._embeddings = self._embeddings, []
+        return embeddings
 
     def _schedule_compiled(self) -> None:
         """Queue the requests whose grammar is ready, each sample with its own matcher; refuse
@@ -191,12 +226,15 @@ class LLMEngine:
         if batch.is_empty:
             return earlier + self._take_in_flight()
         samples = self._sample_requests(batch)
+        pooled = [i for i, seq in enumerate(batch.seqs) if seq.pooled is not None] if self._pooling_requests else []
         step = StepRequest(batch, self.kv.block_tables, samples, self.eos_token_ids,
-                           self.guided.token_masks(samples) if self.guided.num_requests else None)
+                           self.guided.token_masks(samples) if self.guided.num_requests else None, pooled)
         if self.overlaps_steps and self._can_overlap():
             return earlier + self._launch(step)
         sampled = self.runner.execute(step)
         self._advance(batch, samples)
+        if pooled:
+            self._take_pooled([batch.seqs[i] for i in pooled], sampled.pooled)
         tokens = [self._take_token(s.seq, token, logprob, top, None) for s, token, logprob, top
                   in zip(samples, sampled.token_ids, sampled.logprobs, sampled.top_logprobs)] if samples else []
         if self.clock is not None:
@@ -206,7 +244,17 @@ class LLMEngine:
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before this one's tokens are read: not while a
         request's sampling reads every token so far (penalties) or its grammar needs the last one."""
-        return self._requests_with_penalties == 0 and self.guided.num_requests == 0
+        return self._requests_with_penalties == 0 and self.guided.num_requests == 0 and self._pooling_requests == 0
+
+    def _take_pooled(self, seqs: list[Sequence], rows) -> None:
+        """Pool each embedding prompt's chunk of this step; those whose prompt is done end here."""
+        for seq, row in zip(seqs, rows):
+            seq.pooled.add(row)
+            if seq.num_computed_tokens == seq.num_tokens:
+                vector = seq.pooled.vector(seq.num_tokens, self.config.normalize_embeddings)
+                self._embeddings.append(
+                    EmbeddingOutput(seq.request_id, vector, seq.num_tokens, seq.num_cached_prompt_tokens))
+                self._finish(seq, FinishReason.STOP)
 
     def _launch(self, step: StepRequest) -> list[NewToken]:
         """Queue this step with a pending token per sample, then read the step before it."""
@@ -264,7 +312,7 @@ class LLMEngine:
         every one of them from the same logits."""
         samples = []
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            if seq.num_computed_tokens + num_new == len(seq.token_ids):
+            if seq.num_computed_tokens + num_new == len(seq.token_ids) and seq.pooled is None:
                 samples.append(SampleRequest(i, seq))
                 if seq.forks:
                     samples += [SampleRequest(i, child) for child in seq.forks]
@@ -314,6 +362,8 @@ class LLMEngine:
             self._requests_with_penalties -= 1
         if seqs[0].params.structured is not None:
             self.guided.forget(request_id)
+        if seqs[0].pooled is not None:
+            self._pooling_requests -= 1
         if not self.requests:
             self._in_flight = None  # only the tokens of ended sequences can be in it
 

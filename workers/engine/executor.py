@@ -2,7 +2,7 @@
 in-process `ModelRunner` and the tensor-parallel `TPExecutor` (both in `workers/runner/`)
 implement. The engine is handed one; it never builds it."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -33,14 +33,16 @@ class TokenMasks:
 @dataclass(slots=True)
 class StepRequest:
     """One step for an executor: the scheduled batch, every sequence's block table, which
-    sequences sample (the sample rows, in order), the model's end tokens, and the allowed
-    tokens of rows whose output follows a grammar."""
+    sequences sample (the sample rows, in order), the model's end tokens, the allowed tokens
+    of rows whose output follows a grammar, and the batch indices of the embedding prompts
+    whose chunks are pooled."""
 
     batch: ScheduledBatch
     block_tables: dict[str, list[int]]
     samples: list[SampleRequest]
     eos_token_ids: tuple[int, ...]
     token_masks: TokenMasks | None = None
+    pooled: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -50,6 +52,7 @@ class SamplerOutput:
     # `params.logprobs` most likely (token id, logprob) pairs, most likely first.
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None]
+    pooled: torch.Tensor | None = None  # [len(step.pooled), hidden] float32 on the CPU
 
 
 class PendingSample(Protocol):

@@ -1,12 +1,24 @@
-"""Per-sequence block tables over the block pool, with prefix caching and KV events."""
+"""Per-sequence block tables over the device's block pool, with prefix caching, retention
+priorities, the host tier and KV events."""
 
 import secrets
 import time
+from dataclasses import dataclass
 
 from kvserve.workers.engine.block_hash import BlockHash, extend_block_chain
 from kvserve.workers.engine.block_pool import BlockPool, KVBlock
-from kvserve.workers.engine.kv_events import BlockSnapshot, KVEventBatch
+from kvserve.workers.engine.kv_events import HOST_MEDIUM, BlockSnapshot, KVEventBatch
 from kvserve.workers.engine.sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class BlockTransfer:
+    """Copy block `src` to block `dst` between the device's cache and the host tier, before
+    the next forward pass; transfers run in the order given."""
+
+    to_host: bool
+    src: int
+    dst: int
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -24,10 +36,18 @@ def check_pool_holds_a_sequence(num_blocks: int, block_size: int, max_model_len:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    """With `num_host_blocks`, a cached block evicted from the device is copied to the host
+    tier (unless already there), and a prefix found there is copied back into fresh device
+    blocks before the request's prefill; the copies wait in `transfers` for the executor."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.pool = BlockPool(num_blocks, block_size)
+        self.pool = BlockPool(num_blocks, block_size, on_evict=self._offload if num_host_blocks else None)
+        self.host = BlockPool(num_host_blocks, block_size, HOST_MEDIUM, self.pool.clock) if num_host_blocks else None
+        self.transfers: list[BlockTransfer] = []
+        self.num_host_hit_blocks = 0
         self.seq_blocks: dict[str, list[KVBlock]] = {}
         self.block_tables: dict[str, list[int]] = {}
         self.num_hashed_blocks: dict[str, int] = {}
@@ -49,13 +69,26 @@ class KVCacheManager:
     def cached_block_hashes(self) -> list[BlockHash]:
         return list(self.pool.cached)
 
+    @property
+    def num_host_cached_blocks(self) -> int:
+        return len(self.host.cached) if self.host else 0
+
     def get_computed_blocks(self, seq: Sequence) -> list[KVBlock]:
-        """Cached blocks holding a prefix of `seq`, leaving at least one token to compute."""
-        if not self.enable_prefix_caching:
+        """Cached blocks holding a prefix of `seq`, leaving at least one token to compute: the
+        device's, each followed where it ends by the host tier's (`on_host`)."""
+        if not self.enable_prefix_caching or (seq.pooled is not None and not seq.pooled.reads_cached_prefix):
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._extend_hashes(seq, max_blocks)
-        return self.pool.lookup(seq.block_hashes[:max_blocks])
+        hashes = seq.block_hashes[:max_blocks]
+        hits = self.pool.lookup(hashes)
+        while self.host and len(hits) < max_blocks:
+            rest = hashes[len(hits):]
+            more = self.host.lookup(rest) or self.pool.lookup(rest)
+            if not more:
+                break
+            hits += more
+        return hits
 
     def allocate_slots(
         self, seq: Sequence, num_new_tokens: int, computed_blocks: list[KVBlock] = ()
@@ -68,24 +101,44 @@ class KVCacheManager:
         blocks = self.seq_blocks.setdefault(seq.seq_id, [])
         num_cached = len(computed_blocks) * self.block_size
         total = seq.num_computed_tokens + num_cached + num_new_tokens
-        needed = blocks_for(total, self.block_size) - len(blocks) - len(computed_blocks)
-        reclaimable = sum(1 for b in computed_blocks if b.ref_count == 0)
+        on_device = [b for b in computed_blocks if not b.on_host]
+        on_host = [b for b in computed_blocks if b.on_host]
+        needed = blocks_for(total, self.block_size) - len(blocks) - len(on_device)
+        reclaimable = sum(1 for b in on_device if b.ref_count == 0)
         if needed > self.pool.num_free - reclaimable:
             if not blocks:
                 self._forget(seq)
             return False
-        table = self.block_tables.setdefault(seq.seq_id, [])
-        if computed_blocks:
-            self.pool.touch(computed_blocks)
-            blocks.extend(computed_blocks)
-            table.extend(b.block_id for b in computed_blocks)
-        if needed > 0:
-            fresh = self.pool.take(needed)
-            blocks.extend(fresh)
-            table.extend(b.block_id for b in fresh)
+        self.pool.touch(on_device)
+        if on_host:
+            self.host.touch(on_host)  # kept while device blocks are taken: evictions offload
+        fresh = self.pool.take(needed) if needed > 0 else []
+        placed = [self._load(b, fresh.pop(0)) if b.on_host else b for b in computed_blocks]
+        if on_host:
+            self.host.release(on_host)
+            self.num_host_hit_blocks += len(on_host)
+        blocks.extend(placed + fresh)
+        self.block_tables.setdefault(seq.seq_id, []).extend(b.block_id for b in placed + fresh)
         if self.enable_prefix_caching:
             self._cache_full_blocks(seq, total)
         return True
+
+    def _load(self, host_block: KVBlock, device_block: KVBlock) -> KVBlock:
+        self.transfers.append(BlockTransfer(False, host_block.block_id, device_block.block_id))
+        return device_block
+
+    def _offload(self, block: KVBlock) -> None:
+        """`block` is leaving the device: keep a copy in the host tier if there is room."""
+        if block.block_hash in self.host.cached or self.host.num_free == 0:
+            return
+        (copy,) = self.host.take(1)
+        self.host.cache_copy(copy, block)
+        self.host.release([copy])
+        self.transfers.append(BlockTransfer(True, block.block_id, copy.block_id))
+
+    def take_transfers(self) -> list[BlockTransfer]:
+        transfers, self.transfers = self.transfers, []
+        return transfers
 
     def _fits(self, seq: Sequence, num_new_tokens: int) -> bool:
         """The common decode case, kept cheap: `seq`'s blocks already have room for its new
@@ -102,8 +155,17 @@ class KVCacheManager:
         """Return every block of `seq`; its last blocks become the first to be evicted."""
         blocks = self.seq_blocks.get(seq.seq_id)
         if blocks is not None:
+            self._ask_retention(seq, blocks)
             self.pool.release(reversed(blocks))
         self._forget(seq)
+
+    def _ask_retention(self, seq: Sequence, blocks: list[KVBlock]) -> None:
+        """Renew what `seq` asks for its cached blocks: a duration counts from the last release."""
+        num_hashed = self.num_hashed_blocks.get(seq.seq_id, 0)
+        if seq.kv_retention is None or not num_hashed:
+            return
+        asks = seq.kv_retention.block_asks(0, num_hashed, self.block_size, seq.num_prompt_tokens, self.pool.clock())
+        self.pool.ask(blocks[:num_hashed], asks)
 
     def can_fork(self, parent: Sequence) -> bool:
         partial = len(self.seq_blocks[parent.seq_id]) > parent.num_computed_tokens // self.block_size
@@ -134,15 +196,23 @@ class KVCacheManager:
         return BlockSnapshot(self.epoch, self._event_seq, self.cached_block_hashes())
 
     def reset_prefix_cache(self) -> bool:
-        return self.pool.reset_cache()
+        if not self.pool.reset_cache():
+            return False
+        if self.host:
+            self.host.reset_cache()
+            self.host.events = []  # the device's `cleared` covers both tiers
+        return True
 
     def take_events(self) -> KVEventBatch | None:
         """The events since the last call, numbered; None when nothing happened."""
-        if not self.pool.events:
+        events = self.pool.events + self.host.events if self.host else self.pool.events
+        if not events:
             return None
         self._event_seq += 1
-        batch = KVEventBatch(self.epoch, self._event_seq, time.time(), self.pool.events)
+        batch = KVEventBatch(self.epoch, self._event_seq, time.time(), events)
         self.pool.events = []
+        if self.host:
+            self.host.events = []
         return batch
 
     def _forget(self, seq: Sequence) -> None:
@@ -164,10 +234,14 @@ class KVCacheManager:
         self._extend_hashes(seq, num_full)
         parent: BlockHash | None = seq.block_hashes[start - 1] if start else None
         size = self.block_size
+        retention = seq.kv_retention
+        asks = (retention.block_asks(start, num_full - start, size, seq.num_prompt_tokens, self.pool.clock())
+                if retention else [None] * (num_full - start))
         self.pool.cache(
             self.seq_blocks[seq.seq_id][start:num_full],
             seq.block_hashes[start:num_full],
             parent,
             seq.token_ids[start * size : num_full * size],
+            asks,
         )
         self.num_hashed_blocks[seq.seq_id] = num_full

@@ -2,12 +2,18 @@
 
 Whoever keeps a copy of a replica's block set (the KV event hub, every router's index)
 applies the replica's events with `apply_events`, the one definition of what each means.
+That block set is the device's (`medium` "gpu"); events of the host tier ("cpu") leave it
+alone, for readers that follow the tiers.
 """
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvserve.workers.engine.block_hash import BlockHash
+from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY
+
+DEVICE_MEDIUM = "gpu"
+HOST_MEDIUM = "cpu"
 
 
 @dataclass(frozen=True)
@@ -17,17 +23,22 @@ class BlockStored:
     token_ids: list[int]
     block_size: int
     lora_name: str | None
+    medium: str = DEVICE_MEDIUM
+    priority: int = DEFAULT_RETENTION_PRIORITY  # the blocks' retention priority when stored
 
     def apply_to(self, blocks: set[BlockHash]) -> None:
-        blocks.update(self.block_hashes)
+        if self.medium == DEVICE_MEDIUM:
+            blocks.update(self.block_hashes)
 
 
 @dataclass(frozen=True)
 class BlockRemoved:
     block_hashes: list[BlockHash]
+    medium: str = DEVICE_MEDIUM
 
     def apply_to(self, blocks: set[BlockHash]) -> None:
-        blocks.difference_update(self.block_hashes)
+        if self.medium == DEVICE_MEDIUM:
+            blocks.difference_update(self.block_hashes)
 
 
 @dataclass(frozen=True)

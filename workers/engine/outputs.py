@@ -53,6 +53,16 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class EmbeddingOutput:
+    """A prompt's embedding: its pooled final hidden states (see `pooling.py`)."""
+
+    request_id: str
+    embedding: list[float]
+    num_prompt_tokens: int
+    num_cached_tokens: int  # of the prompt, read from the prefix cache
+
+
+@dataclass(frozen=True)
 class GrammarTimings:
     """Time spent on structured outputs since the engine started: compiling grammars, and
     filling the steps' token masks."""

@@ -4,14 +4,26 @@ import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvserve.workers.engine.kv_cache_manager import KVCacheManager
+from kvserve.workers.engine.kv_cache_manager import BlockTransfer, KVCacheManager
 from kvserve.workers.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
+    policy: str = "fcfs"  # one of SCHEDULING_POLICIES
+
+
+def arrival_order(seq: Sequence) -> tuple[float, int]:
+    return (seq.arrival, seq.sample_index)
+
+
+def priority_order(seq: Sequence) -> tuple[int, float, int]:
+    return (seq.priority, seq.arrival, seq.sample_index)
 
 
 @dataclass
@@ -21,6 +33,8 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Copies between the device and the host tier, before `block_copies` and the forward pass.
+    kv_transfers: list[BlockTransfer] = field(default_factory=list)
     num_preempted: int = 0
     # Sequences whose blocks were freed (finished or preempted) since the last batch: an
     # executor that keeps block tables between steps drops theirs.
@@ -32,28 +46,34 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """FCFS (or by priority: a lower value first) continuous batching with chunked prefill.
+    """Continuous batching with chunked prefill, in arrival order (`fcfs`) or by priority (a
+    lower value first, then arrival).
 
     Running sequences are served before waiting ones are admitted. When blocks run out, the
-    running sequence that would run last is preempted: its blocks are freed and it goes back to
-    the head of the queue, to be recomputed (with the help of the prefix cache) later.
+    running sequence that would run last (the worst priority, the latest arrival among equals)
+    is preempted: never one that runs before the sequence needing the room. Its blocks are
+    freed and it goes back into the queue in its place, to be recomputed (with the help of the
+    prefix cache) later.
     """
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        if config.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy {config.policy!r} is not one of {', '.join(SCHEDULING_POLICIES)}")
         self.config = config
         self.kv = kv
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # sorted by Sequence.sort_key
+        self.order = priority_order if config.policy == "priority" else arrival_order
+        self.waiting: deque[Sequence] = deque()  # sorted by self.order
+        self.running: list[Sequence] = []  # sorted by self.order
         self.pending_copies: list[tuple[int, int]] = []
         self.departed: list[str] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        if seq.priority == 0 and (not self.waiting or self.waiting[-1].sort_key() <= seq.sort_key()):
+        key = self.order(seq)
+        if not self.waiting or self.order(self.waiting[-1]) <= key:
             self.waiting.append(seq)
             return
-        keys = [s.sort_key() for s in self.waiting]
-        self.waiting.insert(bisect.bisect_right(keys, seq.sort_key()), seq)
+        self.waiting.insert(bisect.bisect_right(self.waiting, key, key=self.order), seq)
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch(block_copies=self.pending_copies, departed=self.departed)
@@ -65,6 +85,7 @@ class Scheduler:
         self._put_decodes_first(batch)
         if not batch.is_empty:  # an empty batch reaches no executor: its departures wait for the next
             self.departed = []
+            batch.kv_transfers = self.kv.take_transfers()
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
@@ -100,7 +121,7 @@ class Scheduler:
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, seq, key=Sequence.sort_key)
+            bisect.insort(self.running, seq, key=self.order)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
@@ -121,7 +142,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.add(seq)
 
     def fork_samples(self, parent: Sequence) -> None:
         """Start the other samples of `parent`'s request, sharing its prompt blocks. A sample
@@ -130,7 +151,7 @@ class Scheduler:
         parent.forks = []
         for child in children:
             if not self.kv.can_fork(parent):
-                self.waiting.appendleft(child)
+                self.add(child)
                 continue
             copy = self.kv.fork(parent, child)
             if copy is not None:
@@ -138,7 +159,7 @@ class Scheduler:
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
             child.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, child, key=Sequence.sort_key)
+            bisect.insort(self.running, child, key=self.order)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End `seq` wherever it is and free its blocks at once."""

@@ -3,6 +3,7 @@
 import enum
 
 from kvserve.workers.engine.block_hash import BlockHash
+from kvserve.workers.engine.retention import KVRetention
 from kvserve.workers.engine.sampling_params import SamplingParams
 
 
@@ -36,6 +37,7 @@ class Sequence:
         cache_salt: str | None = None,
         max_num_tokens: int | None = None,
         ending_token_ids: frozenset[int] = frozenset(),
+        kv_retention: KVRetention | None = None,
     ):
         self.request_id = request_id
         self.sample_index = sample_index
@@ -44,6 +46,7 @@ class Sequence:
         self.priority = priority
         self.arrival = arrival
         self.cache_salt = cache_salt
+        self.kv_retention = kv_retention  # None: every block at the default retention priority
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
@@ -61,6 +64,7 @@ class Sequence:
         self.last_token_pending = False
         self.seed = self._sample_seed(params.seed, sample_index)
         self.matcher = None  # a StructuredMatcher: where its output stands in its grammar, if it has one
+        self.pooled = None  # a PooledPrompt for an embedding request, which is never decoded
         # Where it ends at the latest (max_tokens, or a shorter model length), and the tokens
         # that may end it (stop tokens, EOS): checked for every token, so worked out once.
         self.max_num_tokens = min(self.num_prompt_tokens + params.max_tokens, max_num_tokens or 1 << 62)
@@ -93,7 +97,3 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    def sort_key(self) -> tuple[int, float, int]:
-        """Lower runs first: priority value, then arrival, then sample index."""
-        return (self.priority, self.arrival, self.sample_index)

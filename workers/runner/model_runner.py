@@ -4,12 +4,14 @@ With tensor parallelism each rank's process holds a `ModelRunner` over its shard
 and of the KV cache, and runs the `StepPlan`s that the engine's process builds.
 """
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.executor import SamplerOutput, StepRequest
+from kvserve.workers.engine.pooling import pool_chunks
 from kvserve.workers.runner.cuda_graphs import DecodeGraphs
 from kvserve.workers.models.distributed import SINGLE, TPGroup
 from kvserve.workers.runner.kv_memory import (
@@ -19,10 +21,14 @@ from kvserve.workers.models.loader import load_model
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.parallel_layers import kv_heads_of_rank
 from kvserve.workers.runner.sampler import SampledTokens, Sampler, SamplingRow
+from kvserve.workers.runner.host_kv_tier import HostKVTier, host_blocks_for
 from kvserve.workers.runner.step_inputs import Chunk, InputBatch, StepPlan, flat_inputs
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.step_clock import StepClock
 from kvserve.workers.runner.transfer import to_device
+
+logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's own log file
+GIB = 2**30
 
 
 @dataclass
@@ -63,11 +69,23 @@ class ModelRunner:
         self.num_kv_blocks = fixed_pool_blocks or self._profiled_pool_blocks(profile, scratch_bytes)
         # One block past the pool's: the padding rows of a decode graph's batch use it alone.
         self.kv_caches = self._allocate_kv_caches(self.num_kv_blocks + 1, self.kv_dtype)
+        self.num_host_kv_blocks = host_blocks_for(config.kv_offload_gib, self._block_bytes())
+        self.host_tier = HostKVTier(self.kv_caches, self.num_host_kv_blocks) if self.num_host_kv_blocks else None
+        self._log_memory(tp)
         self.graphs = None
         if self.device.type == "cuda" and not config.enforce_eager and tp.size == 1:
             self.graphs = self.decode_graphs()
             with torch.inference_mode():
                 self.graphs.capture()
+
+    def _log_memory(self, tp: TPGroup) -> None:
+        weights = sum(p.nbytes for p in self.model.parameters())
+        kv = sum(k.nbytes + v.nbytes for k, v in self.kv_caches)
+        logger.info(
+            "rank %d of %d on %s: weights %.2f GiB, KV cache %.2f GiB (%d blocks of %d tokens, %s)",
+            tp.rank, tp.size, self.device, weights / GIB, kv / GIB, self.num_kv_blocks, self.block_size,
+            str(self.kv_dtype).removeprefix("torch."),
+        )
 
     def _profiled_pool_blocks(self, profile: GPUMemoryProfile, scratch_bytes: int) -> int:
         """The blocks that fit in the share of the GPU that `gpu_memory_utilization` leaves
@@ -134,6 +152,7 @@ class ModelRunner:
             v_cache[dst] = v_cache[src]
 
     def execute(self, step: StepRequest) -> SamplerOutput | None:
+        self._transfer(step)
         plan = self.inputs.plan(step)
         if self.clock is not None:
             self.clock.lap("inputs")
@@ -143,8 +162,14 @@ class ModelRunner:
         """The step queued on the device, its pending input tokens taken from `previous`'s
         sampled ones there; nothing waits for it until `LaunchedStep.result`."""
         previous_tokens = previous.sampled.token_ids if previous is not None and previous.sampled else None
+        self._transfer(step)
         plan = self.inputs.plan(step, previous_tokens)
         return LaunchedStep(self._sample(plan))
+
+    def _transfer(self, step: StepRequest) -> None:
+        """Copies between the device's cache and the host tier, queued before the step's forward."""
+        if step.batch.kv_transfers:
+            self.host_tier.apply(step.batch.kv_transfers)
 
     def run(self, plan: StepPlan) -> SamplerOutput | None:
         sampled = self._sample(plan)
@@ -157,22 +182,32 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _sample(self, plan: StepPlan) -> SampledTokens | None:
-        """The step's forward pass and sampling, queued on the device; None when it samples nothing."""
-        logits = self.logits(plan)
+        """The step's forward pass, sampling and pooling, queued on the device; None when it
+        samples and pools nothing."""
+        hidden = self._forward(plan)
+        pooled = pool_chunks(hidden, *zip(*plan.pooled), self.config.pooling) if plan.pooled else None
+        logits = self._logits(hidden, plan)
         if self.clock is not None:
             self.clock.lap("forward")
         if logits is None or plan.rows is None:
-            return None
-        return self.sampler.sample(logits, plan.rows, plan.eos_token_ids, plan.token_masks)
+            return SampledTokens.pooled_only(pooled) if pooled is not None else None
+        sampled = self.sampler.sample(logits, plan.rows, plan.eos_token_ids, plan.token_masks)
+        sampled.pooled = pooled
+        return sampled
 
     def logits(self, plan: StepPlan) -> torch.Tensor | None:
         """The forward pass of a step and the logits of its `last_rows`: all queued on the
         device, none waited for."""
+        return self._logits(self._forward(plan), plan)
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """The final hidden state of every token of the step."""
         self.copy_blocks(plan.block_copies)
         if self.graphs is not None and self.graphs.covers(plan.meta):
-            hidden = self.graphs.run(plan.input_ids, plan.positions, plan.meta)
-        else:
-            hidden = self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)
+            return self.graphs.run(plan.input_ids, plan.positions, plan.meta)
+        return self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)
+
+    def _logits(self, hidden: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
         if not len(plan.last_rows):
             return None
         return self.model.compute_logits(hidden[to_device(plan.last_rows, torch.long, self.device)])

@@ -165,6 +165,12 @@ class SampledTokens:
     sampled_logprobs: torch.Tensor | None = None  # [len(logprob_rows)]: the sampled token's
     top_values: torch.Tensor | None = None  # [len(logprob_rows), most asked for], most likely first
     top_ids: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None  # the step's pooled embedding rows, if any
+
+    @classmethod
+    def pooled_only(cls, pooled: torch.Tensor) -> "SampledTokens":
+        """A step that pools and samples nothing."""
+        return cls(torch.empty(0, dtype=torch.long), [], [], pooled=pooled)
 
     def output(self) -> SamplerOutput:
         token_ids = self.token_ids.tolist()
@@ -176,7 +182,8 @@ class SampledTokens:
                 n = self.rows[i].params.logprobs
                 chosen[i] = logprob
                 top[i] = list(zip(ids[k][:n], values[k][:n]))
-        return SamplerOutput(token_ids, chosen, top)
+        pooled = self.pooled.cpu() if self.pooled is not None else None
+        return SamplerOutput(token_ids, chosen, top, pooled)
 
 
 class Sampler:

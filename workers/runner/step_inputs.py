@@ -7,7 +7,7 @@ than a loop over every token. `flat_inputs` builds the same from explicit chunks
 warm-up and the kernel benchmarks.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ class StepPlan:
     rows: list[SamplingRow] | None
     eos_token_ids: tuple[int, ...]
     token_masks: TokenMasks | None = None
+    pooled: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each pooled chunk's tokens
 
 
 class InputBatch:
@@ -77,8 +78,10 @@ class InputBatch:
         last_rows = (np.asarray(meta.query_start_loc_cpu[1:]) - 1)[[s.batch_index for s in samples]]
         cached = self.sampling_rows
         sampling_rows = [cached.get(s.seq.seq_id) or self._sampling_row(s.seq) for s in samples]
+        starts = meta.query_start_loc_cpu
+        pooled = [(starts[i], starts[i + 1]) for i in step.pooled]
         return StepPlan(batch.block_copies, input_ids, positions, meta, last_rows, sampling_rows,
-                        step.eos_token_ids, step.token_masks)
+                        step.eos_token_ids, step.token_masks, pooled)
 
     def _sampling_row(self, seq) -> SamplingRow:
         row = self.sampling_rows[seq.seq_id] = SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.seed)

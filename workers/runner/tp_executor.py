@@ -154,7 +154,7 @@ class TPExecutor:
         if not self.workers:
             raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")
         plan = self.inputs.plan(step)
-        others = ray.put(dataclasses.replace(plan, rows=None, token_masks=None))
+        others = ray.put(dataclasses.replace(plan, rows=None, token_masks=None, pooled=[]))
         refs = [self.workers[0].execute.remote(plan)] + [w.execute.remote(others) for w in self.workers[1:]]
         try:
             return _gather(refs, "failed during a step", RuntimeError)[0]
