@@ -13,6 +13,7 @@ from kvserve.cluster.config import AppConfig, parse_config
 from kvserve.router.ingress import Ingress, IngressSettings
 from kvserve.router.policies import policy_class
 from kvserve.workers.models.config import ModelConfig
+from kvserve.workers.models.gguf_checkpoint import tokenizer_args
 from kvserve.workers.server import LLMServer
 from kvserve.workers.runner.tp_executor import placement_bundles, rank_device
 
@@ -31,11 +32,13 @@ def router_config(config: AppConfig) -> RequestRouterConfig:
 def ingress_settings(config: AppConfig) -> IngressSettings:
     engine = config.engine
     model = ModelConfig.from_pretrained_dir(engine.model)
+    tokenizer = tokenizer_args(engine.tokenizer_dir)
     return IngressSettings(
         served_model_name=config.served_model_name(),
         block_size=engine.block_size,
         max_model_len=engine.effective_max_model_len(model),
-        tokenizer=engine.tokenizer_dir,
+        tokenizer=tokenizer["pretrained_model_name_or_path"],
+        tokenizer_gguf_file=tokenizer["gguf_file"],
         api_key=config.serving.api_key,
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,

@@ -16,6 +16,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Literal, NamedTuple, Union, get_args, get_origin
 
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from kvserve.cluster.config import AppConfig, load_config
@@ -46,6 +47,7 @@ CONFIG_FLAGS = (
     ConfigFlag("engine", "max_model_len", "--max-model-len"),
     ConfigFlag("engine", "enable_prefix_caching", "--prefix-caching"),  # and --no-prefix-caching
     ConfigFlag("engine", "tp_size", "--tp"),
+    ConfigFlag("engine", "speculative", "--speculative-config"),
     ConfigFlag("serving", "replicas", "--replicas"),
     ConfigFlag("serving", "router", "--router"),
     ConfigFlag("serving", "host", "--host"),
@@ -70,6 +72,8 @@ def _value_options(annotation) -> dict:
         return {"action": argparse.BooleanOptionalAction}
     if get_origin(annotation) is Literal:
         return {"choices": get_args(annotation)}
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {"type": json.loads, "metavar": "JSON"}
     return {"type": annotation}
 
 
@@ -268,6 +272,7 @@ BENCHES = (
     ("overhead", "the engine's host time per decode step, phase by phase", _plain_bench_flags("overhead")),
     ("sim", "cluster simulator: our router and engine bookkeeping in simulated time", _plain_bench_flags("sim")),
     ("structured", "decode tokens/s with and without a JSON schema", _plain_bench_flags("structured")),
+    ("spec", "decode tokens/s with and without n-gram speculative decoding", _plain_bench_flags("spec")),
 )
 
 

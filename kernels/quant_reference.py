@@ -7,7 +7,8 @@ a float32 scale and a uint8 zero code per group of `group_size` inputs: w = (cod
 `g_idx`, when given, names each input's group instead (GPTQ's activation order).
 
 FP8 weights are e4m3 with a float32 scale per output row; activations are quantized to e4m3
-per token (dynamic) or with one static scale, or not at all (weight-only).
+per token (dynamic) or with one static scale, or not at all (weight-only). `input_scale` is
+the static scale, or scales per token worked out by the caller (over all tensor-parallel ranks).
 """
 
 import torch
@@ -70,9 +71,10 @@ def dequantize_fp8(weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torc
 
 
 def fp8_activation_scales(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """[T, 1] float32 scales: the static one, or each token's largest magnitude over e4m3's max."""
+    """[T, 1] float32 scales: `input_scale` (one static scale, or one per token), or each
+    token's largest magnitude over e4m3's max."""
     if input_scale is not None:
-        return input_scale.view(1, 1).expand(x.shape[0], 1)
+        return input_scale.reshape(-1, 1).expand(x.shape[0], 1)
     scales = x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX
     return scales.masked_fill_(scales == 0, torch.finfo(torch.float32).eps)
 

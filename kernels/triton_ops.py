@@ -272,17 +272,18 @@ def _attend_tile(
     slots = block_ids * cache_stride_block + (kv_pos % BLOCK_SIZE) * cache_stride_slot
     offsets = (slots + kv_head * cache_stride_head)[:, None] + tl.arange(0, HEAD_DIM)[None, :]
     k = tl.load(k_cache_ptr + offsets, mask=kv_valid[:, None], other=0.0).to(q.dtype)
-    scores = tl.where(visible, _dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+    scores = tl.where(visible, exact_dot(q, tl.trans(k)) * qk_scale, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, 1))
     probs = tl.exp2(scores - new_max[:, None])
     rescale = tl.exp2(row_max - new_max)
     v = tl.load(v_cache_ptr + offsets, mask=kv_valid[:, None], other=0.0).to(q.dtype)
-    acc = acc * rescale[:, None] + _dot(probs.to(q.dtype), v)
+    acc = acc * rescale[:, None] + exact_dot(probs.to(q.dtype), v)
     return new_max, row_sum * rescale + tl.sum(probs, 1), acc
 
 
 @triton.jit
-def _dot(a, b):
+def exact_dot(a, b):
+    """tl.dot without TF32 shortcuts; in float32 under the interpreter."""
     if _INTERPRETED:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     else:

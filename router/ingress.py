@@ -41,6 +41,7 @@ class IngressSettings:
     block_size: int
     max_model_len: int
     tokenizer: str  # folder
+    tokenizer_gguf_file: str | None  # the GGUF file in that folder whose metadata holds the tokenizer
     api_key: str | None
     vocab_size: int  # the model's: token ids from clients must be below it
     hidden_size: int  # the model's: the length of an embedding
@@ -73,7 +74,8 @@ class Ingress:
         self.hash_check = hash_check_value(self.block_size)
         if settings.api_key is not None:
             app.state.api_key_gate = ApiKeyGate(f"Bearer {settings.api_key}".encode(), settings.metrics_need_api_key)
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer, local_files_only=True,
+                                                       gguf_file=settings.tokenizer_gguf_file)
         self.token_text = TokenText(self.tokenizer)
         self.tool_format = (FORMATS[settings.tool_parser] if settings.tool_parser
                             else format_for_model(settings.tokenizer, self.tokenizer.chat_template))

@@ -33,6 +33,9 @@ class KVIndexFollower:
         self.expected_check = hash_check_value(block_size)
         self.index = KVIndex()
         self.stats: dict[str, EngineStats] = {}
+        # Per replica, what the scorer reads of it at every decision, worked out once per news:
+        # (requests running or waiting, blocks cached or in use, blocks in use, pool blocks).
+        self.pool_figures: dict[str, tuple[int, int, int, int]] = {}
         self.rejected: set[str] = set()
         self.departed: set[str] = set()  # replica ids are never reused
         self.clock = clock  # times heartbeats' arrival; see `known`
@@ -84,6 +87,14 @@ class KVIndexFollower:
             self.stats[replica] = replica_news.heartbeat.stats
             if self._agrees(replica, replica_news):
                 self._apply_replica(replica, replica_news, now)
+            self._figure(replica)
+
+    def _figure(self, replica: str) -> None:
+        stats = self.stats[replica]
+        state = self.index.replicas.get(replica)
+        cached = len(state.blocks) if state is not None else 0
+        used = stats.kv_blocks_used
+        self.pool_figures[replica] = (stats.running + stats.waiting, max(cached, used), used, stats.kv_blocks_total)
 
     def _apply_replica(self, replica: str, news: ReplicaNews, now: float) -> None:
         if news.snapshot is not None:
@@ -129,4 +140,5 @@ class KVIndexFollower:
             self.departed.add(replica)
         self.index.drop_replica(replica)
         self.stats.pop(replica, None)
+        self.pool_figures.pop(replica, None)
         self.rejected.discard(replica)

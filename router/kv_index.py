@@ -3,6 +3,7 @@
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from enum import Enum
+from itertools import takewhile
 
 from kvserve.workers.engine.kv_events import AllBlocksCleared, KVEvent, apply_events
 from kvserve.workers.protocol import (
@@ -198,11 +199,7 @@ class KVIndex:
             depth += 1
             if len(alive) == 1:
                 (last,) = alive
-                blocks = self.replicas[last].blocks
-                for block_hash in chain:
-                    if block_hash not in blocks:
-                        break
-                    depth += 1
+                depth += len(list(takewhile(self.replicas[last].blocks.__contains__, chain)))
                 break
         if depth:
             matched.update(dict.fromkeys(alive, depth))  # `alive` may be a view of `matched`

@@ -3,12 +3,17 @@
 import random
 from collections import Counter
 from dataclasses import dataclass
+from itertools import chain, repeat
+
+import numpy as np
 
 from kvserve.router import routing_metrics
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.options import RouterOptions
 from kvserve.router.working_sets import WorkingSets
-from kvserve.workers.protocol import BlockHash, EngineStats
+from kvserve.workers.protocol import BlockHash
+
+_UNHEARD = (0, 0, 0, 0)  # the pool figures of a replica the hub has not passed on yet
 
 
 @dataclass
@@ -23,8 +28,8 @@ class KVScorer:
     over the cluster's whole cache, and a prefix every replica could use (a system prompt)
     does not pull every new conversation onto its first holder. Equal costs go to the
     replica with the most free room in its pool. A replica busier than the least busy one by
-    more than `options.max_imbalance` requests is held back to the end of the ranking,
-    whatever it caches: that stops a hot prefix from piling every request onto its holder."""
+    more than `imbalance_slack` requests is held back to the end of the ranking, whatever it
+    caches: that stops a hot prefix from piling every request onto its holder."""
 
     follower: KVIndexFollower
     block_size: int
@@ -33,66 +38,61 @@ class KVScorer:
     def __post_init__(self):
         self.in_flight: Counter[str] = Counter()
         self.working_sets = WorkingSets(self.options.working_set_window_s)
-
-    def _stats(self, replica: str) -> EngineStats | None:
-        """What the replica last published; None until the hub has passed it on."""
-        return self.follower.stats.get(replica)
+        self._ties = np.random.default_rng(random.getrandbits(64))  # seeded by `random`, as the simulator needs
 
     def record(self, replica: str, block_hashes: list[BlockHash]) -> None:
         """The request with these blocks goes to `replica`."""
-        stats = self._stats(replica)
+        stats = self.follower.stats.get(replica)
         self.working_sets.add(replica, block_hashes, limit=2 * stats.kv_blocks_total if stats else None)
 
     def forget(self, replica: str) -> None:
         self.in_flight.pop(replica, None)
         self.working_sets.forget(replica)
 
-    def load(self, replica: str) -> int:
-        """Requests in flight there: ours, or the replica's own count if that is larger
-        (other ingress replicas route to it too)."""
-        stats = self._stats(replica)
-        return max(self.in_flight[replica], stats.running + stats.waiting if stats else 0)
-
-    def fill(self, replica: str) -> float:
-        """The share of its pool that holds something: cached (exact, from the index) or in use."""
-        stats = self._stats(replica)
-        if stats is None:
-            return 0.0
-        state = self.follower.index.replicas.get(replica)
-        cached = len(state.blocks) if state is not None else 0
-        return min(max(cached, stats.kv_blocks_used) / stats.kv_blocks_total, 1.0)
-
-    def pressure(self, replica: str) -> float:
-        """Its working set, or the blocks in use if more, over its pool: above 1 (up to 2)
-        when the traffic sent there already wants more than it can cache."""
-        stats = self._stats(replica)
-        if stats is None:
-            return 0.0
-        return max(self.working_sets.blocks(replica), stats.kv_blocks_used) / stats.kv_blocks_total
+    def standings(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per replica, as arrays (this runs for every replica at every decision):
+        - load: requests in flight there, ours, or the replica's own count if larger (other
+          ingress replicas route to it too);
+        - fill: the share of its pool that holds something, cached (exact, from the index)
+          or in use;
+        - pressure: its working set, or the blocks in use if more, over its pool: above 1 (up
+          to 2) when the traffic sent there already wants more than it can cache.
+        A replica the hub has not passed on yet counts our load and an empty pool."""
+        n = len(replicas)
+        figures = chain.from_iterable(map(self.follower.pool_figures.get, replicas, repeat(_UNHEARD)))
+        reported, occupied, used, total = np.fromiter(figures, np.int64, 4 * n).reshape(n, 4).T
+        ours = np.fromiter(map(self.in_flight.get, replicas, repeat(0)), np.int64, n)
+        wanted = np.array(self.working_sets.sizes(replicas), np.int64)
+        heard = total > 0
+        fills = np.divide(np.minimum(occupied, total), total, out=np.zeros(n), where=heard)
+        pressures = np.divide(np.maximum(wanted, used), total, out=np.zeros(n), where=heard)
+        return np.maximum(ours, reported), fills, pressures
 
     def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int) -> tuple[list[int], str]:
         """Indices of `replicas`, best first, and the reason for the first choice."""
         known = self._known(replicas)
         matched = self.follower.index.prefix_matches(block_hashes, known)
         for replica, depth in self.working_sets.recent_matches(block_hashes, known, self.options.recent_s).items():
-            matched[replica] = max(depth, matched.get(replica, 0))
-        depths = [matched.get(r, 0) for r in replicas]
-        loads = [self.load(r) for r in replicas]
-        fills = [self.fill(r) for r in replicas]
-        pressures = [self.pressure(r) for r in replicas]
-        least = min(loads)
-        prompt_blocks = -(-num_tokens // self.block_size)
-        costs = [
-            num_tokens - depth * self.block_size
-            + self.options.load_cost_tokens * load
-            + self.block_size * (prompt_blocks - depth) * pressure
-            for depth, load, pressure in zip(depths, loads, pressures)
-        ]
-        order = sorted(range(len(replicas)), key=lambda k: (costs[k], loads[k], fills[k], random.random()))
-        allowed = [k for k in order if loads[k] - least <= self.options.max_imbalance]
-        held_back = [k for k in order if loads[k] - least > self.options.max_imbalance]
-        top = max(matched.values(), default=0)
-        return allowed + held_back, self._reason(depths[allowed[0]], top, held_back)
+            if depth > matched[replica]:
+                matched[replica] = depth
+        depths = np.fromiter((matched.get(r, 0) for r in replicas), np.int64, len(replicas))
+        loads, fills, pressures = self.standings(replicas)
+        size = self.block_size
+        prompt_blocks = -(-num_tokens // size)
+        new_blocks = prompt_blocks - depths
+        costs = num_tokens - depths * size + self.options.load_cost_tokens * loads + size * new_blocks * pressures
+        order = np.lexsort((self._ties.random(len(replicas)), fills, loads, costs))
+        held = loads[order] > self.imbalance_slack(int(loads.min()))
+        allowed = order[~held]
+        reason = self._reason(int(depths[allowed[0]]), max(matched.values(), default=0), held.any())
+        return np.concatenate((allowed, order[held])).tolist(), reason
+
+    def imbalance_slack(self, least: int) -> float:
+        """The most requests a replica may have in flight and still rank by its cost: the
+        least busy one's plus `max_imbalance`, or plus `imbalance_share` of the least busy
+        one's if more. With long requests every replica carries many, and Poisson swings of
+        a few requests would otherwise send a prefix away from the replica that holds it."""
+        return least + max(self.options.max_imbalance, self.options.imbalance_share * least)
 
     def _known(self, replicas: list[str]) -> list[str]:
         """The replicas whose caches we may count on. An unknown one (restarted, lost events,
@@ -103,7 +103,7 @@ class KVScorer:
         return known
 
     @staticmethod
-    def _reason(best_match: int, top_match: int, held_back: list[int]) -> str:
+    def _reason(best_match: int, top_match: int, held_back: bool) -> str:
         if top_match == 0:
             return "no_cached_prefix"
         if best_match == top_match:

@@ -144,6 +144,7 @@ class _SamplingFields(_CacheFields):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    speculative: bool = True
     _structured: StructuredOutputSpec | None = PrivateAttr(None)
 
     @field_validator("stop")
@@ -197,6 +198,7 @@ class _SamplingFields(_CacheFields):
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "structured": self._structured,
+            "speculative": self.speculative,
         }
         for name in ("temperature", "top_p", "top_k"):
             if getattr(self, name) is not None:

@@ -13,7 +13,9 @@ class RouterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     load_cost_tokens: int = Field(64, ge=0, description="kv: prompt tokens one in-flight request is worth")
-    max_imbalance: int = Field(4, ge=0, description="kv: most extra in-flight requests over the least busy replica")
+    max_imbalance: int = Field(16, ge=0, description="kv: most extra in-flight requests over the least busy replica")
+    imbalance_share: float = Field(
+        2.0, ge=0, description="kv: or this share of the least busy replica's in-flight requests, if more")
     working_set_window_s: float = Field(
         60.0, gt=0, description="kv: how long a prompt sent to a replica counts as wanted in its cache")
     recent_s: float = Field(

@@ -6,7 +6,7 @@ waiting) come from the stats each replica publishes through the KV event hub.
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from kvserve.workers.protocol import EngineStats
+from kvserve.workers.protocol import EngineStats, SpeculativeStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -66,10 +66,25 @@ GRAMMAR_MASKED_STEPS = Gauge("kvserve_grammar_masked_steps_total", "Engine steps
 _GRAMMAR_GAUGES = {GRAMMAR_COMPILE_TIME: "compile_s", GRAMMARS_COMPILED: "compiled",
                    GRAMMAR_MASK_TIME: "mask_s", GRAMMAR_MASKED_STEPS: "masked_steps"}
 
+SPEC_PROPOSED = Gauge("kvserve_spec_proposed_tokens_total", "Speculative tokens proposed and verified", ["replica"])
+SPEC_ACCEPTED = Gauge("kvserve_spec_accepted_tokens_total", "Speculative tokens the target model kept", ["replica"])
+SPEC_MEAN_ACCEPTED = Gauge("kvserve_spec_mean_accepted_length", "Speculative tokens kept per verification",
+                           ["replica"])
+SPEC_ACCEPTANCE = Gauge("kvserve_spec_acceptance_rate", "Share of proposals kept at each position",
+                        ["replica", "position"])
+_SPEC_GAUGES = {SPEC_PROPOSED: "proposed", SPEC_ACCEPTED: "accepted", SPEC_MEAN_ACCEPTED: "mean_accepted_length"}
+
+
+def _export_speculative(replica: str, stats: SpeculativeStats) -> None:
+    for gauge, field in _SPEC_GAUGES.items():
+        gauge.labels(replica).set(getattr(stats, field))
+    for position, rate in enumerate(stats.acceptance_rate_at):
+        SPEC_ACCEPTANCE.labels(replica, str(position)).set(rate)
+
 
 def export_replica_stats(stats: dict[str, EngineStats], index_blocks: dict[str, int], untrusted: int) -> None:
     """Refresh the per-replica gauges; replicas that are gone lose their series."""
-    for gauge in (KV_USAGE, RUNNING, WAITING, INDEX_BLOCKS, *_GRAMMAR_GAUGES):
+    for gauge in (KV_USAGE, RUNNING, WAITING, INDEX_BLOCKS, *_GRAMMAR_GAUGES, *_SPEC_GAUGES, SPEC_ACCEPTANCE):
         gauge.clear()
     for replica, s in stats.items():
         KV_USAGE.labels(replica).set(s.kv_blocks_used / s.kv_blocks_total)
@@ -77,6 +92,8 @@ def export_replica_stats(stats: dict[str, EngineStats], index_blocks: dict[str, 
         WAITING.labels(replica).set(s.waiting)
         for gauge, field in _GRAMMAR_GAUGES.items() if s.grammars is not None else ():
             gauge.labels(replica).set(getattr(s.grammars, field))
+        if s.speculative is not None:
+            _export_speculative(replica, s.speculative)
     for replica, blocks in index_blocks.items():
         INDEX_BLOCKS.labels(replica).set(blocks)
     UNTRUSTED_REPLICAS.set(untrusted)

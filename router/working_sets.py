@@ -13,57 +13,122 @@ It counts this router's own decisions; with several ingress replicas each sees i
 the traffic, in the same proportions.
 """
 
+import bisect
 import time
-from collections import OrderedDict
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import count, repeat
+from operator import attrgetter
 
-from kvserve.router.kv_index import leading_matches
 from kvserve.workers.engine.block_hash import BlockHash
 
 
-class _SentSince:
-    """The blocks of one replica sent after `since`, as a container for `leading_matches`."""
+@dataclass(slots=True)
+class _Send:
+    """One prompt sent to a replica: its blocks, of which the first `kept` are still counted."""
 
-    def __init__(self, sent: dict[BlockHash, float], since: float):
-        self.sent, self.since = sent, since
-
-    def __contains__(self, block_hash: BlockHash) -> bool:
-        return self.sent.get(block_hash, self.since) > self.since
+    number: int
+    at: float
+    blocks: list[BlockHash]
+    kept: int
 
 
 class WorkingSets:
-    def __init__(self, window_s: float = 60.0):
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
         self.window_s = window_s
-        self._sent: dict[str, OrderedDict[BlockHash, float]] = {}  # last sent, oldest first
+        self.clock = clock
+        self._numbers = count()
+        # Per replica: each block's last send (its number), and the sends in order. A send's
+        # blocks leave when it expires, unless sent again since: one dict update per prompt,
+        # no per-block reordering.
+        self._last_send: dict[str, dict[BlockHash, int]] = {}
+        self._sends: dict[str, deque[_Send]] = {}
+        # The replicas sent each chain's first block (a hash that only ever starts a chain),
+        # so that a recent match searches those alone.
+        self._heads: dict[BlockHash, set[str]] = {}
 
     def add(self, replica: str, block_hashes: list[BlockHash], limit: int | None, now: float | None = None) -> None:
         """A prompt with this chain of blocks went to `replica`; of what was sent there, at
-        most the newest `limit` blocks are kept (enough to tell a full pool from an overfull
-        one; None: all within the window)."""
-        now = time.monotonic() if now is None else now
-        sent = self._sent.setdefault(replica, OrderedDict())
-        for block_hash in block_hashes:
-            sent[block_hash] = now
-            sent.move_to_end(block_hash)
-        while limit is not None and len(sent) > limit:
-            sent.popitem(last=False)
+        most `limit` blocks are kept, the oldest sends' tails dropped first (enough to tell a
+        full pool from an overfull one; None: all within the window)."""
+        if not block_hashes:
+            return
+        send = _Send(next(self._numbers), self.clock() if now is None else now, block_hashes, len(block_hashes))
+        last_send = self._last_send.setdefault(replica, {})
+        last_send.update(zip(block_hashes, repeat(send.number)))
+        self._sends.setdefault(replica, deque()).append(send)
+        self._heads.setdefault(block_hashes[0], set()).add(replica)
+        while limit is not None and len(last_send) > limit:
+            self._drop_block(replica, self._sends[replica][0])
+
+    def _drop_block(self, replica: str, send: _Send) -> None:
+        """Drop the last block still counted of `send`, the oldest send there."""
+        send.kept -= 1
+        block_hash = send.blocks[send.kept]
+        last_send = self._last_send[replica]
+        if last_send.get(block_hash) == send.number:
+            del last_send[block_hash]
+            if send.kept == 0:
+                self._unhead(replica, block_hash)
+        if send.kept == 0:
+            self._sends[replica].popleft()
+
+    def _unhead(self, replica: str, block_hash: BlockHash) -> None:
+        senders = self._heads.get(block_hash)
+        if senders is not None:
+            senders.discard(replica)
+            if not senders:
+                del self._heads[block_hash]
 
     def blocks(self, replica: str, now: float | None = None) -> int:
         """Distinct blocks of the prompts sent to `replica` within the window."""
-        sent = self._sent.get(replica)
-        if sent is None:
-            return 0
-        horizon = (time.monotonic() if now is None else now) - self.window_s
-        while sent and next(iter(sent.values())) <= horizon:
-            sent.popitem(last=False)
-        return len(sent)
+        return self.sizes([replica], now)[0]
+
+    def sizes(self, replicas: list[str], now: float | None = None) -> list[int]:
+        """`blocks` of each of `replicas`, with one look at the clock."""
+        horizon = (self.clock() if now is None else now) - self.window_s
+        counts = []
+        for replica in replicas:
+            sends = self._sends.get(replica)
+            while sends and sends[0].at <= horizon:
+                self._expire(replica, sends.popleft())
+            counts.append(len(self._last_send[replica]) if sends is not None else 0)
+        return counts
+
+    def _expire(self, replica: str, send: _Send) -> None:
+        """Forget a send that left the window: those of its blocks not sent again since."""
+        last_send = self._last_send[replica]
+        for block_hash in send.blocks[: send.kept]:
+            if last_send.get(block_hash) == send.number:
+                del last_send[block_hash]
+        if send.kept and send.blocks[0] not in last_send:
+            self._unhead(replica, send.blocks[0])
 
     def recent_matches(
         self, block_hashes: list[BlockHash], replicas: list[str], within_s: float, now: float | None = None
     ) -> dict[str, int]:
         """For each replica, how many leading blocks of `block_hashes` were sent there within
-        the last `within_s` (no longer than the window)."""
-        since = (time.monotonic() if now is None else now) - within_s
-        return leading_matches(block_hashes, replicas, lambda r: _SentSince(self._sent.get(r, {}), since))
+        the last `within_s` (no longer than the window). Only the replicas sent the first block
+        are searched: at hundreds of replicas, most were not. Every prompt sent with a block
+        held the blocks before it, so a block's last send is no older than the next block's,
+        and no newer than the previous one's: the recent blocks of a chain lead it (kept so
+        by dropping a send's tail first), and a binary search finds where they end."""
+        since = (self.clock() if now is None else now) - within_s
+        matched = dict.fromkeys(replicas, 0)
+        if not block_hashes:
+            return matched
+        for replica in self._heads.get(block_hashes[0], ()):
+            if replica not in matched:
+                continue
+            sends, last_send = self._sends[replica], self._last_send[replica]
+            if sends[-1].at <= since:
+                continue
+            recent = sends[bisect.bisect_right(sends, since, key=attrgetter("at"))].number  # the first send since
+            matched[replica] = bisect.bisect_left(block_hashes, True, key=lambda h: last_send.get(h, -1) < recent)
+        return matched
 
     def forget(self, replica: str) -> None:
-        self._sent.pop(replica, None)
+        for block_hash in self._last_send.pop(replica, ()):
+            self._unhead(replica, block_hash)
+        self._sends.pop(replica, None)

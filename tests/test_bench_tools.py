@@ -153,7 +153,7 @@ def test_bench_decode_tiny_model(tmp_path, capsys):
         assert row["step_ms"] > 0 and row["hf_step_ms"] > 0
         assert row["tok_s"] == pytest.approx(batch / row["step_ms"] * 1e3)
         assert row["vs_hf"] == pytest.approx(row["tok_s"] / row["hf_tok_s"])
-        assert len(table_rows(stdout, f"{batch} | 8 ")[0]) == 9
+        assert len(table_rows(stdout, f"dense | {batch} | 8 ")[0]) == 10
     assert "batch-1 step within 1.25x of the floor" in stdout
 
 

@@ -31,6 +31,13 @@ def test_the_gpu_tests_step_runs_the_files_with_gpu_marked_tests():
     assert {"tests/test_triton_kernels.py", "tests/test_cuda_graphs.py"} <= set(gpu_check.GPU_TEST_FILES)
 
 
+def test_the_quantized_decode_step_measures_fp8_and_int4_where_the_dense_one_does():
+    steps = {step.name: step for step in gpu_check.STEPS}
+    quantized, dense = steps["decode-quant"].gpu_args, steps["decode"].gpu_args
+    assert quantized[quantized.index("--quantization") + 1] == "fp8,int4"
+    assert quantized[:quantized.index("--quantization")] == dense
+
+
 STAND_INS = {
     "fails": ("raise SystemExit(3)", 30),
     "overruns": ("import subprocess; subprocess.run(['sleep', '60'])", 1),
@@ -82,6 +89,8 @@ def test_the_dry_run_runs_every_step_and_writes_the_reports(tmp_path):
     assert all("step_ms" in row and "hf_step_ms" not in row for row in steps["decode-eager"]["result"]["decode"])
     assert all("hf_step_ms" in row and "step_ms" not in row for row in steps["decode-hf"]["result"]["decode"])
     assert len(steps["tp"]["result"]["step_ms"]) == 2
+    quantized = steps["decode-quant"]["result"]["decode"]
+    assert [(row["format"], row["batch"]) for row in quantized] == [("fp8", 1), ("fp8", 4), ("int4", 1), ("int4", 4)]
 
     summary = (out / "gpu-check.md").read_text()
     assert all(f"## {name}: ok" in summary for name in steps)

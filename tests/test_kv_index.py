@@ -11,7 +11,8 @@ from kvserve.router.kv_index import Fate, KVIndex, leading_matches
 from kvserve.router.options import RouterOptions
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager
-from kvserve.workers.engine.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, apply_events
+from kvserve.workers.engine.kv_events import DEVICE_MEDIUM, AllBlocksCleared, BlockRemoved, BlockStored, apply_events
+from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import Sequence
 from kvserve.workers.protocol import (
@@ -77,7 +78,7 @@ def test_a_sequence_gap_is_refused():
 
 def pool_stats(total: int = 1 << 20, used: int = 0, cached: int = 0) -> EngineStats:
     return EngineStats(running=0, waiting=0, kv_blocks_total=total, kv_blocks_used=used, kv_blocks_cached=cached,
-                       num_preemptions=0, grammars=None)
+                       num_preemptions=0, grammars=None, speculative=None)
 
 
 def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None = None,
@@ -121,6 +122,21 @@ def test_scorer_prefers_the_holder_until_it_is_too_busy():
     scorer.in_flight["b"] = 3  # 3 more than the least busy: held back
     order, reason = scorer.rank(["a", "b", "c"], hashes, len(prompt))
     assert order[0] == 2 and order[-1] == 1 and reason == "load_guard"
+
+
+def test_the_load_guard_grows_with_the_load():
+    """Long requests keep many in flight everywhere: a swing of a few more than the least busy
+    replica must not send a prefix away from its holder; twice the least busy's load does."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(40))
+    follower = follower_with({"a": [], "b": prompt[:32]})
+    scorer = KVScorer(follower, BLOCK, RouterOptions(load_cost_tokens=0, max_imbalance=4, imbalance_share=0.5))
+    hashes = hash_block_chain(prompt, BLOCK)
+    scorer.in_flight.update({"a": 20, "b": 29})  # 9 more: within half of 20
+    assert scorer.rank(["a", "b"], hashes, len(prompt)) == ([1, 0], "cached_prefix")
+    scorer.in_flight["b"] = 31
+    assert scorer.rank(["a", "b"], hashes, len(prompt)) == ([0, 1], "load_guard")
 
 
 def test_scorer_places_a_new_prefix_where_fewer_blocks_are_in_use():
@@ -244,7 +260,8 @@ def per_replica_walk(index: KVIndex, block_hashes: list[BlockHash], replicas: li
 
 hash_lists = st.lists(st.sampled_from(HASHES), max_size=6)
 events = st.lists(st.one_of(
-    st.builds(lambda hashes: BlockStored(hashes, None, [], BLOCK, None), hash_lists),
+    st.builds(lambda hashes: BlockStored(hashes, None, [], BLOCK, None, DEVICE_MEDIUM, DEFAULT_RETENTION_PRIORITY),
+              hash_lists),
     st.builds(BlockRemoved, hash_lists),
     st.just(AllBlocksCleared()),
 ), max_size=4)
@@ -322,9 +339,35 @@ def test_prefix_matches_walks_once_for_shared_and_sole_holders():
     asked = ["e", "d", "c", "b", "a", "gone"]
     assert index.prefix_matches(chain, asked) == {"e": 0, "d": 4, "c": 1, "b": 4, "a": 6, "gone": 0}
     assert index.prefix_matches(chain, ["b", "c"]) == {"b": 4, "c": 1}  # "a" not asked: not counted
-    index.apply("a", KVEventBatch(1, 1, 0.0, [BlockRemoved(chain[3:4])]))
+    index.apply("a", KVEventBatch(1, 1, 0.0, [BlockRemoved(chain[3:4], DEVICE_MEDIUM)]))
     index.drop_replica("b")
     assert index.holders[chain[3]] == "d" and index.holders[chain[4]] == "a"
     assert index.prefix_matches(chain, asked) == {"e": 0, "d": 4, "c": 1, "b": 0, "a": 3, "gone": 0}
-    index.apply("a", KVEventBatch(1, 2, 0.0, [AllBlocksCleared(), BlockStored(chain[:1], None, [], BLOCK, None)]))
+    index.apply("a", KVEventBatch(1, 2, 0.0, [AllBlocksCleared(), BlockStored(chain[:1], None, [], BLOCK, None, DEVICE_MEDIUM,
+                                                                           DEFAULT_RETENTION_PRIORITY)]))
     assert index.holders[chain[0]] == {"a", "c", "d"} and chain[4] not in index.holders
+
+
+def sent_since(sets, replica: str, since: float) -> set[BlockHash]:
+    """The blocks `sets` still counts for `replica`, last sent after `since` (read inside)."""
+    sent_at = {send.number: send.at for send in sets._sends.get(replica, ())}
+    return {h for h, number in sets._last_send.get(replica, {}).items() if sent_at[number] > since}
+
+
+def test_recent_matches_equal_a_walk_of_each_replicas_sends():
+    """The binary search of `recent_matches` against a block-by-block walk, after prompts
+    that share prefixes went to replicas at various times and pushed each other out."""
+    import random
+
+    from kvserve.router.working_sets import WorkingSets
+
+    rng = random.Random(7)
+    trunks = [hash_block_chain(list(range(100 * t, 100 * t + 12 * BLOCK)), BLOCK) for t in range(3)]
+    sets = WorkingSets(window_s=50.0)
+    for now in range(40):
+        chain = rng.choice(trunks)[: rng.randrange(1, 13)]
+        sets.add(rng.choice(NAMES), chain, limit=rng.choice([None, 20]), now=float(now))
+        query = rng.choice(trunks)
+        since = now - rng.choice([3.0, 10.0])
+        walked = leading_matches(query, NAMES, lambda r: sent_since(sets, r, since))
+        assert sets.recent_matches(query, NAMES, within_s=now - since, now=float(now)) == walked

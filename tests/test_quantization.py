@@ -2,6 +2,7 @@
 weights equal to what `compressed-tensors` decompresses, greedy tokens equal to transformers'."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -355,3 +356,18 @@ def test_two_ranks_shards_put_together_are_the_whole_weights(fmt, compressed, in
 def test_a_split_that_cuts_a_group_is_refused(compressed):
     with pytest.raises(ValueError, match="must not cut a group"):
         load_model(compressed["W4A16"], torch.float32, "cpu", tp=TPGroup(0, 4))
+
+
+def test_the_runner_logs_its_weight_and_kv_memory_once(compressed, caplog):
+    from kvserve.workers.engine.config import EngineConfig
+    from kvserve.workers.runner.model_runner import ModelRunner
+
+    serve_logger = logging.getLogger("ray.serve")  # Serve may have stopped it from propagating
+    serve_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="ray.serve"):
+            ModelRunner(EngineConfig(model=str(compressed["W4A16"]), device="cpu", dtype="float32", num_kv_blocks=24))
+    finally:
+        serve_logger.removeHandler(caplog.handler)
+    (message,) = {r.getMessage() for r in caplog.records if "KV cache" in r.getMessage()}
+    assert message.startswith("rank 0 of 1 on cpu: weights 0.00 GiB, KV cache 0.00 GiB (24 blocks of 16 tokens, float32)")

@@ -75,6 +75,39 @@ def test_worker_actors_give_the_in_process_greedy_tokens(arch, workers, checkpoi
         llm.engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def quantized_checkpoints(tmp_path_factory):
+    """One tiny Llama quantized in every format: compressed-tensors FP8 and int4, GPTQ, AWQ, GGUF."""
+    from gguf import GGMLQuantizationType
+
+    from gguf_writer import write_gguf
+    from test_quantization import SHAPE, rewrite_int4, write_compressed_tensors
+
+    root = tmp_path_factory.mktemp("tp-quantized")
+    base = build_tiny_checkpoint(root / "llama", "llama", **SHAPE)
+    int4 = write_compressed_tensors(base, root / "W4A16_ASYM", "W4A16_ASYM")
+    (root / "gguf").mkdir()
+    return {
+        "FP8_DYNAMIC": write_compressed_tensors(base, root / "FP8_DYNAMIC", "FP8_DYNAMIC"),
+        "W4A16_ASYM": int4,
+        "gptq": rewrite_int4(int4, root / "gptq", "gptq"),
+        "awq": rewrite_int4(int4, root / "awq", "awq"),
+        "gguf-Q4_0": write_gguf(base, root / "gguf" / "tiny.gguf", "llama", GGMLQuantizationType.Q4_0),
+    }
+
+
+def test_quantized_checkpoints_give_the_in_process_greedy_tokens_on_two_ranks(quantized_checkpoints):
+    """Each rank holds its slices of the packed weights, scales and zero points."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for fmt, path in quantized_checkpoints.items():
+        expected = generate(LLM(str(path), **ENGINE), greedy)
+        llm = tp_engine(path)
+        try:
+            assert generate(llm, greedy) == expected, fmt
+        finally:
+            llm.engine.shutdown()
+
+
 def test_seeded_samples_on_rank_0_equal_the_in_process_ones(checkpoints):
     """Rank 0 samples: a seeded sample's draws depend on its seed and position alone, so
     nothing but the plan has to travel to the rank for them to equal the in-process ones."""
@@ -85,6 +118,19 @@ def test_seeded_samples_on_rank_0_equal_the_in_process_ones(checkpoints):
         assert generate(llm, seeded) == expected
     finally:
         llm.engine.runner.shutdown()
+
+
+def test_speculative_greedy_tokens_on_two_ranks_equal_the_plain_in_process_ones(checkpoints):
+    greedy = SamplingParams(temperature=0.0, n=2, max_tokens=12, ignore_eos=True)
+    repeating = [[5, 6, 7, 8, 9] * 4, [30, 31, 32, 30, 31, 32, 30]]
+    expected = [[o.token_ids for o in out.outputs] for out in LLM(str(checkpoints["llama"]), **ENGINE).generate(repeating, greedy)]
+    llm = tp_engine(checkpoints["llama"], speculative={"method": "ngram", "num_speculative_tokens": 3,
+                                                       "prompt_lookup_min": 1, "prompt_lookup_max": 3})
+    try:
+        assert [[o.token_ids for o in out.outputs] for out in llm.generate(repeating, greedy)] == expected
+        assert llm.engine.stats().speculative.accepted > 0
+    finally:
+        llm.engine.shutdown()
 
 
 def test_unshardable_tp_size_is_named(checkpoints):

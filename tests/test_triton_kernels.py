@@ -8,46 +8,21 @@ it (`test_cpu_kernels_under_interpreter`), and are skipped here.
 """
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import triton
+
+from triton_cases import INTERPRETED, TOLERANCE, cpu, gpu, run_cpu_cases_under_interpreter
 
 from kvserve.kernels import reference, triton_ops
 
-INTERPRETED = triton.knobs.runtime.interpret
-ON_CPU = pytest.mark.skipif(not INTERPRETED, reason="run under the interpreter by a child process")
-ON_GPU = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs CUDA"),
-]
 NAN = float("nan")
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-
-
-def cpu(*values, id):
-    return pytest.param(*values, "cpu", id=id, marks=ON_CPU)
-
-
-def gpu(*values, id):
-    return pytest.param(*values, "cuda", id=f"gpu-{id}", marks=ON_GPU)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the interpreter run")
 def test_cpu_kernels_under_interpreter():
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p", "no:cacheprovider"],
-        cwd=Path(__file__).parents[1],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-    )
-    assert child.returncode == 0, child.stdout[-20000:] + child.stderr[-5000:]
+    run_cpu_cases_under_interpreter(__file__)
 
 
 @pytest.fixture(autouse=True)

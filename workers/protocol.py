@@ -6,7 +6,7 @@ All are frozen dataclasses that Ray pickles as they are; readers use attributes,
 left out is an error when the message is built, never a silent 0 where it is read. Messages
 the engine itself produces are defined beside it and named here: `KVEventBatch`, its
 event kinds and `BlockSnapshot` (`workers/engine/kv_events.py`), `EngineStats` (with its
-`GrammarTimings`) and `TokenLogprobs`
+`GrammarTimings` and `SpeculativeStats`) and `TokenLogprobs`
 (`workers/engine/outputs.py`), the rule for a prompt's length that both ends apply
 (`workers/engine/prompt_checks.py`), and the output constraint a request may carry
 (`workers/engine/structured_spec.py`). This module imports nothing heavier than those, so the
@@ -19,7 +19,9 @@ from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.kv_events import (
     AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, KVEvent, KVEventBatch,
 )
-from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, GrammarTimings, TokenLogprobs
+from kvserve.workers.engine.outputs import (
+    EmbeddingOutput, EngineStats, GrammarTimings, SpeculativeStats, TokenLogprobs,
+)
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.retention import KVRetention, RetentionRange
 from kvserve.workers.engine.sampling_params import SamplingParams
@@ -27,7 +29,7 @@ from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 
 __all__ = [
     "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EmbedRequest", "EmbeddingOutput",
-    "EngineStats", "GrammarTimings",
+    "EngineStats", "GrammarTimings", "SpeculativeStats",
     "GenerateRequest", "Heartbeat", "HubNews", "KVCursor", "KVEvent", "KVEventBatch", "KVRetention", "OutputDelta", "ReplicaNews",
     "ReplicaRegistration", "RequestRefused", "RetentionRange", "SampleDelta", "SamplingParams", "StructuredOutputSpec", "TokenLogprobs",
     "prompt_length_problem",

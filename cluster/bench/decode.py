@@ -1,6 +1,7 @@
 """`kvserve bench decode`: the engine's decode step on a Llama-3-8B-shaped model with dummy
-weights, against the floor of reading every weight and the batch's KV once at the measured copy
-bandwidth, and against Hugging Face transformers' `generate` on the same device."""
+weights (dense, or in an FP8 or int4 checkpoint's layout), against the floor of reading every
+weight and the batch's KV once at the measured copy bandwidth, and against Hugging Face
+transformers' `generate` on the same device."""
 
 import argparse
 import tempfile
@@ -30,6 +31,11 @@ SHAPES = {
                  num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=16384,
                  rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
 }
+# `quantization_config`s of compressed-tensors checkpoints: FP8 weights per channel with dynamic
+# per-token FP8 activations, and int4 weights in groups (of 128, or of the hidden size if smaller).
+FORMATS = ("dense", "fp8", "int4")
+FP8_WEIGHTS = dict(type="float", num_bits=8, strategy="channel", symmetric=True, dynamic=False)
+FP8_TOKENS = dict(type="float", num_bits=8, strategy="token", symmetric=True, dynamic=True)
 HF_NOTE = ("HF: the same config built by transformers with random weights on the same device and dtype "
            "(the work of a step does not depend on the values), its defaults (sdpa attention, dynamic "
            "cache), greedy; for both, only decode steps after the first two tokens are timed, prefill excluded")
@@ -43,21 +49,44 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-engine", action="store_true", help="HF's steps alone")
     parser.add_argument("--enforce-eager", action="store_true", help="decode steps without CUDA graphs")
+    parser.add_argument("--quantization", type=_formats, default="dense",
+                        help=f"weight formats measured one after another, of: {', '.join(FORMATS)}")
     add_common_flags(parser)
 
 
-def write_config_only_checkpoint(out_dir: Path, shape: str) -> None:
+def _formats(text: str) -> list[str]:
+    formats = text.split(",")
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown formats {', '.join(sorted(unknown))}; of: {', '.join(FORMATS)}")
+    return formats
+
+
+def write_config_only_checkpoint(out_dir: Path, shape: str, quantization: str = "dense") -> None:
     """config.json and a tokenizer, no weights: all that `load_format: dummy` reads."""
     from transformers import LlamaConfig
 
     from kvserve.cluster.tiny_model import ARCHITECTURES, build_tokenizer
 
     tokenizer = build_tokenizer(out_dir)
-    LlamaConfig(
+    config = LlamaConfig(
         **SHAPES[shape], architectures=[ARCHITECTURES["llama"]], tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-    ).save_pretrained(out_dir)
+    )
+    if quantization != "dense":
+        config.quantization_config = quantization_config(quantization, SHAPES[shape]["hidden_size"])
+    config.save_pretrained(out_dir)
+
+
+def quantization_config(quantization: str, hidden_size: int) -> dict:
+    if quantization == "fp8":
+        scheme = dict(weights=FP8_WEIGHTS, input_activations=FP8_TOKENS)
+    else:
+        scheme = dict(weights=dict(type="int", num_bits=4, strategy="group", group_size=min(128, hidden_size),
+                                   symmetric=True))
+    return dict(quant_method="compressed-tensors", config_groups=dict(group_0=dict(targets=["Linear"], **scheme)),
+                ignore=["lm_head"])
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -67,7 +96,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total if model.config.tie_word_embeddings else total - model.embed_tokens.weight.nbytes
 
 
-def engine_rows(model_dir: str, args, device: torch.device, copy_bps: float) -> list[dict]:
+def engine_rows(model_dir: str, args, device: torch.device, copy_bps: float, quantization: str) -> list[dict]:
     from kvserve.workers.llm import LLM
 
     max_len = args.context + args.steps + 2  # decode_step_time generates steps + 2 tokens
@@ -85,10 +114,10 @@ def engine_rows(model_dir: str, args, device: torch.device, copy_bps: float) -> 
     for batch in args.batches:
         step_s = decode_step_time(llm, batch, args.context, args.steps)
         floor_s = (weights + batch * mean_context * kv_per_token) / copy_bps
-        rows.append(dict(batch=batch, context=args.context, step_ms=step_s * 1e3, floor_ms=floor_s * 1e3,
-                         of_floor=step_s / floor_s, tok_s=batch / step_s))
-        print(f"engine, batch {batch}: {step_s * 1e3:.2f} ms per step", flush=True)
-    print(f"weights read per step: {weights / 1e6:.1f} MB, KV per token: {kv_per_token} bytes")
+        rows.append(dict(format=quantization, batch=batch, context=args.context, step_ms=step_s * 1e3,
+                         floor_ms=floor_s * 1e3, of_floor=step_s / floor_s, tok_s=batch / step_s))
+        print(f"engine, {quantization}, batch {batch}: {step_s * 1e3:.2f} ms per step", flush=True)
+    print(f"{quantization}: weights read per step: {weights / 1e6:.1f} MB, KV per token: {kv_per_token} bytes")
     return rows
 
 
@@ -138,24 +167,28 @@ def add_hf_columns(rows: list[dict], model_dir: str, args, device: torch.device)
 def main(args: argparse.Namespace) -> int:
     if args.skip_engine and args.skip_hf:
         raise ValueError("--skip-engine and --skip-hf leave nothing to measure")
+    if not args.skip_hf and args.quantization != ["dense"]:
+        raise ValueError("HF's decode step is measured on the dense model alone: add --skip-hf")
     device = resolve_device(args.device)
     copy_bps = copy_bandwidth(device, args.copy_mib, args.reps, args.warmup)
     info = run_info(args, device)
     print_info(info, copy_bandwidth=f"{copy_bps / 1e9:.1f} GB/s (read + write)")
-    with tempfile.TemporaryDirectory(prefix=f"kvserve-{args.shape}-") as model_dir:
-        write_config_only_checkpoint(Path(model_dir), args.shape)
-        rows = measured_rows(model_dir, args, device, copy_bps)
+    rows = []
+    for quantization in args.quantization:
+        with tempfile.TemporaryDirectory(prefix=f"kvserve-{args.shape}-{quantization}-") as model_dir:
+            write_config_only_checkpoint(Path(model_dir), args.shape, quantization)
+            rows += measured_rows(model_dir, args, device, copy_bps, quantization)
     print_table(table_columns(args), rows)
     print_notes(args, rows)
     write_json(args.json, dict(info, copy_gbps=copy_bps / 1e9, decode=rows))
     return 0
 
 
-def measured_rows(model_dir: str, args, device: torch.device, copy_bps: float) -> list[dict]:
+def measured_rows(model_dir: str, args, device: torch.device, copy_bps: float, quantization: str) -> list[dict]:
     if args.skip_engine:
-        rows = [dict(batch=batch, context=args.context) for batch in args.batches]
+        rows = [dict(format=quantization, batch=batch, context=args.context) for batch in args.batches]
     else:
-        rows = engine_rows(model_dir, args, device, copy_bps)
+        rows = engine_rows(model_dir, args, device, copy_bps, quantization)
         release_device_memory(device)  # the engine's weights and KV pool, before HF's are allocated
     if not args.skip_hf:
         add_hf_columns(rows, model_dir, args, device)
@@ -163,7 +196,7 @@ def measured_rows(model_dir: str, args, device: torch.device, copy_bps: float) -
 
 
 def table_columns(args: argparse.Namespace) -> dict[str, str]:
-    columns = {"batch": "{batch}", "context": "{context}"}
+    columns = {"format": "{format}", "batch": "{batch}", "context": "{context}"}
     if not args.skip_engine:
         columns |= {"step ms": "{step_ms:.2f}", "floor ms": "{floor_ms:.2f}", "step / floor": "{of_floor:.2f}x",
                     "tok/s": "{tok_s:.1f}"}
@@ -180,6 +213,7 @@ def print_notes(args: argparse.Namespace, rows: list[dict]) -> None:
     if args.skip_engine:
         return
     print("floor = (weight bytes + KV bytes read at the mean context of the timed steps) / copy bandwidth")
-    at_1 = [r["of_floor"] for r in rows if r["batch"] == 1]
-    result = f"{at_1[0]:.2f}x ({'met' if at_1[0] <= 1.25 else 'missed'})" if at_1 else "batch 1 not in --batches"
-    print(f"target (issue 3, on an H100/H200): batch-1 step within 1.25x of the floor: {result}")
+    for quantization in args.quantization:
+        at_1 = [r["of_floor"] for r in rows if r["batch"] == 1 and r["format"] == quantization]
+        result = f"{at_1[0]:.2f}x ({'met' if at_1[0] <= 1.25 else 'missed'})" if at_1 else "batch 1 not in --batches"
+        print(f"target (issue 3, on an H100/H200), {quantization}: batch-1 step within 1.25x of the floor: {result}")

@@ -61,6 +61,14 @@ def parse_size(text: str) -> int:
     return int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
 
 
+def add_engine_run_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the benchmarks that time a whole engine on a random-weight model."""
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
 def parse_sizes(text: str) -> list[int]:
     return [parse_size(part) for part in text.split(",")]
 

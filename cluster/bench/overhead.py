@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from kvserve.cluster.bench.decode import SHAPES, write_config_only_checkpoint
-from kvserve.cluster.bench.kernels import parse_sizes, print_info, print_table, resolve_device, run_info, write_json
+from kvserve.cluster.bench.kernels import add_engine_run_flags, parse_sizes, print_info, print_table, resolve_device, run_info, write_json
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.step_clock import StepClock
 
@@ -49,10 +49,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--steps", type=int, default=100, help="decode steps timed per case")
     parser.add_argument("--warmup", type=int, default=10, help="decode steps run before timing")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_engine_run_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kvserve.cluster.bench.decode import SHAPES, write_config_only_checkpoint
-from kvserve.cluster.bench.kernels import parse_sizes, print_info, print_table, resolve_device, run_info, write_json
+from kvserve.cluster.bench.kernels import add_engine_run_flags, parse_sizes, print_info, print_table, resolve_device, run_info, write_json
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 
@@ -31,10 +31,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=parse_sizes, default="1,16,64", help="sequences decoding together")
     parser.add_argument("--tokens", type=int, default=64, help="tokens each sequence generates")
     parser.add_argument("--rounds", type=int, default=3, help="free and guided runs, alternating")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_engine_run_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:

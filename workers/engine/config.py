@@ -24,6 +24,25 @@ class PrefixRetention(BaseModel):
     duration_s: float | None = Field(None, gt=0, description="then the default priority; unset: for good")
 
 
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding: each step a sequence may verify up to `num_speculative_tokens`
+    proposed tokens; `ngram` proposes what followed the latest earlier occurrence of the
+    sequence's last `prompt_lookup_max` down to `prompt_lookup_min` tokens (in its prompt or output)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["ngram"]
+    num_speculative_tokens: int = Field(ge=1, le=32)
+    prompt_lookup_min: int = Field(2, ge=1)
+    prompt_lookup_max: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _check_lookup_range(self) -> "SpeculativeConfig":
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
+        return self
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -89,6 +108,10 @@ class EngineConfig(BaseModel):
     tp_size: int = Field(1, ge=1, description="tensor-parallel ranks: >1 runs the model on that many worker actors")
     rank_cpus: float = Field(
         1.0, gt=0, description="CPUs Ray reserves for each worker actor (rank) when the ranks run on CPUs"
+    )
+    speculative: SpeculativeConfig | None = Field(
+        None, description='speculative decoding, as a JSON object: {"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}; unset: off'
     )
     distributed_executor_backend: Literal["auto", "ray"] = Field(
         "auto", description="`auto`: the model in the engine's process at tp_size 1, on Ray worker actors "

@@ -20,7 +20,9 @@ from kvserve.workers.engine.retention import KVRetention, with_prefix_retention
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from kvserve.workers.engine.sequence import PENDING_TOKEN, FinishReason, Sequence
+from kvserve.workers.engine.speculative.speculation import Speculation, speculates
 from kvserve.workers.engine.step_clock import StepClock
+from kvserve.workers.models.gguf_checkpoint import tokenizer_args
 from kvserve.workers.engine.structured_output import StructuredMatcher
 from kvserve.workers.engine.structured_spec import StructuredOutputError
 
@@ -41,7 +43,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, runner: ModelExecutor):
         self.config = config
         self.runner = runner
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_dir, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(**tokenizer_args(config.tokenizer_dir), local_files_only=True)
         model_config = self.runner.model_config
         self.max_model_len = config.effective_max_model_len(model_config)
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching,
@@ -59,6 +61,8 @@ class LLMEngine:
         self.overlaps_steps = config.overlaps_steps
         self._in_flight: _InFlight | None = None  # the step launched last, not read yet
         self._requests_with_penalties = 0
+        self.speculation = Speculation(config.speculative) if config.speculative else None
+        self._requests_speculating = 0
         self.guided = GuidedDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._refusals: list[tuple[str, str]] = []  # (request id, why) of requests dropped after add_request
         self._pooling_requests = 0
@@ -106,6 +110,8 @@ class LLMEngine:
         self.requests[request_id] = seqs
         if params.uses_penalties:
             self._requests_with_penalties += 1
+        if self.speculation is not None and speculates(params):
+            self._requests_speculating += 1
         if pooled is not None:
             seqs[0].pooled = pooled
             self._pooling_requests += 1
@@ -220,23 +226,30 @@ class LLMEngine:
         if self.guided.num_compiling:
             self._schedule_compiled()
         earlier = [] if self._can_overlap() else self._take_in_flight()
+        speculating = self._requests_speculating > 0
+        if speculating:
+            self.speculation.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if self.clock is not None:
             self.clock.lap("schedule")
         if batch.is_empty:
             return earlier + self._take_in_flight()
-        samples = self._sample_requests(batch)
+        samples = self._verify_requests(batch) if speculating else self._sample_requests(batch)
         pooled = [i for i, seq in enumerate(batch.seqs) if seq.pooled is not None] if self._pooling_requests else []
         step = StepRequest(batch, self.kv.block_tables, samples, self.eos_token_ids,
-                           self.guided.token_masks(samples) if self.guided.num_requests else None, pooled)
+                           self.guided.token_masks(samples) if self.guided.num_requests else None, pooled,
+                           speculating)
         if self.overlaps_steps and self._can_overlap():
             return earlier + self._launch(step)
         sampled = self.runner.execute(step)
         self._advance(batch, samples)
         if pooled:
             self._take_pooled([batch.seqs[i] for i in pooled], sampled.pooled)
-        tokens = [self._take_token(s.seq, token, logprob, top, None) for s, token, logprob, top
-                  in zip(samples, sampled.token_ids, sampled.logprobs, sampled.top_logprobs)] if samples else []
+        if speculating:
+            tokens = self._take_verified(samples, sampled) if samples else []
+        else:
+            tokens = [self._take_token(s.seq, token, logprob, top, None) for s, token, logprob, top
+                      in zip(samples, sampled.token_ids, sampled.logprobs, sampled.top_logprobs)] if samples else []
         if self.clock is not None:
             self.clock.lap("outputs")
         return earlier + tokens
@@ -244,7 +257,8 @@ class LLMEngine:
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before this one's tokens are read: not while a
         request's sampling reads every token so far (penalties) or its grammar needs the last one."""
-        return self._requests_with_penalties == 0 and self.guided.num_requests == 0 and self._pooling_requests == 0
+        return (self._requests_with_penalties == 0 and self.guided.num_requests == 0 and self._pooling_requests == 0
+                and self._requests_speculating == 0)
 
     def _take_pooled(self, seqs: list[Sequence], rows) -> None:
         """Pool each embedding prompt's chunk of this step; those whose prompt is done end here."""
@@ -318,6 +332,38 @@ class LLMEngine:
                     samples += [SampleRequest(i, child) for child in seq.forks]
         return samples
 
+    @staticmethod
+    def _verify_requests(batch) -> list[SampleRequest]:
+        """`_sample_requests` of a step whose sequences may verify proposed tokens, scheduled
+        after their own."""
+        samples = []
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.num_computed_tokens + num_new - len(seq.draft_token_ids) == len(seq.token_ids) and seq.pooled is None:
+                samples.append(SampleRequest(i, seq))
+                if seq.forks:
+                    samples += [SampleRequest(i, child) for child in seq.forks]
+        return samples
+
+    def _take_verified(self, samples: list[SampleRequest], sampled) -> list[NewToken]:
+        """Each sample's tokens from its rows: the proposed tokens the target agrees with, then
+        the target's own. The computed tokens and blocks of the rest are rolled back."""
+        tokens, row = [], 0
+        for request in samples:
+            seq, drafts = request.seq, request.seq.draft_token_ids
+            targets = sampled.token_ids[row : row + len(drafts) + 1]
+            accepted = self.speculation.num_accepted(drafts, targets) if drafts else 0
+            for j in range(accepted + 1):
+                tokens.append(self._take_token(seq, targets[j], sampled.logprobs[row + j],
+                                               sampled.top_logprobs[row + j], None))
+                if seq.is_finished:
+                    break
+            if drafts:
+                seq.draft_token_ids = []
+                if not seq.is_finished:
+                    self.scheduler.roll_back(seq, len(drafts) - accepted)
+            row += len(targets)
+        return tokens
+
     def _take_token(self, seq: Sequence, token: int, logprob, top, num_tokens: int | None) -> NewToken:
         """`token` is `seq`'s newest token (appended here when `num_tokens` is None, else already
         in place as token number `num_tokens`): end `seq` if it stops it."""
@@ -360,6 +406,8 @@ class LLMEngine:
         seqs = self.requests.pop(request_id)
         if seqs[0].params.uses_penalties:
             self._requests_with_penalties -= 1
+        if self.speculation is not None and speculates(seqs[0].params):
+            self._requests_speculating -= 1
         if seqs[0].params.structured is not None:
             self.guided.forget(request_id)
         if seqs[0].pooled is not None:
@@ -391,4 +439,5 @@ class LLMEngine:
             kv_blocks_cached=self.kv.num_cached_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             grammars=self.guided.timings_so_far(),
+            speculative=self.speculation.stats() if self.speculation is not None else None,
         )

@@ -35,7 +35,9 @@ class StepRequest:
     """One step for an executor: the scheduled batch, every sequence's block table, which
     sequences sample (the sample rows, in order), the model's end tokens, the allowed tokens
     of rows whose output follows a grammar, and the batch indices of the embedding prompts
-    whose chunks are pooled."""
+    whose chunks are pooled. With `speculative`, a sample whose sequence has proposed tokens
+    (`seq.draft_token_ids`, scheduled after its own) samples each of their positions too: its
+    1 + k rows follow one another in the output, in the order of the positions."""
 
     batch: ScheduledBatch
     block_tables: dict[str, list[int]]
@@ -43,6 +45,7 @@ class StepRequest:
     eos_token_ids: tuple[int, ...]
     token_masks: TokenMasks | None = None
     pooled: list[int] = field(default_factory=list)
+    speculative: bool = False
 
 
 @dataclass(slots=True)

@@ -151,6 +151,19 @@ class KVCacheManager:
             self._cache_full_blocks(seq, total)
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> bool:
+        """Return the blocks of `seq` past its first `num_tokens` tokens (the room of rejected
+        proposed tokens); whether there were any. Those blocks were never cached: a block is
+        hashed only once every token of it is in the sequence."""
+        blocks = self.seq_blocks[seq.seq_id]
+        keep = blocks_for(num_tokens, self.block_size)
+        if len(blocks) <= keep:
+            return False
+        self.pool.release(reversed(blocks[keep:]))
+        del blocks[keep:]
+        del self.block_tables[seq.seq_id][keep:]
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Return every block of `seq`; its last blocks become the first to be evicted."""
         blocks = self.seq_blocks.get(seq.seq_id)

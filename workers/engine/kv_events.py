@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvserve.workers.engine.block_hash import BlockHash
-from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY
 
 DEVICE_MEDIUM = "gpu"
 HOST_MEDIUM = "cpu"
@@ -23,8 +22,8 @@ class BlockStored:
     token_ids: list[int]
     block_size: int
     lora_name: str | None
-    medium: str = DEVICE_MEDIUM
-    priority: int = DEFAULT_RETENTION_PRIORITY  # the blocks' retention priority when stored
+    medium: str  # DEVICE_MEDIUM or HOST_MEDIUM
+    priority: int  # the blocks' retention priority when stored (retention.py: 0-100, 35 unless asked)
 
     def apply_to(self, blocks: set[BlockHash]) -> None:
         if self.medium == DEVICE_MEDIUM:
@@ -34,7 +33,7 @@ class BlockStored:
 @dataclass(frozen=True)
 class BlockRemoved:
     block_hashes: list[BlockHash]
-    medium: str = DEVICE_MEDIUM
+    medium: str
 
     def apply_to(self, blocks: set[BlockHash]) -> None:
         if self.medium == DEVICE_MEDIUM:

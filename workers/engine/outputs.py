@@ -50,6 +50,7 @@ class EngineStats:
     kv_blocks_cached: int  # reusable prefix blocks, in use or not
     num_preemptions: int
     grammars: "GrammarTimings | None"  # structured outputs so far, once there were any
+    speculative: "SpeculativeStats | None"  # proposals verified so far, where the engine speculates
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,24 @@ class GrammarTimings:
     compile_s: float
     masked_steps: int
     mask_s: float
+
+
+@dataclass(frozen=True)
+class SpeculativeStats:
+    """Speculative decoding since the engine started: proposed tokens verified and kept, in all
+    and at each position of a proposal, and the sequence-steps that verified any."""
+
+    proposed: int
+    accepted: int
+    verifications: int
+    proposed_at: tuple[int, ...]
+    accepted_at: tuple[int, ...]
+
+    @property
+    def acceptance_rate_at(self) -> tuple[float, ...]:
+        return tuple(a / p if p else 0.0 for a, p in zip(self.accepted_at, self.proposed_at))
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Proposed tokens kept per verification (the target's own token not counted)."""
+        return self.accepted / self.verifications if self.verifications else 0.0

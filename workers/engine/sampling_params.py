@@ -60,6 +60,7 @@ class SamplingParams(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured: StructuredOutputSpec | None = None  # the grammar every output must follow
+    speculative: bool = True  # False: never verify proposed tokens, where the engine speculates
 
     @field_validator("stop", mode="before")
     @classmethod

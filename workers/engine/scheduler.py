@@ -96,6 +96,8 @@ class Scheduler:
                 i += 1
                 continue
             num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if seq.draft_token_ids:
+                num_new += self._fit_drafts(seq, num_new, budget)
             while not self.kv.allocate_slots(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -107,6 +109,15 @@ class Scheduler:
             budget -= num_new
             i += 1
         return budget
+
+    def _fit_drafts(self, seq: Sequence, num_new: int, budget: int) -> int:
+        """How many of `seq`'s proposed tokens this step verifies: those the token budget and
+        the free blocks leave room for; never a preemption for their sake. Trims the rest."""
+        drafts = seq.draft_token_ids[: budget - num_new]
+        if drafts and not self.kv.allocate_slots(seq, num_new + len(drafts)):
+            drafts = []
+        seq.draft_token_ids = drafts
+        return len(drafts)
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -139,6 +150,7 @@ class Scheduler:
         self.kv.free(seq)
         self.departed.append(seq.seq_id)
         seq.num_computed_tokens = 0
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -160,6 +172,14 @@ class Scheduler:
             child.num_cached_prompt_tokens = parent.num_cached_prompt_tokens
             child.status = SequenceStatus.RUNNING
             bisect.insort(self.running, child, key=self.order)
+
+    def roll_back(self, seq: Sequence, num_rejected: int) -> None:
+        """Uncompute the last `num_rejected` computed tokens of `seq` (proposed tokens the
+        target did not keep) and return the blocks past its tokens. A shrunk block table counts
+        as a departure: executors keep tables on the premise that they only grow."""
+        seq.num_computed_tokens -= num_rejected
+        if self.kv.trim(seq, seq.num_tokens):
+            self.departed.append(seq.seq_id)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End `seq` wherever it is and free its blocks at once."""

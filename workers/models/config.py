@@ -1,4 +1,4 @@
-"""What the model code needs from a Hugging Face `config.json`."""
+"""What the model code needs from a Hugging Face `config.json` (or a GGUF file's metadata)."""
 
 import json
 from dataclasses import dataclass
@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from kvserve.workers.models.gguf_checkpoint import config_dict, gguf_file
 from kvserve.workers.models.quant_config import QuantConfig
 
 SUPPORTED_ARCHITECTURES = (
@@ -15,6 +16,9 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
+# A GGUF file's config names no architecture, only its model type.
+ARCHITECTURE_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,6 +49,10 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained_dir(cls, path: str | Path) -> "ModelConfig":
+        """From a checkpoint folder's config.json, or the metadata of the GGUF file `path` names."""
+        gguf = gguf_file(path)
+        if gguf is not None:
+            return cls.from_dict(config_dict(gguf))
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"no config.json in model folder {path}")
@@ -80,12 +88,13 @@ class ModelConfig:
 
 
 def _architecture(cfg: dict[str, Any]) -> str:
-    architectures = cfg.get("architectures") or []
+    model_type = cfg.get("model_type")
+    architectures = cfg.get("architectures") or [ARCHITECTURE_OF_MODEL_TYPE.get(model_type, model_type)]
     for name in architectures:
         if name in SUPPORTED_ARCHITECTURES:
             return name
     raise ValueError(
-        f"unsupported architecture {architectures or cfg.get('model_type')!r}; "
+        f"unsupported architecture {architectures!r}; "
         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 

@@ -1,9 +1,11 @@
 """Builds the model (or one tensor-parallel rank's shard of it) on its device and fills it
-from a Hugging Face safetensors checkpoint, reading only the slices that rank holds."""
+from a Hugging Face safetensors checkpoint, reading only the slices that rank holds, or from a
+GGUF file, dequantized."""
 
 import contextlib
+import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from kvserve.kernels import get_ops, get_quant_ops
 from kvserve.workers.models.distributed import SINGLE, TPGroup
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.decoder import DecoderForCausalLM
+from kvserve.workers.models.gguf_checkpoint import gguf_file, read_tensors
 from kvserve.workers.models.linear_methods import BIAS_SPEC, DENSE, IGNORED, Axis, TensorSpec
 from kvserve.workers.models.parallel_layers import MergedLinear, ParallelLinear, VocabParallelEmbedding
 from kvserve.workers.models.quant_methods import LinearMethods
@@ -27,6 +30,7 @@ STACKED = {
 }
 Target = tuple[str, str, int | None]  # (our module, checkpoint tensor suffix, index within a merged projection)
 CheckpointSlice = tuple[int, int, int]  # (dim, start, length)
+TensorReader = Callable[[list[CheckpointSlice]], torch.Tensor]  # the tensor, or only these slices of it
 
 
 def load_model(
@@ -37,8 +41,9 @@ def load_model(
     tp: TPGroup = SINGLE,
     quantization: str = "auto",
 ) -> tuple[DecoderForCausalLM, ModelConfig]:
-    """The model (`tp`'s rank of it) with its weights from `model_dir`, or random ones of the
-    same shapes for `load_format="dummy"`. A quantized checkpoint keeps its weights quantized
+    """The model (`tp`'s rank of it) with its weights from `model_dir` (a checkpoint folder, or
+    a GGUF file or the folder holding one), or random ones of the same shapes for
+    `load_format="dummy"`. A quantized checkpoint keeps its weights quantized
     unless `quantization="dequantize"`, which turns them into `dtype` at load."""
     if load_format not in ("auto", "dummy"):
         raise ValueError(f"unknown load_format {load_format!r}; expected 'auto' or 'dummy'")
@@ -56,7 +61,7 @@ def load_model(
         _init_dummy_weights(model)
     else:
         _fill_defaults(model)
-        _load_safetensors(model, Path(model_dir))
+        _load_tensors(model, _checkpoint_tensors(Path(model_dir), config), model_dir)
     if quantization == "dequantize":
         _dequantize_linears(model, dtype)
     return model.eval(), config
@@ -107,28 +112,46 @@ def _dequantize_linears(model: DecoderForCausalLM, dtype: torch.dtype) -> None:
         layer.method, layer.weight = DENSE, torch.nn.Parameter(weight, requires_grad=False)
 
 
-def _load_safetensors(model: DecoderForCausalLM, model_dir: Path) -> None:
-    pending = _expected_targets(model)
+def _checkpoint_tensors(model_path: Path, config: ModelConfig) -> Iterator[tuple[str, TensorReader]]:
+    gguf = gguf_file(model_path)
+    return _safetensors(model_path) if gguf is None else _gguf_tensors(gguf, config)
+
+
+def _safetensors(model_dir: Path) -> Iterator[tuple[str, TensorReader]]:
     for path in _checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
-                if _ignored(name, model):
-                    continue
-                target = _target(name)
-                module_name, suffix, index = target
-                spec = _spec(model, module_name, suffix)
-                if spec is IGNORED:
-                    continue
-                if spec is None or target not in pending:
-                    raise ValueError(f"unexpected or repeated weight {name!r} in {path}")
-                pending.remove(target)
-                module = model.get_submodule(module_name)
-                tensor = spec.convert(_read(f, name, _checkpoint_slices(module, spec, index, name)))
-                others = [part for part in _parts(module, suffix, module_name) if part != target]
-                _place(module, spec, index, tensor, name, first=all(part in pending for part in others))
+                yield name, functools.partial(_read, f, name)
+
+
+def _gguf_tensors(file: Path, config: ModelConfig) -> Iterator[tuple[str, TensorReader]]:
+    # llama.cpp permutes the rotary halves of the Llama family's projections (as transformers undoes).
+    llama_family = config.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
+    rotary_heads = (config.num_heads, config.num_kv_heads) if llama_family else None
+    for name, tensor in read_tensors(file, rotary_heads):
+        yield name, functools.partial(_narrow, tensor)
+
+
+def _load_tensors(model: DecoderForCausalLM, tensors: Iterator[tuple[str, TensorReader]], source: Path) -> None:
+    pending = _expected_targets(model)
+    for name, read in tensors:
+        if _ignored(name, model):
+            continue
+        target = _target(name)
+        module_name, suffix, index = target
+        spec = _spec(model, module_name, suffix)
+        if spec is IGNORED:
+            continue
+        if spec is None or target not in pending:
+            raise ValueError(f"unexpected or repeated weight {name!r} in {source}")
+        pending.remove(target)
+        module = model.get_submodule(module_name)
+        tensor = spec.convert(read(_checkpoint_slices(module, spec, index, name)))
+        others = [part for part in _parts(module, suffix, module_name) if part != target]
+        _place(module, spec, index, tensor, name, first=all(part in pending for part in others))
     if pending:
         missing = sorted(f"{m}.{s}[{index}]" if index is not None else f"{m}.{s}" for m, s, index in pending)
-        raise ValueError(f"weights missing from the checkpoint in {model_dir}: {', '.join(missing)}")
+        raise ValueError(f"weights missing from the checkpoint in {source}: {', '.join(missing)}")
 
 
 def _checkpoint_files(model_dir: Path) -> list[Path]:
@@ -233,6 +256,12 @@ def _read(f, name: str, slices: list[CheckpointSlice]) -> torch.Tensor:
     for dim, start, length in slices:
         index[dim] = slice(start, start + length)
     return tensor[tuple(index)]
+
+
+def _narrow(tensor: torch.Tensor, slices: list[CheckpointSlice]) -> torch.Tensor:
+    for dim, start, length in slices:
+        tensor = tensor.narrow(dim, start, length)
+    return tensor
 
 
 def _place(module, spec: TensorSpec, index: int | None, tensor: torch.Tensor, name: str, first: bool) -> None:

@@ -4,6 +4,7 @@ from types import ModuleType
 
 import torch
 from torch import nn
+from torch.distributed import ReduceOp
 
 from kvserve.workers.models.int_formats import int_tensor_specs
 from kvserve.workers.models.linear_methods import DENSE, LinearMethod, TensorSpec
@@ -41,9 +42,18 @@ class Fp8Method:
             layer.input_scale.fill_(0.05)
 
     def apply(self, layer, x):
-        input_scale = layer.input_scale if self.scheme.activations == "static" else None
+        input_scale = self._input_scale(layer, x)
         out = self.ops.fp8_linear(x, layer.weight, layer.weight_scale, input_scale, self.scheme.activations is not None)
         return out if layer.bias is None else out + layer.bias
+
+    def _input_scale(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        """The static scale. For dynamic scales of a layer whose inputs are split over ranks, each
+        token's over all the ranks' inputs, so that every rank quantizes as one rank would."""
+        if self.scheme.activations == "static":
+            return layer.input_scale
+        if self.scheme.activations == "dynamic" and layer.in_slice() is not None:
+            return layer.tp.all_reduce(self.ops.fp8_activation_scales(x, None), op=ReduceOp.MAX)
+        return None
 
     def dequantized_weight(self, layer, dtype):
         return self.ops.dequantize_fp8(layer.weight, layer.weight_scale, dtype)

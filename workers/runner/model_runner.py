@@ -191,7 +191,7 @@ class ModelRunner:
             self.clock.lap("forward")
         if logits is None or plan.rows is None:
             return SampledTokens.pooled_only(pooled) if pooled is not None else None
-        sampled = self.sampler.sample(logits, plan.rows, plan.eos_token_ids, plan.token_masks)
+        sampled = self.sampler.sample(logits, plan.rows, plan.eos_token_ids, plan.token_masks, plan.draft_positions)
         sampled.pooled = pooled
         return sampled
 

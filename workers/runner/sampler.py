@@ -108,16 +108,20 @@ class _Draws:
     counters: list[int] = field(default_factory=list)  # the index of the output token drawn
 
     @classmethod
-    def of(cls, row_numbers: list[int], rows: list[SamplingRow], vocab: int) -> "_Draws":
-        """The draws of `rows` (those numbered `row_numbers`): one pass to transpose their settings."""
+    def of(cls, row_numbers: list[int], rows: list[SamplingRow], vocab: int,
+           ahead: list[int] | None = None) -> "_Draws":
+        """The draws of `rows` (those numbered `row_numbers`): one pass to transpose their settings.
+        `ahead[k]`: how many output tokens past its row's draw k is (speculative positions)."""
         if not rows:
             return cls()
         temperature, top_k, top_p, min_p, filtered, seeds, seeded = map(list, zip(*(r.draw_settings for r in rows)))
         if max(top_k) >= vocab:  # top-k over the whole vocabulary filters nothing
             top_k = [k if k < vocab else 0 for k in top_k]
             filtered = [bool(k) or q < 1.0 or m > 0.0 for k, q, m in zip(top_k, top_p, min_p)]
-        return cls(row_numbers, temperature, top_k, top_p, min_p, filtered, seeds, seeded,
-                   [len(row.token_ids) - row.num_prompt_tokens for row in rows])
+        counters = [len(row.token_ids) - row.num_prompt_tokens for row in rows]
+        if ahead is not None:
+            counters = [c + a for c, a in zip(counters, ahead)]
+        return cls(row_numbers, temperature, top_k, top_p, min_p, filtered, seeds, seeded, counters)
 
     def window(self, vocab: int) -> int:
         """How many of the largest logits the top-k rows look at: k + 1, to tell whether ties
@@ -143,14 +147,15 @@ class _Plan:
     draws: _Draws = field(default_factory=_Draws)
 
     @classmethod
-    def of(cls, rows: list[SamplingRow], vocab: int) -> "_Plan":
+    def of(cls, rows: list[SamplingRow], vocab: int, draft_positions: list[int] | None = None) -> "_Plan":
         drawing = [i for i, row in enumerate(rows) if row.draws]
+        ahead = [draft_positions[i] for i in drawing] if draft_positions is not None else None
         return cls(
             min_tokens=[i for i, row in enumerate(rows) if row.params.min_tokens
                         and len(row.token_ids) - row.num_prompt_tokens < row.params.min_tokens],
             penalties=[i for i, row in enumerate(rows) if row.penalized],
             logprobs=[i for i, row in enumerate(rows) if row.params.logprobs is not None],
-            draws=_Draws.of(drawing, [rows[i] for i in drawing], vocab),
+            draws=_Draws.of(drawing, [rows[i] for i in drawing], vocab, ahead),
         )
 
 
@@ -200,15 +205,18 @@ class Sampler:
         rows: list[SamplingRow],
         eos_token_ids: tuple[int, ...] = (),
         token_masks: TokenMasks | None = None,
+        draft_positions: list[int] | None = None,
     ) -> SampledTokens:
         """`logits` is [len(rows), vocab] and is used as scratch space: it is changed in place.
         `eos_token_ids` are the model's end tokens, masked with `params.stop_token_ids` while
         a row has fewer than `params.min_tokens` outputs (even with `ignore_eos`). The rows of
         `token_masks` (structured outputs) keep only their allowed tokens, before anything
-        else, logprobs included."""
+        else, logprobs included. A row at `draft_positions[i]` = j > 0 (speculative decoding;
+        the same `SamplingRow` as the j rows before it) draws the output token j past its row's,
+        with that token's seeded number."""
         if token_masks is not None:
             apply_token_bitmask(logits, token_masks.bitmask, token_masks.rows)
-        plan = _Plan.of(rows, logits.shape[1])
+        plan = _Plan.of(rows, logits.shape[1], draft_positions)
         raw_logprobs = None
         if plan.logprobs:  # taken before anything below changes the logits
             wanted = logits if len(plan.logprobs) == len(rows) else logits[_index(plan.logprobs, logits)]

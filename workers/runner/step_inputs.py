@@ -7,13 +7,14 @@ than a loop over every token. `flat_inputs` builds the same from explicit chunks
 warm-up and the kernel benchmarks.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from kvserve.kernels.metadata import AttentionMetadata
-from kvserve.workers.engine.executor import StepRequest, TokenMasks
+from kvserve.workers.engine.executor import SampleRequest, StepRequest, TokenMasks
 from kvserve.workers.engine.sequence import PENDING_TOKEN
 from kvserve.workers.runner.sampler import SamplingRow
 from kvserve.workers.runner.transfer import to_device
@@ -37,6 +38,8 @@ class StepPlan:
     eos_token_ids: tuple[int, ...]
     token_masks: TokenMasks | None = None
     pooled: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each pooled chunk's tokens
+    # Speculative steps: the position within its proposal of each row (0 for a plain sample).
+    draft_positions: list[int] | None = None
 
 
 class InputBatch:
@@ -71,7 +74,8 @@ class InputBatch:
                     pending.append((len(tokens), seq.sample_row))
                 tokens.append(seq.token_ids[start])
             else:
-                tokens += seq.token_ids[start : start + num_new]
+                chunk = seq.token_ids[start : start + num_new]
+                tokens += chunk if len(chunk) == num_new else chunk + seq.draft_token_ids
         input_ids, positions, meta = self._inputs(rows, starts, batch.num_new_tokens, tokens)
         if pending:
             self._fill_pending(input_ids, pending, previous_tokens)
@@ -80,8 +84,9 @@ class InputBatch:
         sampling_rows = [cached.get(s.seq.seq_id) or self._sampling_row(s.seq) for s in samples]
         starts = meta.query_start_loc_cpu
         pooled = [(starts[i], starts[i + 1]) for i in step.pooled]
-        return StepPlan(batch.block_copies, input_ids, positions, meta, last_rows, sampling_rows,
+        plan = StepPlan(batch.block_copies, input_ids, positions, meta, last_rows, sampling_rows,
                         step.eos_token_ids, step.token_masks, pooled)
+        return _with_draft_rows(plan, samples) if step.speculative else plan
 
     def _sampling_row(self, seq) -> SamplingRow:
         row = self.sampling_rows[seq.seq_id] = SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.seed)
@@ -162,6 +167,23 @@ class InputBatch:
             context_lens_cpu=context.tolist(),
         )
         return input_ids, positions_t, meta
+
+
+def _with_draft_rows(plan: StepPlan, samples: list[SampleRequest]) -> StepPlan:
+    """`plan` with a row for every position a proposal is verified at: a sample whose sequence
+    has k proposed tokens gets the rows of its last k + 1 tokens, each sampled as the output
+    token it would be. Token masks move to the rows of their samples."""
+    widths = [1 + len(s.seq.draft_token_ids) for s in samples]
+    sample_of_row = np.repeat(np.arange(len(samples)), widths)
+    position = np.arange(len(sample_of_row)) - np.repeat(np.cumsum(widths) - widths, widths)
+    last_rows = plan.last_rows[sample_of_row] - (np.repeat(widths, widths) - 1 - position)
+    rows = [plan.rows[i] for i in sample_of_row.tolist()]
+    masks = plan.token_masks
+    if masks is not None:
+        first_row = (np.cumsum(widths) - widths).tolist()
+        masks = TokenMasks(masks.bitmask[torch.from_numpy(sample_of_row)], [first_row[i] for i in masks.rows])
+    return dataclasses.replace(plan, last_rows=last_rows, rows=rows, token_masks=masks,
+                               draft_positions=position.tolist())
 
 
 def flat_inputs(

@@ -9,6 +9,7 @@ events and publishes them with a heartbeat (`EventStream`), as `LLMServer` does,
 heartbeat alone once `HEARTBEAT_PERIOD_S` has passed without one.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvserve.cluster.bench.sim.prompts import prompt_tokens, segment_tokens
@@ -38,7 +39,8 @@ class Job:
     finish_s: float | None = None
     cached_tokens: int = 0
     refused: str | None = None
-    reply_tokens: list[int] | None = None
+    reply_tokens: Iterator[int] | None = None  # the answer's tokens not yet emitted
+    last_position: int = 0  # the position whose computing ends the request
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class SimReplica:
         """Queue the request; its prompt's block hashes are the ingress's, as the engine adopts them."""
         seq = Sequence(f"req-{job.index}", 0, prompt_tokens(job.item.segments), _PARAMS, now)
         seq.block_hashes = list(job.block_hashes)
-        job.reply_tokens = segment_tokens(job.item.reply, job.item.output_length)
+        job.reply_tokens = iter(segment_tokens(job.item.reply, job.item.output_length))
+        job.last_position = seq.num_prompt_tokens + job.item.output_length - 1
         self.jobs[seq.seq_id] = job
         self.scheduler.add(seq)
 
@@ -126,12 +129,11 @@ class SimReplica:
             if computed < len(tokens):
                 continue
             job = jobs[seq.seq_id]
-            produced = len(tokens) - seq.num_prompt_tokens
             if job.first_token_s is None:
                 job.first_token_s, job.cached_tokens = now, seq.num_cached_prompt_tokens
                 first.append(job)
-            tokens.append(job.reply_tokens[produced])
-            if produced + 1 >= job.item.output_length:
+            tokens.append(next(job.reply_tokens))
+            if computed >= job.last_position:
                 self.scheduler.finish(seq, FinishReason.LENGTH)
                 del jobs[seq.seq_id]
                 job.finish_s, job.reply_tokens = now, None
@@ -156,4 +158,4 @@ class SimReplica:
         """What LLMEngine.stats() reports."""
         kv, scheduler = self.kv, self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.num_blocks,
-                           kv.num_blocks - kv.num_free_blocks, kv.num_cached_blocks, scheduler.num_preemptions, None)
+                           kv.num_blocks - kv.num_free_blocks, kv.num_cached_blocks, scheduler.num_preemptions, None, None)

@@ -3,7 +3,7 @@
 `kv` is ours, run as `KVAwareRouter` runs it inside Serve: the real `KVScorer` over a real
 `KVIndexFollower` (fed by `relay.DelayedFeed`), ranking, then `record` of the first choice,
 `in_flight` counted up when a request is sent and down when it completes. The scorer's
-`WorkingSets` reads the wall clock unless told the time; here it is given the simulated one.
+`WorkingSets` reads the wall clock by default; here it is given the simulated one.
 The baselines are in baselines.py. Serve sends a request to the first replica of the ranking
 that is below `max_ongoing_requests`; the simulator does the same with every policy.
 """
@@ -48,23 +48,6 @@ class RoutingPolicy:
         pass
 
 
-class ClockedWorkingSets(WorkingSets):
-    """`WorkingSets` on the simulated clock."""
-
-    def __init__(self, window_s: float, clock: Callable[[], float]):
-        super().__init__(window_s)
-        self.clock = clock
-
-    def add(self, replica, block_hashes, limit, now=None):
-        super().add(replica, block_hashes, limit, self.clock() if now is None else now)
-
-    def blocks(self, replica, now=None):
-        return super().blocks(replica, self.clock() if now is None else now)
-
-    def recent_matches(self, block_hashes, replicas, within_s, now=None):
-        return super().recent_matches(block_hashes, replicas, within_s, self.clock() if now is None else now)
-
-
 class KVPolicy(RoutingPolicy):
     """Ours: router/policies.py's KVAwareRouter without Serve around it."""
 
@@ -73,7 +56,7 @@ class KVPolicy(RoutingPolicy):
     def __init__(self, view: ClusterView, follower: KVIndexFollower, options: RouterOptions):
         self.view = view
         self.scorer = KVScorer(follower, view.block_size, options)
-        self.scorer.working_sets = ClockedWorkingSets(options.working_set_window_s, view.clock)
+        self.scorer.working_sets = WorkingSets(options.working_set_window_s, view.clock)
 
     def rank(self, job) -> list[int]:
         order, _ = self.scorer.rank(self.view.names, job.block_hashes, job.item.input_length)

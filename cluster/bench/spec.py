@@ -1,0 +1,87 @@
+"""`kvserve bench spec`: decode tokens/s with and without n-gram speculative decoding.
+
+At each batch size the same greedy requests decode the same number of tokens with speculation
+off and on (the per-request `speculative` switch on one engine, so the model and cache are the
+same), alternating `--rounds` times. The workload repeats itself: each prompt is a short phrase
+said over and over, and a random-weight model's greedy output falls into cycles of its own, so
+prompt lookup finds what comes next. Reported: tokens/s of each and their ratio, the share of
+proposed tokens kept, proposed tokens kept per verification, and forward passes per output token.
+"""
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvserve.cluster.bench.decode import SHAPES, write_config_only_checkpoint
+from kvserve.cluster.bench.kernels import add_engine_run_flags, parse_sizes, print_info, print_table, resolve_device, run_info, write_json
+from kvserve.workers.engine.sampling_params import SamplingParams
+
+PHRASE_LEN = 6
+PROMPT_REPEATS = 4
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny", help="model shape, random weights")
+    parser.add_argument("--batches", type=parse_sizes, default="1,8", help="sequences decoding together")
+    parser.add_argument("--tokens", type=int, default=128, help="tokens each sequence generates")
+    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--rounds", type=int, default=2, help="plain and speculative runs, alternating")
+    add_engine_run_flags(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    info = run_info(args, device)
+    print_info(info, torch_threads=args.threads, num_speculative_tokens=args.k)
+    with tempfile.TemporaryDirectory(prefix=f"kvserve-{args.shape}-") as model_dir:
+        write_config_only_checkpoint(Path(model_dir), args.shape)
+        llm = _engine(model_dir, max(args.batches), args, device)
+        rows = [measure(llm, batch, args) for batch in args.batches]
+        llm.engine.shutdown()
+    print_table({"batch": "{batch}", "plain tok/s": "{plain_tps:.1f}", "speculative tok/s": "{spec_tps:.1f}",
+                 "spec / plain": "{ratio:.2f}", "accepted": "{acceptance:.2f}",
+                 "kept per verify": "{mean_accepted:.2f}", "seq passes / token": "{passes_per_token:.2f}"}, rows)
+    write_json(args.json, dict(info, tokens=args.tokens, k=args.k, rounds=args.rounds, speculative=rows))
+    return 0
+
+
+def _engine(model_dir: str, batch: int, args, device: torch.device):
+    from kvserve.workers.llm import LLM
+
+    max_len = PHRASE_LEN * PROMPT_REPEATS + args.tokens + 16
+    speculative = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 1,
+                   "prompt_lookup_max": 4}
+    return LLM(model_dir, device=device.type, dtype=args.dtype, load_format="dummy", max_model_len=max_len,
+               max_num_seqs=batch, num_kv_blocks=batch * (-(-max_len // 16) + 1), speculative=speculative,
+               enable_prefix_caching=False)
+
+
+def measure(llm, batch: int, args) -> dict:
+    """Tokens per second of `batch` sequences without and with speculation, best of the rounds;
+    the acceptance of the speculative runs."""
+    prompts = [[3 + (i * 7 + j) % 200 for j in range(PHRASE_LEN)] * PROMPT_REPEATS for i in range(batch)]
+    plain = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True, speculative=False)
+    speculative = plain.model_copy(update={"speculative": True})
+    llm.generate(prompts[:1], plain)  # warms up
+    before = llm.engine.stats().speculative
+    best = {"plain": 0.0, "spec": 0.0}
+    tokens = {}
+    for _ in range(args.rounds):
+        for name, params in (("plain", plain), ("spec", speculative)):
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params)
+            seconds = time.perf_counter() - start
+            tokens[name] = sum(len(o.outputs[0].token_ids) for o in outputs)
+            best[name] = max(best[name], tokens[name] / seconds)
+    after = llm.engine.stats().speculative
+    proposed, accepted = after.proposed - before.proposed, after.accepted - before.accepted
+    verifications = after.verifications - before.verifications
+    row = dict(batch=batch, plain_tps=best["plain"], spec_tps=best["spec"], ratio=best["spec"] / best["plain"],
+               acceptance=accepted / max(proposed, 1), mean_accepted=accepted / max(verifications, 1),
+               passes_per_token=1 - accepted / (tokens["spec"] * args.rounds))
+    print(f"batch {batch}: plain {row['plain_tps']:.1f} tok/s, speculative {row['spec_tps']:.1f} tok/s", flush=True)
+    return row
