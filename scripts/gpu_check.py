@@ -30,10 +30,12 @@ RESERVE_S = 30  # outside the steps: starting the driver, reading versions, writ
 DRY_RUN_CAP_FACTOR = 4
 WHEELS = ROOT / ".kvserve" / "wheels"
 CLI = "kvserve.cluster.cli"
-# Only the files that hold gpu-marked tests: the lent machine has no Ray (its wheel is larger
-# than what may travel there), so collecting the modules that import Ray would fail the step.
+# Only the files that hold gpu-marked tests (marked there, or through tests/triton_cases.py):
+# the lent machine has no Ray (its wheel is larger than what may travel there), so collecting
+# the modules that import Ray would fail the step.
 GPU_TEST_FILES = tuple(sorted(
-    str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in path.read_text()
+    str(path.relative_to(ROOT)) for path in (ROOT / "tests").glob("test_*.py")
+    if "mark.gpu" in (text := path.read_text()) or "from triton_cases import" in text
 ))
 DRY_DEVICE = ("--device", "cpu", "--dtype", "float32")
 DRY_TIMING = ("--copy-mib", "4", "--reps", "2", "--warmup", "1")
