@@ -1,11 +1,11 @@
 """Which replica holds which KV block, rebuilt from the replicas' own KV events."""
 
 from collections.abc import Callable, Container, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from itertools import takewhile
 
-from kvserve.workers.engine.kv_events import AllBlocksCleared, KVEvent, apply_events
+from kvserve.workers.engine.kv_events import HOST_MEDIUM, AllBlocksCleared, KVEvent, apply_events
 from kvserve.workers.protocol import (
     HEARTBEAT_PERIOD_S, MISSED_HEARTBEATS, BlockHash, BlockSnapshot, Heartbeat, KVEventBatch,
 )
@@ -47,6 +47,9 @@ class ReplicaBlocks:
     blocks: set[BlockHash]
     heartbeat: Heartbeat
     heard_at: float  # when `heartbeat` arrived, by the caller's clock
+    # Its host-memory tier's blocks (`kv_offload_gib`), from events only: a snapshot holds the
+    # device's, so after a reload the tier counts as empty until its events come.
+    host_blocks: set[BlockHash] = field(default_factory=set)
 
 
 class KVIndex:
@@ -70,9 +73,11 @@ class KVIndex:
     def __init__(self):
         self.replicas: dict[str, ReplicaBlocks] = {}
         self.holders: dict[BlockHash, str | set[str]] = {}
+        self.with_host_blocks: set[str] = set()  # the replicas whose host tier holds something
 
     def drop_replica(self, replica: str) -> None:
         state = self.replicas.pop(replica, None)
+        self.with_host_blocks.discard(replica)
         if state is not None:
             self._release(replica, state.blocks)
 
@@ -86,6 +91,7 @@ class KVIndex:
             self._release(replica, old.blocks - blocks)
             self._take(replica, blocks - old.blocks)
         self.replicas[replica] = ReplicaBlocks(block_size, snapshot.epoch, snapshot.seq, blocks, heartbeat, now)
+        self.with_host_blocks.discard(replica)
 
     def apply(self, replica: str, batch: KVEventBatch) -> Fate:
         state = self.replicas.get(replica)
@@ -98,6 +104,11 @@ class KVIndex:
         if batch.seq > state.last_seq + 1:
             return Fate.GAP
         self._apply_events(replica, state.blocks, batch.events)
+        apply_events(state.host_blocks, batch.events, HOST_MEDIUM)
+        if state.host_blocks:
+            self.with_host_blocks.add(replica)
+        else:
+            self.with_host_blocks.discard(replica)
         state.last_seq = batch.seq
         return Fate.APPLIED
 
@@ -163,6 +174,18 @@ class KVIndex:
     def known(self, replicas: list[str], now: float) -> list[str]:
         """Those of `replicas` whose state is current: loaded, and heard from recently."""
         return [r for r in replicas if (state := self.replicas.get(r)) is not None and now - state.heard_at <= SILENCE_S]
+
+    def host_extensions(self, block_hashes: list[BlockHash], device_depths: dict[str, int]) -> dict[str, int]:
+        """For the replicas of `device_depths` that have a host tier, how many leading blocks of
+        `block_hashes` they hold in either tier: their device depth, then on through blocks on
+        the host (or on the device again). Replicas without host blocks are left out."""
+        extended = {}
+        for replica in self.with_host_blocks.intersection(device_depths):
+            state, depth = self.replicas[replica], device_depths[replica]
+            host, device = state.host_blocks, state.blocks
+            rest = block_hashes[depth:]
+            extended[replica] = depth + len(list(takewhile(lambda h: h in host or h in device, rest)))
+        return extended
 
     def prefix_matches(self, block_hashes: list[BlockHash], replicas: list[str]) -> dict[str, int]:
         """For each replica, how many leading blocks of `block_hashes` it holds (as

@@ -18,7 +18,8 @@ _UNHEARD = (0, 0, 0, 0)  # the pool figures of a replica the hub has not passed 
 
 @dataclass
 class KVScorer:
-    """cost(replica) = prompt tokens it would compute
+    """cost(replica) = prompt tokens it would compute (a block in its host-memory tier counts
+                       as `options.host_block_credit` computed: it comes back by a copy)
                      + `options.load_cost_tokens` x requests in flight there
                      + the tokens of its new blocks x the share of its pool that recent
                        traffic keeps wanted (the cached work those blocks push out, now or
@@ -76,11 +77,15 @@ class KVScorer:
             if depth > matched[replica]:
                 matched[replica] = depth
         depths = np.fromiter((matched.get(r, 0) for r in replicas), np.int64, len(replicas))
+        on_host = self.follower.index.host_extensions(block_hashes, matched)
+        host_depths = np.fromiter((on_host.get(r, 0) for r in replicas), np.int64, len(replicas))
+        host_blocks = np.maximum(host_depths - depths, 0)
         loads, fills, pressures = self.standings(replicas)
         size = self.block_size
         prompt_blocks = -(-num_tokens // size)
-        new_blocks = prompt_blocks - depths
-        costs = num_tokens - depths * size + self.options.load_cost_tokens * loads + size * new_blocks * pressures
+        new_blocks = prompt_blocks - depths  # blocks loaded from the host tier take device room too
+        saved = (depths + self.options.host_block_credit * host_blocks) * size
+        costs = num_tokens - saved + self.options.load_cost_tokens * loads + size * new_blocks * pressures
         order = np.lexsort((self._ties.random(len(replicas)), fills, loads, costs))
         held = loads[order] > self.imbalance_slack(int(loads.min()))
         allowed = order[~held]

@@ -371,3 +371,36 @@ def test_recent_matches_equal_a_walk_of_each_replicas_sends():
         since = now - rng.choice([3.0, 10.0])
         walked = leading_matches(query, NAMES, lambda r: sent_since(sets, r, since))
         assert sets.recent_matches(query, NAMES, within_s=now - since, now=float(now)) == walked
+
+
+def test_index_follows_the_host_tier_too():
+    """Blocks evicted to a replica's host-memory tier leave its device set and join its host
+    set in the index, as they do in the engine."""
+    kv = KVCacheManager(4, BLOCK, True, 8)
+    index = KVIndex()
+    start_following(index, "a", kv)
+    kv.free(run_prompt(kv, "x", list(range(13))))
+    kv.free(run_prompt(kv, "y", list(range(100, 113))))  # takes the device blocks: x's go to host
+    assert index.apply("a", kv.take_events()) is Fate.APPLIED
+    state = index.replicas["a"]
+    assert state.blocks == set(kv.cached_block_hashes())
+    assert state.host_blocks == set(kv.host.cached) and state.host_blocks
+    x_chain = hash_block_chain(list(range(13)), BLOCK)
+    assert index.prefix_matches(x_chain, ["a"]) == {"a": 0}
+    assert index.host_extensions(x_chain, {"a": 0}) == {"a": 3}
+
+
+def test_scorer_credits_a_host_tier_copy_between_a_device_hit_and_a_miss():
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(40))
+    follower = follower_with({"device": prompt[:32], "host": [], "miss": []})
+    hashes = hash_block_chain(prompt, BLOCK)
+    follower.index.replicas["host"].host_blocks.update(hashes[:8])
+    follower.index.with_host_blocks.add("host")
+    scorer = KVScorer(follower, BLOCK, RouterOptions(load_cost_tokens=0))
+    order, _ = scorer.rank(["miss", "host", "device"], hashes, len(prompt))
+    assert order == [2, 1, 0]
+    free = KVScorer(follower, BLOCK, RouterOptions(load_cost_tokens=0, host_block_credit=1.0))
+    follower.index.replicas["host"].host_blocks.update(hashes[8:])
+    assert free.rank(["miss", "host", "device"], hashes, len(prompt))[0][0] == 1  # all ten blocks, at full credit

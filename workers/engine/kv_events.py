@@ -25,8 +25,8 @@ class BlockStored:
     medium: str  # DEVICE_MEDIUM or HOST_MEDIUM
     priority: int  # the blocks' retention priority when stored (retention.py: 0-100, 35 unless asked)
 
-    def apply_to(self, blocks: set[BlockHash]) -> None:
-        if self.medium == DEVICE_MEDIUM:
+    def apply_to(self, blocks: set[BlockHash], medium: str = DEVICE_MEDIUM) -> None:
+        if self.medium == medium:
             blocks.update(self.block_hashes)
 
 
@@ -35,14 +35,16 @@ class BlockRemoved:
     block_hashes: list[BlockHash]
     medium: str
 
-    def apply_to(self, blocks: set[BlockHash]) -> None:
-        if self.medium == DEVICE_MEDIUM:
+    def apply_to(self, blocks: set[BlockHash], medium: str = DEVICE_MEDIUM) -> None:
+        if self.medium == medium:
             blocks.difference_update(self.block_hashes)
 
 
 @dataclass(frozen=True)
 class AllBlocksCleared:
-    def apply_to(self, blocks: set[BlockHash]) -> None:
+    """Every cached block of every tier is gone (a reset of the prefix cache)."""
+
+    def apply_to(self, blocks: set[BlockHash], medium: str = DEVICE_MEDIUM) -> None:
         blocks.clear()
 
 
@@ -69,7 +71,8 @@ class BlockSnapshot:
     blocks: list[BlockHash]
 
 
-def apply_events(blocks: set[BlockHash], events: Iterable[KVEvent]) -> None:
-    """Bring a copy of a replica's block set up to date with its events, in order."""
+def apply_events(blocks: set[BlockHash], events: Iterable[KVEvent], medium: str = DEVICE_MEDIUM) -> None:
+    """Bring a copy of a replica's block set in one tier (the device's unless said) up to date
+    with its events, in order."""
     for event in events:
-        event.apply_to(blocks)
+        event.apply_to(blocks, medium)
