@@ -74,6 +74,19 @@ SPEC_ACCEPTANCE = Gauge("kvserve_spec_acceptance_rate", "Share of proposals kept
                         ["replica", "position"])
 _SPEC_GAUGES = {SPEC_PROPOSED: "proposed", SPEC_ACCEPTED: "accepted", SPEC_MEAN_ACCEPTED: "mean_accepted_length"}
 
+_HOST_TIER_GAUGES = {
+    Gauge(f"kvserve_host_kv_{name}", text, ["replica"]): field
+    for name, text, field in (
+        ("blocks_total", "Blocks of the host-memory KV tier", "blocks_total"),
+        ("blocks_cached", "Cached blocks in the host-memory KV tier", "blocks_cached"),
+        ("hit_blocks_total", "Prompt blocks found in the host-memory KV tier", "hit_blocks"),
+        ("blocks_in_total", "Blocks copied from the host-memory KV tier to the device", "blocks_in"),
+        ("blocks_out_total", "Blocks copied from the device to the host-memory KV tier", "blocks_out"),
+        ("bytes_in_total", "Bytes copied from the host-memory KV tier to the device", "bytes_in"),
+        ("bytes_out_total", "Bytes copied from the device to the host-memory KV tier", "bytes_out"),
+    )
+}
+
 
 def _export_speculative(replica: str, stats: SpeculativeStats) -> None:
     for gauge, field in _SPEC_GAUGES.items():
@@ -84,7 +97,8 @@ def _export_speculative(replica: str, stats: SpeculativeStats) -> None:
 
 def export_replica_stats(stats: dict[str, EngineStats], index_blocks: dict[str, int], untrusted: int) -> None:
     """Refresh the per-replica gauges; replicas that are gone lose their series."""
-    for gauge in (KV_USAGE, RUNNING, WAITING, INDEX_BLOCKS, *_GRAMMAR_GAUGES, *_SPEC_GAUGES, SPEC_ACCEPTANCE):
+    for gauge in (KV_USAGE, RUNNING, WAITING, INDEX_BLOCKS, *_GRAMMAR_GAUGES, *_SPEC_GAUGES, SPEC_ACCEPTANCE,
+                  *_HOST_TIER_GAUGES):
         gauge.clear()
     for replica, s in stats.items():
         KV_USAGE.labels(replica).set(s.kv_blocks_used / s.kv_blocks_total)
@@ -94,6 +108,8 @@ def export_replica_stats(stats: dict[str, EngineStats], index_blocks: dict[str, 
             gauge.labels(replica).set(getattr(s.grammars, field))
         if s.speculative is not None:
             _export_speculative(replica, s.speculative)
+        for gauge, field in _HOST_TIER_GAUGES.items() if s.host_tier is not None else ():
+            gauge.labels(replica).set(getattr(s.host_tier, field))
     for replica, blocks in index_blocks.items():
         INDEX_BLOCKS.labels(replica).set(blocks)
     UNTRUSTED_REPLICAS.set(untrusted)

@@ -121,6 +121,11 @@ def test_offload_keeps_greedy_outputs_and_serves_history_from_host(tiny_checkpoi
     assert cached >= len(turn) // BLOCK * BLOCK
     assert tiered.kv.num_host_hit_blocks > 0
     assert tokens == expected
+    tier = tiered.stats().host_tier  # what /metrics exports per replica
+    assert tier.hit_blocks == tiered.kv.num_host_hit_blocks and tier.blocks_cached > 0
+    assert tier.blocks_in >= tier.hit_blocks and tier.blocks_out >= tier.blocks_cached
+    assert tier.bytes_in == tier.blocks_in * tier.bytes_out // tier.blocks_out > 0
+    assert plain.stats().host_tier is None
 
 
 @pytest.mark.parametrize("retention, message", [
@@ -138,3 +143,19 @@ def test_bad_kv_retention_is_refused_naming_the_field(retention, message):
 def test_kv_retention_reaches_the_engine_as_asked():
     body = CompletionRequest(prompt="hi", kv_retention={"ranges": [{"end": 64, "priority": 100, "duration_s": 60}]})
     assert body.retention() == KVRetention((RetentionRange(0, 64, 100, 60.0),))
+
+
+def test_host_tier_figures_reach_the_metrics():
+    from prometheus_client import generate_latest
+
+    from kvserve.router import routing_metrics
+    from kvserve.workers.protocol import EngineStats, HostTierStats
+
+    tier = HostTierStats(blocks_total=32, blocks_cached=7, hit_blocks=4, blocks_in=4, blocks_out=9, bytes_in=4096,
+                         bytes_out=9216)
+    stats = EngineStats(running=1, waiting=0, kv_blocks_total=16, kv_blocks_used=3, kv_blocks_cached=5,
+                        num_preemptions=0, grammars=None, speculative=None, host_tier=tier)
+    routing_metrics.export_replica_stats({"r1": stats}, {}, 0)
+    text = generate_latest().decode()
+    for name, value in [("hit_blocks_total", 4), ("blocks_out_total", 9), ("bytes_in_total", 4096)]:
+        assert f'kvserve_host_kv_{name}{{replica="r1"}} {float(value)}' in text

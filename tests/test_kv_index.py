@@ -78,7 +78,7 @@ def test_a_sequence_gap_is_refused():
 
 def pool_stats(total: int = 1 << 20, used: int = 0, cached: int = 0) -> EngineStats:
     return EngineStats(running=0, waiting=0, kv_blocks_total=total, kv_blocks_used=used, kv_blocks_cached=cached,
-                       num_preemptions=0, grammars=None, speculative=None)
+                       num_preemptions=0, grammars=None, speculative=None, host_tier=None)
 
 
 def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None = None,

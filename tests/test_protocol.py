@@ -11,7 +11,7 @@ from ray import serve
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.protocol import (
     AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EmbedRequest, EmbeddingOutput, EngineStats,
-    GenerateRequest, GrammarTimings, Heartbeat, HubNews, KVCursor, KVEventBatch, KVRetention, OutputDelta,
+    GenerateRequest, GrammarTimings, HostTierStats, Heartbeat, HubNews, KVCursor, KVEventBatch, KVRetention, OutputDelta,
     ReplicaNews, ReplicaRegistration, RequestRefused, RetentionRange, SampleDelta, SamplingParams, SpeculativeStats,
     TokenLogprobs,
 )
@@ -21,7 +21,9 @@ CHAIN = hash_block_chain(list(range(12)), BLOCK, cache_salt="tenant")
 STATS = EngineStats(running=2, waiting=1, kv_blocks_total=64, kv_blocks_used=9, kv_blocks_cached=5,
                     num_preemptions=0, grammars=GrammarTimings(compiled=1, compile_s=0.02, masked_steps=3, mask_s=0.001),
                     speculative=SpeculativeStats(proposed=8, accepted=5, verifications=3, proposed_at=(3, 3, 2),
-                                                 accepted_at=(3, 1, 1)))
+                                                 accepted_at=(3, 1, 1)),
+                    host_tier=HostTierStats(blocks_total=32, blocks_cached=7, hit_blocks=4, blocks_in=4, blocks_out=9,
+                                            bytes_in=4096, bytes_out=9216))
 EPOCH = 2**62 + 5
 BATCH = KVEventBatch(EPOCH, 7, 1.7e9, [
     BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None, medium="cpu", priority=100),

@@ -20,7 +20,7 @@ from kvserve.workers.engine.kv_events import (
     AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, KVEvent, KVEventBatch,
 )
 from kvserve.workers.engine.outputs import (
-    EmbeddingOutput, EngineStats, GrammarTimings, SpeculativeStats, TokenLogprobs,
+    EmbeddingOutput, EngineStats, GrammarTimings, HostTierStats, SpeculativeStats, TokenLogprobs,
 )
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.retention import KVRetention, RetentionRange
@@ -29,9 +29,9 @@ from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 
 __all__ = [
     "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EmbedRequest", "EmbeddingOutput",
-    "EngineStats", "GrammarTimings", "SpeculativeStats",
-    "GenerateRequest", "Heartbeat", "HubNews", "KVCursor", "KVEvent", "KVEventBatch", "KVRetention", "OutputDelta", "ReplicaNews",
-    "ReplicaRegistration", "RequestRefused", "RetentionRange", "SampleDelta", "SamplingParams", "StructuredOutputSpec", "TokenLogprobs",
+    "EngineStats", "GenerateRequest", "GrammarTimings", "Heartbeat", "HostTierStats", "HubNews", "KVCursor", "KVEvent",
+    "KVEventBatch", "KVRetention", "OutputDelta", "ReplicaNews", "ReplicaRegistration", "RequestRefused", "RetentionRange",
+    "SampleDelta", "SamplingParams", "SpeculativeStats", "StructuredOutputSpec", "TokenLogprobs",
     "prompt_length_problem",
 ]
 

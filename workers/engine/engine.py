@@ -13,7 +13,7 @@ from kvserve.workers.engine.executor import ModelExecutor, PendingSample, Sample
 from kvserve.workers.engine.guided_decoding import GuidedDecoding
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.output_processor import NewToken, OutputProcessor, SampleKey
-from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, RequestOutput
+from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, HostTierStats, RequestOutput
 from kvserve.workers.engine.pooling import PooledPrompt
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.retention import KVRetention, with_prefix_retention
@@ -440,4 +440,13 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             grammars=self.guided.timings_so_far(),
             speculative=self.speculation.stats() if self.speculation is not None else None,
+            host_tier=self._host_tier_stats(),
         )
+
+    def _host_tier_stats(self) -> HostTierStats | None:
+        host = self.kv.host
+        if host is None:
+            return None
+        copies = self.runner.host_tier  # the tier is refused unless the model runs in this process
+        return HostTierStats(host.num_blocks, len(host.cached), self.kv.num_host_hit_blocks, self.kv.num_loaded_blocks,
+                             self.kv.num_offloaded_blocks, copies.bytes_in, copies.bytes_out)

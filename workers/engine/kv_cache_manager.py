@@ -48,6 +48,8 @@ class KVCacheManager:
         self.host = BlockPool(num_host_blocks, block_size, HOST_MEDIUM, self.pool.clock) if num_host_blocks else None
         self.transfers: list[BlockTransfer] = []
         self.num_host_hit_blocks = 0
+        self.num_loaded_blocks = 0  # copied back from the host tier
+        self.num_offloaded_blocks = 0  # copied out to the host tier
         self.seq_blocks: dict[str, list[KVBlock]] = {}
         self.block_tables: dict[str, list[int]] = {}
         self.num_hashed_blocks: dict[str, int] = {}
@@ -125,6 +127,7 @@ class KVCacheManager:
 
     def _load(self, host_block: KVBlock, device_block: KVBlock) -> KVBlock:
         self.transfers.append(BlockTransfer(False, host_block.block_id, device_block.block_id))
+        self.num_loaded_blocks += 1
         return device_block
 
     def _offload(self, block: KVBlock) -> None:
@@ -135,6 +138,7 @@ class KVCacheManager:
         self.host.cache_copy(copy, block)
         self.host.release([copy])
         self.transfers.append(BlockTransfer(True, block.block_id, copy.block_id))
+        self.num_offloaded_blocks += 1
 
     def take_transfers(self) -> list[BlockTransfer]:
         transfers, self.transfers = self.transfers, []

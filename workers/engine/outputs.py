@@ -51,6 +51,7 @@ class EngineStats:
     num_preemptions: int
     grammars: "GrammarTimings | None"  # structured outputs so far, once there were any
     speculative: "SpeculativeStats | None"  # proposals verified so far, where the engine speculates
+    host_tier: "HostTierStats | None"  # the host-memory KV tier, when there is one
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,20 @@ class EmbeddingOutput:
     embedding: list[float]
     num_prompt_tokens: int
     num_cached_tokens: int  # of the prompt, read from the prefix cache
+
+
+@dataclass(frozen=True)
+class HostTierStats:
+    """The host-memory KV tier (`kv_offload_gib`) since the engine started: its pool, the
+    prompt blocks found there, and the copies between it and the device."""
+
+    blocks_total: int
+    blocks_cached: int
+    hit_blocks: int
+    blocks_in: int  # copied back to the device
+    blocks_out: int  # copied out from the device
+    bytes_in: int
+    bytes_out: int
 
 
 @dataclass(frozen=True)

@@ -158,4 +158,5 @@ class SimReplica:
         """What LLMEngine.stats() reports."""
         kv, scheduler = self.kv, self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.num_blocks,
-                           kv.num_blocks - kv.num_free_blocks, kv.num_cached_blocks, scheduler.num_preemptions, None, None)
+                           kv.num_blocks - kv.num_free_blocks, kv.num_cached_blocks, scheduler.num_preemptions, None, None,
+                           None)
