@@ -272,6 +272,8 @@ BENCHES = (
     ("overhead", "the engine's host time per decode step, phase by phase", _plain_bench_flags("overhead")),
     ("sim", "cluster simulator: our router and engine bookkeeping in simulated time", _plain_bench_flags("sim")),
     ("structured", "decode tokens/s with and without a JSON schema", _plain_bench_flags("structured")),
+    ("priority", "time to first token by request priority, fcfs against priority scheduling",
+     _plain_bench_flags("priority")),
     ("spec", "decode tokens/s with and without n-gram speculative decoding", _plain_bench_flags("spec")),
 )
 

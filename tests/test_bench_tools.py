@@ -165,3 +165,11 @@ def test_bench_structured_reports_both_runs_side_by_side(tmp_path, capsys):
         assert row["ratio"] == pytest.approx(row["guided_tps"] / row["free_tps"])
         assert row["mask_ms"] > 0
         assert len(table_rows(stdout, f"{batch} ")[0]) == 5
+
+
+def test_bench_priority_serves_the_important_requests_first_only_under_priority(tmp_path):
+    report = run_cli(tmp_path, "bench", "priority", "--requests", "8", "--max-num-seqs", "2", "--tokens", "4")
+    ttft = {(row["policy"], row["priority"]): row["ttft_p50_ms"] for row in report["priority"]}
+    assert ttft["priority", 0] < ttft["priority", 10]
+    assert ttft["fcfs", 10] < ttft["fcfs", 0]  # the unimportant ones were queued first
+    assert all(row["requests"] == 4 for row in report["priority"])
