@@ -34,9 +34,13 @@ def ray_cluster(ray_of):
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_checkpoints, tmp_path_factory):
-    """The suite's Llama and Qwen2 (4 heads, 2 KV heads) and a Llama with one KV head."""
-    kv1 = build_tiny_checkpoint(tmp_path_factory.mktemp("tp") / "llama-kv1", "llama", num_key_value_heads=1)
-    return {"llama": tiny_checkpoints["llama"], "qwen2": tiny_checkpoints["qwen2"], "llama-kv1": kv1}
+    """The suite's Llama and Qwen2 (4 heads, 2 KV heads), a Llama with one KV head, and one whose
+    vocabulary (513: a token added to the 512 of the tokenizer) does not split over 2 ranks."""
+    root = tmp_path_factory.mktemp("tp")
+    kv1 = build_tiny_checkpoint(root / "llama-kv1", "llama", num_key_value_heads=1)
+    odd_vocab = build_tiny_checkpoint(root / "llama-vocab513", "llama", vocab_size=513)
+    return {"llama": tiny_checkpoints["llama"], "qwen2": tiny_checkpoints["qwen2"], "llama-kv1": kv1,
+            "llama-vocab513": odd_vocab}
 
 
 def prompts(seed: int = 0) -> list[list[int]]:
@@ -61,9 +65,9 @@ def live_placement_groups() -> list[str]:
 
 @pytest.mark.parametrize(
     "arch, workers",
-    [("llama", {}), ("qwen2", {}), ("llama-kv1", {}),
+    [("llama", {}), ("qwen2", {}), ("llama-kv1", {}), ("llama-vocab513", {}),
      ("llama", {"tp_size": 1, "distributed_executor_backend": "ray"})],
-    ids=["llama", "qwen2", "llama-kv1", "llama-tp1-on-a-worker"],
+    ids=["llama", "qwen2", "llama-kv1", "llama-vocab513", "llama-tp1-on-a-worker"],
 )
 def test_worker_actors_give_the_in_process_greedy_tokens(arch, workers, checkpoints):
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

@@ -232,7 +232,7 @@ def _checkpoint_slices(module: torch.nn.Module, spec: TensorSpec, index: int | N
 
 def _vocab_rows(module: torch.nn.Module) -> tuple[int, int] | None:
     if isinstance(module, VocabParallelEmbedding) and module.tp.size > 1:
-        return module.vocab_start, module.num_embeddings
+        return module.vocab_start, module.num_vocab_rows
     return None
 
 
@@ -272,6 +272,8 @@ def _place(module, spec: TensorSpec, index: int | None, tensor: torch.Tensor, na
             raise ValueError(f"{name!r} differs from the other projections merged with it; they must be equal")
     elif index is not None:
         destination = destination.narrow(0, *module.rows_of_part(index))
+    elif isinstance(module, VocabParallelEmbedding):
+        destination = destination.narrow(0, 0, module.num_vocab_rows)  # the rest pads the vocabulary
     if spec.out is None and not spec.shared and tensor.numel() == 1:
         destination.fill_(tensor.item())  # one scale for all the rows
         return

@@ -23,7 +23,6 @@ def check_shardable(config: ModelConfig, tp_size: int) -> None:
         f"{name} {value} is not divisible by tp_size {tp_size}"
         for name, value in (
             ("num_attention_heads", config.num_heads),
-            ("vocab_size", config.vocab_size),
             ("intermediate_size", config.intermediate_size),
         )
         if value % tp_size
@@ -103,12 +102,16 @@ class RowParallelLinear(ParallelLinear):
 
 class VocabParallelEmbedding(nn.Embedding):
     """A contiguous range of the vocabulary's rows per rank. Used as the LM head too: the
-    logits of each rank's range are gathered into the whole vocabulary."""
+    logits of each rank's range are gathered into the whole vocabulary. A vocabulary that does
+    not split evenly (a fine-tune's added tokens: 32001, 50257) is padded to a multiple of the
+    ranks: the last rank's padding rows are never looked up, and their logits are cut off."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPGroup = SINGLE):
-        super().__init__(vocab_size // tp.size, hidden_size)
+        super().__init__(-(-vocab_size // tp.size), hidden_size)
         self.tp = tp
+        self.vocab_size = vocab_size
         self.vocab_start = tp.rank * self.num_embeddings
+        self.num_vocab_rows = max(0, min(self.num_embeddings, vocab_size - self.vocab_start))  # not padding
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -119,4 +122,5 @@ class VocabParallelEmbedding(nn.Embedding):
         return self.tp.all_reduce(embedded.masked_fill_(outside.unsqueeze(-1), 0))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(F.linear(hidden, self.weight).float(), dim=-1)
+        logits = self.tp.all_gather(F.linear(hidden, self.weight).float(), dim=-1)
+        return logits[..., : self.vocab_size] if logits.shape[-1] != self.vocab_size else logits
