@@ -156,6 +156,26 @@ def test_embeddings_with_the_official_client(client, model_name, offline):
         client.embeddings.create(model=model_name, input="hi", dimensions=10_000)
 
 
+def test_a_retained_system_prompt_survives_a_flood(client, model_name):
+    """kv_retention keeps a system prompt cached through one-off prompts that evict an unretained
+    one of the same length (each replica's pool holds 160 blocks; the flood fills both)."""
+    rng = random.Random(5)
+    words = lambda n: [rng.randrange(3, 500) for _ in range(n)]  # noqa: E731
+
+    def cached(prompt: list[int], **extra) -> int:
+        reply = client.completions.create(model=model_name, prompt=prompt, max_tokens=1, temperature=0,
+                                          extra_body={"ignore_eos": True, **extra})
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    kept, plain = words(192), words(192)
+    cached(kept, kv_retention={"ranges": [{"start": 0, "end": 192, "priority": 100, "duration_s": 600}]})
+    cached(plain)
+    for _ in range(48):
+        cached(words(200))
+    assert cached(kept + words(8)) == 192
+    assert cached(plain + words(8)) == 0
+
+
 def test_bad_input_gets_openai_errors(server, client, model_name):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=model_name, prompt="x", temperature=-1)
