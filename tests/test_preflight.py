@@ -37,9 +37,9 @@ def with_config(source, tmp_path, **changes):
 def test_checkpoint_problems_name_their_key(tiny_checkpoints, tmp_path):
     llama = tiny_checkpoints["llama"]
     assert check_model(config_of(llama).engine) == []
-    odd_vocab = with_config(llama, tmp_path, vocab_size=1001)
-    [problem] = check_model(config_of(odd_vocab, {"tp_size": 2}).engine)
-    assert problem.startswith("engine.tp_size: ") and "vocab_size 1001" in problem
+    odd_mlp = with_config(llama, tmp_path, intermediate_size=1001)
+    [problem] = check_model(config_of(odd_mlp, {"tp_size": 2}).engine)
+    assert problem.startswith("engine.tp_size: ") and "intermediate_size 1001" in problem
     [problem] = check_model(config_of(llama, {"max_model_len": 4096}).engine)
     assert problem.startswith("engine.max_model_len: ") and "4096" in problem
     [problem] = check_model(config_of(llama, {"num_kv_blocks": 4}).engine)
@@ -136,13 +136,13 @@ def kvserve(*args: str, home) -> subprocess.CompletedProcess:
 
 
 def test_serve_and_validate_refuse_a_model_that_cannot_split(tiny_checkpoints, tmp_path):
-    odd_vocab = with_config(tiny_checkpoints["llama"], tmp_path, vocab_size=1001)
-    served = kvserve("serve", "--model", str(odd_vocab), "--device", "cpu", "--tp", "2", home=tmp_path)
+    odd_mlp = with_config(tiny_checkpoints["llama"], tmp_path, intermediate_size=1001)
+    served = kvserve("serve", "--model", str(odd_mlp), "--device", "cpu", "--tp", "2", home=tmp_path)
     assert served.returncode == 1, served.stderr
     last = served.stderr.strip().splitlines()[-1]
-    assert last.startswith("kvserve serve: error: engine.tp_size: ") and "vocab_size 1001" in last
+    assert last.startswith("kvserve serve: error: engine.tp_size: ") and "intermediate_size 1001" in last
     config = tmp_path / "odd.yaml"
-    config.write_text(f"engine:\n  model: {odd_vocab}\n  device: cpu\n  tp_size: 2\n")
+    config.write_text(f"engine:\n  model: {odd_mlp}\n  device: cpu\n  tp_size: 2\n")
     validated = kvserve("validate", str(config), home=tmp_path)
     assert validated.returncode == 1 and "engine.tp_size: " in validated.stderr
     assert "Traceback" not in served.stderr + validated.stderr
