@@ -285,8 +285,7 @@ class LLMServer:
 
     async def embed(self, request: EmbedRequest) -> AsyncIterator[EmbeddingOutput | RequestRefused]:
         """The embedding of one prompt, prefilled on this replica's engine: one item, streamed as
-        `generate` streams (a plain call of the handle stalled in Serve's routing when two were
-        in flight to two replicas)."""
+        `generate` streams, so that the ingress sends both kinds of call and retries them alike."""
         self._raise_if_dead()
         request_id = request.request_id
         hashes = request.block_hashes if request.hash_check == self.hash_check else None
