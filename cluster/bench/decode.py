@@ -6,6 +6,8 @@ transformers' `generate` on the same device."""
 import argparse
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,6 +62,20 @@ def _formats(text: str) -> list[str]:
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown formats {', '.join(sorted(unknown))}; of: {', '.join(FORMATS)}")
     return formats
+
+
+@contextmanager
+def random_model_run(args: argparse.Namespace, **shown) -> Iterator[tuple[str, torch.device, dict]]:
+    """An engine benchmark's setting up (the flags of `add_engine_run_flags`): torch's threads
+    set, the run's facts printed (with `shown`), and a temporary folder holding a config-only
+    checkpoint of `args.shape`. Yields the folder, the device and the run's facts."""
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    info = run_info(args, device)
+    print_info(info, torch_threads=args.threads, **shown)
+    with tempfile.TemporaryDirectory(prefix=f"kvserve-{args.shape}-") as model_dir:
+        write_config_only_checkpoint(Path(model_dir), args.shape)
+        yield model_dir, device, info
 
 
 def write_config_only_checkpoint(out_dir: Path, shape: str, quantization: str = "dense") -> None:

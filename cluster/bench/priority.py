@@ -10,14 +10,12 @@ TTFT p50 and p99, and the last request's end (the total work is the same under b
 """
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from kvserve.cluster.bench.decode import SHAPES, write_config_only_checkpoint
-from kvserve.cluster.bench.kernels import add_engine_run_flags, print_info, print_table, resolve_device, run_info, write_json
+from kvserve.cluster.bench.decode import SHAPES, random_model_run
+from kvserve.cluster.bench.kernels import add_engine_run_flags, print_table, write_json
 from kvserve.cluster.bench.serve import percentiles
 from kvserve.workers.engine.sampling_params import SamplingParams
 
@@ -35,13 +33,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    info = run_info(args, device)
-    print_info(info, torch_threads=args.threads)
     rows = []
-    with tempfile.TemporaryDirectory(prefix=f"kvserve-{args.shape}-") as model_dir:
-        write_config_only_checkpoint(Path(model_dir), args.shape)
+    with random_model_run(args) as (model_dir, device, info):
         for policy in POLICIES:
             rows += measure(model_dir, policy, args, device)
     print_table({"policy": "{policy}", "priority": "{priority}", "requests": "{requests}",

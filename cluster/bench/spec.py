@@ -9,14 +9,12 @@ proposed tokens kept, proposed tokens kept per verification, and forward passes 
 """
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from kvserve.cluster.bench.decode import SHAPES, write_config_only_checkpoint
-from kvserve.cluster.bench.kernels import add_engine_run_flags, parse_sizes, print_info, print_table, resolve_device, run_info, write_json
+from kvserve.cluster.bench.decode import SHAPES, random_model_run
+from kvserve.cluster.bench.kernels import add_engine_run_flags, parse_sizes, print_table, write_json
 from kvserve.workers.engine.sampling_params import SamplingParams
 
 PHRASE_LEN = 6
@@ -33,12 +31,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    info = run_info(args, device)
-    print_info(info, torch_threads=args.threads, num_speculative_tokens=args.k)
-    with tempfile.TemporaryDirectory(prefix=f"kvserve-{args.shape}-") as model_dir:
-        write_config_only_checkpoint(Path(model_dir), args.shape)
+    with random_model_run(args, num_speculative_tokens=args.k) as (model_dir, device, info):
         llm = _engine(model_dir, max(args.batches), args, device)
         rows = [measure(llm, batch, args) for batch in args.batches]
         llm.engine.shutdown()

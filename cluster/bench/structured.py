@@ -8,14 +8,12 @@ each guided row's token mask on the host, masking the logits, advancing the matc
 """
 
 import argparse
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from kvserve.cluster.bench.decode import SHAPES, write_config_only_checkpoint
-from kvserve.cluster.bench.kernels import add_engine_run_flags, parse_sizes, print_info, print_table, resolve_device, run_info, write_json
+from kvserve.cluster.bench.decode import SHAPES, random_model_run
+from kvserve.cluster.bench.kernels import add_engine_run_flags, parse_sizes, print_table, write_json
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 
@@ -35,12 +33,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    info = run_info(args, device)
-    print_info(info, torch_threads=args.threads)
-    with tempfile.TemporaryDirectory(prefix=f"kvserve-{args.shape}-") as model_dir:
-        write_config_only_checkpoint(Path(model_dir), args.shape)
+    with random_model_run(args) as (model_dir, device, info):
         llm = _engine(model_dir, max(args.batches), args, device)
         rows = [measure(llm, batch, args) for batch in args.batches]
         llm.engine.shutdown()
