@@ -180,7 +180,7 @@ class KVIndex:
         `block_hashes` they hold in either tier: their device depth, then on through blocks on
         the host (or on the device again). Replicas without host blocks are left out."""
         extended = {}
-        for replica in self.with_host_blocks.intersection(device_depths):
+        for replica in [r for r in self.with_host_blocks if r in device_depths]:  # few: no walk over all replicas
             state, depth = self.replicas[replica], device_depths[replica]
             host, device = state.host_blocks, state.blocks
             rest = block_hashes[depth:]

@@ -77,9 +77,7 @@ class KVScorer:
             if depth > matched[replica]:
                 matched[replica] = depth
         depths = np.fromiter((matched.get(r, 0) for r in replicas), np.int64, len(replicas))
-        on_host = self.follower.index.host_extensions(block_hashes, matched)
-        host_depths = np.fromiter((on_host.get(r, 0) for r in replicas), np.int64, len(replicas))
-        host_blocks = np.maximum(host_depths - depths, 0)
+        host_blocks = self._host_blocks(replicas, block_hashes, matched, depths)
         loads, fills, pressures = self.standings(replicas)
         size = self.block_size
         prompt_blocks = -(-num_tokens // size)
@@ -91,6 +89,15 @@ class KVScorer:
         allowed = order[~held]
         reason = self._reason(int(depths[allowed[0]]), max(matched.values(), default=0), held.any())
         return np.concatenate((allowed, order[held])).tolist(), reason
+
+    def _host_blocks(self, replicas: list[str], block_hashes: list[BlockHash], matched: dict[str, int],
+                     depths: np.ndarray) -> np.ndarray | int:
+        """Per replica, the prompt's blocks past its device match found in its host tier."""
+        on_host = self.follower.index.host_extensions(block_hashes, matched)
+        if not on_host:
+            return 0
+        host_depths = np.fromiter((on_host.get(r, 0) for r in replicas), np.int64, len(replicas))
+        return np.maximum(host_depths - depths, 0)
 
     def imbalance_slack(self, least: int) -> float:
         """The most requests a replica may have in flight and still rank by its cost: the
