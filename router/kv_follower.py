@@ -36,6 +36,9 @@ class KVIndexFollower:
         # Per replica, what the scorer reads of it at every decision, worked out once per news:
         # (requests running or waiting, blocks cached or in use, blocks in use, pool blocks).
         self.pool_figures: dict[str, tuple[int, int, int, int]] = {}
+        # The replicas whose queue orders by priority and holds something: their waiting
+        # sequences per priority (EngineStats.waiting_by_priority), for the scorer's tie-break.
+        self.queued: dict[str, EngineStats] = {}
         self.rejected: set[str] = set()
         self.departed: set[str] = set()  # replica ids are never reused
         self.clock = clock  # times heartbeats' arrival; see `known`
@@ -95,6 +98,10 @@ class KVIndexFollower:
         cached = len(state.blocks) if state is not None else 0
         used = stats.kv_blocks_used
         self.pool_figures[replica] = (stats.running + stats.waiting, max(cached, used), used, stats.kv_blocks_total)
+        if stats.waiting_by_priority:
+            self.queued[replica] = stats
+        else:
+            self.queued.pop(replica, None)
 
     def _apply_replica(self, replica: str, news: ReplicaNews, now: float) -> None:
         if news.snapshot is not None:
@@ -141,4 +148,5 @@ class KVIndexFollower:
         self.index.drop_replica(replica)
         self.stats.pop(replica, None)
         self.pool_figures.pop(replica, None)
+        self.queued.pop(replica, None)
         self.rejected.discard(replica)

@@ -5,9 +5,12 @@ from dataclasses import dataclass, field
 from enum import Enum
 from itertools import takewhile
 
-from kvserve.workers.engine.kv_events import HOST_MEDIUM, AllBlocksCleared, KVEvent, apply_events
+from kvserve.workers.engine.kv_events import (
+    DEVICE_MEDIUM, HOST_MEDIUM, AllBlocksCleared, BlockRemoved, KVEvent, apply_events,
+)
 from kvserve.workers.protocol import (
-    HEARTBEAT_PERIOD_S, MISSED_HEARTBEATS, BlockHash, BlockSnapshot, Heartbeat, KVEventBatch,
+    DEFAULT_RETENTION_PRIORITY, HEARTBEAT_PERIOD_S, MISSED_HEARTBEATS, BlockHash, BlockSnapshot, Heartbeat,
+    KVEventBatch,
 )
 
 SILENCE_S = MISSED_HEARTBEATS * HEARTBEAT_PERIOD_S
@@ -30,6 +33,29 @@ def leading_matches(
     return matched
 
 
+def follow_retention(retained: set[BlockHash], events: Iterable[KVEvent]) -> None:
+    """Keep `retained`, a replica's device blocks stored at a retention priority above the
+    default, in step with its events. Its pool evicts every block of the default priority or
+    lower before one of those, so placement counts them as staying."""
+    for event in events:
+        if isinstance(event, AllBlocksCleared):
+            retained.clear()
+        elif event.medium != DEVICE_MEDIUM:
+            continue
+        elif isinstance(event, BlockRemoved) or event.priority <= DEFAULT_RETENTION_PRIORITY:
+            retained.difference_update(event.block_hashes)
+        else:
+            retained.update(event.block_hashes)
+
+
+def _mark(marked: set[str], replica: str, blocks: set[BlockHash]) -> None:
+    """`replica` in `marked` exactly while `blocks` holds something."""
+    if blocks:
+        marked.add(replica)
+    else:
+        marked.discard(replica)
+
+
 class Fate(Enum):
     """What became of one event batch offered to the index."""
 
@@ -50,6 +76,9 @@ class ReplicaBlocks:
     # Its host-memory tier's blocks (`kv_offload_gib`), from events only: a snapshot holds the
     # device's, so after a reload the tier counts as empty until its events come.
     host_blocks: set[BlockHash] = field(default_factory=set)
+    # Its device blocks stored at a retention priority above the default (`follow_retention`),
+    # from events only, as the host tier's: a snapshot carries no priorities.
+    retained: set[BlockHash] = field(default_factory=set)
 
 
 class KVIndex:
@@ -74,10 +103,12 @@ class KVIndex:
         self.replicas: dict[str, ReplicaBlocks] = {}
         self.holders: dict[BlockHash, str | set[str]] = {}
         self.with_host_blocks: set[str] = set()  # the replicas whose host tier holds something
+        self.with_retained_blocks: set[str] = set()  # the replicas with blocks above the default priority
 
     def drop_replica(self, replica: str) -> None:
         state = self.replicas.pop(replica, None)
         self.with_host_blocks.discard(replica)
+        self.with_retained_blocks.discard(replica)
         if state is not None:
             self._release(replica, state.blocks)
 
@@ -92,6 +123,7 @@ class KVIndex:
             self._take(replica, blocks - old.blocks)
         self.replicas[replica] = ReplicaBlocks(block_size, snapshot.epoch, snapshot.seq, blocks, heartbeat, now)
         self.with_host_blocks.discard(replica)
+        self.with_retained_blocks.discard(replica)
 
     def apply(self, replica: str, batch: KVEventBatch) -> Fate:
         state = self.replicas.get(replica)
@@ -105,10 +137,9 @@ class KVIndex:
             return Fate.GAP
         self._apply_events(replica, state.blocks, batch.events)
         apply_events(state.host_blocks, batch.events, HOST_MEDIUM)
-        if state.host_blocks:
-            self.with_host_blocks.add(replica)
-        else:
-            self.with_host_blocks.discard(replica)
+        _mark(self.with_host_blocks, replica, state.host_blocks)
+        follow_retention(state.retained, batch.events)
+        _mark(self.with_retained_blocks, replica, state.retained)
         state.last_seq = batch.seq
         return Fate.APPLIED
 

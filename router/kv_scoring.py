@@ -30,7 +30,11 @@ class KVScorer:
     does not pull every new conversation onto its first holder. Equal costs go to the
     replica with the most free room in its pool. A replica busier than the least busy one by
     more than `imbalance_slack` requests is held back to the end of the ranking, whatever it
-    caches: that stops a hot prefix from piling every request onto its holder."""
+    caches: that stops a hot prefix from piling every request onto its holder.
+
+    Between replicas of equal cost, the request goes where it would wait behind the fewest
+    waiting requests of its priority or a better one (as replicas that schedule by priority
+    report them), then where fewer requests are in flight, then to the most free room."""
 
     follower: KVIndexFollower
     block_size: int
@@ -56,8 +60,11 @@ class KVScorer:
           ingress replicas route to it too);
         - fill: the share of its pool that holds something, cached (exact, from the index)
           or in use;
-        - pressure: its working set, or the blocks in use if more, over its pool: above 1 (up
-          to 2) when the traffic sent there already wants more than it can cache.
+        - pressure: its working set, or the blocks in use if more, over its pool: above 1 when
+          the traffic sent there already wants more than it can cache (up to 2, more where
+          retained blocks leave little room). Blocks kept at a retention priority above the
+          default stay whatever comes: they leave both the wanted blocks and the pool, and
+          new blocks compete for the rest.
         A replica the hub has not passed on yet counts our load and an empty pool."""
         n = len(replicas)
         figures = chain.from_iterable(map(self.follower.pool_figures.get, replicas, repeat(_UNHEARD)))
@@ -66,11 +73,27 @@ class KVScorer:
         wanted = np.array(self.working_sets.sizes(replicas), np.int64)
         heard = total > 0
         fills = np.divide(np.minimum(occupied, total), total, out=np.zeros(n), where=heard)
-        pressures = np.divide(np.maximum(wanted, used), total, out=np.zeros(n), where=heard)
+        retained, retained_wanted = self._retained(replicas)
+        contested = np.maximum(np.maximum(wanted, used) - retained_wanted, 0)
+        room = np.maximum(total - retained, 1)
+        pressures = np.divide(contested, room, out=np.zeros(n), where=heard)
         return np.maximum(ours, reported), fills, pressures
 
-    def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int) -> tuple[list[int], str]:
-        """Indices of `replicas`, best first, and the reason for the first choice."""
+    def _retained(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per replica, its device blocks retained above the default priority, and how many of
+        them its working set wants (call after `working_sets.sizes`, which expires old sends)."""
+        index = self.follower.index
+        retained, wanted = np.zeros(len(replicas), np.int64), np.zeros(len(replicas), np.int64)
+        if index.with_retained_blocks:  # few replicas, if any: no work for the others
+            for k in [k for k, r in enumerate(replicas) if r in index.with_retained_blocks]:
+                blocks = index.replicas[replicas[k]].retained
+                retained[k], wanted[k] = len(blocks), self.working_sets.wanted_among(replicas[k], blocks)
+        return retained, wanted
+
+    def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int,
+             priority: int = 0) -> tuple[list[int], str]:
+        """Indices of `replicas`, best first, and the reason for the first choice, for a
+        request of `priority` (lower is served sooner)."""
         known = self._known(replicas)
         matched = self.follower.index.prefix_matches(block_hashes, known)
         for replica, depth in self.working_sets.recent_matches(block_hashes, known, self.options.recent_s).items():
@@ -84,7 +107,8 @@ class KVScorer:
         new_blocks = prompt_blocks - depths  # blocks loaded from the host tier take device room too
         saved = (depths + self.options.host_block_credit * host_blocks) * size
         costs = num_tokens - saved + self.options.load_cost_tokens * loads + size * new_blocks * pressures
-        order = np.lexsort((self._ties.random(len(replicas)), fills, loads, costs))
+        ahead = self._waiting_ahead(replicas, priority)
+        order = np.lexsort((self._ties.random(len(replicas)), fills, loads, ahead, costs))
         held = loads[order] > self.imbalance_slack(int(loads.min()))
         allowed = order[~held]
         reason = self._reason(int(depths[allowed[0]]), max(matched.values(), default=0), held.any())
@@ -98,6 +122,14 @@ class KVScorer:
             return 0
         host_depths = np.fromiter((on_host.get(r, 0) for r in replicas), np.int64, len(replicas))
         return np.maximum(host_depths - depths, 0)
+
+    def _waiting_ahead(self, replicas: list[str], priority: int) -> np.ndarray:
+        """Per replica, the waiting requests a request of `priority` would queue behind there."""
+        queued = self.follower.queued
+        if not queued:
+            return np.zeros(len(replicas), np.int64)
+        return np.fromiter((queued[r].waiting_ahead_of(priority) if r in queued else 0 for r in replicas),
+                           np.int64, len(replicas))
 
     def imbalance_slack(self, least: int) -> float:
         """The most requests a replica may have in flight and still rank by its cost: the

@@ -43,9 +43,10 @@ class KVAwareRouter(RequestRouter):
         request = pending_request.args[0] if pending_request and pending_request.args else None
         hashes = getattr(request, "block_hashes", None) or []
         num_tokens = len(getattr(request, "prompt_token_ids", None) or [])
+        priority = getattr(request, "priority", 0)
         ids = [r.replica_id.unique_id for r in candidate_replicas]
         scorer = self._scorer()
-        order, reason = scorer.rank(ids, hashes, num_tokens)
+        order, reason = scorer.rank(ids, hashes, num_tokens, priority)
         scorer.record(ids[order[0]], hashes)
         routing_metrics.record_decision("kv", reason, time.perf_counter() - start)
         return [[candidate_replicas[k]] for k in order]

@@ -105,6 +105,11 @@ class WorkingSets:
         if send.kept and send.blocks[0] not in last_send:
             self._unhead(replica, send.blocks[0])
 
+    def wanted_among(self, replica: str, block_hashes: set[BlockHash]) -> int:
+        """How many of `block_hashes` are in `replica`'s working set (as of the last `sizes`)."""
+        last_send = self._last_send.get(replica, {})
+        return sum(1 for block_hash in block_hashes if block_hash in last_send)
+
     def recent_matches(
         self, block_hashes: list[BlockHash], replicas: list[str], within_s: float, now: float | None = None
     ) -> dict[str, int]:

@@ -72,6 +72,19 @@ def test_refusals_print_the_servers_reason(capsys):
     assert f"refused x2: {reason}" in capsys.readouterr().out
 
 
+def test_bench_routers_runs_the_offload_setups_side_by_side():
+    from kvserve.cluster.bench.routers import Setup, add_flags as add_router_flags, setups
+
+    parser = argparse.ArgumentParser()
+    add_router_flags(parser)
+    assert setups(parser.parse_args([]), "kv") == [Setup(160, 0.0, 0.8)]
+    args = parser.parse_args(["--kv-blocks", "48", "--kv-offload-gib", "0", "0.05", "--host-block-credit", "0.8", "0",
+                              "--unbounded-kv-blocks", "1024"])
+    assert setups(args, "kv") == [Setup(1024, 0.0, 0.8), Setup(48, 0.0, 0.8), Setup(48, 0.05, 0.8),
+                                  Setup(48, 0.05, 0.0)]
+    assert setups(args, "pow2") == [Setup(1024, 0.0, 0.8), Setup(48, 0.0, 0.8), Setup(48, 0.05, 0.8)]
+
+
 def test_percentiles():
     p = percentiles([float(i) for i in range(100)])
     assert (p["p50"], p["p90"], p["p99"]) == (50.0, 90.0, 99.0)

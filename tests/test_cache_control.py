@@ -154,8 +154,18 @@ def test_host_tier_figures_reach_the_metrics():
     tier = HostTierStats(blocks_total=32, blocks_cached=7, hit_blocks=4, blocks_in=4, blocks_out=9, bytes_in=4096,
                          bytes_out=9216)
     stats = EngineStats(running=1, waiting=0, kv_blocks_total=16, kv_blocks_used=3, kv_blocks_cached=5,
-                        num_preemptions=0, grammars=None, speculative=None, host_tier=tier)
+                        num_preemptions=0, grammars=None, speculative=None, host_tier=tier, waiting_by_priority=())
     routing_metrics.export_replica_stats({"r1": stats}, {}, 0)
     text = generate_latest().decode()
     for name, value in [("hit_blocks_total", 4), ("blocks_out_total", 9), ("bytes_in_total", 4096)]:
         assert f'kvserve_host_kv_{name}{{replica="r1"}} {float(value)}' in text
+
+
+@pytest.mark.parametrize("policy", ["priority", "fcfs"])
+def test_the_engine_reports_its_queue_per_priority_where_it_orders_by_priority(tiny_checkpoints, policy):
+    engine = make_engine(tiny_checkpoints, scheduling_policy=policy)
+    for request_id, priority in [("a", 10), ("b", 0), ("c", 0)]:
+        engine.add_request(request_id, list(range(1, 40)), SamplingParams(max_tokens=1), priority=priority)
+    stats = engine.stats()
+    assert stats.waiting == 3
+    assert stats.waiting_by_priority == (((0, 2), (10, 1)) if policy == "priority" else ())

@@ -78,7 +78,7 @@ def test_a_sequence_gap_is_refused():
 
 def pool_stats(total: int = 1 << 20, used: int = 0, cached: int = 0) -> EngineStats:
     return EngineStats(running=0, waiting=0, kv_blocks_total=total, kv_blocks_used=used, kv_blocks_cached=cached,
-                       num_preemptions=0, grammars=None, speculative=None, host_tier=None)
+                       num_preemptions=0, grammars=None, speculative=None, host_tier=None, waiting_by_priority=())
 
 
 def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None = None,
@@ -193,6 +193,67 @@ def test_a_system_prompt_held_by_one_replica_does_not_pull_every_conversation_th
         chosen.append("abcd"[order[0]])
         scorer.record(chosen[-1], hashes)
     assert chosen[0] == "a" and sorted(chosen) == list("abcd"), chosen
+
+
+def test_between_equal_costs_the_request_goes_where_fewer_as_urgent_requests_wait():
+    """Two idle-cache replicas with two requests waiting each: a priority-0 request would wait
+    behind both priority-0 ones on one, behind none of the priority-10 ones on the other. A
+    priority-10 request waits behind two either way; a cached prefix still outweighs a queue."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    def queue(*pairs):
+        return dataclasses.replace(pool_stats(100), waiting=2, waiting_by_priority=pairs)
+
+    prompt = list(range(16))
+    hashes = hash_block_chain(prompt, BLOCK)
+    follower = follower_with({"urgent": [], "relaxed": [], "holder": prompt},
+                             stats={"urgent": queue((0, 2)), "relaxed": queue((10, 2)), "holder": queue((0, 2))})
+    scorer = KVScorer(follower, BLOCK)
+    for _ in range(8):  # equal costs otherwise go either way at random
+        assert scorer.rank(["urgent", "relaxed"], hashes, len(prompt), priority=0)[0] == [1, 0]
+    assert {scorer.rank(["urgent", "relaxed"], hashes, len(prompt), priority=10)[0][0] for _ in range(32)} == {0, 1}
+    assert scorer.rank(["relaxed", "holder"], hashes, len(prompt), priority=0)[0] == [1, 0]
+
+
+def stored(tokens: list[int], priority: int, medium: str = DEVICE_MEDIUM) -> BlockStored:
+    return BlockStored(hash_block_chain(tokens, BLOCK), None, tokens, BLOCK, lora_name=None, medium=medium,
+                       priority=priority)
+
+
+def test_the_index_follows_which_device_blocks_are_retained_above_the_default():
+    index = KVIndex()
+    index.load_snapshot("a", BLOCK, BlockSnapshot(7, 1, []), Heartbeat(7, 1, 0.0, pool_stats()), now=0.0)
+    system, other = list(range(8)), list(range(100, 108))
+    events = [stored(system, 100), stored(other, DEFAULT_RETENTION_PRIORITY), stored(list(range(200, 204)), 90, "cpu")]
+    assert index.apply("a", KVEventBatch(7, 2, 0.0, events)) is Fate.APPLIED
+    assert index.replicas["a"].retained == set(hash_block_chain(system, BLOCK))
+    assert index.with_retained_blocks == {"a"}
+    removed = BlockRemoved(hash_block_chain(system, BLOCK)[1:], medium=DEVICE_MEDIUM)
+    index.apply("a", KVEventBatch(7, 3, 0.0, [removed, stored(other, 60)]))
+    assert index.replicas["a"].retained == set(hash_block_chain(system, BLOCK)[:1] + hash_block_chain(other, BLOCK))
+    index.apply("a", KVEventBatch(7, 4, 0.0, [AllBlocksCleared()]))
+    assert not index.replicas["a"].retained and not index.with_retained_blocks
+
+
+def test_a_new_prefix_counts_retained_blocks_as_staying():
+    """Two pools of ten blocks, each wanted at eight by a conversation on a four-block system
+    prompt. Where the system prompt is retained it stays whatever comes, so a new prefix there
+    competes for six blocks of which four are wanted (0.67), not ten of which eight are (0.8)."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    system = list(range(4 * BLOCK))
+    pool = pool_stats(10)
+    follower = follower_with({"retains": [], "plain": []}, stats={"retains": pool, "plain": pool})
+    for name, priority in [("retains", 100), ("plain", DEFAULT_RETENTION_PRIORITY)]:
+        follower.index.apply(name, KVEventBatch(7, 2, 0.0, [stored(system, priority)]))
+    scorer = KVScorer(follower, BLOCK, RouterOptions(load_cost_tokens=0))
+    for name, start in [("retains", 1000), ("plain", 2000)]:
+        scorer.record(name, hash_block_chain(system + list(range(start, start + 4 * BLOCK)), BLOCK))
+    prompt = list(range(5000, 5000 + 3 * BLOCK))
+    order, _ = scorer.rank(["plain", "retains"], hash_block_chain(prompt, BLOCK), len(prompt))
+    assert order == [1, 0]
+    _, _, pressures = scorer.standings(["plain", "retains"])
+    assert pressures.tolist() == [0.8, 4 / 6]
 
 
 def test_working_sets_count_the_distinct_blocks_sent_within_the_window():

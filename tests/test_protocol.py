@@ -23,7 +23,8 @@ STATS = EngineStats(running=2, waiting=1, kv_blocks_total=64, kv_blocks_used=9, 
                     speculative=SpeculativeStats(proposed=8, accepted=5, verifications=3, proposed_at=(3, 3, 2),
                                                  accepted_at=(3, 1, 1)),
                     host_tier=HostTierStats(blocks_total=32, blocks_cached=7, hit_blocks=4, blocks_in=4, blocks_out=9,
-                                            bytes_in=4096, bytes_out=9216))
+                                            bytes_in=4096, bytes_out=9216),
+                    waiting_by_priority=((-1, 1),))
 EPOCH = 2**62 + 5
 BATCH = KVEventBatch(EPOCH, 7, 1.7e9, [
     BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None, medium="cpu", priority=100),
@@ -98,3 +99,15 @@ def test_no_message_can_leave_a_field_out(index):
 def test_messages_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         STATS.running = 0
+
+
+def test_a_heartbeat_counts_the_waiting_queue_in_a_few_priority_pairs():
+    from kvserve.workers.engine.outputs import WAITING_PRIORITY_PAIRS, count_priorities
+
+    assert count_priorities([5, 0, 5, -2]) == ((-2, 1), (0, 1), (5, 2))
+    many = count_priorities(range(2 * WAITING_PRIORITY_PAIRS))
+    assert len(many) == WAITING_PRIORITY_PAIRS and sum(n for _, n in many) == 2 * WAITING_PRIORITY_PAIRS
+    stats = dataclasses.replace(STATS, waiting_by_priority=many)
+    last = WAITING_PRIORITY_PAIRS - 1
+    assert stats.waiting_ahead_of(last - 1) == last  # exact up to the last pair
+    assert stats.waiting_ahead_of(last) == 2 * WAITING_PRIORITY_PAIRS  # those folded into it count from its priority

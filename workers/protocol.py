@@ -23,12 +23,12 @@ from kvserve.workers.engine.outputs import (
     EmbeddingOutput, EngineStats, GrammarTimings, HostTierStats, SpeculativeStats, TokenLogprobs,
 )
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
-from kvserve.workers.engine.retention import KVRetention, RetentionRange
+from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY, KVRetention, RetentionRange
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 
 __all__ = [
-    "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EmbedRequest", "EmbeddingOutput",
+    "DEFAULT_RETENTION_PRIORITY", "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EmbedRequest", "EmbeddingOutput",
     "EngineStats", "GenerateRequest", "GrammarTimings", "Heartbeat", "HostTierStats", "HubNews", "KVCursor", "KVEvent",
     "KVEventBatch", "KVRetention", "OutputDelta", "ReplicaNews", "ReplicaRegistration", "RequestRefused", "RetentionRange",
     "SampleDelta", "SamplingParams", "SpeculativeStats", "StructuredOutputSpec", "TokenLogprobs",

@@ -1,18 +1,23 @@
 """`kvserve bench routers`: every routing policy on the same local Ray cluster, one after the
-other, under the same workloads; a table of the results and a PNG plot."""
+other, under the same workloads; a table of the results and a PNG plot.
+
+Each policy runs in one or more cache setups (`Setup`): the device pool, the host-memory tier
+and the `kv` policy's credit for it, so that a pool too small for the working set can be
+measured with the tier off and on, and against a pool that holds everything, in one run."""
 
 import argparse
 import asyncio
 import json
 import time
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.cluster.bench import serve as bench_serve
-from kvserve.router.options import POLICIES
+from kvserve.router.options import POLICIES, RouterOptions
 from kvserve.workers.models.distributed import free_port
 
 WORKLOADS = ["shared-prefix", "multi-turn", "random"]
@@ -23,15 +28,62 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--workloads", nargs="+", default=WORKLOADS)
     parser.add_argument("--kv-blocks", type=int, default=160, help="KV pool of each replica, in blocks")
+    parser.add_argument("--kv-offload-gib", type=float, nargs="+", default=[0.0],
+                        help="host-memory KV tier of each replica, each value a setup of its own (0: none)")
+    parser.add_argument("--host-block-credit", type=float, nargs="+", default=[RouterOptions().host_block_credit],
+                        help="kv policy: what a host-tier block saves against a device one, each value a setup of "
+                        "its own where there is a host tier")
+    parser.add_argument("--unbounded-kv-blocks", type=int,
+                        help="also run each policy first with a pool this large and no host tier, the reference")
     parser.add_argument("--out", default="bench-routers", help="prefix of the .jsonl and .png written")
     for flag, default in (("--rate", 3.0), ("--num-requests", 96), ("--prompt-len", 48), ("--prefix-len", 320),
                           ("--groups", 16), ("--output-len", 16),
                           ("--max-history", 1536), ("--system-len", 0)):
         parser.add_argument(flag, type=type(default), default=default)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=2048,
+                        help="the engine's; the pool must hold one sequence this long")
     parser.add_argument("--slo-ttft", type=float, default=2.0)
     parser.add_argument("--slo-tpot", type=float, default=0.5)
     parser.add_argument("--bench-seed", type=int, default=0)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One deployment's cache: device pool blocks, host tier GiB, the kv policy's host credit."""
+
+    kv_blocks: int
+    kv_offload_gib: float
+    host_block_credit: float
+
+    @property
+    def name(self) -> str:
+        tier = f" + host {self.kv_offload_gib:g} GiB, credit {self.host_block_credit:g}" if self.kv_offload_gib else ""
+        return f"{self.kv_blocks} blocks{tier}"
+
+
+def setups(args: argparse.Namespace, policy: str) -> list[Setup]:
+    """The reference pool if asked, then every host tier size over `kv_blocks`, and for the kv
+    policy with a host tier, every credit (the credit changes nothing elsewhere)."""
+    default_credit = RouterOptions().host_block_credit
+    runs = [Setup(args.unbounded_kv_blocks, 0.0, default_credit)] if args.unbounded_kv_blocks else []
+    for gib in args.kv_offload_gib:
+        credits = args.host_block_credit if gib and policy == "kv" else [default_credit]
+        runs += [Setup(args.kv_blocks, gib, credit) for credit in credits]
+    return runs
+
+
+def _config(args: argparse.Namespace, model: str, policy: str, setup: Setup, port: int):
+    from kvserve.cluster.config import load_config
+
+    return load_config(None, {
+        "engine": {"model": model, "device": "cpu", "dtype": "float32", "cpu_threads": 1,
+                   "num_kv_blocks": setup.kv_blocks, "kv_offload_gib": setup.kv_offload_gib,
+                   "max_model_len": args.max_model_len, "block_size": args.block_size},
+        "serving": {"app_name": "bench", "replicas": args.replicas, "router": policy, "port": port,
+                    "replica_cpus": 1, "max_ongoing_requests": 256,
+                    "router_options": {"host_block_credit": setup.host_block_credit}},
+    })
 
 
 def _wait_ready(url: str, replicas: int, timeout_s: float = 300) -> None:
@@ -52,7 +104,6 @@ def main(args: argparse.Namespace, model: str) -> int:
     from ray import serve
 
     from kvserve.cluster.app import build_app
-    from kvserve.cluster.config import load_config
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -63,25 +114,17 @@ def main(args: argparse.Namespace, model: str) -> int:
     summaries = []
     try:
         for policy in args.policies:
-            config = load_config(None, {
-                "engine": {"model": model, "device": "cpu", "dtype": "float32", "cpu_threads": 1,
-                           "num_kv_blocks": args.kv_blocks, "max_model_len": 2048, "block_size": args.block_size},
-                "serving": {"app_name": "bench", "replicas": args.replicas, "router": policy, "port": port,
-                            "replica_cpus": 1, "max_ongoing_requests": 256},
-            })
-            serve.run(build_app(config), name="bench", route_prefix="/")
-            _wait_ready(url, args.replicas)
-            _warm_up(url, args.replicas)
-            for workload in args.workloads:
-                run = argparse.Namespace(**{**vars(args), "url": url, "workload": workload,
-                                            "label": f"{policy}/{workload}"})
-                summary = _run_workload(run)
-                summary["policy"] = policy
-                bench_serve.print_table(summary)
-                summaries.append(summary)
-                with jsonl.open("a") as out:
-                    out.write(json.dumps(summary) + "\n")
-            serve.delete("bench")
+            for setup in setups(args, policy):
+                serve.run(build_app(_config(args, model, policy, setup, port)), name="bench", route_prefix="/")
+                _wait_ready(url, args.replicas)
+                _warm_up(url, args.replicas)
+                for workload in args.workloads:
+                    summary = _run_setup(args, url, policy, setup, workload)
+                    bench_serve.print_table(summary)
+                    summaries.append(summary)
+                    with jsonl.open("a") as out:
+                        out.write(json.dumps(summary) + "\n")
+                serve.delete("bench")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -106,32 +149,52 @@ def _warm_up(url: str, replicas: int) -> None:
     asyncio.run(send_all())
 
 
+def _run_setup(args: argparse.Namespace, url: str, policy: str, setup: Setup, workload: str) -> dict:
+    label = f"{policy}/{workload}" if len(setups(args, policy)) == 1 else f"{policy} {setup.name}/{workload}"
+    run = argparse.Namespace(**{**vars(args), "url": url, "workload": workload, "label": label})
+    summary = _run_workload(run)
+    summary.update(policy=policy, setup=asdict(setup))
+    return summary
+
+
 def _run_workload(args: argparse.Namespace) -> dict:
     models = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"]
     prompts = bench_serve.make_prompts(args, models[0]["vocab_size"])
-    decided_before = routing_decisions(args.url)
+    decided_before, host_hits_before = routing_decisions(args.url), host_tier_hits(args.url)
     results, elapsed = asyncio.run(bench_serve.run_load(args, prompts, models[0]["id"]))
     summary = bench_serve.summarize(args, results, elapsed, bench_serve.oracle_hit_rate(prompts, args.block_size))
     summary["decisions"] = dict(routing_decisions(args.url) - decided_before)
+    summary["host_tier_hit_blocks"] = host_tier_hits(args.url) - host_hits_before
     return summary
+
+
+def _samples(url: str, family_name: str) -> list:
+    """The samples of one metric family on the ingress's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return [sample for family in text_string_to_metric_families(text) if family.name == family_name
+            for sample in family.samples]
 
 
 def routing_decisions(url: str) -> Counter:
     """The ingress's routing decisions so far, by reason."""
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return Counter({
-        sample.labels["reason"]: int(sample.value)
-        for family in text_string_to_metric_families(text) if family.name == "kvserve_routing_decisions"
-        for sample in family.samples if sample.name.endswith("_total")
-    })
+    return Counter({sample.labels["reason"]: int(sample.value)
+                    for sample in _samples(url, "kvserve_routing_decisions") if sample.name.endswith("_total")})
+
+
+def host_tier_hits(url: str) -> int:
+    """Prompt blocks found in the replicas' host-memory tiers so far, all replicas together, as
+    their last heartbeats say (0 without a tier)."""
+    return int(sum(sample.value for sample in _samples(url, "kvserve_host_kv_hit_blocks_total")))
 
 
 def print_comparison(summaries: list[dict]) -> None:
-    print("\n| workload | policy | hit rate (oracle) | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | E2E p50 ms "
-          "| req/s | goodput req/s | refused | decisions |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| workload | policy | cache | hit rate (oracle) | host-tier hit blocks | TTFT p50 ms | TTFT p99 ms "
+          "| TPOT p50 ms | E2E p50 ms | req/s | goodput req/s | refused | decisions |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    # sorted is stable: a policy's setups stay in the order they ran
     for s in sorted(summaries, key=lambda s: (s["workload"], POLICIES.index(s["policy"]))):
-        print(f"| {s['workload']} | {s['policy']} | {s['prefix_hit_rate']:.3f} ({s['oracle_hit_rate']:.3f}) "
+        print(f"| {s['workload']} | {s['policy']} | {Setup(**s['setup']).name} "
+              f"| {s['prefix_hit_rate']:.3f} ({s['oracle_hit_rate']:.3f}) | {s['host_tier_hit_blocks']} "
               f"| {s['ttft']['p50'] * 1e3:.0f} | {s['ttft']['p99'] * 1e3:.0f} | {s['tpot']['p50'] * 1e3:.1f} "
               f"| {s['e2e']['p50'] * 1e3:.0f} | {s['request_throughput']:.2f} | {s['goodput']:.2f} | {s['refused']} "
               f"| {', '.join(f'{reason} {n}' for reason, n in sorted(s['decisions'].items()))} |")

@@ -13,7 +13,7 @@ from kvserve.workers.engine.executor import ModelExecutor, PendingSample, Sample
 from kvserve.workers.engine.guided_decoding import GuidedDecoding
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.output_processor import NewToken, OutputProcessor, SampleKey
-from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, HostTierStats, RequestOutput
+from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, HostTierStats, RequestOutput, count_priorities
 from kvserve.workers.engine.pooling import PooledPrompt
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.retention import KVRetention, with_prefix_retention
@@ -441,7 +441,13 @@ class LLMEngine:
             grammars=self.guided.timings_so_far(),
             speculative=self.speculation.stats() if self.speculation is not None else None,
             host_tier=self._host_tier_stats(),
+            waiting_by_priority=self._waiting_by_priority(),
         )
+
+    def _waiting_by_priority(self) -> tuple[tuple[int, int], ...]:
+        if self.config.scheduling_policy != "priority":
+            return ()
+        return count_priorities(seq.priority for seq in self.scheduler.waiting)
 
     def _host_tier_stats(self) -> HostTierStats | None:
         host = self.kv.host

@@ -1,6 +1,11 @@
 """What the engine hands back after each step, per request."""
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+# The most (priority, count) pairs a heartbeat carries of the waiting queue; see `count_priorities`.
+WAITING_PRIORITY_PAIRS = 8
 
 
 @dataclass
@@ -52,6 +57,25 @@ class EngineStats:
     grammars: "GrammarTimings | None"  # structured outputs so far, once there were any
     speculative: "SpeculativeStats | None"  # proposals verified so far, where the engine speculates
     host_tier: "HostTierStats | None"  # the host-memory KV tier, when there is one
+    # Waiting sequences per request priority (`count_priorities`), where the scheduler orders by
+    # priority; empty under fcfs, where a newcomer waits behind every waiting sequence.
+    waiting_by_priority: tuple[tuple[int, int], ...]
+
+    def waiting_ahead_of(self, priority: int) -> int:
+        """Waiting sequences a new request of `priority` would queue behind by priority alone:
+        those of the same priority or a better (lower) one."""
+        return sum(n for p, n in self.waiting_by_priority if p <= priority)
+
+
+def count_priorities(priorities: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """(priority, how many) per priority value, best first, at most WAITING_PRIORITY_PAIRS
+    pairs: the values past the last pair are counted in it, as if of its priority (better
+    than theirs), so a reader counts them ahead of a request of that priority or worse only."""
+    pairs = sorted(Counter(priorities).items())
+    if len(pairs) <= WAITING_PRIORITY_PAIRS:
+        return tuple(pairs)
+    kept, rest = pairs[: WAITING_PRIORITY_PAIRS - 1], pairs[WAITING_PRIORITY_PAIRS - 1 :]
+    return (*kept, (rest[0][0], sum(n for _, n in rest)))
 
 
 @dataclass(frozen=True)
