@@ -529,18 +529,16 @@ def _draw_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor
     fractions stay below 1, so a token of weight 0 (filtered, or padding) is never drawn."""
     if weights.shape[1] % _BLOCK:
         weights = F.pad(weights, (0, -weights.shape[1] % _BLOCK))
-    blocks = weights.reshape(weights.shape[0], -1, _BLOCK)
-    block_weights = blocks.sum(dim=-1)
-    # The weight before each block, then the total.
-    edges = F.pad(block_weights.double().cumsum_(dim=-1), (1, 0))
-    target = uniforms[:, None] * edges[:, -1:]
-    block = torch.searchsorted(edges, target, right=True) - 1  # edges[block] <= target < edges[block + 1]
-    low, high = edges.gather(1, block), edges.gather(1, block + 1)
-    fraction = ((target - low) / (high - low)).clamp_max_(_MAX_UNIFORM)
-    first = block * _BLOCK
-    rows = torch.arange(len(blocks), device=weights.device)
-    in_block = blocks[rows, block.squeeze(1)].double().cumsum_(dim=-1)
-    return (first + torch.searchsorted(in_block, fraction * in_block[:, -1:], right=True)).squeeze(1)
+    blocks = weights.reshape(len(weights), -1, _BLOCK)
+    cumulative = blocks.sum(dim=-1).double().cumsum_(dim=-1)  # the weight up to each block's end
+    target = uniforms[:, None] * cumulative[:, -1:]
+    block = torch.searchsorted(cumulative, target, right=True)  # the first block ending past the target
+    in_block = blocks[torch.arange(len(blocks), device=weights.device), block.squeeze(1)].cumsum(
+        dim=-1, dtype=torch.float64)
+    # Where the target falls in its block, as a fraction of the block's weight.
+    fraction = ((target - cumulative.gather(1, block)) / in_block[:, -1:]).add_(1.0).clamp_(0.0, _MAX_UNIFORM)
+    chosen = torch.searchsorted(in_block, fraction * in_block[:, -1:], right=True)
+    return (block * _BLOCK + chosen).squeeze(1)
 
 
 def _uniforms(draws: _Draws, device: torch.device, rounds: int = 1) -> torch.Tensor:
