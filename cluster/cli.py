@@ -274,7 +274,7 @@ BENCHES = (
     ("structured", "decode tokens/s with and without a JSON schema", _plain_bench_flags("structured")),
     ("priority", "time to first token by request priority, fcfs against priority scheduling",
      _plain_bench_flags("priority")),
-    ("spec", "decode tokens/s with and without n-gram speculative decoding", _plain_bench_flags("spec")),
+    ("spec", "decode tokens/s with and without speculative decoding (n-gram or draft model)", _plain_bench_flags("spec")),
 )
 
 

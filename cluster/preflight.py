@@ -44,7 +44,22 @@ def check_model(engine: EngineConfig) -> list[str]:
         _check_kv_pool(engine, model, max_model_len)
     except ValueError as error:
         problems.append(f"engine.num_kv_blocks: {error}")
+    if engine.speculative is not None and engine.speculative.method == "draft":
+        problems += _check_draft_model(engine, model)
     return problems
+
+
+def _check_draft_model(engine: EngineConfig, model: ModelConfig) -> list[str]:
+    """The draft model's vocabulary, tokenizer and length against the target's."""
+    from kvserve.workers.runner.draft_model import check_draft_model  # torch and transformers: only here
+
+    try:
+        check_draft_model(engine, model, ModelConfig.from_pretrained_dir(engine.speculative.model))
+    except ValueError as error:
+        return [f"engine.{error}"]
+    except (OSError, KeyError) as error:
+        return [f"engine.speculative.model: {error}"]
+    return []
 
 
 def _check_kv_pool(engine: EngineConfig, model: ModelConfig, max_model_len: int) -> None:

@@ -41,6 +41,8 @@ DRY_DEVICE = ("--device", "cpu", "--dtype", "float32")
 DRY_TIMING = ("--copy-mib", "4", "--reps", "2", "--warmup", "1")
 LLAMA3_8B_DECODE = ("--shape", "llama3-8b", "--context", "1024", "--steps", "32")
 TINY_DECODE = ("--shape", "tiny", "--context", "8", "--steps", "3", *DRY_DEVICE, *DRY_TIMING)
+LLAMA3_8B_SPEC = ("--shape", "llama3-8b", "--batches", "1,8,32", "--k", "4", "--device", "cuda", "--dtype", "bfloat16")
+TINY_SPEC = ("--shape", "tiny", "--batches", "1,2", "--k", "2", "--tokens", "8", "--rounds", "1", *DRY_DEVICE)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def install_args() -> tuple[str, ...]:
 # most (tests/test_gpu_check.py checks it), so the whole run fits its lease.
 STEPS = (
     Step(
-        name="install", cap_s=30, module="pip",
+        name="install", cap_s=20, module="pip",
         gpu_args=install_args(),
         dry_args=(*install_args(), "--dry-run"),
         what="the project on the machine's Python and CUDA torch, no dependencies",
@@ -79,10 +81,10 @@ STEPS = (
         gpu_args=("-q", "-m", "gpu", *GPU_TEST_FILES),
         dry_args=("-q", "-m", "gpu", *GPU_TEST_FILES),
         what="the gpu-marked tests: kernels at real sizes, graph capture and replay, no host sync inside a "
-             "decode step, profiled KV sizing",
+             "decode step, profiled KV sizing (with a draft model's weights and KV cache beside the pool)",
     ),
     Step(
-        name="kernels", cap_s=40, module=CLI,
+        name="kernels", cap_s=35, module=CLI,
         gpu_args=("bench", "kernels", "--grid", "1x32k,64x4k", "--prefill-lens", "512,2k,4k", "--prefix-len", "2k",
                   "--reps", "10"),
         dry_args=("bench", "kernels", "--grid", "2x40,3x16", "--prefill-lens", "16,33", "--prefix-len", "20",
@@ -91,27 +93,27 @@ STEPS = (
         interpret=True,
     ),
     Step(
-        name="decode", cap_s=70, module=CLI,
+        name="decode", cap_s=60, module=CLI,
         gpu_args=("bench", "decode", *LLAMA3_8B_DECODE, "--batches", "1,16,64", "--skip-hf"),
         dry_args=("bench", "decode", *TINY_DECODE, "--batches", "1,4", "--skip-hf"),
         what="the engine's decode step with CUDA graphs, Llama-3-8B shape, batches 1, 16, 64",
         interpret=True,
     ),
     Step(
-        name="decode-hf", cap_s=40, module=CLI,
+        name="decode-hf", cap_s=30, module=CLI,
         gpu_args=("bench", "decode", *LLAMA3_8B_DECODE, "--batches", "1", "--skip-engine"),
         dry_args=("bench", "decode", *TINY_DECODE, "--batches", "1,2", "--skip-engine"),
         what="HF generate's decode step on the same model, batch 1",
     ),
     Step(
-        name="decode-eager", cap_s=40, module=CLI,
+        name="decode-eager", cap_s=30, module=CLI,
         gpu_args=("bench", "decode", *LLAMA3_8B_DECODE, "--batches", "1", "--enforce-eager", "--skip-hf"),
         dry_args=("bench", "decode", *TINY_DECODE, "--batches", "1,2", "--enforce-eager", "--skip-hf"),
         what="the engine's decode step without CUDA graphs, batch 1",
         interpret=True,
     ),
     Step(
-        name="decode-quant", cap_s=70, module=CLI,
+        name="decode-quant", cap_s=55, module=CLI,
         gpu_args=("bench", "decode", *LLAMA3_8B_DECODE, "--batches", "1,16,64", "--skip-hf",
                   "--quantization", "fp8,int4"),
         dry_args=("bench", "decode", *TINY_DECODE, "--batches", "1,4", "--skip-hf", "--quantization", "fp8,int4"),
@@ -120,7 +122,7 @@ STEPS = (
         interpret=True,
     ),
     Step(
-        name="tp", cap_s=45, module=CLI,
+        name="tp", cap_s=35, module=CLI,
         gpu_args=("bench", "tp", "--tp", "1", "--batch", "8", "--prompt-len", "64", "--steps", "16",
                   "--device", "cuda", "--dtype", "bfloat16"),
         dry_args=("bench", "tp", "--tp", "1", "--batch", "2", "--prompt-len", "8", "--steps", "3", *DRY_DEVICE),
@@ -134,6 +136,21 @@ STEPS = (
                   "--steps", "3", "--warmup", "1", "--device", "cpu"),
         what="the engine's host time per decode step against the forward pass alone, Llama-3-8B shape, "
              "batches 64 and 256",
+    ),
+    Step(
+        name="spec", cap_s=35, module=CLI,
+        gpu_args=("bench", "spec", *LLAMA3_8B_SPEC, "--tokens", "64", "--rounds", "2"),
+        dry_args=("bench", "spec", *TINY_SPEC),
+        what="decode with and without n-gram speculation (k 4) on the repeating workload, Llama-3-8B shape, "
+             "batches 1, 8, 32: the passes saved as speedup",
+    ),
+    Step(
+        name="spec-draft", cap_s=35, module=CLI,
+        gpu_args=("bench", "spec", *LLAMA3_8B_SPEC, "--tokens", "32", "--rounds", "1", "--method", "draft",
+                  "--draft-shape", "llama3.2-1b"),
+        dry_args=("bench", "spec", *TINY_SPEC, "--method", "draft", "--draft-shape", "tiny"),
+        what="the same with a random-weight Llama-3.2-1B-shaped draft model: the cost of a draft step and its "
+             "verification against plain decode (random weights keep next to no proposal)",
     ),
 )
 SUMMARY_LINES = 80  # of each step's output, in gpu-check.md; gpu-check.log has all of it

@@ -91,6 +91,9 @@ def test_the_dry_run_runs_every_step_and_writes_the_reports(tmp_path):
     assert len(steps["tp"]["result"]["step_ms"]) == 2
     quantized = steps["decode-quant"]["result"]["decode"]
     assert [(row["format"], row["batch"]) for row in quantized] == [("fp8", 1), ("fp8", 4), ("int4", 1), ("int4", 4)]
+    for name, method in (("spec", "ngram"), ("spec-draft", "draft")):
+        assert steps[name]["result"]["method"] == method
+        assert [row["batch"] for row in steps[name]["result"]["speculative"]] == [1, 2]
 
     summary = (out / "gpu-check.md").read_text()
     assert all(f"## {name}: ok" in summary for name in steps)

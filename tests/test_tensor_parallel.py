@@ -137,6 +137,22 @@ def test_speculative_greedy_tokens_on_two_ranks_equal_the_plain_in_process_ones(
         llm.engine.shutdown()
 
 
+def test_draft_model_tokens_on_two_ranks_equal_the_plain_in_process_ones(checkpoints):
+    """The draft model runs whole in the engine's process; rank 0 verifies its proposals, with
+    their distributions for sampled requests shipped with the step (seeded: the same tokens twice)."""
+    greedy = SamplingParams(temperature=0.0, n=2, max_tokens=12, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, top_k=20, seed=5, max_tokens=12, ignore_eos=True)
+    expected = generate(LLM(str(checkpoints["llama"]), **ENGINE), greedy)
+    llm = tp_engine(checkpoints["llama"], speculative={"method": "draft", "model": str(checkpoints["llama"]),
+                                                        "num_speculative_tokens": 3})
+    try:
+        assert generate(llm, greedy) == expected
+        assert generate(llm, seeded) == generate(llm, seeded)
+        assert llm.engine.stats().speculative.accepted > 0
+    finally:
+        llm.engine.shutdown()
+
+
 def test_unshardable_tp_size_is_named(checkpoints):
     with pytest.raises(ValueError, match="num_attention_heads 4 is not divisible by tp_size 3"):
         LLM(str(checkpoints["llama"]), **ENGINE, tp_size=3)

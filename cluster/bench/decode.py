@@ -26,6 +26,10 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
                       rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+    # Llama-3.2-1B's shape (its head untied: a decode step reads the same bytes), a draft for llama3-8b.
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+                        rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=32.0)),
     "host-overhead": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=8, vocab_size=512, max_position_embeddings=16384,
                           rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),

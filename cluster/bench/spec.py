@@ -1,19 +1,28 @@
-"""`kvserve bench spec`: decode tokens/s with and without n-gram speculative decoding.
+"""`kvserve bench spec`: decode tokens/s with and without speculative decoding (n-gram lookup,
+or a draft model with `--method draft`).
 
 At each batch size the same greedy requests decode the same number of tokens with speculation
 off and on (the per-request `speculative` switch on one engine, so the model and cache are the
 same), alternating `--rounds` times. The workload repeats itself: each prompt is a short phrase
 said over and over, and a random-weight model's greedy output falls into cycles of its own, so
-prompt lookup finds what comes next. Reported: tokens/s of each and their ratio, the share of
+prompt lookup finds what comes next. With `--method draft` the draft model is `--draft-model`, or
+random weights of `--draft-shape` (its own random weights keep next to none of the target's tokens:
+what it measures is the cost of the draft's passes and the verification against plain decode), by
+default the target's own random weights (the same folder and seed: every greedy proposal kept, the
+bound of what a draft can save). Reported: tokens/s of each and their ratio, the share of
 proposed tokens kept, proposed tokens kept per verification, and forward passes per output token.
 """
 
 import argparse
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-from kvserve.cluster.bench.decode import SHAPES, random_model_run
+from kvserve.cluster.bench.decode import SHAPES, random_model_run, write_config_only_checkpoint
 from kvserve.cluster.bench.kernels import add_engine_run_flags, parse_sizes, print_table, write_json
 from kvserve.workers.engine.sampling_params import SamplingParams
 
@@ -26,28 +35,51 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=parse_sizes, default="1,8", help="sequences decoding together")
     parser.add_argument("--tokens", type=int, default=128, help="tokens each sequence generates")
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--method", choices=["ngram", "draft"], default="ngram", help="how tokens are proposed")
+    drafts = parser.add_mutually_exclusive_group()
+    drafts.add_argument("--draft-model", help="the draft model's folder (--method draft); default: the target's")
+    drafts.add_argument("--draft-shape", choices=list(SHAPES),
+                        help="a random-weight draft of this shape, with the target's vocabulary (--method draft)")
     parser.add_argument("--rounds", type=int, default=2, help="plain and speculative runs, alternating")
     add_engine_run_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    with random_model_run(args, num_speculative_tokens=args.k) as (model_dir, device, info):
-        llm = _engine(model_dir, max(args.batches), args, device)
+    if args.method != "draft" and (args.draft_model or args.draft_shape):
+        raise ValueError("--draft-model and --draft-shape need --method draft")
+    with (random_model_run(args, num_speculative_tokens=args.k, method=args.method) as (model_dir, device, info),
+          draft_model_dir(args, model_dir) as draft_dir):
+        llm = _engine(model_dir, draft_dir, max(args.batches), args, device)
         rows = [measure(llm, batch, args) for batch in args.batches]
         llm.engine.shutdown()
     print_table({"batch": "{batch}", "plain tok/s": "{plain_tps:.1f}", "speculative tok/s": "{spec_tps:.1f}",
                  "spec / plain": "{ratio:.2f}", "accepted": "{acceptance:.2f}",
                  "kept per verify": "{mean_accepted:.2f}", "seq passes / token": "{passes_per_token:.2f}"}, rows)
-    write_json(args.json, dict(info, tokens=args.tokens, k=args.k, rounds=args.rounds, speculative=rows))
+    write_json(args.json, dict(info, tokens=args.tokens, k=args.k, method=args.method, rounds=args.rounds,
+                               speculative=rows))
     return 0
 
 
-def _engine(model_dir: str, batch: int, args, device: torch.device):
+@contextmanager
+def draft_model_dir(args: argparse.Namespace, model_dir: str) -> Iterator[str]:
+    """The draft model's folder: `--draft-model`, a config-only checkpoint of `--draft-shape`
+    (random weights, like the target's), or the target's own."""
+    if args.draft_shape is None:
+        yield args.draft_model or model_dir
+        return
+    with tempfile.TemporaryDirectory(prefix=f"kvserve-draft-{args.draft_shape}-") as draft_dir:
+        write_config_only_checkpoint(Path(draft_dir), args.draft_shape)
+        yield draft_dir
+
+
+def _engine(model_dir: str, draft_dir: str, batch: int, args, device: torch.device):
     from kvserve.workers.llm import LLM
 
     max_len = PHRASE_LEN * PROMPT_REPEATS + args.tokens + 16
     speculative = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 1,
                    "prompt_lookup_max": 4}
+    if args.method == "draft":
+        speculative = {"method": "draft", "num_speculative_tokens": args.k, "model": draft_dir}
     return LLM(model_dir, device=device.type, dtype=args.dtype, load_format="dummy", max_model_len=max_len,
                max_num_seqs=batch, num_kv_blocks=batch * (-(-max_len // 16) + 1), speculative=speculative,
                enable_prefix_caching=False)

@@ -27,19 +27,23 @@ class PrefixRetention(BaseModel):
 class SpeculativeConfig(BaseModel):
     """Speculative decoding: each step a sequence may verify up to `num_speculative_tokens`
     proposed tokens; `ngram` proposes what followed the latest earlier occurrence of the
-    sequence's last `prompt_lookup_max` down to `prompt_lookup_min` tokens (in its prompt or output)."""
+    sequence's last `prompt_lookup_max` down to `prompt_lookup_min` tokens (in its prompt or output);
+    `draft` runs `model`, a smaller checkpoint with the target's tokenizer, that many steps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["ngram"]
+    method: Literal["ngram", "draft"]
     num_speculative_tokens: int = Field(ge=1, le=32)
     prompt_lookup_min: int = Field(2, ge=1)
     prompt_lookup_max: int = Field(5, ge=1)
+    model: str | None = Field(None, description="the draft model's checkpoint folder (method `draft` only)")
 
     @model_validator(mode="after")
     def _check_lookup_range(self) -> "SpeculativeConfig":
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError("prompt_lookup_min must be <= prompt_lookup_max")
+        if (self.method == "draft") != (self.model is not None):
+            raise ValueError("speculative.model is needed by method 'draft' and taken by no other")
         return self
 
 
@@ -81,13 +85,17 @@ class EngineConfig(BaseModel):
         0, ge=0, description="host-memory KV tier (pinned on CUDA) that blocks evicted from the device pool "
         "move to; 0 turns it off"
     )
-    num_kv_blocks: int | None = Field(None, ge=1, description="size of the KV pool; derived from memory if unset")
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="size of the KV pool; derived from memory if unset. A draft model "
+        "(speculative method `draft`) keeps as many blocks of its own KV cache on top"
+    )
     kv_cache_memory_gib: float | None = Field(
         None, gt=0, description="KV pool size when num_kv_blocks is unset; if unset too, sized from "
-        "gpu_memory_utilization on CUDA and 1 GiB on a CPU"
+        "gpu_memory_utilization on CUDA and 1 GiB on a CPU. A draft model's KV cache comes on top"
     )
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="share of the GPU's memory this engine fills: weights, activations, KV pool"
+        0.9, gt=0, le=1, description="share of the GPU's memory this engine fills: weights, activations, KV pool, "
+        "and a draft model's weights and KV cache"
     )
     kv_cache_dtype: Literal["auto", "fp8_e4m3"] = Field(
         "auto", description="`auto` stores K/V in the model's dtype; `fp8_e4m3` in FP8 with a scale per layer"
@@ -111,7 +119,8 @@ class EngineConfig(BaseModel):
     )
     speculative: SpeculativeConfig | None = Field(
         None, description='speculative decoding, as a JSON object: {"method": "ngram", '
-        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}; unset: off'
+        '"num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5} or {"method": "draft", '
+        '"model": DIR, "num_speculative_tokens": 4}; unset: off'
     )
     distributed_executor_backend: Literal["auto", "ray"] = Field(
         "auto", description="`auto`: the model in the engine's process at tp_size 1, on Ray worker actors "

@@ -20,7 +20,7 @@ from kvserve.workers.engine.retention import KVRetention, with_prefix_retention
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from kvserve.workers.engine.sequence import PENDING_TOKEN, FinishReason, Sequence
-from kvserve.workers.engine.speculative.speculation import Speculation, speculates
+from kvserve.workers.engine.speculative.speculation import DraftModel, Speculation, speculates
 from kvserve.workers.engine.step_clock import StepClock
 from kvserve.workers.models.gguf_checkpoint import tokenizer_args
 from kvserve.workers.engine.structured_output import StructuredMatcher
@@ -40,7 +40,7 @@ class _InFlight:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, runner: ModelExecutor):
+    def __init__(self, config: EngineConfig, runner: ModelExecutor, draft_model: DraftModel | None = None):
         self.config = config
         self.runner = runner
         self.tokenizer = AutoTokenizer.from_pretrained(**tokenizer_args(config.tokenizer_dir), local_files_only=True)
@@ -61,7 +61,7 @@ class LLMEngine:
         self.overlaps_steps = config.overlaps_steps
         self._in_flight: _InFlight | None = None  # the step launched last, not read yet
         self._requests_with_penalties = 0
-        self.speculation = Speculation(config.speculative) if config.speculative else None
+        self.speculation = Speculation(config.speculative, draft_model) if config.speculative else None
         self._requests_speculating = 0
         self.guided = GuidedDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._refusals: list[tuple[str, str]] = []  # (request id, why) of requests dropped after add_request
@@ -234,6 +234,8 @@ class LLMEngine:
             self.clock.lap("schedule")
         if batch.is_empty:
             return earlier + self._take_in_flight()
+        if speculating:
+            self.speculation.draft(batch, self.kv.block_tables)
         samples = self._verify_requests(batch) if speculating else self._sample_requests(batch)
         pooled = [i for i, seq in enumerate(batch.seqs) if seq.pooled is not None] if self._pooling_requests else []
         step = StepRequest(batch, self.kv.block_tables, samples, self.eos_token_ids,
@@ -358,7 +360,7 @@ class LLMEngine:
                 if seq.is_finished:
                     break
             if drafts:
-                seq.draft_token_ids = []
+                seq.draft_token_ids, seq.draft_probs = [], None
                 if not seq.is_finished:
                     self.scheduler.roll_back(seq, len(drafts) - accepted)
             row += len(targets)

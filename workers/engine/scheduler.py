@@ -151,6 +151,7 @@ class Scheduler:
         self.departed.append(seq.seq_id)
         seq.num_computed_tokens = 0
         seq.draft_token_ids = []
+        seq.num_draft_computed = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

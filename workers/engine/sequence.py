@@ -63,8 +63,12 @@ class Sequence:
         self.sample_row = -1
         self.last_token_pending = False
         self.seed = self._sample_seed(params.seed, sample_index)
-        # Speculative decoding: tokens proposed to follow `token_ids`, verified by the coming step.
+        # Speculative decoding: tokens proposed to follow `token_ids`, verified by the coming step;
+        # the draft model's distribution of each ([k, vocab]) when it drew them (None: point masses);
+        # how many leading tokens have their KV in the draft model's cache (0 after a preemption).
         self.draft_token_ids: list[int] = []
+        self.draft_probs = None
+        self.num_draft_computed = 0
         self.matcher = None  # a StructuredMatcher: where its output stands in its grammar, if it has one
         self.pooled = None  # a PooledPrompt for an embedding request, which is never decoded
         # Where it ends at the latest (max_tokens, or a shorter model length), and the tokens

@@ -4,6 +4,7 @@ GGUF file, dequantized."""
 
 import contextlib
 import functools
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,11 +52,7 @@ def load_model(
         raise ValueError(f"unknown quantization {quantization!r}; expected 'auto' or 'dequantize'")
     config = ModelConfig.from_pretrained_dir(model_dir)
     device = torch.device(device)
-    methods = LinearMethods(config.quantization, get_quant_ops(device))
-    # Built on the meta device so that no weight is allocated or initialized twice; the default
-    # dtype (not `.to(dtype)`) so that quantized weights and float32 scales keep their dtypes.
-    with torch.device("meta"), _default_dtype(dtype):
-        model = DecoderForCausalLM(config, get_ops(device), tp, methods)
+    model = _meta_model(config, dtype, device, tp)
     model.materialize(device).requires_grad_(False)
     if load_format == "dummy":
         _init_dummy_weights(model)
@@ -65,6 +62,23 @@ def load_model(
     if quantization == "dequantize":
         _dequantize_linears(model, dtype)
     return model.eval(), config
+
+
+def model_bytes(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str) -> int:
+    """Bytes that `load_model(model_dir, dtype, device)` allocates on `device` (weights as the
+    checkpoint stores them, the rotary table), from a build on the meta device: nothing is
+    allocated or read."""
+    model = _meta_model(ModelConfig.from_pretrained_dir(model_dir), dtype, torch.device(device), SINGLE)
+    return sum(tensor.nbytes for tensor in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _meta_model(config: ModelConfig, dtype: torch.dtype, device: torch.device, tp: TPGroup) -> DecoderForCausalLM:
+    """The model for `device`, its tensors on the meta device."""
+    methods = LinearMethods(config.quantization, get_quant_ops(device))
+    # On the meta device so that no weight is allocated or initialized twice; the default dtype
+    # (not `.to(dtype)`) so that quantized weights and float32 scales keep their dtypes.
+    with torch.device("meta"), _default_dtype(dtype):
+        return DecoderForCausalLM(config, get_ops(device), tp, methods)
 
 
 @contextlib.contextmanager

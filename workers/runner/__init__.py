@@ -17,5 +17,17 @@ def make_executor(config: EngineConfig) -> ModelExecutor:
 
 
 def start_engine(config: EngineConfig) -> LLMEngine:
-    """An engine over the executor its config asks for."""
-    return LLMEngine(config, make_executor(config))
+    """An engine over the executor its config asks for, with its draft model if it speculates
+    with one."""
+    if config.speculative is None or config.speculative.method != "draft":
+        return LLMEngine(config, make_executor(config))
+    from kvserve.workers.runner.draft_model import DraftModelRunner, check_draft_device
+
+    check_draft_device(config)  # before the ranks start
+    executor = make_executor(config)
+    try:
+        draft_model = DraftModelRunner(config, executor.model_config, executor.num_kv_blocks)
+    except BaseException:
+        executor.shutdown()
+        raise
+    return LLMEngine(config, executor, draft_model)

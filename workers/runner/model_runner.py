@@ -15,13 +15,14 @@ from kvserve.workers.engine.pooling import pool_chunks
 from kvserve.workers.runner.cuda_graphs import DecodeGraphs
 from kvserve.workers.models.distributed import SINGLE, TPGroup
 from kvserve.workers.runner.kv_memory import (
-    GPUMemoryProfile, blocks_for_gpu, configured_pool_blocks, rank_block_bytes,
+    GPUMemoryProfile, blocks_for_gpu, configured_pool_blocks, draft_memory, rank_block_bytes,
 )
 from kvserve.workers.models.loader import load_model
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.parallel_layers import kv_heads_of_rank
 from kvserve.workers.runner.sampler import SampledTokens, Sampler, SamplingRow
 from kvserve.workers.runner.host_kv_tier import HostKVTier, host_blocks_for
+from kvserve.workers.runner.rejection_sampling import DrawnProposal, drawn_proposals, proposal_logits, verify_drawn
 from kvserve.workers.runner.step_inputs import Chunk, InputBatch, StepPlan, flat_inputs
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.step_clock import StepClock
@@ -89,10 +90,12 @@ class ModelRunner:
 
     def _profiled_pool_blocks(self, profile: GPUMemoryProfile, scratch_bytes: int) -> int:
         """The blocks that fit in the share of the GPU that `gpu_memory_utilization` leaves
-        beside the warm-up's peak (less its scratch KV cache)."""
+        beside the warm-up's peak (less its scratch KV cache) and a draft model loaded after
+        this runner, each with the draft's KV block beside it."""
         peak_used = profile.peak_used() - scratch_bytes
         return blocks_for_gpu(
-            profile.total, profile.free_at_start, peak_used, self.config.gpu_memory_utilization, self._block_bytes()
+            profile.total, profile.free_at_start, peak_used, self.config.gpu_memory_utilization, self._block_bytes(),
+            draft_memory(self.config),
         )
 
     def decode_graphs(self) -> DecodeGraphs:
@@ -156,7 +159,7 @@ class ModelRunner:
         plan = self.inputs.plan(step)
         if self.clock is not None:
             self.clock.lap("inputs")
-        return self.run(plan)
+        return self.run(plan, drawn_proposals(step.samples) if step.speculative else [])
 
     def launch(self, step: StepRequest, previous: "LaunchedStep | None") -> "LaunchedStep":
         """The step queued on the device, its pending input tokens taken from `previous`'s
@@ -171,8 +174,9 @@ class ModelRunner:
         if step.batch.kv_transfers:
             self.host_tier.apply(step.batch.kv_transfers)
 
-    def run(self, plan: StepPlan) -> SamplerOutput | None:
-        sampled = self._sample(plan)
+    def run(self, plan: StepPlan, proposals: list[DrawnProposal] = ()) -> SamplerOutput | None:
+        """The step; `proposals` are those of its samples that a draft model drew."""
+        sampled = self._sample(plan, proposals)
         if sampled is None:
             return None
         output = sampled.output()
@@ -181,7 +185,7 @@ class ModelRunner:
         return output
 
     @torch.inference_mode()
-    def _sample(self, plan: StepPlan) -> SampledTokens | None:
+    def _sample(self, plan: StepPlan, proposals: list[DrawnProposal] = ()) -> SampledTokens | None:
         """The step's forward pass, sampling and pooling, queued on the device; None when it
         samples and pools nothing."""
         hidden = self._forward(plan)
@@ -191,7 +195,10 @@ class ModelRunner:
             self.clock.lap("forward")
         if logits is None or plan.rows is None:
             return SampledTokens.pooled_only(pooled) if pooled is not None else None
+        drafted = proposal_logits(logits, proposals) if proposals else None
         sampled = self.sampler.sample(logits, plan.rows, plan.eos_token_ids, plan.token_masks, plan.draft_positions)
+        if proposals:
+            verify_drawn(sampled, drafted, proposals)
         sampled.pooled = pooled
         return sampled
 

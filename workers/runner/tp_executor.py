@@ -23,6 +23,7 @@ from kvserve.workers.engine.executor import SamplerOutput, StepRequest
 from kvserve.workers.models.distributed import free_port, join_group
 from kvserve.workers.runner.model_runner import ModelRunner
 from kvserve.workers.runner.step_inputs import InputBatch, StepPlan
+from kvserve.workers.runner.rejection_sampling import DrawnProposal, drawn_proposals
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.parallel_layers import check_shardable
 from kvserve.workers.runner.transfer import to_device
@@ -48,9 +49,9 @@ class TPWorker:
         self.runner = ModelRunner(config, tp)
         return self.runner.num_kv_blocks
 
-    def execute(self, plan: StepPlan) -> SamplerOutput | None:
+    def execute(self, plan: StepPlan, proposals: list[DrawnProposal] = ()) -> SamplerOutput | None:
         """Rank 0's answer is the sampled tokens; the other ranks answer None."""
-        return self.runner.run(_to_device(plan, self.runner.device))
+        return self.runner.run(_to_device(plan, self.runner.device), proposals)
 
 
 def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
@@ -155,7 +156,8 @@ class TPExecutor:
             raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")
         plan = self.inputs.plan(step)
         others = ray.put(dataclasses.replace(plan, rows=None, token_masks=None, pooled=[]))
-        refs = [self.workers[0].execute.remote(plan)] + [w.execute.remote(others) for w in self.workers[1:]]
+        proposals = drawn_proposals(step.samples) if step.speculative else []
+        refs = [self.workers[0].execute.remote(plan, proposals)] + [w.execute.remote(others) for w in self.workers[1:]]
         try:
             return _gather(refs, "failed during a step", RuntimeError)[0]
         except RuntimeError:

@@ -6,12 +6,17 @@ step would (the same filters, and for a seeded request the uniform number of tha
 index), then keeping the proposed tokens while they equal the target's, plus the target's token
 at the first difference (or after the last). For a point-mass proposal this is exactly
 rejection sampling: a proposed token x is kept with probability p(x) = min(1, p(x) / q(x)), and
-a token drawn from p given that it is not x follows the residual max(0, p - q), normalised."""
+a token drawn from p given that it is not x follows the residual max(0, p - q), normalised.
+A draft model's sampled proposals carry their distribution q, and the runner verifies them by
+the general rule instead (`workers/runner/rejection_sampling.py`)."""
+
+from typing import Protocol
 
 from kvserve.workers.engine.config import SpeculativeConfig
 from kvserve.workers.engine.outputs import SpeculativeStats
 from kvserve.workers.engine.sampling_params import SamplingParams
-from kvserve.workers.engine.sequence import Sequence
+from kvserve.workers.engine.scheduler import ScheduledBatch
+from kvserve.workers.engine.sequence import PENDING_TOKEN, Sequence
 from kvserve.workers.engine.speculative.ngram import NgramProposer
 
 
@@ -22,10 +27,22 @@ def speculates(params: SamplingParams) -> bool:
     return params.speculative and params.structured is None and not params.uses_penalties
 
 
+class DraftModel(Protocol):
+    """A draft model run beside the engine (`workers/runner/draft_model.py`)."""
+
+    def propose(self, seqs: list[Sequence], block_tables: dict[str, list[int]]) -> None:
+        """Replace the placeholders of each sequence's `draft_token_ids` with the draft's tokens
+        and set its `draft_probs`; its block table has slots for them."""
+
+
 class Speculation:
-    def __init__(self, config: SpeculativeConfig):
+    def __init__(self, config: SpeculativeConfig, draft_model: DraftModel | None = None):
+        if (config.method == "draft") != (draft_model is not None):
+            raise ValueError(f"speculative method {config.method!r} {'needs' if draft_model is None else 'takes no'} "
+                             "draft model")
         self.proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min,
                                       config.prompt_lookup_max)
+        self.draft_model = draft_model
         k = config.num_speculative_tokens
         self.proposed_at = [0] * k  # proposals that reached position j
         self.accepted_at = [0] * k  # ... and kept the token there
@@ -34,10 +51,23 @@ class Speculation:
     def propose(self, running: list[Sequence]) -> None:
         """Set each running sequence's `draft_token_ids`: empty unless it is decoding (all but
         its last token computed) and may speculate. Never so many that the tokens a step may
-        keep, drafts and the target's token after them, pass the sequence's length limit."""
+        keep, drafts and the target's token after them, pass the sequence's length limit. A
+        draft model's are placeholders until `draft`, once the scheduler has made room for them."""
         for seq in running:
-            seq.draft_token_ids = self.proposer.propose(seq.token_ids, seq.max_num_tokens - seq.num_tokens - 1) \
-                if self._may_propose(seq) else []
+            seq.draft_probs = None
+            seq.draft_token_ids = self._proposal(seq) if self._may_propose(seq) else []
+
+    def _proposal(self, seq: Sequence) -> list[int]:
+        limit = seq.max_num_tokens - seq.num_tokens - 1
+        if self.draft_model is None:
+            return self.proposer.propose(seq.token_ids, limit)
+        return [PENDING_TOKEN] * max(0, min(limit, self.proposer.num_tokens))
+
+    def draft(self, batch: ScheduledBatch, block_tables: dict[str, list[int]]) -> None:
+        """Run the draft model, if any, for the scheduled sequences that kept room for proposals."""
+        seqs = [seq for seq in batch.seqs if seq.draft_token_ids] if self.draft_model is not None else []
+        if seqs:
+            self.draft_model.propose(seqs, block_tables)
 
     @staticmethod
     def _may_propose(seq: Sequence) -> bool:
