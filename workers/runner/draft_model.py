@@ -30,7 +30,8 @@ from kvserve.workers.models.distributed import SINGLE
 from kvserve.workers.models.gguf_checkpoint import tokenizer_args
 from kvserve.workers.models.loader import load_model
 from kvserve.workers.models.parallel_layers import kv_heads_of_rank
-from kvserve.workers.runner.rejection_sampling import Use, draw, filtered_probs, uniforms
+from kvserve.workers.runner.rejection_sampling import Use, filtered_probs, uniforms
+from kvserve.workers.runner.sampler import draw_weights
 from kvserve.workers.runner.step_inputs import Chunk, flat_inputs
 
 
@@ -94,7 +95,7 @@ class DraftModelRunner:
             q = filtered_probs(logits[drawing], [seqs[i].params for i in drawing])
             numbers = uniforms([seqs[i].seed for i in drawing],
                                [seqs[i].num_output_tokens + positions[i] for i in drawing], Use.DRAFT, q.device)
-            for i, token, row in zip(drawing, draw(q, numbers).tolist(), q):
+            for i, token, row in zip(drawing, draw_weights(q, numbers).tolist(), q):
                 tokens[i], probs[i] = token, row
         return tokens, probs
 

@@ -22,15 +22,16 @@ import torch
 
 from kvserve.workers.engine.executor import SampleRequest
 from kvserve.workers.engine.sampling_params import SamplingParams
-from kvserve.workers.runner.sampler import SampledTokens
+from kvserve.workers.runner.sampler import SampledTokens, draw_weights, seed_streams, seeded_uniforms, unseeded_uniforms
 
 
 class Use(enum.IntEnum):
-    """What a uniform number is for: each use has a stream of its own."""
+    """What a seeded request's uniform number is for: each use has a stream of its own, past the
+    sampler's own draws (`sampler.seeded_uniforms`' attempts 0 and 1)."""
 
-    DRAFT = 1
-    ACCEPT = 2
-    RESIDUAL = 3
+    DRAFT = 2
+    ACCEPT = 3
+    RESIDUAL = 4
 
 
 @dataclass(slots=True)
@@ -91,7 +92,7 @@ def verify_drawn(sampled: SampledTokens, logits: torch.Tensor, proposals: list[D
         residual = (target[refused] - draft[refused]).clamp_min_(0.0)
         empty = residual.sum(dim=-1) <= 0  # p == q up to rounding: then p itself
         residual[empty] = target[refused][empty]
-        draws = draw(residual, uniforms([seeds[i] for i in refused], [counters[i] for i in refused], Use.RESIDUAL,
+        draws = draw_weights(residual, uniforms([seeds[i] for i in refused], [counters[i] for i in refused], Use.RESIDUAL,
                                         target.device))
         chosen.update(zip(refused, draws.tolist()))
     _put_tokens(sampled, logits, [sample_rows[i] for i in chosen], list(chosen), list(chosen.values()))
@@ -140,19 +141,12 @@ def _mass_above(weights: torch.Tensor) -> torch.Tensor:
     return exclusive.gather(1, first_tie.clamp_max_(weights.shape[1] - 1))
 
 
-def draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of `weights` (>= 0, some positive) by inverse transform sampling, the
-    running sum in float64 so that a token of weight 0 is never drawn."""
-    cumulative = weights.double().cumsum(dim=-1)
-    chosen = torch.searchsorted(cumulative, uniforms.to(cumulative)[:, None] * cumulative[:, -1:], right=True)
-    return chosen.clamp_max_(weights.shape[1] - 1).squeeze(1)
-
-
 def uniforms(seeds: list[int | None], counters: list[int], use: Use, device: torch.device) -> torch.Tensor:
     """A number in [0, 1) per row: for a seeded row a function of its seed, `counter` (the
     index of the output token) and `use`; else from torch's default generator."""
-    values = torch.rand(len(seeds), dtype=torch.float64)
-    for i, (seed, counter) in enumerate(zip(seeds, counters)):
-        if seed is not None:
-            values[i] = np.random.default_rng([seed % 2**64, counter, int(use)]).random()
-    return values.to(device)
+    values = unseeded_uniforms((len(seeds),))
+    seeded = [i for i, seed in enumerate(seeds) if seed is not None]
+    if seeded:
+        values[seeded] = seeded_uniforms(seed_streams([seeds[i] for i in seeded]),
+                                         np.asarray([counters[i] for i in seeded]), int(use))
+    return torch.from_numpy(values).to(device)

@@ -43,8 +43,9 @@ from kvserve.workers.runner.transfer import to_device
 
 _NEG_INF = float("-inf")
 
-# The random numbers a token's draw may use: its first draw's, and top-p's second draw's.
-_UNIFORMS_PER_TOKEN = 2
+# The random numbers a seeded token may use: its draw's, top-p's second draw's, then those of
+# speculative decoding (`rejection_sampling.Use`), each a stream of its own.
+_UNIFORMS_PER_TOKEN = 5
 
 # The draw from a whole row picks a block of this many consecutive tokens, then a token in it.
 _BLOCK = 128
@@ -146,7 +147,7 @@ class _Draws:
     def seed_streams(self) -> np.ndarray:
         """Each draw's seed, hashed into the start of its stream of random numbers."""
         if self._seed_streams is None:
-            self._seed_streams = _split_mix(np.asarray(self.seeds, dtype=np.int64).view(np.uint64))
+            self._seed_streams = seed_streams(self.seeds)
         return self._seed_streams
 
     def window(self, vocab: int) -> int:
@@ -410,7 +411,7 @@ def _sample_top_k(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
     each row draws from the probabilities at or above its floor."""
     probs = logits.softmax(dim=-1)
     floor = _floor(probs, _descending(probs, draws.window(logits.shape[1])), draws)
-    return _draw_weights(probs.mul_(_at_least(probs, floor)), _uniforms(draws, logits.device)[0])
+    return draw_weights(probs.mul_(_at_least(probs, floor)), _uniforms(draws, logits.device)[0])
 
 
 def _sample_whole_rows(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
@@ -422,7 +423,7 @@ def _sample_whole_rows(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
         probs.mul_(_at_least(probs, probs.amax(dim=-1, keepdim=True).mul_(draws.column("min_p", probs))))
     if any(p < 1.0 for p in draws.top_p):
         return _draw_nucleus(probs, draws.column("top_p", probs), draws)
-    return _draw_weights(probs, _uniforms(draws, probs.device)[0])
+    return draw_weights(probs, _uniforms(draws, probs.device)[0])
 
 
 def _at_least(values: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -441,7 +442,7 @@ def _draw_nucleus(weights: torch.Tensor, mass_limit: torch.Tensor, draws: _Draws
     distribution), and the few rows whose draw is not find their nucleus by sorting and draw
     again from it."""
     uniforms = _uniforms(draws, weights.device, _UNIFORMS_PER_TOKEN)
-    tokens = _draw_weights(weights, uniforms[0])
+    tokens = draw_weights(weights, uniforms[0])
     outside = _outside_nucleus(weights, weights.gather(1, tokens[:, None]), mass_limit)
     if len(outside):  # a host sync
         tokens[outside] = _sorted_nucleus_draw(weights[outside], mass_limit[outside], uniforms[1, outside])
@@ -463,7 +464,7 @@ def _sorted_nucleus_draw(weights: torch.Tensor, mass_limit: torch.Tensor, unifor
     mass_above = descending.cumsum(dim=-1) - descending
     smallest_kept = descending.masked_fill(mass_above >= mass_limit, math.inf).amin(dim=-1, keepdim=True)
     weights.masked_fill_(weights < smallest_kept, 0.0)
-    return _draw_weights(weights, uniforms)
+    return draw_weights(weights, uniforms)
 
 
 def _descending(values: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -520,7 +521,7 @@ def _at(descending: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return F.pad(descending, (0, 1), value=0.0).gather(1, index)
 
 
-def _draw_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def draw_weights(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row, drawn in proportion to `weights` (>= 0, at least one positive per row)
     by inverse transform sampling in two levels, so that no running sum over the whole
     vocabulary is needed: u picks a block of _BLOCK tokens by the blocks' cumulative weight, then
@@ -549,14 +550,30 @@ def _uniforms(draws: _Draws, device: torch.device, rounds: int = 1) -> torch.Ten
     call would cost more than its work."""
     shape = (rounds, len(draws.rows))
     if not any(draws.seeded):
-        bits = torch.randint(1 << _UNIFORM_BITS, shape).numpy()
+        numbers = unseeded_uniforms(shape)
     else:
-        counters = np.asarray(draws.counters, dtype=np.uint64) * np.uint64(_UNIFORMS_PER_TOKEN)
-        attempts = np.arange(rounds, dtype=np.uint64)[:, None]
-        bits = (_split_mix(draws.seed_streams() + (counters + attempts) * _GOLDEN_GAMMA) >> np.uint64(12)).astype(np.int64)
+        numbers = seeded_uniforms(draws.seed_streams(), np.asarray(draws.counters), np.arange(rounds)[:, None])
         if not all(draws.seeded):
-            bits = np.where(draws.seeded, bits, torch.randint(1 << _UNIFORM_BITS, shape).numpy())
-    return to_device(bits * 2.0**-_UNIFORM_BITS, torch.float64, device)
+            numbers = np.where(draws.seeded, numbers, unseeded_uniforms(shape))
+    return to_device(numbers, torch.float64, device)
+
+
+def unseeded_uniforms(shape: tuple[int, ...]) -> np.ndarray:
+    """Numbers in [0, 1) with 52 random bits from torch's default generator."""
+    return torch.randint(1 << _UNIFORM_BITS, shape).numpy() * 2.0**-_UNIFORM_BITS
+
+
+def seed_streams(seeds: list[int]) -> np.ndarray:
+    """Each seed hashed into the start of its stream of random numbers."""
+    return _split_mix(np.asarray(seeds, dtype=np.int64).view(np.uint64))
+
+
+def seeded_uniforms(streams: np.ndarray, counters: np.ndarray, attempts: int | np.ndarray) -> np.ndarray:
+    """Numbers in [0, 1) with 52 random bits that depend on nothing but a seed's stream (from
+    `seed_streams`), the index of the output token drawn and the attempt (< _UNIFORMS_PER_TOKEN),
+    broadcast together."""
+    steps = counters.astype(np.uint64) * np.uint64(_UNIFORMS_PER_TOKEN) + np.asarray(attempts, dtype=np.uint64)
+    return (_split_mix(streams + steps * _GOLDEN_GAMMA) >> np.uint64(64 - _UNIFORM_BITS)) * 2.0**-_UNIFORM_BITS
 
 
 def _split_mix(x: np.ndarray) -> np.ndarray:
