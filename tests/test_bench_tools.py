@@ -180,6 +180,18 @@ def test_bench_structured_reports_both_runs_side_by_side(tmp_path, capsys):
         assert len(table_rows(stdout, f"{batch} ")[0]) == 5
 
 
+@pytest.mark.parametrize("workload", ["repeating", "random"])
+def test_bench_spec_keeps_proposals_only_where_the_text_repeats(tmp_path, workload):
+    report = run_cli(tmp_path, "bench", "spec", "--workload", workload, "--batches", "2", "--tokens", "24",
+                     "--k", "3", "--rounds", "1")
+    (row,) = report["speculative"]
+    assert report["workload"] == workload and row["plain_tps"] > 0 and row["spec_tps"] > 0
+    if workload == "repeating":
+        assert row["acceptance"] > 0.5 and row["passes_per_token"] < 0.8
+    else:
+        assert row["acceptance"] < 0.2 and row["passes_per_token"] > 0.9
+
+
 def test_bench_priority_serves_the_important_requests_first_only_under_priority(tmp_path):
     report = run_cli(tmp_path, "bench", "priority", "--requests", "8", "--max-num-seqs", "2", "--tokens", "4")
     ttft = {(row["policy"], row["priority"]): row["ttft_p50_ms"] for row in report["priority"]}

@@ -3,9 +3,10 @@ or a draft model with `--method draft`).
 
 At each batch size the same greedy requests decode the same number of tokens with speculation
 off and on (the per-request `speculative` switch on one engine, so the model and cache are the
-same), alternating `--rounds` times. The workload repeats itself: each prompt is a short phrase
-said over and over, and a random-weight model's greedy output falls into cycles of its own, so
-prompt lookup finds what comes next. With `--method draft` the draft model is `--draft-model`, or
+same), alternating `--rounds` times. The `repeating` workload repeats itself: each prompt is a
+short phrase said over and over, and a random-weight model's greedy output falls into cycles of
+its own, so prompt lookup finds what comes next. The `random` workload has neither: prompts of
+random tokens, and outputs sampled at temperature 1 (seeded), which do not settle into cycles. With `--method draft` the draft model is `--draft-model`, or
 random weights of `--draft-shape` (its own random weights keep next to none of the target's tokens:
 what it measures is the cost of the draft's passes and the verification against plain decode), by
 default the target's own random weights (the same folder and seed: every greedy proposal kept, the
@@ -14,6 +15,7 @@ proposed tokens kept, proposed tokens kept per verification, and forward passes 
 """
 
 import argparse
+import random
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,6 +42,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     drafts.add_argument("--draft-model", help="the draft model's folder (--method draft); default: the target's")
     drafts.add_argument("--draft-shape", choices=list(SHAPES),
                         help="a random-weight draft of this shape, with the target's vocabulary (--method draft)")
+    parser.add_argument("--workload", choices=["repeating", "random"], default="repeating",
+                        help="prompts that repeat a phrase, decoded greedily; or random prompts, sampled")
     parser.add_argument("--rounds", type=int, default=2, help="plain and speculative runs, alternating")
     add_engine_run_flags(parser)
 
@@ -55,8 +59,8 @@ def main(args: argparse.Namespace) -> int:
     print_table({"batch": "{batch}", "plain tok/s": "{plain_tps:.1f}", "speculative tok/s": "{spec_tps:.1f}",
                  "spec / plain": "{ratio:.2f}", "accepted": "{acceptance:.2f}",
                  "kept per verify": "{mean_accepted:.2f}", "seq passes / token": "{passes_per_token:.2f}"}, rows)
-    write_json(args.json, dict(info, tokens=args.tokens, k=args.k, method=args.method, rounds=args.rounds,
-                               speculative=rows))
+    write_json(args.json, dict(info, tokens=args.tokens, k=args.k, method=args.method, workload=args.workload,
+                               rounds=args.rounds, speculative=rows))
     return 0
 
 
@@ -88,10 +92,9 @@ def _engine(model_dir: str, draft_dir: str, batch: int, args, device: torch.devi
 def measure(llm, batch: int, args) -> dict:
     """Tokens per second of `batch` sequences without and with speculation, best of the rounds;
     the acceptance of the speculative runs."""
-    prompts = [[3 + (i * 7 + j) % 200 for j in range(PHRASE_LEN)] * PROMPT_REPEATS for i in range(batch)]
-    plain = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True, speculative=False)
-    speculative = plain.model_copy(update={"speculative": True})
-    llm.generate(prompts[:1], plain)  # warms up
+    prompts, plain = _workload(args, batch, llm.engine.vocab_size)
+    speculative = [params.model_copy(update={"speculative": True}) for params in plain]
+    llm.generate(prompts[:1], plain[:1])  # warms up
     before = llm.engine.stats().speculative
     best = {"plain": 0.0, "spec": 0.0}
     tokens = {}
@@ -110,3 +113,15 @@ def measure(llm, batch: int, args) -> dict:
                passes_per_token=1 - accepted / (tokens["spec"] * args.rounds))
     print(f"batch {batch}: plain {row['plain_tps']:.1f} tok/s, speculative {row['spec_tps']:.1f} tok/s", flush=True)
     return row
+
+
+def _workload(args, batch: int, vocab_size: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Each sequence's prompt and its (plain) sampling params."""
+    length = PHRASE_LEN * PROMPT_REPEATS
+    if args.workload == "repeating":
+        prompts = [[3 + (i * 7 + j) % 200 for j in range(PHRASE_LEN)] * PROMPT_REPEATS for i in range(batch)]
+        return prompts, [SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True, speculative=False)] * batch
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, vocab_size) for _ in range(length)] for _ in range(batch)]
+    return prompts, [SamplingParams(temperature=1.0, seed=i, max_tokens=args.tokens, ignore_eos=True, speculative=False)
+                     for i in range(batch)]
