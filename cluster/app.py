@@ -1,17 +1,27 @@
-"""Builds the Serve application (ingress + LLMServer replicas) from an `AppConfig`.
+"""Builds the Serve applications from a kvserve config.
+
+One model (`AppConfig`): one application, the ingress and the LLMServer replicas. Several
+models (`ClusterConfig`): one application per model holding its LLMServer deployment alone, named
+`<app_name>-<served model name>`, and the ingress's application, whose handles reach them by
+name. A `serve deploy` that adds or removes a model then changes only that model's application
+and the ingress's: Serve versions a deployment by its application's `args`, so models sharing one
+application would all restart.
 
 `app_builder` is the import path that Serve config files (`serve run`, `serve deploy`) and
 KubeRay's `serveConfigV2` name: `kvserve.cluster.app:app_builder`, with the kvserve config as
-the application's `args`. The deployments' Serve options set here (replicas, resources,
-placement, queue limits) are defaults that a Serve config's `deployments:` entries override.
+the application's `args` (with several models: the ingress's application alone); each model's
+application names `kvserve.cluster.app:model_app_builder` with that model's config. The
+deployments' Serve options set here (replicas, resources, placement, queue limits) are defaults
+that a Serve config's `deployments:` entries override.
 """
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from kvserve.cluster.config import AppConfig, parse_config
-from kvserve.router.ingress import Ingress, IngressSettings
+from kvserve.cluster.config import AppConfig, ClusterConfig, is_cluster_config, parse_cluster_config, parse_config
+from kvserve.router.ingress import Ingress
 from kvserve.router.policies import policy_class
+from kvserve.router.served_model import LLM_DEPLOYMENT, IngressSettings, model_app_name
 from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.gguf_checkpoint import tokenizer_args
 from kvserve.workers.server import LLMServer
@@ -66,11 +76,12 @@ def replica_resources(config: AppConfig) -> dict:
     }
 
 
-def build_app(config: AppConfig):
+def llm_deployment(config: AppConfig):
+    """The bound LLMServer deployment of one model."""
     serving = config.serving
-    llm = serve.deployment(
+    return serve.deployment(
         LLMServer,
-        name="LLMServer",
+        name=LLM_DEPLOYMENT,
         num_replicas=serving.replicas,
         **replica_resources(config),
         max_ongoing_requests=serving.max_ongoing_requests,
@@ -81,16 +92,44 @@ def build_app(config: AppConfig):
         graceful_shutdown_timeout_s=serving.drain_timeout_s,
         graceful_shutdown_wait_loop_s=1.0,
     ).bind(config.engine, serving.step_timeout_s)
-    ingress = serve.deployment(
+
+
+def ingress_deployment(config: AppConfig | ClusterConfig):
+    return serve.deployment(
         Ingress,
         name="Ingress",
-        num_replicas=serving.ingress_replicas,
+        num_replicas=config.serving.ingress_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
     )
-    return ingress.bind(llm, ingress_settings(config))
+
+
+def build_app(config: AppConfig):
+    """The one application of one model: the ingress and its LLMServer deployment."""
+    return ingress_deployment(config).bind([ingress_settings(config)], llm_deployment(config))
+
+
+def build_cluster_apps(cluster: ClusterConfig) -> dict:
+    """Application name -> application: one per model, then the ingress's."""
+    name = cluster.serving.app_name
+    apps = {model_app_name(name, model.served_model_name()): llm_deployment(model) for model in cluster.models}
+    apps[name] = build_ingress_app(cluster)
+    return apps
+
+
+def build_ingress_app(cluster: ClusterConfig):
+    """The ingress of several models, each served by its own application."""
+    return ingress_deployment(cluster).bind([ingress_settings(model) for model in cluster.models])
 
 
 def app_builder(args: dict):
-    """The application of a Serve config: `args` is a kvserve config (engine, serving)."""
+    """The application of a Serve config: `args` is a kvserve config (engine, serving); with
+    `models`, the ingress's application of several models."""
+    if is_cluster_config(args):
+        return build_ingress_app(parse_cluster_config(args))
     return build_app(parse_config(args))
+
+
+def model_app_builder(args: dict):
+    """The application of one model of several in a Serve config: `args` is its kvserve config."""
+    return llm_deployment(parse_config(args))

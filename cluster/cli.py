@@ -19,7 +19,7 @@ from typing import Literal, NamedTuple, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from kvserve.cluster.config import AppConfig, load_config
+from kvserve.cluster.config import AppConfig, ClusterConfig, load_config, load_serving_config
 
 MODEL_CACHE = Path(os.environ.get("KVSERVE_HOME", Path.home() / ".cache" / "kvserve"))
 DEFAULT_MODEL_DIR = MODEL_CACHE / "tiny-llama"
@@ -48,6 +48,10 @@ CONFIG_FLAGS = (
     ConfigFlag("engine", "enable_prefix_caching", "--prefix-caching"),  # and --no-prefix-caching
     ConfigFlag("engine", "tp_size", "--tp"),
     ConfigFlag("engine", "speculative", "--speculative-config"),
+    ConfigFlag("engine", "enable_lora", "--enable-lora"),  # and --no-enable-lora
+    ConfigFlag("engine", "max_loras", "--max-loras"),
+    ConfigFlag("engine", "max_lora_rank", "--max-lora-rank"),
+    ConfigFlag("engine", "lora_modules", "--lora-modules"),
     ConfigFlag("serving", "replicas", "--replicas"),
     ConfigFlag("serving", "router", "--router"),
     ConfigFlag("serving", "host", "--host"),
@@ -65,7 +69,7 @@ def _config_field(flag: ConfigFlag) -> FieldInfo:
 
 def _value_options(annotation) -> dict:
     """How argparse reads a value of `annotation`: `X | None` as X, a bool as a --name /
-    --no-name pair, a Literal as its choices."""
+    --no-name pair, a Literal as its choices, a dict of strings as NAME=VALUE words."""
     if get_origin(annotation) in (Union, types.UnionType):
         (annotation,) = (arg for arg in get_args(annotation) if arg is not type(None))
     if annotation is bool:
@@ -74,11 +78,23 @@ def _value_options(annotation) -> dict:
         return {"choices": get_args(annotation)}
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return {"type": json.loads, "metavar": "JSON"}
+    if get_origin(annotation) is dict:
+        return {"action": _NamedValues, "nargs": "+", "metavar": "NAME=VALUE"}
     return {"type": annotation}
 
 
+class _NamedValues(argparse.Action):
+    """NAME=VALUE words into a dict (`--lora-modules a=/x b=/y`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        malformed = [v for v in values if "=" not in v or v.startswith("=")]
+        if malformed:
+            parser.error(f"{option_string}: {malformed[0]!r} is not NAME=VALUE")
+        setattr(namespace, self.dest, dict(v.split("=", 1) for v in values))
+
+
 def _help(field: FieldInfo, model_default: str) -> str:
-    default = model_default if field.is_required() else field.default
+    default = model_default if field.is_required() else field.get_default(call_default_factory=True)
     text = field.description if default is None else f"{field.description} (default: {default})"
     return text.replace("%", "%%")  # argparse expands %-formats in help
 
@@ -113,7 +129,7 @@ def _generate(args: argparse.Namespace) -> int:
     )
     llm = LLM(**engine.model_dump())
     try:
-        outputs = llm.generate(args.prompt or ["Hello, my name is"], params)
+        outputs = llm.generate(args.prompt or ["Hello, my name is"], params, lora=args.lora)
     finally:
         llm.engine.shutdown()
     for output in outputs:
@@ -133,10 +149,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     _stop_on_signals()
-    config = load_config(args.config, config_overrides(args), default_model)
+    config = load_serving_config(args.config, config_overrides(args), default_model)
     try:
         _start_ray(args.address)
-        _deploy(config, local=args.address is None)
+        if isinstance(config, ClusterConfig):
+            _deploy_cluster(config)
+        else:
+            _deploy(config, local=args.address is None)
         threading.Event().wait()
     except KeyboardInterrupt:
         print("kvserve: shutting down", flush=True)
@@ -186,6 +205,26 @@ def _deploy(config: AppConfig, local: bool) -> None:
     deploy(build_app(config), config)
     print(f"kvserve: serving {config.served_model_name()!r} at http://{serving.host}:{serving.port}/v1 "
           f"({serving.replicas} replica(s), router {serving.router}); Ctrl-C to stop", flush=True)
+
+
+def _deploy_cluster(cluster: ClusterConfig) -> None:
+    """Several models, each in its Serve application, behind one ingress; each model's replicas
+    reserve what its config says (no fitting to a small machine's cores)."""
+    from ray import serve
+
+    from kvserve.cluster import preflight
+    from kvserve.cluster.app import build_cluster_apps
+    from kvserve.cluster.deploy import deploy_cluster
+
+    node_types = preflight.cluster_node_types()
+    for model in cluster.models:
+        preflight.check(model, node_types)
+    serving = cluster.serving
+    serve.start(http_options={"host": serving.host, "port": serving.port})
+    deploy_cluster(build_cluster_apps(cluster), cluster)
+    models = ", ".join(f"{m.served_model_name()!r} ({m.serving.replicas} replica(s), router {m.serving.router})"
+                       for m in cluster.models)
+    print(f"kvserve: serving {models} at http://{serving.host}:{serving.port}/v1; Ctrl-C to stop", flush=True)
 
 
 def _stop_ray() -> None:
@@ -287,6 +326,7 @@ def _add_generate(verbs) -> None:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's probability mass (default: %(default)s)")
     gen.add_argument("--seed", type=int, help="seed of the sampling (default: none)")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.add_argument("--lora", help="the LoRA adapter (a name of --lora-modules) of every prompt (default: none)")
     gen.set_defaults(run=_generate)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvserve.cluster.documents import pydantic_problems
 from kvserve.router.options import Policy, RouterOptions
@@ -77,6 +77,56 @@ class AppConfig(BaseModel):
         return self.serving.served_model_name or Path(self.engine.model).name
 
 
+# The front door's settings: one value for the whole cluster, set under the top-level `serving`.
+FRONT_DOOR_FIELDS = ("app_name", "ingress_replicas", "api_key", "metrics_need_api_key", "host", "port",
+                     "max_request_bytes", "deploy_timeout_s")
+
+
+class ClusterConfig(BaseModel):
+    """Several base models behind one ingress. Each entry of `models` is a one-model config whose
+    `serving` holds only what differs from the top-level `serving` (replicas, router, resources,
+    the served name); the front door's settings come from the top level alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+    models: list[AppConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_inherit_serving(cls, raw):
+        if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
+            return raw
+        shared = raw.get("serving") or {}
+        if not isinstance(shared, dict):
+            return raw
+        models = [_inherit_serving(model, shared, i) for i, model in enumerate(raw["models"])]
+        return {**raw, "models": models}
+
+    @model_validator(mode="after")
+    def _names_are_distinct(self):
+        names = self.served_model_names()
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"models: served model names must differ; {repeated} is served twice "
+                             "(set serving.served_model_name)")
+        return self
+
+    def served_model_names(self) -> list[str]:
+        return [model.served_model_name() for model in self.models]
+
+
+def _inherit_serving(model, shared: dict, index: int):
+    if not isinstance(model, dict) or not isinstance(model.get("serving", {}), dict):
+        return model
+    own = model.get("serving", {})
+    front_door = sorted(set(own) & set(FRONT_DOOR_FIELDS))
+    if front_door:
+        raise ValueError(f"models[{index}].serving: {front_door} apply to the whole cluster: "
+                         "set them under the top-level serving")
+    return {**model, "serving": {**shared, **own}}
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
 
@@ -84,23 +134,46 @@ class ConfigError(ValueError):
 def load_config(path: str | Path | None, overrides: dict | None = None, default_model=None) -> AppConfig:
     """Read `path` (YAML), apply `overrides` ({"engine": {...}, "serving": {...}}), and fill
     `engine.model` from `default_model()` when neither gives one."""
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {})
-        raw[section].update({k: v for k, v in values.items() if v is not None})
+    raw = _read_config_file(path) if path is not None else {}
+    _apply_overrides(raw, overrides or {})
     engine = raw.setdefault("engine", {})
     if isinstance(engine, dict) and not engine.get("model") and default_model is not None:
         engine["model"] = default_model()
     return parse_config(raw)
+
+
+def load_serving_config(path: str | Path | None, overrides: dict | None = None,
+                        default_model=None) -> AppConfig | ClusterConfig:
+    """`load_config`, or the `ClusterConfig` of a file with `models`; its flags set the top-level
+    `serving` (what every model inherits), and none may set an engine: which model's would it be?"""
+    raw = _read_config_file(path) if path is not None else {}
+    if not is_cluster_config(raw):
+        return load_config(path, overrides, default_model)
+    overrides = overrides or {}
+    engine_flags = sorted(k for k, v in overrides.get("engine", {}).items() if v is not None)
+    if engine_flags:
+        raise ConfigError(f"engine.{engine_flags[0]}: a config of several models sets each model's engine "
+                          "under models[i].engine, not with a flag")
+    _apply_overrides(raw, {"serving": overrides.get("serving", {})})
+    return parse_cluster_config(raw)
+
+
+def _read_config_file(path: str | Path) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return raw
+
+
+def _apply_overrides(raw: dict, overrides: dict) -> None:
+    for section, values in overrides.items():
+        raw.setdefault(section, {})
+        raw[section].update({k: v for k, v in values.items() if v is not None})
 
 
 def parse_config(raw: dict) -> AppConfig:
@@ -109,3 +182,15 @@ def parse_config(raw: dict) -> AppConfig:
         return AppConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError("invalid config: " + "; ".join(pydantic_problems(error, []))) from None
+
+
+def parse_cluster_config(raw: dict) -> ClusterConfig:
+    """The config of a mapping with `models` (several base models)."""
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError("invalid config: " + "; ".join(pydantic_problems(error, []))) from None
+
+
+def is_cluster_config(raw) -> bool:
+    return isinstance(raw, dict) and "models" in raw

@@ -19,10 +19,11 @@ from pydantic import BaseModel, ValidationError
 from ray.scripts.scripts import start as ray_start
 from ray.serve.schema import ServeDeploySchema
 
-from kvserve.cluster.config import AppConfig
+from kvserve.cluster.config import AppConfig, ClusterConfig, is_cluster_config
 from kvserve.cluster.documents import Location, dotted, pydantic_problems, schema_problems
 
 APP_IMPORT_PATH = "kvserve.cluster.app:app_builder"
+MODEL_APP_IMPORT_PATH = "kvserve.cluster.app:model_app_builder"
 APP_DEPLOYMENTS = ("Ingress", "LLMServer")
 API_VERSION = "ray.io/v1"
 GPU = "nvidia.com/gpu"
@@ -226,9 +227,15 @@ def serve_config_problems(config, location: Location) -> list[str]:
     except ValidationError as error:
         return pydantic_problems(error, location)
     problems = unknown_keys(ServeDeploySchema, config, location)
-    for i, app in enumerate(config.get("applications", [])):
-        if app.get("import_path") == APP_IMPORT_PATH:
-            problems += _app_problems(app, location + ["applications", i])
+    apps = config.get("applications", [])
+    for i, app in enumerate(apps):
+        app_location = location + ["applications", i]
+        if app.get("import_path") == APP_IMPORT_PATH and is_cluster_config(app.get("args")):
+            problems += _ingress_app_problems(app, apps, app_location)
+        elif app.get("import_path") == APP_IMPORT_PATH:
+            problems += _app_problems(app, app_location, AppConfig, APP_DEPLOYMENTS)
+        elif app.get("import_path") == MODEL_APP_IMPORT_PATH:
+            problems += _app_problems(app, app_location, AppConfig, ("LLMServer",))
     return problems
 
 
@@ -255,17 +262,34 @@ def _models_in(annotation) -> list[type[BaseModel]]:
     return [model for argument in typing.get_args(annotation) for model in _models_in(argument)]
 
 
-def _app_problems(app: dict, location: Location) -> list[str]:
+def _app_problems(app: dict, location: Location, config_model: type[BaseModel], deployments: tuple) -> list[str]:
     problems = [
         f"{dotted(location + ['deployments', i, 'name'])}: the application has no deployment "
-        f"{deployment.get('name')!r}, only {', '.join(APP_DEPLOYMENTS)}"
+        f"{deployment.get('name')!r}, only {', '.join(deployments)}"
         for i, deployment in enumerate(app.get("deployments", []))
-        if deployment.get("name") not in APP_DEPLOYMENTS
+        if deployment.get("name") not in deployments
     ]
     try:
-        AppConfig.model_validate(app.get("args") or {})
+        config_model.model_validate(app.get("args") or {})
     except ValidationError as error:
         problems += pydantic_problems(error, location + ["args"])
+    return problems
+
+
+def _ingress_app_problems(app: dict, apps: list[dict], location: Location) -> list[str]:
+    """The ingress of several models: its config, and an application of each model beside it,
+    named as the ingress looks it up."""
+    from kvserve.router.served_model import model_app_name
+
+    problems = _app_problems(app, location, ClusterConfig, ("Ingress",))
+    if problems:
+        return problems
+    model_apps = {a.get("name"): a.get("import_path") for a in apps}
+    for i, name in enumerate(ClusterConfig.model_validate(app["args"]).served_model_names()):
+        expected = model_app_name(app.get("name", "default"), name)
+        if model_apps.get(expected) != MODEL_APP_IMPORT_PATH:
+            problems.append(f"{dotted(location + ['args', 'models', i])}: the model {name!r} needs an application "
+                            f"named {expected!r} with import_path {MODEL_APP_IMPORT_PATH}")
     return problems
 
 
@@ -278,7 +302,9 @@ def _capacity_problems(spec: dict) -> list[str]:
     groups = spec["rayClusterConfig"].get("workerGroupSpecs", [])
     problems = []
     for i, app in enumerate(config.get("applications", [])):
-        if app.get("import_path") == APP_IMPORT_PATH:
+        holds_a_model = (app.get("import_path") == MODEL_APP_IMPORT_PATH
+                         or app.get("import_path") == APP_IMPORT_PATH and not is_cluster_config(app.get("args")))
+        if holds_a_model:
             problems += _app_capacity_problems(app, groups, ["spec", "serveConfigV2", "applications", i])
     return problems
 

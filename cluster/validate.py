@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from kvserve.cluster.config import ConfigError, parse_config
+from kvserve.cluster.config import ConfigError, is_cluster_config, parse_cluster_config, parse_config
 from kvserve.cluster.documents import schema_problems
 
 # A clone (or an editable install) of the repository keeps the KubeRay CRDs here.
@@ -55,12 +55,19 @@ def validate_file(
 
 
 def _kvserve_problems(document, _crds) -> list[str]:
-    from kvserve.cluster.preflight import check_model
-
     try:
-        config = parse_config(document)
+        if is_cluster_config(document):
+            models = parse_cluster_config(document).models
+            return [f"models[{i}].{problem}" for i, model in enumerate(models) for problem in _model_problems(model)]
+        return _model_problems(parse_config(document))
     except ConfigError as error:
         return str(error).removeprefix("invalid config: ").split("; ")
+
+
+def _model_problems(config) -> list[str]:
+    """The checkpoint against the engine settings, where the checkpoint is here to read."""
+    from kvserve.cluster.preflight import check_model
+
     return check_model(config.engine) if Path(config.engine.model).is_dir() else []
 
 

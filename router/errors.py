@@ -31,6 +31,12 @@ def invalid_value(error: RequestValidationError | ValidationError) -> OpenAIErro
 RETRY_AFTER_S = 1
 
 
+def unknown_model(name: str | None, served: list[str]) -> OpenAIError:
+    said = "no model was named" if name is None else f"the model {name!r} does not exist"
+    return OpenAIError(404, f"{said}; this server serves {', '.join(map(repr, served))}",
+                       "invalid_request_error", "model", "model_not_found")
+
+
 class RetryLater(OpenAIError):
     """An error that says when to come back (`Retry-After`)."""
 

@@ -16,23 +16,24 @@ from kvserve.router.tool_parsers import NamedCallReader, Parsed, ToolCallReader
 from kvserve.workers.protocol import OutputDelta, SampleDelta, TokenLogprobs
 
 class RequestTimer:
-    """Per-request latency metrics, labelled with the replica that served it."""
+    """Per-request latency metrics, labelled with the model and the replica that served it."""
 
-    def __init__(self):
+    def __init__(self, model: str):
+        self.model = model
         self.start = time.perf_counter()
         self.last_token_at: float | None = None
 
     def tokens_arrived(self, replica: str) -> None:
         now = time.perf_counter()
         if self.last_token_at is None:
-            metrics.TTFT.labels(replica).observe(now - self.start)
+            metrics.TTFT.labels(self.model, replica).observe(now - self.start)
         else:
-            metrics.ITL.labels(replica).observe(now - self.last_token_at)
+            metrics.ITL.labels(self.model, replica).observe(now - self.last_token_at)
         self.last_token_at = now
 
     def finished(self, replica: str, status: str) -> None:
-        metrics.E2E.labels(replica).observe(time.perf_counter() - self.start)
-        metrics.REQUESTS.labels(replica, status).inc()
+        metrics.E2E.labels(self.model, replica).observe(time.perf_counter() - self.start)
+        metrics.REQUESTS.labels(self.model, replica, status).inc()
 
 
 class Generation:
@@ -53,9 +54,9 @@ class Generation:
         for first in firsts:
             self.usage.prompt_tokens += first.num_prompt_tokens * self.n
             self.usage.cached_tokens += first.num_cached_tokens
-            metrics.PROMPT_TOKENS.labels(first.replica).inc(first.num_prompt_tokens)
-            metrics.PREFIX_QUERIED_TOKENS.labels(first.replica).inc(first.num_prompt_tokens)
-            metrics.PREFIX_HIT_TOKENS.labels(first.replica).inc(first.num_cached_tokens)
+            metrics.PROMPT_TOKENS.labels(model_name, first.replica).inc(first.num_prompt_tokens)
+            metrics.PREFIX_QUERIED_TOKENS.labels(model_name, first.replica).inc(first.num_prompt_tokens)
+            metrics.PREFIX_HIT_TOKENS.labels(model_name, first.replica).inc(first.num_cached_tokens)
 
     async def _deltas(self) -> AsyncIterator[tuple[int, OutputDelta]]:
         """(prompt index, delta) in arrival order across the prompts' streams."""
@@ -103,7 +104,7 @@ class Generation:
             touched.append((choice, sample))
         if new_tokens:
             self.usage.completion_tokens += new_tokens
-            metrics.GENERATED_TOKENS.labels(replica).inc(new_tokens)
+            metrics.GENERATED_TOKENS.labels(self.model_name, replica).inc(new_tokens)
             self.timers[prompt_index].tokens_arrived(replica)
         if delta.finished:
             self.timers[prompt_index].finished(replica, "ok")

@@ -1,6 +1,7 @@
 """Prometheus metrics of the front door and the router, one registry per process.
 
-Per-replica series carry the label `replica`. Engine-side gauges (KV usage, running,
+Per-request series carry the labels `model` and `replica`; per-replica gauges carry `replica`
+alone, and `kvserve_replica_model` says which model each replica serves. Engine-side gauges (KV usage, running,
 waiting) come from the stats each replica publishes through the KV event hub.
 """
 
@@ -10,18 +11,18 @@ from kvserve.workers.protocol import EngineStats, SpeculativeStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
-REQUESTS = Counter("kvserve_requests_total", "Requests by outcome", ["replica", "status"])
-PROMPT_TOKENS = Counter("kvserve_prompt_tokens_total", "Prompt tokens", ["replica"])
-GENERATED_TOKENS = Counter("kvserve_generation_tokens_total", "Generated tokens", ["replica"])
+REQUESTS = Counter("kvserve_requests_total", "Requests by outcome", ["model", "replica", "status"])
+PROMPT_TOKENS = Counter("kvserve_prompt_tokens_total", "Prompt tokens", ["model", "replica"])
+GENERATED_TOKENS = Counter("kvserve_generation_tokens_total", "Generated tokens", ["model", "replica"])
 PREFIX_HIT_TOKENS = Counter(
-    "kvserve_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache", ["replica"]
+    "kvserve_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache", ["model", "replica"]
 )
 PREFIX_QUERIED_TOKENS = Counter(
-    "kvserve_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache", ["replica"]
+    "kvserve_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache", ["model", "replica"]
 )
-TTFT = Histogram("kvserve_time_to_first_token_seconds", "Time to first token", ["replica"], buckets=LATENCY_BUCKETS)
-ITL = Histogram("kvserve_inter_token_latency_seconds", "Time between streamed tokens", ["replica"], buckets=LATENCY_BUCKETS)
-E2E = Histogram("kvserve_e2e_request_latency_seconds", "Request latency", ["replica"], buckets=LATENCY_BUCKETS)
+TTFT = Histogram("kvserve_time_to_first_token_seconds", "Time to first token", ["model", "replica"], buckets=LATENCY_BUCKETS)
+ITL = Histogram("kvserve_inter_token_latency_seconds", "Time between streamed tokens", ["model", "replica"], buckets=LATENCY_BUCKETS)
+E2E = Histogram("kvserve_e2e_request_latency_seconds", "Request latency", ["model", "replica"], buckets=LATENCY_BUCKETS)
 KV_USAGE = Gauge("kvserve_kv_cache_usage_ratio", "Fraction of KV blocks in use", ["replica"])
 RUNNING = Gauge("kvserve_num_requests_running", "Sequences running", ["replica"])
 WAITING = Gauge("kvserve_num_requests_waiting", "Sequences waiting", ["replica"])
@@ -30,6 +31,8 @@ ROUTING_TIME = Histogram(
     "kvserve_routing_decision_seconds", "Time of the routing decision itself", ["policy"],
     buckets=(1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
 )
+REPLICA_MODEL = Gauge("kvserve_replica_model", "1 for each replica, labelled with the model it serves",
+                      ["model", "replica"])
 INDEX_BLOCKS = Gauge("kvserve_router_index_blocks", "Blocks the router's KV index holds per replica", ["replica"])
 UNTRUSTED_REPLICAS = Gauge(
     "kvserve_untrusted_replicas", "Replicas whose block hashing disagrees with the router's"
@@ -93,6 +96,15 @@ def _export_speculative(replica: str, stats: SpeculativeStats) -> None:
         gauge.labels(replica).set(getattr(stats, field))
     for position, rate in enumerate(stats.acceptance_rate_at):
         SPEC_ACCEPTANCE.labels(replica, str(position)).set(rate)
+
+
+def export_replica_models(replicas_of: dict[str, list[str]]) -> None:
+    """Which model each replica serves (model name -> its replicas), for joining the per-replica
+    gauges by model; replicas that are gone lose their series."""
+    REPLICA_MODEL.clear()
+    for model, replicas in replicas_of.items():
+        for replica in replicas:
+            REPLICA_MODEL.labels(model, replica).set(1)
 
 
 def export_replica_stats(stats: dict[str, EngineStats], index_blocks: dict[str, int], untrusted: int) -> None:

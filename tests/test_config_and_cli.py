@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = {"engine": EngineConfig, "serving": ServingConfig}
 # The flags of `serve` and `generate` that set no config field.
 OTHER_FLAGS = {"--help", "--config", "--address", "--prompt", "--max-tokens", "--temperature", "--top-p", "--seed",
-               "--json"}
+               "--json", "--lora"}
 
 
 def kvserve(*args: str, home: Path) -> subprocess.CompletedProcess:

@@ -35,15 +35,21 @@ class LLM:
         self,
         prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        lora: str | None | Seq[str | None] = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt together; outputs come back in the prompts' order."""
+        """Generate for every prompt together; outputs come back in the prompts' order. `lora`
+        names the LoRA adapter (of `lora_modules`) of every prompt, or of each one (None: the base)."""
         prompts = _prompt_list(prompts)
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        ids = self._add_all(prompts, lambda request_id, prompt, i: self.engine.add_request(request_id, prompt, params[i]))
+        adapters = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(adapters)} LoRA adapter names")
+        ids = self._add_all(prompts, lambda request_id, prompt, i: self.engine.add_request(
+            request_id, prompt, params[i], lora_name=adapters[i]))
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():

@@ -52,19 +52,22 @@ def extend_block_chain(
     block_size: int,
     cache_salt: str | None,
     num_blocks: int,
+    lora_name: str | None = None,
 ) -> None:
     """Append to `hashes` (the chain of `token_ids`' first blocks so far) the hashes of its
-    next blocks, up to `num_blocks` full blocks in all."""
+    next blocks, up to `num_blocks` full blocks in all. The KV of one prompt differs per LoRA
+    adapter, so the adapter's name is part of the first block's name."""
     for i in range(len(hashes), num_blocks):
         parent = hashes[i - 1] if i else ROOT_HASH
-        extra = None if i else first_block_extra_keys(cache_salt)
+        extra = None if i else first_block_extra_keys(cache_salt, lora_name)
         hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra))
 
 
-def hash_block_chain(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None) -> list[BlockHash]:
-    """Hashes of every full block of `token_ids`."""
+def hash_block_chain(token_ids: Sequence[int], block_size: int, cache_salt: str | None = None,
+                     lora_name: str | None = None) -> list[BlockHash]:
+    """Hashes of every full block of `token_ids` (under LoRA adapter `lora_name`, if any)."""
     hashes: list[BlockHash] = []
-    extend_block_chain(hashes, token_ids, block_size, cache_salt, len(token_ids) // block_size)
+    extend_block_chain(hashes, token_ids, block_size, cache_salt, len(token_ids) // block_size, lora_name)
     return hashes
 
 

@@ -126,6 +126,16 @@ class EngineConfig(BaseModel):
         "auto", description="`auto`: the model in the engine's process at tp_size 1, on Ray worker actors "
         "above; `ray`: on worker actors at any tp_size"
     )
+    enable_lora: bool = Field(False, description="serve LoRA adapters (`lora_modules`) beside the base model")
+    max_loras: int = Field(1, ge=1, description="LoRA adapters resident on the device at once (slots)")
+    max_lora_rank: int = Field(16, ge=1, description="the largest LoRA rank; smaller ranks are zero-padded to it")
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="LoRA adapters kept in host memory behind the device's slots; default: 4 * max_loras"
+    )
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapter name -> PEFT folder (adapter_config.json and "
+        "adapter_model.safetensors)"
+    )
 
     @model_validator(mode="after")
     def _check_kv_scales(self) -> "EngineConfig":
@@ -139,7 +149,26 @@ class EngineConfig(BaseModel):
         if self.async_scheduling == "on" and self.uses_workers:
             raise ValueError("async_scheduling 'on' needs the model in the engine's process (tp_size 1, "
                              "distributed_executor_backend 'auto')")
+        self._check_lora()
         return self
+
+    def _check_lora(self) -> None:
+        if not self.enable_lora:
+            if self.lora_modules:
+                raise ValueError("lora_modules needs enable_lora: true")
+            return
+        if self.uses_workers:
+            raise ValueError("enable_lora needs the model in the engine's process (tp_size 1, "
+                             "distributed_executor_backend 'auto'): LoRA is not sharded over ranks yet")
+        if self.speculative is not None and self.speculative.method == "draft":
+            raise ValueError("enable_lora does not work with speculative method 'draft': the draft model has no adapters")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras {self.max_cpu_loras} is below max_loras {self.max_loras}")
+
+    @property
+    def host_lora_capacity(self) -> int:
+        """Adapters kept in host memory: `max_cpu_loras`, by default four per device slot."""
+        return self.max_cpu_loras or 4 * self.max_loras
 
     def check_device(self) -> None:
         """Raise ValueError if this process cannot run the model on the device asked for."""

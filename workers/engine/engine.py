@@ -50,7 +50,8 @@ class LLMEngine:
                                  self.runner.num_host_kv_blocks if config.kv_offload_gib else 0)
         check_pool_holds_a_sequence(self.kv.num_blocks, config.block_size, self.max_model_len)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy),
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
+                            config.max_loras if config.enable_lora else None),
             self.kv,
         )
         self.eos_token_ids = self._eos_token_ids(model_config.eos_token_ids)
@@ -87,13 +88,16 @@ class LLMEngine:
         block_hashes: list[BlockHash] | None = None,
         kv_retention: KVRetention | None = None,
         pooled: PooledPrompt | None = None,
+        lora_name: str | None = None,
     ) -> None:
         """Queue a request; raises ValueError, changing nothing, if it can never be served.
         `block_hashes`, the prompt's block chain if the caller computed it with this engine's
-        block size and salt, saves hashing it again. With `pooled` the prompt is embedded
-        instead (`add_embedding_request`)."""
+        block size, salt and LoRA adapter, saves hashing it again. With `pooled` the prompt is
+        embedded instead (`add_embedding_request`). `lora_name` runs it under that adapter of
+        `lora_modules`."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self._check_lora_name(lora_name)
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         self._check_prompt(token_ids, params)
@@ -101,7 +105,7 @@ class LLMEngine:
         retention = with_prefix_retention(kv_retention, token_ids, self.config.kv_retention_prefixes)
         seqs = [
             Sequence(request_id, i, token_ids, params, arrival, priority, cache_salt, self.max_model_len,
-                     frozenset(() if params.ignore_eos else self.eos_token_ids), retention)
+                     frozenset(() if params.ignore_eos else self.eos_token_ids), retention, lora_name)
             for i in range(params.n)
         ]
         if block_hashes:
@@ -162,6 +166,13 @@ class LLMEngine:
         `add_request` returned (a grammar that does not compile), with the reason."""
         refusals, self._refusals = self._refusals, []
         return refusals
+
+    def _check_lora_name(self, lora_name: str | None) -> None:
+        if lora_name is None or lora_name in self.config.lora_modules:
+            return
+        if not self.config.enable_lora:
+            raise ValueError(f"LoRA adapter {lora_name!r} asked for, but this engine serves none (enable_lora)")
+        raise ValueError(f"unknown LoRA adapter {lora_name!r}; lora_modules has {', '.join(self.config.lora_modules) or 'none'}")
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         problem = prompt_length_problem(len(token_ids), self.max_model_len)

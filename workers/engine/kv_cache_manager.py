@@ -238,7 +238,8 @@ class KVCacheManager:
         self.num_hashed_blocks.pop(seq.seq_id, None)
 
     def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
-        extend_block_chain(seq.block_hashes, seq.token_ids, self.block_size, seq.cache_salt, num_blocks)
+        extend_block_chain(seq.block_hashes, seq.token_ids, self.block_size, seq.cache_salt, num_blocks,
+                           seq.lora_name)
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Register the blocks that will be full once `num_tokens` tokens are computed. Their

@@ -16,6 +16,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     policy: str = "fcfs"  # one of SCHEDULING_POLICIES
+    max_loras: int | None = None  # LoRA adapters among the running sequences at most; None: no adapters
 
 
 def arrival_order(seq: Sequence) -> tuple[float, int]:
@@ -122,6 +123,8 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            if not self._adapter_fits(seq):
+                break
             hits = self.kv.get_computed_blocks(seq)
             num_cached = len(hits) * self.kv.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
@@ -136,6 +139,14 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
+
+    def _adapter_fits(self, seq: Sequence) -> bool:
+        """Whether running `seq` keeps the running sequences' LoRA adapters within the device's
+        slots (a step's adapters must all be resident). Until one frees, the queue waits."""
+        if seq.lora_name is None or self.config.max_loras is None:
+            return True
+        adapters = {s.lora_name for s in self.running} - {None}
+        return seq.lora_name in adapters or len(adapters) < self.config.max_loras
 
     @staticmethod
     def _put_decodes_first(batch: ScheduledBatch) -> None:

@@ -38,6 +38,7 @@ class Sequence:
         max_num_tokens: int | None = None,
         ending_token_ids: frozenset[int] = frozenset(),
         kv_retention: KVRetention | None = None,
+        lora_name: str | None = None,
     ):
         self.request_id = request_id
         self.sample_index = sample_index
@@ -46,6 +47,7 @@ class Sequence:
         self.priority = priority
         self.arrival = arrival
         self.cache_salt = cache_salt
+        self.lora_name = lora_name  # the LoRA adapter it runs under; None: the base model
         self.kv_retention = kv_retention  # None: every block at the default retention priority
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)

@@ -54,9 +54,11 @@ class ParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.method = method
         method.create_weights(self, in_features, out_features, in_total)
+        self.lora = None  # a LoRALayer (lora_layers.py) when the engine serves adapters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x)
+        y = self.method.apply(self, x)
+        return y if self.lora is None else self.lora.add_delta(y, x)
 
     def in_slice(self) -> tuple[int, int] | None:
         """(start, length) of the checkpoint's inputs this rank holds; None for all of them."""

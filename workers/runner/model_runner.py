@@ -22,6 +22,7 @@ from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.parallel_layers import kv_heads_of_rank
 from kvserve.workers.runner.sampler import SampledTokens, Sampler, SamplingRow
 from kvserve.workers.runner.host_kv_tier import HostKVTier, host_blocks_for
+from kvserve.workers.runner.lora_slots import LoRASlots
 from kvserve.workers.runner.rejection_sampling import DrawnProposal, drawn_proposals, proposal_logits, verify_drawn
 from kvserve.workers.runner.step_inputs import Chunk, InputBatch, StepPlan, flat_inputs
 from kvserve.workers.engine.sampling_params import SamplingParams
@@ -60,6 +61,7 @@ class ModelRunner:
         profile = GPUMemoryProfile(self.device) if fixed_pool_blocks is None else None
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format, tp,
                                    quantization=config.quantization)
+        self.lora = LoRASlots(config, mc, self.model, self.dtype, self.device) if config.enable_lora else None
         self.num_kv_heads = kv_heads_of_rank(mc, tp)[1]
         self.block_size = config.block_size
         self.max_model_len = config.effective_max_model_len(mc)
@@ -74,7 +76,8 @@ class ModelRunner:
         self.host_tier = HostKVTier(self.kv_caches, self.num_host_kv_blocks) if self.num_host_kv_blocks else None
         self._log_memory(tp)
         self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager and tp.size == 1:
+        # A decode graph would not see which adapter each row uses: with LoRA the model runs eagerly.
+        if self.device.type == "cuda" and not config.enforce_eager and tp.size == 1 and self.lora is None:
             self.graphs = self.decode_graphs()
             with torch.inference_mode():
                 self.graphs.capture()
@@ -156,7 +159,7 @@ class ModelRunner:
 
     def execute(self, step: StepRequest) -> SamplerOutput | None:
         self._transfer(step)
-        plan = self.inputs.plan(step)
+        plan = self._with_lora_slots(self.inputs.plan(step), step)
         if self.clock is not None:
             self.clock.lap("inputs")
         return self.run(plan, drawn_proposals(step.samples) if step.speculative else [])
@@ -166,8 +169,14 @@ class ModelRunner:
         sampled ones there; nothing waits for it until `LaunchedStep.result`."""
         previous_tokens = previous.sampled.token_ids if previous is not None and previous.sampled else None
         self._transfer(step)
-        plan = self.inputs.plan(step, previous_tokens)
+        plan = self._with_lora_slots(self.inputs.plan(step, previous_tokens), step)
         return LaunchedStep(self._sample(plan))
+
+    def _with_lora_slots(self, plan: StepPlan, step: StepRequest) -> StepPlan:
+        """`plan` with the LoRA slot of each of its tokens, every adapter of the step resident."""
+        if self.lora is not None:
+            plan.lora_slots = self.lora.token_slots(step.batch.seqs, step.batch.num_new_tokens)
+        return plan
 
     def _transfer(self, step: StepRequest) -> None:
         """Copies between the device's cache and the host tier, queued before the step's forward."""
@@ -210,6 +219,8 @@ class ModelRunner:
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """The final hidden state of every token of the step."""
         self.copy_blocks(plan.block_copies)
+        if self.lora is not None:
+            self.lora.tokens.slot_of_token = plan.lora_slots
         if self.graphs is not None and self.graphs.covers(plan.meta):
             return self.graphs.run(plan.input_ids, plan.positions, plan.meta)
         return self.model(plan.input_ids, plan.positions, self.kv_caches, plan.meta)

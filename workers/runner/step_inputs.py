@@ -40,6 +40,7 @@ class StepPlan:
     pooled: list[tuple[int, int]] = field(default_factory=list)  # (start, end) of each pooled chunk's tokens
     # Speculative steps: the position within its proposal of each row (0 for a plain sample).
     draft_positions: list[int] | None = None
+    lora_slots: torch.Tensor | None = None  # each token's LoRA slot (-1: the base model), set by the runner
 
 
 class InputBatch:

@@ -1,0 +1,197 @@
+"""One model the ingress serves: its tokenizer and limits, the LLMServer deployment that runs it,
+and that deployment's KV index. Prompts are checked, tokenized and hashed here, once, and handed
+to the deployment through a handle whose request router picks the replica."""
+
+from dataclasses import dataclass
+
+from jinja2 import TemplateError
+from ray import serve
+from ray.serve import context as serve_context
+from ray.serve._private.common import ReplicaState
+from ray.serve.handle import DeploymentHandle
+from transformers import AutoTokenizer
+
+from kvserve.router.errors import bad_request, replica_died
+from kvserve.router.kv_follower import KVIndexFollower
+from kvserve.router.openai_schema import ChatCompletionRequest, EmbeddingRequest
+from kvserve.router.responses import TokenText
+from kvserve.router.tool_parsers import FORMATS, format_for_model
+from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
+from kvserve.workers.protocol import (
+    EmbeddingOutput, EmbedRequest, GenerateRequest, RequestRefused, SamplingParams, prompt_length_problem,
+)
+
+LLM_DEPLOYMENT = "LLMServer"
+REPLICA_RETRIES = 2  # sends of a request whose replica died before its first output
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    served_model_name: str
+    block_size: int
+    max_model_len: int
+    tokenizer: str  # folder
+    tokenizer_gguf_file: str | None  # the GGUF file in that folder whose metadata holds the tokenizer
+    api_key: str | None
+    vocab_size: int  # the model's: token ids from clients must be below it
+    hidden_size: int  # the model's: the length of an embedding
+    normalize_embeddings: bool
+    max_n: int
+    max_stop_strings: int
+    max_request_bytes: int
+    metrics_need_api_key: bool
+    tool_parser: str | None = None  # a name in tool_parsers.FORMATS; None: the model's own
+
+
+def model_app_name(ingress_app: str, served_model_name: str) -> str:
+    """The Serve application of one model of several: its LLMServer deployment alone, beside the
+    ingress's application, so that adding or removing a model leaves the others' replicas alone."""
+    return f"{ingress_app}-{served_model_name}"
+
+
+def _route_on_its_own(request_id: str) -> None:
+    """Give the calls this task makes a Serve request id of their own. Serve's request router
+    hands the replica it chose for a request to the pending request of the same id, and the
+    calls of one HTTP request (several prompts or inputs) share that request's id: all but
+    one of them would never be routed. Each prompt runs in a task of its own (asyncio.gather),
+    so the id set here stays with that task's calls."""
+    serve_context._set_request_context(_internal_request_id=request_id)
+
+
+class ServedModel:
+    def __init__(self, settings: IngressSettings, llm: DeploymentHandle, llm_app: str):
+        self.settings = settings
+        self.name = settings.served_model_name
+        self.llm = llm
+        self.llm_app = llm_app  # the Serve application of `llm`, whose KV event hub we follow
+        self.block_size = settings.block_size
+        self.max_model_len = settings.max_model_len
+        self.hash_check = hash_check_value(self.block_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.tokenizer, local_files_only=True,
+                                                       gguf_file=settings.tokenizer_gguf_file)
+        self.token_text = TokenText(self.tokenizer)
+        self.tool_format = (FORMATS[settings.tool_parser] if settings.tool_parser
+                            else format_for_model(settings.tokenizer, self.tokenizer.chat_template))
+        self.follower: KVIndexFollower | None = None
+
+    @classmethod
+    def in_own_app(cls, settings: IngressSettings, ingress_app: str) -> "ServedModel":
+        app_name = model_app_name(ingress_app, settings.served_model_name)
+        # The model's application may be deployed after ours (one `serve deploy` starts both).
+        llm = serve.get_deployment_handle(LLM_DEPLOYMENT, app_name, _check_exists=False)
+        return cls(settings, llm, app_name)
+
+    def ensure_follower(self) -> KVIndexFollower:
+        if self.follower is None:
+            self.follower = KVIndexFollower.for_app(self.llm_app, self.block_size)
+        self.follower.ensure_running()
+        return self.follower
+
+    def running_replicas(self) -> int:
+        """LLMServer replicas the Serve controller reports RUNNING: the set the handle's router
+        sends requests to, so one request can be served as soon as this is above zero."""
+        app_status = serve.status().applications.get(self.llm_app)
+        deployment = app_status.deployments.get(self.llm.deployment_name) if app_status else None
+        return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
+
+    def card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "kvserve",
+                "max_model_len": self.max_model_len, "vocab_size": len(self.tokenizer)}
+
+    # -- checks ------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str, list[int]]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            text = prompt
+        else:
+            self._check_token_ids(prompt, "prompt")
+            ids, text = list(prompt), self.tokenizer.decode(prompt)
+        problem = prompt_length_problem(len(ids), self.max_model_len)
+        if problem is not None:
+            raise bad_request(problem, "prompt")
+        return text, ids
+
+    def _check_token_ids(self, ids: list[int], param: str) -> None:
+        """Before anything decodes them: an id a tokenizer cannot hold raises OverflowError."""
+        bad = next((t for t in ids if not 0 <= t < self.settings.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} in {param} is outside the vocabulary "
+                              f"[0, {self.settings.vocab_size})", param)
+
+    def check_sampling_limits(self, body) -> None:
+        """The server's limits, which the schema cannot know."""
+        if body.n > self.settings.max_n:
+            raise bad_request(f"n must be <= {self.settings.max_n}", "n")
+        if body.stop and len(body.stop) > self.settings.max_stop_strings:
+            raise bad_request(f"stop may hold at most {self.settings.max_stop_strings} strings", "stop")
+        if body.top_k is not None and body.top_k > self.settings.vocab_size:
+            raise bad_request(f"top_k must be <= the vocabulary size {self.settings.vocab_size}", "top_k")
+        self._check_token_ids(body.stop_token_ids or [], "stop_token_ids")
+
+    def check_dimensions(self, body: EmbeddingRequest) -> None:
+        if body.dimensions is not None and body.dimensions > self.settings.hidden_size:
+            raise bad_request(f"dimensions must be <= the model's embedding size {self.settings.hidden_size}",
+                              "dimensions")
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> str:
+        if not self.tokenizer.chat_template:
+            raise bad_request("this model's tokenizer has no chat template", "messages")
+        messages = [m.for_template() for m in body.messages]
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tools=body.template_tools(), add_generation_prompt=body.add_generation_prompt, tokenize=False
+            )
+        except (TemplateError, TypeError, ValueError) as error:
+            raise bad_request(f"the model's chat template cannot take these messages: {error}", "messages") from None
+
+    def max_tokens(self, ids: list[int], asked: int | None) -> int:
+        room = self.max_model_len - len(ids)
+        if asked is not None and asked > room:
+            raise bad_request(f"max_tokens {asked} plus the prompt's {len(ids)} tokens exceed "
+                              f"max_model_len {self.max_model_len}", "max_tokens")
+        return asked or room
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def embed(self, request_id: str, text: str, ids: list[int], body: EmbeddingRequest) -> EmbeddingOutput:
+        """One prompt's embedding; sent again, to a live replica, if its replica died first."""
+        _route_on_its_own(request_id)
+        request = EmbedRequest(request_id, ids, text, hash_block_chain(ids, self.block_size, body.cache_salt),
+                               self.hash_check, body.cache_salt, body.priority)
+        _, answer = await self._first_answer(lambda: self.llm.options(stream=True).embed.remote(request))
+        return answer
+
+    async def start(self, request_id: str, text: str, ids: list[int], sampling: SamplingParams, body):
+        """The stream of one prompt and its first delta. A replica that dies before the first
+        delta has given the client nothing: the request goes again, to a live replica."""
+        _route_on_its_own(request_id)
+        request = GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=ids,
+            sampling=sampling,
+            prompt=text,
+            block_hashes=hash_block_chain(ids, self.block_size, body.cache_salt),
+            hash_check=self.hash_check,
+            cache_salt=body.cache_salt,
+            priority=body.priority,
+            kv_retention=body.retention(),
+        )
+        return await self._first_answer(lambda: self.llm.options(stream=True).generate.remote(request))
+
+    async def _first_answer(self, send):
+        """The stream `send()` opens and its first item; sent again if its replica died first."""
+        for attempt in range(REPLICA_RETRIES + 1):
+            stream = send()
+            try:
+                first = await anext(stream)
+            except BaseException as error:
+                stream.cancel()
+                if not replica_died(error) or attempt == REPLICA_RETRIES:
+                    raise
+                continue
+            if isinstance(first, RequestRefused):
+                stream.cancel()
+                raise bad_request(first.reason)
+            return stream, first
+
