@@ -1,6 +1,7 @@
 """The router's KV index, fed the engine's own event batches."""
 
 import dataclasses
+import gc
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -100,6 +101,22 @@ def test_follower_distrusts_a_replica_that_hashes_differently():
     assert follower.rejected == {"size", "hash"}
     follower.apply(HubNews(2, {"size": other_size}))
     assert not follower.index.replicas
+
+
+def test_a_large_index_leaves_the_garbage_collector_after_a_snapshot(monkeypatch):
+    """Its block sets are frozen (never walked by a collection) once the index is large."""
+    from kvserve.router import kv_follower
+
+    monkeypatch.setattr(kv_follower, "FREEZE_AT_BLOCKS", 4)
+    small, large = KVIndexFollower("test-app", BLOCK), KVIndexFollower("test-app", BLOCK)
+    try:
+        small.apply(HubNews(1, {"r": news_of(list(range(3 * BLOCK)))}))
+        assert any(o is small.index.replicas["r"].blocks for o in gc.get_objects())
+        large.apply(HubNews(1, {"r": news_of(list(range(8 * BLOCK)))}))
+        assert not any(o is large.index.replicas["r"].blocks for o in gc.get_objects())
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def follower_with(holdings: dict[str, list[int]], stats: dict[str, EngineStats] | None = None) -> KVIndexFollower:
