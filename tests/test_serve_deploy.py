@@ -2,6 +2,8 @@
 Then (slow) configs/serve-cpu.yaml on a real Ray: `serve deploy` sends it to the dashboard's REST
 API of a local head (what KubeRay calls) with token authentication on; it answers over HTTP, then
 takes an in-place update (LLMServer 1 -> 2 replicas, a router option) while a client streams.
+Last, configs/two-models.serve.yaml: a model added and removed by `serve deploy` while a client
+streams to the other, whose replica stays.
 
 The head runs in a temp dir with its own ports and HOME, in a session of its own: it is stopped
 by signalling that session's processes, never with `ray stop`, which would end every Ray on the
@@ -363,3 +365,79 @@ def test_update_in_place_while_a_client_streams(ray_head, deployed, expected):
     assert client.completed >= 2 * len(PROMPTS)
     router = ray_head.applications()[APP]["deployments"]["LLMServer"]["deployment_config"]["request_router_config"]
     assert router["request_router_kwargs"]["load_cost_tokens"] == 32
+
+
+TWO_MODELS_CONFIG = CPU_CONFIG.parent / "two-models.serve.yaml"
+
+
+def two_models_config(head: RayHead, tiny_checkpoints: dict) -> dict:
+    """configs/two-models.serve.yaml on this head's port, its models the tiny llama and qwen2
+    checkpoints served under their folders' names (the ingress's `models` are YAML aliases of
+    the model applications' args, so one change serves both)."""
+    config = yaml.safe_load(TWO_MODELS_CONFIG.read_text())
+    config["http_options"]["port"] = head.http_port
+    for app, arch in zip(config["applications"], ("llama", "qwen2")):
+        app["args"]["engine"].update(model=str(tiny_checkpoints[arch]), num_kv_blocks=64, max_model_len=256)
+        app["args"]["engine"].pop("kv_cache_memory_gib")
+        app["args"]["serving"]["served_model_name"] = arch
+        app["name"] = f"{APP}-{arch}"
+    return config
+
+
+def without_qwen2(config: dict) -> dict:
+    changed = copy.deepcopy(config)
+    changed["applications"] = [app for app in changed["applications"] if app["name"] != f"{APP}-qwen2"]
+    ingress = next(app for app in changed["applications"] if app["name"] == APP)
+    ingress["args"]["models"] = [m for m in ingress["args"]["models"] if m["serving"]["served_model_name"] != "qwen2"]
+    return changed
+
+
+def all_running(head: RayHead, names: set[str]) -> bool:
+    apps = head.applications() or {}
+    failed = [f"{name}: {app['message']}" for name, app in apps.items() if app["status"] == "DEPLOY_FAILED"]
+    assert not failed, failed
+    return set(apps) == names and all(app["status"] == "RUNNING" for app in apps.values())
+
+
+def llm_replica_ids(head: RayHead, app: str) -> set[str]:
+    return {r["replica_id"] for r in head.applications()[app]["deployments"]["LLMServer"]["replicas"]}
+
+
+def served_models(config: dict) -> set[str]:
+    """The base models /v1/models lists; none while the ingress does not answer."""
+    with contextlib.suppress(httpx.TransportError):
+        response = httpx.get(f"{base_url(config)}/v1/models", timeout=10)
+        if response.status_code == 200:
+            return {card["id"] for card in response.json()["data"] if card.get("parent") is None}
+    return set()
+
+
+@pytest.mark.slow
+def test_serve_deploy_adds_and_removes_a_model_while_another_streams(ray_head, deployed, expected, tiny_checkpoints):
+    """Last in this module: it replaces the module's application by the two-models config's. A
+    client streams to the llama model throughout; qwen2 is added, then removed, by `serve
+    deploy` of a changed config; llama's replica is never restarted and no request fails."""
+    llama_only = without_qwen2(two_models_config(ray_head, tiny_checkpoints))
+    both = two_models_config(ray_head, tiny_checkpoints)
+    deploy(ray_head, llama_only, "llama-only.yaml")
+    ray_head.wait_until(lambda: all_running(ray_head, {APP, f"{APP}-llama"}), 300, "the llama-only cluster RUNNING")
+    llama = llm_replica_ids(ray_head, f"{APP}-llama")
+    client_view = {"http_options": both["http_options"], "applications": [both["applications"][0]]}
+    client = StreamingClient(client_view, expected)
+    thread = threading.Thread(target=client.run, daemon=True)
+    thread.start()
+    try:
+        for config, apps, name in ((both, {APP, f"{APP}-llama", f"{APP}-qwen2"}, "both.yaml"),
+                                   (llama_only, {APP, f"{APP}-llama"}, "llama-again.yaml")):
+            deploy(ray_head, config, name)
+            ray_head.wait_until(lambda: all_running(ray_head, apps), 300, f"{name} RUNNING")
+            ray_head.wait_until(lambda: served_models(config) == {a.removeprefix(f"{APP}-") for a in apps - {APP}},
+                                60, f"/v1/models of {name}")
+            served = client.completed
+            ray_head.wait_until(lambda: client.completed >= served + len(PROMPTS), 60, f"requests after {name}")
+    finally:
+        client.stop.set()
+        thread.join(timeout=120)
+    print(f"\nstreamed {client.completed} completions, {len(client.retries)} retried: {client.retries}")
+    assert not client.failures, client.failures
+    assert llm_replica_ids(ray_head, f"{APP}-llama") == llama
