@@ -58,6 +58,8 @@ def ingress_settings(config: AppConfig) -> IngressSettings:
         max_request_bytes=config.serving.max_request_bytes,
         metrics_need_api_key=config.serving.metrics_need_api_key,
         tool_parser=config.serving.tool_parser,
+        enable_lora=engine.enable_lora,
+        lora_modules=dict(engine.lora_modules),
     )
 
 

@@ -37,6 +37,10 @@ def unknown_model(name: str | None, served: list[str]) -> OpenAIError:
                        "invalid_request_error", "model", "model_not_found")
 
 
+def unknown_lora(name: str) -> OpenAIError:
+    return OpenAIError(404, f"The lora adapter {name!r} cannot be found.", "NotFoundError", "lora_name")
+
+
 class RetryLater(OpenAIError):
     """An error that says when to come back (`Retry-After`)."""
 

@@ -8,18 +8,20 @@ function, and hands token ids to its LLMServer deployment. The ingress never run
 import asyncio
 import uuid
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from kvserve.router import routing_metrics as metrics
-from kvserve.router.errors import OpenAIError, engine_error, unknown_model
+from kvserve.router.errors import OpenAIError, bad_request, engine_error, unknown_lora, unknown_model
 from kvserve.router.generation import Generation, RequestTimer
 from kvserve.router.http_app import ApiKeyGate, app
-from kvserve.router.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from kvserve.router.openai_schema import (
+    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest,
+)
 from kvserve.router.responses import embeddings_body
-from kvserve.router.served_model import IngressSettings, ServedModel
+from kvserve.router.served_model import IngressSettings, LoRAChoice, ServedModel
 from kvserve.workers.protocol import SamplingParams
 
 REPLICA_HEADER = "x-kvserve-replica"
@@ -42,13 +44,40 @@ class Ingress:
             served = [ServedModel.in_own_app(settings, self.app_name) for settings in models]
         self.models = {model.name: model for model in served}
 
-    def _model(self, name: str | None) -> ServedModel:
-        """The model a request names; with a single model, also a request that names none."""
+    async def _model(self, name: str | None) -> tuple[ServedModel, LoRAChoice | None]:
+        """The model a request names, and the LoRA adapter when the name is one of its adapters;
+        with a single model, also a request that names none."""
         if name is None and len(self.models) == 1:
-            return next(iter(self.models.values()))
-        if name not in self.models:
-            raise unknown_model(name, list(self.models))
-        return self.models[name]
+            return next(iter(self.models.values())), None
+        if name in self.models:
+            return self.models[name], None
+        for model in self.models.values():
+            if name in model.settings.lora_modules:
+                return model, LoRAChoice(name, None)
+            folder = await model.runtime_lora_folder(name)
+            if folder is not None:
+                return model, LoRAChoice(name, folder)
+        raise unknown_model(name, await self._served_names())
+
+    async def _served_names(self) -> list[str]:
+        """Every name a request may use as `model`: the base models, then their adapters."""
+        adapters = [name for model in self.models.values() for name in await model.lora_folders()]
+        return [*self.models, *adapters]
+
+    def _lora_base(self, name: str | None) -> ServedModel:
+        """The base model an adapter is loaded onto: the one named, or the only one serving adapters."""
+        if name is not None:
+            if name not in self.models:
+                raise unknown_model(name, list(self.models))
+            model = self.models[name]
+            if model.lora_registry is None:
+                raise bad_request(f"the model {name!r} serves no LoRA adapters (enable_lora)", "model")
+            return model
+        bases = [model for model in self.models.values() if model.lora_registry is not None]
+        if len(bases) != 1:
+            raise bad_request("no model serves LoRA adapters (enable_lora)" if not bases else
+                              "several models serve LoRA adapters: name the base in `model`", "model")
+        return bases[0]
 
     # -- endpoints ---------------------------------------------------------------------
 
@@ -81,28 +110,61 @@ class Ingress:
 
     @app.get("/v1/models")
     async def list_models(self) -> dict:
-        return {"object": "list", "data": [model.card() for model in self.models.values()]}
+        bases = [model.card() for model in self.models.values()]
+        adapters = [card for model in self.models.values() for card in await model.lora_cards()]
+        return {"object": "list", "data": bases + adapters}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> Response:
+        """Check the folder on one replica, as a replica checks its adapters at startup, then
+        register it; each replica loads it when a request for it first reaches it
+        (`workers/lora_registry.py` says why)."""
+        model = self._lora_base(body.model)
+        if body.lora_name in await self._served_names():
+            raise bad_request(f"The lora adapter {body.lora_name!r} has already been loaded.", "lora_name")
+        problem = await model.llm.lora_adapter_problem.remote(body.lora_name, body.lora_path)
+        if problem is not None:
+            raise bad_request(problem, "lora_path")
+        if not await model.lora_registry.load.remote(body.lora_name, body.lora_path):
+            raise bad_request(f"The lora adapter {body.lora_name!r} has already been loaded.", "lora_name")
+        return PlainTextResponse(f"Success: LoRA adapter {body.lora_name!r} added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> Response:
+        """Unknown at once to every ingress replica; replicas drop their copy within
+        `lora_registry.POLL_PERIOD_S` once no request of theirs runs under it. Adapters of
+        `lora_modules` stay for the life of the deployment."""
+        for model in self.models.values():
+            if body.lora_name in model.settings.lora_modules:
+                raise bad_request(f"The lora adapter {body.lora_name!r} was loaded at startup (lora_modules) "
+                                  "and cannot be unloaded.", "lora_name")
+            if model.lora_registry is not None and await model.lora_registry.unload.remote(body.lora_name):
+                return PlainTextResponse(f"Success: LoRA adapter {body.lora_name!r} removed successfully.")
+        raise unknown_lora(body.lora_name)
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Response:
-        model = self._model(body.model)
+        model, lora = await self._model(body.model)
         model.check_sampling_limits(body)
         prompts = [model.tokenize(p) for p in body.prompts()]
         max_tokens = min(model.max_tokens(ids, body.max_tokens) for _, ids in prompts)
         sampling = body.sampling(max_tokens, body.logprobs)
-        return await self._serve(model, prompts, sampling, body, chat=False)
+        return await self._serve(model, lora, prompts, sampling, body, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
-        model = self._model(body.model)
+        model, lora = await self._model(body.model)
         model.check_sampling_limits(body)
         prompt = model.tokenize(model.chat_prompt(body), add_special_tokens=False)
         sampling = body.sampling(model.max_tokens(prompt[1], body.requested_max_tokens()), body.logprobs_count())
-        return await self._serve(model, [prompt], sampling, body, chat=True)
+        return await self._serve(model, lora, [prompt], sampling, body, chat=True)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest) -> Response:
-        model = self._model(body.model)
+        model, lora = await self._model(body.model)
+        if lora is not None:
+            raise bad_request(f"{lora.name!r} is a LoRA adapter: adapters serve completions and chat, "
+                              f"not embeddings (use the base model {model.name!r})", "model")
         model.check_dimensions(body)
         prompts = [model.tokenize(p) for p in body.inputs()]
         model.ensure_follower()
@@ -117,10 +179,12 @@ class Ingress:
 
     # -- generation --------------------------------------------------------------------
 
-    async def _serve(self, model: ServedModel, prompts, sampling: SamplingParams, body, chat: bool) -> Response:
+    async def _serve(self, model: ServedModel, lora: LoRAChoice | None, prompts, sampling: SamplingParams, body,
+                     chat: bool) -> Response:
         model.ensure_follower()
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        starts = [model.start(f"{request_id}-{i}", text, ids, sampling, body) for i, (text, ids) in enumerate(prompts)]
+        starts = [model.start(f"{request_id}-{i}", text, ids, sampling, body, lora)
+                  for i, (text, ids) in enumerate(prompts)]
         timers = [RequestTimer(model.name) for _ in starts]
         started = await asyncio.gather(*starts, return_exceptions=True)
         failures = [s for s in started if isinstance(s, BaseException)]
@@ -133,7 +197,7 @@ class Ingress:
         replicas = [f.replica for f in firsts]
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(replicas))}
         reader = body.tool_call_reader(model.tool_format) if chat else None
-        run = Generation(model.name, model.token_text, request_id, body, chat, len(prompts), firsts, streams,
+        run = Generation(lora.name if lora else model.name, model.token_text, request_id, body, chat, len(prompts), firsts, streams,
                          timers, reader)
         if body.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)

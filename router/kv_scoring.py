@@ -21,6 +21,8 @@ class KVScorer:
     """cost(replica) = prompt tokens it would compute (a block in its host-memory tier counts
                        as `options.host_block_credit` computed: it comes back by a copy)
                      + `options.load_cost_tokens` x requests in flight there
+                     + `options.lora_load_cost_tokens` if the request's LoRA adapter is not
+                       in one of its device slots (as its last heartbeat reported them)
                      + the tokens of its new blocks x the share of its pool that recent
                        traffic keeps wanted (the cached work those blocks push out, now or
                        as the conversations there grow).
@@ -91,9 +93,10 @@ class KVScorer:
         return retained, wanted
 
     def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int,
-             priority: int = 0) -> tuple[list[int], str]:
+             priority: int = 0, lora_name: str | None = None) -> tuple[list[int], str]:
         """Indices of `replicas`, best first, and the reason for the first choice, for a
-        request of `priority` (lower is served sooner)."""
+        request of `priority` (lower is served sooner) under LoRA adapter `lora_name` (None:
+        the base model)."""
         known = self._known(replicas)
         matched = self.follower.index.prefix_matches(block_hashes, known)
         for replica, depth in self.working_sets.recent_matches(block_hashes, known, self.options.recent_s).items():
@@ -106,7 +109,8 @@ class KVScorer:
         prompt_blocks = -(-num_tokens // size)
         new_blocks = prompt_blocks - depths  # blocks loaded from the host tier take device room too
         saved = (depths + self.options.host_block_credit * host_blocks) * size
-        costs = num_tokens - saved + self.options.load_cost_tokens * loads + size * new_blocks * pressures
+        costs = (num_tokens - saved + self.options.load_cost_tokens * loads + size * new_blocks * pressures
+                 + self._lora_load_costs(replicas, lora_name))
         ahead = self._waiting_ahead(replicas, priority)
         order = np.lexsort((self._ties.random(len(replicas)), fills, loads, ahead, costs))
         held = loads[order] > self.imbalance_slack(int(loads.min()))
@@ -122,6 +126,16 @@ class KVScorer:
             return 0
         host_depths = np.fromiter((on_host.get(r, 0) for r in replicas), np.int64, len(replicas))
         return np.maximum(host_depths - depths, 0)
+
+    def _lora_load_costs(self, replicas: list[str], lora_name: str | None) -> np.ndarray | int:
+        """Per replica, the cost of loading adapter `lora_name` there: none where a device slot
+        holds it."""
+        if lora_name is None or not self.options.lora_load_cost_tokens:
+            return 0
+        stats = self.follower.stats
+        missing = np.fromiter((r not in stats or lora_name not in stats[r].lora_adapters for r in replicas),
+                              bool, len(replicas))
+        return self.options.lora_load_cost_tokens * missing
 
     def _waiting_ahead(self, replicas: list[str], priority: int) -> np.ndarray:
         """Per replica, the waiting requests a request of `priority` would queue behind there."""

@@ -479,3 +479,20 @@ def _field_message(kind: str, ctx: dict, param: str, text: str) -> str:
     if text.startswith("Input should be"):  # "Input should be a valid integer, unable to parse..."
         return f"{param} must be" + text.removeprefix("Input should be").split(",")[0]
     return f"{param}: {text}"
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's `/v1/load_lora_adapter` body; `model` names the base model when several serve
+    adapters."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    model: str | None = None
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's `/v1/unload_lora_adapter` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1)

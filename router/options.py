@@ -16,6 +16,9 @@ class RouterOptions(BaseModel):
     host_block_credit: float = Field(
         0.8, ge=0, le=1, description="kv: what a block in a replica's host-memory tier saves, against one on its device "
         "(it costs a copy back, not a recompute)")
+    lora_load_cost_tokens: int = Field(
+        64, ge=0, description="kv: prompt tokens that loading a request's LoRA adapter is worth, on a replica "
+        "without it in a device slot (0: ignore where adapters are loaded)")
     max_imbalance: int = Field(16, ge=0, description="kv: most extra in-flight requests over the least busy replica")
     imbalance_share: float = Field(
         2.0, ge=0, description="kv: or this share of the least busy replica's in-flight requests, if more")

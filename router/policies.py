@@ -44,9 +44,10 @@ class KVAwareRouter(RequestRouter):
         hashes = getattr(request, "block_hashes", None) or []
         num_tokens = len(getattr(request, "prompt_token_ids", None) or [])
         priority = getattr(request, "priority", 0)
+        lora_name = getattr(request, "lora_name", None)
         ids = [r.replica_id.unique_id for r in candidate_replicas]
         scorer = self._scorer()
-        order, reason = scorer.rank(ids, hashes, num_tokens, priority)
+        order, reason = scorer.rank(ids, hashes, num_tokens, priority, lora_name)
         scorer.record(ids[order[0]], hashes)
         routing_metrics.record_decision("kv", reason, time.perf_counter() - start)
         return [[candidate_replicas[k]] for k in order]

@@ -2,7 +2,7 @@
 and that deployment's KV index. Prompts are checked, tokenized and hashed here, once, and handed
 to the deployment through a handle whose request router picks the replica."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
 from ray import serve
@@ -17,6 +17,7 @@ from kvserve.router.openai_schema import ChatCompletionRequest, EmbeddingRequest
 from kvserve.router.responses import TokenText
 from kvserve.router.tool_parsers import FORMATS, format_for_model
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
+from kvserve.workers.lora_registry import get_or_create_registry
 from kvserve.workers.protocol import (
     EmbeddingOutput, EmbedRequest, GenerateRequest, RequestRefused, SamplingParams, prompt_length_problem,
 )
@@ -41,6 +42,8 @@ class IngressSettings:
     max_request_bytes: int
     metrics_need_api_key: bool
     tool_parser: str | None = None  # a name in tool_parsers.FORMATS; None: the model's own
+    enable_lora: bool = False
+    lora_modules: dict[str, str] = field(default_factory=dict)  # the adapters of startup: name -> folder
 
 
 def model_app_name(ingress_app: str, served_model_name: str) -> str:
@@ -58,6 +61,14 @@ def _route_on_its_own(request_id: str) -> None:
     serve_context._set_request_context(_internal_request_id=request_id)
 
 
+@dataclass(frozen=True)
+class LoRAChoice:
+    """The LoRA adapter a request runs under: its name, and its folder if loaded at run time."""
+
+    name: str
+    path: str | None
+
+
 class ServedModel:
     def __init__(self, settings: IngressSettings, llm: DeploymentHandle, llm_app: str):
         self.settings = settings
@@ -73,6 +84,7 @@ class ServedModel:
         self.tool_format = (FORMATS[settings.tool_parser] if settings.tool_parser
                             else format_for_model(settings.tokenizer, self.tokenizer.chat_template))
         self.follower: KVIndexFollower | None = None
+        self.lora_registry = get_or_create_registry(llm_app) if settings.enable_lora else None
 
     @classmethod
     def in_own_app(cls, settings: IngressSettings, ingress_app: str) -> "ServedModel":
@@ -95,8 +107,21 @@ class ServedModel:
         return deployment.replica_states.get(ReplicaState.RUNNING, 0) if deployment else 0
 
     def card(self) -> dict:
-        return {"id": self.name, "object": "model", "created": 0, "owned_by": "kvserve",
-                "max_model_len": self.max_model_len, "vocab_size": len(self.tokenizer)}
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "kvserve", "root": self.name,
+                "parent": None, "max_model_len": self.max_model_len, "vocab_size": len(self.tokenizer)}
+
+    async def lora_folders(self) -> dict[str, str]:
+        """Every adapter served now, name -> folder: startup's, then those loaded at run time."""
+        loaded = await self.lora_registry.folders.remote() if self.lora_registry else {}
+        return {**self.settings.lora_modules, **loaded}
+
+    async def lora_cards(self) -> list[dict]:
+        return [{**self.card(), "id": name, "root": folder, "parent": self.name}
+                for name, folder in (await self.lora_folders()).items()]
+
+    async def runtime_lora_folder(self, name: str) -> str | None:
+        """The folder of adapter `name` if it was loaded at run time."""
+        return await self.lora_registry.folder.remote(name) if self.lora_registry else None
 
     # -- checks ------------------------------------------------------------------------
 
@@ -162,20 +187,25 @@ class ServedModel:
         _, answer = await self._first_answer(lambda: self.llm.options(stream=True).embed.remote(request))
         return answer
 
-    async def start(self, request_id: str, text: str, ids: list[int], sampling: SamplingParams, body):
-        """The stream of one prompt and its first delta. A replica that dies before the first
-        delta has given the client nothing: the request goes again, to a live replica."""
+    async def start(self, request_id: str, text: str, ids: list[int], sampling: SamplingParams, body,
+                    lora: LoRAChoice | None = None):
+        """The stream of one prompt and its first delta, under `lora` if given. A replica that
+        dies before the first delta has given the client nothing: the request goes again, to a
+        live replica."""
         _route_on_its_own(request_id)
+        lora_name, lora_path = (lora.name, lora.path) if lora else (None, None)
         request = GenerateRequest(
             request_id=request_id,
             prompt_token_ids=ids,
             sampling=sampling,
             prompt=text,
-            block_hashes=hash_block_chain(ids, self.block_size, body.cache_salt),
+            block_hashes=hash_block_chain(ids, self.block_size, body.cache_salt, lora_name),
             hash_check=self.hash_check,
             cache_salt=body.cache_salt,
             priority=body.priority,
             kv_retention=body.retention(),
+            lora_name=lora_name,
+            lora_path=lora_path,
         )
         return await self._first_answer(lambda: self.llm.options(stream=True).generate.remote(request))
 

@@ -85,6 +85,21 @@ def test_bench_routers_runs_the_offload_setups_side_by_side():
     assert setups(args, "pow2") == [Setup(1024, 0.0, 0.8), Setup(48, 0.0, 0.8), Setup(48, 0.05, 0.8)]
 
 
+def test_bench_routers_lora_workload_gives_each_adapter_its_system_prompt_and_kv_both_costs():
+    from kvserve.cluster.bench.routers import Setup, add_flags as add_router_flags, lora_requests, setups
+
+    parser = argparse.ArgumentParser()
+    add_router_flags(parser)
+    args = parser.parse_args(["--workloads", "lora", "--lora-load-cost-tokens", "0", "256", "--num-requests", "40",
+                              "--prefix-len", "20", "--prompt-len", "5"])
+    assert setups(args, "kv") == [Setup(160, 0.0, 0.8, 0), Setup(160, 0.0, 0.8, 256)]
+    assert setups(args, "pow2") == [Setup(160, 0.0, 0.8)]
+    prompts, adapters = lora_requests(args, 500, ["a", "b", "c"])
+    systems = {name: {tuple(p[:20]) for p, n in zip(prompts, adapters) if n == name} for name in "abc"}
+    assert all(len(s) == 1 for s in systems.values()) and len(set().union(*systems.values())) == 3
+    assert {len(p) for p in prompts} == {25}
+
+
 def test_percentiles():
     p = percentiles([float(i) for i in range(100)])
     assert (p["p50"], p["p90"], p["p99"]) == (50.0, 90.0, 99.0)

@@ -154,7 +154,8 @@ def test_host_tier_figures_reach_the_metrics():
     tier = HostTierStats(blocks_total=32, blocks_cached=7, hit_blocks=4, blocks_in=4, blocks_out=9, bytes_in=4096,
                          bytes_out=9216)
     stats = EngineStats(running=1, waiting=0, kv_blocks_total=16, kv_blocks_used=3, kv_blocks_cached=5,
-                        num_preemptions=0, grammars=None, speculative=None, host_tier=tier, waiting_by_priority=())
+                        num_preemptions=0, grammars=None, speculative=None, host_tier=tier, waiting_by_priority=(),
+                        lora_adapters=())
     routing_metrics.export_replica_stats({"r1": stats}, {}, 0)
     text = generate_latest().decode()
     for name, value in [("hit_blocks_total", 4), ("blocks_out_total", 9), ("bytes_in_total", 4096)]:

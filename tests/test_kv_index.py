@@ -79,7 +79,8 @@ def test_a_sequence_gap_is_refused():
 
 def pool_stats(total: int = 1 << 20, used: int = 0, cached: int = 0) -> EngineStats:
     return EngineStats(running=0, waiting=0, kv_blocks_total=total, kv_blocks_used=used, kv_blocks_cached=cached,
-                       num_preemptions=0, grammars=None, speculative=None, host_tier=None, waiting_by_priority=())
+                       num_preemptions=0, grammars=None, speculative=None, host_tier=None, waiting_by_priority=(),
+                       lora_adapters=())
 
 
 def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None = None,
@@ -230,6 +231,40 @@ def test_between_equal_costs_the_request_goes_where_fewer_as_urgent_requests_wai
         assert scorer.rank(["urgent", "relaxed"], hashes, len(prompt), priority=0)[0] == [1, 0]
     assert {scorer.rank(["urgent", "relaxed"], hashes, len(prompt), priority=10)[0][0] for _ in range(32)} == {0, 1}
     assert scorer.rank(["relaxed", "holder"], hashes, len(prompt), priority=0)[0] == [1, 0]
+
+
+def adapter_follower() -> KVIndexFollower:
+    """Two replicas caching nothing; "holder" has LoRA adapter "tuned" in a device slot."""
+    holding = dataclasses.replace(pool_stats(100), lora_adapters=("other", "tuned"))
+    return follower_with({"bare": [], "holder": []}, stats={"bare": pool_stats(100), "holder": holding})
+
+
+def test_a_replica_holding_the_adapter_wins_at_equal_cache():
+    """It saves the adapter's load, worth more than a request in flight; at cost 0 the router
+    ignores where adapters are."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(16))
+    hashes = hash_block_chain(prompt, BLOCK, lora_name="tuned")
+    scorer = KVScorer(adapter_follower(), BLOCK, RouterOptions(load_cost_tokens=4))
+    scorer.in_flight["holder"] = 1
+    for _ in range(8):  # equal costs otherwise go either way at random
+        assert scorer.rank(["bare", "holder"], hashes, len(prompt), lora_name="tuned")[0] == [1, 0]
+    assert scorer.rank(["bare", "holder"], hashes, len(prompt))[0] == [0, 1]  # the base model: load decides
+    unaware = KVScorer(adapter_follower(), BLOCK, RouterOptions(lora_load_cost_tokens=0))
+    assert {unaware.rank(["bare", "holder"], hashes, len(prompt), lora_name="tuned")[0][0] for _ in range(32)} == {0, 1}
+
+
+def test_a_busy_adapter_holder_loses_to_a_replica_without_it_past_the_load_guard():
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(16))
+    hashes = hash_block_chain(prompt, BLOCK, lora_name="tuned")
+    scorer = KVScorer(adapter_follower(), BLOCK, RouterOptions(load_cost_tokens=4, max_imbalance=2))
+    scorer.in_flight["holder"] = 2
+    assert scorer.rank(["bare", "holder"], hashes, len(prompt), lora_name="tuned")[0] == [1, 0]
+    scorer.in_flight["holder"] = 3
+    assert scorer.rank(["bare", "holder"], hashes, len(prompt), lora_name="tuned")[0] == [0, 1]
 
 
 def stored(tokens: list[int], priority: int, medium: str = DEVICE_MEDIUM) -> BlockStored:

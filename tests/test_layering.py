@@ -34,12 +34,13 @@ RANKS = {
 }
 
 # All the router may import from workers: the messages, the block hash, the KV events and
-# the hub's actor name.
+# the hub's actor name, the LoRA registry actor.
 ROUTER_MAY_IMPORT = {
     "kvserve.workers.protocol",
     "kvserve.workers.engine.block_hash",
     "kvserve.workers.engine.kv_events",
     "kvserve.workers.kv_event_hub",
+    "kvserve.workers.lora_registry",
 }
 
 ENGINE_CORE = ["kvserve.workers.engine.engine", "kvserve.workers.engine.scheduler",

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from kvserve.cluster.cli import main
 from kvserve.workers.engine.block_hash import hash_block_chain
 from kvserve.workers.engine.config import EngineConfig
+from kvserve.workers.engine.kv_events import BlockRemoved, BlockStored
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.llm import LLM
 
@@ -152,6 +153,59 @@ def test_cached_kv_never_crosses_adapters(tiny_checkpoints, adapters):
     assert cached_tokens("attn") > 0 and cached_tokens(None) > 0
     chains = [hash_block_chain(prompt, 8, lora_name=lora) for lora in (None, "attn", "mlp")]
     assert not set(chains[0]) & set(chains[1]) and not set(chains[1]) & set(chains[2])
+
+
+def test_kv_events_name_the_adapter(tiny_checkpoints, adapters):
+    llm = engine(tiny_checkpoints["llama"], adapters["llama"])
+    llm.engine.take_kv_events()
+    llm.generate(prompts(1, seed=4)[0] + list(range(10, 30)), greedy(), lora="mlp")
+    stored = [e for e in llm.engine.take_kv_events().events if isinstance(e, BlockStored)]
+    assert stored and {e.lora_name for e in stored} == {"mlp"}
+
+
+def test_stats_name_the_adapters_in_device_slots(tiny_checkpoints, adapters):
+    llm = engine(tiny_checkpoints["llama"], adapters["llama"], max_loras=1)
+    prompt = prompts(1, seed=7)[0]
+    assert llm.engine.stats().lora_adapters == ()
+    llm.generate(prompt, greedy(), lora="mlp")
+    assert llm.engine.stats().lora_adapters == ("mlp",)
+    llm.generate(prompt, greedy(), lora="attn")
+    assert llm.engine.stats().lora_adapters == ("attn",)
+
+
+def test_adapters_are_added_and_removed_at_run_time(tiny_checkpoints, adapters, references):
+    llm = engine(tiny_checkpoints["llama"], {})
+    prompt = prompts(1, seed=5)[0]
+    llm.engine.add_lora("late", adapters["llama"]["qv"])
+    assert_matches_reference(references["llama"], prompt, "qv", tokens_of(llm.generate(prompt, greedy(), lora="late"))[0])
+
+    llm.engine.add_request("r", prompt, greedy(), lora_name="late")
+    with pytest.raises(ValueError, match="'late' cannot be removed while 1 requests run under it"):
+        llm.engine.remove_lora("late")
+    llm.engine.abort_request("r")
+    llm.engine.remove_lora("late")
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'late'"):
+        llm.generate(prompt, greedy(), lora="late")
+    with pytest.raises(ValueError, match="rank 16 exceeds max_lora_rank 8"):
+        big = save_adapter(tiny_checkpoints["llama"], adapters["llama"]["qv"] + "-big", 0, r=16, target_modules=["q_proj"])
+        llm.engine.add_lora("big", big)
+
+
+def test_an_adapter_served_again_from_other_weights_finds_none_of_its_old_kv(tiny_checkpoints, adapters, references):
+    llm = engine(tiny_checkpoints["llama"], {})
+    prompt = prompts(1, seed=6)[0] + list(range(10, 30))  # several full blocks of 8
+    llm.engine.add_lora("name", adapters["llama"]["qv"])
+    llm.generate(prompt, greedy(), lora="name")
+    assert llm.generate(prompt, greedy(), lora="name")[0].num_cached_tokens > 0
+    llm.engine.take_kv_events()
+
+    llm.engine.remove_lora("name")
+    removed = [e for e in llm.engine.take_kv_events().events if isinstance(e, BlockRemoved)]
+    llm.engine.add_lora("name", adapters["llama"]["mlp"])
+    again = llm.generate(prompt, greedy(), lora="name")[0]
+
+    assert removed and again.num_cached_tokens == 0
+    assert_matches_reference(references["llama"], prompt, "mlp", again.outputs[0].token_ids)
 
 
 def test_cli_generates_under_an_adapter(tiny_checkpoints, adapters, references, capsys):

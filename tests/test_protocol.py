@@ -24,7 +24,7 @@ STATS = EngineStats(running=2, waiting=1, kv_blocks_total=64, kv_blocks_used=9, 
                                                  accepted_at=(3, 1, 1)),
                     host_tier=HostTierStats(blocks_total=32, blocks_cached=7, hit_blocks=4, blocks_in=4, blocks_out=9,
                                             bytes_in=4096, bytes_out=9216),
-                    waiting_by_priority=((-1, 1),))
+                    waiting_by_priority=((-1, 1),), lora_adapters=("tuned",))
 EPOCH = 2**62 + 5
 BATCH = KVEventBatch(EPOCH, 7, 1.7e9, [
     BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None, medium="cpu", priority=100),
@@ -45,7 +45,8 @@ def messages() -> list:
         GenerateRequest(request_id="cmpl-1-0", prompt_token_ids=list(range(13)), sampling=sampling,
                         prompt="text", block_hashes=CHAIN, hash_check=hash_check_value(BLOCK),
                         cache_salt="tenant", priority=-1,
-                        kv_retention=KVRetention((RetentionRange(0, None, 100, 60.0),), decode_priority=10)),
+                        kv_retention=KVRetention((RetentionRange(0, None, 100, 60.0),), decode_priority=10),
+                        lora_name="tuned", lora_path="/adapters/tuned"),
         OutputDelta(replica="r1", num_prompt_tokens=13, num_cached_tokens=8, samples=[sample], finished=True),
         EmbedRequest(request_id="embd-1-0", prompt_token_ids=list(range(13)), prompt="text", block_hashes=CHAIN,
                      hash_check=hash_check_value(BLOCK), cache_salt="tenant", priority=2),

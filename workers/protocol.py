@@ -56,8 +56,8 @@ class EmbedRequest:
 @dataclass(frozen=True)
 class GenerateRequest:
     """One prompt to generate for, as token ids. `block_hashes` are the prompt's full blocks
-    hashed by the ingress; the KV-aware router routes on them, and the replica reuses them
-    when `hash_check` equals its own (same block size and hash function). `prompt` (the
+    hashed by the ingress (under the request's adapter); the KV-aware router routes on them,
+    and the replica reuses them when `hash_check` equals its own (same block size and hash function). `prompt` (the
     text) is for the text-based baseline router."""
 
     request_id: str
@@ -69,6 +69,8 @@ class GenerateRequest:
     cache_salt: str | None
     priority: int
     kv_retention: KVRetention | None  # None: every block at the default retention priority
+    lora_name: str | None  # the LoRA adapter to run under; None: the base model
+    lora_path: str | None  # its folder when it was loaded at run time; None: one of `lora_modules`
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
 import ray
 from ray import serve
@@ -24,6 +25,8 @@ from kvserve.workers.engine.engine import LLMEngine
 from kvserve.workers.engine.output_processor import NewToken
 from kvserve.workers.engine.outputs import RequestOutput
 from kvserve.workers.kv_event_hub import KVEventHub, hub_name
+from kvserve.workers.lora_registry import POLL_PERIOD_S, get_or_create_registry
+from kvserve.workers.models.lora_adapter import check_adapter
 from kvserve.workers.protocol import (
     HEARTBEAT_PERIOD_S, EmbeddingOutput, EmbedRequest, EngineStats, GenerateRequest, Heartbeat, OutputDelta,
     ReplicaRegistration, RequestRefused, SampleDelta,
@@ -69,6 +72,16 @@ def output_delta(output: RequestOutput, replica: str) -> OutputDelta:
         ],
         finished=output.finished,
     )
+
+
+def drop_unloaded_loras(registered: dict[str, str], engine: LLMEngine) -> None:
+    """Remove the engine's adapters of run time that are not `registered`; one a request still
+    runs under stays (the engine refuses), for the next poll."""
+    for name in [n for n in engine.lora_folders if n not in engine.config.lora_modules and n not in registered]:
+        try:
+            engine.remove_lora(name)
+        except ValueError:
+            pass
 
 
 class EngineThread(threading.Thread):
@@ -172,6 +185,8 @@ class LLMServer:
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop = asyncio.get_event_loop()
         self._last_stats_at = 0.0
+        self.lora_registry = get_or_create_registry(self.app_name) if engine_config.enable_lora else None
+        self._last_lora_poll_at = 0.0
         self._resync = False
         self._hub_lost = False
         self.thread = EngineThread(self.engine, self._deliver, self._post, self._publish, step_timeout_s)
@@ -215,6 +230,20 @@ class LLMServer:
         heartbeat = Heartbeat(self._kv_epoch, self._kv_seq, time.time(), stats)
         ref = self.hub.publish.remote(self.replica_id, [batch] if batch else [], heartbeat)
         ref.future().add_done_callback(self._on_published)
+        self._poll_lora_registry(now)
+
+    def _poll_lora_registry(self, now: float) -> None:
+        """Drop the adapters loaded at run time that the registry no longer has (unloaded). One
+        with requests in flight stays until they finish: the engine refuses, the next poll retries."""
+        if self.lora_registry is None or now - self._last_lora_poll_at < POLL_PERIOD_S:
+            return
+        self._last_lora_poll_at = now
+
+        self.lora_registry.folders.remote().future().add_done_callback(self._on_lora_folders)
+
+    def _on_lora_folders(self, future) -> None:
+        if future.exception() is None:  # else the registry is gone with Serve: nothing to drop against
+            self.thread.submit(partial(drop_unloaded_loras, future.result()))
 
     def _rejoin(self, stats: EngineStats) -> None:
         """Register again from a snapshot, with a new hub if the old one is gone."""
@@ -261,8 +290,11 @@ class LLMServer:
 
         def add(engine: LLMEngine) -> None:
             try:
+                if request.lora_path is not None:  # loaded at run time: this replica may not have it yet
+                    engine.add_lora(request.lora_name, request.lora_path)
                 engine.add_request(request_id, request.prompt_token_ids, request.sampling, request.priority,
-                                   request.cache_salt, block_hashes=hashes, kv_retention=request.kv_retention)
+                                   request.cache_salt, block_hashes=hashes, kv_retention=request.kv_retention,
+                                   lora_name=request.lora_name)
             except ValueError as error:  # the request's own problem, not an error of ours
                 self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused(str(error)))
 
@@ -325,6 +357,14 @@ class LLMServer:
         problem = self.thread.problem()
         if problem is not None:
             raise RuntimeError(f"replica {self.replica_id} cannot serve: {problem}")
+
+    def lora_adapter_problem(self, name: str, folder: str) -> str | None:
+        """Why `folder` cannot be adapter `name` of this model, or None (the checks of startup)."""
+        try:
+            check_adapter(name, folder, self.engine.runner.model_config, self.engine.config.max_lora_rank)
+        except (ValueError, OSError) as error:
+            return str(error)
+        return None
 
     async def check_health(self) -> None:
         self._raise_if_dead()

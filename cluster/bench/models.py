@@ -26,3 +26,21 @@ def router_bench_model(cache_dir: Path) -> str:
     """A small random-weight Llama whose prefill costs enough on a CPU core for the router to
     matter, with room for long conversations."""
     return str(build_tiny_checkpoint(cache_dir / "router-bench-llama", arch="llama", **ROUTER_BENCH_SHAPE))
+
+
+def bench_lora_adapters(base_dir: str, cache_dir: Path, count: int, rank: int = 8) -> dict[str, str]:
+    """`count` PEFT LoRA adapters of random A and B (not PEFT's zero B) on every projection of
+    `base_dir`, built on first use beside it: name -> folder."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folders = {f"lora-{k}": cache_dir / f"{Path(base_dir).name}-lora-{k}" for k in range(count)}
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    for seed, folder in enumerate(folders.values()):
+        if not (folder / "adapter_config.json").exists():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, init_lora_weights=False)
+            get_peft_model(model, config).save_pretrained(folder)
+    return {name: str(folder) for name, folder in folders.items()}

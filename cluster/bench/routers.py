@@ -3,36 +3,48 @@ other, under the same workloads; a table of the results and a PNG plot.
 
 Each policy runs in one or more cache setups (`Setup`): the device pool, the host-memory tier
 and the `kv` policy's credit for it, so that a pool too small for the working set can be
-measured with the tier off and on, and against a pool that holds everything, in one run."""
+measured with the tier off and on, and against a pool that holds everything, in one run.
+
+The `lora` workload (not run by default) serves `--loras` random PEFT adapters on the base
+model, each request under one of them with that adapter's system prompt; its setups for the
+`kv` policy differ in `lora_load_cost_tokens` (0: the router ignores where adapters are)."""
 
 import argparse
 import asyncio
 import json
+import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.cluster.bench import serve as bench_serve
+from kvserve.cluster.bench.models import bench_lora_adapters
 from kvserve.router.options import POLICIES, RouterOptions
 from kvserve.workers.models.distributed import free_port
 
 WORKLOADS = ["shared-prefix", "multi-turn", "random"]
+LORA_WORKLOAD = "lora"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
-    parser.add_argument("--workloads", nargs="+", default=WORKLOADS)
+    parser.add_argument("--workloads", nargs="+", choices=[*WORKLOADS, LORA_WORKLOAD], default=WORKLOADS)
     parser.add_argument("--kv-blocks", type=int, default=160, help="KV pool of each replica, in blocks")
     parser.add_argument("--kv-offload-gib", type=float, nargs="+", default=[0.0],
                         help="host-memory KV tier of each replica, each value a setup of its own (0: none)")
     parser.add_argument("--host-block-credit", type=float, nargs="+", default=[RouterOptions().host_block_credit],
                         help="kv policy: what a host-tier block saves against a device one, each value a setup of "
                         "its own where there is a host tier")
+    parser.add_argument("--loras", type=int, default=8, help="lora workload: adapters served")
+    parser.add_argument("--max-loras", type=int, default=2, help="lora workload: adapters on each replica's device")
+    parser.add_argument("--lora-load-cost-tokens", type=int, nargs="+",
+                        default=[RouterOptions().lora_load_cost_tokens],
+                        help="kv policy, lora workload: the cost of loading an adapter, each value a setup of its own")
     parser.add_argument("--unbounded-kv-blocks", type=int,
                         help="also run each policy first with a pool this large and no host tier, the reference")
     parser.add_argument("--out", default="bench-routers", help="prefix of the .jsonl and .png written")
@@ -50,39 +62,48 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Setup:
-    """One deployment's cache: device pool blocks, host tier GiB, the kv policy's host credit."""
+    """One deployment's cache: device pool blocks, host tier GiB, the kv policy's host credit
+    and its cost of loading a LoRA adapter."""
 
     kv_blocks: int
     kv_offload_gib: float
     host_block_credit: float
+    lora_load_cost_tokens: int = RouterOptions().lora_load_cost_tokens
 
     @property
     def name(self) -> str:
         tier = f" + host {self.kv_offload_gib:g} GiB, credit {self.host_block_credit:g}" if self.kv_offload_gib else ""
-        return f"{self.kv_blocks} blocks{tier}"
+        lora = (f", LoRA load cost {self.lora_load_cost_tokens}"
+                if self.lora_load_cost_tokens != RouterOptions().lora_load_cost_tokens else "")
+        return f"{self.kv_blocks} blocks{tier}{lora}"
 
 
 def setups(args: argparse.Namespace, policy: str) -> list[Setup]:
     """The reference pool if asked, then every host tier size over `kv_blocks`, and for the kv
-    policy with a host tier, every credit (the credit changes nothing elsewhere)."""
+    policy with a host tier, every credit (the credit changes nothing elsewhere); for the kv
+    policy under the lora workload, every LoRA load cost."""
     default_credit = RouterOptions().host_block_credit
     runs = [Setup(args.unbounded_kv_blocks, 0.0, default_credit)] if args.unbounded_kv_blocks else []
     for gib in args.kv_offload_gib:
         credits = args.host_block_credit if gib and policy == "kv" else [default_credit]
         runs += [Setup(args.kv_blocks, gib, credit) for credit in credits]
+    if policy == "kv" and LORA_WORKLOAD in args.workloads:
+        runs = [replace(run, lora_load_cost_tokens=cost) for run in runs for cost in args.lora_load_cost_tokens]
     return runs
 
 
-def _config(args: argparse.Namespace, model: str, policy: str, setup: Setup, port: int):
+def _config(args: argparse.Namespace, model: str, adapters: dict[str, str], policy: str, setup: Setup, port: int):
     from kvserve.cluster.config import load_config
 
+    lora = {"enable_lora": True, "max_loras": args.max_loras, "lora_modules": adapters} if adapters else {}
     return load_config(None, {
         "engine": {"model": model, "device": "cpu", "dtype": "float32", "cpu_threads": 1,
                    "num_kv_blocks": setup.kv_blocks, "kv_offload_gib": setup.kv_offload_gib,
-                   "max_model_len": args.max_model_len, "block_size": args.block_size},
+                   "max_model_len": args.max_model_len, "block_size": args.block_size, **lora},
         "serving": {"app_name": "bench", "replicas": args.replicas, "router": policy, "port": port,
                     "replica_cpus": 1, "max_ongoing_requests": 256,
-                    "router_options": {"host_block_credit": setup.host_block_credit}},
+                    "router_options": {"host_block_credit": setup.host_block_credit,
+                                       "lora_load_cost_tokens": setup.lora_load_cost_tokens}},
     })
 
 
@@ -105,6 +126,8 @@ def main(args: argparse.Namespace, model: str) -> int:
 
     from kvserve.cluster.app import build_app
 
+    adapters = (bench_lora_adapters(model, Path(model).parent, args.loras)
+                if LORA_WORKLOAD in args.workloads else {})
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=2 * args.replicas + 2, include_dashboard=False, logging_level="ERROR")
@@ -115,11 +138,11 @@ def main(args: argparse.Namespace, model: str) -> int:
     try:
         for policy in args.policies:
             for setup in setups(args, policy):
-                serve.run(build_app(_config(args, model, policy, setup, port)), name="bench", route_prefix="/")
+                serve.run(build_app(_config(args, model, adapters, policy, setup, port)), name="bench", route_prefix="/")
                 _wait_ready(url, args.replicas)
                 _warm_up(url, args.replicas)
                 for workload in args.workloads:
-                    summary = _run_setup(args, url, policy, setup, workload)
+                    summary = _run_setup(args, url, policy, setup, workload, list(adapters))
                     bench_serve.print_table(summary)
                     summaries.append(summary)
                     with jsonl.open("a") as out:
@@ -149,23 +172,38 @@ def _warm_up(url: str, replicas: int) -> None:
     asyncio.run(send_all())
 
 
-def _run_setup(args: argparse.Namespace, url: str, policy: str, setup: Setup, workload: str) -> dict:
+def _run_setup(args: argparse.Namespace, url: str, policy: str, setup: Setup, workload: str,
+               adapters: list[str]) -> dict:
     label = f"{policy}/{workload}" if len(setups(args, policy)) == 1 else f"{policy} {setup.name}/{workload}"
     run = argparse.Namespace(**{**vars(args), "url": url, "workload": workload, "label": label})
-    summary = _run_workload(run)
+    summary = _run_workload(run, adapters)
     summary.update(policy=policy, setup=asdict(setup))
     return summary
 
 
-def _run_workload(args: argparse.Namespace) -> dict:
-    models = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"]
-    prompts = bench_serve.make_prompts(args, models[0]["vocab_size"])
+def _run_workload(args: argparse.Namespace, adapters: list[str]) -> dict:
+    base = httpx.get(f"{args.url}/v1/models", timeout=30).json()["data"][0]
+    if args.workload == LORA_WORKLOAD:
+        prompts, models = lora_requests(args, base["vocab_size"], adapters)
+    else:
+        prompts = bench_serve.make_prompts(args, base["vocab_size"])
+        models = [base["id"]] * len(prompts)
     decided_before, host_hits_before = routing_decisions(args.url), host_tier_hits(args.url)
-    results, elapsed = asyncio.run(bench_serve.run_load(args, prompts, models[0]["id"]))
+    results, elapsed = asyncio.run(bench_serve.run_load(args, prompts, models))
     summary = bench_serve.summarize(args, results, elapsed, bench_serve.oracle_hit_rate(prompts, args.block_size))
     summary["decisions"] = dict(routing_decisions(args.url) - decided_before)
     summary["host_tier_hit_blocks"] = host_tier_hits(args.url) - host_hits_before
     return summary
+
+
+def lora_requests(args: argparse.Namespace, vocab: int, adapters: list[str]) -> tuple[list[list[int]], list[str]]:
+    """Prompts in send order and the adapter of each: an adapter drawn at random, its own
+    system prompt of `prefix_len` tokens, then `prompt_len` new ones."""
+    rng = random.Random(f"{LORA_WORKLOAD}-{args.bench_seed}")
+    systems = {name: [rng.randrange(10, vocab) for _ in range(args.prefix_len)] for name in adapters}
+    chosen = [rng.choice(adapters) for _ in range(args.num_requests)]
+    prompts = [systems[name] + [rng.randrange(10, vocab) for _ in range(args.prompt_len)] for name in chosen]
+    return prompts, chosen
 
 
 def _samples(url: str, family_name: str) -> list:

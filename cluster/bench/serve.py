@@ -157,13 +157,14 @@ def fit_lengths(args, max_model_len: int) -> str | None:
     return f"lengths shrunk to fit the model's max_model_len {max_model_len}: {shown}"
 
 
-async def run_load(args, prompts: list[list[int]], model: str) -> tuple[list[Result], float]:
+async def run_load(args, prompts: list[list[int]], models: list[str]) -> tuple[list[Result], float]:
+    """Sends each prompt to its model (a base model or a LoRA adapter) at Poisson arrivals."""
     rng = random.Random(args.bench_seed + 1)
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         tasks = []
         start = time.perf_counter()
-        for prompt in prompts:
+        for prompt, model in zip(prompts, models):
             tasks.append(asyncio.create_task(one_request(client, args.url, model, prompt, args.output_len)))
             await asyncio.sleep(rng.expovariate(args.rate))
         results = await asyncio.gather(*tasks)
@@ -241,7 +242,7 @@ def main(args: argparse.Namespace) -> int:
     if models[0].get("max_model_len") and (note := fit_lengths(args, models[0]["max_model_len"])):
         print(note)
     prompts = make_prompts(args, vocab)
-    results, elapsed = asyncio.run(run_load(args, prompts, model))
+    results, elapsed = asyncio.run(run_load(args, prompts, [model] * len(prompts)))
     summary = summarize(args, results, elapsed, oracle_hit_rate(prompts, args.block_size))
     print_table(summary)
     summaries = [summary]

@@ -11,7 +11,7 @@ from kvserve.workers.engine.retention import RetentionAsk, effective_priority, s
 
 class KVBlock:
     __slots__ = ("block_id", "on_host", "ref_count", "block_hash", "parent_hash", "token_ids", "retention",
-                 "free_tick", "queued_priority")
+                 "lora_name", "free_tick", "queued_priority")
 
     def __init__(self, block_id: int, on_host: bool = False):
         self.block_id = block_id
@@ -21,6 +21,7 @@ class KVBlock:
         self.parent_hash: BlockHash | None = None  # with token_ids, what a `stored` event of it says
         self.token_ids: Sequence[int] = ()
         self.retention: RetentionAsk | None = None  # the strongest ask since it was cached
+        self.lora_name: str | None = None  # the LoRA adapter its KV was computed under
         self.free_tick = 0  # when it joined the free queue; 0 while held
         self.queued_priority = 0
 
@@ -105,9 +106,10 @@ class BlockPool:
         parent_hash: BlockHash | None,
         token_ids: Sequence[int],
         asks: Sequence[RetentionAsk | None],
+        lora_name: str | None = None,
     ) -> None:
         """Register full blocks under their hashes (`token_ids` are theirs, back to back), each
-        with its retention ask (None: the default).
+        with its retention ask (None: the default), computed under LoRA adapter `lora_name`.
 
         A hash already cached keeps its block. One `stored` event per unbroken run of newly
         cached blocks of one priority, so each event's parent hash, token ids and priority
@@ -118,7 +120,7 @@ class BlockPool:
         run: list[KVBlock] = []
         for i, (block, block_hash, asked) in enumerate(zip(blocks, block_hashes, asks)):
             if block.block_hash is None and block_hash not in self.cached:
-                self._register(block, block_hash, parent_hash, token_ids[i * size : (i + 1) * size], asked)
+                self._register(block, block_hash, parent_hash, token_ids[i * size : (i + 1) * size], asked, lora_name)
                 if run and effective_priority(run[-1].retention, now) != effective_priority(asked, now):
                     self._record_stored(run)
                     run = []
@@ -132,12 +134,14 @@ class BlockPool:
 
     def cache_copy(self, block: KVBlock, source: KVBlock) -> None:
         """Register `block` as holding what cached `source` (of another pool) holds."""
-        self._register(block, source.block_hash, source.parent_hash, source.token_ids, source.retention)
+        self._register(block, source.block_hash, source.parent_hash, source.token_ids, source.retention,
+                       source.lora_name)
         self._record_stored([block])
 
     def _register(self, block: KVBlock, block_hash: BlockHash, parent_hash: BlockHash | None,
-                  token_ids: Sequence[int], asked: RetentionAsk | None) -> None:
+                  token_ids: Sequence[int], asked: RetentionAsk | None, lora_name: str | None) -> None:
         block.block_hash = block_hash
+        block.lora_name = lora_name
         block.parent_hash = parent_hash
         block.token_ids = token_ids
         block.retention = asked
@@ -147,7 +151,7 @@ class BlockPool:
         priority = effective_priority(run[0].retention, self.clock())
         token_ids = [t for block in run for t in block.token_ids]
         self.events.append(BlockStored([b.block_hash for b in run], run[0].parent_hash, token_ids, self.block_size,
-                                       lora_name=None, medium=self.medium, priority=priority))
+                                       lora_name=run[0].lora_name, medium=self.medium, priority=priority))
 
     def reset_cache(self) -> bool:
         """Forget every cached block; only possible while no block is in use."""
@@ -160,6 +164,15 @@ class BlockPool:
         self.free_queue.reset()
         self.events.append(AllBlocksCleared())
         return True
+
+    def forget_adapter(self, lora_name: str) -> None:
+        """Uncache every block computed under LoRA adapter `lora_name`, so that the name served
+        again from other weights never finds them; blocks in use keep their contents."""
+        for block in [b for b in self.cached.values() if b.lora_name == lora_name]:
+            del self.cached[block.block_hash]
+            self.events.append(BlockRemoved([block.block_hash], medium=self.medium))
+            block.block_hash = None
+            block.retention = None
 
     def _evict(self, block: KVBlock) -> None:
         if self.on_evict is not None:

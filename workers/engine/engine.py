@@ -68,6 +68,7 @@ class LLMEngine:
         self._refusals: list[tuple[str, str]] = []  # (request id, why) of requests dropped after add_request
         self._pooling_requests = 0
         self._embeddings: list[EmbeddingOutput] = []
+        self.lora_folders = dict(config.lora_modules)  # the adapters served now: startup's and run time's
 
     def _eos_token_ids(self, from_model: Seq[int]) -> tuple[int, ...]:
         ids = set(from_model)
@@ -168,11 +169,37 @@ class LLMEngine:
         return refusals
 
     def _check_lora_name(self, lora_name: str | None) -> None:
-        if lora_name is None or lora_name in self.config.lora_modules:
+        if lora_name is None or lora_name in self.lora_folders:
             return
         if not self.config.enable_lora:
             raise ValueError(f"LoRA adapter {lora_name!r} asked for, but this engine serves none (enable_lora)")
-        raise ValueError(f"unknown LoRA adapter {lora_name!r}; lora_modules has {', '.join(self.config.lora_modules) or 'none'}")
+        raise ValueError(f"unknown LoRA adapter {lora_name!r}; lora_modules has {', '.join(self.lora_folders) or 'none'}")
+
+    def add_lora(self, name: str, folder: str) -> None:
+        """Serve LoRA adapter `name` from `folder` (checked as at startup: ValueError); a new
+        folder for a served name replaces it once no request runs under it."""
+        if self.lora_folders.get(name) == folder:
+            return
+        if not self.config.enable_lora:
+            raise ValueError(f"LoRA adapter {name!r} asked for, but this engine serves none (enable_lora)")
+        self._refuse_if_in_use(name, "replaced")
+        self.runner.add_lora(name, folder)
+        if name in self.lora_folders:
+            self.kv.forget_adapter(name)  # computed under the weights being replaced
+        self.lora_folders[name] = folder
+
+    def remove_lora(self, name: str) -> None:
+        """Stop serving LoRA adapter `name`; refused (ValueError) while a request runs under it,
+        so unloading never cuts a request short."""
+        self._refuse_if_in_use(name, "removed")
+        if self.lora_folders.pop(name, None) is not None:
+            self.runner.remove_lora(name)
+            self.kv.forget_adapter(name)  # the name may come back with other weights
+
+    def _refuse_if_in_use(self, name: str, change: str) -> None:
+        in_use = sum(1 for seqs in self.requests.values() if seqs[0].lora_name == name)
+        if in_use:
+            raise ValueError(f"LoRA adapter {name!r} cannot be {change} while {in_use} requests run under it")
 
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         problem = prompt_length_problem(len(token_ids), self.max_model_len)
@@ -455,6 +482,7 @@ class LLMEngine:
             speculative=self.speculation.stats() if self.speculation is not None else None,
             host_tier=self._host_tier_stats(),
             waiting_by_priority=self._waiting_by_priority(),
+            lora_adapters=self.runner.resident_loras() if self.config.enable_lora else (),
         )
 
     def _waiting_by_priority(self) -> tuple[tuple[int, int], ...]:

@@ -77,6 +77,16 @@ class ModelExecutor(Protocol):
         model in the engine's process have it). A sequence whose new token is PENDING_TOKEN
         takes it from `previous`, at its `sample_row`."""
 
+    def add_lora(self, name: str, folder: str) -> None:
+        """Serve LoRA adapter `name` from `folder` (ValueError if it does not fit the model);
+        only executors of `enable_lora` engines, which run the model in the engine's process."""
+
+    def remove_lora(self, name: str) -> None:
+        """Forget LoRA adapter `name`, which no request uses any more."""
+
+    def resident_loras(self) -> tuple[str, ...]:
+        """The LoRA adapters in device slots now, least recently used first."""
+
     async def check_health(self) -> None:
         """Raise if the model can no longer run (a rank is gone)."""
 

@@ -140,6 +140,11 @@ class KVCacheManager:
         self.transfers.append(BlockTransfer(True, block.block_id, copy.block_id))
         self.num_offloaded_blocks += 1
 
+    def forget_adapter(self, lora_name: str) -> None:
+        """Uncache, in both tiers, the blocks computed under LoRA adapter `lora_name`."""
+        for pool in (self.pool, self.host) if self.host else (self.pool,):
+            pool.forget_adapter(lora_name)
+
     def take_transfers(self) -> list[BlockTransfer]:
         transfers, self.transfers = self.transfers, []
         return transfers
@@ -261,5 +266,6 @@ class KVCacheManager:
             parent,
             seq.token_ids[start * size : num_full * size],
             asks,
+            seq.lora_name,
         )
         self.num_hashed_blocks[seq.seq_id] = num_full

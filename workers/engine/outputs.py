@@ -60,6 +60,7 @@ class EngineStats:
     # Waiting sequences per request priority (`count_priorities`), where the scheduler orders by
     # priority; empty under fcfs, where a newcomer waits behind every waiting sequence.
     waiting_by_priority: tuple[tuple[int, int], ...]
+    lora_adapters: tuple[str, ...]  # the LoRA adapters in the replica's device slots now
 
     def waiting_ahead_of(self, priority: int) -> int:
         """Waiting sequences a new request of `priority` would queue behind by priority alone:

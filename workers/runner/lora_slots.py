@@ -1,6 +1,7 @@
 """Which LoRA adapter each device slot holds: `max_loras` slots, the least recently used one
 taken for an adapter a step needs; behind them, up to `host_lora_capacity` adapters read from
-their folders and kept in host memory, least recently used dropped first."""
+their folders and kept in host memory, least recently used dropped first. Adapters come from
+`lora_modules` at startup or are added and removed at run time (`add`, `remove`)."""
 
 from collections import OrderedDict
 
@@ -26,7 +27,7 @@ class LoRASlots:
             check_adapter(name, folder, model_config, config.max_lora_rank)
         self.tokens, self.pools = attach_lora(model, config.max_loras, config.max_lora_rank, get_lora_ops(device),
                                               dtype, device)
-        self.folders = config.lora_modules
+        self.folders = dict(config.lora_modules)
         self.model_config = model_config
         self.max_rank = config.max_lora_rank
         self.host_capacity = config.host_lora_capacity
@@ -35,6 +36,22 @@ class LoRASlots:
         self.free_slots = list(range(config.max_loras - 1, -1, -1))
         self.num_slot_loads = 0
         self.device = device
+
+    def add(self, name: str, folder: str) -> None:
+        """Serve `name` from `folder`, checked as at startup (ValueError); a new folder for a name
+        already served replaces its weights."""
+        check_adapter(name, folder, self.model_config, self.max_rank)
+        self.remove(name)
+        self.folders[name] = folder
+
+    def remove(self, name: str) -> None:
+        """Forget `name`: its folder, its host copy and its slot. The caller makes sure no
+        request still runs under it."""
+        self.folders.pop(name, None)
+        self.host.pop(name, None)
+        slot = self.slot_of.pop(name, None)
+        if slot is not None:
+            self.free_slots.append(slot)
 
     def token_slots(self, seqs: list[Sequence], num_new_tokens: list[int]) -> torch.Tensor:
         """The slot of each token of a step whose sequences `seqs` compute `num_new_tokens` each,

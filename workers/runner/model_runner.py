@@ -142,6 +142,15 @@ class ModelRunner:
         self.sampler(self.model.compute_logits(hidden[:num_rows]), rows)
         return sum(k.nbytes + v.nbytes for k, v in caches)
 
+    def add_lora(self, name: str, folder: str) -> None:
+        self.lora.add(name, folder)
+
+    def remove_lora(self, name: str) -> None:
+        self.lora.remove(name)
+
+    def resident_loras(self) -> tuple[str, ...]:
+        return tuple(self.lora.slot_of)
+
     async def check_health(self) -> None:
         """Nothing to check: the model runs in this process."""
 

@@ -159,4 +159,4 @@ class SimReplica:
         kv, scheduler = self.kv, self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.num_blocks,
                            kv.num_blocks - kv.num_free_blocks, kv.num_cached_blocks, scheduler.num_preemptions, None, None,
-                           None, ())
+                           None, (), ())
