@@ -1,7 +1,7 @@
 """The KV-aware routing decision, free of Serve so that it can be tested and timed alone."""
 
 import random
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from itertools import chain, repeat
 
@@ -45,16 +45,22 @@ class KVScorer:
     def __post_init__(self):
         self.in_flight: Counter[str] = Counter()
         self.working_sets = WorkingSets(self.options.working_set_window_s)
+        # Per replica, the LoRA adapters this router sent it and when: resident there for
+        # `recent_s`, until the replica's heartbeat names it.
+        self.sent_adapters: dict[str, dict[str, float]] = defaultdict(dict)
         self._ties = np.random.default_rng(random.getrandbits(64))  # seeded by `random`, as the simulator needs
 
-    def record(self, replica: str, block_hashes: list[BlockHash]) -> None:
-        """The request with these blocks goes to `replica`."""
+    def record(self, replica: str, block_hashes: list[BlockHash], lora_name: str | None = None) -> None:
+        """The request with these blocks (under LoRA adapter `lora_name`) goes to `replica`."""
         stats = self.follower.stats.get(replica)
         self.working_sets.add(replica, block_hashes, limit=2 * stats.kv_blocks_total if stats else None)
+        if lora_name is not None:
+            self.sent_adapters[replica][lora_name] = self.working_sets.clock()
 
     def forget(self, replica: str) -> None:
         self.in_flight.pop(replica, None)
         self.working_sets.forget(replica)
+        self.sent_adapters.pop(replica, None)
 
     def standings(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per replica, as arrays (this runs for every replica at every decision):
@@ -129,12 +135,15 @@ class KVScorer:
 
     def _lora_load_costs(self, replicas: list[str], lora_name: str | None) -> np.ndarray | int:
         """Per replica, the cost of loading adapter `lora_name` there: none where a device slot
-        holds it."""
+        holds it, or where this router sent it within `recent_s`."""
         if lora_name is None or not self.options.lora_load_cost_tokens:
             return 0
-        stats = self.follower.stats
-        missing = np.fromiter((r not in stats or lora_name not in stats[r].lora_adapters for r in replicas),
-                              bool, len(replicas))
+        stats, sent = self.follower.stats, self.sent_adapters
+        since = self.working_sets.clock() - self.options.recent_s
+        missing = np.fromiter(
+            ((r not in stats or lora_name not in stats[r].lora_adapters)
+             and (r not in sent or sent[r].get(lora_name, -np.inf) < since) for r in replicas),
+            bool, len(replicas))
         return self.options.lora_load_cost_tokens * missing
 
     def _waiting_ahead(self, replicas: list[str], priority: int) -> np.ndarray:

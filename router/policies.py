@@ -48,7 +48,7 @@ class KVAwareRouter(RequestRouter):
         ids = [r.replica_id.unique_id for r in candidate_replicas]
         scorer = self._scorer()
         order, reason = scorer.rank(ids, hashes, num_tokens, priority, lora_name)
-        scorer.record(ids[order[0]], hashes)
+        scorer.record(ids[order[0]], hashes, lora_name)
         routing_metrics.record_decision("kv", reason, time.perf_counter() - start)
         return [[candidate_replicas[k]] for k in order]
 

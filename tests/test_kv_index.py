@@ -255,6 +255,21 @@ def test_a_replica_holding_the_adapter_wins_at_equal_cache():
     assert {unaware.rank(["bare", "holder"], hashes, len(prompt), lora_name="tuned")[0][0] for _ in range(32)} == {0, 1}
 
 
+def test_an_adapter_just_sent_counts_as_resident_until_recent_s_has_passed():
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(16))
+    hashes = hash_block_chain(prompt, BLOCK, lora_name="fresh")  # an adapter no heartbeat names
+    scorer = KVScorer(adapter_follower(), BLOCK, RouterOptions(load_cost_tokens=4, recent_s=5.0))
+    now = [100.0]
+    scorer.working_sets.clock = lambda: now[0]
+    scorer.record("bare", hash_block_chain([99] * 16, BLOCK, lora_name="fresh"), "fresh")  # another prompt
+    scorer.in_flight["bare"] = 1
+    assert scorer.rank(["bare", "holder"], hashes, len(prompt), lora_name="fresh")[0] == [0, 1]
+    now[0] += 6.0
+    assert {scorer.rank(["bare", "holder"], hashes, len(prompt), lora_name="fresh")[0][0] for _ in range(8)} == {1}
+
+
 def test_a_busy_adapter_holder_loses_to_a_replica_without_it_past_the_load_guard():
     from kvserve.router.kv_scoring import KVScorer
 
