@@ -165,8 +165,13 @@ def draft_method(model_dir: Path, k: int = 3) -> dict:
 def test_draft_model_greedy_output_is_unchanged_with_preemption_and_prefix_caching(arch, tiny_checkpoints, drafts):
     plain = LLM(str(tiny_checkpoints[arch]), **TINY_POOL)
     speculative = LLM(str(tiny_checkpoints[arch]), **TINY_POOL, speculative=draft_method(drafts[arch]))
+    draft = speculative.engine.speculation.draft_model
+    passes = []
+    run_draft = draft.model.forward
+    draft.model.forward = lambda input_ids, *rest: passes.append(len(input_ids)) or run_draft(input_ids, *rest)
     greedy = SamplingParams(temperature=0, n=2, max_tokens=30, logprobs=2, ignore_eos=True)
     assert_same_outputs(outputs(speculative, greedy), outputs(plain, greedy))
+    assert max(passes) <= TINY_POOL["max_num_batched_tokens"] < sum(len(p) for p in PROMPTS)  # caught up in pieces
     stats = speculative.engine.stats()
     assert stats.num_preemptions > 0 and stats.kv_blocks_cached > 0
     assert 0 < stats.speculative.accepted < stats.speculative.proposed

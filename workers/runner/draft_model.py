@@ -23,6 +23,7 @@ and with `device: auto` the draft runs on the replica's CPU.
 import torch
 from transformers import AutoTokenizer
 
+from kvserve.kernels.metadata import AttentionMetadata
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.sequence import Sequence
 from kvserve.workers.models.config import ModelConfig
@@ -45,6 +46,7 @@ class DraftModelRunner:
         torch.manual_seed(config.seed)  # dummy weights as the target's: its own folder drafts as itself
         self.model, _ = load_model(draft_dir, dtype, self.device, config.load_format)
         self.block_size = config.block_size
+        self.max_pass_tokens = config.max_num_batched_tokens
         shape = (num_kv_blocks, self.block_size, kv_heads_of_rank(mc, SINGLE)[1], mc.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(mc.num_layers)]
@@ -57,8 +59,8 @@ class DraftModelRunner:
         tables = [block_tables[seq.seq_id] for seq in seqs]
         drafts: list[list[int]] = [[] for _ in seqs]
         dists: list[list[torch.Tensor | None]] = [[] for _ in seqs]
-        chunks = [(seq.token_ids[seq.num_draft_computed :], seq.num_draft_computed, table)
-                  for seq, table in zip(seqs, tables)]
+        chunks = self._catch_up([(seq.token_ids[seq.num_draft_computed :], seq.num_draft_computed, table)
+                                 for seq, table in zip(seqs, tables)])
         for seq in seqs:
             seq.num_draft_computed = seq.num_tokens
         active = list(range(len(seqs)))
@@ -74,11 +76,35 @@ class DraftModelRunner:
             seq.draft_token_ids = tokens
             seq.draft_probs = None if probs[0] is None else torch.stack(probs)
 
-    def _last_logits(self, chunks: list[Chunk]) -> torch.Tensor:
-        """The draft's logits after the last token of each chunk, its K/V stored on the way."""
+    def _catch_up(self, chunks: list[Chunk]) -> list[Chunk]:
+        """Run the draft over the chunks' tokens, storing their K/V, in passes of at most
+        `max_num_batched_tokens` (a prefix-cache hit may leave a whole long prompt unrun), until
+        what is left fits one pass; each chunk keeps at least its last token for that pass, which
+        takes the logits."""
+        while sum(len(tokens) for tokens, _, _ in chunks) > self.max_pass_tokens:
+            piece, rest, room = [], [], self.max_pass_tokens
+            for tokens, start, table in chunks:
+                take = max(0, min(room, len(tokens) - 1))
+                if take:
+                    piece.append((tokens[:take], start, table))
+                    room -= take
+                rest.append((tokens[take:], start + take, table))
+            if not piece:  # one token left in each: more chunks than a pass's tokens
+                break
+            self._forward(piece)
+            chunks = rest
+        return chunks
+
+    def _forward(self, chunks: list[Chunk]) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """The draft's hidden states for the chunks' tokens, their K/V stored; the pass's metadata
+        and the order (decodes first) in which the chunks ran."""
         order = sorted(range(len(chunks)), key=lambda i: len(chunks[i][0]) != 1)  # decodes first
         input_ids, positions, meta = flat_inputs([chunks[i] for i in order], self.block_size, self.device)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return self.model(input_ids, positions, self.kv_caches, meta), meta, order
+
+    def _last_logits(self, chunks: list[Chunk]) -> torch.Tensor:
+        """The draft's logits after the last token of each chunk, its K/V stored on the way."""
+        hidden, meta, order = self._forward(chunks)
         last = torch.tensor(meta.query_start_loc_cpu[1:], device=self.device) - 1
         logits = torch.empty((len(chunks), self.model_config.vocab_size), dtype=torch.float32, device=self.device)
         logits[torch.tensor(order, device=self.device)] = self.model.compute_logits(hidden[last]).float()
