@@ -101,11 +101,16 @@ def served_app(overrides: dict, num_cpus: int) -> Iterator[str]:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(config), name=config.serving.app_name, route_prefix="/")
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while (reply := ready_reply(base)) is None or reply.status_code != 200:
-            assert time.monotonic() < deadline, "the replicas never became ready"
-            time.sleep(0.5)
+        wait_until_ready(base)
         yield base
+
+
+def wait_until_ready(base: str, timeout_s: float = 120) -> None:
+    """Until the application at `base` answers /ready with 200."""
+    deadline = time.monotonic() + timeout_s
+    while (reply := ready_reply(base)) is None or reply.status_code != 200:
+        assert time.monotonic() < deadline, f"{base} never became ready"
+        time.sleep(0.5)
 
 
 def ready_reply(base: str) -> httpx.Response | None:
@@ -127,6 +132,12 @@ def local_app():
 def ready_probe():
     """`ready_reply`, for tests that wait for an application of their own."""
     return ready_reply
+
+
+@pytest.fixture(scope="session")
+def until_ready():
+    """`wait_until_ready`, for tests that deploy an application of their own."""
+    return wait_until_ready
 
 
 @pytest.fixture(scope="session")

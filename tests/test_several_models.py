@@ -93,16 +93,13 @@ def cluster_config(cluster_raw):
 
 
 @pytest.fixture(scope="module")
-def server(cluster_config, ray_of, ready_probe):
+def server(cluster_config, ray_of, until_ready):
     serving = cluster_config.serving
     with ray_of(3):
         serve.start(http_options={"host": "127.0.0.1", "port": serving.port})
         deploy_cluster(build_cluster_apps(cluster_config), cluster_config)
         base = f"http://127.0.0.1:{serving.port}"
-        deadline = time.monotonic() + 120
-        while (reply := ready_probe(base)) is None or reply.status_code != 200:
-            assert time.monotonic() < deadline, "the models never became ready"
-            time.sleep(0.5)
+        until_ready(base)
         yield base
 
 
