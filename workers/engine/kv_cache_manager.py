@@ -53,6 +53,9 @@ class KVCacheManager:
         self.seq_blocks: dict[str, list[KVBlock]] = {}
         self.block_tables: dict[str, list[int]] = {}
         self.num_hashed_blocks: dict[str, int] = {}
+        # Below this many tokens a sequence's next tokens need nothing: they fall in its blocks and
+        # fill no block to cache. Checked for every decode of every step, so kept at hand.
+        self.quiet_below: dict[str, int] = {}
         self.epoch = secrets.randbits(63)  # a fresh cache: readers of older events must start over
         self._event_seq = 0
 
@@ -98,8 +101,11 @@ class KVCacheManager:
         """Give `seq` room for `num_new_tokens` more tokens after its computed ones (and after
         `computed_blocks`, a cache hit being admitted with it). False, changing nothing, if
         the pool is too short."""
-        if not computed_blocks and self._fits(seq, num_new_tokens):
-            return True
+        if not computed_blocks:
+            if seq.num_computed_tokens + num_new_tokens < self.quiet_below.get(seq.seq_id, 0):
+                return True
+            if self._fits(seq, num_new_tokens):
+                return True
         blocks = self.seq_blocks.setdefault(seq.seq_id, [])
         num_cached = len(computed_blocks) * self.block_size
         total = seq.num_computed_tokens + num_cached + num_new_tokens
@@ -123,6 +129,7 @@ class KVCacheManager:
         self.block_tables.setdefault(seq.seq_id, []).extend(b.block_id for b in placed + fresh)
         if self.enable_prefix_caching:
             self._cache_full_blocks(seq, total)
+        self._note_quiet(seq)
         return True
 
     def _load(self, host_block: KVBlock, device_block: KVBlock) -> KVBlock:
@@ -150,15 +157,24 @@ class KVCacheManager:
         return transfers
 
     def _fits(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """The common decode case, kept cheap: `seq`'s blocks already have room for its new
-        tokens; the blocks they fill are registered as cached."""
+        """Whether `seq`'s blocks already have room for its new tokens; the blocks they fill are
+        registered as cached."""
         blocks = self.seq_blocks.get(seq.seq_id)
         total = seq.num_computed_tokens + num_new_tokens
         if blocks is None or total > len(blocks) * self.block_size:
             return False
-        if self.enable_prefix_caching and total // self.block_size > self.num_hashed_blocks.get(seq.seq_id, 0):
+        if self.enable_prefix_caching:
             self._cache_full_blocks(seq, total)
+        self._note_quiet(seq)
         return True
+
+    def _note_quiet(self, seq: Sequence) -> None:
+        """`quiet_below` of `seq`: one past its blocks' room, and with prefix caching at most
+        the end of the first block it has not cached."""
+        limit = len(self.seq_blocks[seq.seq_id]) * self.block_size + 1
+        if self.enable_prefix_caching:
+            limit = min(limit, (self.num_hashed_blocks.get(seq.seq_id, 0) + 1) * self.block_size)
+        self.quiet_below[seq.seq_id] = limit
 
     def trim(self, seq: Sequence, num_tokens: int) -> bool:
         """Return the blocks of `seq` past its first `num_tokens` tokens (the room of rejected
@@ -171,6 +187,7 @@ class KVCacheManager:
         self.pool.release(reversed(blocks[keep:]))
         del blocks[keep:]
         del self.block_tables[seq.seq_id][keep:]
+        self._note_quiet(seq)
         return True
 
     def free(self, seq: Sequence) -> None:
@@ -211,6 +228,7 @@ class KVCacheManager:
         self.block_tables[child.seq_id] = [b.block_id for b in child_blocks]
         self.num_hashed_blocks[child.seq_id] = min(num_full, self.num_hashed_blocks.get(parent.seq_id, 0))
         child.block_hashes = parent.block_hashes[:num_full]
+        self._note_quiet(child)
         return copy
 
     def snapshot(self) -> BlockSnapshot:
@@ -241,6 +259,7 @@ class KVCacheManager:
         self.seq_blocks.pop(seq.seq_id, None)
         self.block_tables.pop(seq.seq_id, None)
         self.num_hashed_blocks.pop(seq.seq_id, None)
+        self.quiet_below.pop(seq.seq_id, None)
 
     def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
         extend_block_chain(seq.block_hashes, seq.token_ids, self.block_size, seq.cache_salt, num_blocks,

@@ -90,26 +90,35 @@ class Scheduler:
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        running, allocate = self.running, self.kv.allocate_slots
+        seqs, counts = batch.seqs, batch.num_new_tokens
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            i += 1
             if seq.last_token_pending:  # it ends when that token comes back: no step past its limit
-                i += 1
                 continue
             num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if seq.draft_token_ids:
                 num_new += self._fit_drafts(seq, num_new, budget)
-            while not self.kv.allocate_slots(seq, num_new):
-                victim = self.running[-1]
-                self._preempt(victim)
-                batch.num_preempted += 1
-                if victim is seq:
-                    return budget
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(num_new)
+            if not allocate(seq, num_new) and not self._make_room(seq, num_new, batch):
+                return budget
+            seqs.append(seq)
+            counts.append(num_new)
             budget -= num_new
-            i += 1
         return budget
+
+    def _make_room(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
+        """Preempt the running sequences that would run last until `seq`'s new tokens fit;
+        False when `seq` itself had to go."""
+        while True:
+            victim = self.running[-1]
+            self._preempt(victim)
+            batch.num_preempted += 1
+            if victim is seq:
+                return False
+            if self.kv.allocate_slots(seq, num_new):
+                return True
 
     def _fit_drafts(self, seq: Sequence, num_new: int, budget: int) -> int:
         """How many of `seq`'s proposed tokens this step verifies: those the token budget and

@@ -26,6 +26,16 @@ class Sequence:
     """One generation stream. A request with `n > 1` has n of them: sample 0 is scheduled
     first; the others are forked from it, sharing its prompt blocks, once its prompt is done."""
 
+    # Slots: the step loop reads a few fields of every running sequence, and compact objects
+    # keep those reads cheap.
+    __slots__ = (
+        "request_id", "sample_index", "seq_id", "params", "priority", "arrival", "cache_salt", "lora_name",
+        "kv_retention", "token_ids", "num_prompt_tokens", "num_computed_tokens", "num_cached_prompt_tokens",
+        "block_hashes", "status", "finish_reason", "num_preemptions", "forks", "num_pending", "sample_row",
+        "last_token_pending", "seed", "draft_token_ids", "draft_probs", "num_draft_computed", "matcher", "pooled",
+        "max_num_tokens", "ending_token_ids",
+    )
+
     def __init__(
         self,
         request_id: str,

@@ -112,7 +112,8 @@ class _Draws:
     seeds: list[int] = field(default_factory=list)  # 0 where unseeded
     seeded: list[bool] = field(default_factory=list)
     counters: list[int] = field(default_factory=list)  # the index of the output token drawn
-    # Settings as tensors and the seeds' hashed streams, made once for the steps that keep them.
+    # What follows from the settings (as tensors, which stages run) and the seeds' hashed
+    # streams, made once for the steps that keep them.
     _columns: dict = field(default_factory=dict)
     _seed_streams: np.ndarray | None = None
 
@@ -139,9 +140,24 @@ class _Draws:
 
     def column(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """A setting as a [draws, 1] tensor like `like`, not to be changed in place."""
-        key = (name, like.dtype, like.device)
+        return self._kept((name, like.dtype, like.device), lambda: _column(getattr(self, name), like))
+
+    def with_top_k(self) -> list[int]:
+        """The positions of the draws with top-k."""
+        return self._kept("with_top_k", lambda: [i for i, k in enumerate(self.top_k) if k])
+
+    def uses(self, stage: str) -> bool:
+        """Whether any draw scales by its temperature ("temperature"), has top-p, min-p, a seed
+        ("seed") or none ("no_seed")."""
+        tests = {"temperature": lambda: any(t != 1.0 for t in self.temperature),
+                 "top_p": lambda: any(p < 1.0 for p in self.top_p), "min_p": lambda: any(self.min_p),
+                 "seed": lambda: any(self.seeded), "no_seed": lambda: not all(self.seeded)}
+        return self._kept(stage, tests[stage])
+
+    def _kept(self, key, make):
+        """`make()`, worked out once for these settings."""
         if key not in self._columns:
-            self._columns[key] = _column(getattr(self, name), like)
+            self._columns[key] = make()
         return self._columns[key]
 
     def seed_streams(self) -> np.ndarray:
@@ -177,17 +193,20 @@ class _Plan:
     logprobs: list[int] = field(default_factory=list)
     draws: _Draws = field(default_factory=_Draws)
     _with_min_tokens: list[int] = field(default_factory=list)
+    _drawing_rows: list[SamplingRow] = field(default_factory=list)
 
     @classmethod
     def of(cls, rows: list[SamplingRow], vocab: int, draft_positions: list[int] | None = None) -> "_Plan":
         drawing = [i for i, row in enumerate(rows) if row.draws]
+        drawing_rows = [rows[i] for i in drawing]
         ahead = [draft_positions[i] for i in drawing] if draft_positions is not None else None
         plan = cls(
             rows, vocab,
             penalties=[i for i, row in enumerate(rows) if row.penalized],
             logprobs=[i for i, row in enumerate(rows) if row.params.logprobs is not None],
-            draws=_Draws.of(drawing, [rows[i] for i in drawing], vocab, ahead),
+            draws=_Draws.of(drawing, drawing_rows, vocab, ahead),
             _with_min_tokens=[i for i, row in enumerate(rows) if row.params.min_tokens],
+            _drawing_rows=drawing_rows,
         )
         plan._count_min_tokens()
         return plan
@@ -197,7 +216,9 @@ class _Plan:
         return vocab == self.vocab and len(rows) == len(self.rows) and all(map(operator.is_, rows, self.rows))
 
     def refresh(self) -> None:
-        self.draws.count([self.rows[i] for i in self.draws.rows])
+        """Only seeded draws read their counters."""
+        if self.draws.uses("seed"):
+            self.draws.count(self._drawing_rows)
         self._count_min_tokens()
 
     def _count_min_tokens(self) -> None:
@@ -390,9 +411,9 @@ def _sample(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
     """One token per row of `logits` (changed in place) from its filtered distribution: rows
     with top-k find their kept set among their largest logits, the others draw from their
     whole row."""
-    if any(t != 1.0 for t in draws.temperature):
+    if draws.uses("temperature"):
         logits.div_(draws.column("temperature", logits))
-    with_top_k = [i for i, k in enumerate(draws.top_k) if k]
+    with_top_k = draws.with_top_k()
     if not with_top_k:
         return _sample_whole_rows(logits, draws)
     if len(with_top_k) == len(draws.rows):
@@ -419,9 +440,9 @@ def _sample_whole_rows(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
     rejection (`_draw_nucleus`); top-p's mass is over the whole row, as when top-p is applied
     before min-p."""
     probs = logits.softmax(dim=-1)
-    if any(draws.min_p):  # a row without min-p has floor 0 and keeps every token
+    if draws.uses("min_p"):  # a row without min-p has floor 0 and keeps every token
         probs.mul_(_at_least(probs, probs.amax(dim=-1, keepdim=True).mul_(draws.column("min_p", probs))))
-    if any(p < 1.0 for p in draws.top_p):
+    if draws.uses("top_p"):
         return _draw_nucleus(probs, draws.column("top_p", probs), draws)
     return draw_weights(probs, _uniforms(draws, probs.device)[0])
 
@@ -464,7 +485,9 @@ def _sorted_nucleus_draw(weights: torch.Tensor, mass_limit: torch.Tensor, unifor
     mass_above = descending.cumsum(dim=-1) - descending
     smallest_kept = descending.masked_fill(mass_above >= mass_limit, math.inf).amin(dim=-1, keepdim=True)
     weights.masked_fill_(weights < smallest_kept, 0.0)
-    return draw_weights(weights, uniforms)
+    # One running sum per row: these are the few rows drawn again, so its memory stays small.
+    cumulative = weights.cumsum(dim=-1, dtype=torch.float64)
+    return torch.searchsorted(cumulative, uniforms[:, None] * cumulative[:, -1:], right=True).squeeze(1)
 
 
 def _descending(values: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -485,9 +508,9 @@ def _floor(probs: torch.Tensor, values: torch.Tensor, draws: _Draws) -> torch.Te
     probabilities of each row, in descending order."""
     width = values.shape[1]
     floor = _at(values, _index([k - 1 if k else width for k in draws.top_k], probs)[:, None])
-    if any(p < 1.0 for p in draws.top_p):
+    if draws.uses("top_p"):
         floor = torch.maximum(floor, _top_p_floor(probs, values, floor, draws))
-    if any(draws.min_p):
+    if draws.uses("min_p"):
         floor = torch.maximum(floor, values[:, :1] * draws.column("min_p", probs))
     return floor
 
@@ -549,11 +572,11 @@ def _uniforms(draws: _Draws, device: torch.device, rounds: int = 1) -> torch.Ten
     hashing runs in numpy: a handful of operations on a few hundred integers, where each torch
     call would cost more than its work."""
     shape = (rounds, len(draws.rows))
-    if not any(draws.seeded):
+    if not draws.uses("seed"):
         numbers = unseeded_uniforms(shape)
     else:
         numbers = seeded_uniforms(draws.seed_streams(), np.asarray(draws.counters), np.arange(rounds)[:, None])
-        if not all(draws.seeded):
+        if draws.uses("no_seed"):
             numbers = np.where(draws.seeded, numbers, unseeded_uniforms(shape))
     return to_device(numbers, torch.float64, device)
 

@@ -8,6 +8,8 @@ warm-up and the kernel benchmarks.
 """
 
 import dataclasses
+import itertools
+import operator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +20,12 @@ from kvserve.workers.engine.executor import SampleRequest, StepRequest, TokenMas
 from kvserve.workers.engine.sequence import PENDING_TOKEN
 from kvserve.workers.runner.sampler import SamplingRow
 from kvserve.workers.runner.transfer import to_device
+
+_SEQ_ID = operator.attrgetter("seq_id")
+_NUM_COMPUTED = operator.attrgetter("num_computed_tokens")
+_TOKEN_IDS = operator.attrgetter("token_ids")
+_BATCH_INDEX = operator.attrgetter("batch_index")
+_SAMPLE_SEQ_ID = operator.attrgetter("seq.seq_id")
 
 # One sequence's share of a step: its new tokens, the position of the first, its block table.
 Chunk = tuple[list[int], int, list[int]]
@@ -50,7 +58,7 @@ class InputBatch:
         self.block_size = block_size
         self.device = device
         self.tables = np.zeros((capacity, max_blocks_per_seq), dtype=np.int32)
-        self.num_blocks: list[int] = [0] * capacity  # of each row, as copied from its sequence
+        self.num_blocks = np.zeros(capacity, dtype=np.int64)  # of each row, as copied from its sequence
         self.rows: dict[str, int] = {}
         self.free_rows = list(range(capacity - 1, -1, -1))
         self.sampling_rows: dict[str, SamplingRow] = {}  # of the sequences that sampled
@@ -59,46 +67,57 @@ class InputBatch:
         """The step's plan. A sequence whose new token is still pending (async scheduling) takes
         it from `previous_tokens`, the last step's sampled tokens on the device, at its
         `sample_row`: the host never waits for it."""
-        batch, block_tables, samples = step.batch, step.block_tables, step.samples
+        batch, samples = step.batch, step.samples
         for seq_id in batch.departed:
             self._drop(seq_id)
-        rows, starts, tokens, pending = [], [], [], []
-        row_of, num_blocks = self.rows, self.num_blocks
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
-            table = block_tables[seq.seq_id]
-            row = row_of.get(seq.seq_id)
-            rows.append(row if row is not None and num_blocks[row] == len(table) else self._row(seq.seq_id, table))
-            start = seq.num_computed_tokens
-            starts.append(start)
-            if num_new == 1:
-                if seq.token_ids[start] == PENDING_TOKEN:
-                    pending.append((len(tokens), seq.sample_row))
-                tokens.append(seq.token_ids[start])
-            else:
-                chunk = seq.token_ids[start : start + num_new]
-                tokens += chunk if len(chunk) == num_new else chunk + seq.draft_token_ids
-        input_ids, positions, meta = self._inputs(rows, starts, batch.num_new_tokens, tokens)
-        if pending:
-            self._fill_pending(input_ids, pending, previous_tokens)
-        last_rows = (np.asarray(meta.query_start_loc_cpu[1:]) - 1)[[s.batch_index for s in samples]]
-        cached = self.sampling_rows
-        sampling_rows = [cached.get(s.seq.seq_id) or self._sampling_row(s.seq) for s in samples]
+        seqs, query_lens = batch.seqs, batch.num_new_tokens
+        seq_ids = list(map(_SEQ_ID, seqs))
+        rows = self._rows(seq_ids, step.block_tables)
+        starts = np.fromiter(map(_NUM_COMPUTED, seqs), np.int64, len(seqs))
+        if query_lens.count(1) == len(query_lens):
+            tokens = list(map(operator.getitem, map(_TOKEN_IDS, seqs), starts.tolist()))
+        else:
+            tokens = _chunk_tokens(seqs, starts.tolist(), query_lens)
+        input_ids, positions, meta = self._inputs(rows, starts, query_lens, tokens)
+        if PENDING_TOKEN in tokens:
+            self._fill_pending(input_ids, tokens, seqs, meta.query_start_loc_cpu, previous_tokens)
+        batch_indices = np.fromiter(map(_BATCH_INDEX, samples), np.int64, len(samples))
+        last_rows = np.asarray(meta.query_start_loc_cpu[1:], dtype=np.int64)[batch_indices] - 1
         starts = meta.query_start_loc_cpu
         pooled = [(starts[i], starts[i + 1]) for i in step.pooled]
-        plan = StepPlan(batch.block_copies, input_ids, positions, meta, last_rows, sampling_rows,
+        plan = StepPlan(batch.block_copies, input_ids, positions, meta, last_rows, self._sampling_rows(samples),
                         step.eos_token_ids, step.token_masks, pooled)
         return _with_draft_rows(plan, samples) if step.speculative else plan
 
-    def _sampling_row(self, seq) -> SamplingRow:
-        row = self.sampling_rows[seq.seq_id] = SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.seed)
-        return row
+    def _rows(self, seq_ids: list[str], block_tables: dict[str, list[int]]) -> np.ndarray:
+        """The row of each sequence, with the blocks its table gained since the last step
+        copied in (a sequence seen for the first time gets a row). The common case, nothing new,
+        is found without a Python loop over the batch."""
+        rows = np.fromiter(map(self.rows.get, seq_ids, itertools.repeat(-1)), np.int64, len(seq_ids))
+        tables = list(map(block_tables.__getitem__, seq_ids))
+        lengths = np.fromiter(map(len, tables), np.int64, len(tables))
+        for i in np.flatnonzero((rows < 0) | (self.num_blocks[rows] != lengths)).tolist():
+            rows[i] = self._row(seq_ids[i], tables[i])
+        return rows
 
-    def _fill_pending(self, input_ids: torch.Tensor, pending: list[tuple[int, int]],
+    def _sampling_rows(self, samples: list[SampleRequest]) -> list[SamplingRow]:
+        """Each sample's `SamplingRow`, made when its sequence first samples and kept."""
+        rows = list(map(self.sampling_rows.get, map(_SAMPLE_SEQ_ID, samples)))
+        if not all(rows):  # a row is never false: only None is
+            for i in [i for i, row in enumerate(rows) if row is None]:
+                seq = samples[i].seq
+                rows[i] = self.sampling_rows[seq.seq_id] = SamplingRow(seq.params, seq.token_ids,
+                                                                       seq.num_prompt_tokens, seq.seed)
+        return rows
+
+    def _fill_pending(self, input_ids: torch.Tensor, tokens: list[int], seqs: list, query_starts: list[int],
                       previous_tokens: torch.Tensor | None) -> None:
-        """input_ids[at] = previous_tokens[sample_row] for each (at, sample_row), on the device."""
+        """input_ids[at] = previous_tokens[seq.sample_row] for each pending token, on the device. A
+        pending token is always a sequence's one new token, at its query's start."""
         if previous_tokens is None:
             raise RuntimeError("a pending token in a step planned without the step that computes it")
-        at, sample_rows = zip(*pending)
+        at, sample_rows = zip(*[(i, seq.sample_row) for i, seq in zip(query_starts, seqs)
+                                if tokens[i] == PENDING_TOKEN])
         input_ids[to_device(at, torch.long, self.device)] = previous_tokens[
             to_device(sample_rows, torch.long, self.device)]
 
@@ -126,7 +145,7 @@ class InputBatch:
     def _grow(self) -> None:
         capacity = len(self.num_blocks)
         self.tables = np.concatenate([self.tables, np.zeros_like(self.tables)])
-        self.num_blocks += [0] * capacity
+        self.num_blocks = np.concatenate([self.num_blocks, np.zeros_like(self.num_blocks)])
         self.free_rows = list(range(2 * capacity - 1, capacity - 1, -1))
 
     def _drop(self, seq_id: str) -> None:
@@ -136,14 +155,13 @@ class InputBatch:
             self.free_rows.append(row)
 
     def _inputs(
-        self, rows: list[int], starts: list[int], query_lens: list[int], tokens: list[int]
+        self, row_of_seq: np.ndarray, start: np.ndarray, query_lens: list[int], tokens: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """`row_of_seq` and `start` (each sequence's first new position) as int64 arrays."""
         size, device = self.block_size, self.device
-        row_of_seq = np.array(rows, dtype=np.int64)
-        start = np.array(starts, dtype=np.int64)
         query = np.array(query_lens, dtype=np.int64)
         ends = np.cumsum(query)
-        if len(tokens) == len(rows):  # decodes only: one token per sequence
+        if len(tokens) == len(row_of_seq):  # decodes only: one token per sequence
             positions, row_of_token = start, row_of_seq
         else:
             row_of_token = np.repeat(row_of_seq, query)
@@ -153,9 +171,10 @@ class InputBatch:
         max_context = int(context.max())
         query_start = np.concatenate([[0], ends])
         # One copy to the device for all the 1-D inputs, then views of it.
-        num_tokens, num_seqs = len(tokens), len(rows)
+        num_tokens, num_seqs = len(tokens), len(row_of_seq)
         flat = to_device(np.concatenate([tokens, positions, slots, query_start, context]), torch.long, device)
-        input_ids, positions_t, slot_mapping = flat[: 3 * num_tokens].view(3, num_tokens)
+        input_ids, positions_t, slot_mapping = flat[:num_tokens], flat[num_tokens : 2 * num_tokens], flat[
+            2 * num_tokens : 3 * num_tokens]
         meta = AttentionMetadata(
             num_decodes=query_lens.count(1),
             query_start_loc=flat[3 * num_tokens : 3 * num_tokens + num_seqs + 1].to(torch.int32),
@@ -168,6 +187,16 @@ class InputBatch:
             context_lens_cpu=context.tolist(),
         )
         return input_ids, positions_t, meta
+
+
+def _chunk_tokens(seqs: list, starts: list[int], query_lens: list[int]) -> list[int]:
+    """The new tokens of each sequence, one after the other; a sequence verifying proposed
+    tokens has them after its own."""
+    tokens = []
+    for seq, start, num_new in zip(seqs, starts, query_lens):
+        chunk = seq.token_ids[start : start + num_new]
+        tokens += chunk if len(chunk) == num_new else chunk + seq.draft_token_ids
+    return tokens
 
 
 def _with_draft_rows(plan: StepPlan, samples: list[SampleRequest]) -> StepPlan:
@@ -193,6 +222,7 @@ def flat_inputs(
     """The flattened tokens, positions and attention metadata of explicit chunks; the chunks of
     one new token (decodes) come first."""
     batch = InputBatch(max(len(table) for _, _, table in chunks), size, device, capacity=len(chunks))
-    rows = [batch._row(str(i), table) for i, (_, _, table) in enumerate(chunks)]
+    rows = np.array([batch._row(str(i), table) for i, (_, _, table) in enumerate(chunks)], dtype=np.int64)
     tokens = [token for new_tokens, _, _ in chunks for token in new_tokens]
-    return batch._inputs(rows, [start for _, start, _ in chunks], [len(t) for t, _, _ in chunks], tokens)
+    starts = np.array([start for _, start, _ in chunks], dtype=np.int64)
+    return batch._inputs(rows, starts, [len(t) for t, _, _ in chunks], tokens)
