@@ -61,6 +61,8 @@ class LLMEngine:
         self.clock: StepClock | None = None  # set by `kvserve bench overhead` only
         self.overlaps_steps = config.overlaps_steps
         self._in_flight: _InFlight | None = None  # the step launched last, not read yet
+        self._repeat_seqs: list[Sequence] | None = None  # see `_sample_requests`
+        self._repeat_samples: list[SampleRequest] = []
         self._requests_with_penalties = 0
         self.speculation = Speculation(config.speculative, draft_model) if config.speculative else None
         self._requests_speculating = 0
@@ -360,16 +362,24 @@ class LLMEngine:
             if seqs is not None and not seqs[index].is_finished:
                 self._finish(seqs[index], FinishReason.STOP)
 
-    @staticmethod
-    def _sample_requests(batch) -> list[SampleRequest]:
+    def _sample_requests(self, batch) -> list[SampleRequest]:
         """Sequences whose new tokens reach their end sample; a prompt with forks samples for
-        every one of them from the same logits."""
-        samples = []
+        every one of them from the same logits. When the last batch's sequences all decoded and
+        sampled, one each, and decode again, they sample again: the same list is handed back, which
+        tells the runner that the step's rows are those of the last."""
+        decodes_only = batch.num_new_tokens.count(1) == len(batch.seqs)
+        if decodes_only and batch.seqs == self._repeat_seqs:
+            return self._repeat_samples
+        samples, one_each = [], decodes_only
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.num_computed_tokens + num_new == len(seq.token_ids) and seq.pooled is None:
                 samples.append(SampleRequest(i, seq))
                 if seq.forks:
                     samples += [SampleRequest(i, child) for child in seq.forks]
+                    one_each = False
+            else:
+                one_each = False
+        self._repeat_seqs, self._repeat_samples = (batch.seqs, samples) if one_each else (None, [])
         return samples
 
     @staticmethod

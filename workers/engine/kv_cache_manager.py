@@ -53,9 +53,7 @@ class KVCacheManager:
         self.seq_blocks: dict[str, list[KVBlock]] = {}
         self.block_tables: dict[str, list[int]] = {}
         self.num_hashed_blocks: dict[str, int] = {}
-        # Below this many tokens a sequence's next tokens need nothing: they fall in its blocks and
-        # fill no block to cache. Checked for every decode of every step, so kept at hand.
-        self.quiet_below: dict[str, int] = {}
+        self.grown: list[str] = []  # sequences whose block tables gained blocks since `take_grown`
         self.epoch = secrets.randbits(63)  # a fresh cache: readers of older events must start over
         self._event_seq = 0
 
@@ -102,7 +100,7 @@ class KVCacheManager:
         `computed_blocks`, a cache hit being admitted with it). False, changing nothing, if
         the pool is too short."""
         if not computed_blocks:
-            if seq.num_computed_tokens + num_new_tokens < self.quiet_below.get(seq.seq_id, 0):
+            if seq.num_computed_tokens + num_new_tokens < seq.kv_quiet_below:
                 return True
             if self._fits(seq, num_new_tokens):
                 return True
@@ -127,6 +125,8 @@ class KVCacheManager:
             self.num_host_hit_blocks += len(on_host)
         blocks.extend(placed + fresh)
         self.block_tables.setdefault(seq.seq_id, []).extend(b.block_id for b in placed + fresh)
+        if placed or fresh:
+            self.grown.append(seq.seq_id)
         if self.enable_prefix_caching:
             self._cache_full_blocks(seq, total)
         self._note_quiet(seq)
@@ -152,6 +152,10 @@ class KVCacheManager:
         for pool in (self.pool, self.host) if self.host else (self.pool,):
             pool.forget_adapter(lora_name)
 
+    def take_grown(self) -> list[str]:
+        grown, self.grown = self.grown, []
+        return grown
+
     def take_transfers(self) -> list[BlockTransfer]:
         transfers, self.transfers = self.transfers, []
         return transfers
@@ -169,12 +173,12 @@ class KVCacheManager:
         return True
 
     def _note_quiet(self, seq: Sequence) -> None:
-        """`quiet_below` of `seq`: one past its blocks' room, and with prefix caching at most
-        the end of the first block it has not cached."""
+        """`seq.kv_quiet_below`: one past its blocks' room, and with prefix caching at most the
+        end of the first block it has not cached."""
         limit = len(self.seq_blocks[seq.seq_id]) * self.block_size + 1
         if self.enable_prefix_caching:
             limit = min(limit, (self.num_hashed_blocks.get(seq.seq_id, 0) + 1) * self.block_size)
-        self.quiet_below[seq.seq_id] = limit
+        seq.kv_quiet_below = limit
 
     def trim(self, seq: Sequence, num_tokens: int) -> bool:
         """Return the blocks of `seq` past its first `num_tokens` tokens (the room of rejected
@@ -226,6 +230,7 @@ class KVCacheManager:
             copy = (blocks[num_full].block_id, fresh.block_id)
         self.seq_blocks[child.seq_id] = child_blocks
         self.block_tables[child.seq_id] = [b.block_id for b in child_blocks]
+        self.grown.append(child.seq_id)
         self.num_hashed_blocks[child.seq_id] = min(num_full, self.num_hashed_blocks.get(parent.seq_id, 0))
         child.block_hashes = parent.block_hashes[:num_full]
         self._note_quiet(child)
@@ -259,7 +264,7 @@ class KVCacheManager:
         self.seq_blocks.pop(seq.seq_id, None)
         self.block_tables.pop(seq.seq_id, None)
         self.num_hashed_blocks.pop(seq.seq_id, None)
-        self.quiet_below.pop(seq.seq_id, None)
+        seq.kv_quiet_below = 0
 
     def _extend_hashes(self, seq: Sequence, num_blocks: int) -> None:
         extend_block_chain(seq.block_hashes, seq.token_ids, self.block_size, seq.cache_salt, num_blocks,

@@ -40,6 +40,8 @@ class ScheduledBatch:
     # Sequences whose blocks were freed (finished or preempted) since the last batch: an
     # executor that keeps block tables between steps drops theirs.
     departed: list[str] = field(default_factory=list)
+    # Sequences whose block tables gained blocks since the last batch (the others' are unchanged).
+    grown: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -87,6 +89,7 @@ class Scheduler:
         if not batch.is_empty:  # an empty batch reaches no executor: its departures wait for the next
             self.departed = []
             batch.kv_transfers = self.kv.take_transfers()
+            batch.grown = self.kv.take_grown()
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:

@@ -26,14 +26,14 @@ class Sequence:
     """One generation stream. A request with `n > 1` has n of them: sample 0 is scheduled
     first; the others are forked from it, sharing its prompt blocks, once its prompt is done."""
 
-    # Slots: the step loop reads a few fields of every running sequence, and compact objects
-    # keep those reads cheap.
+    # Slots, the fields that every step reads of every running sequence first, so that they
+    # share the object's first cache line: the step loop's cost is mostly memory reads.
     __slots__ = (
-        "request_id", "sample_index", "seq_id", "params", "priority", "arrival", "cache_salt", "lora_name",
-        "kv_retention", "token_ids", "num_prompt_tokens", "num_computed_tokens", "num_cached_prompt_tokens",
-        "block_hashes", "status", "finish_reason", "num_preemptions", "forks", "num_pending", "sample_row",
-        "last_token_pending", "seed", "draft_token_ids", "draft_probs", "num_draft_computed", "matcher", "pooled",
-        "max_num_tokens", "ending_token_ids",
+        "num_computed_tokens", "kv_quiet_below", "token_ids", "last_token_pending", "draft_token_ids",
+        "seq_id", "request_id", "sample_index", "params", "priority", "arrival", "cache_salt", "lora_name",
+        "kv_retention", "num_prompt_tokens", "num_cached_prompt_tokens", "block_hashes", "status",
+        "finish_reason", "num_preemptions", "forks", "num_pending", "sample_row", "seed", "draft_probs",
+        "num_draft_computed", "matcher", "pooled", "max_num_tokens", "ending_token_ids",
     )
 
     def __init__(
@@ -62,6 +62,9 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
+        # Below this many tokens its next tokens need nothing from the KV cache manager (they fit
+        # its blocks and fill none to cache): set by the manager, read for every decode.
+        self.kv_quiet_below = 0
         self.num_cached_prompt_tokens = 0
         self.block_hashes: list[BlockHash] = []
         self.status = SequenceStatus.WAITING

@@ -462,7 +462,7 @@ def _draw_nucleus(weights: torch.Tensor, mass_limit: torch.Tensor, draws: _Draws
     the nucleus is kept (conditioned on that, it follows the nucleus' renormalised
     distribution), and the few rows whose draw is not find their nucleus by sorting and draw
     again from it."""
-    uniforms = _uniforms(draws, weights.device, _UNIFORMS_PER_TOKEN)
+    uniforms = _uniforms(draws, weights.device, rounds=2)
     tokens = draw_weights(weights, uniforms[0])
     outside = _outside_nucleus(weights, weights.gather(1, tokens[:, None]), mass_limit)
     if len(outside):  # a host sync

@@ -21,7 +21,6 @@ from kvserve.workers.engine.sequence import PENDING_TOKEN
 from kvserve.workers.runner.sampler import SamplingRow
 from kvserve.workers.runner.transfer import to_device
 
-_SEQ_ID = operator.attrgetter("seq_id")
 _NUM_COMPUTED = operator.attrgetter("num_computed_tokens")
 _TOKEN_IDS = operator.attrgetter("token_ids")
 _BATCH_INDEX = operator.attrgetter("batch_index")
@@ -51,6 +50,17 @@ class StepPlan:
     lora_slots: torch.Tensor | None = None  # each token's LoRA slot (-1: the base model), set by the runner
 
 
+@dataclass
+class _Repeat:
+    """What a step's plan keeps for the next one when its samples come back as the very same
+    list (the engine's sign that the same sequences decode again, one sample each, in order)."""
+
+    samples: list[SampleRequest]
+    rows: np.ndarray  # of each sequence in `InputBatch.tables`
+    last_rows: np.ndarray | None  # worked out once the step's query starts are known
+    sampling_rows: list[SamplingRow]
+
+
 class InputBatch:
     """The block tables of the sequences being served, one row each, kept between steps."""
 
@@ -62,42 +72,49 @@ class InputBatch:
         self.rows: dict[str, int] = {}
         self.free_rows = list(range(capacity - 1, -1, -1))
         self.sampling_rows: dict[str, SamplingRow] = {}  # of the sequences that sampled
+        self._last: _Repeat | None = None
 
     def plan(self, step: StepRequest, previous_tokens: torch.Tensor | None = None) -> StepPlan:
         """The step's plan. A sequence whose new token is still pending (async scheduling) takes
         it from `previous_tokens`, the last step's sampled tokens on the device, at its
         `sample_row`: the host never waits for it."""
         batch, samples = step.batch, step.samples
-        for seq_id in batch.departed:
-            self._drop(seq_id)
+        self._follow_tables(batch, step.block_tables)
         seqs, query_lens = batch.seqs, batch.num_new_tokens
-        seq_ids = list(map(_SEQ_ID, seqs))
-        rows = self._rows(seq_ids, step.block_tables)
+        repeat = self._last
+        if repeat is None or repeat.samples is not samples or batch.departed or step.speculative:
+            repeat = self._last = _Repeat(samples, self._rows([seq.seq_id for seq in seqs], step.block_tables),
+                                          None, self._sampling_rows(samples))
         starts = np.fromiter(map(_NUM_COMPUTED, seqs), np.int64, len(seqs))
         if query_lens.count(1) == len(query_lens):
             tokens = list(map(operator.getitem, map(_TOKEN_IDS, seqs), starts.tolist()))
         else:
             tokens = _chunk_tokens(seqs, starts.tolist(), query_lens)
-        input_ids, positions, meta = self._inputs(rows, starts, query_lens, tokens)
+        input_ids, positions, meta = self._inputs(repeat.rows, starts, query_lens, tokens)
         if PENDING_TOKEN in tokens:
             self._fill_pending(input_ids, tokens, seqs, meta.query_start_loc_cpu, previous_tokens)
-        batch_indices = np.fromiter(map(_BATCH_INDEX, samples), np.int64, len(samples))
-        last_rows = np.asarray(meta.query_start_loc_cpu[1:], dtype=np.int64)[batch_indices] - 1
+        if repeat.last_rows is None:
+            batch_indices = np.fromiter(map(_BATCH_INDEX, samples), np.int64, len(samples))
+            repeat.last_rows = np.asarray(meta.query_start_loc_cpu[1:], dtype=np.int64)[batch_indices] - 1
         starts = meta.query_start_loc_cpu
         pooled = [(starts[i], starts[i + 1]) for i in step.pooled]
-        plan = StepPlan(batch.block_copies, input_ids, positions, meta, last_rows, self._sampling_rows(samples),
+        plan = StepPlan(batch.block_copies, input_ids, positions, meta, repeat.last_rows, repeat.sampling_rows,
                         step.eos_token_ids, step.token_masks, pooled)
         return _with_draft_rows(plan, samples) if step.speculative else plan
 
+    def _follow_tables(self, batch, block_tables: dict[str, list[int]]) -> None:
+        """Drop the rows of departed sequences; copy in the blocks the others gained."""
+        for seq_id in batch.departed:
+            self._drop(seq_id)
+        for seq_id in batch.grown:
+            if seq_id in self.rows:
+                self._row(seq_id, block_tables[seq_id])
+
     def _rows(self, seq_ids: list[str], block_tables: dict[str, list[int]]) -> np.ndarray:
-        """The row of each sequence, with the blocks its table gained since the last step
-        copied in (a sequence seen for the first time gets a row). The common case, nothing new,
-        is found without a Python loop over the batch."""
+        """The row of each sequence; one seen for the first time gets a row, its table copied in."""
         rows = np.fromiter(map(self.rows.get, seq_ids, itertools.repeat(-1)), np.int64, len(seq_ids))
-        tables = list(map(block_tables.__getitem__, seq_ids))
-        lengths = np.fromiter(map(len, tables), np.int64, len(tables))
-        for i in np.flatnonzero((rows < 0) | (self.num_blocks[rows] != lengths)).tolist():
-            rows[i] = self._row(seq_ids[i], tables[i])
+        for i in np.flatnonzero(rows < 0).tolist():
+            rows[i] = self._row(seq_ids[i], block_tables[seq_ids[i]])
         return rows
 
     def _sampling_rows(self, samples: list[SampleRequest]) -> list[SamplingRow]:
