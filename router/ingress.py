@@ -52,9 +52,7 @@ class Ingress:
         if name in self.models:
             return self.models[name], None
         for model in self.models.values():
-            if name in model.settings.lora_modules:
-                return model, LoRAChoice(name, None)
-            folder = await model.runtime_lora_folder(name)
+            folder = await model.lora_folder(name)
             if folder is not None:
                 return model, LoRAChoice(name, folder)
         raise unknown_model(name, await self._served_names())
@@ -132,12 +130,9 @@ class Ingress:
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> Response:
         """Unknown at once to every ingress replica; replicas drop their copy within
-        `lora_registry.POLL_PERIOD_S` once no request of theirs runs under it. Adapters of
-        `lora_modules` stay for the life of the deployment."""
+        `lora_registry.POLL_PERIOD_S` once no request of theirs runs under it. An adapter of
+        `lora_modules` is unloaded like one loaded at run time."""
         for model in self.models.values():
-            if body.lora_name in model.settings.lora_modules:
-                raise bad_request(f"The lora adapter {body.lora_name!r} was loaded at startup (lora_modules) "
-                                  "and cannot be unloaded.", "lora_name")
             if model.lora_registry is not None and await model.lora_registry.unload.remote(body.lora_name):
                 return PlainTextResponse(f"Success: LoRA adapter {body.lora_name!r} removed successfully.")
         raise unknown_lora(body.lora_name)

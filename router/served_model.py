@@ -63,10 +63,10 @@ def _route_on_its_own(request_id: str) -> None:
 
 @dataclass(frozen=True)
 class LoRAChoice:
-    """The LoRA adapter a request runs under: its name, and its folder if loaded at run time."""
+    """The LoRA adapter a request runs under: its name and folder."""
 
     name: str
-    path: str | None
+    path: str
 
 
 class ServedModel:
@@ -84,7 +84,7 @@ class ServedModel:
         self.tool_format = (FORMATS[settings.tool_parser] if settings.tool_parser
                             else format_for_model(settings.tokenizer, self.tokenizer.chat_template))
         self.follower: KVIndexFollower | None = None
-        self.lora_registry = get_or_create_registry(llm_app) if settings.enable_lora else None
+        self.lora_registry = get_or_create_registry(llm_app, settings.lora_modules) if settings.enable_lora else None
 
     @classmethod
     def in_own_app(cls, settings: IngressSettings, ingress_app: str) -> "ServedModel":
@@ -111,16 +111,15 @@ class ServedModel:
                 "parent": None, "max_model_len": self.max_model_len, "vocab_size": len(self.tokenizer)}
 
     async def lora_folders(self) -> dict[str, str]:
-        """Every adapter served now, name -> folder: startup's, then those loaded at run time."""
-        loaded = await self.lora_registry.folders.remote() if self.lora_registry else {}
-        return {**self.settings.lora_modules, **loaded}
+        """Every adapter served now, name -> folder."""
+        return await self.lora_registry.folders.remote() if self.lora_registry else {}
 
     async def lora_cards(self) -> list[dict]:
         return [{**self.card(), "id": name, "root": folder, "parent": self.name}
                 for name, folder in (await self.lora_folders()).items()]
 
-    async def runtime_lora_folder(self, name: str) -> str | None:
-        """The folder of adapter `name` if it was loaded at run time."""
+    async def lora_folder(self, name: str) -> str | None:
+        """The folder of adapter `name`, if it is served."""
         return await self.lora_registry.folder.remote(name) if self.lora_registry else None
 
     # -- checks ------------------------------------------------------------------------

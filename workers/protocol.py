@@ -70,7 +70,7 @@ class GenerateRequest:
     priority: int
     kv_retention: KVRetention | None  # None: every block at the default retention priority
     lora_name: str | None  # the LoRA adapter to run under; None: the base model
-    lora_path: str | None  # its folder when it was loaded at run time; None: one of `lora_modules`
+    lora_path: str | None  # its folder, which the replica loads it from if it has not yet; None: already loaded there
 
 
 @dataclass(frozen=True)

@@ -75,9 +75,9 @@ def output_delta(output: RequestOutput, replica: str) -> OutputDelta:
 
 
 def drop_unloaded_loras(registered: dict[str, str], engine: LLMEngine) -> None:
-    """Remove the engine's adapters of run time that are not `registered`; one a request still
-    runs under stays (the engine refuses), for the next poll."""
-    for name in [n for n in engine.lora_folders if n not in engine.config.lora_modules and n not in registered]:
+    """Remove the engine's adapters that are not `registered` (unloaded, those of `lora_modules`
+    too); one a request still runs under stays (the engine refuses), for the next poll."""
+    for name in [n for n in engine.lora_folders if n not in registered]:
         try:
             engine.remove_lora(name)
         except ValueError:
@@ -185,7 +185,8 @@ class LLMServer:
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop = asyncio.get_event_loop()
         self._last_stats_at = 0.0
-        self.lora_registry = get_or_create_registry(self.app_name) if engine_config.enable_lora else None
+        self.lora_registry = (get_or_create_registry(self.app_name, engine_config.lora_modules)
+                              if engine_config.enable_lora else None)
         self._last_lora_poll_at = 0.0
         self._resync = False
         self._hub_lost = False
@@ -290,7 +291,7 @@ class LLMServer:
 
         def add(engine: LLMEngine) -> None:
             try:
-                if request.lora_path is not None:  # loaded at run time: this replica may not have it yet
+                if request.lora_path is not None:  # the registry's: this replica may not have it yet
                     engine.add_lora(request.lora_name, request.lora_path)
                 engine.add_request(request_id, request.prompt_token_ids, request.sampling, request.priority,
                                    request.cache_salt, block_hashes=hashes, kv_retention=request.kv_retention,
