@@ -37,12 +37,17 @@ def save_adapter(base_dir, out_dir, seed: int, **fields) -> str:
     return str(out_dir)
 
 
+def save_adapters(base_dir, root) -> dict[str, str]:
+    """Every adapter of ADAPTERS for the checkpoint in `base_dir`, saved under `root`: name -> folder."""
+    return {name: save_adapter(base_dir, root / name, seed, **fields)
+            for seed, (name, fields) in enumerate(ADAPTERS.items())}
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_checkpoints, tmp_path_factory) -> dict[str, dict[str, str]]:
     """arch -> adapter name -> folder."""
     root = tmp_path_factory.mktemp("lora")
-    return {arch: {name: save_adapter(tiny_checkpoints[arch], root / arch / name, seed, **fields)
-                   for seed, (name, fields) in enumerate(ADAPTERS.items())} for arch in ARCHS}
+    return {arch: save_adapters(tiny_checkpoints[arch], root / arch) for arch in ARCHS}
 
 
 class MergedReference:
@@ -130,7 +135,7 @@ def test_more_adapters_in_flight_than_slots_swap_them(async_scheduling, tiny_che
 
     for prompt, lora, tokens in zip(batch_prompts, loras, got):
         assert_matches_reference(references["llama"], prompt, lora, tokens)
-    assert llm.engine.runner.lora.num_slot_loads >= len(ADAPTERS)
+    assert llm.engine.runner.lora_slots.num_slot_loads >= len(ADAPTERS)
 
 
 def test_base_output_is_unchanged_by_loaded_adapters(tiny_checkpoints, adapters):
@@ -231,7 +236,8 @@ def test_an_unknown_adapter_name_is_refused(tiny_checkpoints, adapters):
     "options, message",
     [
         ({"lora_modules": {"a": "/x"}}, "lora_modules needs enable_lora"),
-        ({"enable_lora": True, "tp_size": 2}, "enable_lora needs the model in the engine's process"),
+        ({"enable_lora": True, "speculative": {"method": "draft", "model": "d", "num_speculative_tokens": 2}},
+         "enable_lora does not work with speculative method 'draft'"),
         ({"enable_lora": True, "max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras 2 is below max_loras 4"),
     ],
 )

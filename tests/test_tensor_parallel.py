@@ -1,4 +1,5 @@
-"""Tensor parallelism on CPU: two gloo ranks as Ray actors against the in-process engine."""
+"""Tensor parallelism on CPU: two gloo ranks as Ray actors against the in-process engine, and LoRA
+adapters on the ranks against Hugging Face with the PEFT adapter merged."""
 
 import argparse
 import os
@@ -13,6 +14,9 @@ import ray
 from ray import serve
 from ray._private import state as ray_state
 from ray.util import placement_group_table
+from test_lora import ADAPTERS, MergedReference, assert_matches_reference, save_adapters, tokens_of
+from test_lora import greedy as lora_greedy
+from test_lora import prompts as lora_prompts
 
 from kvserve.cluster.bench import tp as bench_tp
 from kvserve.cluster.app import build_app
@@ -24,6 +28,8 @@ from kvserve.workers.llm import LLM
 from kvserve.workers.engine.sampling_params import SamplingParams
 
 ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 64, "max_model_len": 256}
+LORA_ENGINE = {"enable_lora": True, "max_lora_rank": 8, "block_size": 8}
+LORA_ARCHS = ("llama", "qwen2", "llama-kv1")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,6 +83,64 @@ def test_worker_actors_give_the_in_process_greedy_tokens(arch, workers, checkpoi
         assert generate(llm, greedy) == expected
     finally:
         llm.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def lora_folders(checkpoints, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """arch -> test_lora's adapters of that checkpoint: name -> folder."""
+    root = tmp_path_factory.mktemp("tp-lora")
+    return {arch: save_adapters(checkpoints[arch], root / arch) for arch in LORA_ARCHS}
+
+
+@pytest.fixture(scope="module")
+def lora_references(checkpoints, lora_folders) -> dict[str, MergedReference]:
+    return {arch: MergedReference(checkpoints[arch], lora_folders[arch]) for arch in LORA_ARCHS}
+
+
+@pytest.mark.parametrize(
+    "arch, workers",
+    [("llama", {}), ("qwen2", {}), ("llama-kv1", {}), ("llama", {"tp_size": 1, "distributed_executor_backend": "ray"})],
+    ids=["llama", "qwen2", "llama-kv1", "llama-tp1-on-a-worker"],
+)
+def test_lora_adapters_on_worker_actors_match_hf_merged(arch, workers, checkpoints, lora_folders, lora_references):
+    """Every adapter and the base in one batch, twice as many adapters as slots: the engine's
+    process swaps them in and out of the slots, each rank writing its shard of them."""
+    names = [None, *ADAPTERS]
+    batch_prompts = lora_prompts(2 * len(names))
+    loras = names * 2
+    llm = tp_engine(checkpoints[arch], **LORA_ENGINE, lora_modules=lora_folders[arch], max_loras=2, max_cpu_loras=2,
+                    **workers)
+    try:
+        got = tokens_of(llm.generate(batch_prompts, lora_greedy(), lora=loras))
+        assert llm.engine.runner.lora_slots.num_slot_loads >= len(ADAPTERS)
+    finally:
+        llm.engine.shutdown()
+    for prompt, lora, tokens in zip(batch_prompts, loras, got):
+        assert_matches_reference(lora_references[arch], prompt, lora, tokens)
+
+
+def test_lora_adapters_added_and_removed_at_run_time_reach_every_rank(checkpoints, lora_folders, lora_references):
+    folders, reference = lora_folders["qwen2"], lora_references["qwen2"]
+    prompt = lora_prompts(1, seed=5)[0]
+    llm = tp_engine(checkpoints["qwen2"], **LORA_ENGINE, max_loras=1)
+
+    def under(lora: str) -> list[int]:
+        return tokens_of(llm.generate(prompt, lora_greedy(), lora=lora))[0]
+
+    try:
+        llm.engine.add_lora("late", folders["qv"])
+        qv_tokens = under("late")
+        assert llm.engine.stats().lora_adapters == ("late",)
+        llm.engine.add_lora("late", folders["mlp"])  # the ranks drop their copy of qv's weights
+        mlp_tokens = under("late")
+        llm.engine.remove_lora("late")
+        assert llm.engine.stats().lora_adapters == ()
+        with pytest.raises(ValueError, match="unknown LoRA adapter 'late'"):
+            under("late")
+    finally:
+        llm.engine.shutdown()
+    assert_matches_reference(reference, prompt, "qv", qv_tokens)
+    assert_matches_reference(reference, prompt, "mlp", mlp_tokens)
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,8 @@ class EngineConfig(BaseModel):
     max_loras: int = Field(1, ge=1, description="LoRA adapters resident on the device at once (slots)")
     max_lora_rank: int = Field(16, ge=1, description="the largest LoRA rank; smaller ranks are zero-padded to it")
     max_cpu_loras: int | None = Field(
-        None, ge=1, description="LoRA adapters kept in host memory behind the device's slots; default: 4 * max_loras"
+        None, ge=1, description="LoRA adapters kept in host memory behind the device's slots (by each "
+        "rank with worker actors); default: 4 * max_loras"
     )
     lora_modules: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapter name -> PEFT folder (adapter_config.json and "
@@ -157,9 +158,6 @@ class EngineConfig(BaseModel):
             if self.lora_modules:
                 raise ValueError("lora_modules needs enable_lora: true")
             return
-        if self.uses_workers:
-            raise ValueError("enable_lora needs the model in the engine's process (tp_size 1, "
-                             "distributed_executor_backend 'auto'): LoRA is not sharded over ranks yet")
         if self.speculative is not None and self.speculative.method == "draft":
             raise ValueError("enable_lora does not work with speculative method 'draft': the draft model has no adapters")
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:

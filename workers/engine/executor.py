@@ -79,7 +79,7 @@ class ModelExecutor(Protocol):
 
     def add_lora(self, name: str, folder: str) -> None:
         """Serve LoRA adapter `name` from `folder` (ValueError if it does not fit the model);
-        only executors of `enable_lora` engines, which run the model in the engine's process."""
+        only executors of `enable_lora` engines."""
 
     def remove_lora(self, name: str) -> None:
         """Forget LoRA adapter `name`, which no request uses any more."""

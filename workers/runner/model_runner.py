@@ -22,7 +22,8 @@ from kvserve.workers.models.config import ModelConfig
 from kvserve.workers.models.parallel_layers import kv_heads_of_rank
 from kvserve.workers.runner.sampler import SampledTokens, Sampler, SamplingRow
 from kvserve.workers.runner.host_kv_tier import HostKVTier, host_blocks_for
-from kvserve.workers.runner.lora_slots import LoRASlots
+from kvserve.workers.runner.lora_slots import LoRASlots, token_slots
+from kvserve.workers.runner.lora_weights import LoRAWeights
 from kvserve.workers.runner.rejection_sampling import DrawnProposal, drawn_proposals, proposal_logits, verify_drawn
 from kvserve.workers.runner.step_inputs import Chunk, InputBatch, StepPlan, flat_inputs
 from kvserve.workers.engine.sampling_params import SamplingParams
@@ -61,7 +62,9 @@ class ModelRunner:
         profile = GPUMemoryProfile(self.device) if fixed_pool_blocks is None else None
         self.model, _ = load_model(config.model, self.dtype, self.device, config.load_format, tp,
                                    quantization=config.quantization)
-        self.lora = LoRASlots(config, mc, self.model, self.dtype, self.device) if config.enable_lora else None
+        self.lora = LoRAWeights(config, mc, self.model, self.dtype, self.device) if config.enable_lora else None
+        # On worker ranks the engine's process decides the slots (`TPExecutor`) and sends them with each step.
+        self.lora_slots = LoRASlots(config, mc) if config.enable_lora and not config.uses_workers else None
         self.num_kv_heads = kv_heads_of_rank(mc, tp)[1]
         self.block_size = config.block_size
         self.max_model_len = config.effective_max_model_len(mc)
@@ -143,13 +146,15 @@ class ModelRunner:
         return sum(k.nbytes + v.nbytes for k, v in caches)
 
     def add_lora(self, name: str, folder: str) -> None:
-        self.lora.add(name, folder)
+        self.lora_slots.add(name, folder)
+        self.lora.forget(name)
 
     def remove_lora(self, name: str) -> None:
-        self.lora.remove(name)
+        self.lora_slots.remove(name)
+        self.lora.forget(name)
 
     def resident_loras(self) -> tuple[str, ...]:
-        return tuple(self.lora.slot_of)
+        return self.lora_slots.resident()
 
     async def check_health(self) -> None:
         """Nothing to check: the model runs in this process."""
@@ -183,8 +188,9 @@ class ModelRunner:
 
     def _with_lora_slots(self, plan: StepPlan, step: StepRequest) -> StepPlan:
         """`plan` with the LoRA slot of each of its tokens, every adapter of the step resident."""
-        if self.lora is not None:
-            plan.lora_slots = self.lora.token_slots(step.batch.seqs, step.batch.num_new_tokens)
+        if self.lora_slots is not None:
+            slots = self.lora_slots.assign([seq.lora_name for seq in step.batch.seqs], self.lora.load)
+            plan.lora_slots = token_slots(slots, step.batch.num_new_tokens, self.device)
         return plan
 
     def _transfer(self, step: StepRequest) -> None:

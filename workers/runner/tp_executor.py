@@ -2,7 +2,9 @@
 
 The replica's engine keeps the scheduler and the KV cache manager; each step it sends the
 `StepPlan` to every rank in one call per rank. Every rank runs its shard of the forward pass;
-rank 0 alone samples and answers with the tokens.
+rank 0 alone samples and answers with the tokens. With LoRA the executor decides which adapter
+goes in which slot (`LoRASlots`) and sends the step's slot loads with the plan, whose
+`lora_slots` name each token's slot.
 """
 
 import asyncio
@@ -22,6 +24,7 @@ from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.executor import SamplerOutput, StepRequest
 from kvserve.workers.models.distributed import free_port, join_group
 from kvserve.workers.runner.model_runner import ModelRunner
+from kvserve.workers.runner.lora_slots import LoRASlots, SlotLoad, token_slots
 from kvserve.workers.runner.step_inputs import InputBatch, StepPlan
 from kvserve.workers.runner.rejection_sampling import DrawnProposal, drawn_proposals
 from kvserve.workers.models.config import ModelConfig
@@ -49,9 +52,17 @@ class TPWorker:
         self.runner = ModelRunner(config, tp)
         return self.runner.num_kv_blocks
 
-    def execute(self, plan: StepPlan, proposals: list[DrawnProposal] = ()) -> SamplerOutput | None:
-        """Rank 0's answer is the sampled tokens; the other ranks answer None."""
+    def execute(self, plan: StepPlan, proposals: list[DrawnProposal] = (),
+                lora_loads: list[SlotLoad] = ()) -> SamplerOutput | None:
+        """Rank 0's answer is the sampled tokens; the other ranks answer None. `lora_loads` go
+        into their slots first."""
+        for load in lora_loads:
+            self.runner.lora.load(*load)
         return self.runner.run(_to_device(plan, self.runner.device), proposals)
+
+    def forget_lora(self, name: str) -> None:
+        """Drop the host copy of adapter `name`: removed, or its next load reads another folder."""
+        self.runner.lora.forget(name)
 
 
 def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
@@ -65,7 +76,9 @@ def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
     meta = plan.meta
     tensors = ("query_start_loc", "context_lens", "block_tables", "slot_mapping")
     meta = dataclasses.replace(meta, **{name: move(getattr(meta, name)) for name in tensors})
-    return dataclasses.replace(plan, input_ids=move(plan.input_ids), positions=move(plan.positions), meta=meta)
+    lora_slots = None if plan.lora_slots is None else move(plan.lora_slots)
+    return dataclasses.replace(plan, input_ids=move(plan.input_ids), positions=move(plan.positions), meta=meta,
+                               lora_slots=lora_slots)
 
 
 def placement_bundles(config: EngineConfig, replica_cpus: float, device: str) -> list[dict[str, float]]:
@@ -90,6 +103,7 @@ class TPExecutor:
     def __init__(self, config: EngineConfig):
         self.model_config = ModelConfig.from_pretrained_dir(config.model)
         check_shardable(self.model_config, config.tp_size)
+        self.lora_slots = LoRASlots(config, self.model_config) if config.enable_lora else None
         if not ray.is_initialized():
             ray.init()
         max_blocks = -(-config.effective_max_model_len(self.model_config) // config.block_size)
@@ -143,26 +157,54 @@ class TPExecutor:
 
     async def check_health(self) -> None:
         """Raise if a rank is gone or stops answering (a serving replica's health check)."""
-        if not self.workers:
-            raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")
-        pings = [worker.ping.remote() for worker in self.workers]
+        pings = [worker.ping.remote() for worker in self._live_workers()]
         try:
             await asyncio.wait_for(asyncio.gather(*pings), PING_TIMEOUT_S)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as error:
             raise RuntimeError(f"a tensor-parallel rank of this engine is not answering: {error!r}") from error
 
     def execute(self, step: StepRequest) -> SamplerOutput | None:
-        if not self.workers:
-            raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")
+        rank0, *other_ranks = self._live_workers()
         plan = self.inputs.plan(step)
+        loads = self._assign_lora_slots(plan, step)
         others = ray.put(dataclasses.replace(plan, rows=None, token_masks=None, pooled=[]))
         proposals = drawn_proposals(step.samples) if step.speculative else []
-        refs = [self.workers[0].execute.remote(plan, proposals)] + [w.execute.remote(others) for w in self.workers[1:]]
+        refs = [rank0.execute.remote(plan, proposals, loads)]
+        refs += [rank.execute.remote(others, (), loads) for rank in other_ranks]
         try:
             return _gather(refs, "failed during a step", RuntimeError)[0]
         except RuntimeError:
             self.shutdown()  # the surviving ranks are stuck in a collective
             raise
+
+    def _assign_lora_slots(self, plan: StepPlan, step: StepRequest) -> list[SlotLoad]:
+        """Sets `plan`'s slot of each token; returns the slot loads the ranks make before the step."""
+        loads: list[SlotLoad] = []
+        if self.lora_slots is not None:
+            slots = self.lora_slots.assign([seq.lora_name for seq in step.batch.seqs],
+                                           lambda slot, name, folder: loads.append((slot, name, folder)))
+            plan.lora_slots = token_slots(slots, step.batch.num_new_tokens, torch.device("cpu"))
+        return loads
+
+    def add_lora(self, name: str, folder: str) -> None:
+        self.lora_slots.add(name, folder)
+        self._on_every_rank("forget_lora", name)
+
+    def remove_lora(self, name: str) -> None:
+        self.lora_slots.remove(name)
+        self._on_every_rank("forget_lora", name)
+
+    def resident_loras(self) -> tuple[str, ...]:
+        return self.lora_slots.resident()
+
+    def _on_every_rank(self, method: str, *args) -> None:
+        refs = [getattr(worker, method).remote(*args) for worker in self._live_workers()]
+        _gather(refs, f"failed in {method}", RuntimeError)
+
+    def _live_workers(self) -> list:
+        if not self.workers:
+            raise RuntimeError("the tensor-parallel ranks of this engine are gone after an earlier failure")
+        return self.workers
 
     def shutdown(self) -> None:
         for worker in self.workers:
