@@ -10,6 +10,7 @@ another epoch than the index's are fenced, never applied.
 
 import asyncio
 import gc
+import math
 import logging
 import time
 
@@ -43,6 +44,9 @@ class KVIndexFollower:
         # Per replica, what the scorer reads of it at every decision, worked out once per news:
         # (requests running or waiting, blocks cached or in use, blocks in use, pool blocks).
         self.pool_figures: dict[str, tuple[int, int, int, int]] = {}
+        # Per replica: its step cost (base_s, per_prefill_token_s, per_decode_seq_s,
+        # tokens_per_step; NaN until its heartbeat has one), tokens queued, sequences running.
+        self.step_figures: dict[str, tuple[float, float, float, int, int, int]] = {}
         # The replicas whose queue orders by priority and holds something: their waiting
         # sequences per priority (EngineStats.waiting_by_priority), for the scorer's tie-break.
         self.queued: dict[str, EngineStats] = {}
@@ -108,6 +112,10 @@ class KVIndexFollower:
         cached = len(state.blocks) if state is not None else 0
         used = stats.kv_blocks_used
         self.pool_figures[replica] = (stats.running + stats.waiting, max(cached, used), used, stats.kv_blocks_total)
+        cost = stats.step_cost
+        coefficients = ((cost.base_s, cost.per_prefill_token_s, cost.per_decode_seq_s, cost.tokens_per_step)
+                        if cost is not None else (math.nan,) * 4)
+        self.step_figures[replica] = (*coefficients, stats.queued_tokens, stats.running)
         if stats.waiting_by_priority:
             self.queued[replica] = stats
         else:
@@ -158,5 +166,6 @@ class KVIndexFollower:
         self.index.drop_replica(replica)
         self.stats.pop(replica, None)
         self.pool_figures.pop(replica, None)
+        self.step_figures.pop(replica, None)
         self.queued.pop(replica, None)
         self.rejected.discard(replica)

@@ -17,7 +17,7 @@ from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import Sequence
 from kvserve.workers.protocol import (
-    BlockHash, BlockSnapshot, EngineStats, Heartbeat, HubNews, KVEventBatch, ReplicaNews,
+    BlockHash, BlockSnapshot, EngineStats, Heartbeat, HubNews, KVEventBatch, ReplicaNews, StepCost,
 )
 
 BLOCK = 4
@@ -80,7 +80,7 @@ def test_a_sequence_gap_is_refused():
 def pool_stats(total: int = 1 << 20, used: int = 0, cached: int = 0) -> EngineStats:
     return EngineStats(running=0, waiting=0, kv_blocks_total=total, kv_blocks_used=used, kv_blocks_cached=cached,
                        num_preemptions=0, grammars=None, speculative=None, host_tier=None, waiting_by_priority=(),
-                       lora_adapters=())
+                       lora_adapters=(), queued_tokens=0, step_cost=None)
 
 
 def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None = None,
@@ -140,6 +140,44 @@ def test_scorer_prefers_the_holder_until_it_is_too_busy():
     scorer.in_flight["b"] = 3  # 3 more than the least busy: held back
     order, reason = scorer.rank(["a", "b", "c"], hashes, len(prompt))
     assert order[0] == 2 and order[-1] == 1 and reason == "load_guard"
+
+
+def timed(stats: EngineStats, queued_tokens: int, running: int = 0) -> EngineStats:
+    """`stats` of a replica whose steps cost 10 ms plus 1 ms per prompt token and 0.1 ms per
+    running sequence, with `queued_tokens` still to compute."""
+    return dataclasses.replace(stats, queued_tokens=queued_tokens, running=running,
+                               step_cost=StepCost(0.01, 1e-3, 1e-4, tokens_per_step=64))
+
+
+def test_in_seconds_a_cache_hit_is_worth_its_prefill_time_against_a_queue():
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(48))
+    hashes = hash_block_chain(prompt, BLOCK)
+    options = RouterOptions(cost_unit="seconds")
+
+    def first_choice(holder_queue: int, other_queue: int) -> str:
+        stats = {"holder": timed(pool_stats(100), holder_queue), "other": timed(pool_stats(100), other_queue)}
+        scorer = KVScorer(follower_with({"holder": prompt[:40], "other": []}, stats), BLOCK, options)
+        return ["holder", "other"][scorer.rank(["holder", "other"], hashes, len(prompt))[0][0]]
+
+    assert first_choice(0, 0) == "holder"
+    assert first_choice(30, 0) == "holder"  # 30 + 8 tokens to compute there, 48 on the other
+    assert first_choice(60, 0) == "other"  # 68 there: two steps' base as well
+    assert first_choice(60, 40) == "holder"  # 68 against 88
+
+
+def test_in_seconds_a_replica_without_a_step_cost_counts_the_median_one():
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(48))
+    stats = {"measured": timed(pool_stats(100), 200), "new": pool_stats(100)}  # "new" queues nothing
+    scorer = KVScorer(follower_with({"measured": prompt[:40], "new": []}, stats), BLOCK,
+                      RouterOptions(cost_unit="seconds"))
+    assert scorer.rank(["measured", "new"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
+    untimed = {"a": pool_stats(100), "b": pool_stats(100)}  # no step cost anywhere: tokens decide
+    scorer = KVScorer(follower_with({"a": prompt[:40], "b": []}, untimed), BLOCK, RouterOptions(cost_unit="seconds"))
+    assert scorer.rank(["a", "b"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [0, 1]
 
 
 def test_the_load_guard_grows_with_the_load():

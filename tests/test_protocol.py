@@ -13,7 +13,7 @@ from kvserve.workers.protocol import (
     AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, EmbedRequest, EmbeddingOutput, EngineStats,
     GenerateRequest, GrammarTimings, HostTierStats, Heartbeat, HubNews, KVCursor, KVEventBatch, KVRetention, OutputDelta,
     ReplicaNews, ReplicaRegistration, RequestRefused, RetentionRange, SampleDelta, SamplingParams, SpeculativeStats,
-    TokenLogprobs,
+    StepCost, TokenLogprobs,
 )
 
 BLOCK = 4
@@ -24,7 +24,8 @@ STATS = EngineStats(running=2, waiting=1, kv_blocks_total=64, kv_blocks_used=9, 
                                                  accepted_at=(3, 1, 1)),
                     host_tier=HostTierStats(blocks_total=32, blocks_cached=7, hit_blocks=4, blocks_in=4, blocks_out=9,
                                             bytes_in=4096, bytes_out=9216),
-                    waiting_by_priority=((-1, 1),), lora_adapters=("tuned",))
+                    waiting_by_priority=((-1, 1),), lora_adapters=("tuned",), queued_tokens=130,
+                    step_cost=StepCost(base_s=0.012, per_prefill_token_s=2e-5, per_decode_seq_s=1e-4, tokens_per_step=2048))
 EPOCH = 2**62 + 5
 BATCH = KVEventBatch(EPOCH, 7, 1.7e9, [
     BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None, medium="cpu", priority=100),

@@ -20,7 +20,7 @@ from kvserve.workers.engine.kv_events import (
     AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, KVEvent, KVEventBatch,
 )
 from kvserve.workers.engine.outputs import (
-    EmbeddingOutput, EngineStats, GrammarTimings, HostTierStats, SpeculativeStats, TokenLogprobs,
+    EmbeddingOutput, EngineStats, GrammarTimings, HostTierStats, SpeculativeStats, StepCost, TokenLogprobs,
 )
 from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY, KVRetention, RetentionRange
@@ -31,7 +31,7 @@ __all__ = [
     "DEFAULT_RETENTION_PRIORITY", "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EmbedRequest", "EmbeddingOutput",
     "EngineStats", "GenerateRequest", "GrammarTimings", "Heartbeat", "HostTierStats", "HubNews", "KVCursor", "KVEvent",
     "KVEventBatch", "KVRetention", "OutputDelta", "ReplicaNews", "ReplicaRegistration", "RequestRefused", "RetentionRange",
-    "SampleDelta", "SamplingParams", "SpeculativeStats", "StructuredOutputSpec", "TokenLogprobs",
+    "SampleDelta", "SamplingParams", "SpeculativeStats", "StepCost", "StructuredOutputSpec", "TokenLogprobs",
     "prompt_length_problem",
 ]
 

@@ -22,6 +22,7 @@ from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, Schedule
 from kvserve.workers.engine.sequence import PENDING_TOKEN, FinishReason, Sequence
 from kvserve.workers.engine.speculative.speculation import DraftModel, Speculation, speculates
 from kvserve.workers.engine.step_clock import StepClock
+from kvserve.workers.engine.step_costs import StepCostFit
 from kvserve.workers.models.gguf_checkpoint import tokenizer_args
 from kvserve.workers.engine.structured_output import StructuredMatcher
 from kvserve.workers.engine.structured_spec import StructuredOutputError
@@ -59,6 +60,7 @@ class LLMEngine:
         self.requests: dict[str, list[Sequence]] = {}  # the samples of every unfinished request
         self.outputs: OutputProcessor | None = OutputProcessor(self.tokenizer)
         self.clock: StepClock | None = None  # set by `kvserve bench overhead` only
+        self.step_costs = StepCostFit(config.max_num_batched_tokens)
         self.overlaps_steps = config.overlaps_steps
         self._in_flight: _InFlight | None = None  # the step launched last, not read yet
         self._repeat_seqs: list[Sequence] | None = None  # see `_sample_requests`
@@ -263,6 +265,7 @@ class LLMEngine:
         With async scheduling the step is launched and the tokens returned are those of the
         step before it, read while this one runs; a step whose samples use penalties (which
         read every token so far) waits for that step first."""
+        started = time.perf_counter()
         if self.guided.num_compiling:
             self._schedule_compiled()
         earlier = [] if self._can_overlap() else self._take_in_flight()
@@ -282,7 +285,9 @@ class LLMEngine:
                            self.guided.token_masks(samples) if self.guided.num_requests else None, pooled,
                            speculating)
         if self.overlaps_steps and self._can_overlap():
-            return earlier + self._launch(step)
+            tokens = earlier + self._launch(step)
+            self._observe_step(batch, started)
+            return tokens
         sampled = self.runner.execute(step)
         self._advance(batch, samples)
         if pooled:
@@ -294,7 +299,14 @@ class LLMEngine:
                       in zip(samples, sampled.token_ids, sampled.logprobs, sampled.top_logprobs)] if samples else []
         if self.clock is not None:
             self.clock.lap("outputs")
+        self._observe_step(batch, started)
         return earlier + tokens
+
+    def _observe_step(self, batch: ScheduledBatch, started: float) -> None:
+        """Fit the step's time, `started` to now: with async scheduling it is the wait for the
+        step before, which is how long a step takes once the device is the bottleneck."""
+        decodes = batch.num_new_tokens.count(1)
+        self.step_costs.observe(sum(batch.num_new_tokens) - decodes, decodes, time.perf_counter() - started)
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before this one's tokens are read: not while a
@@ -493,6 +505,8 @@ class LLMEngine:
             host_tier=self._host_tier_stats(),
             waiting_by_priority=self._waiting_by_priority(),
             lora_adapters=self.runner.resident_loras() if self.config.enable_lora else (),
+            queued_tokens=self.scheduler.queued_tokens(),
+            step_cost=self.step_costs.model(),
         )
 
     def _waiting_by_priority(self) -> tuple[tuple[int, int], ...]:

@@ -45,6 +45,18 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class StepCost:
+    """A replica's steps as its engine measured them (`step_costs.StepCostFit`): seconds =
+    base_s + per_prefill_token_s x prompt tokens computed + per_decode_seq_s x sequences
+    decoding; a step computes at most `tokens_per_step` tokens (max_num_batched_tokens)."""
+
+    base_s: float
+    per_prefill_token_s: float
+    per_decode_seq_s: float
+    tokens_per_step: int
+
+
+@dataclass(frozen=True)
 class EngineStats:
     """The engine's load and KV pool, as the replica publishes it to the routers."""
 
@@ -61,6 +73,8 @@ class EngineStats:
     # priority; empty under fcfs, where a newcomer waits behind every waiting sequence.
     waiting_by_priority: tuple[tuple[int, int], ...]
     lora_adapters: tuple[str, ...]  # the LoRA adapters in the replica's device slots now
+    queued_tokens: int  # tokens its running and waiting sequences have still to compute
+    step_cost: StepCost | None  # how long its steps take, once it has measured enough of them
 
     def waiting_ahead_of(self, priority: int) -> int:
         """Waiting sequences a new request of `priority` would queue behind by priority alone:

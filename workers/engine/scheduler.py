@@ -68,10 +68,13 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # sorted by self.order
         self.running: list[Sequence] = []  # sorted by self.order
         self.pending_copies: list[tuple[int, int]] = []
+        # Per waiting sequence, its tokens not in the prefix cache when it arrived: what it will compute.
+        self.waiting_tokens: dict[str, int] = {}
         self.departed: list[str] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        self.waiting_tokens[seq.seq_id] = seq.num_tokens - len(self.kv.get_computed_blocks(seq)) * self.kv.block_size
         key = self.order(seq)
         if not self.waiting or self.order(self.waiting[-1]) <= key:
             self.waiting.append(seq)
@@ -91,6 +94,12 @@ class Scheduler:
             batch.kv_transfers = self.kv.take_transfers()
             batch.grown = self.kv.take_grown()
         return batch
+
+    def queued_tokens(self) -> int:
+        """Tokens the running and waiting sequences have still to compute (a waiting one's past
+        the prefix it found cached when it arrived)."""
+        return sum(self.waiting_tokens.values()) + sum(len(seq.token_ids) - seq.num_computed_tokens
+                                                      for seq in self.running)
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         running, allocate = self.running, self.kv.allocate_slots
@@ -143,6 +152,7 @@ class Scheduler:
             if not self.kv.allocate_slots(seq, num_new, hits):
                 break
             self.waiting.popleft()
+            del self.waiting_tokens[seq.seq_id]
             seq.num_computed_tokens = num_cached
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = num_cached
@@ -213,6 +223,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            del self.waiting_tokens[seq.seq_id]
         self.kv.free(seq)
         self.departed.append(seq.seq_id)
         seq.status = SequenceStatus.FINISHED

@@ -31,11 +31,16 @@ def _words(text: str) -> list[str]:
     return [v for v in text.split(",") if v]
 
 
-def _param(text: str) -> tuple[str, float | int]:
+def _param(text: str) -> tuple[str, float | int | str]:
     key, _, value = text.partition("=")
     if not value:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.replace("-", "_"), float(value) if "." in value else int(value)
+    for number in (int, float):
+        try:
+            return key.replace("-", "_"), number(value)
+        except ValueError:
+            pass
+    return key.replace("-", "_"), value
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:

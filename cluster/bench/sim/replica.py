@@ -21,6 +21,7 @@ from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from kvserve.workers.engine.sequence import FinishReason, Sequence
+from kvserve.workers.engine.step_costs import StepCostFit
 from kvserve.workers.protocol import HEARTBEAT_PERIOD_S, EngineStats, Heartbeat
 
 _PARAMS = SamplingParams()  # the scheduler never reads them; the output length is the job's
@@ -61,6 +62,7 @@ class SimReplica:
         self.step_time = step_time
         self.kv = KVCacheManager(limits.num_blocks, limits.block_size, enable_prefix_caching=True)
         self.scheduler = Scheduler(SchedulerConfig(limits.max_num_seqs, limits.max_num_batched_tokens), self.kv)
+        self.step_costs = StepCostFit(limits.max_num_batched_tokens)  # as the engine fits its steps
         self.jobs: dict[str, Job] = {}
         self.batch: ScheduledBatch | None = None
         self.event_seq = 0  # of the last batch taken
@@ -99,7 +101,10 @@ class SimReplica:
                 raise RuntimeError(f"{self.name}: the scheduler has work but scheduled nothing")
             return None
         self.batch = batch
-        return now + self._duration(batch)
+        duration = self._duration(batch)
+        decodes = batch.num_new_tokens.count(1)
+        self.step_costs.observe(sum(batch.num_new_tokens) - decodes, decodes, duration)
+        return now + duration
 
     def _duration(self, batch: ScheduledBatch) -> float:
         seqs, num_new_tokens = batch.seqs, batch.num_new_tokens
@@ -159,4 +164,4 @@ class SimReplica:
         kv, scheduler = self.kv, self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.num_blocks,
                            kv.num_blocks - kv.num_free_blocks, kv.num_cached_blocks, scheduler.num_preemptions, None, None,
-                           None, (), ())
+                           None, (), (), scheduler.queued_tokens(), self.step_costs.model())

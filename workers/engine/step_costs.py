@@ -1,0 +1,46 @@
+"""How long this engine's steps take, learned from the steps it runs: the model a router uses to
+predict a request's time to first token on this replica (`EngineStats.step_cost`).
+
+A step's time is fitted as base + per_prefill_token x prefill tokens + per_decode_seq x decode
+sequences, by least squares over the recent steps, each step's weight decaying by `DECAY` per
+step after it (about the last thousand steps count): the fit follows a replica whose load or
+model changes. Only sums are kept, so a step costs a few float operations.
+"""
+
+import numpy as np
+
+from kvserve.workers.engine.outputs import StepCost
+
+DECAY = 0.999
+MIN_STEPS = 32  # fitted steps before the model is reported
+_RIDGE = 1e-9  # keeps the solve defined while one kind of step has not been seen
+
+
+class StepCostFit:
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self._xtx = [0.0] * 6  # the symmetric 3 x 3 sums of x x^T, x = (1, prefill, decodes)
+        self._xty = [0.0] * 3
+        self._prefill_weight = 0.0  # decayed steps that computed prompt tokens
+        self.num_steps = 0
+
+    def observe(self, prefill_tokens: int, decode_seqs: int, seconds: float) -> None:
+        s, y = self._xtx, self._xty
+        p, d = float(prefill_tokens), float(decode_seqs)
+        for i, v in enumerate((1.0, p, d, p * p, p * d, d * d)):
+            s[i] = s[i] * DECAY + v
+        for i, v in enumerate((seconds, p * seconds, d * seconds)):
+            y[i] = y[i] * DECAY + v
+        self._prefill_weight = self._prefill_weight * DECAY + (prefill_tokens > 0)
+        self.num_steps += 1
+
+    def model(self) -> StepCost | None:
+        """The fitted step cost, once enough steps were seen, with prompt tokens among them;
+        None before. Coefficients are kept at or above zero."""
+        if self.num_steps < MIN_STEPS or self._prefill_weight < 1.0:
+            return None
+        n, sp, sd, spp, spd, sdd = self._xtx
+        xtx = np.array([[n, sp, sd], [sp, spp, spd], [sd, spd, sdd]])
+        coef = np.linalg.solve(xtx + _RIDGE * np.diag(np.diag(xtx) + 1.0), np.array(self._xty))
+        base, per_token, per_decode = (max(0.0, float(c)) for c in coef)
+        return StepCost(base, per_token, per_decode, self.tokens_per_step)
