@@ -1,6 +1,7 @@
 """Iteration-level scheduling: which sequences run in the next forward pass, and how far."""
 
 import bisect
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -9,6 +10,8 @@ from kvserve.workers.engine.sequence import FinishReason, Sequence, SequenceStat
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
+_TOKEN_IDS = operator.attrgetter("token_ids")
+_NUM_COMPUTED = operator.attrgetter("num_computed_tokens")
 
 
 @dataclass
@@ -98,8 +101,9 @@ class Scheduler:
     def queued_tokens(self) -> int:
         """Tokens the running and waiting sequences have still to compute (a waiting one's past
         the prefix it found cached when it arrived)."""
-        return sum(self.waiting_tokens.values()) + sum(len(seq.token_ids) - seq.num_computed_tokens
-                                                      for seq in self.running)
+        running = self.running
+        return (sum(self.waiting_tokens.values()) + sum(map(len, map(_TOKEN_IDS, running)))
+                - sum(map(_NUM_COMPUTED, running)))
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         running, allocate = self.running, self.kv.allocate_slots
@@ -113,7 +117,10 @@ class Scheduler:
             num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             if seq.draft_token_ids:
                 num_new += self._fit_drafts(seq, num_new, budget)
-            if not allocate(seq, num_new) and not self._make_room(seq, num_new, batch):
+            # The quiet check is `allocate_slots`' own first one, made here to save the call
+            # for the decodes of every step.
+            if (seq.num_computed_tokens + num_new >= seq.kv_quiet_below and not allocate(seq, num_new)
+                    and not self._make_room(seq, num_new, batch)):
                 return budget
             seqs.append(seq)
             counts.append(num_new)

@@ -13,6 +13,7 @@ from kvserve.workers.engine.outputs import StepCost
 
 DECAY = 0.999
 MIN_STEPS = 32  # fitted steps before the model is reported
+REFIT_STEPS = 16  # steps between solves: heartbeats ask for the model after nearly every step
 _RIDGE = 1e-9  # keeps the solve defined while one kind of step has not been seen
 
 
@@ -23,6 +24,8 @@ class StepCostFit:
         self._xty = [0.0] * 3
         self._prefill_weight = 0.0  # decayed steps that computed prompt tokens
         self.num_steps = 0
+        self._model: StepCost | None = None
+        self._solved_at = -REFIT_STEPS
 
     def observe(self, prefill_tokens: int, decode_seqs: int, seconds: float) -> None:
         s, y = self._xtx, self._xty
@@ -36,7 +39,12 @@ class StepCostFit:
 
     def model(self) -> StepCost | None:
         """The fitted step cost, once enough steps were seen, with prompt tokens among them;
-        None before. Coefficients are kept at or above zero."""
+        None before. Coefficients are kept at or above zero. Solved again every REFIT_STEPS."""
+        if self.num_steps - self._solved_at >= REFIT_STEPS:
+            self._model, self._solved_at = self._solve(), self.num_steps
+        return self._model
+
+    def _solve(self) -> StepCost | None:
         if self.num_steps < MIN_STEPS or self._prefill_weight < 1.0:
             return None
         n, sp, sd, spp, spd, sdd = self._xtx

@@ -9,6 +9,7 @@ events and publishes them with a heartbeat (`EventStream`), as `LLMServer` does,
 heartbeat alone once `HEARTBEAT_PERIOD_S` has passed without one.
 """
 
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from kvserve.workers.engine.sequence import FinishReason, Sequence
 from kvserve.workers.engine.step_costs import StepCostFit
 from kvserve.workers.protocol import HEARTBEAT_PERIOD_S, EngineStats, Heartbeat
 
+_COMPUTED = operator.attrgetter("num_computed_tokens")
+_PROMPT = operator.attrgetter("num_prompt_tokens")
 _PARAMS = SamplingParams()  # the scheduler never reads them; the output length is the job's
 
 
@@ -109,7 +112,7 @@ class SimReplica:
     def _duration(self, batch: ScheduledBatch) -> float:
         seqs, num_new_tokens = batch.seqs, batch.num_new_tokens
         context = sum(seq.num_computed_tokens for seq in seqs)
-        if num_new_tokens.count(1) == len(seqs) and all(s.num_computed_tokens >= s.num_prompt_tokens for s in seqs):
+        if num_new_tokens.count(1) == len(seqs) and all(map(operator.ge, map(_COMPUTED, seqs), map(_PROMPT, seqs))):
             return self.step_time(0, len(seqs), context, context + len(seqs))  # decodes only: most steps
         prefill = decode = pairs = 0
         for seq, num_new in zip(seqs, num_new_tokens):
