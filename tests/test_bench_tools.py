@@ -1,18 +1,20 @@
 """The pieces of the benchmark tools that compute numbers we publish."""
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from kvserve.cluster import cli
 from kvserve.cluster.bench.serve import (
-    Result, add_flags, fit_lengths, make_prompts, oracle_hit_rate, percentiles, print_table, summarize,
+    Result, add_flags, fit_lengths, make_prompts, oracle_hit_rate, percentiles, print_table, send_times, summarize,
 )
 from kvserve.kernels import reference
 
@@ -98,6 +100,81 @@ def test_bench_routers_lora_workload_gives_each_adapter_its_system_prompt_and_kv
     systems = {name: {tuple(p[:20]) for p, n in zip(prompts, adapters) if n == name} for name in "abc"}
     assert all(len(s) == 1 for s in systems.values()) and len(set().union(*systems.values())) == 3
     assert {len(p) for p in prompts} == {25}
+
+
+def _router_bench_args(*argv: str) -> argparse.Namespace:
+    from kvserve.cluster.bench.routers import add_flags as add_router_flags
+
+    parser = argparse.ArgumentParser()
+    add_router_flags(parser)
+    return parser.parse_args(list(argv))
+
+
+def _shared_blocks(first: list, second: list) -> int:
+    return next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+
+
+@pytest.mark.parametrize("workload", ["shared-prefix", "multi-turn"])
+def test_bench_routers_trace_is_what_the_load_generator_sends(tmp_path, workload):
+    from kvserve.cluster.bench.routers import write_trace
+    from kvserve.cluster.bench.sim.baselines import oracle_hit_rate as sim_oracle_hit_rate
+    from kvserve.cluster.bench.sim.prompts import BlockChains
+    from kvserve.cluster.bench.sim.workloads import read_mooncake
+    from kvserve.workers.engine.block_hash import hash_block_chain
+
+    # 40-token prefixes and 20-token turns: prompts end in partial blocks of 16
+    args = _router_bench_args("--trace-out", str(tmp_path / "trace"), "--num-requests", "40", "--groups", "4",
+                              "--prefix-len", "40", "--prompt-len", "20", "--output-len", "8", "--max-history", "200")
+    args.workload = workload
+    prompts = make_prompts(args, 500)
+    items = read_mooncake(write_trace(args, prompts), trace_block_tokens=16)
+    assert [item.arrival_s for item in items] == pytest.approx(send_times(args.rate, 40, args.bench_seed), abs=1e-6)
+    assert [item.input_length for item in items] == [len(p) for p in prompts]
+    assert {item.output_length for item in items} == {8}
+    chains = BlockChains(16)
+    sim_chains = [chains.chain(item.segments) for item in items]
+    real_chains = [hash_block_chain(p, 16) for p in prompts]
+    for i in range(len(prompts)):
+        for j in range(i):
+            assert _shared_blocks(sim_chains[i], sim_chains[j]) == _shared_blocks(real_chains[i], real_chains[j])
+    oracle = oracle_hit_rate(prompts, 16)
+    assert oracle > 0.3 and sim_oracle_hit_rate(items, chains, 16) == pytest.approx(oracle)
+
+
+def test_the_load_generator_sends_each_request_at_its_planned_time(monkeypatch):
+    from kvserve.cluster.bench import serve as bench_serve
+
+    sent = []
+
+    async def answer(client, url, model, prompt, output_len):
+        sent.append(time.perf_counter())
+        return Result(ok=True)
+
+    monkeypatch.setattr(bench_serve, "one_request", answer)
+    args = argparse.Namespace(url="http://x", rate=100.0, bench_seed=3, output_len=1)
+    start = time.perf_counter()
+    results, _ = asyncio.run(bench_serve.run_load(args, [[1]] * 20, ["m"] * 20))
+    planned = send_times(100.0, 20, 3)
+    assert len(results) == 20 and planned[0] == 0.0
+    assert all(at - start >= plan - 1e-3 for at, plan in zip(sent, planned))  # never early
+    assert sent[-1] - start < planned[-1] + 0.5
+
+
+def test_bench_engine_step_points_round_trip_through_the_simulators_fit(tmp_path, tiny_checkpoints, capsys):
+    from kvserve.cluster.bench.sim.step_time import load_step_fit
+
+    out = tmp_path / "steps.json"
+    assert cli.main(["bench", "engine", "--model", str(tiny_checkpoints["llama"]), "--step-points", str(out),
+                     "--step-repeats", "1", "--kv-blocks", "32", "--max-model-len", "128"]) == 0
+    points = json.loads(out.read_text())["points"]
+    steps = {(p["prefill_tokens"], p["decode_seqs"], p["context_tokens"]) for p in points}
+    assert (64, 0, 0) in steps  # a 64-token prompt alone
+    assert (0, 8, 8 * 16) in steps  # 8 sequences decoding after their 16-token prompts
+    assert any(p["prefill_tokens"] and p["decode_seqs"] for p in points)  # a prompt beside decodes
+    assert all(p["step_s"] > 0 for p in points)
+    fit = load_step_fit(out)
+    assert fit.kv_blocks(16) == 32 and fit(64, 0, 0) > 0
+    assert "relative error over" in capsys.readouterr().out
 
 
 def test_percentiles():

@@ -1,5 +1,6 @@
 """`kvserve bench engine`: the engine against Hugging Face transformers' batched `generate`
-on the same model and requests, plus the scheduler's own time per step."""
+on the same model and requests, plus the scheduler's own time per step; or, with
+`--step-points`, timed steps for the simulator (step_points.py)."""
 
 import argparse
 import random
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.cluster.bench import step_points
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import Scheduler, SchedulerConfig
@@ -28,6 +30,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sched-seqs", type=int, default=256, help="running sequences in the scheduler test")
     parser.add_argument("--bench-seed", type=int, default=0)
     parser.add_argument("--skip-hf", action="store_true")
+    step_points.add_flags(parser)
 
 
 def make_requests(count: int, prompt_len, output_len, vocab: int, seed: int) -> list[BenchRequest]:
@@ -106,6 +109,9 @@ def scheduler_step_time(num_seqs: int, prompt_len: int = 64, steps: int = 300) -
 
 def main(args: argparse.Namespace, model: str, options: dict) -> int:
     from kvserve.workers.models.config import ModelConfig
+
+    if args.step_points:  # a replica's engine of `bench routers` unless --model says
+        return step_points.main(args, args.model, options)
 
     vocab = ModelConfig.from_pretrained_dir(model).vocab_size
     requests = make_requests(args.num_requests, args.prompt_len, args.output_len, vocab, args.bench_seed)

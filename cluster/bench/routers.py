@@ -7,7 +7,10 @@ measured with the tier off and on, and against a pool that holds everything, in 
 
 The `lora` workload (not run by default) serves `--loras` random PEFT adapters on the base
 model, each request under one of them with that adapter's system prompt; its setups for the
-`kv` policy differ in `lora_load_cost_tokens` (0: the router ignores where adapters are)."""
+`kv` policy differ in `lora_load_cost_tokens` (0: the router ignores where adapters are).
+
+With `--trace-out`, each workload's requests (but the `lora` one's) are also written as a
+Mooncake trace, for the simulator (`kvserve bench sim --trace`) to replay the same traffic."""
 
 import argparse
 import asyncio
@@ -23,18 +26,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.cluster.bench import serve as bench_serve
 from kvserve.cluster.bench.models import bench_lora_adapters
+from kvserve.cluster.bench.sim.workloads import mooncake_from_prompts, write_mooncake
 from kvserve.router.options import POLICIES, RouterOptions
 from kvserve.workers.models.distributed import free_port
 
 WORKLOADS = ["shared-prefix", "multi-turn", "random"]
 LORA_WORKLOAD = "lora"
+KV_BLOCKS, MAX_MODEL_LEN, BLOCK_SIZE = 160, 2048, 16  # a replica's engine, unless the flags say
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--workloads", nargs="+", choices=[*WORKLOADS, LORA_WORKLOAD], default=WORKLOADS)
-    parser.add_argument("--kv-blocks", type=int, default=160, help="KV pool of each replica, in blocks")
+    parser.add_argument("--kv-blocks", type=int, default=KV_BLOCKS, help="KV pool of each replica, in blocks")
     parser.add_argument("--kv-offload-gib", type=float, nargs="+", default=[0.0],
                         help="host-memory KV tier of each replica, each value a setup of its own (0: none)")
     parser.add_argument("--host-block-credit", type=float, nargs="+", default=[RouterOptions().host_block_credit],
@@ -48,12 +53,15 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unbounded-kv-blocks", type=int,
                         help="also run each policy first with a pool this large and no host tier, the reference")
     parser.add_argument("--out", default="bench-routers", help="prefix of the .jsonl and .png written")
+    parser.add_argument("--trace-out", metavar="PREFIX",
+                        help="also write each workload's requests as a Mooncake trace, PREFIX-WORKLOAD.jsonl "
+                        "(one hash id per --block-size tokens; timestamps are the planned send times)")
     for flag, default in (("--rate", 3.0), ("--num-requests", 96), ("--prompt-len", 48), ("--prefix-len", 320),
                           ("--groups", 16), ("--output-len", 16),
                           ("--max-history", 1536), ("--system-len", 0)):
         parser.add_argument(flag, type=type(default), default=default)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int, default=2048,
+    parser.add_argument("--block-size", type=int, default=BLOCK_SIZE)
+    parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN,
                         help="the engine's; the pool must hold one sequence this long")
     parser.add_argument("--slo-ttft", type=float, default=2.0)
     parser.add_argument("--slo-tpot", type=float, default=0.5)
@@ -92,14 +100,20 @@ def setups(args: argparse.Namespace, policy: str) -> list[Setup]:
     return runs
 
 
+def replica_engine(kv_blocks: int, max_model_len: int, block_size: int, kv_offload_gib: float = 0.0) -> dict:
+    """The engine settings of one replica, but the model and LoRA: float32 on the CPU, one
+    torch thread (`kvserve bench engine --step-points` measures the same engine)."""
+    return {"device": "cpu", "dtype": "float32", "cpu_threads": 1, "num_kv_blocks": kv_blocks,
+            "kv_offload_gib": kv_offload_gib, "max_model_len": max_model_len, "block_size": block_size}
+
+
 def _config(args: argparse.Namespace, model: str, adapters: dict[str, str], policy: str, setup: Setup, port: int):
     from kvserve.cluster.config import load_config
 
     lora = {"enable_lora": True, "max_loras": args.max_loras, "lora_modules": adapters} if adapters else {}
+    engine = replica_engine(setup.kv_blocks, args.max_model_len, args.block_size, setup.kv_offload_gib)
     return load_config(None, {
-        "engine": {"model": model, "device": "cpu", "dtype": "float32", "cpu_threads": 1,
-                   "num_kv_blocks": setup.kv_blocks, "kv_offload_gib": setup.kv_offload_gib,
-                   "max_model_len": args.max_model_len, "block_size": args.block_size, **lora},
+        "engine": {"model": model, **engine, **lora},
         "serving": {"app_name": "bench", "replicas": args.replicas, "router": policy, "port": port,
                     "replica_cpus": 1, "max_ongoing_requests": 256,
                     "router_options": {"host_block_credit": setup.host_block_credit,
@@ -188,12 +202,23 @@ def _run_workload(args: argparse.Namespace, adapters: list[str]) -> dict:
     else:
         prompts = bench_serve.make_prompts(args, base["vocab_size"])
         models = [base["id"]] * len(prompts)
+        if args.trace_out:
+            write_trace(args, prompts)  # the same for every policy: the last one written stays
     decided_before, host_hits_before = routing_decisions(args.url), host_tier_hits(args.url)
     results, elapsed = asyncio.run(bench_serve.run_load(args, prompts, models))
     summary = bench_serve.summarize(args, results, elapsed, bench_serve.oracle_hit_rate(prompts, args.block_size))
     summary["decisions"] = dict(routing_decisions(args.url) - decided_before)
     summary["host_tier_hit_blocks"] = host_tier_hits(args.url) - host_hits_before
     return summary
+
+
+def write_trace(args: argparse.Namespace, prompts: list[list[int]]) -> Path:
+    """The workload's requests as a Mooncake trace: planned send times, prompt and output
+    lengths, a hash id per `block_size` tokens."""
+    arrivals = bench_serve.send_times(args.rate, len(prompts), args.bench_seed)
+    path = Path(f"{args.trace_out}-{args.workload}.jsonl")
+    write_mooncake(path, mooncake_from_prompts(prompts, arrivals, args.output_len, args.block_size))
+    return path
 
 
 def lora_requests(args: argparse.Namespace, vocab: int, adapters: list[str]) -> tuple[list[list[int]], list[str]]:

@@ -157,16 +157,25 @@ def fit_lengths(args, max_model_len: int) -> str | None:
     return f"lengths shrunk to fit the model's max_model_len {max_model_len}: {shown}"
 
 
+def send_times(rate: float, count: int, seed: int) -> list[float]:
+    """When each request goes out, in seconds from the first: Poisson arrivals at `rate`."""
+    rng = random.Random(seed + 1)
+    times = [0.0]
+    while len(times) < count:
+        times.append(times[-1] + rng.expovariate(rate))
+    return times[:count]
+
+
 async def run_load(args, prompts: list[list[int]], models: list[str]) -> tuple[list[Result], float]:
-    """Sends each prompt to its model (a base model or a LoRA adapter) at Poisson arrivals."""
-    rng = random.Random(args.bench_seed + 1)
+    """Sends each prompt to its model (a base model or a LoRA adapter) at its planned time
+    (`send_times`), so that a trace of the plan is what was sent."""
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         tasks = []
         start = time.perf_counter()
-        for prompt, model in zip(prompts, models):
+        for prompt, model, at in zip(prompts, models, send_times(args.rate, len(prompts), args.bench_seed)):
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             tasks.append(asyncio.create_task(one_request(client, args.url, model, prompt, args.output_len)))
-            await asyncio.sleep(rng.expovariate(args.rate))
         results = await asyncio.gather(*tasks)
         return results, time.perf_counter() - start
 

@@ -148,6 +148,27 @@ class LinearStepTime:
 POINT_KEYS = ("prefill_tokens", "decode_seqs", "context_tokens", "step_s")
 
 
+def step_composition(seqs, num_new_tokens: list[int]) -> dict[str, int]:
+    """A scheduled batch as the step-time model reads it, as the simulated replica counts it:
+    prompt tokens computed, sequences decoding (one new token after the prompt) and the tokens
+    already computed that the step attends over; `seqs` as the scheduler left them, before the
+    step advances them."""
+    prefill = decode = 0
+    for seq, num_new in zip(seqs, num_new_tokens):
+        if num_new == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+            decode += 1
+        else:
+            prefill += num_new
+    return {"prefill_tokens": prefill, "decode_seqs": decode,
+            "context_tokens": sum(seq.num_computed_tokens for seq in seqs)}
+
+
+def relative_errors(model, points: list[dict]) -> list[float]:
+    """|modelled - measured| / measured of each measured step."""
+    return [abs(model(p["prefill_tokens"], p["decode_seqs"], p["context_tokens"]) - p["step_s"]) / p["step_s"]
+            for p in points]
+
+
 def fit_step_time(points: list[dict], kv_blocks: int | None = None) -> LinearStepTime:
     """Least squares over measured steps, each a dict with POINT_KEYS."""
     if len(points) < 4:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvserve.cluster.bench.sim.prompts import Segment
+from kvserve.workers.engine.block_hash import hash_block_chain
 
 # Segment id ranges, so that ids of different kinds never meet. Trace hash ids are their own.
 _CONTEXT, _UNIQUE, _REPLY = 1 << 40, 2 << 40, 3 << 40
@@ -102,6 +103,25 @@ def mooncake_records(items: list[WorkItem]) -> list[dict]:
     return [{"timestamp": _milliseconds(item.arrival_s), "input_length": item.input_length,
              "output_length": item.output_length, "hash_ids": [s for s, _ in item.segments if s < _CONTEXT]}
             for item in items]
+
+
+def mooncake_from_prompts(prompts: list[list[int]], arrivals_s: list[float], output_length: int,
+                          block_tokens: int) -> list[dict]:
+    """Mooncake records of token-id prompts (a load generator's), one hash id per
+    `block_tokens` tokens: equal ids where two prompts hold the same block after the same
+    prefix, as the engine's chained block hashes see them, and a last partial block named by
+    its prefix and its tokens."""
+    ids: dict = {}
+    records = []
+    for prompt, arrival in zip(prompts, arrivals_s):
+        chain = hash_block_chain(prompt, block_tokens)
+        keys: list = list(chain)
+        if len(prompt) % block_tokens:
+            keys.append((chain[-1] if chain else b"", tuple(prompt[len(chain) * block_tokens :])))
+        hash_ids = [ids.setdefault(key, len(ids)) for key in keys]
+        records.append({"timestamp": _milliseconds(arrival), "input_length": len(prompt),
+                        "output_length": output_length, "hash_ids": hash_ids})
+    return records
 
 
 def _milliseconds(seconds: float) -> int | float:
