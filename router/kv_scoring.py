@@ -15,7 +15,6 @@ from kvserve.workers.protocol import BlockHash
 
 _UNHEARD = (0, 0, 0, 0)  # the pool figures of a replica the hub has not passed on yet
 _UNTIMED = (np.nan,) * 4 + (0, 0)  # its step figures
-_TOKEN_AS_SECOND = (0.0, 1.0, 0.0, np.inf)  # a step cost for when no replica has measured one
 
 
 @dataclass
@@ -119,9 +118,10 @@ class KVScorer:
         new_blocks = prompt_blocks - depths  # blocks loaded from the host tier take device room too
         saved = (depths + self.options.host_block_credit * host_blocks) * size
         side_tokens = size * new_blocks * pressures + self._lora_load_costs(replicas, lora_name)
-        guarded = self.options.cost_unit == "tokens"  # a cost in seconds counts each replica's queue already
-        costs = (num_tokens - saved + self.options.load_cost_tokens * loads + side_tokens if guarded
-                 else self._seconds(replicas, num_tokens - saved, side_tokens))
+        costs = self._seconds(replicas, num_tokens - saved, side_tokens) if self.options.cost_unit == "seconds" else None
+        guarded = costs is None  # a cost in seconds counts each replica's queue already
+        if guarded:
+            costs = num_tokens - saved + self.options.load_cost_tokens * loads + side_tokens
         ahead = self._waiting_ahead(replicas, priority)
         order = np.lexsort((self._ties.random(len(replicas)), fills, loads, ahead, costs))
         held = (loads[order] > self.imbalance_slack(int(loads.min()))) if guarded else np.zeros(len(order), bool)
@@ -129,17 +129,19 @@ class KVScorer:
         reason = self._reason(int(depths[allowed[0]]), max(matched.values(), default=0), held.any())
         return np.concatenate((allowed, order[held])).tolist(), reason
 
-    def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray) -> np.ndarray:
+    def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray) -> np.ndarray | None:
         """Per replica, the predicted seconds to the request's first token there: the tokens
         queued there (its heartbeat's, plus `load_cost_tokens` for each request of ours it had
         not counted yet) and the request's uncached ones, computed in steps of the replica's
         own measured cost beside its running sequences; plus `side_tokens` (the blocks it would
         push out, loading the adapter) at its cost per token. A replica without a measured step
-        cost yet counts the median one's; while none has one, a token counts as a second."""
+        cost yet counts the median one's. None while no replica has one: rank by tokens."""
         figures, n = self.follower.step_figures, len(replicas)
         rows = np.fromiter(chain.from_iterable(figures.get(r, _UNTIMED) for r in replicas), float, 6 * n).reshape(n, 6)
         measured = ~np.isnan(rows[:, 0])
-        rows[~measured, :4] = np.median(rows[measured, :4], axis=0) if measured.any() else _TOKEN_AS_SECOND
+        if not measured.any():
+            return None
+        rows[~measured, :4] = np.median(rows[measured, :4], axis=0)
         base, per_token, per_decode, tokens_per_step, queued, running = rows.T
         reported = np.fromiter((self.follower.pool_figures.get(r, _UNHEARD)[0] for r in replicas), float, n)
         ours = np.fromiter(map(self.in_flight.get, replicas, repeat(0)), float, n)

@@ -175,11 +175,9 @@ def test_in_seconds_a_replica_without_a_step_cost_counts_the_median_one():
     scorer = KVScorer(follower_with({"measured": prompt[:40], "new": []}, stats), BLOCK,
                       RouterOptions(cost_unit="seconds"))
     assert scorer.rank(["measured", "new"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
-    for queued, first in ((30, "a"), (50, "b")):  # no step cost anywhere: a token counts as a second
-        untimed = {"a": dataclasses.replace(pool_stats(100), queued_tokens=queued), "b": pool_stats(100)}
-        scorer = KVScorer(follower_with({"a": prompt[:40], "b": []}, untimed), BLOCK,
-                          RouterOptions(cost_unit="seconds"))
-        assert ["a", "b"][scorer.rank(["a", "b"], hash_block_chain(prompt, BLOCK), len(prompt))[0][0]] == first
+    untimed = {"a": pool_stats(100), "b": pool_stats(100)}  # no step cost anywhere: tokens decide
+    scorer = KVScorer(follower_with({"a": prompt[:40], "b": []}, untimed), BLOCK, RouterOptions(cost_unit="seconds"))
+    assert scorer.rank(["a", "b"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [0, 1]
 
 
 def test_the_load_guard_grows_with_the_load():
