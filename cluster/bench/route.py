@@ -11,8 +11,9 @@ import time
 
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.kv_scoring import KVScorer
+from kvserve.router.options import RouterOptions
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
-from kvserve.workers.protocol import BlockSnapshot, EngineStats, Heartbeat, HubNews, ReplicaNews
+from kvserve.workers.protocol import BlockSnapshot, EngineStats, Heartbeat, HubNews, ReplicaNews, StepCost
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-per-replica", type=int, default=8)
     parser.add_argument("--decisions", type=int, default=2000)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--cost-unit", choices=["tokens", "seconds"], default=RouterOptions().cost_unit,
+                        help="the kv router's cost (router_options.cost_unit); with seconds every replica reports "
+                        "a step cost and a queue")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,11 +41,11 @@ def main(args: argparse.Namespace) -> int:
         stats = EngineStats(running=rng.randrange(8), waiting=0, kv_blocks_total=1 << 20, kv_blocks_used=len(held),
                             kv_blocks_cached=len(held), num_preemptions=0, grammars=None, speculative=None,
                             host_tier=None, waiting_by_priority=(), lora_adapters=(),
-                            queued_tokens=0, step_cost=None)
+                            queued_tokens=rng.randrange(4096), step_cost=_step_cost(rng))
         heartbeat = Heartbeat(epoch=i, seq=1, sent_at=0.0, stats=stats)
         news[name] = ReplicaNews(size, hash_check_value(size), heartbeat, None, BlockSnapshot(i, 1, held))
     follower.apply(HubNews(1, news))
-    scorer = KVScorer(follower, size)
+    scorer = KVScorer(follower, size, RouterOptions(cost_unit=args.cost_unit))
     queries = []
     for _ in range(64):
         base = rng.choice(prompts)
@@ -61,3 +65,8 @@ def main(args: argparse.Namespace) -> int:
           f"({sum(len(r.blocks) for r in follower.index.replicas.values())} blocks indexed): p50 {pick(0.5):.3f} ms, p90 {pick(0.9):.3f} ms, "
           f"p99 {pick(0.99):.3f} ms")
     return 0
+
+
+def _step_cost(rng: random.Random) -> StepCost:
+    """A replica's measured steps, as an H100 serving an 8B model might report them."""
+    return StepCost(rng.uniform(0.008, 0.012), rng.uniform(5e-5, 8e-5), rng.uniform(5e-5, 1e-4), tokens_per_step=2048)
