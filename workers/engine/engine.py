@@ -305,8 +305,7 @@ class LLMEngine:
     def _observe_step(self, batch: ScheduledBatch, started: float) -> None:
         """Fit the step's time, `started` to now: with async scheduling it is the wait for the
         step before, which is how long a step takes once the device is the bottleneck."""
-        decodes = batch.num_new_tokens.count(1)
-        self.step_costs.observe(sum(batch.num_new_tokens) - decodes, decodes, time.perf_counter() - started)
+        self.step_costs.observe_batch(batch.num_new_tokens, time.perf_counter() - started)
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before this one's tokens are read: not while a

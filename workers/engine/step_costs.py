@@ -27,6 +27,11 @@ class StepCostFit:
         self._model: StepCost | None = None
         self._solved_at = -REFIT_STEPS
 
+    def observe_batch(self, num_new_tokens: list[int], seconds: float) -> None:
+        """A step that computed `num_new_tokens` per sequence (one: a decode) in `seconds`."""
+        decodes = num_new_tokens.count(1)
+        self.observe(sum(num_new_tokens) - decodes, decodes, seconds)
+
     def observe(self, prefill_tokens: int, decode_seqs: int, seconds: float) -> None:
         s, y = self._xtx, self._xty
         p, d = float(prefill_tokens), float(decode_seqs)

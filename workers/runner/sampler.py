@@ -149,10 +149,7 @@ class _Draws:
     def uses(self, stage: str) -> bool:
         """Whether any draw scales by its temperature ("temperature"), has top-p, min-p, a seed
         ("seed") or none ("no_seed")."""
-        tests = {"temperature": lambda: any(t != 1.0 for t in self.temperature),
-                 "top_p": lambda: any(p < 1.0 for p in self.top_p), "min_p": lambda: any(self.min_p),
-                 "seed": lambda: any(self.seeded), "no_seed": lambda: not all(self.seeded)}
-        return self._kept(stage, tests[stage])
+        return self._kept(stage, lambda: _STAGE_TESTS[stage](self))
 
     def _kept(self, key, make):
         """`make()`, worked out once for these settings."""
@@ -178,6 +175,15 @@ class _Draws:
             values = getattr(self, name)
             setattr(part, name, [values[i] for i in positions])
         return part
+
+
+_STAGE_TESTS = {
+    "temperature": lambda draws: any(t != 1.0 for t in draws.temperature),
+    "top_p": lambda draws: any(p < 1.0 for p in draws.top_p),
+    "min_p": lambda draws: any(draws.min_p),
+    "seed": lambda draws: any(draws.seeded),
+    "no_seed": lambda draws: not all(draws.seeded),
+}
 
 
 @dataclass(slots=True)

@@ -105,8 +105,7 @@ class SimReplica:
             return None
         self.batch = batch
         duration = self._duration(batch)
-        decodes = batch.num_new_tokens.count(1)
-        self.step_costs.observe(sum(batch.num_new_tokens) - decodes, decodes, duration)
+        self.step_costs.observe_batch(batch.num_new_tokens, duration)
         return now + duration
 
     def _duration(self, batch: ScheduledBatch) -> float:
