@@ -1,9 +1,9 @@
 """The KV-aware routing decision, free of Serve so that it can be tested and timed alone."""
 
 import random
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import chain, islice, repeat
 
 import numpy as np
 
@@ -15,6 +15,8 @@ from kvserve.workers.protocol import BlockHash
 
 _UNHEARD = (0, 0, 0, 0)  # the pool figures of a replica the hub has not passed on yet
 _UNTIMED = (np.nan,) * 4 + (0, 0)  # its step figures
+_NOMINAL_STEP = (0.0, 1.0, 0.0, np.inf)  # before any replica measured its steps: a token a second, no step cost
+_SENDS_KEPT = 256  # per replica, the uncached tokens of this router's last sends there
 
 
 @dataclass
@@ -50,10 +52,18 @@ class KVScorer:
         # Per replica, the LoRA adapters this router sent it and when: resident there for
         # `recent_s`, until the replica's heartbeat names it.
         self.sent_adapters: dict[str, dict[str, float]] = defaultdict(dict)
+        # Per replica, the uncached prompt tokens of the requests this router sent it, newest
+        # last: the queue a heartbeat has not reported yet (`cost_unit: seconds`).
+        self.sent_tokens: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=_SENDS_KEPT))
+        self._last_uncached: tuple[list[str], np.ndarray] | None = None  # of the last ranking, for `record`
         self._ties = np.random.default_rng(random.getrandbits(64))  # seeded by `random`, as the simulator needs
 
     def record(self, replica: str, block_hashes: list[BlockHash], lora_name: str | None = None) -> None:
         """The request with these blocks (under LoRA adapter `lora_name`) goes to `replica`."""
+        if self._last_uncached is not None:
+            ranked, uncached = self._last_uncached
+            if replica in ranked:
+                self.sent_tokens[replica].append(float(uncached[ranked.index(replica)]))
         stats = self.follower.stats.get(replica)
         self.working_sets.add(replica, block_hashes, limit=2 * stats.kv_blocks_total if stats else None)
         if lora_name is not None:
@@ -63,6 +73,7 @@ class KVScorer:
         self.in_flight.pop(replica, None)
         self.working_sets.forget(replica)
         self.sent_adapters.pop(replica, None)
+        self.sent_tokens.pop(replica, None)
 
     def standings(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per replica, as arrays (this runs for every replica at every decision):
@@ -118,10 +129,13 @@ class KVScorer:
         new_blocks = prompt_blocks - depths  # blocks loaded from the host tier take device room too
         saved = (depths + self.options.host_block_credit * host_blocks) * size
         side_tokens = size * new_blocks * pressures + self._lora_load_costs(replicas, lora_name)
-        costs = self._seconds(replicas, num_tokens - saved, side_tokens) if self.options.cost_unit == "seconds" else None
-        guarded = costs is None  # a cost in seconds counts each replica's queue already
+        uncached = num_tokens - saved
+        guarded = self.options.cost_unit == "tokens"  # a cost in seconds counts each replica's queue already
         if guarded:
-            costs = num_tokens - saved + self.options.load_cost_tokens * loads + side_tokens
+            costs = uncached + self.options.load_cost_tokens * loads + side_tokens
+        else:
+            costs = self._seconds(replicas, uncached, side_tokens)
+            self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
         order = np.lexsort((self._ties.random(len(replicas)), fills, loads, ahead, costs))
         held = (loads[order] > self.imbalance_slack(int(loads.min()))) if guarded else np.zeros(len(order), bool)
@@ -129,25 +143,34 @@ class KVScorer:
         reason = self._reason(int(depths[allowed[0]]), max(matched.values(), default=0), held.any())
         return np.concatenate((allowed, order[held])).tolist(), reason
 
-    def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray) -> np.ndarray | None:
+    def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray) -> np.ndarray:
         """Per replica, the predicted seconds to the request's first token there: the tokens
-        queued there (its heartbeat's, plus `load_cost_tokens` for each request of ours it had
-        not counted yet) and the request's uncached ones, computed in steps of the replica's
-        own measured cost beside its running sequences; plus `side_tokens` (the blocks it would
-        push out, loading the adapter) at its cost per token. A replica without a measured step
-        cost yet counts the median one's. None while no replica has one: rank by tokens."""
+        queued there (its heartbeat's, plus the uncached tokens of the requests of ours it had
+        not counted yet) and the request's uncached ones, computed in steps beside its running
+        sequences; plus `side_tokens` (the blocks it would push out, loading the adapter) at
+        the cost per token. The replicas of a deployment run one model on the same hardware, so
+        one step cost serves them all: the median of the costs they measured, which no single
+        replica's noisy fit can swing; before any has measured, a token counts a second."""
         figures, n = self.follower.step_figures, len(replicas)
         rows = np.fromiter(chain.from_iterable(figures.get(r, _UNTIMED) for r in replicas), float, 6 * n).reshape(n, 6)
         measured = ~np.isnan(rows[:, 0])
-        if not measured.any():
-            return None
-        rows[~measured, :4] = np.median(rows[measured, :4], axis=0)
-        base, per_token, per_decode, tokens_per_step, queued, running = rows.T
-        reported = np.fromiter((self.follower.pool_figures.get(r, _UNHEARD)[0] for r in replicas), float, n)
-        ours = np.fromiter(map(self.in_flight.get, replicas, repeat(0)), float, n)
-        prefill = queued + self.options.load_cost_tokens * np.maximum(ours - reported, 0) + uncached
+        step = np.median(rows[measured, :4], axis=0) if measured.any() else _NOMINAL_STEP
+        base, per_token, per_decode, tokens_per_step = step
+        queued, running = rows[:, 4], rows[:, 5]
+        prefill = queued + self._unreported_tokens(replicas) + uncached
         steps = np.maximum(np.ceil(prefill / tokens_per_step), 1)
         return steps * (base + per_decode * running) + per_token * (prefill + side_tokens)
+
+    def _unreported_tokens(self, replicas: list[str]) -> np.ndarray:
+        """Per replica, the uncached tokens of our latest sends there beyond the requests its
+        heartbeat counted (ours in flight over its running and waiting ones)."""
+        reported = np.fromiter((self.follower.pool_figures.get(r, _UNHEARD)[0] for r in replicas), np.int64, len(replicas))
+        ours = np.fromiter(map(self.in_flight.get, replicas, repeat(0)), np.int64, len(replicas))
+        unreported = np.maximum(ours - reported, 0)
+        tokens = np.zeros(len(replicas))
+        for k in np.flatnonzero(unreported):
+            tokens[k] = sum(islice(reversed(self.sent_tokens[replicas[k]]), int(unreported[k])))
+        return tokens
 
     def _host_blocks(self, replicas: list[str], block_hashes: list[BlockHash], matched: dict[str, int],
                      depths: np.ndarray) -> np.ndarray | int:

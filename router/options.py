@@ -14,11 +14,12 @@ class RouterOptions(BaseModel):
 
     cost_unit: Literal["tokens", "seconds"] = Field(
         "tokens", description="kv: `seconds` ranks replicas by predicted time to first token: the tokens queued "
-        "there and the request's uncached ones, at the speed of the replica's own recent steps (both from its "
-        "heartbeat), the cost of the blocks it would push out and of loading its LoRA adapter converted at that "
-        "speed, and no load guard (`max_imbalance`), the queue being in the cost; `tokens` adds "
-        "`load_cost_tokens` per request in flight to the tokens to compute")
-    load_cost_tokens: int = Field(64, ge=0, description="kv: prompt tokens one in-flight request is worth")
+        "there (its heartbeat's, and the uncached tokens of this router's sends it has not counted yet) and the "
+        "request's uncached ones, at the speed the replicas measured for their steps (the median of their "
+        "reports; a token a second before any has measured), the cost of the blocks it would push out and of "
+        "loading its LoRA adapter converted at that speed, and no load guard (`max_imbalance`), the queue being "
+        "in the cost; `tokens` adds `load_cost_tokens` per request in flight to the tokens to compute")
+    load_cost_tokens: int = Field(64, ge=0, description="kv, `cost_unit: tokens`: prompt tokens one in-flight request is worth")
     host_block_credit: float = Field(
         0.8, ge=0, le=1, description="kv: what a block in a replica's host-memory tier saves, against one on its device "
         "(it costs a copy back, not a recompute)")

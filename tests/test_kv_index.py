@@ -167,17 +167,47 @@ def test_in_seconds_a_cache_hit_is_worth_its_prefill_time_against_a_queue():
     assert first_choice(60, 40) == "holder"  # 68 against 88
 
 
-def test_in_seconds_a_replica_without_a_step_cost_counts_the_median_one():
+def test_in_seconds_every_replica_counts_the_median_step_cost():
+    """One model on one kind of GPU: the replicas' fits are pooled (their median), so one
+    replica's odd fit (here a step ten times cheaper) does not draw the traffic to it; a
+    replica that has measured nothing counts the same cost."""
     from kvserve.router.kv_scoring import KVScorer
 
     prompt = list(range(48))
-    stats = {"measured": timed(pool_stats(100), 200), "new": pool_stats(100)}  # "new" queues nothing
-    scorer = KVScorer(follower_with({"measured": prompt[:40], "new": []}, stats), BLOCK,
+    cheap = dataclasses.replace(timed(pool_stats(100), 100), step_cost=StepCost(1e-3, 1e-4, 1e-5, tokens_per_step=64))
+    stats = {"cheap": cheap, "a": timed(pool_stats(100), 0), "b": timed(pool_stats(100), 0), "new": pool_stats(100)}
+    scorer = KVScorer(follower_with({"cheap": prompt[:40], "a": [], "b": [], "new": []}, stats), BLOCK,
                       RouterOptions(cost_unit="seconds"))
-    assert scorer.rank(["measured", "new"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
-    untimed = {"a": pool_stats(100), "b": pool_stats(100)}  # no step cost anywhere: tokens decide
+    assert scorer.rank(["cheap", "a", "b", "new"], hash_block_chain(prompt, BLOCK), len(prompt))[0][-1] == 0
+
+
+def test_in_seconds_before_any_step_is_measured_a_token_counts_a_second():
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(48))
+    hashes = hash_block_chain(prompt, BLOCK)
+    untimed = {"a": dataclasses.replace(pool_stats(100), queued_tokens=30), "b": pool_stats(100)}
     scorer = KVScorer(follower_with({"a": prompt[:40], "b": []}, untimed), BLOCK, RouterOptions(cost_unit="seconds"))
-    assert scorer.rank(["a", "b"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [0, 1]
+    assert scorer.rank(["a", "b"], hashes, len(prompt))[0] == [0, 1]  # 30 + 8 tokens against 48
+    untimed["a"] = dataclasses.replace(untimed["a"], queued_tokens=50)
+    scorer = KVScorer(follower_with({"a": prompt[:40], "b": []}, untimed), BLOCK, RouterOptions(cost_unit="seconds"))
+    assert scorer.rank(["a", "b"], hashes, len(prompt))[0] == [1, 0]  # 58 against 48
+
+
+def test_in_seconds_our_sends_count_their_uncached_tokens_until_a_heartbeat_does():
+    """A burst of long prompts to one replica, faster than its heartbeats: each send queues
+    its uncached tokens there at once, not a fixed token count per request."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    long_prompt, short_prompt = list(range(1000, 1400)), list(range(200))
+    stats = {"a": timed(pool_stats(1000), 0), "b": timed(pool_stats(1000), 0)}
+    scorer = KVScorer(follower_with({"a": short_prompt[:192], "b": []}, stats), BLOCK, RouterOptions(cost_unit="seconds"))
+    short = hash_block_chain(short_prompt, BLOCK)
+    assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [0, 1]  # 8 tokens to compute against 200
+    scorer.rank(["a", "b"], hash_block_chain(long_prompt, BLOCK), len(long_prompt))  # a tie: neither holds it
+    scorer.record("a", hash_block_chain(long_prompt, BLOCK))
+    scorer.in_flight["a"] += 1  # sent; no heartbeat has counted it yet
+    assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [1, 0]  # 400 + 8 against 200
 
 
 def test_the_load_guard_grows_with_the_load():
