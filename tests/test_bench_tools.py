@@ -85,6 +85,9 @@ def test_bench_routers_runs_the_offload_setups_side_by_side():
     assert setups(args, "kv") == [Setup(1024, 0.0, 0.8), Setup(48, 0.0, 0.8), Setup(48, 0.05, 0.8),
                                   Setup(48, 0.05, 0.0)]
     assert setups(args, "pow2") == [Setup(1024, 0.0, 0.8), Setup(48, 0.0, 0.8), Setup(48, 0.05, 0.8)]
+    args = parser.parse_args(["--cost-unit", "tokens", "seconds"])
+    assert setups(args, "kv") == [Setup(160, 0.0, 0.8, cost_unit="tokens"), Setup(160, 0.0, 0.8, cost_unit="seconds")]
+    assert setups(args, "pow2") == [Setup(160, 0.0, 0.8)]
 
 
 def test_bench_routers_lora_workload_gives_each_adapter_its_system_prompt_and_kv_both_costs():

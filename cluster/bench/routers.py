@@ -8,6 +8,7 @@ measured with the tier off and on, and against a pool that holds everything, in 
 The `lora` workload (not run by default) serves `--loras` random PEFT adapters on the base
 model, each request under one of them with that adapter's system prompt; its setups for the
 `kv` policy differ in `lora_load_cost_tokens` (0: the router ignores where adapters are).
+`--cost-unit tokens seconds` runs the `kv` policy once with each `router_options.cost_unit`.
 
 With `--trace-out`, each workload's requests (but the `lora` one's) are also written as a
 Mooncake trace, for the simulator (`kvserve bench sim --trace`) to replay the same traffic."""
@@ -50,6 +51,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-load-cost-tokens", type=int, nargs="+",
                         default=[RouterOptions().lora_load_cost_tokens],
                         help="kv policy, lora workload: the cost of loading an adapter, each value a setup of its own")
+    parser.add_argument("--cost-unit", nargs="+", choices=["tokens", "seconds"], default=[RouterOptions().cost_unit],
+                        help="kv policy: what its costs count, each value a setup of its own")
     parser.add_argument("--unbounded-kv-blocks", type=int,
                         help="also run each policy first with a pool this large and no host tier, the reference")
     parser.add_argument("--out", default="bench-routers", help="prefix of the .jsonl and .png written")
@@ -70,26 +73,28 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Setup:
-    """One deployment's cache: device pool blocks, host tier GiB, the kv policy's host credit
-    and its cost of loading a LoRA adapter."""
+    """One deployment's cache: device pool blocks, host tier GiB, the kv policy's host credit,
+    its cost of loading a LoRA adapter and the unit of its costs."""
 
     kv_blocks: int
     kv_offload_gib: float
     host_block_credit: float
     lora_load_cost_tokens: int = RouterOptions().lora_load_cost_tokens
+    cost_unit: str = RouterOptions().cost_unit
 
     @property
     def name(self) -> str:
         tier = f" + host {self.kv_offload_gib:g} GiB, credit {self.host_block_credit:g}" if self.kv_offload_gib else ""
         lora = (f", LoRA load cost {self.lora_load_cost_tokens}"
                 if self.lora_load_cost_tokens != RouterOptions().lora_load_cost_tokens else "")
-        return f"{self.kv_blocks} blocks{tier}{lora}"
+        unit = f", cost in {self.cost_unit}" if self.cost_unit != RouterOptions().cost_unit else ""
+        return f"{self.kv_blocks} blocks{tier}{lora}{unit}"
 
 
 def setups(args: argparse.Namespace, policy: str) -> list[Setup]:
     """The reference pool if asked, then every host tier size over `kv_blocks`, and for the kv
     policy with a host tier, every credit (the credit changes nothing elsewhere); for the kv
-    policy under the lora workload, every LoRA load cost."""
+    policy under the lora workload, every LoRA load cost; for the kv policy, every cost unit."""
     default_credit = RouterOptions().host_block_credit
     runs = [Setup(args.unbounded_kv_blocks, 0.0, default_credit)] if args.unbounded_kv_blocks else []
     for gib in args.kv_offload_gib:
@@ -97,6 +102,8 @@ def setups(args: argparse.Namespace, policy: str) -> list[Setup]:
         runs += [Setup(args.kv_blocks, gib, credit) for credit in credits]
     if policy == "kv" and LORA_WORKLOAD in args.workloads:
         runs = [replace(run, lora_load_cost_tokens=cost) for run in runs for cost in args.lora_load_cost_tokens]
+    if policy == "kv":
+        runs = [replace(run, cost_unit=unit) for run in runs for unit in args.cost_unit]
     return runs
 
 
@@ -117,7 +124,8 @@ def _config(args: argparse.Namespace, model: str, adapters: dict[str, str], poli
         "serving": {"app_name": "bench", "replicas": args.replicas, "router": policy, "port": port,
                     "replica_cpus": 1, "max_ongoing_requests": 256,
                     "router_options": {"host_block_credit": setup.host_block_credit,
-                                       "lora_load_cost_tokens": setup.lora_load_cost_tokens}},
+                                       "lora_load_cost_tokens": setup.lora_load_cost_tokens,
+                                       "cost_unit": setup.cost_unit}},
     })
 
 
