@@ -217,6 +217,7 @@ def _run_workload(args: argparse.Namespace, adapters: list[str]) -> dict:
     summary = bench_serve.summarize(args, results, elapsed, bench_serve.oracle_hit_rate(prompts, args.block_size))
     summary["decisions"] = dict(routing_decisions(args.url) - decided_before)
     summary["host_tier_hit_blocks"] = host_tier_hits(args.url) - host_hits_before
+    summary["requests_per_replica"] = sorted(Counter(r.replica for r in results if r.ok).values(), reverse=True)
     return summary
 
 
@@ -260,12 +261,13 @@ def host_tier_hits(url: str) -> int:
 
 def print_comparison(summaries: list[dict]) -> None:
     print("\n| workload | policy | cache | hit rate (oracle) | host-tier hit blocks | TTFT p50 ms | TTFT p99 ms "
-          "| TPOT p50 ms | E2E p50 ms | req/s | goodput req/s | refused | decisions |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| TPOT p50 ms | E2E p50 ms | req/s | goodput req/s | refused | decisions | requests per replica |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     # sorted is stable: a policy's setups stay in the order they ran
     for s in sorted(summaries, key=lambda s: (s["workload"], POLICIES.index(s["policy"]))):
         print(f"| {s['workload']} | {s['policy']} | {Setup(**s['setup']).name} "
               f"| {s['prefix_hit_rate']:.3f} ({s['oracle_hit_rate']:.3f}) | {s['host_tier_hit_blocks']} "
               f"| {s['ttft']['p50'] * 1e3:.0f} | {s['ttft']['p99'] * 1e3:.0f} | {s['tpot']['p50'] * 1e3:.1f} "
               f"| {s['e2e']['p50'] * 1e3:.0f} | {s['request_throughput']:.2f} | {s['goodput']:.2f} | {s['refused']} "
-              f"| {', '.join(f'{reason} {n}' for reason, n in sorted(s['decisions'].items()))} |")
+              f"| {', '.join(f'{reason} {n}' for reason, n in sorted(s['decisions'].items()))} "
+              f"| {' '.join(map(str, s['requests_per_replica']))} |")

@@ -31,6 +31,7 @@ class Result:
     ttft: float = 0.0
     e2e: float = 0.0
     itls: list[float] = field(default_factory=list)
+    replica: str = ""  # the replica that served it (the `x-kvserve-replica` header)
 
     @property
     def tpot(self) -> float | None:
@@ -108,6 +109,7 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: l
     last = None
     async with client.stream("POST", f"{url}/v1/completions", json=body) as reply:
         result.status = reply.status_code
+        result.replica = reply.headers.get("x-kvserve-replica", "")
         if reply.status_code != 200:
             await reply.aread()
             result.refusal = _reason(reply)
