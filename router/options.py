@@ -13,12 +13,13 @@ class RouterOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     cost_unit: Literal["tokens", "seconds"] = Field(
-        "tokens", description="kv: `seconds` ranks replicas by predicted time to first token: the tokens queued "
+        "seconds", description="kv: `seconds` ranks replicas by predicted time to first token: the tokens queued "
         "there (its heartbeat's, and the uncached tokens of this router's sends it has not counted yet) and the "
         "request's uncached ones, at the speed the replicas measured for their steps (the median of their "
         "reports; a token a second before any has measured), the cost of the blocks it would push out and of "
-        "loading its LoRA adapter converted at that speed, and no load guard (`max_imbalance`), the queue being "
-        "in the cost; `tokens` adds `load_cost_tokens` per request in flight to the tokens to compute")
+        "loading its LoRA adapter converted at that speed; the queue being in the cost, no load guard holds a "
+        "replica back. `tokens` (the rule before `seconds`): tokens to compute + `load_cost_tokens` per request "
+        "in flight, with the `max_imbalance` / `imbalance_share` guard")
     load_cost_tokens: int = Field(64, ge=0, description="kv, `cost_unit: tokens`: prompt tokens one in-flight request is worth")
     host_block_credit: float = Field(
         0.8, ge=0, le=1, description="kv: what a block in a replica's host-memory tier saves, against one on its device "
@@ -26,9 +27,9 @@ class RouterOptions(BaseModel):
     lora_load_cost_tokens: int = Field(
         64, ge=0, description="kv: prompt tokens that loading a request's LoRA adapter is worth, on a replica "
         "without it in a device slot (0: ignore where adapters are loaded)")
-    max_imbalance: int = Field(16, ge=0, description="kv: most extra in-flight requests over the least busy replica")
+    max_imbalance: int = Field(16, ge=0, description="kv, `cost_unit: tokens`: most extra in-flight requests over the least busy replica")
     imbalance_share: float = Field(
-        2.0, ge=0, description="kv: or this share of the least busy replica's in-flight requests, if more")
+        2.0, ge=0, description="kv, `cost_unit: tokens`: or this share of the least busy replica's in-flight requests, if more")
     working_set_window_s: float = Field(
         60.0, gt=0, description="kv: how long a prompt sent to a replica counts as wanted in its cache")
     recent_s: float = Field(

@@ -133,7 +133,7 @@ def test_scorer_prefers_the_holder_until_it_is_too_busy():
 
     prompt = list(range(40))
     follower = follower_with({"a": [], "b": prompt[:32], "c": prompt[:8]})
-    scorer = KVScorer(follower, BLOCK, RouterOptions(load_cost_tokens=4, max_imbalance=2))
+    scorer = KVScorer(follower, BLOCK, RouterOptions(cost_unit="tokens", load_cost_tokens=4, max_imbalance=2))
     hashes = hash_block_chain(prompt, BLOCK)
     order, reason = scorer.rank(["a", "b", "c"], hashes, len(prompt))
     assert order[:2] == [1, 2] and reason == "cached_prefix"
@@ -217,7 +217,7 @@ def test_the_load_guard_grows_with_the_load():
 
     prompt = list(range(40))
     follower = follower_with({"a": [], "b": prompt[:32]})
-    scorer = KVScorer(follower, BLOCK, RouterOptions(load_cost_tokens=0, max_imbalance=4, imbalance_share=0.5))
+    scorer = KVScorer(follower, BLOCK, RouterOptions(cost_unit="tokens", load_cost_tokens=0, max_imbalance=4, imbalance_share=0.5))
     hashes = hash_block_chain(prompt, BLOCK)
     scorer.in_flight.update({"a": 20, "b": 29})  # 9 more: within half of 20
     assert scorer.rank(["a", "b"], hashes, len(prompt)) == ([1, 0], "cached_prefix")
@@ -343,7 +343,7 @@ def test_a_busy_adapter_holder_loses_to_a_replica_without_it_past_the_load_guard
 
     prompt = list(range(16))
     hashes = hash_block_chain(prompt, BLOCK, lora_name="tuned")
-    scorer = KVScorer(adapter_follower(), BLOCK, RouterOptions(load_cost_tokens=4, max_imbalance=2))
+    scorer = KVScorer(adapter_follower(), BLOCK, RouterOptions(cost_unit="tokens", load_cost_tokens=4, max_imbalance=2))
     scorer.in_flight["holder"] = 2
     assert scorer.rank(["bare", "holder"], hashes, len(prompt), lora_name="tuned")[0] == [1, 0]
     scorer.in_flight["holder"] = 3

@@ -348,7 +348,7 @@ def test_deployed_config_answers_like_the_offline_engine(deployed, expected):
 def test_update_in_place_while_a_client_streams(ray_head, deployed, expected):
     changed = copy.deepcopy(deployed)
     deployment(changed, "LLMServer")["num_replicas"] = 2
-    app_args(changed)["serving"]["router_options"]["load_cost_tokens"] = 32
+    app_args(changed)["serving"]["router_options"]["cost_unit"] = "tokens"
     client = StreamingClient(deployed, expected)
     thread = threading.Thread(target=client.run, daemon=True)
     thread.start()
@@ -364,7 +364,7 @@ def test_update_in_place_while_a_client_streams(ray_head, deployed, expected):
     assert not client.failures, client.failures
     assert client.completed >= 2 * len(PROMPTS)
     router = ray_head.applications()[APP]["deployments"]["LLMServer"]["deployment_config"]["request_router_config"]
-    assert router["request_router_kwargs"]["load_cost_tokens"] == 32
+    assert router["request_router_kwargs"]["cost_unit"] == "tokens"
 
 
 TWO_MODELS_CONFIG = CPU_CONFIG.parent / "two-models.serve.yaml"
