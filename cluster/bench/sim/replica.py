@@ -110,7 +110,7 @@ class SimReplica:
 
     def _duration(self, batch: ScheduledBatch) -> float:
         seqs, num_new_tokens = batch.seqs, batch.num_new_tokens
-        context = sum(seq.num_computed_tokens for seq in seqs)
+        context = sum(map(_COMPUTED, seqs))
         if num_new_tokens.count(1) == len(seqs) and all(map(operator.ge, map(_COMPUTED, seqs), map(_PROMPT, seqs))):
             return self.step_time(0, len(seqs), context, context + len(seqs))  # decodes only: most steps
         prefill = decode = pairs = 0
