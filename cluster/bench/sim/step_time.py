@@ -95,22 +95,17 @@ class Roofline:
         """Seconds for a step computing `prefill_tokens` prompt tokens and one token for each
         of `decode_seqs` sequences, attending over `context_tokens` cached tokens in all;
         `attention_pairs` (query x key pairs; default: `context_tokens`) sets the attention FLOPs."""
-        kv_bytes_per_token, weight_bytes, bandwidth, flops_per_token, flops_per_pair, flops, _, _ = self._factors
+        (kv_bytes_per_token, weight_bytes, bandwidth, flops_per_token, flops_per_pair, flops,
+         ring_bytes_per_token, allreduces) = self._factors
         tp = self.tp
         tokens = prefill_tokens + decode_seqs
-        kv_bytes = (context_tokens + tokens) * kv_bytes_per_token
-        memory_s = (weight_bytes + kv_bytes) / tp / bandwidth
+        memory_s = (weight_bytes + (context_tokens + tokens) * kv_bytes_per_token) / tp / bandwidth
         pairs = context_tokens if attention_pairs is None else attention_pairs
         compute_s = (flops_per_token * tokens + flops_per_pair * pairs) / tp / flops
-        return self.step_overhead_s + max(memory_s, compute_s) + self._allreduce_s(tokens)
-
-    def _allreduce_s(self, tokens: int) -> float:
-        """Two ring all-reduces of the activations per layer (after attention and the MLP)."""
-        if self.tp == 1:
-            return 0.0
-        *_, ring_bytes_per_token, allreduces = self._factors
-        ring_bytes = tokens * ring_bytes_per_token / self.tp
-        return allreduces * (self.allreduce_latency_s + ring_bytes / self.gpu.link_bandwidth)
+        # Two ring all-reduces of the activations per layer (after attention and the MLP).
+        ring_s = tokens * ring_bytes_per_token / tp / self.gpu.link_bandwidth
+        allreduce_s = allreduces * (self.allreduce_latency_s + ring_s) if tp > 1 else 0.0
+        return self.step_overhead_s + max(memory_s, compute_s) + allreduce_s
 
     def kv_blocks(self, block_size: int) -> int:
         """Blocks of the KV pool: what each GPU has left after its share of the weights and
