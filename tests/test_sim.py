@@ -1,6 +1,7 @@
 """The cluster simulator (`kvserve bench sim`): its step-time model, its workloads, and that
 it runs our real router and engine bookkeeping faithfully enough to compare policies."""
 
+import gc
 import json
 
 import pytest
@@ -122,7 +123,36 @@ def test_later_turns_resend_the_conversation():
     assert oracle_hit_rate(items, BlockChains(16), 16) > 0.5
 
 
+def test_the_oracle_counts_each_prompts_longest_prefix_seen_before():
+    """The docstring's definition, block by block, against the oracle's bisection."""
+    items = agentic_tool_loop(150, 4.0, 0) + multi_turn_chat(150, 4.0, 1)
+    items.sort(key=lambda item: item.arrival_s)
+    seen, hit, total = set(), 0, 0
+    for item in items:
+        hashes = hash_block_chain(prompt_tokens(item.segments), 16)
+        usable = hashes[: (item.input_length - 1) // 16]
+        hit += 16 * next((depth for depth, h in enumerate(usable) if h not in seen), len(usable))
+        total += item.input_length
+        seen.update(hash_block_chain(prompt_tokens(item.segments + ((item.reply, item.output_length),)), 16))
+    assert oracle_hit_rate(items, BlockChains(16), 16) == hit / total
+
+
 # -- the simulator ---------------------------------------------------------------------------------
+
+
+def test_a_finished_run_leaves_no_reference_cycle():
+    """Reference counting frees the cluster, with the cyclic collector paused as during a run
+    (a run's objects are all in the youngest generation)."""
+    items = _shared_context(40)
+    gc.collect()
+    gc.disable()
+    try:
+        for policy in SIM_POLICIES:
+            _run(policy, items, ingress=2)
+            assert gc.collect(0) == 0, policy
+    finally:
+        gc.enable()
+
 
 
 def test_a_seed_gives_the_same_run():

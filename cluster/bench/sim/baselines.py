@@ -6,6 +6,7 @@ blocks. Those that read KV events (Dynamo, llm-d) share our follower and its del
 only the scoring rule differs. Ties are broken at random.
 """
 
+import bisect
 import random
 from collections import OrderedDict
 
@@ -255,13 +256,11 @@ def oracle_hit_rate(items, chains, block_size: int) -> float:
     for item in items:
         hashes = chains.chain(item.segments)
         usable = (item.input_length - 1) // block_size
-        depth = 0
-        for block_hash in hashes[:usable]:
-            if block_hash not in seen:
-                break
-            depth += 1
+        # `seen` holds whole chains, and a chained hash names its whole prefix, so the blocks
+        # of a prompt that are seen are a prefix of its chain: bisect for its end.
+        depth = bisect.bisect_left(range(usable), True, key=lambda i: hashes[i] not in seen)
         hit += depth * block_size
         total += item.input_length
-        seen.update(hashes)
-        seen.update(chains.chain(item.segments + ((item.reply, item.output_length),)))
+        seen.update(hashes[depth:])
+        seen.update(chains.added_hashes(item.segments, (item.reply, item.output_length)))
     return hit / total if total else 0.0

@@ -22,19 +22,26 @@ _POOL = random.Random(0x5EED).choices(range(1, 32000), k=_POOL_SPAN + _MAX_SEGME
 
 def segment_tokens(segment_id: int, length: int) -> list[int]:
     """The tokens of one segment: -(id + 1), then a slice of a fixed random pool."""
-    if length > _MAX_SEGMENT:
-        raise ValueError(f"a prompt segment may hold at most {_MAX_SEGMENT} tokens, got {length}")
-    if length <= 0:
-        return []
-    start = (segment_id * 0x9E3779B97F4A7C15 >> 11) % _POOL_SPAN
-    return [-(segment_id + 1)] + _POOL[start : start + length - 1]
+    tokens: list[int] = []
+    _append_segment(tokens, segment_id, length)
+    return tokens
 
 
 def prompt_tokens(segments: tuple[Segment, ...]) -> list[int]:
     tokens: list[int] = []
     for segment_id, length in segments:
-        tokens += segment_tokens(segment_id, length)
+        _append_segment(tokens, segment_id, length)
     return tokens
+
+
+def _append_segment(tokens: list[int], segment_id: int, length: int) -> None:
+    if length > _MAX_SEGMENT:
+        raise ValueError(f"a prompt segment may hold at most {_MAX_SEGMENT} tokens, got {length}")
+    if length <= 0:
+        return
+    start = (segment_id * 0x9E3779B97F4A7C15 >> 11) % _POOL_SPAN
+    tokens.append(-(segment_id + 1))
+    tokens += _POOL[start : start + length - 1]
 
 
 class _Node:
@@ -62,7 +69,14 @@ class BlockChains:
         while node is not None:
             parts.append(node.hashes)
             node = node.parent
-        return [h for part in reversed(parts) for h in part]
+        hashes: list[BlockHash] = []
+        for part in reversed(parts):
+            hashes += part
+        return hashes
+
+    def added_hashes(self, segments: tuple[Segment, ...], segment: Segment) -> list[BlockHash]:
+        """chain(segments + (segment,))[len(chain(segments)):], not to be modified."""
+        return self._node(segments + (segment,)).hashes
 
     def _node(self, segments: tuple[Segment, ...]) -> _Node:
         known = len(segments)
@@ -79,7 +93,8 @@ class BlockChains:
         return node
 
     def _extend(self, parent: _Node, segment: Segment) -> _Node:
-        tokens = parent.tail + segment_tokens(*segment)
+        tokens = list(parent.tail)
+        _append_segment(tokens, *segment)
         size = self.block_size
         hashes, last = [], parent.last
         full = len(tokens) // size

@@ -66,7 +66,7 @@ class SimReplica:
         self.kv = KVCacheManager(limits.num_blocks, limits.block_size, enable_prefix_caching=True)
         self.scheduler = Scheduler(SchedulerConfig(limits.max_num_seqs, limits.max_num_batched_tokens), self.kv)
         self.step_costs = StepCostFit(limits.max_num_batched_tokens)  # as the engine fits its steps
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[Sequence, Job] = {}  # by the object: no read of its id's string
         self.batch: ScheduledBatch | None = None
         self.event_seq = 0  # of the last batch taken
         self.stream = EventStream(name, limits.block_size, self.kv.snapshot(), self._heartbeat(0.0)) if publish else None
@@ -91,7 +91,7 @@ class SimReplica:
         seq.block_hashes = list(job.block_hashes)
         job.reply_tokens = iter(segment_tokens(job.item.reply, job.item.output_length))
         job.last_position = seq.num_prompt_tokens + job.item.output_length - 1
-        self.jobs[seq.seq_id] = job
+        self.jobs[seq] = job
         self.scheduler.add(seq)
 
     def start_step(self, now: float) -> float | None:
@@ -110,7 +110,7 @@ class SimReplica:
 
     def _duration(self, batch: ScheduledBatch) -> float:
         seqs, num_new_tokens = batch.seqs, batch.num_new_tokens
-        context = sum(seq.num_computed_tokens for seq in seqs)
+        context = sum(map(_COMPUTED, seqs))
         if num_new_tokens.count(1) == len(seqs) and all(map(operator.ge, map(_COMPUTED, seqs), map(_PROMPT, seqs))):
             return self.step_time(0, len(seqs), context, context + len(seqs))  # decodes only: most steps
         prefill = decode = pairs = 0
@@ -135,14 +135,14 @@ class SimReplica:
             tokens = seq.token_ids
             if computed < len(tokens):
                 continue
-            job = jobs[seq.seq_id]
+            job = jobs[seq]
             if job.first_token_s is None:
                 job.first_token_s, job.cached_tokens = now, seq.num_cached_prompt_tokens
                 first.append(job)
             tokens.append(next(job.reply_tokens))
             if computed >= job.last_position:
                 self.scheduler.finish(seq, FinishReason.LENGTH)
-                del jobs[seq.seq_id]
+                del jobs[seq]
                 job.finish_s, job.reply_tokens = now, None
                 finished.append(job)
         self._publish(now)

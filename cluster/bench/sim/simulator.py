@@ -39,6 +39,19 @@ class SimConfig:
     router_options: RouterOptions = RouterOptions()
 
 
+class SimClock:
+    """The simulated time, read by calling it. An object of its own, not a closure over the
+    cluster, so that the routers holding it tie no reference cycle through the cluster."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class _Router:
     """One ingress replica's request router: its policy, its feed, its queue."""
 
@@ -52,7 +65,7 @@ class Cluster:
         random.seed(config.seed)  # KVScorer breaks ties with the `random` module
         self.config = config
         self.chains = chains
-        self.now = 0.0
+        self.clock = SimClock()
         limits = EngineLimits(config.kv_blocks or step_time.kv_blocks(config.block_size), config.block_size,
                               config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len)
         if limits.num_blocks < 1:
@@ -61,11 +74,11 @@ class Cluster:
         self.replicas = [SimReplica(f"replica-{k}", limits, step_time, publish=follows)
                          for k in range(config.replicas)]
         self.ongoing = [0] * config.replicas
-        view = ClusterView([r.name for r in self.replicas], config.block_size, lambda: self.now, self.ongoing,
+        view = ClusterView([r.name for r in self.replicas], config.block_size, self.clock, self.ongoing,
                            random.Random(config.seed + 1))
         self.routers, shared = [], {}
         for k in range(config.ingress):
-            follower = KVIndexFollower(f"sim-{k}", config.block_size, clock=lambda: self.now) if follows else None
+            follower = KVIndexFollower(f"sim-{k}", config.block_size, clock=self.clock) if follows else None
             feed = DelayedFeed(follower, [r.stream for r in self.replicas], config.event_delay_s) if follows else None
             self.routers.append(_Router(make_policy(policy, view, follower, config.router_options, shared), feed))
         self.feeds = [r.feed for r in self.routers if r.feed is not None]
@@ -79,7 +92,7 @@ class Cluster:
         for index, item in enumerate(items):
             while self.steps and self.steps[0][0] <= item.arrival_s:
                 self._end_step(*heapq.heappop(self.steps))
-            self.now = item.arrival_s
+            self.clock.now = item.arrival_s
             job = Job(index, item, self.chains.chain(item.segments), self.ingress_rng.randrange(len(self.routers)))
             jobs.append(job)
             self._arrive(job)
@@ -104,7 +117,7 @@ class Cluster:
         """Send to the first replica of the ranking below max_ongoing_requests; False if none."""
         router = self.routers[job.router]
         if router.feed is not None:
-            router.feed.catch_up(self.now)
+            router.feed.catch_up(self.clock.now)
         limit = self.config.max_ongoing_requests
         for k in router.policy.rank(job):
             if self.ongoing[k] < limit:
@@ -117,17 +130,17 @@ class Cluster:
         self.ongoing[k] += 1
         self.routers[job.router].policy.sent(k, job)
         replica = self.replicas[k]
-        replica.add(job, self.now)
+        replica.add(job, self.clock.now)
         if not replica.busy:
             self._start_step(k)
 
     def _start_step(self, k: int) -> None:
-        end = self.replicas[k].start_step(self.now)
+        end = self.replicas[k].start_step(self.clock.now)
         if end is not None:
             heapq.heappush(self.steps, (end, k))
 
     def _end_step(self, end: float, k: int) -> None:
-        self.now = end
+        self.clock.now = end
         first, finished = self.replicas[k].end_step(end)
         for job in first:
             self.routers[job.router].policy.first_token(k, job)
@@ -157,9 +170,10 @@ def simulate(policy: str, items: list[WorkItem], step_time, config: SimConfig,
              chains: BlockChains | None = None) -> list[Job]:
     """One run of `policy` over `items`; `chains` may be shared by runs of the same block size."""
     chains = chains or BlockChains(config.block_size)
-    # A run holds millions of long-lived objects (blocks, hashes, sequences) and makes almost
-    # no reference cycles: the cyclic collector's full passes over them cost a quarter of the
-    # run and free nothing, so it is paused for the run.
+    # A run holds millions of long-lived objects (blocks, hashes, sequences) and makes no
+    # reference cycles: the cyclic collector's full passes over them cost a quarter of the run
+    # and free nothing, so it is paused for the run, and reference counting frees the cluster
+    # at its end (a cycle would leave it all to the collector's first pass after the run).
     collecting = gc.isenabled()
     gc.disable()
     try:

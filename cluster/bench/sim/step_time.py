@@ -80,26 +80,32 @@ class Roofline:
     memory_utilization: float = 0.9  # as the engine's gpu_memory_utilization
     activation_reserve_bytes: float = 2 * GIB
 
+    def __post_init__(self) -> None:
+        # The formula's constant factors, worked out once: a simulation asks for the time of
+        # every step. Integer factors are exact and the float ones are those the formula
+        # computes first, so the times are the same to the last bit.
+        model, gpu, tp = self.model, self.gpu, self.tp
+        object.__setattr__(self, "_factors", (
+            model.kv_bytes_per_token, model.weight_bytes, gpu.bandwidth * self.mem_efficiency, 2 * model.params,
+            4 * model.layers * model.q_heads * model.head_dim, gpu.flops * self.compute_efficiency,
+            model.hidden * model.dtype_bytes * 2 * (tp - 1), 2 * model.layers))
+
     def __call__(self, prefill_tokens: int, decode_seqs: int, context_tokens: int,
                  attention_pairs: int | None = None) -> float:
         """Seconds for a step computing `prefill_tokens` prompt tokens and one token for each
         of `decode_seqs` sequences, attending over `context_tokens` cached tokens in all;
         `attention_pairs` (query x key pairs; default: `context_tokens`) sets the attention FLOPs."""
-        model, tp = self.model, self.tp
+        (kv_bytes_per_token, weight_bytes, bandwidth, flops_per_token, flops_per_pair, flops,
+         ring_bytes_per_token, allreduces) = self._factors
+        tp = self.tp
         tokens = prefill_tokens + decode_seqs
-        kv_bytes = (context_tokens + tokens) * model.kv_bytes_per_token
-        memory_s = (model.weight_bytes + kv_bytes) / tp / (self.gpu.bandwidth * self.mem_efficiency)
+        memory_s = (weight_bytes + (context_tokens + tokens) * kv_bytes_per_token) / tp / bandwidth
         pairs = context_tokens if attention_pairs is None else attention_pairs
-        flops = 2 * model.params * tokens + 4 * model.layers * model.q_heads * model.head_dim * pairs
-        compute_s = flops / tp / (self.gpu.flops * self.compute_efficiency)
-        return self.step_overhead_s + max(memory_s, compute_s) + self._allreduce_s(tokens)
-
-    def _allreduce_s(self, tokens: int) -> float:
-        """Two ring all-reduces of the activations per layer (after attention and the MLP)."""
-        if self.tp == 1:
-            return 0.0
-        ring_bytes = tokens * self.model.hidden * self.model.dtype_bytes * 2 * (self.tp - 1) / self.tp
-        return 2 * self.model.layers * (self.allreduce_latency_s + ring_bytes / self.gpu.link_bandwidth)
+        compute_s = (flops_per_token * tokens + flops_per_pair * pairs) / tp / flops
+        # Two ring all-reduces of the activations per layer (after attention and the MLP).
+        ring_s = tokens * ring_bytes_per_token / tp / self.gpu.link_bandwidth
+        allreduce_s = allreduces * (self.allreduce_latency_s + ring_s) if tp > 1 else 0.0
+        return self.step_overhead_s + max(memory_s, compute_s) + allreduce_s
 
     def kv_blocks(self, block_size: int) -> int:
         """Blocks of the KV pool: what each GPU has left after its share of the weights and
