@@ -10,10 +10,10 @@ another epoch than the index's are fenced, never applied.
 
 import asyncio
 import gc
-import math
 import logging
 import time
 
+import numpy as np
 import ray
 
 from kvserve.router import routing_metrics as metrics
@@ -44,9 +44,12 @@ class KVIndexFollower:
         # Per replica, what the scorer reads of it at every decision, worked out once per news:
         # (requests running or waiting, blocks cached or in use, blocks in use, pool blocks).
         self.pool_figures: dict[str, tuple[int, int, int, int]] = {}
-        # Per replica: its step cost (base_s, per_prefill_token_s, per_decode_seq_s,
-        # tokens_per_step; NaN until its heartbeat has one), tokens queued, sequences running.
-        self.step_figures: dict[str, tuple[float, float, float, int, int, int]] = {}
+        # Per replica: tokens queued, sequences running; and, once its heartbeat has one, its
+        # step cost (base_s, per_prefill_token_s, per_decode_seq_s, tokens_per_step).
+        self.queue_figures: dict[str, tuple[int, int]] = {}
+        self.step_costs: dict[str, tuple[float, float, float, int]] = {}
+        self._deployment_step_cost: tuple[float, float, float, float] | None = None
+        self._step_costs_changed = False
         # The replicas whose queue orders by priority and holds something: their waiting
         # sequences per priority (EngineStats.waiting_by_priority), for the scorer's tie-break.
         self.queued: dict[str, EngineStats] = {}
@@ -112,10 +115,14 @@ class KVIndexFollower:
         cached = len(state.blocks) if state is not None else 0
         used = stats.kv_blocks_used
         self.pool_figures[replica] = (stats.running + stats.waiting, max(cached, used), used, stats.kv_blocks_total)
+        self.queue_figures[replica] = (stats.queued_tokens, stats.running)
         cost = stats.step_cost
-        coefficients = ((cost.base_s, cost.per_prefill_token_s, cost.per_decode_seq_s, cost.tokens_per_step)
-                        if cost is not None else (math.nan,) * 4)
-        self.step_figures[replica] = (*coefficients, stats.queued_tokens, stats.running)
+        if cost is not None:
+            coefficients = (cost.base_s, cost.per_prefill_token_s, cost.per_decode_seq_s, cost.tokens_per_step)
+            self._step_costs_changed |= self.step_costs.get(replica) != coefficients
+            self.step_costs[replica] = coefficients
+        elif self.step_costs.pop(replica, None) is not None:
+            self._step_costs_changed = True
         if stats.waiting_by_priority:
             self.queued[replica] = stats
         else:
@@ -142,6 +149,17 @@ class KVIndexFollower:
                 metrics.KV_EVENT_LAG.observe(max(0.0, time.time() - batch.ts))
         return True
 
+    def deployment_step_cost(self) -> tuple[float, float, float, float] | None:
+        """The step cost of the deployment's replicas (base, per prompt token, per decoding
+        sequence, tokens per step): the median of those they measured, which no single
+        replica's noisy fit can swing (they run one model on the same hardware); None before
+        any has measured. Worked out again only after a heartbeat changed one."""
+        if self._step_costs_changed:
+            costs = list(self.step_costs.values())
+            self._deployment_step_cost = tuple(np.median(costs, axis=0).tolist()) if costs else None
+            self._step_costs_changed = False
+        return self._deployment_step_cost
+
     def _lose(self, replica: str, cause: str) -> None:
         """Unknown until a snapshot arrives; the hub is asked for one at once."""
         self.index.drop_replica(replica)
@@ -166,6 +184,8 @@ class KVIndexFollower:
         self.index.drop_replica(replica)
         self.stats.pop(replica, None)
         self.pool_figures.pop(replica, None)
-        self.step_figures.pop(replica, None)
+        self.queue_figures.pop(replica, None)
+        if self.step_costs.pop(replica, None) is not None:
+            self._step_costs_changed = True
         self.queued.pop(replica, None)
         self.rejected.discard(replica)

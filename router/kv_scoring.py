@@ -14,7 +14,7 @@ from kvserve.router.working_sets import WorkingSets
 from kvserve.workers.protocol import BlockHash
 
 _UNHEARD = (0, 0, 0, 0)  # the pool figures of a replica the hub has not passed on yet
-_UNTIMED = (np.nan,) * 4 + (0, 0)  # its step figures
+_UNQUEUED = (0, 0)  # its queue figures
 _NOMINAL_STEP = (0.0, 1.0, 0.0, np.inf)  # before any replica measured its steps: a token a second, no step cost
 _SENDS_KEPT = 256  # per replica, the uncached tokens of this router's last sends there
 
@@ -75,10 +75,11 @@ class KVScorer:
         self.sent_adapters.pop(replica, None)
         self.sent_tokens.pop(replica, None)
 
-    def standings(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def standings(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per replica, as arrays (this runs for every replica at every decision):
-        - load: requests in flight there, ours, or the replica's own count if larger (other
-          ingress replicas route to it too);
+        - ours: requests this router has in flight there;
+        - reported: the requests running or waiting there, as its last heartbeat counted them
+          (the load is the larger of the two: other ingress replicas route to it too);
         - fill: the share of its pool that holds something, cached (exact, from the index)
           or in use;
         - pressure: its working set, or the blocks in use if more, over its pool: above 1 when
@@ -98,7 +99,7 @@ class KVScorer:
         contested = np.maximum(np.maximum(wanted, used) - retained_wanted, 0)
         room = np.maximum(total - retained, 1)
         pressures = np.divide(contested, room, out=np.zeros(n), where=heard)
-        return np.maximum(ours, reported), fills, pressures
+        return ours, reported, fills, pressures
 
     def _retained(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per replica, its device blocks retained above the default priority, and how many of
@@ -123,7 +124,8 @@ class KVScorer:
                 matched[replica] = depth
         depths = np.fromiter((matched.get(r, 0) for r in replicas), np.int64, len(replicas))
         host_blocks = self._host_blocks(replicas, block_hashes, matched, depths)
-        loads, fills, pressures = self.standings(replicas)
+        ours, reported, fills, pressures = self.standings(replicas)
+        loads = np.maximum(ours, reported)
         size = self.block_size
         prompt_blocks = -(-num_tokens // size)
         new_blocks = prompt_blocks - depths  # blocks loaded from the host tier take device room too
@@ -134,7 +136,7 @@ class KVScorer:
         if guarded:
             costs = uncached + self.options.load_cost_tokens * loads + side_tokens
         else:
-            costs = self._seconds(replicas, uncached, side_tokens)
+            costs = self._seconds(replicas, uncached, side_tokens, np.maximum(ours - reported, 0))
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
         order = np.lexsort((self._ties.random(len(replicas)), fills, loads, ahead, costs))
@@ -143,30 +145,25 @@ class KVScorer:
         reason = self._reason(int(depths[allowed[0]]), max(matched.values(), default=0), held.any())
         return np.concatenate((allowed, order[held])).tolist(), reason
 
-    def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray) -> np.ndarray:
+    def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray,
+                 unreported: np.ndarray) -> np.ndarray:
         """Per replica, the predicted seconds to the request's first token there: the tokens
-        queued there (its heartbeat's, plus the uncached tokens of the requests of ours it had
-        not counted yet) and the request's uncached ones, computed in steps beside its running
-        sequences; plus `side_tokens` (the blocks it would push out, loading the adapter) at
-        the cost per token. The replicas of a deployment run one model on the same hardware, so
-        one step cost serves them all: the median of the costs they measured, which no single
-        replica's noisy fit can swing; before any has measured, a token counts a second."""
-        figures, n = self.follower.step_figures, len(replicas)
-        rows = np.fromiter(chain.from_iterable(figures.get(r, _UNTIMED) for r in replicas), float, 6 * n).reshape(n, 6)
-        measured = ~np.isnan(rows[:, 0])
-        step = np.median(rows[measured, :4], axis=0) if measured.any() else _NOMINAL_STEP
-        base, per_token, per_decode, tokens_per_step = step
-        queued, running = rows[:, 4], rows[:, 5]
-        prefill = queued + self._unreported_tokens(replicas) + uncached
+        queued there (its heartbeat's, plus the uncached tokens of the `unreported` requests of
+        ours it had not counted yet) and the request's uncached ones, computed in steps beside
+        its running sequences; plus `side_tokens` (the blocks it would push out, loading the
+        adapter) at the cost per token. The step cost is the deployment's
+        (`KVIndexFollower.deployment_step_cost`); before any replica has measured, a token
+        counts a second."""
+        n = len(replicas)
+        figures = chain.from_iterable(map(self.follower.queue_figures.get, replicas, repeat(_UNQUEUED)))
+        queued, running = np.fromiter(figures, float, 2 * n).reshape(n, 2).T
+        base, per_token, per_decode, tokens_per_step = self.follower.deployment_step_cost() or _NOMINAL_STEP
+        prefill = queued + self._unreported_tokens(replicas, unreported) + uncached
         steps = np.maximum(np.ceil(prefill / tokens_per_step), 1)
         return steps * (base + per_decode * running) + per_token * (prefill + side_tokens)
 
-    def _unreported_tokens(self, replicas: list[str]) -> np.ndarray:
-        """Per replica, the uncached tokens of our latest sends there beyond the requests its
-        heartbeat counted (ours in flight over its running and waiting ones)."""
-        reported = np.fromiter((self.follower.pool_figures.get(r, _UNHEARD)[0] for r in replicas), np.int64, len(replicas))
-        ours = np.fromiter(map(self.in_flight.get, replicas, repeat(0)), np.int64, len(replicas))
-        unreported = np.maximum(ours - reported, 0)
+    def _unreported_tokens(self, replicas: list[str], unreported: np.ndarray) -> np.ndarray:
+        """Per replica, the uncached tokens of our latest `unreported` sends there."""
         tokens = np.zeros(len(replicas))
         for k in np.flatnonzero(unreported):
             tokens[k] = sum(islice(reversed(self.sent_tokens[replicas[k]]), int(unreported[k])))
