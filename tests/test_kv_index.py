@@ -3,6 +3,7 @@
 import dataclasses
 import gc
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -179,6 +180,20 @@ def test_in_seconds_every_replica_counts_the_median_step_cost():
     scorer = KVScorer(follower_with({"cheap": prompt[:40], "a": [], "b": [], "new": []}, stats), BLOCK,
                       RouterOptions(cost_unit="seconds"))
     assert scorer.rank(["cheap", "a", "b", "new"], hash_block_chain(prompt, BLOCK), len(prompt))[0][-1] == 0
+
+
+def test_the_deployment_step_cost_follows_the_heartbeats():
+    cheap = StepCost(0.002, 1e-4, 1e-5, tokens_per_step=64)
+    stats = {"a": timed(pool_stats(), 0), "b": timed(pool_stats(), 0), "c": pool_stats()}
+    follower = follower_with({"a": [], "b": [], "c": []}, stats)
+    assert follower.deployment_step_cost() == (0.01, 1e-3, 1e-4, 64)  # "c" has measured nothing yet
+    stats["a"] = dataclasses.replace(stats["a"], step_cost=cheap)
+    follower.apply(HubNews(2, {name: news_of([], stats=s) for name, s in stats.items()}))
+    assert follower.deployment_step_cost() == pytest.approx((0.006, 5.5e-4, 5.5e-5, 64))
+    follower.forget("b")
+    assert follower.deployment_step_cost() == (0.002, 1e-4, 1e-5, 64)
+    follower.forget("a")
+    assert follower.deployment_step_cost() is None
 
 
 def test_in_seconds_before_any_step_is_measured_a_token_counts_a_second():
