@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from kvserve.cluster.bench.sim.prompts import prompt_tokens, segment_tokens
 from kvserve.cluster.bench.sim.relay import EventStream
+from kvserve.cluster.bench.sim.step_time import step_counts
 from kvserve.cluster.bench.sim.workloads import WorkItem
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for
@@ -110,19 +111,10 @@ class SimReplica:
 
     def _duration(self, batch: ScheduledBatch) -> float:
         seqs, num_new_tokens = batch.seqs, batch.num_new_tokens
-        context = sum(map(_COMPUTED, seqs))
         if num_new_tokens.count(1) == len(seqs) and all(map(operator.ge, map(_COMPUTED, seqs), map(_PROMPT, seqs))):
-            return self.step_time(0, len(seqs), context, context + len(seqs))  # decodes only: most steps
-        prefill = decode = pairs = 0
-        for seq, num_new in zip(seqs, num_new_tokens):
-            done = seq.num_computed_tokens
-            if num_new == 1 and done >= seq.num_prompt_tokens:
-                decode += 1
-                pairs += done + 1
-            else:
-                prefill += num_new
-                pairs += num_new * done + num_new * (num_new + 1) // 2
-        return self.step_time(prefill, decode, context, pairs)
+            context = sum(map(_COMPUTED, seqs))  # decodes only, most steps: without step_counts' loop
+            return self.step_time(0, len(seqs), context, context + len(seqs))
+        return self.step_time(*step_counts(seqs, num_new_tokens))
 
     def end_step(self, now: float) -> tuple[list[Job], list[Job]]:
         """Finish the step in flight: (jobs that got their first token, jobs that finished).

@@ -154,19 +154,28 @@ class LinearStepTime:
 POINT_KEYS = ("prefill_tokens", "decode_seqs", "context_tokens", "step_s")
 
 
-def step_composition(seqs, num_new_tokens: list[int]) -> dict[str, int]:
-    """A scheduled batch as the step-time model reads it, as the simulated replica counts it:
-    prompt tokens computed, sequences decoding (one new token after the prompt) and the tokens
-    already computed that the step attends over; `seqs` as the scheduler left them, before the
-    step advances them."""
-    prefill = decode = 0
+def step_counts(seqs, num_new_tokens: list[int]) -> tuple[int, int, int, int]:
+    """A scheduled batch as the step-time model reads it: prompt tokens computed, sequences
+    decoding (one new token after the prompt), the tokens already computed that the step
+    attends over, and its attention pairs; `seqs` as the scheduler left them, before the step
+    advances them."""
+    prefill = decode = context = pairs = 0
     for seq, num_new in zip(seqs, num_new_tokens):
-        if num_new == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+        done = seq.num_computed_tokens
+        context += done
+        if num_new == 1 and done >= seq.num_prompt_tokens:
             decode += 1
+            pairs += done + 1
         else:
             prefill += num_new
-    return {"prefill_tokens": prefill, "decode_seqs": decode,
-            "context_tokens": sum(seq.num_computed_tokens for seq in seqs)}
+            pairs += num_new * done + num_new * (num_new + 1) // 2
+    return prefill, decode, context, pairs
+
+
+def step_composition(seqs, num_new_tokens: list[int]) -> dict[str, int]:
+    """`step_counts` as a measured step point records it (the fit reads no attention pairs)."""
+    prefill, decode, context, _ = step_counts(seqs, num_new_tokens)
+    return {"prefill_tokens": prefill, "decode_seqs": decode, "context_tokens": context}
 
 
 def relative_errors(model, points: list[dict]) -> list[float]:
