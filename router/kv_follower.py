@@ -47,6 +47,9 @@ class KVIndexFollower:
         # Per replica: tokens queued, sequences running; and, once its heartbeat has one, its
         # step cost (base_s, per_prefill_token_s, per_decode_seq_s, tokens_per_step).
         self.queue_figures: dict[str, tuple[int, int]] = {}
+        # Per replica, the `sent_at` of its latest heartbeat and when that arrived here: the
+        # scorer counts its own sends after that arrival as not yet in those figures.
+        self.latest_heartbeat: dict[str, tuple[float, float]] = {}
         self.step_costs: dict[str, tuple[float, float, float, int]] = {}
         self._deployment_step_cost: tuple[float, float, float, float] | None = None
         self._step_costs_changed = False
@@ -101,6 +104,7 @@ class KVIndexFollower:
         for replica, replica_news in news.replicas.items():
             if replica in self.departed:
                 continue
+            self._note_heartbeat(replica, replica_news.heartbeat.sent_at, now)
             self.stats[replica] = replica_news.heartbeat.stats
             if self._agrees(replica, replica_news):
                 self._apply_replica(replica, replica_news, now)
@@ -108,6 +112,16 @@ class KVIndexFollower:
         loaded = any(replica_news.snapshot is not None for replica_news in news.replicas.values())
         if loaded and len(self.index.holders) >= FREEZE_AT_BLOCKS:
             gc.freeze()
+
+    def _note_heartbeat(self, replica: str, sent_at: float, now: float) -> None:
+        latest = self.latest_heartbeat.get(replica)
+        if latest is None or latest[0] != sent_at:  # the hub passes the latest one on with every answer
+            self.latest_heartbeat[replica] = (sent_at, now)
+
+    def reported_at(self, replica: str) -> float:
+        """When the latest heartbeat of `replica` arrived here (-inf: none has)."""
+        latest = self.latest_heartbeat.get(replica)
+        return latest[1] if latest is not None else -np.inf
 
     def _figure(self, replica: str) -> None:
         stats = self.stats[replica]
@@ -185,6 +199,7 @@ class KVIndexFollower:
         self.stats.pop(replica, None)
         self.pool_figures.pop(replica, None)
         self.queue_figures.pop(replica, None)
+        self.latest_heartbeat.pop(replica, None)
         if self.step_costs.pop(replica, None) is not None:
             self._step_costs_changed = True
         self.queued.pop(replica, None)

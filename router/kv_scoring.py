@@ -3,7 +3,7 @@
 import random
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
-from itertools import chain, islice, repeat
+from itertools import chain, islice, repeat, takewhile
 
 import numpy as np
 
@@ -52,9 +52,10 @@ class KVScorer:
         # Per replica, the LoRA adapters this router sent it and when: resident there for
         # `recent_s`, until the replica's heartbeat names it.
         self.sent_adapters: dict[str, dict[str, float]] = defaultdict(dict)
-        # Per replica, the uncached prompt tokens of the requests this router sent it, newest
-        # last: the queue a heartbeat has not reported yet (`cost_unit: seconds`).
-        self.sent_tokens: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=_SENDS_KEPT))
+        # Per replica, when this router sent it requests and their uncached prompt tokens,
+        # newest last: the queue a heartbeat has not reported yet (`cost_unit: seconds`).
+        self.sent_tokens: dict[str, deque[tuple[float, float]]] = defaultdict(lambda: deque(maxlen=_SENDS_KEPT))
+        self._unheard: dict[str, None] = {}  # the replicas sent to since their latest heartbeat, perhaps
         self._last_uncached: tuple[list[str], np.ndarray] | None = None  # of the last ranking, for `record`
         self._ties = np.random.default_rng(random.getrandbits(64))  # seeded by `random`, as the simulator needs
 
@@ -63,7 +64,8 @@ class KVScorer:
         if self._last_uncached is not None:
             ranked, uncached = self._last_uncached
             if replica in ranked:
-                self.sent_tokens[replica].append(float(uncached[ranked.index(replica)]))
+                self.sent_tokens[replica].append((self.follower.clock(), float(uncached[ranked.index(replica)])))
+                self._unheard[replica] = None
         stats = self.follower.stats.get(replica)
         self.working_sets.add(replica, block_hashes, limit=2 * stats.kv_blocks_total if stats else None)
         if lora_name is not None:
@@ -74,6 +76,7 @@ class KVScorer:
         self.working_sets.forget(replica)
         self.sent_adapters.pop(replica, None)
         self.sent_tokens.pop(replica, None)
+        self._unheard.pop(replica, None)
 
     def standings(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per replica, as arrays (this runs for every replica at every decision):
@@ -146,10 +149,10 @@ class KVScorer:
         return np.concatenate((allowed, order[held])).tolist(), reason
 
     def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray,
-                 unreported: np.ndarray) -> np.ndarray:
+                 in_flight_unreported: np.ndarray) -> np.ndarray:
         """Per replica, the predicted seconds to the request's first token there: the tokens
-        queued there (its heartbeat's, plus the uncached tokens of the `unreported` requests of
-        ours it had not counted yet) and the request's uncached ones, computed in steps beside
+        queued there (its heartbeat's, plus the uncached tokens of our sends it had not counted
+        yet, `_unreported_tokens`) and the request's uncached ones, computed in steps beside
         its running sequences; plus `side_tokens` (the blocks it would push out, loading the
         adapter) at the cost per token. The step cost is the deployment's
         (`KVIndexFollower.deployment_step_cost`); before any replica has measured, a token
@@ -158,16 +161,37 @@ class KVScorer:
         figures = chain.from_iterable(map(self.follower.queue_figures.get, replicas, repeat(_UNQUEUED)))
         queued, running = np.fromiter(figures, float, 2 * n).reshape(n, 2).T
         base, per_token, per_decode, tokens_per_step = self.follower.deployment_step_cost() or _NOMINAL_STEP
-        prefill = queued + self._unreported_tokens(replicas, unreported) + uncached
+        prefill = queued + self._unreported_tokens(replicas, in_flight_unreported) + uncached
         steps = np.maximum(np.ceil(prefill / tokens_per_step), 1)
         return steps * (base + per_decode * running) + per_token * (prefill + side_tokens)
 
-    def _unreported_tokens(self, replicas: list[str], unreported: np.ndarray) -> np.ndarray:
-        """Per replica, the uncached tokens of our latest `unreported` sends there."""
+    def _unreported_tokens(self, replicas: list[str], in_flight_unreported: np.ndarray) -> np.ndarray:
+        """Per replica, the uncached tokens of our latest sends there that its heartbeat has
+        not counted: as many as we sent after that heartbeat arrived, or as we have in flight
+        there beyond the requests it reported, whichever is more. The first count holds from
+        the decision on; the second only once Serve counts the request in flight, which may be
+        after it has decided a whole burst."""
+        unreported = in_flight_unreported.copy()
+        for replica, sent in self._sends_since_heartbeat().items():
+            if replica in replicas:
+                k = replicas.index(replica)
+                unreported[k] = max(unreported[k], sent)
         tokens = np.zeros(len(replicas))
         for k in np.flatnonzero(unreported):
-            tokens[k] = sum(islice(reversed(self.sent_tokens[replicas[k]]), int(unreported[k])))
+            tokens[k] = sum(t for _, t in islice(reversed(self.sent_tokens[replicas[k]]), int(unreported[k])))
         return tokens
+
+    def _sends_since_heartbeat(self) -> dict[str, int]:
+        """Per replica we sent to after its latest heartbeat arrived, how many sends."""
+        counts = {}
+        for replica in list(self._unheard):
+            heard_at = self.follower.reported_at(replica)
+            sent = sum(1 for _ in takewhile(lambda send: send[0] > heard_at, reversed(self.sent_tokens[replica])))
+            if sent:
+                counts[replica] = sent
+            else:
+                del self._unheard[replica]
+        return counts
 
     def _host_blocks(self, replicas: list[str], block_hashes: list[BlockHash], matched: dict[str, int],
                      depths: np.ndarray) -> np.ndarray | int:

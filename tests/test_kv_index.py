@@ -85,10 +85,10 @@ def pool_stats(total: int = 1 << 20, used: int = 0, cached: int = 0) -> EngineSt
 
 
 def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None = None,
-            stats: EngineStats | None = None) -> ReplicaNews:
+            stats: EngineStats | None = None, sent_at: float = 0.0) -> ReplicaNews:
     """A replica's news as the hub gives it: a snapshot holding the blocks of `tokens`."""
     blocks = hash_block_chain(tokens, block_size)
-    heartbeat = Heartbeat(7, 1, 0.0, dataclasses.replace(stats or pool_stats(), kv_blocks_cached=len(blocks)))
+    heartbeat = Heartbeat(7, 1, sent_at, dataclasses.replace(stats or pool_stats(), kv_blocks_cached=len(blocks)))
     return ReplicaNews(block_size, hash_check or hash_check_value(block_size), heartbeat, None,
                        BlockSnapshot(7, 1, blocks))
 
@@ -210,19 +210,35 @@ def test_in_seconds_before_any_step_is_measured_a_token_counts_a_second():
 
 
 def test_in_seconds_our_sends_count_their_uncached_tokens_until_a_heartbeat_does():
-    """A burst of long prompts to one replica, faster than its heartbeats: each send queues
-    its uncached tokens there at once, not a fixed token count per request."""
+    """A burst of long prompts to one replica, decided before Serve counts any of them in
+    flight and faster than the replica's heartbeats: each send queues its uncached tokens
+    there at once, not a fixed token count per request. The next heartbeat counts the queue
+    itself; a request of ours in flight beyond those it reported still counts."""
     from kvserve.router.kv_scoring import KVScorer
 
     long_prompt, short_prompt = list(range(1000, 1400)), list(range(200))
-    stats = {"a": timed(pool_stats(1000), 0), "b": timed(pool_stats(1000), 0)}
-    scorer = KVScorer(follower_with({"a": short_prompt[:192], "b": []}, stats), BLOCK, RouterOptions(cost_unit="seconds"))
+    now = [1.0]
+    follower = KVIndexFollower("scoring-test", BLOCK, clock=lambda: now[0])
+
+    def heartbeat(version: int) -> None:
+        stats = {"a": timed(pool_stats(1000), 0), "b": timed(pool_stats(1000), 0)}
+        holdings = {"a": short_prompt[:192], "b": []}
+        follower.apply(HubNews(version, {name: news_of(tokens, stats=stats[name], sent_at=now[0])
+                                         for name, tokens in holdings.items()}))
+
+    heartbeat(1)
+    scorer = KVScorer(follower, BLOCK, RouterOptions(cost_unit="seconds"))
     short = hash_block_chain(short_prompt, BLOCK)
     assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [0, 1]  # 8 tokens to compute against 200
+    now[0] = 1.1
     scorer.rank(["a", "b"], hash_block_chain(long_prompt, BLOCK), len(long_prompt))  # a tie: neither holds it
     scorer.record("a", hash_block_chain(long_prompt, BLOCK))
-    scorer.in_flight["a"] += 1  # sent; no heartbeat has counted it yet
     assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [1, 0]  # 400 + 8 against 200
+    now[0] = 1.2
+    heartbeat(2)  # the long prompt is done
+    assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [0, 1]
+    scorer.in_flight["a"] += 1  # Serve counts it in flight; the heartbeat reported nothing running
+    assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [1, 0]
 
 
 def test_the_load_guard_grows_with_the_load():
@@ -447,6 +463,8 @@ def test_scorer_sends_a_follow_up_after_its_first_request_before_any_event():
     hashes = hash_block_chain(first, BLOCK)
     order, _ = scorer.rank(["a", "b", "c"], hashes, len(first))
     scorer.record(["a", "b", "c"][order[0]], hashes)
+    # The first request is answered: a heartbeat comes, but none of its blocks' events yet.
+    follower.apply(HubNews(2, {name: news_of([], sent_at=1.0) for name in "abc"}))
     follow_up = first + [99, 98, 97, 96]
     again, reason = scorer.rank(["a", "b", "c"], hash_block_chain(follow_up, BLOCK), len(follow_up))
     assert again[0] == order[0] and reason == "cached_prefix"

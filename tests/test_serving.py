@@ -27,8 +27,7 @@ ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 160, "max_model_
 def server(tiny_checkpoints, local_app):
     with local_app({
         "engine": {**ENGINE, "model": str(tiny_checkpoints["llama"])},
-        "serving": {"app_name": APP, "replicas": 2, "router": "kv", "replica_cpus": 1,
-                    "router_options": {"cost_unit": "tokens", "max_imbalance": 3}},
+        "serving": {"app_name": APP, "replicas": 2, "router": "kv", "replica_cpus": 1},
     }, num_cpus=6) as base:
         yield base
 
@@ -218,10 +217,12 @@ def test_a_hot_holder_sheds_load_to_the_other_replica(server, model_name):
     prefix = random_tokens(96, seed=10)
     holder, _ = completion_with_header(server, model_name, prefix + [1])
     time.sleep(0.6)
-    # Long generations, all sent at once: the holder is soon more than max_imbalance (3)
-    # requests busier than the other replica, which must then take some.
+    # Twelve prompts on the cached prefix, each with 40 tokens of its own, all sent at once:
+    # the holder's queue soon takes longer than the whole prompt on the other replica, which
+    # must then take some.
     with cf.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda i: completion_with_header(server, model_name, prefix + [i], 120), range(12)))
+        results = list(pool.map(lambda i: completion_with_header(
+            server, model_name, prefix + random_tokens(40, seed=100 + i), 100), range(12)))
     replicas = [r for r, _ in results]
     assert holder in replicas and len(set(replicas)) == 2
 
