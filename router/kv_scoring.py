@@ -45,6 +45,7 @@ class KVScorer:
     follower: KVIndexFollower
     block_size: int
     options: RouterOptions = RouterOptions()
+    routers: int = 1  # the routers reading the same reports: one per ingress replica
 
     def __post_init__(self):
         self.in_flight: Counter[str] = Counter()
@@ -156,14 +157,19 @@ class KVScorer:
         its running sequences; plus `side_tokens` (the blocks it would push out, loading the
         adapter) at the cost per token. The step cost is the deployment's
         (`KVIndexFollower.deployment_step_cost`); before any replica has measured, a token
-        counts a second."""
+        counts a second. Where several routers read the same reports, each time is then
+        raised by up to `options.cost_jitter` of itself, at random: otherwise they would all
+        send the same moment's requests to the same replica, each unaware of the others'."""
         n = len(replicas)
         figures = chain.from_iterable(map(self.follower.queue_figures.get, replicas, repeat(_UNQUEUED)))
         queued, running = np.fromiter(figures, float, 2 * n).reshape(n, 2).T
         base, per_token, per_decode, tokens_per_step = self.follower.deployment_step_cost() or _NOMINAL_STEP
         prefill = queued + self._unreported_tokens(replicas, in_flight_unreported) + uncached
         steps = np.maximum(np.ceil(prefill / tokens_per_step), 1)
-        return steps * (base + per_decode * running) + per_token * (prefill + side_tokens)
+        seconds = steps * (base + per_decode * running) + per_token * (prefill + side_tokens)
+        if self.routers > 1 and self.options.cost_jitter:
+            seconds *= 1 + self.options.cost_jitter * self._ties.random(n)
+        return seconds
 
     def _unreported_tokens(self, replicas: list[str], in_flight_unreported: np.ndarray) -> np.ndarray:
         """Per replica, the uncached tokens of our latest sends there that its heartbeat has

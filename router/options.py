@@ -20,6 +20,11 @@ class RouterOptions(BaseModel):
         "loading its LoRA adapter converted at that speed; the queue being in the cost, no load guard holds a "
         "replica back. `tokens` (the rule before `seconds`): tokens to compute + `load_cost_tokens` per request "
         "in flight, with the `max_imbalance` / `imbalance_share` guard")
+    cost_jitter: float = Field(
+        0.2, ge=0, description="kv, `cost_unit: seconds`: each replica's predicted time is multiplied by 1 + this "
+        "x a uniform draw from [0, 1), so that the routers of several ingress replicas, which read the same "
+        "reports, spread the same moment's requests over the replicas within that factor of the best instead "
+        "of all choosing the same one (0: always the lowest)")
     load_cost_tokens: int = Field(64, ge=0, description="kv, `cost_unit: tokens`: prompt tokens one in-flight request is worth")
     host_block_credit: float = Field(
         0.8, ge=0, le=1, description="kv: what a block in a replica's host-memory tier saves, against one on its device "

@@ -2,6 +2,8 @@
 
 import dataclasses
 import gc
+import random
+from collections import Counter
 
 import pytest
 from hypothesis import settings
@@ -22,6 +24,7 @@ from kvserve.workers.protocol import (
 )
 
 BLOCK = 4
+EXACT_SECONDS = RouterOptions(cost_unit="seconds", cost_jitter=0)  # the predicted times, ranked as they are
 
 
 def run_prompt(kv: KVCacheManager, name: str, tokens: list[int]) -> Sequence:
@@ -155,7 +158,7 @@ def test_in_seconds_a_cache_hit_is_worth_its_prefill_time_against_a_queue():
 
     prompt = list(range(48))
     hashes = hash_block_chain(prompt, BLOCK)
-    options = RouterOptions(cost_unit="seconds")
+    options = EXACT_SECONDS
 
     def first_choice(holder_queue: int, other_queue: int) -> str:
         stats = {"holder": timed(pool_stats(100), holder_queue), "other": timed(pool_stats(100), other_queue)}
@@ -178,7 +181,7 @@ def test_in_seconds_every_replica_counts_the_median_step_cost():
     cheap = dataclasses.replace(timed(pool_stats(100), 100), step_cost=StepCost(1e-3, 1e-4, 1e-5, tokens_per_step=64))
     stats = {"cheap": cheap, "a": timed(pool_stats(100), 0), "b": timed(pool_stats(100), 0), "new": pool_stats(100)}
     scorer = KVScorer(follower_with({"cheap": prompt[:40], "a": [], "b": [], "new": []}, stats), BLOCK,
-                      RouterOptions(cost_unit="seconds"))
+                      EXACT_SECONDS)
     assert scorer.rank(["cheap", "a", "b", "new"], hash_block_chain(prompt, BLOCK), len(prompt))[0][-1] == 0
 
 
@@ -202,10 +205,10 @@ def test_in_seconds_before_any_step_is_measured_a_token_counts_a_second():
     prompt = list(range(48))
     hashes = hash_block_chain(prompt, BLOCK)
     untimed = {"a": dataclasses.replace(pool_stats(100), queued_tokens=30), "b": pool_stats(100)}
-    scorer = KVScorer(follower_with({"a": prompt[:40], "b": []}, untimed), BLOCK, RouterOptions(cost_unit="seconds"))
+    scorer = KVScorer(follower_with({"a": prompt[:40], "b": []}, untimed), BLOCK, EXACT_SECONDS)
     assert scorer.rank(["a", "b"], hashes, len(prompt))[0] == [0, 1]  # 30 + 8 tokens against 48
     untimed["a"] = dataclasses.replace(untimed["a"], queued_tokens=50)
-    scorer = KVScorer(follower_with({"a": prompt[:40], "b": []}, untimed), BLOCK, RouterOptions(cost_unit="seconds"))
+    scorer = KVScorer(follower_with({"a": prompt[:40], "b": []}, untimed), BLOCK, EXACT_SECONDS)
     assert scorer.rank(["a", "b"], hashes, len(prompt))[0] == [1, 0]  # 58 against 48
 
 
@@ -227,7 +230,7 @@ def test_in_seconds_our_sends_count_their_uncached_tokens_until_a_heartbeat_does
                                          for name, tokens in holdings.items()}))
 
     heartbeat(1)
-    scorer = KVScorer(follower, BLOCK, RouterOptions(cost_unit="seconds"))
+    scorer = KVScorer(follower, BLOCK, EXACT_SECONDS)
     short = hash_block_chain(short_prompt, BLOCK)
     assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [0, 1]  # 8 tokens to compute against 200
     now[0] = 1.1
@@ -239,6 +242,28 @@ def test_in_seconds_our_sends_count_their_uncached_tokens_until_a_heartbeat_does
     assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [0, 1]
     scorer.in_flight["a"] += 1  # Serve counts it in flight; the heartbeat reported nothing running
     assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [1, 0]
+
+
+def test_in_seconds_several_routers_spread_near_ties_and_keep_clear_choices():
+    """Routers that read the same reports must not all pick the same replica at once: with
+    several, costs within `cost_jitter` (20%) of each other share the traffic, and a replica
+    clearly cheaper still gets it all. One router alone ranks by the cost as it is."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(48))
+    hashes = hash_block_chain(prompt, BLOCK)
+
+    def choices(queues: dict[str, int], routers: int) -> Counter:
+        stats = {name: timed(pool_stats(100), queued) for name, queued in queues.items()}
+        scorer = KVScorer(follower_with(dict.fromkeys(queues, []), stats), BLOCK, RouterOptions(), routers)
+        return Counter(list(queues)[scorer.rank(list(queues), hashes, len(prompt))[0][0]] for _ in range(300))
+
+    near = {"a": 0, "b": 4, "c": 8}  # 58, 62 and 66 ms predicted
+    assert choices(near, routers=1) == {"a": 300}
+    random.seed(3)  # the scorer draws from a generator it seeds from `random`
+    spread = choices(near, routers=4)  # the cheapest gets the most: about 234, 59 and 7
+    assert spread["a"] > spread["b"] > spread["c"] > 0
+    assert choices({"a": 0, "b": 60}, routers=4) == {"a": 300}  # 48 against 108 tokens and a second step
 
 
 def test_the_load_guard_grows_with_the_load():

@@ -28,6 +28,7 @@ class ClusterView:
     clock: Callable[[], float]
     ongoing: list[int]
     rng: random.Random
+    routers: int  # the ingress routers, each seeing its share of the traffic
 
 
 class RoutingPolicy:
@@ -55,7 +56,7 @@ class KVPolicy(RoutingPolicy):
 
     def __init__(self, view: ClusterView, follower: KVIndexFollower, options: RouterOptions):
         self.view = view
-        self.scorer = KVScorer(follower, view.block_size, options)
+        self.scorer = KVScorer(follower, view.block_size, options, view.routers)
         self.scorer.working_sets = WorkingSets(options.working_set_window_s, view.clock)
 
     def rank(self, job) -> list[int]:

@@ -75,7 +75,7 @@ class Cluster:
                          for k in range(config.replicas)]
         self.ongoing = [0] * config.replicas
         view = ClusterView([r.name for r in self.replicas], config.block_size, self.clock, self.ongoing,
-                           random.Random(config.seed + 1))
+                           random.Random(config.seed + 1), config.ingress)
         self.routers, shared = [], {}
         for k in range(config.ingress):
             follower = KVIndexFollower(f"sim-{k}", config.block_size, clock=self.clock) if follows else None
