@@ -3,6 +3,7 @@ it runs our real router and engine bookkeeping faithfully enough to compare poli
 
 import gc
 import json
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -187,6 +188,25 @@ def test_events_later_than_the_run_leave_kv_no_better_than_random():
     random_hits = _hit_rate("random", items)
     assert blind <= random_hits + 0.03
     assert _hit_rate("kv", items) > random_hits + 0.1
+
+
+def test_a_prefix_hotter_than_its_holder_can_serve_is_replicated_by_plan():
+    """Two shared contexts, each wanted faster than one replica serves it: `kv` puts each on as
+    many replicas as its demand needs (a second holder once the first one's queue costs more
+    time than computing the context elsewhere), keeping the time to first token down, where
+    the prefix-tree routers pile each on its first holders."""
+    items = llmd_shared_context(400, 6.0, 0, customers=2)
+    config = SimConfig(replicas=8, seed=0)
+    step_time = PRESETS["h100-qwen3-32b-tp2"]
+    runs = {policy: simulate(policy, items, step_time, config) for policy in ("kv", "prefix_approx", "sglang")}
+    holders = defaultdict(Counter)
+    for job in runs["kv"]:
+        holders[job.item.segments[0][0]][job.replica] += 1
+    for context, served in holders.items():
+        assert len(served) >= 3, served
+        assert max(served.values()) < 0.5 * sum(served.values()), served
+    p90 = {policy: summarize(jobs, 2.0, None)["ttft_p90_s"] for policy, jobs in runs.items()}
+    assert p90["kv"] < 0.8 * min(p90["prefix_approx"], p90["sglang"]), p90
 
 
 def test_several_ingress_routers_each_route_their_share():
