@@ -32,8 +32,7 @@ def router_config(config: AppConfig) -> RequestRouterConfig:
     serving = config.serving
     kwargs = {}
     if serving.router == "kv":
-        kwargs = {"block_size": config.engine.block_size, "routers": serving.ingress_replicas,
-                  **serving.router_options.model_dump()}
+        kwargs = {"block_size": config.engine.block_size, **serving.router_options.model_dump()}
     return RequestRouterConfig(
         request_router_class=policy_class(serving.router),
         request_router_kwargs=kwargs,

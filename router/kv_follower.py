@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import time
+import uuid
 
 import numpy as np
 import ray
@@ -59,6 +60,8 @@ class KVIndexFollower:
         self.rejected: set[str] = set()
         self.departed: set[str] = set()  # replica ids are never reused
         self.clock = clock  # times heartbeats' arrival; see `known`
+        self.follower_id = uuid.uuid4().hex
+        self.routers = 1  # the hub's followers: the routers that read the same reports
         self._version = -1
         self._task: asyncio.Task | None = None
 
@@ -79,7 +82,7 @@ class KVIndexFollower:
         while True:
             try:
                 hub = hub or ray.get_actor(hub_name(self.app_name), namespace="kvserve")
-                news = await hub.follow.remote(self.cursors(), self._version, FOLLOW_TIMEOUT_S)
+                news = await hub.follow.remote(self.follower_id, self.cursors(), self._version, FOLLOW_TIMEOUT_S)
                 self.apply(news)
             except asyncio.CancelledError:
                 raise
@@ -98,6 +101,7 @@ class KVIndexFollower:
     def apply(self, news: HubNews) -> None:
         """Fold one answer of the hub into the index."""
         self._version = news.version
+        self.routers = news.followers
         now = self.clock()
         for gone in set(self.index.replicas) - set(news.replicas):
             self.forget(gone)

@@ -45,7 +45,6 @@ class KVScorer:
     follower: KVIndexFollower
     block_size: int
     options: RouterOptions = RouterOptions()
-    routers: int = 1  # the routers reading the same reports: one per ingress replica
 
     def __post_init__(self):
         self.in_flight: Counter[str] = Counter()
@@ -167,7 +166,7 @@ class KVScorer:
         prefill = queued + self._unreported_tokens(replicas, in_flight_unreported) + uncached
         steps = np.maximum(np.ceil(prefill / tokens_per_step), 1)
         seconds = steps * (base + per_decode * running) + per_token * (prefill + side_tokens)
-        if self.routers > 1 and self.options.cost_jitter:
+        if self.follower.routers > 1 and self.options.cost_jitter:
             seconds *= 1 + self.options.cost_jitter * self._ties.random(n)
         return seconds
 

@@ -20,9 +20,8 @@ from kvserve.router.options import Policy, RouterOptions
 class KVAwareRouter(RequestRouter):
     """Ranks replicas with `KVScorer` over the local copy of the KV index (no remote call)."""
 
-    def initialize_state(self, block_size: int, routers: int = 1, **options):
+    def initialize_state(self, block_size: int, **options):
         self.block_size = block_size
-        self.routers = routers  # one per ingress replica
         self.options = RouterOptions(**options)
         self.follower: KVIndexFollower | None = None
         self.scorer: KVScorer | None = None
@@ -31,7 +30,7 @@ class KVAwareRouter(RequestRouter):
     def _scorer(self) -> KVScorer:
         if self.scorer is None:
             self.follower = KVIndexFollower.for_app(self._deployment_id.app_name, self.block_size)
-            self.scorer = KVScorer(self.follower, self.block_size, self.options, self.routers)
+            self.scorer = KVScorer(self.follower, self.block_size, self.options)
         self.follower.ensure_running()
         return self.scorer
 

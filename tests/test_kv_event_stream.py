@@ -23,7 +23,7 @@ from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import Sequence
-from kvserve.workers.kv_event_hub import LOG_BATCHES, KVEventHub
+from kvserve.workers.kv_event_hub import FOLLOWER_SILENCE_S, LOG_BATCHES, KVEventHub
 from kvserve.workers.protocol import (
     HEARTBEAT_PERIOD_S, BlockStored, EngineStats, Heartbeat, HubNews, KVEventBatch, ReplicaNews, ReplicaRegistration,
 )
@@ -125,7 +125,7 @@ async def beat(hub: KVEventHub, replica: Replica, link: Link = Link()) -> None:
 
 
 async def follow(follower: KVIndexFollower, hub: KVEventHub, mangle=lambda news: news) -> None:
-    follower.apply(mangle(await hub.follow(follower.cursors(), -1, 0)))
+    follower.apply(mangle(await hub.follow(follower.follower_id, follower.cursors(), -1, 0)))
 
 
 def assert_right_where_caught_up(hub: KVEventHub, follower: KVIndexFollower, replicas: list[Replica]) -> None:
@@ -199,7 +199,7 @@ def mangler(seed: int):
                 batches = rng.choice([batches[:k] + batches[k + 1:], batches[:k + 1] + batches[k:],
                                       batches[:k] + batches[k:][::-1]])
             replicas[name] = dataclasses.replace(replica_news, batches=batches) if replica_news.batches else replica_news
-        return HubNews(news.version, replicas)
+        return HubNews(news.version, replicas, news.followers)
 
     return mangle
 
@@ -233,7 +233,7 @@ def test_repeated_batches_cost_no_resync_and_no_snapshot():
 
         def repeat_late(news: HubNews) -> HubNews:
             return HubNews(news.version, {name: dataclasses.replace(n, batches=n.batches + n.batches[:1])
-                                          if n.batches else n for name, n in news.replicas.items()})
+                                          if n.batches else n for name, n in news.replicas.items()}, news.followers)
 
         for period in range(200):
             for replica in replicas:
@@ -269,7 +269,7 @@ def test_a_restarted_replica_s_old_epoch_is_fenced_off_at_the_hub_and_the_router
         assert_exact(hub, follower, [replica])
         router_fenced = counter("kvserve_router_kv_fenced_batches_total")
         current = hub.replicas["a"].heartbeat
-        stale = HubNews(hub.version, {"a": ReplicaNews(BLOCK, hash_check_value(BLOCK), current, late[1], None)})
+        stale = HubNews(hub.version, {"a": ReplicaNews(BLOCK, hash_check_value(BLOCK), current, late[1], None)}, 1)
         follower.apply(stale)  # the old epoch's batch 1, right after the new epoch's batch 0
         assert counter("kvserve_router_kv_fenced_batches_total") == router_fenced + 1
         assert not follower.index.replicas["a"].blocks & old_hashes
@@ -297,7 +297,7 @@ def test_a_batch_that_lost_events_is_caught_by_the_heartbeat_s_block_count():
         def gut(news: HubNews) -> HubNews:
             return HubNews(news.version, {name: dataclasses.replace(n, batches=[dataclasses.replace(b, events=[])
                                                                                for b in n.batches])
-                                          if n.batches else n for name, n in news.replicas.items()})
+                                          if n.batches else n for name, n in news.replicas.items()}, news.followers)
 
         replica.work()
         await beat(hub, replica)
@@ -368,5 +368,29 @@ def test_a_silent_replica_is_scored_as_caching_nothing_until_it_beats_again():
         await beat(hub, holder)
         await follow(follower, hub)
         assert scorer.rank(["holder", "other"], hashes, len(prompt)) == ([0, 1], "cached_prefix")
+
+    asyncio.run(run())
+
+
+def test_the_hub_tells_each_follower_how_many_routers_follow_it():
+    """Each ingress replica's router follows the hub; they read the same reports, and a router
+    that knows it is one of several spreads its near ties (`cost_jitter`). A follower that
+    stops polling stops counting."""
+    async def run():
+        now = [0.0]
+        hub = KVEventHub(clock=lambda: now[0])
+        replicas = [Replica("a", 1)]
+        for replica in replicas:
+            await beat(hub, replica)
+        first, second = KVIndexFollower("count-test", BLOCK), KVIndexFollower("count-test", BLOCK)
+        await follow(first, hub)
+        assert first.routers == 1
+        await follow(second, hub)
+        await follow(first, hub)
+        assert first.routers == second.routers == 2
+        assert (await hub.follow(None, {}, -1, 0)).followers == 2  # a reader that routes nothing
+        now[0] = FOLLOWER_SILENCE_S + 1  # the second one is gone
+        await follow(first, hub)
+        assert first.routers == 1
 
     asyncio.run(run())

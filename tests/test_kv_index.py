@@ -101,10 +101,10 @@ def test_follower_distrusts_a_replica_that_hashes_differently():
     good = news_of(list(range(8)))
     other_size = news_of(list(range(8)), block_size=8)
     other_hash = news_of(list(range(8)), hash_check="00" * 32)
-    follower.apply(HubNews(1, {"good": good, "size": other_size, "hash": other_hash}))
+    follower.apply(HubNews(1, {"good": good, "size": other_size, "hash": other_hash}, 1))
     assert set(follower.index.replicas) == {"good"}
     assert follower.rejected == {"size", "hash"}
-    follower.apply(HubNews(2, {"size": other_size}))
+    follower.apply(HubNews(2, {"size": other_size}, 1))
     assert not follower.index.replicas
 
 
@@ -115,9 +115,9 @@ def test_a_large_index_leaves_the_garbage_collector_after_a_snapshot(monkeypatch
     monkeypatch.setattr(kv_follower, "FREEZE_AT_BLOCKS", 4)
     small, large = KVIndexFollower("test-app", BLOCK), KVIndexFollower("test-app", BLOCK)
     try:
-        small.apply(HubNews(1, {"r": news_of(list(range(3 * BLOCK)))}))
+        small.apply(HubNews(1, {"r": news_of(list(range(3 * BLOCK)))}, 1))
         assert any(o is small.index.replicas["r"].blocks for o in gc.get_objects())
-        large.apply(HubNews(1, {"r": news_of(list(range(8 * BLOCK)))}))
+        large.apply(HubNews(1, {"r": news_of(list(range(8 * BLOCK)))}, 1))
         assert not any(o is large.index.replicas["r"].blocks for o in gc.get_objects())
         assert gc.get_freeze_count() > 0
     finally:
@@ -128,7 +128,7 @@ def follower_with(holdings: dict[str, list[int]], stats: dict[str, EngineStats] 
     """A follower whose replicas hold the leading blocks of the given token lists."""
     follower = KVIndexFollower("scoring-test", BLOCK)
     stats = stats or {}
-    follower.apply(HubNews(1, {name: news_of(tokens, stats=stats.get(name)) for name, tokens in holdings.items()}))
+    follower.apply(HubNews(1, {name: news_of(tokens, stats=stats.get(name)) for name, tokens in holdings.items()}, 1))
     return follower
 
 
@@ -191,7 +191,7 @@ def test_the_deployment_step_cost_follows_the_heartbeats():
     follower = follower_with({"a": [], "b": [], "c": []}, stats)
     assert follower.deployment_step_cost() == (0.01, 1e-3, 1e-4, 64)  # "c" has measured nothing yet
     stats["a"] = dataclasses.replace(stats["a"], step_cost=cheap)
-    follower.apply(HubNews(2, {name: news_of([], stats=s) for name, s in stats.items()}))
+    follower.apply(HubNews(2, {name: news_of([], stats=s) for name, s in stats.items()}, 1))
     assert follower.deployment_step_cost() == pytest.approx((0.006, 5.5e-4, 5.5e-5, 64))
     follower.forget("b")
     assert follower.deployment_step_cost() == (0.002, 1e-4, 1e-5, 64)
@@ -227,7 +227,7 @@ def test_in_seconds_our_sends_count_their_uncached_tokens_until_a_heartbeat_does
         stats = {"a": timed(pool_stats(1000), 0), "b": timed(pool_stats(1000), 0)}
         holdings = {"a": short_prompt[:192], "b": []}
         follower.apply(HubNews(version, {name: news_of(tokens, stats=stats[name], sent_at=now[0])
-                                         for name, tokens in holdings.items()}))
+                                         for name, tokens in holdings.items()}, 1))
 
     heartbeat(1)
     scorer = KVScorer(follower, BLOCK, EXACT_SECONDS)
@@ -255,7 +255,9 @@ def test_in_seconds_several_routers_spread_near_ties_and_keep_clear_choices():
 
     def choices(queues: dict[str, int], routers: int) -> Counter:
         stats = {name: timed(pool_stats(100), queued) for name, queued in queues.items()}
-        scorer = KVScorer(follower_with(dict.fromkeys(queues, []), stats), BLOCK, RouterOptions(), routers)
+        follower = follower_with(dict.fromkeys(queues, []), stats)
+        follower.routers = routers  # as the hub counted its followers
+        scorer = KVScorer(follower, BLOCK, RouterOptions())
         return Counter(list(queues)[scorer.rank(list(queues), hashes, len(prompt))[0][0]] for _ in range(300))
 
     near = {"a": 0, "b": 4, "c": 8}  # 58, 62 and 66 ms predicted
@@ -489,7 +491,7 @@ def test_scorer_sends_a_follow_up_after_its_first_request_before_any_event():
     order, _ = scorer.rank(["a", "b", "c"], hashes, len(first))
     scorer.record(["a", "b", "c"][order[0]], hashes)
     # The first request is answered: a heartbeat comes, but none of its blocks' events yet.
-    follower.apply(HubNews(2, {name: news_of([], sent_at=1.0) for name in "abc"}))
+    follower.apply(HubNews(2, {name: news_of([], sent_at=1.0) for name in "abc"}, 1))
     follow_up = first + [99, 98, 97, 96]
     again, reason = scorer.rank(["a", "b", "c"], hash_block_chain(follow_up, BLOCK), len(follow_up))
     assert again[0] == order[0] and reason == "cached_prefix"

@@ -61,7 +61,7 @@ def messages() -> list:
         HubNews(3, {
             "r1": ReplicaNews(BLOCK, hash_check_value(BLOCK), HEARTBEAT, [BATCH], None),
             "r2": ReplicaNews(BLOCK, hash_check_value(BLOCK), HEARTBEAT, None, SNAPSHOT),
-        }),
+        }, 2),
         ReplicaRegistration("r1", BLOCK, hash_check_value(BLOCK), "actor-handle", SNAPSHOT, HEARTBEAT),
     ]
 

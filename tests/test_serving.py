@@ -27,7 +27,8 @@ ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 160, "max_model_
 def server(tiny_checkpoints, local_app):
     with local_app({
         "engine": {**ENGINE, "model": str(tiny_checkpoints["llama"])},
-        "serving": {"app_name": APP, "replicas": 2, "router": "kv", "replica_cpus": 1},
+        "serving": {"app_name": APP, "replicas": 2, "router": "kv", "replica_cpus": 1,
+                    "router_options": {"cost_unit": "tokens", "max_imbalance": 3}},
     }, num_cpus=6) as base:
         yield base
 
@@ -217,12 +218,10 @@ def test_a_hot_holder_sheds_load_to_the_other_replica(server, model_name):
     prefix = random_tokens(96, seed=10)
     holder, _ = completion_with_header(server, model_name, prefix + [1])
     time.sleep(0.6)
-    # Twelve prompts on the cached prefix, each with 40 tokens of its own, all sent at once:
-    # the holder's queue soon takes longer than the whole prompt on the other replica, which
-    # must then take some.
+    # Long generations, all sent at once: the holder is soon more than max_imbalance (3)
+    # requests busier than the other replica, which must then take some.
     with cf.ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda i: completion_with_header(
-            server, model_name, prefix + random_tokens(40, seed=100 + i), 100), range(12)))
+        results = list(pool.map(lambda i: completion_with_header(server, model_name, prefix + [i], 120), range(12)))
     replicas = [r for r, _ in results]
     assert holder in replicas and len(set(replicas)) == 2
 
@@ -276,7 +275,7 @@ def test_a_lost_hub_is_rebuilt_from_the_replicas(server, model_name):
         assert time.monotonic() < deadline, "no new hub with both replicas"
         time.sleep(0.5)
         try:
-            news = ray.get(ray.get_actor(hub_name(APP), namespace="kvserve").follow.remote({}, -1, 0))
+            news = ray.get(ray.get_actor(hub_name(APP), namespace="kvserve").follow.remote(None, {}, -1, 0))
         except (ValueError, ray.exceptions.RayActorError):  # not created yet, or the dead one
             continue
         if len(news.replicas) == 2 and news.replicas[holder].snapshot.blocks:

@@ -13,6 +13,7 @@ hub forget the replica until it registers again with a snapshot.
 """
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from kvserve.workers.engine.kv_events import apply_events
 HUB_NAME_PREFIX = "kvserve-kv-event-hub"
 LOG_BATCHES = 256
 LIVENESS_PERIOD_S = 1.0
+FOLLOWER_SILENCE_S = 10.0  # a follower polls at least every few seconds; one silent this long is gone
 
 
 def hub_name(app_name: str) -> str:
@@ -71,8 +73,10 @@ class _ReplicaState:
 class KVEventHub:
     """A Ray actor (the deployment builder wraps it with `ray.remote`), one per application."""
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self.replicas: dict[str, _ReplicaState] = {}
+        self.followers: dict[str, float] = {}  # when each follower last polled
+        self.clock = clock
         self.version = 0
         self.fenced_batches = 0  # batches of an epoch other than the registered one
         self._changed = asyncio.Event()
@@ -137,12 +141,23 @@ class KVEventHub:
         self.unregister(replica)
         return False
 
-    async def follow(self, cursors: dict[str, KVCursor], version: int, timeout_s: float) -> HubNews:
-        """Everything newer than the caller's cursors, waiting up to `timeout_s` for news."""
+    async def follow(self, follower: str | None, cursors: dict[str, KVCursor], version: int,
+                     timeout_s: float) -> HubNews:
+        """Everything newer than the cursors of `follower` (a router's id; None: a reader that
+        routes nothing), waiting up to `timeout_s` for news; and how many routers polled
+        within `FOLLOWER_SILENCE_S`."""
+        if follower is not None:
+            self.followers[follower] = self.clock()
         if version == self.version:
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
             except asyncio.TimeoutError:
                 pass
         news = {r: s.news_since(cursors.get(r)) for r, s in self.replicas.items()}
-        return HubNews(self.version, news)
+        return HubNews(self.version, news, self._count_followers())
+
+    def _count_followers(self) -> int:
+        since = self.clock() - FOLLOWER_SILENCE_S
+        for gone in [f for f, polled in self.followers.items() if polled < since]:
+            del self.followers[gone]
+        return len(self.followers)

@@ -162,7 +162,9 @@ class ReplicaNews:
 
 @dataclass(frozen=True)
 class HubNews:
-    """One answer of the hub to a follower; `version` goes up with every change."""
+    """One answer of the hub to a follower; `version` goes up with every change. `followers`:
+    how many followers (a router each, one per ingress replica) polled the hub lately."""
 
     version: int
     replicas: dict[str, ReplicaNews]
+    followers: int

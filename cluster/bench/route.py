@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
                             queued_tokens=rng.randrange(4096), step_cost=_step_cost(rng))
         heartbeat = Heartbeat(epoch=i, seq=1, sent_at=0.0, stats=stats)
         news[name] = ReplicaNews(size, hash_check_value(size), heartbeat, None, BlockSnapshot(i, 1, held))
-    follower.apply(HubNews(1, news))
+    follower.apply(HubNews(1, news, 1))
     scorer = KVScorer(follower, size, RouterOptions(cost_unit=args.cost_unit))
     queries = []
     for _ in range(64):

@@ -52,10 +52,12 @@ class EventStream:
 
 
 class DelayedFeed:
-    """Keeps one router's follower at what the hub knew `delay_s` before the router's clock."""
+    """Keeps one router's follower at what the hub knew `delay_s` before the router's clock;
+    the hub's followers are the simulated cluster's `routers`."""
 
-    def __init__(self, follower: KVIndexFollower, streams: list[EventStream], delay_s: float):
+    def __init__(self, follower: KVIndexFollower, streams: list[EventStream], delay_s: float, routers: int):
         self.follower = follower
+        self.routers = routers
         self.streams = streams
         self.delay_s = delay_s
         self.cursors: list[int | None] = [None] * len(streams)  # None: snapshot not yet delivered
@@ -115,7 +117,7 @@ class DelayedFeed:
 
     def _apply(self, news: dict[str, ReplicaNews]) -> None:
         self.version += 1
-        self.follower.apply(HubNews(self.version, news))
+        self.follower.apply(HubNews(self.version, news, self.routers))
 
 
 def drop_read_entries(streams: list[EventStream], feeds: list[DelayedFeed]) -> None:

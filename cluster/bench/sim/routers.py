@@ -28,7 +28,6 @@ class ClusterView:
     clock: Callable[[], float]
     ongoing: list[int]
     rng: random.Random
-    routers: int  # the ingress routers, each seeing its share of the traffic
 
 
 class RoutingPolicy:
@@ -56,7 +55,7 @@ class KVPolicy(RoutingPolicy):
 
     def __init__(self, view: ClusterView, follower: KVIndexFollower, options: RouterOptions):
         self.view = view
-        self.scorer = KVScorer(follower, view.block_size, options, view.routers)
+        self.scorer = KVScorer(follower, view.block_size, options)
         self.scorer.working_sets = WorkingSets(options.working_set_window_s, view.clock)
 
     def rank(self, job) -> list[int]:

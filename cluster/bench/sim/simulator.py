@@ -75,11 +75,12 @@ class Cluster:
                          for k in range(config.replicas)]
         self.ongoing = [0] * config.replicas
         view = ClusterView([r.name for r in self.replicas], config.block_size, self.clock, self.ongoing,
-                           random.Random(config.seed + 1), config.ingress)
+                           random.Random(config.seed + 1))
         self.routers, shared = [], {}
         for k in range(config.ingress):
             follower = KVIndexFollower(f"sim-{k}", config.block_size, clock=self.clock) if follows else None
-            feed = DelayedFeed(follower, [r.stream for r in self.replicas], config.event_delay_s) if follows else None
+            feed = (DelayedFeed(follower, [r.stream for r in self.replicas], config.event_delay_s, config.ingress)
+                    if follows else None)
             self.routers.append(_Router(make_policy(policy, view, follower, config.router_options, shared), feed))
         self.feeds = [r.feed for r in self.routers if r.feed is not None]
         self.steps: list[tuple[float, int]] = []  # (end, replica) of the steps in flight
