@@ -113,3 +113,31 @@ def test_a_heartbeat_counts_the_waiting_queue_in_a_few_priority_pairs():
     last = WAITING_PRIORITY_PAIRS - 1
     assert stats.waiting_ahead_of(last - 1) == last  # exact up to the last pair
     assert stats.waiting_ahead_of(last) == 2 * WAITING_PRIORITY_PAIRS  # those folded into it count from its priority
+
+
+def test_two_routers_following_one_hub_through_ray_each_learn_they_are_two(echoes):
+    """The routers of two ingress replicas poll the application's hub actor with their own ids;
+    each answer tells them how many do (what makes `cost_jitter` apply)."""
+    import asyncio
+
+    from kvserve.router.kv_follower import KVIndexFollower
+    from kvserve.workers.kv_event_hub import KVEventHub, hub_name
+
+    app = "follower-count"
+    hub = ray.remote(KVEventHub).options(name=hub_name(app), namespace="kvserve", num_cpus=0,
+                                         max_concurrency=100).remote()
+
+    async def follow_both() -> list[int]:
+        routers = [KVIndexFollower(app, BLOCK), KVIndexFollower(app, BLOCK)]
+        for router in routers:
+            router.ensure_running()
+        for _ in range(100):  # each long poll waits up to FOLLOW_TIMEOUT_S (2 s) for news
+            if all(r.routers == 2 for r in routers):
+                break
+            await asyncio.sleep(0.1)
+        return [r.routers for r in routers]  # asyncio.run cancels their polls on the way out
+
+    try:
+        assert asyncio.run(follow_both()) == [2, 2]
+    finally:
+        ray.kill(hub)
