@@ -176,11 +176,11 @@ class KVScorer:
         there beyond the requests it reported, whichever is more. The first count holds from
         the decision on; the second only once Serve counts the request in flight, which may be
         after it has decided a whole burst."""
-        unreported = in_flight_unreported.copy()
-        for replica, sent in self._sends_since_heartbeat().items():
-            if replica in replicas:
-                k = replicas.index(replica)
-                unreported[k] = max(unreported[k], sent)
+        unreported = in_flight_unreported
+        since = self._sends_since_heartbeat()
+        if since:
+            sent = np.fromiter(map(since.get, replicas, repeat(0)), np.int64, len(replicas))
+            unreported = np.maximum(unreported, sent)
         tokens = np.zeros(len(replicas))
         for k in np.flatnonzero(unreported):
             tokens[k] = sum(t for _, t in islice(reversed(self.sent_tokens[replicas[k]]), int(unreported[k])))
