@@ -60,6 +60,43 @@ def test_a_shared_block_keeps_the_highest_priority_asked():
     assert evicted_order(pool) == [1, 0]
 
 
+def test_a_long_mix_of_frees_hits_and_evictions_follows_priority_then_free_order():
+    """Against the rule itself: the free cached block to go next is the one of lowest priority
+    (its ask's, or the default once the ask expired), freed longest ago within a priority.
+    Enough hits at a high priority that the queue drops its stale entries along the way."""
+    rng, clock = random.Random(0), Clock()
+
+    def ask():
+        return rng.choice([None, None, RetentionAsk(10, None), RetentionAsk(90, None),
+                           RetentionAsk(60, clock.now + rng.uniform(0.5, 3))])
+    pool, blocks = cached_pool([ask() for _ in range(48)], clock)
+    freed_at = {b.block_id: k for k, b in enumerate(blocks)}
+    held = []
+    for tick in range(48, 3000):
+        clock.now = tick / 100
+        if held and rng.random() < 0.5:
+            block = held.pop(rng.randrange(len(held)))
+            pool.release([block])
+            freed_at[block.block_id] = tick
+        elif rng.random() < 0.7:
+            block = rng.choice(blocks)
+            if block.ref_count == 0:  # a prefix hit on a free block
+                pool.touch([block])
+                held.append(block)
+        elif pool.num_free:
+            free = [b for b in blocks if b.ref_count == 0]
+
+            def rank(b):
+                ask = b.retention
+                live = ask is not None and (ask.expires_at is None or ask.expires_at > clock.now)
+                return (ask.priority if live else 35, freed_at[b.block_id])
+            expected = min(free, key=rank)
+            taken = pool.take(1)[0]
+            assert taken is expected
+            pool.cache([taken], [tick.to_bytes(4, "big") * 8], None, [0] * 4, [ask()])
+            held.append(taken)
+
+
 def test_block_asks_take_the_highest_priority_of_their_tokens():
     retention = KVRetention((RetentionRange(0, 20, 100), RetentionRange(20, None, 0, 5.0)), decode_priority=60)
     asks = retention.block_asks(0, 4, BLOCK, num_prompt_tokens=48, now=0.0)

@@ -2,11 +2,13 @@
 
 Uncached blocks come first (nothing is lost). Cached ones follow by retention priority, the
 lowest first, least recently freed first within a priority. A priority asked for a while falls
-back to the default once that passes. Heaps with lazy deletion: O(log n) amortized per block
-freed, taken or evicted.
+back to the default once that passes. Most blocks are freed at the default priority: those
+wait in an ordered dict, O(1) per block freed, taken or evicted; the others in heaps with lazy
+deletion, O(log n) amortized.
 """
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Callable
 
 from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY, effective_priority
@@ -17,7 +19,8 @@ class FreeBlockQueue:
         self._blocks = blocks
         self._clock = clock
         self._uncached = list(reversed(blocks))  # handed out from the end
-        self._by_priority: list[tuple[int, int, int]] = []  # (priority, free tick, block id)
+        self._default: OrderedDict[int, int] = OrderedDict()  # block id -> free tick, at the default priority
+        self._by_priority: list[tuple[int, int, int]] = []  # (priority, free tick, block id), other priorities
         self._expiries: list[tuple[float, int, int]] = []  # (expires_at, free tick, block id)
         self._tick = 0
         self._size = len(blocks)
@@ -38,9 +41,13 @@ class FreeBlockQueue:
             self._uncached.append(block)
             return
         held = block.retention
-        block.queued_priority = effective_priority(held, self._clock())
+        block.queued_priority = priority = DEFAULT_RETENTION_PRIORITY if held is None else effective_priority(
+            held, self._clock())
+        if priority == DEFAULT_RETENTION_PRIORITY:
+            self._default[block.block_id] = tick
+            return
         heapq.heappush(self._by_priority, (block.queued_priority, tick, block.block_id))
-        if block.queued_priority != DEFAULT_RETENTION_PRIORITY and held.expires_at is not None:
+        if held.expires_at is not None:
             heapq.heappush(self._expiries, (held.expires_at, tick, block.block_id))
         self._compact_if_stale()
 
@@ -48,6 +55,7 @@ class FreeBlockQueue:
         """`block`, a cached block in the queue, is taken again (a prefix hit)."""
         block.free_tick = 0
         self._size -= 1
+        self._default.pop(block.block_id, None)
 
     def pop(self):
         """The next block to hand out: removed from the queue, still holding its hash."""
@@ -55,11 +63,7 @@ class FreeBlockQueue:
             block = self._uncached.pop()
         else:
             self._demote_expired()
-            while True:
-                priority, tick, block_id = heapq.heappop(self._by_priority)
-                block = self._blocks[block_id]
-                if block.free_tick == tick and block.queued_priority == priority:
-                    break
+            block = self._blocks[self._next_cached()]
         block.free_tick = 0
         self._size -= 1
         return block
@@ -67,6 +71,19 @@ class FreeBlockQueue:
     def reset(self) -> None:
         """Every block is free and uncached (the prefix cache was cleared)."""
         self.__init__(self._blocks, self._clock)
+
+    def _next_cached(self) -> int:
+        """Remove and return the id of the cached block to hand out next."""
+        heap, default = self._by_priority, self._default
+        while heap and not self._is_live(*heap[0]):
+            heapq.heappop(heap)
+        if default and (not heap or (DEFAULT_RETENTION_PRIORITY, next(iter(default.values()))) < heap[0][:2]):
+            return default.popitem(last=False)[0]
+        return heapq.heappop(heap)[2]
+
+    def _is_live(self, priority: int, tick: int, block_id: int) -> bool:
+        block = self._blocks[block_id]
+        return block.free_tick == tick and block.queued_priority == priority
 
     def _next_tick(self) -> int:
         self._tick += 1
@@ -86,7 +103,7 @@ class FreeBlockQueue:
         the blocks: a block kept at a high priority and hit over and over would pile them up."""
         if len(self._by_priority) + len(self._expiries) <= 2 * len(self._blocks) + 64:
             return
-        live = [b for b in self._blocks if b.free_tick and b.block_hash is not None]
+        live = [b for b in self._blocks if b.free_tick and b.block_hash is not None and b.block_id not in self._default]
         self._by_priority = [(b.queued_priority, b.free_tick, b.block_id) for b in live]
         self._expiries = [(b.retention.expires_at, b.free_tick, b.block_id) for b in live
                           if b.queued_priority != DEFAULT_RETENTION_PRIORITY and b.retention.expires_at is not None]
