@@ -11,6 +11,7 @@ another epoch than the index's are fenced, never applied.
 import asyncio
 import gc
 import logging
+import math
 import time
 import uuid
 
@@ -20,7 +21,7 @@ import ray
 from kvserve.router import routing_metrics as metrics
 from kvserve.router.kv_index import Fate, KVIndex
 from kvserve.workers.engine.block_hash import hash_check_value
-from kvserve.workers.protocol import EngineStats, HubNews, KVCursor, ReplicaNews
+from kvserve.workers.protocol import EngineStats, Heartbeat, HubNews, KVCursor, ReplicaNews
 from kvserve.workers.kv_event_hub import hub_name
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,9 @@ FOLLOW_TIMEOUT_S = 2.0
 # stalling every routing decision of the process. The sets stay mutable; a dropped replica's
 # set is freed by its reference count as before, and none of them can be in a cycle.
 FREEZE_AT_BLOCKS = 1 << 17
+# The replicas' running sequences are averaged over about this long: what a conversation
+# placed now will find there over its next turns, rather than the moment's count.
+DECODE_LOAD_WINDOW_S = 30.0
 _followers: dict[str, "KVIndexFollower"] = {}
 
 
@@ -51,6 +55,7 @@ class KVIndexFollower:
         # Per replica, the `sent_at` of its latest heartbeat and when that arrived here: the
         # scorer counts its own sends after that arrival as not yet in those figures.
         self.latest_heartbeat: dict[str, tuple[float, float]] = {}
+        self.decode_load: dict[str, float] = {}  # per replica, its running sequences averaged (see above)
         self.step_costs: dict[str, tuple[float, float, float, int]] = {}
         self._deployment_step_cost: tuple[float, float, float, float] | None = None
         self._step_costs_changed = False
@@ -108,7 +113,7 @@ class KVIndexFollower:
         for replica, replica_news in news.replicas.items():
             if replica in self.departed:
                 continue
-            self._note_heartbeat(replica, replica_news.heartbeat.sent_at, now)
+            self._note_heartbeat(replica, replica_news.heartbeat, now)
             self.stats[replica] = replica_news.heartbeat.stats
             if self._agrees(replica, replica_news):
                 self._apply_replica(replica, replica_news, now)
@@ -117,10 +122,25 @@ class KVIndexFollower:
         if loaded and len(self.index.holders) >= FREEZE_AT_BLOCKS:
             gc.freeze()
 
-    def _note_heartbeat(self, replica: str, sent_at: float, now: float) -> None:
+    def _note_heartbeat(self, replica: str, heartbeat: Heartbeat, now: float) -> None:
         latest = self.latest_heartbeat.get(replica)
-        if latest is None or latest[0] != sent_at:  # the hub passes the latest one on with every answer
-            self.latest_heartbeat[replica] = (sent_at, now)
+        if latest is None or latest[0] != heartbeat.sent_at:  # the hub passes the latest one on with every answer
+            self.latest_heartbeat[replica] = (heartbeat.sent_at, now)
+            running = heartbeat.stats.running
+            average = self.decode_load.get(replica)
+            if average is None or latest is None:
+                self.decode_load[replica] = float(running)
+            else:
+                weight = 1 - math.exp(-max(heartbeat.sent_at - latest[0], 0.0) / DECODE_LOAD_WINDOW_S)
+                self.decode_load[replica] = average + weight * (running - average)
+
+    def decode_dispersion(self) -> float:
+        """How unevenly the replicas' averaged running sequences spread: their variance over
+        their mean, about 1 or less where conversations fall on replicas at random, more
+        where some replicas keep many more than others."""
+        loads = np.fromiter(self.decode_load.values(), float, len(self.decode_load))
+        mean = loads.mean() if len(loads) else 0.0
+        return float(loads.var() / mean) if mean > 0 else 0.0
 
     def reported_at(self, replica: str) -> float:
         """When the latest heartbeat of `replica` arrived here (-inf: none has)."""
@@ -204,6 +224,7 @@ class KVIndexFollower:
         self.pool_figures.pop(replica, None)
         self.queue_figures.pop(replica, None)
         self.latest_heartbeat.pop(replica, None)
+        self.decode_load.pop(replica, None)
         if self.step_costs.pop(replica, None) is not None:
             self._step_costs_changed = True
         self.queued.pop(replica, None)

@@ -8,6 +8,7 @@ from itertools import chain, islice, repeat, takewhile
 import numpy as np
 
 from kvserve.router import routing_metrics
+from kvserve.router.conversations import ConversationLog
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.options import RouterOptions
 from kvserve.router.working_sets import WorkingSets
@@ -49,6 +50,7 @@ class KVScorer:
     def __post_init__(self):
         self.in_flight: Counter[str] = Counter()
         self.working_sets = WorkingSets(self.options.working_set_window_s)
+        self.conversations = ConversationLog(self.options.working_set_window_s)
         # Per replica, the LoRA adapters this router sent it and when: resident there for
         # `recent_s`, until the replica's heartbeat names it.
         self.sent_adapters: dict[str, dict[str, float]] = defaultdict(dict)
@@ -66,6 +68,8 @@ class KVScorer:
             if replica in ranked:
                 self.sent_tokens[replica].append((self.follower.clock(), float(uncached[ranked.index(replica)])))
                 self._unheard[replica] = None
+        if self.options.decode_steps_ahead:
+            self.conversations.sent(self.follower.clock(), block_hashes)
         stats = self.follower.stats.get(replica)
         self.working_sets.add(replica, block_hashes, limit=2 * stats.kv_blocks_total if stats else None)
         if lora_name is not None:
@@ -139,7 +143,8 @@ class KVScorer:
         if guarded:
             costs = uncached + self.options.load_cost_tokens * loads + side_tokens
         else:
-            costs = self._seconds(replicas, uncached, side_tokens, np.maximum(ours - reported, 0))
+            decode_steps = self._decode_steps_ahead(block_hashes, depths)
+            costs = self._seconds(replicas, uncached, side_tokens, np.maximum(ours - reported, 0), decode_steps)
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
         order = np.lexsort((self._ties.random(len(replicas)), fills, loads, ahead, costs))
@@ -148,15 +153,40 @@ class KVScorer:
         reason = self._reason(int(depths[allowed[0]]), max(matched.values(), default=0), held.any())
         return np.concatenate((allowed, order[held])).tolist(), reason
 
+    def _decode_steps_ahead(self, block_hashes: list[BlockHash], depths: np.ndarray) -> float:
+        """The decode steps of the request to charge against each replica's running sequences:
+        `decode_steps_ahead` for a request that starts a conversation, where conversations have
+        later turns and the replicas' decoding load has grown uneven; fewer as either fades.
+        A conversation stays where it starts, so it is placed for its decoding there as well as
+        for its first token; and this spreads the conversations that share a prefix (a tool
+        context) beyond the replicas that happen to hold it. Where the load is even already
+        (conversations placed by their first token land about at random), the first token alone
+        decides: a start sent away from its cached prefix would only be slower."""
+        if (not self.options.decode_steps_ahead or not self._starts_conversation(depths)
+                or self.conversations.continues(block_hashes)):
+            return 0.0
+        later_turns = self.conversations.later_turns(self.follower.routers)
+        uneven = self.follower.decode_dispersion() - 1
+        return self.options.decode_steps_ahead * min(max(uneven, 0.0), 1.0) * min(later_turns, 1.0)
+
+    @staticmethod
+    def _starts_conversation(depths: np.ndarray) -> bool:
+        """Whether no replica holds more of the prompt (`depths`: its cached blocks on each)
+        than every other holder does (a continued conversation's history is on the replica
+        that served it)."""
+        deepest = depths.max(initial=0)
+        return deepest == 0 or np.count_nonzero(depths == deepest) > 1
+
     def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray,
-                 in_flight_unreported: np.ndarray) -> np.ndarray:
+                 in_flight_unreported: np.ndarray, decode_steps: float) -> np.ndarray:
         """Per replica, the predicted seconds to the request's first token there: the tokens
         queued there (its heartbeat's, plus the uncached tokens of our sends it had not counted
         yet, `_unreported_tokens`) and the request's uncached ones, computed in steps beside
         its running sequences; plus `side_tokens` (the blocks it would push out, loading the
-        adapter) at the cost per token. The step cost is the deployment's
-        (`KVIndexFollower.deployment_step_cost`); before any replica has measured, a token
-        counts a second. Where several routers read the same reports, each time is then
+        adapter) at the cost per token; plus what its running sequences add to `decode_steps`
+        more steps (the request's own decoding there, where it will stay). The step cost is
+        the deployment's (`KVIndexFollower.deployment_step_cost`); before any replica has
+        measured, a token counts a second. Where several routers read the same reports, each time is then
         raised by up to `options.cost_jitter` of itself, at random: otherwise they would all
         send the same moment's requests to the same replica, each unaware of the others'."""
         n = len(replicas)
@@ -165,7 +195,7 @@ class KVScorer:
         base, per_token, per_decode, tokens_per_step = self.follower.deployment_step_cost() or _NOMINAL_STEP
         prefill = queued + self._unreported_tokens(replicas, in_flight_unreported) + uncached
         steps = np.maximum(np.ceil(prefill / tokens_per_step), 1)
-        seconds = steps * (base + per_decode * running) + per_token * (prefill + side_tokens)
+        seconds = steps * base + (steps + decode_steps) * per_decode * running + per_token * (prefill + side_tokens)
         if self.follower.routers > 1 and self.options.cost_jitter:
             seconds *= 1 + self.options.cost_jitter * self._ties.random(n)
         return seconds

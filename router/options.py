@@ -25,6 +25,13 @@ class RouterOptions(BaseModel):
         "x a uniform draw from [0, 1), so that the routers of several ingress replicas, which read the same "
         "reports, spread the same moment's requests over the replicas within that factor of the best instead "
         "of all choosing the same one (0: always the lowest)")
+    decode_steps_ahead: int = Field(
+        512, ge=0, description="kv, `cost_unit: seconds`: a request that starts a conversation (its prompt holds no "
+        "earlier prompt this router sent, and no replica holds more of it than every other holder does) is also "
+        "charged, on each replica, the time that replica's running sequences add to this many decode steps: its "
+        "later turns will follow it there. Scaled down to nothing where conversations have no later turns (one "
+        "request each) or where the replicas' decoding load, averaged over 30 s, is no more uneven than random "
+        "placement leaves it (variance at most the mean); 0: place every request for its first token only")
     load_cost_tokens: int = Field(64, ge=0, description="kv, `cost_unit: tokens`: prompt tokens one in-flight request is worth")
     host_block_credit: float = Field(
         0.8, ge=0, le=1, description="kv: what a block in a replica's host-memory tier saves, against one on its device "

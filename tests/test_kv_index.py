@@ -2,6 +2,7 @@
 
 import dataclasses
 import gc
+import math
 import random
 from collections import Counter
 
@@ -169,6 +170,77 @@ def test_in_seconds_a_cache_hit_is_worth_its_prefill_time_against_a_queue():
     assert first_choice(30, 0) == "holder"  # 30 + 8 tokens to compute there, 48 on the other
     assert first_choice(60, 0) == "other"  # 68 there: two steps' base as well
     assert first_choice(60, 40) == "holder"  # 68 against 88
+
+
+def test_in_seconds_a_new_conversation_goes_where_it_will_decode_and_a_continued_one_stays():
+    """A conversation stays where it starts, so where the replicas' decoding load has grown
+    uneven and conversations have later turns, its first request is placed for its decoding
+    too: charged what each replica's running sequences add to `decode_steps_ahead` steps. A
+    later turn, whose history only its own replica holds, is placed for its first token; and
+    so is every request where the load is even or requests come one per conversation."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    system, history = list(range(32)), list(range(32)) + list(range(100, 108))
+    start = system + list(range(200, 216))  # 16 tokens to compute on either: about 30 ms on busy, 36 on quiet
+
+    def first_choice(running: dict[str, int], prompt: list[int], later_turns: bool = True,
+                     holdings: dict[str, list[int]] | None = None) -> str:
+        stats = {"busy": timed(pool_stats(100), 0, running=running["busy"]),
+                 "quiet": timed(pool_stats(100), 10, running=running["quiet"])}
+        scorer = KVScorer(follower_with(holdings or {"busy": system, "quiet": system}, stats), BLOCK, EXACT_SECONDS)
+        earlier = list(range(500, 540))  # another conversation, with or without a second turn
+        scorer.record("busy", hash_block_chain(earlier, BLOCK))
+        if later_turns:
+            scorer.record("busy", hash_block_chain(earlier + list(range(600, 620)), BLOCK))
+        return ["busy", "quiet"][scorer.rank(["busy", "quiet"], hash_block_chain(prompt, BLOCK), len(prompt))[0][0]]
+
+    uneven = {"busy": 20, "quiet": 2}  # variance 81 over a mean of 11
+    assert first_choice(uneven, start) == "quiet"  # 512 steps x 0.1 ms x 18 more sequences on busy
+    assert first_choice(uneven, start, later_turns=False) == "busy"  # one request per conversation
+    assert first_choice({"busy": 3, "quiet": 1}, start) == "busy"  # variance 1 over a mean of 2: even enough
+    assert first_choice(uneven, [7] * 48, holdings={"busy": [], "quiet": []}) == "quiet"  # nothing cached anywhere
+    turn = history + list(range(300, 308))  # 8 tokens to compute on busy, 24 on quiet
+    assert first_choice(uneven, turn, holdings={"busy": history, "quiet": system}) == "busy"
+
+
+def test_the_decode_load_is_averaged_over_heartbeats_and_its_spread_measured():
+    from kvserve.router.kv_follower import DECODE_LOAD_WINDOW_S
+
+    follower = KVIndexFollower("scoring-test", BLOCK)
+
+    def heartbeat(version: int, sent_at: float, running: dict[str, int]) -> None:
+        follower.apply(HubNews(version, {name: news_of([], stats=timed(pool_stats(), 0, running=count),
+                                                       sent_at=sent_at) for name, count in running.items()}, 1))
+
+    heartbeat(1, 0.0, {"a": 20, "b": 2})
+    assert follower.decode_load == {"a": 20.0, "b": 2.0}
+    assert follower.decode_dispersion() == pytest.approx(81 / 11)
+    heartbeat(2, DECODE_LOAD_WINDOW_S, {"a": 0, "b": 2})
+    assert follower.decode_load["a"] == pytest.approx(20 * math.exp(-1))
+    heartbeat(3, DECODE_LOAD_WINDOW_S, {"a": 5, "b": 2})  # the same heartbeat again: no new sample
+    assert follower.decode_load["a"] == pytest.approx(20 * math.exp(-1))
+    follower.forget("a")
+    assert follower.decode_dispersion() == 0.0
+
+
+def test_a_prompt_holding_an_earlier_prompt_continues_a_conversation():
+    from kvserve.router.conversations import ConversationLog
+
+    log = ConversationLog(window_s=60.0)
+    first = hash_block_chain(list(range(40)), BLOCK)
+    second = hash_block_chain(list(range(40)) + list(range(100, 120)), BLOCK)
+    assert not log.continues(first)
+    log.sent(0.0, first)
+    assert log.continues(second)
+    assert not log.continues(hash_block_chain(list(range(36)) + [7] * 24, BLOCK))  # only part of it
+    log.sent(1.0, second)
+    assert log.later_turns(routers=1) == 1.0  # two requests, one conversation
+    for k in range(8):
+        log.sent(2.0, hash_block_chain([1000 + k] * 8, BLOCK))
+    assert log.later_turns(routers=1) == pytest.approx(1 / 9)
+    assert log.later_turns(routers=4) == pytest.approx(4 / 6)  # it saw one continuation in four
+    log.sent(61.5, hash_block_chain([2000] * 8, BLOCK))  # the first two sends are past the window
+    assert not log.continues(second) and log.later_turns(routers=1) == 0.0
 
 
 def test_in_seconds_every_replica_counts_the_median_step_cost():
