@@ -10,10 +10,12 @@ the model's vocabulary.
 import hashlib
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import xgrammar
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import xgrammar
 
 # xgrammar's errors start with "[12:00:00] /path/file.cc:123: " and may hold its check.
 _NATIVE_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
@@ -82,14 +84,16 @@ class StructuredOutputSpec(BaseModel):
         canonical = json.dumps(self.model_dump(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def to_grammar(self) -> xgrammar.Grammar:
+    def to_grammar(self) -> "xgrammar.Grammar":
         """The tokenizer-independent grammar; StructuredOutputError if it cannot be built."""
         try:
             return self._build_grammar()
         except (RuntimeError, ValueError) as error:
             raise StructuredOutputError.from_native(self.description, error) from None
 
-    def _build_grammar(self) -> xgrammar.Grammar:
+    def _build_grammar(self) -> "xgrammar.Grammar":
+        import xgrammar  # here, not at the top: it loads torch, and most importers build no grammar
+
         # Compact JSON: free whitespace lets a model pad forever instead of finishing.
         if self.json_schema is not None:
             return xgrammar.Grammar.from_json_schema(json.dumps(self.json_schema), any_whitespace=False)
