@@ -186,9 +186,10 @@ class KVScorer:
         adapter) at the cost per token; plus what its running sequences add to `decode_steps`
         more steps (the request's own decoding there, where it will stay). The step cost is
         the deployment's (`KVIndexFollower.deployment_step_cost`); before any replica has
-        measured, a token counts a second. Where several routers read the same reports, each time is then
-        raised by up to `options.cost_jitter` of itself, at random: otherwise they would all
-        send the same moment's requests to the same replica, each unaware of the others'."""
+        measured, a token counts a second. Where several routers read the same reports, each
+        time is then raised by up to `options.cost_jitter` of itself, at random: otherwise
+        they would all send the same moment's requests to the same replica, each unaware of
+        the others'."""
         n = len(replicas)
         figures = chain.from_iterable(map(self.follower.queue_figures.get, replicas, repeat(_UNQUEUED)))
         queued, running = np.fromiter(figures, float, 2 * n).reshape(n, 2).T
