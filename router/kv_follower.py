@@ -127,12 +127,11 @@ class KVIndexFollower:
         if latest is None or latest[0] != heartbeat.sent_at:  # the hub passes the latest one on with every answer
             self.latest_heartbeat[replica] = (heartbeat.sent_at, now)
             running = heartbeat.stats.running
-            average = self.decode_load.get(replica)
-            if average is None or latest is None:
+            if latest is None:  # `decode_load` is set and dropped with `latest_heartbeat`
                 self.decode_load[replica] = float(running)
             else:
                 weight = 1 - math.exp(-max(heartbeat.sent_at - latest[0], 0.0) / DECODE_LOAD_WINDOW_S)
-                self.decode_load[replica] = average + weight * (running - average)
+                self.decode_load[replica] += weight * (running - self.decode_load[replica])
 
     def decode_dispersion(self) -> float:
         """How unevenly the replicas' averaged running sequences spread: their variance over
