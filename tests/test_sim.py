@@ -174,6 +174,22 @@ def test_with_one_replica_and_no_reuse_every_policy_gives_the_same_result():
         assert result == first, policy
 
 
+def test_goodput_counts_the_requests_within_the_slo_per_second_of_offered_load():
+    items = no_reuse(40, 4.0, 0, input_tokens=400, output_tokens=12)
+    jobs = _run("kv", items)
+    summary = summarize(jobs, 2.0, None)
+    window = items[-1].arrival_s - items[0].arrival_s
+    assert summary["slo_attainment"] == 1.0 and summary["goodput_req_s"] == pytest.approx(40 / window)
+    jobs[-1].finish_s += 60.0  # a slower drain of the last answer: less throughput, the same goodput
+    drained = summarize(jobs, 2.0, None)
+    assert drained["goodput_req_s"] == summary["goodput_req_s"]
+    assert drained["throughput_tok_s"] < summary["throughput_tok_s"]
+    median_ttft = summary["ttft_p50_s"]
+    half = summarize(jobs, median_ttft, None)
+    assert half["slo_attainment"] == pytest.approx(0.5, abs=0.05)
+    assert half["goodput_req_s"] == pytest.approx(half["slo_attainment"] * 40 / window)
+
+
 def test_kv_finds_at_least_round_robins_hits_and_at_most_the_oracles():
     items = _shared_context()
     kv, round_robin = _hit_rate("kv", items), _hit_rate("round_robin", items)
