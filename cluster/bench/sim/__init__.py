@@ -133,6 +133,7 @@ def _config(args: argparse.Namespace, replicas: int, ingress: int) -> SimConfig:
 def _settings(args: argparse.Namespace, config: SimConfig, step_time) -> dict:
     return {"step_time": args.step_fit or args.preset, "kv_blocks": config.kv_blocks or step_time.kv_blocks(config.block_size),
             "block_size": config.block_size, "event_delay_s": config.event_delay_s, "seed": config.seed,
+            "max_ongoing_requests": config.max_ongoing_requests,
             "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s,
             "kv_options": config.router_options.model_dump()}
 
