@@ -139,8 +139,7 @@ class KVScorer:
         saved = (depths + self.options.host_block_credit * host_blocks) * size
         side_tokens = size * new_blocks * pressures + self._lora_load_costs(replicas, lora_name)
         uncached = num_tokens - saved
-        guarded = self.options.cost_unit == "tokens"  # a cost in seconds counts each replica's queue already
-        if guarded:
+        if self.options.cost_unit == "tokens":
             costs = uncached + self.options.load_cost_tokens * loads + side_tokens
         else:
             decode_steps = self._decode_steps_ahead(block_hashes, depths)
@@ -148,7 +147,7 @@ class KVScorer:
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
         order = np.lexsort((self._ties.random(len(replicas)), fills, loads, ahead, costs))
-        held = (loads[order] > self.imbalance_slack(int(loads.min()))) if guarded else np.zeros(len(order), bool)
+        held = loads[order] > self.imbalance_slack(int(loads.min()))
         allowed = order[~held]
         reason = self._reason(int(depths[allowed[0]]), max(matched.values(), default=0), held.any())
         return np.concatenate((allowed, order[held])).tolist(), reason
@@ -261,10 +260,14 @@ class KVScorer:
 
     def imbalance_slack(self, least: int) -> float:
         """The most requests a replica may have in flight and still rank by its cost: the
-        least busy one's plus `max_imbalance`, or plus `imbalance_share` of the least busy
-        one's if more. With long requests every replica carries many, and Poisson swings of
-        a few requests would otherwise send a prefix away from the replica that holds it."""
-        return least + max(self.options.max_imbalance, self.options.imbalance_share * least)
+        least busy one's plus `max_imbalance` (`seconds_max_imbalance` for a cost in
+        seconds, which counts the queue itself and needs only a far looser bound), or plus
+        `imbalance_share` of the least busy one's if more. With long requests every replica
+        carries many, and Poisson swings of a few requests would otherwise send a prefix away
+        from the replica that holds it."""
+        options = self.options
+        extra = options.max_imbalance if options.cost_unit == "tokens" else options.seconds_max_imbalance
+        return least + max(extra, options.imbalance_share * least)
 
     def _known(self, replicas: list[str]) -> list[str]:
         """The replicas whose caches we may count on. An unknown one (restarted, lost events,

@@ -17,8 +17,8 @@ class RouterOptions(BaseModel):
         "there (its heartbeat's, and the uncached tokens of this router's sends it has not counted yet) and the "
         "request's uncached ones, at the speed the replicas measured for their steps (the median of their "
         "reports; a token a second before any has measured), the cost of the blocks it would push out and of "
-        "loading its LoRA adapter converted at that speed; the queue being in the cost, no load guard holds a "
-        "replica back. `tokens` (the rule before `seconds`): tokens to compute + `load_cost_tokens` per request "
+        "loading its LoRA adapter converted at that speed; the queue being in the cost, only a replica "
+        "`seconds_max_imbalance` requests busier than the least busy one is held back. `tokens` (the rule before `seconds`): tokens to compute + `load_cost_tokens` per request "
         "in flight, with the `max_imbalance` / `imbalance_share` guard")
     cost_jitter: float = Field(
         0.2, ge=0, description="kv, `cost_unit: seconds`: each replica's predicted time is multiplied by 1 + this "
@@ -40,8 +40,13 @@ class RouterOptions(BaseModel):
         64, ge=0, description="kv: prompt tokens that loading a request's LoRA adapter is worth, on a replica "
         "without it in a device slot (0: ignore where adapters are loaded)")
     max_imbalance: int = Field(16, ge=0, description="kv, `cost_unit: tokens`: most extra in-flight requests over the least busy replica")
+    seconds_max_imbalance: int = Field(
+        64, ge=0, description="kv, `cost_unit: seconds`: most extra in-flight requests over the least busy replica. "
+        "The predicted time is the request's own; it does not count what its decoding adds to every step of the "
+        "requests on that replica and of those sent after it, so without a bound a prefix wanted faster than one "
+        "replica serves piles onto its holder while others idle, unless Serve's `max_ongoing_requests` stops it")
     imbalance_share: float = Field(
-        2.0, ge=0, description="kv, `cost_unit: tokens`: or this share of the least busy replica's in-flight requests, if more")
+        2.0, ge=0, description="kv: or this share of the least busy replica's in-flight requests, if more")
     working_set_window_s: float = Field(
         60.0, gt=0, description="kv: how long a prompt sent to a replica counts as wanted in its cache")
     recent_s: float = Field(

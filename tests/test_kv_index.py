@@ -355,6 +355,21 @@ def test_the_load_guard_grows_with_the_load():
     assert scorer.rank(["a", "b"], hashes, len(prompt)) == ([0, 1], "load_guard")
 
 
+def test_a_cost_in_seconds_holds_back_only_a_far_busier_holder():
+    """The predicted time keeps a prefix on its holder whatever that holder decodes; the loose
+    bound of `seconds_max_imbalance` stops it from taking a hot prefix's every request."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(40))
+    follower = follower_with({"a": [], "b": prompt[:32]})
+    scorer = KVScorer(follower, BLOCK, RouterOptions())
+    hashes = hash_block_chain(prompt, BLOCK)
+    scorer.in_flight.update({"a": 10, "b": 10 + RouterOptions().seconds_max_imbalance})
+    assert scorer.rank(["a", "b"], hashes, len(prompt)) == ([1, 0], "cached_prefix")
+    scorer.in_flight["b"] += 1
+    assert scorer.rank(["a", "b"], hashes, len(prompt)) == ([0, 1], "load_guard")
+
+
 def test_scorer_places_a_new_prefix_where_fewer_blocks_are_in_use():
     from kvserve.router.kv_scoring import KVScorer
 

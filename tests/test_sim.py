@@ -206,13 +206,15 @@ def test_events_later_than_the_run_leave_kv_no_better_than_random():
     assert _hit_rate("kv", items) > random_hits + 0.1
 
 
-def test_a_prefix_hotter_than_its_holder_can_serve_is_replicated_by_plan():
+@pytest.mark.parametrize("max_ongoing_requests", [64, 256])  # Serve's cap stops a pile-up at 64, not at 256
+def test_a_prefix_hotter_than_its_holder_can_serve_is_replicated_by_plan(max_ongoing_requests):
     """Two shared contexts, each wanted faster than one replica serves it: `kv` puts each on as
     many replicas as its demand needs (a second holder once the first one's queue costs more
-    time than computing the context elsewhere), keeping the time to first token down, where
+    time than computing the context elsewhere, or once it carries `seconds_max_imbalance`
+    more requests than the least busy replica), keeping the time to first token down, where
     the prefix-tree routers pile each on its first holders."""
     items = llmd_shared_context(400, 6.0, 0, customers=2)
-    config = SimConfig(replicas=8, seed=0)
+    config = SimConfig(replicas=8, seed=0, max_ongoing_requests=max_ongoing_requests)
     step_time = PRESETS["h100-qwen3-32b-tp2"]
     runs = {policy: simulate(policy, items, step_time, config) for policy in ("kv", "prefix_approx", "sglang")}
     holders = defaultdict(Counter)
