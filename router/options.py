@@ -18,8 +18,9 @@ class RouterOptions(BaseModel):
         "request's uncached ones, at the speed the replicas measured for their steps (the median of their "
         "reports; a token a second before any has measured), the cost of the blocks it would push out and of "
         "loading its LoRA adapter converted at that speed; the queue being in the cost, only a replica "
-        "`seconds_max_imbalance` requests busier than the least busy one is held back. `tokens` (the rule before `seconds`): tokens to compute + `load_cost_tokens` per request "
-        "in flight, with the `max_imbalance` / `imbalance_share` guard")
+        "`seconds_max_imbalance` requests busier than the least busy one is held back. `tokens` (the rule before "
+        "`seconds`): tokens to compute + `load_cost_tokens` per request in flight, with the `max_imbalance` / "
+        "`imbalance_share` guard")
     cost_jitter: float = Field(
         0.2, ge=0, description="kv, `cost_unit: seconds`: each replica's predicted time is multiplied by 1 + this "
         "x a uniform draw from [0, 1), so that the routers of several ingress replicas, which read the same "
