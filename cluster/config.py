@@ -28,7 +28,10 @@ class ServingConfig(BaseModel):
         0.0, ge=0, description="GPUs Ray reserves for each engine replica that runs its model in process; "
         "worker actors reserve their own"
     )
-    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica takes at once")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="requests one replica takes at once; default: `engine.max_num_seqs`, a full batch "
+        "(the rest wait in Serve's queue, where the router still chooses their replica)"
+    )
     max_queued_requests: int = Field(512, ge=-1, description="requests waiting for a replica before 429s; -1: no limit")
     step_timeout_s: float = Field(
         60.0, gt=0, description="longest an engine may go without finishing a step while it has work before "
@@ -72,6 +75,13 @@ class AppConfig(BaseModel):
 
     engine: EngineConfig
     serving: ServingConfig = Field(default_factory=ServingConfig)  # reads $KVSERVE_API_KEY when built
+
+    @model_validator(mode="after")
+    def _a_replica_takes_a_full_batch(self):
+        if self.serving.max_ongoing_requests is None:
+            update = {"max_ongoing_requests": self.engine.max_num_seqs}
+            self.serving = self.serving.model_copy(update=update)
+        return self
 
     def served_model_name(self) -> str:
         return self.serving.served_model_name or Path(self.engine.model).name

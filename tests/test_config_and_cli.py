@@ -12,7 +12,7 @@ from typing import Literal, get_args, get_origin
 import pytest
 
 from kvserve.cluster.cli import CONFIG_FLAGS, build_parser, config_overrides
-from kvserve.cluster.config import ConfigError, ServingConfig, load_config
+from kvserve.cluster.config import ConfigError, ServingConfig, load_config, parse_config
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.models.config import DTYPES
 
@@ -55,6 +55,15 @@ def test_flags_override_the_file(tmp_path, tiny_checkpoints):
                          {"engine": {"model": str(tiny_checkpoints["qwen2"])}, "serving": {"replicas": 3, "router": None}})
     assert config.serving.replicas == 3 and config.serving.router == "kv"
     assert config.served_model_name() == "qwen2"
+
+
+def test_a_replica_takes_a_full_batch_unless_the_config_caps_it(tiny_checkpoints):
+    engine = {"model": str(tiny_checkpoints["llama"]), "max_num_seqs": 24}
+    assert parse_config({"engine": engine}).serving.max_ongoing_requests == 24
+    capped = parse_config({"engine": engine, "serving": {"max_ongoing_requests": 8}})
+    assert capped.serving.max_ongoing_requests == 8
+    with pytest.raises(ConfigError, match="serving.max_ongoing_requests"):
+        parse_config({"engine": engine, "serving": {"max_ongoing_requests": 0}})
 
 
 def test_generate_json_on_the_built_in_model(tmp_path):

@@ -40,6 +40,15 @@ def test_models_inherit_the_top_level_serving():
     assert llama.serving.replica_cpus == qwen.serving.replica_cpus == 0.5
 
 
+def test_each_model_takes_its_own_engine_s_batch_by_default():
+    config = example()
+    config["serving"].pop("max_ongoing_requests", None)
+    config["models"][0]["engine"]["max_num_seqs"] = 12
+    config["models"][1]["serving"]["max_ongoing_requests"] = 5
+    llama, qwen = parse_cluster_config(config).models
+    assert (llama.serving.max_ongoing_requests, qwen.serving.max_ongoing_requests) == (12, 5)
+
+
 @pytest.mark.parametrize(("edit", "message"), [
     (lambda c: c["models"][1]["serving"].update(port=9000), r"models\[1\]\.serving: \['port'\] apply to the whole"),
     (lambda c: c["models"][1]["serving"].update(served_model_name="tiny-llama"), "served twice"),

@@ -20,7 +20,7 @@ from kvserve.cluster.bench.sim.workloads import GENERATORS, generated_workload, 
 from kvserve.router.options import RouterOptions
 
 _ENGINE_DEFAULTS = {"max_num_seqs": 256, "max_num_batched_tokens": 2048}  # EngineConfig's
-_SERVE_DEFAULTS = {"max_ongoing_requests": 64, "max_queued_requests": 512}  # ServingConfig's
+_SERVE_DEFAULTS = {"max_queued_requests": 512}  # ServingConfig's
 
 
 def _ints(text: str) -> list[int]:
@@ -68,6 +68,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=32768, help="(default: %(default)s)")
     for name, default in {**_ENGINE_DEFAULTS, **_SERVE_DEFAULTS}.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help="(default: %(default)s)")
+    parser.add_argument("--max-ongoing-requests", type=int, help="(default: --max-num-seqs, as ServingConfig's)")
     parser.add_argument("--kv-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
                         help="a RouterOptions field of the kv policy, e.g. max_imbalance=16 (repeatable)")
     parser.add_argument("--slo-ttft-s", type=float, default=2.0, help="goodput's TTFT bound (default: %(default)s)")

@@ -32,11 +32,15 @@ class SimConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 32768
-    max_ongoing_requests: int = 64
+    max_ongoing_requests: int | None = None  # default: max_num_seqs, as ServingConfig's
     max_queued_requests: int = 512  # per ingress router; -1: no limit
     event_delay_s: float = 0.05
     seed: int = 0
     router_options: RouterOptions = RouterOptions()
+
+    def __post_init__(self):
+        if self.max_ongoing_requests is None:
+            object.__setattr__(self, "max_ongoing_requests", self.max_num_seqs)
 
 
 class SimClock:
