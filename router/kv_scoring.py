@@ -143,7 +143,7 @@ class KVScorer:
             costs = uncached + self.options.load_cost_tokens * loads + side_tokens
         else:
             decode_steps = self._decode_steps_ahead(block_hashes, depths)
-            costs = self._seconds(replicas, uncached, side_tokens, np.maximum(ours - reported, 0), decode_steps)
+            costs = self._seconds(replicas, uncached, side_tokens, ours, reported, decode_steps)
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
         order = np.lexsort((self._ties.random(len(replicas)), fills, loads, ahead, costs))
@@ -176,8 +176,8 @@ class KVScorer:
         deepest = depths.max(initial=0)
         return deepest == 0 or np.count_nonzero(depths == deepest) > 1
 
-    def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray,
-                 in_flight_unreported: np.ndarray, decode_steps: float) -> np.ndarray:
+    def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray, ours: np.ndarray,
+                 reported: np.ndarray, decode_steps: float) -> np.ndarray:
         """Per replica, the predicted seconds to the request's first token there: the tokens
         queued there (its heartbeat's, plus the uncached tokens of our sends it had not counted
         yet, `_unreported_tokens`) and the request's uncached ones, computed in steps beside
@@ -185,20 +185,33 @@ class KVScorer:
         adapter) at the cost per token; plus what its running sequences add to `decode_steps`
         more steps (the request's own decoding there, where it will stay). The step cost is
         the deployment's (`KVIndexFollower.deployment_step_cost`); before any replica has
-        measured, a token counts a second. Where several routers read the same reports, each
-        time is then raised by up to `options.cost_jitter` of itself, at random: otherwise
-        they would all send the same moment's requests to the same replica, each unaware of
-        the others'."""
+        measured, a token counts a second. While requests wait on the replicas, the request's
+        own work (`uncached` + `side_tokens`) is charged again `options.waiting_work_charge`
+        times their median count of waiting requests. Where several routers read the same
+        reports, each time is then raised by up to `options.cost_jitter` of itself, at random:
+        otherwise they would all send the same moment's requests to the same replica, each
+        unaware of the others'."""
         n = len(replicas)
         figures = chain.from_iterable(map(self.follower.queue_figures.get, replicas, repeat(_UNQUEUED)))
         queued, running = np.fromiter(figures, float, 2 * n).reshape(n, 2).T
         base, per_token, per_decode, tokens_per_step = self.follower.deployment_step_cost() or _NOMINAL_STEP
-        prefill = queued + self._unreported_tokens(replicas, in_flight_unreported) + uncached
+        prefill = queued + self._unreported_tokens(replicas, np.maximum(ours - reported, 0)) + uncached
         steps = np.maximum(np.ceil(prefill / tokens_per_step), 1)
         seconds = steps * base + (steps + decode_steps) * per_decode * running + per_token * (prefill + side_tokens)
+        if self.options.waiting_work_charge:
+            seconds += self._waiting_work_seconds(per_token * (uncached + side_tokens), reported - running)
         if self.follower.routers > 1 and self.options.cost_jitter:
             seconds *= 1 + self.options.cost_jitter * self._ties.random(n)
         return seconds
+
+    def _waiting_work_seconds(self, work_s: np.ndarray, waiting: np.ndarray) -> np.ndarray:
+        """What `work_s` seconds of prefill cost the requests after this one, where the replicas
+        report `waiting` requests not yet scheduled. Once most replicas have a queue, work
+        added anywhere takes capacity the cluster lacks and delays about as many later
+        requests as wait on a typical replica (the median); a prompt recomputed away from its
+        cached prefix for a slightly shorter queue costs them its whole prefill. While most
+        replicas have room (median 0) it costs no one else."""
+        return self.options.waiting_work_charge * float(np.median(np.maximum(waiting, 0))) * work_s
 
     def _unreported_tokens(self, replicas: list[str], in_flight_unreported: np.ndarray) -> np.ndarray:
         """Per replica, the uncached tokens of our latest sends there that its heartbeat has

@@ -33,6 +33,12 @@ class RouterOptions(BaseModel):
         "later turns will follow it there. Scaled down to nothing where conversations have no later turns (one "
         "request each) or where the replicas' decoding load, averaged over 30 s, is no more uneven than random "
         "placement leaves it (variance at most the mean); 0: place every request for its first token only")
+    waiting_work_charge: float = Field(
+        1.0, ge=0, description="kv, `cost_unit: seconds`: while requests wait on the replicas for room, a request's "
+        "prefill on a replica (its uncached tokens, the blocks it pushes out) is charged again this many times the "
+        "replicas' median count of waiting requests: once most replicas queue, work added anywhere delays about that "
+        "many later requests, so a prompt stays where it is cached instead of moving for a slightly shorter queue "
+        "and taking the cluster's capacity by its recompute (0: the request's own time to its first token only)")
     load_cost_tokens: int = Field(64, ge=0, description="kv, `cost_unit: tokens`: prompt tokens one in-flight request is worth")
     host_block_credit: float = Field(
         0.8, ge=0, le=1, description="kv: what a block in a replica's host-memory tier saves, against one on its device "

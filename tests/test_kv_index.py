@@ -172,6 +172,28 @@ def test_in_seconds_a_cache_hit_is_worth_its_prefill_time_against_a_queue():
     assert first_choice(60, 40) == "holder"  # 68 against 88
 
 
+def test_in_seconds_while_requests_wait_for_room_a_prompt_stays_where_it_is_cached():
+    """Near saturation a recompute elsewhere costs every later request its time: the
+    request's own work is charged again for each request waiting on a replica (the median)."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(48))
+    hashes = hash_block_chain(prompt, BLOCK)
+
+    def first_choice(waiting: int, options: RouterOptions = EXACT_SECONDS) -> str:
+        def queue(tokens: int) -> EngineStats:
+            return dataclasses.replace(timed(pool_stats(100), tokens), waiting=waiting)
+
+        scorer = KVScorer(follower_with({"holder": prompt[:40], "other": []},
+                                        {"holder": queue(60), "other": queue(10)}), BLOCK, options)
+        return ["holder", "other"][scorer.rank(["holder", "other"], hashes, len(prompt))[0][0]]
+
+    # 68 tokens in two steps there (88 ms), 58 in one on the other (68 ms): its own first token is sooner there
+    assert first_choice(waiting=0) == "other"
+    assert first_choice(waiting=3, options=EXACT_SECONDS.model_copy(update={"waiting_work_charge": 0})) == "other"
+    assert first_choice(waiting=3) == "holder"  # + 3 x 8 ms against + 3 x 48 ms
+
+
 def test_in_seconds_a_new_conversation_goes_where_it_will_decode_and_a_continued_one_stays():
     """A conversation stays where it starts, so where the replicas' decoding load has grown
     uneven and conversations have later turns, its first request is placed for its decoding
