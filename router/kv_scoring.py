@@ -211,7 +211,9 @@ class KVScorer:
         requests as wait on a typical replica (the median); a prompt recomputed away from its
         cached prefix for a slightly shorter queue costs them its whole prefill. While most
         replicas have room (median 0) it costs no one else."""
-        return self.options.waiting_work_charge * float(np.median(np.maximum(waiting, 0))) * work_s
+        waiting = np.maximum(waiting, 0)
+        typical = float(np.median(waiting)) if waiting.any() else 0.0
+        return self.options.waiting_work_charge * typical * work_s
 
     def _unreported_tokens(self, replicas: list[str], in_flight_unreported: np.ndarray) -> np.ndarray:
         """Per replica, the uncached tokens of our latest sends there that its heartbeat has
