@@ -24,7 +24,7 @@ class ConversationLog:
         """Whether a prompt of these blocks continues a conversation sent here lately."""
         if self._last_answer is not None and self._last_answer[0] is block_hashes:
             return self._last_answer[1]
-        answer = not self._prompt_ends.keys().isdisjoint(block_hashes)
+        answer = not self._prompt_ends.keys().isdisjoint(reversed(block_hashes))  # the last turn's end is near the end
         self._last_answer = (block_hashes, answer)
         return answer
 

@@ -19,7 +19,8 @@ import numpy as np
 import ray
 
 from kvserve.router import routing_metrics as metrics
-from kvserve.router.kv_index import Fate, KVIndex
+from kvserve.router.kv_index import SILENCE_S, Fate, KVIndex
+from kvserve.router.replica_table import ReplicaTable
 from kvserve.workers.engine.block_hash import hash_check_value
 from kvserve.workers.protocol import EngineStats, Heartbeat, HubNews, KVCursor, ReplicaNews
 from kvserve.workers.kv_event_hub import hub_name
@@ -46,16 +47,14 @@ class KVIndexFollower:
         self.expected_check = hash_check_value(block_size)
         self.index = KVIndex()
         self.stats: dict[str, EngineStats] = {}
-        # Per replica, what the scorer reads of it at every decision, worked out once per news:
-        # (requests running or waiting, blocks cached or in use, blocks in use, pool blocks).
-        self.pool_figures: dict[str, tuple[int, int, int, int]] = {}
-        # Per replica: tokens queued, sequences running; and, once its heartbeat has one, its
-        # step cost (base_s, per_prefill_token_s, per_decode_seq_s, tokens_per_step).
-        self.queue_figures: dict[str, tuple[int, int]] = {}
+        # Per replica, what the scorer reads of it at every decision, worked out once per news.
+        self.table = ReplicaTable()
         # Per replica, the `sent_at` of its latest heartbeat and when that arrived here: the
         # scorer counts its own sends after that arrival as not yet in those figures.
         self.latest_heartbeat: dict[str, tuple[float, float]] = {}
         self.decode_load: dict[str, float] = {}  # per replica, its running sequences averaged (see above)
+        # Per replica, once its heartbeat has one, its step cost
+        # (base_s, per_prefill_token_s, per_decode_seq_s, tokens_per_step).
         self.step_costs: dict[str, tuple[float, float, float, int]] = {}
         self._deployment_step_cost: tuple[float, float, float, float] | None = None
         self._step_costs_changed = False
@@ -101,7 +100,20 @@ class KVIndexFollower:
 
     def known(self, replicas: list[str]) -> list[str]:
         """Those of `replicas` whose cached blocks the index knows now."""
-        return self.index.known(replicas, self.clock())
+        return [r for r, known in zip(replicas, self.known_mask(replicas).tolist()) if known]
+
+    def known_mask(self, replicas: list[str]) -> np.ndarray:
+        """Per replica, whether the index knows its cached blocks now: it holds a state of it,
+        and heard from it within SILENCE_S."""
+        return self.table.known_until[self.table.rows(replicas)] >= self.clock()
+
+    def positions(self, replicas: list[str]) -> dict[str, int]:
+        """Each of `replicas` to its index in the list (read it, never change it)."""
+        return self.table.positions(replicas)
+
+    def figures(self, replicas: list[str]) -> np.ndarray:
+        """Per replica, a row of `replica_table`'s columns (zeros for one not heard of yet)."""
+        return self.table.counts[self.table.rows(replicas)]
 
     def apply(self, news: HubNews) -> None:
         """Fold one answer of the hub into the index."""
@@ -151,8 +163,9 @@ class KVIndexFollower:
         state = self.index.replicas.get(replica)
         cached = len(state.blocks) if state is not None else 0
         used = stats.kv_blocks_used
-        self.pool_figures[replica] = (stats.running + stats.waiting, max(cached, used), used, stats.kv_blocks_total)
-        self.queue_figures[replica] = (stats.queued_tokens, stats.running)
+        counts = (stats.running + stats.waiting, max(cached, used), used, stats.kv_blocks_total, stats.queued_tokens,
+                  stats.running)
+        self.table.write(replica, counts, state.heard_at + SILENCE_S if state is not None else -np.inf)
         cost = stats.step_cost
         if cost is not None:
             coefficients = (cost.base_s, cost.per_prefill_token_s, cost.per_decode_seq_s, cost.tokens_per_step)
@@ -220,8 +233,7 @@ class KVIndexFollower:
             self.departed.add(replica)
         self.index.drop_replica(replica)
         self.stats.pop(replica, None)
-        self.pool_figures.pop(replica, None)
-        self.queue_figures.pop(replica, None)
+        self.table.drop(replica)
         self.latest_heartbeat.pop(replica, None)
         self.decode_load.pop(replica, None)
         if self.step_costs.pop(replica, None) is not None:

@@ -87,7 +87,8 @@ class KVIndex:
     A replica's state starts from a snapshot of one epoch and follows only that epoch's
     batches, in order. The caller drops a replica whose state can no longer be trusted (a gap,
     a heartbeat that disagrees, a new epoch) and loads a snapshot again. A replica without
-    state, or whose last heartbeat is older than SILENCE_S, is unknown: it matches nothing.
+    state, or whose last heartbeat is older than SILENCE_S, is unknown (`KVIndexFollower.known_mask`):
+    it matches nothing.
 
     Two views of the same facts, kept in step by every snapshot, applied batch and drop:
     `replicas[r].blocks`, each replica's own block set (its count is what heartbeats check;
@@ -202,53 +203,49 @@ class KVIndex:
             state.heartbeat, state.heard_at = heartbeat, now
         return True
 
-    def known(self, replicas: list[str], now: float) -> list[str]:
-        """Those of `replicas` whose state is current: loaded, and heard from recently."""
-        return [r for r in replicas if (state := self.replicas.get(r)) is not None and now - state.heard_at <= SILENCE_S]
-
-    def host_extensions(self, block_hashes: list[BlockHash], device_depths: dict[str, int]) -> dict[str, int]:
-        """For the replicas of `device_depths` that have a host tier, how many leading blocks of
-        `block_hashes` they hold in either tier: their device depth, then on through blocks on
-        the host (or on the device again). Replicas without host blocks are left out."""
+    def host_extensions(self, block_hashes: list[BlockHash], replicas: Container[str],
+                        device_depths: dict[str, int]) -> dict[str, int]:
+        """For those of `replicas` that have a host tier, how many leading blocks of
+        `block_hashes` they hold in either tier: their device depth (from `device_depths`,
+        0 where absent), then on through blocks on the host (or on the device again).
+        Replicas without host blocks are left out."""
         extended = {}
-        for replica in [r for r in self.with_host_blocks if r in device_depths]:  # few: no walk over all replicas
-            state, depth = self.replicas[replica], device_depths[replica]
+        for replica in [r for r in self.with_host_blocks if r in replicas]:  # few: no walk over all replicas
+            state, depth = self.replicas[replica], device_depths.get(replica, 0)
             host, device = state.host_blocks, state.blocks
             rest = block_hashes[depth:]
             extended[replica] = depth + len(list(takewhile(lambda h: h in host or h in device, rest)))
         return extended
 
-    def prefix_matches(self, block_hashes: list[BlockHash], replicas: list[str]) -> dict[str, int]:
-        """For each replica, how many leading blocks of `block_hashes` it holds (as
-        `leading_matches` over each replica's set; a replica without state holds nothing).
+    def prefix_matches(self, block_hashes: list[BlockHash], replicas: Container[str]) -> dict[str, int]:
+        """For each of `replicas` that holds the first of `block_hashes`, how many leading
+        blocks it holds (as `leading_matches` over each replica's set); the others, most of
+        them, hold none and are left out.
 
         One walk down the chain for all replicas: those still matching after block d are
         those still matching before it that hold it (from `holders`). Each of the others keeps
-        the depth at which it dropped out, 0 for most. Once one replica is left, the walk goes
-        on in its own set (one set lookup a block, no holder map), until its first miss. The
-        cost follows the prompt and the blocks' holders, not the number of replicas asked."""
-        matched = dict.fromkeys(replicas, 0)
-        if not matched:
-            return matched
+        the depth at which it dropped out. Once one replica is left, the walk goes on in its
+        own set (one set lookup a block, no holder map), until its first miss. The cost
+        follows the prompt and the blocks' holders, not the number of replicas asked."""
+        matched = {}
         holders = self.holders
-        alive = matched.keys()  # the replicas asked that hold every block so far
+        alive = None  # the replicas asked that hold every block so far (None before the first)
         depth = 0
         chain = iter(block_hashes)
         for block_hash in chain:
             held = holders.get(block_hash)
             if held is None:
                 break
-            if type(held) is set:
+            if alive is None:  # the first block
+                still = {r for r in (held if type(held) is set else (held,)) if r in replicas}
+            elif type(held) is set:
                 still = alive if alive <= held else alive & held
-                if not still:
-                    break
-            elif held in alive:
-                still = alive if len(alive) == 1 else {held}
             else:
+                still = {held} if held in alive else set()
+            if not still:
                 break
-            if depth and still is not alive:  # at depth 0 those dropping out already have their 0
-                for replica in alive - still:
-                    matched[replica] = depth
+            if alive is not None and len(still) < len(alive):
+                matched.update(dict.fromkeys(alive - still, depth))
             alive = still
             depth += 1
             if len(alive) == 1:
@@ -256,5 +253,5 @@ class KVIndex:
                 depth += len(list(takewhile(self.replicas[last].blocks.__contains__, chain)))
                 break
         if depth:
-            matched.update(dict.fromkeys(alive, depth))  # `alive` may be a view of `matched`
+            matched.update(dict.fromkeys(alive, depth))
         return matched

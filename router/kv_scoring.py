@@ -2,8 +2,9 @@
 
 import random
 from collections import Counter, defaultdict, deque
+from collections.abc import Container
 from dataclasses import dataclass
-from itertools import chain, islice, repeat, takewhile
+from itertools import islice, repeat, takewhile
 
 import numpy as np
 
@@ -11,11 +12,10 @@ from kvserve.router import routing_metrics
 from kvserve.router.conversations import ConversationLog
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.options import RouterOptions
+from kvserve.router.replica_table import OCCUPIED, QUEUED_TOKENS, REPORTED, RUNNING, TOTAL, USED
 from kvserve.router.working_sets import WorkingSets
 from kvserve.workers.protocol import BlockHash
 
-_UNHEARD = (0, 0, 0, 0)  # the pool figures of a replica the hub has not passed on yet
-_UNQUEUED = (0, 0)  # its queue figures
 _NOMINAL_STEP = (0.0, 1.0, 0.0, np.inf)  # before any replica measured its steps: a token a second, no step cost
 _SENDS_KEPT = 256  # per replica, the uncached tokens of this router's last sends there
 
@@ -96,10 +96,10 @@ class KVScorer:
           new blocks compete for the rest.
         A replica the hub has not passed on yet counts our load and an empty pool."""
         n = len(replicas)
-        figures = chain.from_iterable(map(self.follower.pool_figures.get, replicas, repeat(_UNHEARD)))
-        reported, occupied, used, total = np.fromiter(figures, np.int64, 4 * n).reshape(n, 4).T
+        figures = self.follower.figures(replicas)
+        reported, occupied, used, total = (figures[:, c] for c in (REPORTED, OCCUPIED, USED, TOTAL))
         ours = np.fromiter(map(self.in_flight.get, replicas, repeat(0)), np.int64, n)
-        wanted = np.array(self.working_sets.sizes(replicas), np.int64)
+        wanted = self.working_sets.sizes(replicas)
         heard = total > 0
         fills = np.divide(np.minimum(occupied, total), total, out=np.zeros(n), where=heard)
         retained, retained_wanted = self._retained(replicas)
@@ -127,10 +127,13 @@ class KVScorer:
         known = self._known(replicas)
         matched = self.follower.index.prefix_matches(block_hashes, known)
         for replica, depth in self.working_sets.recent_matches(block_hashes, known, self.options.recent_s).items():
-            if depth > matched[replica]:
+            if depth > matched.get(replica, 0):
                 matched[replica] = depth
-        depths = np.fromiter((matched.get(r, 0) for r in replicas), np.int64, len(replicas))
-        host_blocks = self._host_blocks(replicas, block_hashes, matched, depths)
+        depths = np.zeros(len(replicas), np.int64)
+        positions = self.follower.positions(replicas)
+        for replica, depth in matched.items():
+            depths[positions[replica]] = depth
+        host_blocks = self._host_blocks(replicas, block_hashes, known, matched, depths)
         ours, reported, fills, pressures = self.standings(replicas)
         loads = np.maximum(ours, reported)
         size = self.block_size
@@ -146,11 +149,28 @@ class KVScorer:
             costs = self._seconds(replicas, uncached, side_tokens, ours, reported, decode_steps)
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
-        order = np.lexsort((self._ties.random(len(replicas)), fills, loads, ahead, costs))
+        order = self._order(costs, ahead, loads, fills)
         held = loads[order] > self.imbalance_slack(int(loads.min()))
         allowed = order[~held]
         reason = self._reason(int(depths[allowed[0]]), max(matched.values(), default=0), held.any())
         return np.concatenate((allowed, order[held])).tolist(), reason
+
+    def _order(self, costs: np.ndarray, ahead: np.ndarray, loads: np.ndarray, fills: np.ndarray) -> np.ndarray:
+        """Indices by cost; equal costs by `ahead`, then `loads`, then `fills`, then at random.
+        One sort by cost, then a sort by all keys of only the replicas whose cost another
+        shares: they keep the places their costs give them (few, but for an idle cluster)."""
+        random_tiebreak = self._ties.random(len(costs))
+        order = np.argsort(costs, kind="stable")
+        ranked = costs[order]
+        tied_next = ranked[1:] == ranked[:-1]
+        if tied_next.any():
+            tied = np.zeros(len(costs), bool)
+            tied[1:] = tied_next
+            tied[:-1] |= tied_next
+            group = order[tied]
+            order[tied] = group[np.lexsort((random_tiebreak[group], fills[group], loads[group], ahead[group],
+                                            costs[group]))]
+        return order
 
     def _decode_steps_ahead(self, block_hashes: list[BlockHash], depths: np.ndarray) -> float:
         """The decode steps of the request to charge against each replica's running sequences:
@@ -192,8 +212,8 @@ class KVScorer:
         otherwise they would all send the same moment's requests to the same replica, each
         unaware of the others'."""
         n = len(replicas)
-        figures = chain.from_iterable(map(self.follower.queue_figures.get, replicas, repeat(_UNQUEUED)))
-        queued, running = np.fromiter(figures, float, 2 * n).reshape(n, 2).T
+        figures = self.follower.figures(replicas)
+        queued, running = figures[:, QUEUED_TOKENS], figures[:, RUNNING]
         base, per_token, per_decode, tokens_per_step = self.follower.deployment_step_cost() or _NOMINAL_STEP
         prefill = queued + self._unreported_tokens(replicas, np.maximum(ours - reported, 0)) + uncached
         steps = np.maximum(np.ceil(prefill / tokens_per_step), 1)
@@ -243,10 +263,10 @@ class KVScorer:
                 del self._unheard[replica]
         return counts
 
-    def _host_blocks(self, replicas: list[str], block_hashes: list[BlockHash], matched: dict[str, int],
-                     depths: np.ndarray) -> np.ndarray | int:
+    def _host_blocks(self, replicas: list[str], block_hashes: list[BlockHash], known: Container[str],
+                     matched: dict[str, int], depths: np.ndarray) -> np.ndarray | int:
         """Per replica, the prompt's blocks past its device match found in its host tier."""
-        on_host = self.follower.index.host_extensions(block_hashes, matched)
+        on_host = self.follower.index.host_extensions(block_hashes, known, matched)
         if not on_host:
             return 0
         host_depths = np.fromiter((on_host.get(r, 0) for r in replicas), np.int64, len(replicas))
@@ -284,11 +304,14 @@ class KVScorer:
         extra = options.max_imbalance if options.cost_unit == "tokens" else options.seconds_max_imbalance
         return least + max(extra, options.imbalance_share * least)
 
-    def _known(self, replicas: list[str]) -> list[str]:
+    def _known(self, replicas: list[str]) -> Container[str]:
         """The replicas whose caches we may count on. An unknown one (restarted, lost events,
         silent) is scored as caching nothing, not even what we recently sent it."""
-        known = self.follower.known(replicas)
-        if len(known) < len(replicas) and set(replicas) - set(known) - self.follower.rejected:
+        mask = self.follower.known_mask(replicas)
+        if mask.all():
+            return self.follower.positions(replicas)
+        known = {r for r, known in zip(replicas, mask.tolist()) if known}
+        if set(replicas) - known - self.follower.rejected:
             routing_metrics.UNKNOWN_DECISIONS.inc()
         return known
 

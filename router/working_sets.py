@@ -16,10 +16,12 @@ the traffic, in the same proportions.
 import bisect
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from itertools import count, repeat
 from operator import attrgetter
+
+import numpy as np
 
 from kvserve.workers.engine.block_hash import BlockHash
 
@@ -44,6 +46,7 @@ class WorkingSets:
         # no per-block reordering.
         self._last_send: dict[str, dict[BlockHash, int]] = {}
         self._sends: dict[str, deque[_Send]] = {}
+        self._timeline: deque[tuple[str, _Send]] = deque()  # every replica's sends, oldest first
         # The replicas sent each chain's first block (a hash that only ever starts a chain),
         # so that a recent match searches those alone.
         self._heads: dict[BlockHash, set[str]] = {}
@@ -58,6 +61,7 @@ class WorkingSets:
         last_send = self._last_send.setdefault(replica, {})
         last_send.update(zip(block_hashes, repeat(send.number)))
         self._sends.setdefault(replica, deque()).append(send)
+        self._timeline.append((replica, send))
         self._heads.setdefault(block_hashes[0], set()).add(replica)
         while limit is not None and len(last_send) > limit:
             self._drop_block(replica, self._sends[replica][0])
@@ -83,20 +87,24 @@ class WorkingSets:
 
     def blocks(self, replica: str, now: float | None = None) -> int:
         """Distinct blocks of the prompts sent to `replica` within the window."""
-        return self.sizes([replica], now)[0]
+        return int(self.sizes([replica], now)[0])
 
-    def sizes(self, replicas: list[str], now: float | None = None) -> list[int]:
+    def sizes(self, replicas: list[str], now: float | None = None) -> np.ndarray:
         """`blocks` of each of `replicas`, with one look at the clock."""
-        horizon = (self.clock() if now is None else now) - self.window_s
-        counts = []
-        for replica in replicas:
-            sends = self._sends.get(replica)
-            while sends and sends[0].at <= horizon:
-                self._expire(replica, sends.popleft())
-            counts.append(len(self._last_send[replica]) if sends is not None else 0)
-        return counts
+        self._expire((self.clock() if now is None else now) - self.window_s)
+        return np.fromiter(map(len, map(self._last_send.get, replicas, repeat(()))), np.int64, len(replicas))
 
-    def _expire(self, replica: str, send: _Send) -> None:
+    def _expire(self, horizon: float) -> None:
+        """Forget the sends made at or before `horizon`, to any replica: a replica's sends
+        leave in the order they came, each unless the blocks limit dropped it already."""
+        timeline = self._timeline
+        while timeline and timeline[0][1].at <= horizon:
+            replica, send = timeline.popleft()
+            sends = self._sends.get(replica)
+            if sends and sends[0] is send:
+                self._forget_send(replica, sends.popleft())
+
+    def _forget_send(self, replica: str, send: _Send) -> None:
         """Forget a send that left the window: those of its blocks not sent again since."""
         last_send = self._last_send[replica]
         for block_hash in send.blocks[: send.kept]:
@@ -111,26 +119,29 @@ class WorkingSets:
         return sum(1 for block_hash in block_hashes if block_hash in last_send)
 
     def recent_matches(
-        self, block_hashes: list[BlockHash], replicas: list[str], within_s: float, now: float | None = None
+        self, block_hashes: list[BlockHash], replicas: Container[str], within_s: float, now: float | None = None
     ) -> dict[str, int]:
-        """For each replica, how many leading blocks of `block_hashes` were sent there within
-        the last `within_s` (no longer than the window). Only the replicas sent the first block
-        are searched: at hundreds of replicas, most were not. Every prompt sent with a block
+        """For each of `replicas` sent the first of `block_hashes` within the last `within_s`
+        (no longer than the window), how many leading blocks were sent there within that time;
+        the others are left out. Only the replicas sent the first block are searched: at
+        hundreds of replicas, most were not. Every prompt sent with a block
         held the blocks before it, so a block's last send is no older than the next block's,
         and no newer than the previous one's: the recent blocks of a chain lead it (kept so
         by dropping a send's tail first), and a binary search finds where they end."""
         since = (self.clock() if now is None else now) - within_s
-        matched = dict.fromkeys(replicas, 0)
+        matched = {}
         if not block_hashes:
             return matched
         for replica in self._heads.get(block_hashes[0], ()):
-            if replica not in matched:
+            if replica not in replicas:
                 continue
             sends, last_send = self._sends[replica], self._last_send[replica]
             if sends[-1].at <= since:
                 continue
             recent = sends[bisect.bisect_right(sends, since, key=attrgetter("at"))].number  # the first send since
-            matched[replica] = bisect.bisect_left(block_hashes, True, key=lambda h: last_send.get(h, -1) < recent)
+            depth = bisect.bisect_left(block_hashes, True, key=lambda h: last_send.get(h, -1) < recent)
+            if depth:
+                matched[replica] = depth
         return matched
 
     def forget(self, replica: str) -> None:

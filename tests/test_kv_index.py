@@ -6,6 +6,7 @@ import math
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -67,7 +68,7 @@ def test_eviction_and_replica_loss_leave_no_trace():
     run_prompt(kv, "y", [7] * 9)  # needs all three blocks: evicts the first prompt's
     assert index.apply("a", kv.take_events()) is Fate.APPLIED
     assert index.replicas["a"].blocks == set(kv.cached_block_hashes())
-    assert index.prefix_matches(hash_block_chain(list(range(9)), BLOCK), ["a"]) == {"a": 0}
+    assert index.prefix_matches(hash_block_chain(list(range(9)), BLOCK), ["a"]) == {}
     index.drop_replica("a")
     assert not index.replicas
 
@@ -585,9 +586,9 @@ def test_working_sets_match_recent_sends_until_they_expire():
     recent.add("a", chain[:3], limit=None, now=0.0)
     recent.add("a", chain[:2], limit=None, now=1.0)
     recent.add("b", chain[:1], limit=None, now=2.0)
-    assert recent.recent_matches(chain, ["a", "b", "c"], within_s=5.0, now=2.0) == {"a": 3, "b": 1, "c": 0}
+    assert recent.recent_matches(chain, ["a", "b", "c"], within_s=5.0, now=2.0) == {"a": 3, "b": 1}
     assert recent.recent_matches(chain, ["a", "b"], within_s=5.0, now=5.5) == {"a": 2, "b": 1}
-    assert recent.recent_matches(chain, ["a", "b"], within_s=5.0, now=7.5) == {"a": 0, "b": 0}
+    assert recent.recent_matches(chain, ["a", "b"], within_s=5.0, now=7.5) == {}
 
 
 def test_scorer_sends_a_follow_up_after_its_first_request_before_any_event():
@@ -611,7 +612,7 @@ NAMES = ["a", "b", "c"]
 
 
 def per_replica_walk(index: KVIndex, block_hashes: list[BlockHash], replicas: list[str]) -> dict[str, int]:
-    """What `prefix_matches` must give: each replica's own set, walked until its first miss."""
+    """What `prefix_matches` must give (it leaves out the zeros): each replica's own set, walked until its first miss."""
     matched = {}
     for replica in replicas:
         state = index.replicas.get(replica)
@@ -672,8 +673,8 @@ class KVIndexMachine(RuleBasedStateMachine):
     def query(self, block_hashes, replicas):
         matched = self.index.prefix_matches(block_hashes, replicas)
         expected = per_replica_walk(self.index, block_hashes, replicas)
-        assert matched == expected and list(matched) == list(expected)
-        assert matched == leading_matches(block_hashes, replicas, lambda r: self.model.get(r, set()))
+        assert matched == {replica: depth for replica, depth in expected.items() if depth}
+        assert expected == leading_matches(block_hashes, replicas, lambda r: self.model.get(r, set()))
 
     @invariant()
     def sets_follow_the_events(self):
@@ -702,12 +703,12 @@ def test_prefix_matches_walks_once_for_shared_and_sole_holders():
         index.load_snapshot(name, BLOCK, snapshot, Heartbeat(1, 0, 0.0, pool_stats(cached=depth + 1)), now=0.0)
     assert index.holders[chain[5]] == "a" and index.holders[chain[2]] == {"a", "b", "d"}
     asked = ["e", "d", "c", "b", "a", "gone"]
-    assert index.prefix_matches(chain, asked) == {"e": 0, "d": 4, "c": 1, "b": 4, "a": 6, "gone": 0}
+    assert index.prefix_matches(chain, asked) == {"d": 4, "c": 1, "b": 4, "a": 6}
     assert index.prefix_matches(chain, ["b", "c"]) == {"b": 4, "c": 1}  # "a" not asked: not counted
     index.apply("a", KVEventBatch(1, 1, 0.0, [BlockRemoved(chain[3:4], DEVICE_MEDIUM)]))
     index.drop_replica("b")
     assert index.holders[chain[3]] == "d" and index.holders[chain[4]] == "a"
-    assert index.prefix_matches(chain, asked) == {"e": 0, "d": 4, "c": 1, "b": 0, "a": 3, "gone": 0}
+    assert index.prefix_matches(chain, asked) == {"d": 4, "c": 1, "a": 3}
     index.apply("a", KVEventBatch(1, 2, 0.0, [AllBlocksCleared(), BlockStored(chain[:1], None, [], BLOCK, None, DEVICE_MEDIUM,
                                                                            DEFAULT_RETENTION_PRIORITY)]))
     assert index.holders[chain[0]] == {"a", "c", "d"} and chain[4] not in index.holders
@@ -735,7 +736,8 @@ def test_recent_matches_equal_a_walk_of_each_replicas_sends():
         query = rng.choice(trunks)
         since = now - rng.choice([3.0, 10.0])
         walked = leading_matches(query, NAMES, lambda r: sent_since(sets, r, since))
-        assert sets.recent_matches(query, NAMES, within_s=now - since, now=float(now)) == walked
+        recent = {r: depth for r, depth in walked.items() if depth}
+        assert sets.recent_matches(query, NAMES, within_s=now - since, now=float(now)) == recent
 
 
 def test_index_follows_the_host_tier_too():
@@ -751,8 +753,8 @@ def test_index_follows_the_host_tier_too():
     assert state.blocks == set(kv.cached_block_hashes())
     assert state.host_blocks == set(kv.host.cached) and state.host_blocks
     x_chain = hash_block_chain(list(range(13)), BLOCK)
-    assert index.prefix_matches(x_chain, ["a"]) == {"a": 0}
-    assert index.host_extensions(x_chain, {"a": 0}) == {"a": 3}
+    assert index.prefix_matches(x_chain, ["a"]) == {}
+    assert index.host_extensions(x_chain, ["a"], {}) == {"a": 3}
 
 
 def test_scorer_credits_a_host_tier_copy_between_a_device_hit_and_a_miss():
@@ -769,3 +771,20 @@ def test_scorer_credits_a_host_tier_copy_between_a_device_hit_and_a_miss():
     free = KVScorer(follower, BLOCK, RouterOptions(load_cost_tokens=0, host_block_credit=1.0))
     follower.index.replicas["host"].host_blocks.update(hashes[8:])
     assert free.rank(["miss", "host", "device"], hashes, len(prompt))[0][0] == 1  # all ten blocks, at full credit
+
+
+def test_scorer_order_sorts_by_cost_then_breaks_ties_as_one_full_sort_would():
+    """`KVScorer._order` sorts only the tied replicas by the tie-breaking keys; the result is
+    the full sort by (cost, waiting ahead, load, fill, random draw)."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    scorer = KVScorer(follower_with({}), BLOCK)
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        n = int(rng.integers(1, 40))
+        costs, ahead, loads = rng.integers(0, 5, n).astype(float), rng.integers(0, 2, n), rng.integers(0, 3, n)
+        fills = rng.integers(0, 2, n) / 2
+        scorer._ties = np.random.default_rng(trial)
+        draws = np.random.default_rng(trial).random(n)
+        expected = np.lexsort((draws, fills, loads, ahead, costs))
+        assert scorer._order(costs, ahead, loads, fills).tolist() == expected.tolist()
