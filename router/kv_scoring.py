@@ -1,7 +1,7 @@
 """The KV-aware routing decision, free of Serve so that it can be tested and timed alone."""
 
 import random
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from collections.abc import Container
 from dataclasses import dataclass
 from itertools import islice, repeat, takewhile
@@ -12,7 +12,7 @@ from kvserve.router import routing_metrics
 from kvserve.router.conversations import ConversationLog
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.options import RouterOptions
-from kvserve.router.replica_table import OCCUPIED, QUEUED_TOKENS, REPORTED, RUNNING, TOTAL, USED
+from kvserve.router.replica_table import OCCUPIED, QUEUED_TOKENS, REPORTED, RUNNING, TOTAL, USED, ReplicaCounter
 from kvserve.router.working_sets import WorkingSets
 from kvserve.workers.protocol import BlockHash
 
@@ -48,7 +48,7 @@ class KVScorer:
     options: RouterOptions = RouterOptions()
 
     def __post_init__(self):
-        self.in_flight: Counter[str] = Counter()
+        self.in_flight = ReplicaCounter()  # this router's requests in flight on each replica
         self.working_sets = WorkingSets(self.options.working_set_window_s)
         self.conversations = ConversationLog(self.options.working_set_window_s)
         # Per replica, the LoRA adapters this router sent it and when: resident there for
@@ -65,8 +65,9 @@ class KVScorer:
         """The request with these blocks (under LoRA adapter `lora_name`) goes to `replica`."""
         if self._last_uncached is not None:
             ranked, uncached = self._last_uncached
-            if replica in ranked:
-                self.sent_tokens[replica].append((self.follower.clock(), float(uncached[ranked.index(replica)])))
+            position = self.follower.positions(ranked).get(replica)
+            if position is not None:
+                self.sent_tokens[replica].append((self.follower.clock(), float(uncached[position])))
                 self._unheard[replica] = None
         if self.options.decode_steps_ahead:
             self.conversations.sent(self.follower.clock(), block_hashes)
@@ -75,15 +76,23 @@ class KVScorer:
         if lora_name is not None:
             self.sent_adapters[replica][lora_name] = self.working_sets.clock()
 
+    def request_sent(self, replica: str) -> None:
+        self.in_flight[replica] += 1
+
+    def request_completed(self, replica: str) -> None:
+        if self.in_flight[replica] > 0:
+            self.in_flight[replica] -= 1
+
     def forget(self, replica: str) -> None:
-        self.in_flight.pop(replica, None)
+        self.in_flight.drop(replica)
         self.working_sets.forget(replica)
         self.sent_adapters.pop(replica, None)
         self.sent_tokens.pop(replica, None)
         self._unheard.pop(replica, None)
 
-    def standings(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per replica, as arrays (this runs for every replica at every decision):
+    def standings(self, replicas: list[str], figures: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per replica, as arrays, from its `figures` (`KVIndexFollower.figures`) and this
+        router's own counts (this runs for every replica at every decision):
         - ours: requests this router has in flight there;
         - reported: the requests running or waiting there, as its last heartbeat counted them
           (the load is the larger of the two: other ingress replicas route to it too);
@@ -96,9 +105,8 @@ class KVScorer:
           new blocks compete for the rest.
         A replica the hub has not passed on yet counts our load and an empty pool."""
         n = len(replicas)
-        figures = self.follower.figures(replicas)
         reported, occupied, used, total = (figures[:, c] for c in (REPORTED, OCCUPIED, USED, TOTAL))
-        ours = np.fromiter(map(self.in_flight.get, replicas, repeat(0)), np.int64, n)
+        ours = self.in_flight.of(replicas)
         wanted = self.working_sets.sizes(replicas)
         heard = total > 0
         fills = np.divide(np.minimum(occupied, total), total, out=np.zeros(n), where=heard)
@@ -108,15 +116,16 @@ class KVScorer:
         pressures = np.divide(contested, room, out=np.zeros(n), where=heard)
         return ours, reported, fills, pressures
 
-    def _retained(self, replicas: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _retained(self, replicas: list[str]) -> tuple[np.ndarray | int, np.ndarray | int]:
         """Per replica, its device blocks retained above the default priority, and how many of
         them its working set wants (call after `working_sets.sizes`, which expires old sends)."""
         index = self.follower.index
+        if not index.with_retained_blocks:  # as on most clusters: none anywhere
+            return 0, 0
         retained, wanted = np.zeros(len(replicas), np.int64), np.zeros(len(replicas), np.int64)
-        if index.with_retained_blocks:  # few replicas, if any: no work for the others
-            for k in [k for k, r in enumerate(replicas) if r in index.with_retained_blocks]:
-                blocks = index.replicas[replicas[k]].retained
-                retained[k], wanted[k] = len(blocks), self.working_sets.wanted_among(replicas[k], blocks)
+        for k in [k for k, r in enumerate(replicas) if r in index.with_retained_blocks]:  # few, if any
+            blocks = index.replicas[replicas[k]].retained
+            retained[k], wanted[k] = len(blocks), self.working_sets.wanted_among(replicas[k], blocks)
         return retained, wanted
 
     def rank(self, replicas: list[str], block_hashes: list[BlockHash], num_tokens: int,
@@ -129,12 +138,10 @@ class KVScorer:
         for replica, depth in self.working_sets.recent_matches(block_hashes, known, self.options.recent_s).items():
             if depth > matched.get(replica, 0):
                 matched[replica] = depth
-        depths = np.zeros(len(replicas), np.int64)
-        positions = self.follower.positions(replicas)
-        for replica, depth in matched.items():
-            depths[positions[replica]] = depth
+        depths = self._spread(replicas, matched)
         host_blocks = self._host_blocks(replicas, block_hashes, known, matched, depths)
-        ours, reported, fills, pressures = self.standings(replicas)
+        figures = self.follower.figures(replicas)
+        ours, reported, fills, pressures = self.standings(replicas, figures)
         loads = np.maximum(ours, reported)
         size = self.block_size
         prompt_blocks = -(-num_tokens // size)
@@ -146,7 +153,7 @@ class KVScorer:
             costs = uncached + self.options.load_cost_tokens * loads + side_tokens
         else:
             decode_steps = self._decode_steps_ahead(block_hashes, depths)
-            costs = self._seconds(replicas, uncached, side_tokens, ours, reported, decode_steps)
+            costs = self._seconds(replicas, figures, uncached, side_tokens, ours, decode_steps)
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
         order = self._order(costs, ahead, loads, fills)
@@ -196,8 +203,8 @@ class KVScorer:
         deepest = depths.max(initial=0)
         return deepest == 0 or np.count_nonzero(depths == deepest) > 1
 
-    def _seconds(self, replicas: list[str], uncached: np.ndarray, side_tokens: np.ndarray, ours: np.ndarray,
-                 reported: np.ndarray, decode_steps: float) -> np.ndarray:
+    def _seconds(self, replicas: list[str], figures: np.ndarray, uncached: np.ndarray, side_tokens: np.ndarray,
+                 ours: np.ndarray, decode_steps: float) -> np.ndarray:
         """Per replica, the predicted seconds to the request's first token there: the tokens
         queued there (its heartbeat's, plus the uncached tokens of our sends it had not counted
         yet, `_unreported_tokens`) and the request's uncached ones, computed in steps beside
@@ -212,28 +219,28 @@ class KVScorer:
         otherwise they would all send the same moment's requests to the same replica, each
         unaware of the others'."""
         n = len(replicas)
-        figures = self.follower.figures(replicas)
-        queued, running = figures[:, QUEUED_TOKENS], figures[:, RUNNING]
+        reported, queued, running = figures[:, REPORTED], figures[:, QUEUED_TOKENS], figures[:, RUNNING]
         base, per_token, per_decode, tokens_per_step = self.follower.deployment_step_cost() or _NOMINAL_STEP
         prefill = queued + self._unreported_tokens(replicas, np.maximum(ours - reported, 0)) + uncached
         steps = np.maximum(np.ceil(prefill / tokens_per_step), 1)
         seconds = steps * base + (steps + decode_steps) * per_decode * running + per_token * (prefill + side_tokens)
         if self.options.waiting_work_charge:
-            seconds += self._waiting_work_seconds(per_token * (uncached + side_tokens), reported - running)
+            charge = self._waiting_work_charge(reported - running)
+            if charge:
+                seconds += charge * (per_token * (uncached + side_tokens))
         if self.follower.routers > 1 and self.options.cost_jitter:
             seconds *= 1 + self.options.cost_jitter * self._ties.random(n)
         return seconds
 
-    def _waiting_work_seconds(self, work_s: np.ndarray, waiting: np.ndarray) -> np.ndarray:
-        """What `work_s` seconds of prefill cost the requests after this one, where the replicas
-        report `waiting` requests not yet scheduled. Once most replicas have a queue, work
+    def _waiting_work_charge(self, waiting: np.ndarray) -> float:
+        """How many times a request's own prefill its work costs the requests after it, where
+        the replicas report `waiting` requests not yet scheduled. Once most replicas have a queue, work
         added anywhere takes capacity the cluster lacks and delays about as many later
         requests as wait on a typical replica (the median); a prompt recomputed away from its
         cached prefix for a slightly shorter queue costs them its whole prefill. While most
         replicas have room (median 0) it costs no one else."""
         waiting = np.maximum(waiting, 0)
-        typical = float(np.median(waiting)) if waiting.any() else 0.0
-        return self.options.waiting_work_charge * typical * work_s
+        return self.options.waiting_work_charge * float(np.median(waiting)) if waiting.any() else 0.0
 
     def _unreported_tokens(self, replicas: list[str], in_flight_unreported: np.ndarray) -> np.ndarray:
         """Per replica, the uncached tokens of our latest sends there that its heartbeat has
@@ -269,8 +276,15 @@ class KVScorer:
         on_host = self.follower.index.host_extensions(block_hashes, known, matched)
         if not on_host:
             return 0
-        host_depths = np.fromiter((on_host.get(r, 0) for r in replicas), np.int64, len(replicas))
-        return np.maximum(host_depths - depths, 0)
+        return np.maximum(self._spread(replicas, on_host) - depths, 0)
+
+    def _spread(self, replicas: list[str], counts: dict[str, int]) -> np.ndarray:
+        """`counts` of some of `replicas` as an array over all of them (0 for the others)."""
+        spread = np.zeros(len(replicas), np.int64)
+        positions = self.follower.positions(replicas)
+        for replica, count in counts.items():
+            spread[positions[replica]] = count
+        return spread
 
     def _lora_load_costs(self, replicas: list[str], lora_name: str | None) -> np.ndarray | int:
         """Per replica, the cost of loading adapter `lora_name` there: none where a device slot

@@ -56,12 +56,10 @@ class KVAwareRouter(RequestRouter):
         # Serve calls this for every request sent (on_request_routed only under its
         # strict max_ongoing_requests mode); on_request_completed balances it.
         super().on_send_request(replica_id)
-        self._scorer().in_flight[replica_id.unique_id] += 1
+        self._scorer().request_sent(replica_id.unique_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        in_flight = self._scorer().in_flight
-        if in_flight[replica_id.unique_id] > 0:
-            in_flight[replica_id.unique_id] -= 1
+        self._scorer().request_completed(replica_id.unique_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

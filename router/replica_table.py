@@ -1,8 +1,8 @@
-"""The figures of each replica that every routing decision reads, as rows of two arrays.
+"""Per-replica figures that every routing decision reads, as rows of arrays.
 
 A decision looks at every replica. At hundreds of replicas, a dictionary lookup per replica
-and figure would cost more than the rest of the decision; instead the follower writes a
-replica's row when its news arrives, and a decision finds its replicas' rows once (kept while
+and figure would cost more than the rest of the decision; instead each figure is written to
+the replica's row when it changes, and a decision finds its replicas' rows once (kept while
 it asks about the same replicas and no row moved) and reads every figure with one indexing.
 """
 
@@ -10,7 +10,7 @@ from itertools import repeat
 
 import numpy as np
 
-# The columns of `ReplicaTable.counts`.
+# The columns of `ReplicaTable.counts`, the follower's figures from the replicas' news.
 REPORTED = 0  # requests running or waiting there, as its last heartbeat counted them
 OCCUPIED = 1  # blocks cached (exact, from the index) or in use
 USED = 2  # blocks in use
@@ -18,36 +18,37 @@ TOTAL = 3  # blocks in its pool
 QUEUED_TOKENS = 4  # prompt tokens waiting to be computed
 RUNNING = 5  # sequences running
 _COLUMNS = 6
-_UNHEARD = 0  # the row of every replica without one: all zeros, never known
+_UNWRITTEN = 0  # the row of every replica without one: all zeros
 
 
-class ReplicaTable:
-    def __init__(self):
+class ReplicaRows:
+    """A row of `columns` counts per replica written so far; the rows of replicas dropped are
+    handed out again."""
+
+    def __init__(self, columns: int):
         self._rows: dict[str, int] = {}
         self._free: list[int] = []
-        self.counts = np.zeros((2, _COLUMNS), np.int64)
-        # Until when its cached blocks count (its last heartbeat's arrival plus the silence
-        # after which it is unknown); -inf while the index holds no state of it.
-        self.known_until = np.full(2, -np.inf)
+        self.counts = np.zeros((2, columns), np.int64)
         self._asked: list[str] | None = None
         self._asked_rows = np.zeros(0, np.intp)
         self._asked_positions: dict[str, int] = {}
 
-    def write(self, replica: str, counts: tuple[int, ...], known_until: float) -> None:
+    def row(self, replica: str) -> int:
+        """The row of `replica`, a new one if it had none."""
         row = self._rows.get(replica)
         if row is None:
             row = self._rows[replica] = self._free.pop() if self._free else self._grow()
             self._asked = None
-        self.counts[row] = counts
-        self.known_until[row] = known_until
+        return row
 
-    def drop(self, replica: str) -> None:
+    def drop(self, replica: str) -> int | None:
+        """Zero the row of `replica` and hand it back; the row it had, if any."""
         row = self._rows.pop(replica, None)
         if row is not None:
             self.counts[row] = 0
-            self.known_until[row] = -np.inf
             self._free.append(row)
             self._asked = None
+        return row
 
     def rows(self, replicas: list[str]) -> np.ndarray:
         """The rows of `replicas`, in their order (a replica never written: the zero row)."""
@@ -61,14 +62,63 @@ class ReplicaTable:
 
     def _ask(self, replicas: list[str]) -> None:
         if replicas != self._asked:
-            self._asked_rows = np.fromiter(map(self._rows.get, replicas, repeat(_UNHEARD)), np.intp, len(replicas))
+            self._asked_rows = np.fromiter(map(self._rows.get, replicas, repeat(_UNWRITTEN)), np.intp, len(replicas))
             self._asked_positions = {replica: k for k, replica in enumerate(replicas)}
             self._asked = list(replicas)
 
     def _grow(self) -> int:
         """A new row at the end, doubling the arrays when they are full."""
         row = len(self._rows) + len(self._free) + 1  # the rows handed out so far follow row 0
-        if row == len(self.known_until):
-            self.counts = np.concatenate((self.counts, np.zeros_like(self.counts)))
-            self.known_until = np.concatenate((self.known_until, np.full(row, -np.inf)))
+        if row == len(self.counts):
+            self._double()
         return row
+
+    def _double(self) -> None:
+        self.counts = np.concatenate((self.counts, np.zeros_like(self.counts)))
+
+
+class ReplicaTable(ReplicaRows):
+    """The follower's figures of each replica (the columns above), and until when they count."""
+
+    def __init__(self):
+        super().__init__(_COLUMNS)
+        # Until when its cached blocks count (its last heartbeat's arrival plus the silence
+        # after which it is unknown); -inf while the index holds no state of it.
+        self.known_until = np.full(len(self.counts), -np.inf)
+
+    def write(self, replica: str, counts: tuple[int, ...], known_until: float) -> None:
+        row = self.row(replica)
+        self.counts[row] = counts
+        self.known_until[row] = known_until
+
+    def drop(self, replica: str) -> int | None:
+        row = super().drop(replica)
+        if row is not None:
+            self.known_until[row] = -np.inf
+        return row
+
+    def _double(self) -> None:
+        super()._double()
+        self.known_until = np.concatenate((self.known_until, np.full(len(self.known_until), -np.inf)))
+
+
+class ReplicaCounter(ReplicaRows):
+    """One count per replica, 0 until set, read for a list of replicas as an array."""
+
+    def __init__(self):
+        super().__init__(1)
+
+    def __getitem__(self, replica: str) -> int:
+        row = self._rows.get(replica)
+        return 0 if row is None else int(self.counts[row, 0])
+
+    def __setitem__(self, replica: str, count: int) -> None:
+        row = self.row(replica)  # first: a new row may replace `counts`
+        self.counts[row, 0] = count
+
+    def update(self, counts: dict[str, int]) -> None:
+        for replica, count in counts.items():
+            self[replica] = count
+
+    def of(self, replicas: list[str]) -> np.ndarray:
+        return self.counts[self.rows(replicas), 0]

@@ -23,6 +23,7 @@ from operator import attrgetter
 
 import numpy as np
 
+from kvserve.router.replica_table import ReplicaCounter
 from kvserve.workers.engine.block_hash import BlockHash
 
 
@@ -45,6 +46,7 @@ class WorkingSets:
         # blocks leave when it expires, unless sent again since: one dict update per prompt,
         # no per-block reordering.
         self._last_send: dict[str, dict[BlockHash, int]] = {}
+        self._sizes = ReplicaCounter()  # the length of each replica's `_last_send`
         self._sends: dict[str, deque[_Send]] = {}
         self._timeline: deque[tuple[str, _Send]] = deque()  # every replica's sends, oldest first
         # The replicas sent each chain's first block (a hash that only ever starts a chain),
@@ -65,6 +67,7 @@ class WorkingSets:
         self._heads.setdefault(block_hashes[0], set()).add(replica)
         while limit is not None and len(last_send) > limit:
             self._drop_block(replica, self._sends[replica][0])
+        self._sizes[replica] = len(last_send)
 
     def _drop_block(self, replica: str, send: _Send) -> None:
         """Drop the last block still counted of `send`, the oldest send there."""
@@ -92,7 +95,7 @@ class WorkingSets:
     def sizes(self, replicas: list[str], now: float | None = None) -> np.ndarray:
         """`blocks` of each of `replicas`, with one look at the clock."""
         self._expire((self.clock() if now is None else now) - self.window_s)
-        return np.fromiter(map(len, map(self._last_send.get, replicas, repeat(()))), np.int64, len(replicas))
+        return self._sizes.of(replicas)
 
     def _expire(self, horizon: float) -> None:
         """Forget the sends made at or before `horizon`, to any replica: a replica's sends
@@ -112,6 +115,7 @@ class WorkingSets:
                 del last_send[block_hash]
         if send.kept and send.blocks[0] not in last_send:
             self._unhead(replica, send.blocks[0])
+        self._sizes[replica] = len(last_send)
 
     def wanted_among(self, replica: str, block_hashes: set[BlockHash]) -> int:
         """How many of `block_hashes` are in `replica`'s working set (as of the last `sizes`)."""
@@ -147,4 +151,5 @@ class WorkingSets:
     def forget(self, replica: str) -> None:
         for block_hash in self._last_send.pop(replica, ()):
             self._unhead(replica, block_hash)
+        self._sizes.drop(replica)
         self._sends.pop(replica, None)

@@ -555,7 +555,8 @@ def test_a_new_prefix_counts_retained_blocks_as_staying():
     prompt = list(range(5000, 5000 + 3 * BLOCK))
     order, _ = scorer.rank(["plain", "retains"], hash_block_chain(prompt, BLOCK), len(prompt))
     assert order == [1, 0]
-    _, _, _, pressures = scorer.standings(["plain", "retains"])
+    replicas = ["plain", "retains"]
+    _, _, _, pressures = scorer.standings(replicas, scorer.follower.figures(replicas))
     assert pressures.tolist() == [0.8, 4 / 6]
 
 

@@ -2,7 +2,7 @@
 
 `kv` is ours, run as `KVAwareRouter` runs it inside Serve: the real `KVScorer` over a real
 `KVIndexFollower` (fed by `relay.DelayedFeed`), ranking, then `record` of the first choice,
-`in_flight` counted up when a request is sent and down when it completes. The scorer's
+`request_sent` and `request_completed` counting its requests in flight. The scorer's
 `WorkingSets` reads the wall clock by default; here it is given the simulated one.
 The baselines are in baselines.py. Serve sends a request to the first replica of the ranking
 that is below `max_ongoing_requests`; the simulator does the same with every policy.
@@ -64,13 +64,10 @@ class KVPolicy(RoutingPolicy):
         return order
 
     def sent(self, replica: int, job) -> None:
-        self.scorer.in_flight[self.view.names[replica]] += 1
+        self.scorer.request_sent(self.view.names[replica])
 
     def done(self, replica: int, job) -> None:
-        in_flight = self.scorer.in_flight
-        name = self.view.names[replica]
-        if in_flight[name] > 0:
-            in_flight[name] -= 1
+        self.scorer.request_completed(self.view.names[replica])
 
 
 # The command line's names: the project's own policies (router/options.py) and the baselines

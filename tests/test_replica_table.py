@@ -1,0 +1,57 @@
+"""The per-replica rows a routing decision reads its figures from."""
+
+import numpy as np
+
+from kvserve.router.replica_table import REPORTED, TOTAL, ReplicaCounter, ReplicaTable
+
+
+def test_rows_grow_past_their_arrays_and_keep_every_replica_s_figures():
+    table = ReplicaTable()
+    names = [f"r{i}" for i in range(40)]  # the arrays start with room for one replica
+    for i, name in enumerate(names):
+        table.write(name, (i, 0, 0, 10 * i, 0, 0), known_until=float(i))
+    figures = table.counts[table.rows(names)]
+    assert figures[:, REPORTED].tolist() == list(range(40))
+    assert figures[:, TOTAL].tolist() == [10 * i for i in range(40)]
+    assert table.known_until[table.rows(names)].tolist() == [float(i) for i in range(40)]
+
+
+def test_a_replica_never_written_reads_as_zeros_and_never_known():
+    table = ReplicaTable()
+    table.write("a", (1, 2, 3, 4, 5, 6), known_until=9.0)
+    rows = table.rows(["ghost", "a"])
+    assert table.counts[rows].tolist() == [[0] * 6, [1, 2, 3, 4, 5, 6]]
+    assert table.known_until[rows].tolist() == [-np.inf, 9.0]
+
+
+def test_a_dropped_replica_s_row_is_zeroed_and_handed_to_the_next_one():
+    table = ReplicaTable()
+    table.write("a", (1, 1, 1, 1, 1, 1), known_until=5.0)
+    table.write("b", (2, 2, 2, 2, 2, 2), known_until=5.0)
+    asked = ["a", "b"]
+    row_a = int(table.rows(asked)[0])
+    table.drop("a")
+    assert table.counts[table.rows(asked)].tolist() == [[0] * 6, [2] * 6]  # the asked rows were worked out again
+    assert table.known_until[table.rows(asked)].tolist() == [-np.inf, 5.0]
+    table.write("c", (3, 3, 3, 3, 3, 3), known_until=7.0)
+    assert int(table.rows(["c"])[0]) == row_a
+    assert table.counts[table.rows(["a", "b", "c"])][:, REPORTED].tolist() == [0, 2, 3]
+
+
+def test_positions_follow_the_list_asked():
+    table = ReplicaTable()
+    assert table.positions(["x", "y"]) == {"x": 0, "y": 1}
+    assert table.positions(["y", "x", "z"]) == {"y": 0, "x": 1, "z": 2}
+
+
+def test_a_counter_counts_from_zero_and_reads_as_an_array():
+    counter = ReplicaCounter()
+    assert counter["a"] == 0
+    for _ in range(3):
+        counter["a"] += 1
+    counter.update({f"r{i}": i for i in range(10)})  # past the arrays' first size
+    assert counter["a"] == 3
+    assert counter.of(["r9", "a", "never", "r1"]).tolist() == [9, 3, 0, 1]
+    counter.drop("a")
+    assert counter["a"] == 0
+    assert counter.of(["a", "r9"]).tolist() == [0, 9]
