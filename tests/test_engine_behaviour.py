@@ -160,8 +160,8 @@ def test_block_hashes_from_the_caller_are_used_not_computed_again(llm, monkeypat
     expected = llm.generate([prompt], params)[0].outputs[0].token_ids
     llm.engine.kv.reset_prefix_cache()
     calls = []
-    real_hash_block = block_hash.hash_block
-    monkeypatch.setattr(block_hash, "hash_block", lambda *args: calls.append(args) or real_hash_block(*args))
+    real_digest = block_hash._block_digest
+    monkeypatch.setattr(block_hash, "_block_digest", lambda *args: calls.append(args) or real_digest(*args))
     llm.engine.add_request("given-hashes", prompt, params, block_hashes=chain)
     outputs = []
     while llm.engine.has_unfinished_requests():
