@@ -1,9 +1,9 @@
 """Which replica holds which KV block, rebuilt from the replicas' own KV events."""
 
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from itertools import takewhile
+from itertools import chain, takewhile
 
 from kvserve.workers.engine.kv_events import (
     DEVICE_MEDIUM, HOST_MEDIUM, AllBlocksCleared, BlockRemoved, KVEvent, apply_events,
@@ -14,6 +14,7 @@ from kvserve.workers.protocol import (
 )
 
 SILENCE_S = MISSED_HEARTBEATS * HEARTBEAT_PERIOD_S
+_SHARDS = 256  # of `HolderMap`, by a hash's first byte
 
 
 def leading_matches(
@@ -81,6 +82,39 @@ class ReplicaBlocks:
     retained: set[BlockHash] = field(default_factory=set)
 
 
+class HolderMap:
+    """From each block hash to whoever holds it (a replica's name, or a set of two or more),
+    split by the hash's first byte into `_SHARDS` dicts; the index's walks and updates pick
+    the shard themselves (`shards[block_hash[0]]`), the rest reads it as one mapping.
+
+    A dict that keeps taking new keys and losing old ones rebuilds its whole table once in a
+    while, in one go. For the millions of blocks a large cluster caches, one dict paused the
+    router's event loop for up to a second at a rebuild; a shard rebuilds 1/256 of it (the
+    numbers: docs/benchmarks.md, "Python's table rebuilds"). Block hashes are SHA-256, so
+    their first bytes spread the blocks evenly."""
+
+    def __init__(self):
+        self.shards: list[dict[BlockHash, str | set[str]]] = [{} for _ in range(_SHARDS)]
+
+    def get(self, block_hash: BlockHash) -> str | set[str] | None:
+        return self.shards[block_hash[0]].get(block_hash)
+
+    def __getitem__(self, block_hash: BlockHash) -> str | set[str]:
+        return self.shards[block_hash[0]][block_hash]
+
+    def __contains__(self, block_hash: BlockHash) -> bool:
+        return block_hash in self.shards[block_hash[0]]
+
+    def __len__(self) -> int:
+        return sum(map(len, self.shards))
+
+    def __iter__(self) -> Iterator[BlockHash]:
+        return chain.from_iterable(self.shards)
+
+    def values(self) -> Iterator[str | set[str]]:
+        return chain.from_iterable(shard.values() for shard in self.shards)
+
+
 class KVIndex:
     """Which replica holds which KV block. Exact: it only knows what events said.
 
@@ -102,7 +136,7 @@ class KVIndex:
 
     def __init__(self):
         self.replicas: dict[str, ReplicaBlocks] = {}
-        self.holders: dict[BlockHash, str | set[str]] = {}
+        self.holders = HolderMap()
         self.with_host_blocks: set[str] = set()  # the replicas whose host tier holds something
         self.with_retained_blocks: set[str] = set()  # the replicas with blocks above the default priority
 
@@ -162,8 +196,9 @@ class KVIndex:
 
     def _take(self, replica: str, block_hashes: Iterable[BlockHash]) -> None:
         """`replica` now holds these blocks (it did not before)."""
-        holders = self.holders
+        shards = self.holders.shards
         for block_hash in block_hashes:
+            holders = shards[block_hash[0]]
             held = holders.get(block_hash)
             if held is None:
                 holders[block_hash] = replica
@@ -174,8 +209,9 @@ class KVIndex:
 
     def _release(self, replica: str, block_hashes: Iterable[BlockHash]) -> None:
         """`replica` no longer holds these blocks."""
-        holders = self.holders
+        shards = self.holders.shards
         for block_hash in block_hashes:
+            holders = shards[block_hash[0]]
             held = holders.get(block_hash)
             if type(held) is set:
                 held.discard(replica)
@@ -228,12 +264,12 @@ class KVIndex:
         own set (one set lookup a block, no holder map), until its first miss. The cost
         follows the prompt and the blocks' holders, not the number of replicas asked."""
         matched = {}
-        holders = self.holders
+        shards = self.holders.shards
         alive = None  # the replicas asked that hold every block so far (None before the first)
         depth = 0
-        chain = iter(block_hashes)
-        for block_hash in chain:
-            held = holders.get(block_hash)
+        blocks_left = iter(block_hashes)
+        for block_hash in blocks_left:
+            held = shards[block_hash[0]].get(block_hash)
             if held is None:
                 break
             if alive is None:  # the first block
@@ -250,7 +286,7 @@ class KVIndex:
             depth += 1
             if len(alive) == 1:
                 (last,) = alive
-                depth += len(list(takewhile(self.replicas[last].blocks.__contains__, chain)))
+                depth += len(list(takewhile(self.replicas[last].blocks.__contains__, blocks_left)))
                 break
         if depth:
             matched.update(dict.fromkeys(alive, depth))
