@@ -3,17 +3,28 @@
 Each replica's index holds the chains of several long prompts; every query is a prompt of
 `--prompt-tokens` tokens sharing a random-length prefix with one of them, so the scan goes deep
 into the chains and most replicas drop out at different depths.
+
+With `--churn-batches N` it then applies N event batches to the index, the replicas in turn,
+each batch evicting a replica's `--churn-blocks` oldest blocks and storing as many new ones, as
+a full cache does under traffic, and times each: the follower applies them on the router's
+event loop, so a slow one delays the decisions waiting behind it.
 """
 
 import argparse
+import os
 import random
 import time
+from collections import deque
 
 from kvserve.router.kv_follower import KVIndexFollower
+from kvserve.router.kv_index import Fate
 from kvserve.router.kv_scoring import KVScorer
 from kvserve.router.options import RouterOptions
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
-from kvserve.workers.protocol import BlockSnapshot, EngineStats, Heartbeat, HubNews, ReplicaNews, StepCost
+from kvserve.workers.engine.kv_events import DEVICE_MEDIUM, BlockRemoved, BlockStored
+from kvserve.workers.protocol import (
+    DEFAULT_RETENTION_PRIORITY, BlockSnapshot, EngineStats, Heartbeat, HubNews, KVEventBatch, ReplicaNews, StepCost,
+)
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +36,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-unit", choices=["tokens", "seconds"], default=RouterOptions().cost_unit,
                         help="the kv router's cost (router_options.cost_unit); with seconds every replica reports "
                         "a step cost and a queue")
+    parser.add_argument("--churn-batches", type=int, default=0,
+                        help="then apply this many event batches to the index and time each (default: none)")
+    parser.add_argument("--churn-blocks", type=int, default=8, help="blocks each churn batch evicts and stores")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,7 +78,38 @@ def main(args: argparse.Namespace) -> int:
     print(f"routing decision, {args.replicas} replicas, {args.prompt_tokens}-token prompts "
           f"({sum(len(r.blocks) for r in follower.index.replicas.values())} blocks indexed): p50 {pick(0.5):.3f} ms, p90 {pick(0.9):.3f} ms, "
           f"p99 {pick(0.99):.3f} ms")
+    if args.churn_batches:
+        _churn(follower, {name: news[name].snapshot.blocks for name in replicas}, args)
     return 0
+
+
+def _churn(follower: KVIndexFollower, held: dict[str, list[bytes]], args: argparse.Namespace) -> None:
+    """Apply `--churn-batches` batches, the replicas in turn, each evicting the replica's
+    oldest `--churn-blocks` blocks and storing as many new ones; print the apply times."""
+    index, count = follower.index, args.churn_blocks
+    oldest_first = {name: deque(blocks) for name, blocks in held.items()}
+    seqs = {name: index.replicas[name].last_seq for name in held}
+    names = list(held)
+    times = []
+    for k in range(args.churn_batches):
+        name = names[k % len(names)]
+        blocks = oldest_first[name]
+        evicted = [blocks.popleft() for _ in range(min(count, len(blocks)))]
+        stored = [os.urandom(32) for _ in range(count)]  # as a block hash: 32 uniform bytes
+        blocks.extend(stored)
+        seqs[name] += 1
+        batch = KVEventBatch(index.replicas[name].epoch, seqs[name], 0.0, [
+            BlockRemoved(evicted, DEVICE_MEDIUM),
+            BlockStored(stored, None, [], args.block_size, None, DEVICE_MEDIUM, DEFAULT_RETENTION_PRIORITY)])
+        start = time.perf_counter()
+        fate = index.apply(name, batch)
+        times.append(time.perf_counter() - start)
+        if fate is not Fate.APPLIED:  # its time would be of a batch turned away
+            raise RuntimeError(f"churn batch {seqs[name]} of {name}: {fate.value}")
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
+    print(f"event batches ({count} blocks evicted and {count} stored each, {len(times)} batches): "
+          f"p50 {pick(0.5):.3f} ms, p99 {pick(0.99):.3f} ms, p99.9 {pick(0.999):.3f} ms, worst {times[-1] * 1e3:.1f} ms")
 
 
 def _step_cost(rng: random.Random) -> StepCost:
