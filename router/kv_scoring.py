@@ -233,9 +233,9 @@ class KVScorer:
         return seconds
 
     def _waiting_work_charge(self, waiting: np.ndarray) -> float:
-        """How many times a request's own prefill its work costs the requests after it, where
-        the replicas report `waiting` requests not yet scheduled. Once most replicas have a queue, work
-        added anywhere takes capacity the cluster lacks and delays about as many later
+        """What a request's prefill costs the requests after it, as a multiple of its own time,
+        where the replicas report `waiting` requests not yet scheduled. Once most replicas have
+        a queue, work added anywhere takes capacity the cluster lacks and delays about as many later
         requests as wait on a typical replica (the median); a prompt recomputed away from its
         cached prefix for a slightly shorter queue costs them its whole prefill. While most
         replicas have room (median 0) it costs no one else."""
