@@ -73,8 +73,7 @@ def main(args: argparse.Namespace) -> int:
         order, _ = scorer.rank(replicas, hashes, num_tokens)
         scorer.record(replicas[order[0]], hashes)  # as the router does, within its decision
         times.append(time.perf_counter() - start)
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
+    pick = _milliseconds_at(times)
     print(f"routing decision, {args.replicas} replicas, {args.prompt_tokens}-token prompts "
           f"({sum(len(r.blocks) for r in follower.index.replicas.values())} blocks indexed): p50 {pick(0.5):.3f} ms, p90 {pick(0.9):.3f} ms, "
           f"p99 {pick(0.99):.3f} ms")
@@ -106,10 +105,15 @@ def _churn(follower: KVIndexFollower, held: dict[str, list[bytes]], args: argpar
         times.append(time.perf_counter() - start)
         if fate is not Fate.APPLIED:  # its time would be of a batch turned away
             raise RuntimeError(f"churn batch {seqs[name]} of {name}: {fate.value}")
-    times.sort()
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3  # noqa: E731
+    pick = _milliseconds_at(times)
     print(f"event batches ({count} blocks evicted and {count} stored each, {len(times)} batches): "
-          f"p50 {pick(0.5):.3f} ms, p99 {pick(0.99):.3f} ms, p99.9 {pick(0.999):.3f} ms, worst {times[-1] * 1e3:.1f} ms")
+          f"p50 {pick(0.5):.3f} ms, p99 {pick(0.99):.3f} ms, p99.9 {pick(0.999):.3f} ms, worst {pick(1.0):.1f} ms")
+
+
+def _milliseconds_at(times: list[float]):
+    """The quantile q of `times` (seconds), in ms, as a function of q."""
+    times = sorted(times)
+    return lambda q: times[min(len(times) - 1, int(q * len(times)))] * 1e3
 
 
 def _step_cost(rng: random.Random) -> StepCost:
