@@ -144,7 +144,11 @@ def _progress(record: dict) -> str:
     return (f"sim: {record['workload']} rate {record['rate']:g} replicas {record['replicas']} ingress "
             f"{record['ingress']} {record['policy']:>13}: hit {record['hit_rate']:.1%} (oracle "
             f"{record['oracle_hit_rate']:.1%}), TTFT p90 {'-' if p90 is None else f'{p90:.3f} s'}, "
-            f"refused {record['refused']} [{record['wall_s']:.1f} s]")
+            f"refused {record['refused']}, decision p99 {_ms(record['decision_p99_ms'])} [{record['wall_s']:.1f} s]")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 def main(args: argparse.Namespace) -> int:

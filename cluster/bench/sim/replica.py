@@ -44,6 +44,7 @@ class Job:
     finish_s: float | None = None
     cached_tokens: int = 0
     refused: str | None = None
+    decision_s: float | None = None  # the wall time of its router's last ranking for it
     reply_tokens: Iterator[int] | None = None  # the answer's tokens not yet emitted
     last_position: int = 0  # the position whose computing ends the request
 

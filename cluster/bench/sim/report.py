@@ -19,6 +19,7 @@ COLUMNS = (
     ("throughput_tok_s", "output tok/s", "{:.0f}"),
     ("goodput_req_s", "goodput (req/s)", "{:.2f}"),
     ("refused", "refused", "{}"),
+    ("decision_p99_ms", "decision p99 (ms)", "{:.2f}"),
 )
 
 
@@ -32,7 +33,8 @@ def summarize(jobs, slo_ttft_s: float, slo_tpot_s: float | None) -> dict:
     within the SLO per second of offered load (first to last arrival), and their share of all
     requests (refused ones count against both). Over the arrival window, not to the last
     finish: below saturation every policy that meets the SLO serves the offered rate, and
-    the time the last answers take to drain says nothing about the routing."""
+    the time the last answers take to drain says nothing about the routing. And the routing
+    decision's own wall time (its router's last ranking of each request), p50 and p99 in ms."""
     served = [j for j in jobs if j.finish_s is not None]
     ttft = [j.first_token_s - j.item.arrival_s for j in served]
     tpot = [(j.finish_s - j.first_token_s) / (j.item.output_length - 1) for j in served if j.item.output_length > 1]
@@ -40,6 +42,7 @@ def summarize(jobs, slo_ttft_s: float, slo_tpot_s: float | None) -> dict:
     start = min((j.item.arrival_s for j in jobs), default=0.0)
     span = max((j.finish_s for j in served), default=start) - start
     window = (max((j.item.arrival_s for j in jobs), default=start) - start) or span  # one arrival: its span
+    decisions = [j.decision_s * 1e3 for j in jobs if j.decision_s is not None]
     good = sum(1 for j, t in zip(served, ttft) if t <= slo_ttft_s and (
         slo_tpot_s is None or j.item.output_length < 2
         or (j.finish_s - j.first_token_s) / (j.item.output_length - 1) <= slo_tpot_s))
@@ -57,6 +60,8 @@ def summarize(jobs, slo_ttft_s: float, slo_tpot_s: float | None) -> dict:
         "goodput_req_s": good / window if window > 0 else 0.0,
         "slo_attainment": good / len(jobs) if jobs else 0.0,
         "sim_span_s": span,
+        "decision_p50_ms": _percentile(decisions, 50),
+        "decision_p99_ms": _percentile(decisions, 99),
     }
 
 

@@ -11,6 +11,7 @@ to the step end. The routers hear the replicas' KV events and load `event_delay_
 import gc
 import heapq
 import random
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -124,7 +125,10 @@ class Cluster:
         if router.feed is not None:
             router.feed.catch_up(self.clock.now)
         limit = self.config.max_ongoing_requests
-        for k in router.policy.rank(job):
+        start = time.perf_counter()
+        ranking = router.policy.rank(job)
+        job.decision_s = time.perf_counter() - start
+        for k in ranking:
             if self.ongoing[k] < limit:
                 self._send(job, k)
                 return True
