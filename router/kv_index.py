@@ -49,6 +49,27 @@ def follow_retention(retained: set[BlockHash], events: Iterable[KVEvent]) -> Non
             retained.update(event.block_hashes)
 
 
+Holding = str | frozenset[str]  # who holds a block: a replica's name, or two or more names
+_UNSEEN = object()
+
+
+def _joined(held: Holding, replica: str) -> Holding:
+    """`held` with `replica` too."""
+    if type(held) is str:
+        return held if held == replica else frozenset((held, replica))
+    return held if replica in held else held | {replica}
+
+
+def _left(held: Holding, replica: str) -> Holding | None:
+    """`held` without `replica` (None: nobody)."""
+    if type(held) is str:
+        return None if held == replica else held
+    if replica not in held:
+        return held
+    rest = held - {replica}
+    return next(iter(rest)) if len(rest) == 1 else rest
+
+
 def _mark(marked: set[str], replica: str, blocks: set[BlockHash]) -> None:
     """`replica` in `marked` exactly while `blocks` holds something."""
     if blocks:
@@ -83,8 +104,7 @@ class ReplicaBlocks:
 
 
 class HolderMap:
-    """From each block hash to whoever holds it (a replica's name, or a set of two or more),
-    split by the hash's first byte into `_SHARDS` dicts; the index's walks and updates pick
+    """From each block hash to whoever holds it (a `Holding`), split by the hash's first byte into `_SHARDS` dicts; the index's walks and updates pick
     the shard themselves (`shards[block_hash[0]]`), the rest reads it as one mapping.
 
     A dict that keeps taking new keys and losing old ones rebuilds its whole table once in a
@@ -94,12 +114,12 @@ class HolderMap:
     their first bytes spread the blocks evenly."""
 
     def __init__(self):
-        self.shards: list[dict[BlockHash, str | set[str]]] = [{} for _ in range(_SHARDS)]
+        self.shards: list[dict[BlockHash, Holding]] = [{} for _ in range(_SHARDS)]
 
-    def get(self, block_hash: BlockHash) -> str | set[str] | None:
+    def get(self, block_hash: BlockHash) -> Holding | None:
         return self.shards[block_hash[0]].get(block_hash)
 
-    def __getitem__(self, block_hash: BlockHash) -> str | set[str]:
+    def __getitem__(self, block_hash: BlockHash) -> Holding:
         return self.shards[block_hash[0]][block_hash]
 
     def __contains__(self, block_hash: BlockHash) -> bool:
@@ -111,7 +131,7 @@ class HolderMap:
     def __iter__(self) -> Iterator[BlockHash]:
         return chain.from_iterable(self.shards)
 
-    def values(self) -> Iterator[str | set[str]]:
+    def values(self) -> Iterator[Holding]:
         return chain.from_iterable(shard.values() for shard in self.shards)
 
 
@@ -130,8 +150,10 @@ class KVIndex:
     holds it, which lets `prefix_matches` walk a prompt's chain once for the whole cluster.
     A hash's holder is stored as the replica's name while it has one holder (most blocks: a
     set per block would cost ~200 bytes each and millions of objects for the garbage
-    collector to scan), as a set of two or more names otherwise; a hash nobody holds has no
-    entry.
+    collector to scan), as a frozenset of two or more names otherwise; a hash nobody holds
+    has no entry. The blocks of one event batch that change from the same holders to the
+    same holders share one frozenset, so a prefix several replicas hold is mostly runs of
+    one object, which `prefix_matches` passes through by identity.
     """
 
     def __init__(self):
@@ -197,35 +219,41 @@ class KVIndex:
     def _take(self, replica: str, block_hashes: Iterable[BlockHash]) -> None:
         """`replica` now holds these blocks (it did not before)."""
         shards = self.holders.shards
+        joined: dict[Holding, Holding] = {}  # each holding met here, with `replica`: a chain's blocks share one
         for block_hash in block_hashes:
             holders = shards[block_hash[0]]
             held = holders.get(block_hash)
             if held is None:
                 holders[block_hash] = replica
-            elif type(held) is set:
-                held.add(replica)
-            elif held != replica:
-                holders[block_hash] = {held, replica}
+                continue
+            new = joined.get(held)
+            if new is None:
+                new = joined[held] = _joined(held, replica)
+            holders[block_hash] = new
 
     def _release(self, replica: str, block_hashes: Iterable[BlockHash]) -> None:
         """`replica` no longer holds these blocks."""
         shards = self.holders.shards
+        left: dict[Holding, Holding | None] = {}  # each holding met here, without `replica`
         for block_hash in block_hashes:
             holders = shards[block_hash[0]]
             held = holders.get(block_hash)
-            if type(held) is set:
-                held.discard(replica)
-                if len(held) == 1:
-                    holders[block_hash] = next(iter(held))
-            elif held == replica:
+            if held is None:
+                continue
+            new = left.get(held, _UNSEEN)
+            if new is _UNSEEN:
+                new = left[held] = _left(held, replica)
+            if new is None:
                 del holders[block_hash]
+            else:
+                holders[block_hash] = new
 
     def holders_of(self, block_hash: BlockHash) -> set[str]:
         """The replicas holding this block (a new set)."""
         held = self.holders.get(block_hash)
         if held is None:
             return set()
-        return set(held) if type(held) is set else {held}
+        return {held} if type(held) is str else set(held)
 
     def hear(self, replica: str, heartbeat: Heartbeat, now: float) -> bool:
         """Take a heartbeat; False if it contradicts the replica's state (another epoch, a
@@ -261,23 +289,30 @@ class KVIndex:
         One walk down the chain for all replicas: those still matching after block d are
         those still matching before it that hold it (from `holders`). Each of the others keeps
         the depth at which it dropped out. Once one replica is left, the walk goes on in its
-        own set (one set lookup a block, no holder map), until its first miss. The cost
-        follows the prompt and the blocks' holders, not the number of replicas asked."""
+        own set (one set lookup a block, no holder map), until its first miss. A block held
+        by the very holding of the block before it changes nothing (`_take` and `_release`
+        make a run of them). The cost follows the prompt and the blocks' holders, not the
+        number of replicas asked."""
         matched = {}
         shards = self.holders.shards
         alive = None  # the replicas asked that hold every block so far (None before the first)
+        last_held = None
         depth = 0
         blocks_left = iter(block_hashes)
         for block_hash in blocks_left:
             held = shards[block_hash[0]].get(block_hash)
             if held is None:
                 break
+            if held is last_held:
+                depth += 1
+                continue
+            last_held = held
             if alive is None:  # the first block
-                still = {r for r in (held if type(held) is set else (held,)) if r in replicas}
-            elif type(held) is set:
-                still = alive if alive <= held else alive & held
-            else:
+                still = {r for r in ((held,) if type(held) is str else held) if r in replicas}
+            elif type(held) is str:
                 still = {held} if held in alive else set()
+            else:
+                still = alive if alive <= held else alive & held
             if not still:
                 break
             if alive is not None and len(still) < len(alive):
