@@ -20,7 +20,7 @@ import ray
 
 from kvserve.router import routing_metrics as metrics
 from kvserve.router.kv_index import SILENCE_S, Fate, KVIndex
-from kvserve.router.replica_table import ReplicaTable
+from kvserve.router.replica_table import ReplicaTable, StepCostTable
 from kvserve.workers.engine.block_hash import hash_check_value
 from kvserve.workers.protocol import EngineStats, Heartbeat, HubNews, KVCursor, ReplicaNews
 from kvserve.workers.kv_event_hub import hub_name
@@ -53,11 +53,7 @@ class KVIndexFollower:
         # scorer counts its own sends after that arrival as not yet in those figures.
         self.latest_heartbeat: dict[str, tuple[float, float]] = {}
         self.decode_load: dict[str, float] = {}  # per replica, its running sequences averaged (see above)
-        # Per replica, once its heartbeat has one, its step cost
-        # (base_s, per_prefill_token_s, per_decode_seq_s, tokens_per_step).
-        self.step_costs: dict[str, tuple[float, float, float, int]] = {}
-        self._deployment_step_cost: tuple[float, float, float, float] | None = None
-        self._step_costs_changed = False
+        self.step_costs = StepCostTable()
         # The replicas whose queue orders by priority and holds something: their waiting
         # sequences per priority (EngineStats.waiting_by_priority), for the scorer's tie-break.
         self.queued: dict[str, EngineStats] = {}
@@ -168,11 +164,10 @@ class KVIndexFollower:
         self.table.write(replica, counts, state.heard_at + SILENCE_S if state is not None else -np.inf)
         cost = stats.step_cost
         if cost is not None:
-            coefficients = (cost.base_s, cost.per_prefill_token_s, cost.per_decode_seq_s, cost.tokens_per_step)
-            self._step_costs_changed |= self.step_costs.get(replica) != coefficients
-            self.step_costs[replica] = coefficients
-        elif self.step_costs.pop(replica, None) is not None:
-            self._step_costs_changed = True
+            self.step_costs.write(replica, (cost.base_s, cost.per_prefill_token_s, cost.per_decode_seq_s,
+                                            cost.tokens_per_step))
+        else:
+            self.step_costs.drop(replica)
         if stats.waiting_by_priority:
             self.queued[replica] = stats
         else:
@@ -203,12 +198,8 @@ class KVIndexFollower:
         """The step cost of the deployment's replicas (base, per prompt token, per decoding
         sequence, tokens per step): the median of those they measured, which no single
         replica's noisy fit can swing (they run one model on the same hardware); None before
-        any has measured. Worked out again only after a heartbeat changed one."""
-        if self._step_costs_changed:
-            costs = list(self.step_costs.values())
-            self._deployment_step_cost = tuple(np.median(costs, axis=0).tolist()) if costs else None
-            self._step_costs_changed = False
-        return self._deployment_step_cost
+        any has measured."""
+        return self.step_costs.median()
 
     def _lose(self, replica: str, cause: str) -> None:
         """Unknown until a snapshot arrives; the hub is asked for one at once."""
@@ -236,7 +227,6 @@ class KVIndexFollower:
         self.table.drop(replica)
         self.latest_heartbeat.pop(replica, None)
         self.decode_load.pop(replica, None)
-        if self.step_costs.pop(replica, None) is not None:
-            self._step_costs_changed = True
+        self.step_costs.drop(replica)
         self.queued.pop(replica, None)
         self.rejected.discard(replica)

@@ -25,10 +25,10 @@ class ReplicaRows:
     """A row of `columns` counts per replica written so far; the rows of replicas dropped are
     handed out again."""
 
-    def __init__(self, columns: int):
+    def __init__(self, columns: int, dtype: type = np.int64):
         self._rows: dict[str, int] = {}
         self._free: list[int] = []
-        self.counts = np.zeros((2, columns), np.int64)
+        self.counts = np.zeros((2, columns), dtype)
         self._asked: list[str] | None = None
         self._asked_rows = np.zeros(0, np.intp)
         self._asked_positions: dict[str, int] = {}
@@ -122,3 +122,34 @@ class ReplicaCounter(ReplicaRows):
 
     def of(self, replicas: list[str]) -> np.ndarray:
         return self.counts[self.rows(replicas), 0]
+
+
+class StepCostTable(ReplicaRows):
+    """Each replica's step cost, once its heartbeat has one (base_s, per_prefill_token_s,
+    per_decode_seq_s, tokens_per_step), and their median, worked out again only after one
+    changed: at hundreds of replicas heartbeats change some fit between most decisions, and
+    a median over the rows costs a fraction of one over a list of tuples."""
+
+    def __init__(self):
+        super().__init__(4, float)
+        self._median: tuple[float, float, float, float] | None = None
+
+    def write(self, replica: str, coefficients: tuple[float, float, float, int]) -> None:
+        new = replica not in self._rows
+        row = self.row(replica)
+        if new or self.counts[row].tolist() != list(coefficients):
+            self.counts[row] = coefficients
+            self._median = None
+
+    def drop(self, replica: str) -> int | None:
+        row = super().drop(replica)
+        if row is not None:
+            self._median = None
+        return row
+
+    def median(self) -> tuple[float, float, float, float] | None:
+        """Of each coefficient over the replicas that have one; None if none has."""
+        if self._median is None and self._rows:
+            rows = np.fromiter(self._rows.values(), np.intp, len(self._rows))
+            self._median = tuple(np.median(self.counts[rows], axis=0).tolist())
+        return self._median

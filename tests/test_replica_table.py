@@ -1,8 +1,12 @@
 """The per-replica rows a routing decision reads its figures from."""
 
-import numpy as np
+import random
+import statistics
 
-from kvserve.router.replica_table import REPORTED, TOTAL, ReplicaCounter, ReplicaTable
+import numpy as np
+import pytest
+
+from kvserve.router.replica_table import REPORTED, TOTAL, ReplicaCounter, ReplicaTable, StepCostTable
 
 
 def test_rows_grow_past_their_arrays_and_keep_every_replica_s_figures():
@@ -55,3 +59,35 @@ def test_a_counter_counts_from_zero_and_reads_as_an_array():
     counter.drop("a")
     assert counter["a"] == 0
     assert counter.of(["a", "r9"]).tolist() == [0, 9]
+
+
+def test_the_step_cost_median_follows_every_write_and_drop():
+    """Against the median of the replicas' current tuples, through writes that change a fit,
+    writes that repeat one, new replicas and dropped ones (whose rows are handed out again)."""
+    rng = random.Random(3)
+    table, current = StepCostTable(), {}
+    assert table.median() is None
+    for _ in range(300):
+        replica = f"r{rng.randrange(12)}"
+        if rng.random() < 0.2:
+            table.drop(replica)
+            current.pop(replica, None)
+        elif rng.random() < 0.3 and replica in current:
+            table.write(replica, current[replica])
+        else:
+            current[replica] = (rng.random(), rng.random() / 1e4, rng.random() / 1e3, rng.choice([512, 2048, 8192]))
+            table.write(replica, current[replica])
+        expected = tuple(statistics.median(c) for c in zip(*current.values())) if current else None
+        assert table.median() == expected
+
+
+def test_the_step_cost_median_is_worked_out_again_only_after_a_change():
+    table = StepCostTable()
+    table.write("a", (0.01, 1e-5, 1e-4, 2048))
+    table.write("b", (0.03, 3e-5, 3e-4, 2048))
+    median = table.median()
+    assert median == pytest.approx((0.02, 2e-5, 2e-4, 2048.0))
+    table.write("a", (0.01, 1e-5, 1e-4, 2048))  # the same fit again
+    assert table.median() is median
+    table.write("c", (0.05, 5e-5, 5e-4, 2048))
+    assert table.median() == pytest.approx((0.03, 3e-5, 3e-4, 2048.0))
