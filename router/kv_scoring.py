@@ -135,9 +135,7 @@ class KVScorer:
         the base model)."""
         known = self._known(replicas)
         matched = self.follower.index.prefix_matches(block_hashes, known)
-        for replica, depth in self.working_sets.recent_matches(block_hashes, known, self.options.recent_s).items():
-            if depth > matched.get(replica, 0):
-                matched[replica] = depth
+        matched.update(self.working_sets.recent_matches(block_hashes, known, self.options.recent_s, matched))
         depths = self._spread(replicas, matched)
         host_blocks = self._host_blocks(replicas, block_hashes, known, matched, depths)
         figures = self.follower.figures(replicas)

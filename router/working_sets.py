@@ -123,29 +123,36 @@ class WorkingSets:
         return sum(1 for block_hash in block_hashes if block_hash in last_send)
 
     def recent_matches(
-        self, block_hashes: list[BlockHash], replicas: Container[str], within_s: float, now: float | None = None
+        self, block_hashes: list[BlockHash], replicas: Container[str], within_s: float,
+        beyond: dict[str, int] | None = None, now: float | None = None,
     ) -> dict[str, int]:
         """For each of `replicas` sent the first of `block_hashes` within the last `within_s`
-        (no longer than the window), how many leading blocks were sent there within that time;
-        the others are left out. Only the replicas sent the first block are searched: at
-        hundreds of replicas, most were not. Every prompt sent with a block
+        (no longer than the window), how many leading blocks were sent there within that time,
+        where more than `beyond` gives it (0 for a replica absent there); the others are left
+        out. Only the replicas sent the first block are searched: at hundreds of replicas,
+        most were not. Every prompt sent with a block
         held the blocks before it, so a block's last send is no older than the next block's,
         and no newer than the previous one's: the recent blocks of a chain lead it (kept so
-        by dropping a send's tail first), and a binary search finds where they end."""
+        by dropping a send's tail first). So one lookup, of the block after a replica's
+        `beyond` depth, tells whether it goes deeper, and a binary search finds where its
+        recent blocks end."""
         since = (self.clock() if now is None else now) - within_s
+        beyond = beyond or {}
         matched = {}
         if not block_hashes:
             return matched
         for replica in self._heads.get(block_hashes[0], ()):
-            if replica not in replicas:
+            floor = beyond.get(replica, 0)
+            if floor >= len(block_hashes) or replica not in replicas:
                 continue
             sends, last_send = self._sends[replica], self._last_send[replica]
-            if sends[-1].at <= since:
+            number = last_send.get(block_hashes[floor])
+            if number is None or sends[-1].at <= since:
                 continue
             recent = sends[bisect.bisect_right(sends, since, key=attrgetter("at"))].number  # the first send since
-            depth = bisect.bisect_left(block_hashes, True, key=lambda h: last_send.get(h, -1) < recent)
-            if depth:
-                matched[replica] = depth
+            if number >= recent:
+                matched[replica] = bisect.bisect_left(block_hashes, True, floor + 1,
+                                                      key=lambda h: last_send.get(h, -1) < recent)
         return matched
 
     def forget(self, replica: str) -> None:
