@@ -715,6 +715,24 @@ def test_prefix_matches_walks_once_for_shared_and_sole_holders():
     assert index.holders[chain[0]] == {"a", "c", "d"} and chain[4] not in index.holders
 
 
+def test_a_prefix_held_by_the_same_replicas_is_one_holding_and_walked_through_by_identity():
+    """Each batch's blocks that go from the same holders to the same holders share one
+    frozenset: a chain three replicas took whole is one object from its first block to its
+    last, and what one replica evicts in a batch becomes one object again."""
+    index = KVIndex()
+    chain = hash_block_chain(list(range(8 * BLOCK)), BLOCK)
+    for name in "abc":
+        index.load_snapshot(name, BLOCK, BlockSnapshot(1, 0, chain), Heartbeat(1, 0, 0.0, pool_stats(cached=8)), now=0.0)
+    assert len({id(index.holders[h]) for h in chain}) == 1 and index.holders[chain[0]] == {"a", "b", "c"}
+    index.apply("b", KVEventBatch(1, 1, 0.0, [BlockRemoved(chain[5:], DEVICE_MEDIUM)]))
+    index.apply("c", KVEventBatch(1, 1, 0.0, [BlockRemoved(chain[3:], DEVICE_MEDIUM)]))
+    holdings = [index.holders[h] for h in chain]
+    assert [len({id(h) for h in part}) for part in (holdings[:3], holdings[3:5], holdings[5:])] == [1, 1, 1]
+    assert holdings[5] == "a" and holdings[3] == {"a", "b"}
+    assert index.prefix_matches(chain, ["a", "b", "c"]) == {"a": 8, "b": 5, "c": 3}
+    assert index.prefix_matches(chain, ["b", "c"]) == {"b": 5, "c": 3}
+
+
 def sent_since(sets, replica: str, since: float) -> set[BlockHash]:
     """The blocks `sets` still counts for `replica`, last sent after `since` (read inside)."""
     sent_at = {send.number: send.at for send in sets._sends.get(replica, ())}
@@ -723,7 +741,8 @@ def sent_since(sets, replica: str, since: float) -> set[BlockHash]:
 
 def test_recent_matches_equal_a_walk_of_each_replicas_sends():
     """The binary search of `recent_matches` against a block-by-block walk, after prompts
-    that share prefixes went to replicas at various times and pushed each other out."""
+    that share prefixes went to replicas at various times and pushed each other out; and
+    only the replicas it takes deeper than a given depth, where one is given."""
     import random
 
     from kvserve.router.working_sets import WorkingSets
@@ -739,6 +758,9 @@ def test_recent_matches_equal_a_walk_of_each_replicas_sends():
         walked = leading_matches(query, NAMES, lambda r: sent_since(sets, r, since))
         recent = {r: depth for r, depth in walked.items() if depth}
         assert sets.recent_matches(query, NAMES, within_s=now - since, now=float(now)) == recent
+        beyond = {r: rng.randrange(13) for r in NAMES if rng.random() < 0.5}  # what the index matched
+        deeper = {r: depth for r, depth in recent.items() if depth > beyond.get(r, 0)}
+        assert sets.recent_matches(query, NAMES, within_s=now - since, beyond=beyond, now=float(now)) == deeper
 
 
 def test_index_follows_the_host_tier_too():
