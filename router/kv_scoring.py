@@ -4,7 +4,7 @@ import random
 from collections import defaultdict, deque
 from collections.abc import Container
 from dataclasses import dataclass
-from itertools import islice, repeat, takewhile
+from itertools import islice, takewhile
 
 import numpy as np
 
@@ -238,7 +238,9 @@ class KVScorer:
         cached prefix for a slightly shorter queue costs them its whole prefill. While most
         replicas have room (median 0) it costs no one else."""
         waiting = np.maximum(waiting, 0)
-        return self.options.waiting_work_charge * float(np.median(waiting)) if waiting.any() else 0.0
+        if np.count_nonzero(waiting) < len(waiting) - len(waiting) // 2:  # most have no one waiting: the median is 0
+            return 0.0
+        return self.options.waiting_work_charge * float(np.median(waiting))
 
     def _unreported_tokens(self, replicas: list[str], in_flight_unreported: np.ndarray) -> np.ndarray:
         """Per replica, the uncached tokens of our latest sends there that its heartbeat has
@@ -249,8 +251,12 @@ class KVScorer:
         unreported = in_flight_unreported
         since = self._sends_since_heartbeat()
         if since:
-            sent = np.fromiter(map(since.get, replicas, repeat(0)), np.int64, len(replicas))
-            unreported = np.maximum(unreported, sent)
+            unreported = unreported.copy()
+            positions = self.follower.positions(replicas)
+            for replica, sent in since.items():
+                k = positions.get(replica)
+                if k is not None and sent > unreported[k]:
+                    unreported[k] = sent
         tokens = np.zeros(len(replicas))
         for k in np.flatnonzero(unreported):
             tokens[k] = sum(t for _, t in islice(reversed(self.sent_tokens[replicas[k]]), int(unreported[k])))

@@ -150,6 +150,8 @@ class StepCostTable(ReplicaRows):
     def median(self) -> tuple[float, float, float, float] | None:
         """Of each coefficient over the replicas that have one; None if none has."""
         if self._median is None and self._rows:
-            rows = np.fromiter(self._rows.values(), np.intp, len(self._rows))
-            self._median = tuple(np.median(self.counts[rows], axis=0).tolist())
+            n = len(self._rows)
+            ranked = np.sort(self.counts[np.fromiter(self._rows.values(), np.intp, n)], axis=0)
+            middle = ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2  # as np.median, faster
+            self._median = tuple(middle.tolist())
         return self._median
