@@ -4,7 +4,7 @@ import random
 from collections import defaultdict, deque
 from collections.abc import Container
 from dataclasses import dataclass
-from itertools import islice, takewhile
+from itertools import takewhile
 
 import numpy as np
 
@@ -57,7 +57,9 @@ class KVScorer:
         # Per replica, when this router sent it requests and their uncached prompt tokens,
         # newest last: the queue a heartbeat has not reported yet (`cost_unit: seconds`).
         self.sent_tokens: dict[str, deque[tuple[float, float]]] = defaultdict(lambda: deque(maxlen=_SENDS_KEPT))
-        self._unheard: dict[str, None] = {}  # the replicas sent to since their latest heartbeat, perhaps
+        # The replicas sent to since their latest heartbeat, perhaps: per replica, the arrival
+        # of the heartbeat it was last counted against (None: count again) and the sends since.
+        self._unheard: dict[str, tuple[float | None, int]] = {}
         self._last_uncached: tuple[list[str], np.ndarray] | None = None  # of the last ranking, for `record`
         self._ties = np.random.default_rng(random.getrandbits(64))  # seeded by `random`, as the simulator needs
 
@@ -67,14 +69,22 @@ class KVScorer:
             ranked, uncached = self._last_uncached
             position = self.follower.positions(ranked).get(replica)
             if position is not None:
-                self.sent_tokens[replica].append((self.follower.clock(), float(uncached[position])))
-                self._unheard[replica] = None
+                self._note_send(replica, float(uncached[position]))
         if self.options.decode_steps_ahead:
             self.conversations.sent(self.follower.clock(), block_hashes)
         stats = self.follower.stats.get(replica)
         self.working_sets.add(replica, block_hashes, limit=2 * stats.kv_blocks_total if stats else None)
         if lora_name is not None:
             self.sent_adapters[replica][lora_name] = self.working_sets.clock()
+
+    def _note_send(self, replica: str, uncached: float) -> None:
+        now, sends = self.follower.clock(), self.sent_tokens[replica]
+        sends.append((now, uncached))
+        heard_at, count = self._unheard.get(replica, (None, 0))
+        if heard_at is not None and now > heard_at:
+            self._unheard[replica] = (heard_at, min(count + 1, len(sends)))
+        else:
+            self._unheard[replica] = (None, 0)
 
     def request_sent(self, replica: str) -> None:
         self.in_flight[replica] += 1
@@ -258,18 +268,27 @@ class KVScorer:
                 if k is not None and sent > unreported[k]:
                     unreported[k] = sent
         tokens = np.zeros(len(replicas))
-        for k in np.flatnonzero(unreported):
-            tokens[k] = sum(t for _, t in islice(reversed(self.sent_tokens[replicas[k]]), int(unreported[k])))
+        ks = np.flatnonzero(unreported)
+        for k, count in zip(ks.tolist(), unreported[ks].tolist()):
+            sends = self.sent_tokens[replicas[k]]
+            total = 0
+            for newest in range(1, min(count, len(sends)) + 1):
+                total += sends[-newest][1]
+            tokens[k] = total
         return tokens
 
     def _sends_since_heartbeat(self) -> dict[str, int]:
-        """Per replica we sent to after its latest heartbeat arrived, how many sends."""
+        """Per replica we sent to after its latest heartbeat arrived, how many sends: counted
+        again only where another heartbeat has arrived since the last count (`_note_send`
+        counts the sends after it)."""
         counts = {}
-        for replica in list(self._unheard):
+        for replica, (counted_at, count) in list(self._unheard.items()):
             heard_at = self.follower.reported_at(replica)
-            sent = sum(1 for _ in takewhile(lambda send: send[0] > heard_at, reversed(self.sent_tokens[replica])))
-            if sent:
-                counts[replica] = sent
+            if heard_at != counted_at:
+                count = sum(1 for _ in takewhile(lambda send: send[0] > heard_at, reversed(self.sent_tokens[replica])))
+                self._unheard[replica] = (heard_at, count)
+            if count:
+                counts[replica] = count
             else:
                 del self._unheard[replica]
         return counts

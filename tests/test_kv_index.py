@@ -339,6 +339,48 @@ def test_in_seconds_our_sends_count_their_uncached_tokens_until_a_heartbeat_does
     assert scorer.rank(["a", "b"], short, len(short_prompt))[0] == [1, 0]
 
 
+def test_the_sends_since_each_replicas_heartbeat_are_counted_as_a_recount_would():
+    """The counts kept as sends are noted, against counting each replica's sends after its
+    latest heartbeat's arrival from scratch, through sends at the same instant as a
+    heartbeat, heartbeats in between and more sends than are kept."""
+    import random
+
+    from kvserve.router.kv_scoring import _SENDS_KEPT, KVScorer
+
+    rng = random.Random(5)
+    now = [0.0]
+    follower = KVIndexFollower("recount-test", BLOCK, clock=lambda: now[0])
+    names = ["a", "b", "c"]
+    sent_at = dict.fromkeys(names, 0.0)  # of each replica's latest heartbeat
+    version = 0
+
+    def heartbeat(name: str) -> None:  # the hub's news names every replica; one has a new heartbeat
+        nonlocal version
+        version += 1
+        sent_at[name] = now[0]
+        follower.apply(HubNews(version, {r: news_of([], stats=timed(pool_stats(1000), 0), sent_at=sent_at[r])
+                                         for r in names}, 1))
+
+    heartbeat("a")
+    scorer = KVScorer(follower, BLOCK, EXACT_SECONDS)
+    prompt = hash_block_chain(list(range(3 * BLOCK)), BLOCK)
+    for _ in range(1000):
+        now[0] += rng.choice([0.0, 0.0, 0.01])
+        if rng.random() < 0.1:
+            heartbeat(rng.choice(names))
+        else:
+            scorer.rank(names, prompt, 3 * BLOCK)
+            scorer.record(rng.choice(names), prompt)
+        recount = {}
+        for name in names:
+            heard_at = follower.reported_at(name)
+            count = sum(1 for at, _ in scorer.sent_tokens[name] if at > heard_at)
+            if count:
+                recount[name] = count
+        assert scorer._sends_since_heartbeat() == recount
+    assert max(len(sends) for sends in scorer.sent_tokens.values()) == _SENDS_KEPT
+
+
 def test_in_seconds_several_routers_spread_near_ties_and_keep_clear_choices():
     """Routers that read the same reports must not all pick the same replica at once: with
     several, costs within `cost_jitter` (20%) of each other share the traffic, and a replica
