@@ -104,8 +104,9 @@ class ReplicaBlocks:
 
 
 class HolderMap:
-    """From each block hash to whoever holds it (a `Holding`), split by the hash's first byte into `_SHARDS` dicts; the index's walks and updates pick
-    the shard themselves (`shards[block_hash[0]]`), the rest reads it as one mapping.
+    """From each block hash to whoever holds it (a `Holding`), split by the hash's first byte
+    into `_SHARDS` dicts; the index's walks and updates pick the shard themselves
+    (`shards[block_hash[0]]`), the rest reads it as one mapping.
 
     A dict that keeps taking new keys and losing old ones rebuilds its whole table once in a
     while, in one go. For the millions of blocks a large cluster caches, one dict paused the

@@ -764,7 +764,8 @@ def test_a_prefix_held_by_the_same_replicas_is_one_holding_and_walked_through_by
     index = KVIndex()
     chain = hash_block_chain(list(range(8 * BLOCK)), BLOCK)
     for name in "abc":
-        index.load_snapshot(name, BLOCK, BlockSnapshot(1, 0, chain), Heartbeat(1, 0, 0.0, pool_stats(cached=8)), now=0.0)
+        heartbeat = Heartbeat(1, 0, 0.0, pool_stats(cached=8))
+        index.load_snapshot(name, BLOCK, BlockSnapshot(1, 0, chain), heartbeat, now=0.0)
     assert len({id(index.holders[h]) for h in chain}) == 1 and index.holders[chain[0]] == {"a", "b", "c"}
     index.apply("b", KVEventBatch(1, 1, 0.0, [BlockRemoved(chain[5:], DEVICE_MEDIUM)]))
     index.apply("c", KVEventBatch(1, 1, 0.0, [BlockRemoved(chain[3:], DEVICE_MEDIUM)]))
