@@ -52,6 +52,7 @@ CONFIG_FLAGS = (
     ConfigFlag("engine", "max_loras", "--max-loras"),
     ConfigFlag("engine", "max_lora_rank", "--max-lora-rank"),
     ConfigFlag("engine", "lora_modules", "--lora-modules"),
+    ConfigFlag("engine", "max_queue_wait_s", "--max-queue-wait-s"),
     ConfigFlag("serving", "replicas", "--replicas"),
     ConfigFlag("serving", "router", "--router"),
     ConfigFlag("serving", "host", "--host"),

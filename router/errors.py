@@ -50,6 +50,13 @@ class RetryLater(OpenAIError):
         return reply
 
 
+def refusal(reason: str, overloaded: bool) -> OpenAIError:
+    """The replica's refusal of a request: its own problem (400), or too much load now (503)."""
+    if overloaded:
+        return RetryLater(503, reason, "server_error", code="server_overloaded")
+    return bad_request(reason)
+
+
 def replica_died(error: BaseException) -> bool:
     """Whether the replica serving a call died (the error may come wrapped in a task error)."""
     return isinstance(error, RayActorError) or isinstance(getattr(error, "cause", None), RayActorError)

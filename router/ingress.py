@@ -187,7 +187,9 @@ class Ingress:
             for s in started:
                 if not isinstance(s, BaseException):
                     s[0].cancel()
-            raise engine_error(failures[0]) from failures[0]
+            error = engine_error(failures[0])
+            metrics.REQUESTS.labels(model.name, "", error.code or error.type).inc(len(starts))
+            raise error from failures[0]
         streams, firsts = [s for s, _ in started], [f for _, f in started]
         replicas = [f.replica for f in firsts]
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(replicas))}

@@ -11,6 +11,7 @@ from kvserve.workers.protocol import EngineStats, SpeculativeStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+# status: "ok", or the error code (type) of a request refused before it started; its replica then ""
 REQUESTS = Counter("kvserve_requests_total", "Requests by outcome", ["model", "replica", "status"])
 PROMPT_TOKENS = Counter("kvserve_prompt_tokens_total", "Prompt tokens", ["model", "replica"])
 GENERATED_TOKENS = Counter("kvserve_generation_tokens_total", "Generated tokens", ["model", "replica"])

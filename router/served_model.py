@@ -11,7 +11,7 @@ from ray.serve._private.common import ReplicaState
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
-from kvserve.router.errors import bad_request, replica_died
+from kvserve.router.errors import bad_request, refusal, replica_died
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.openai_schema import ChatCompletionRequest, EmbeddingRequest
 from kvserve.router.responses import TokenText
@@ -221,6 +221,6 @@ class ServedModel:
                 continue
             if isinstance(first, RequestRefused):
                 stream.cancel()
-                raise bad_request(first.reason)
+                raise refusal(first.reason, first.overloaded)
             return stream, first
 

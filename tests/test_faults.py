@@ -1,8 +1,9 @@
 """Overload and faults on a real local Ray cluster: a full queue, a killed replica, a step
-that raises, a wedged engine, and a burst far beyond capacity.
+that raises, a wedged engine, a burst far beyond capacity, and a replica behind its
+max_queue_wait_s.
 
-Faults are injected by `FaultyServer`, an `LLMServer` whose model raises or never returns
-on prompts that start with a marker; the rest of the application (ingress, router,
+Faults are injected by `FaultyServer`, an `LLMServer` whose model raises, never returns or
+slows down on prompts that start with a marker; the rest of the application (ingress, router,
 deployment options) is `build_app`'s own. `build_app` is handed the subclass by swapping
 the name it deploys in this driver only: Serve pickles the class it is given, so the
 replicas run the subclass and nothing in the package changes."""
@@ -28,11 +29,13 @@ SERVING = {"app_name": APP, "replicas": 2, "replica_cpus": 0.5, "max_ongoing_req
            "max_queued_requests": 8, "step_timeout_s": 3.0, "drain_timeout_s": 10.0}
 FAIL = [3, 1, 4, 1]  # prompts starting with these make the step raise
 HANG = [2, 7, 1, 8]  # ... or never return
+SLOW = [1, 6, 1, 8]  # ... or take 20 ms
 
 
 def faulty_server_class():
     """Defined in a function so that Ray pickles it by value: the tests folder is no package."""
     import threading
+    import time
 
     from kvserve.workers.server import LLMServer
 
@@ -47,6 +50,8 @@ def faulty_server_class():
                     raise RuntimeError("injected step failure")
                 if (2, 7, 1, 8) in markers:
                     threading.Event().wait()
+                if (1, 6, 1, 8) in markers:
+                    time.sleep(0.02)
                 return execute(step)
 
             self.engine.runner.execute = faulty_execute
@@ -223,6 +228,41 @@ def test_health_checks_answer_during_a_burst_and_every_request_ends_cleanly(serv
             assert "error" not in events[-1] and events[-1]["choices"][0]["finish_reason"] == "length"
     assert len(health_waits) >= 3 and max(health_waits) < 1.0, health_waits
     wait_until_idle(server)
+
+
+def test_a_replica_behind_max_queue_wait_answers_503_with_retry_after_and_serves_its_queue(server, tiny_checkpoints):
+    """A second application on the same Serve instance: one replica running one sequence at a
+    time. While a slow answer runs, a second request waits; once it has waited past the
+    engine's max_queue_wait_s, a third is refused at once, and the second is served."""
+    config = load_config(None, {
+        "engine": {**ENGINE, "model": str(tiny_checkpoints["llama"]), "max_num_seqs": 1, "max_queue_wait_s": 0.5},
+        "serving": {**SERVING, "app_name": "shedding", "replicas": 1, "port": int(server.rsplit(":", 1)[1])}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(app_module, "LLMServer", faulty_server_class())
+        serve.run(build_app(config), name="shedding", route_prefix="/shedding")
+    base = f"{server}/shedding"
+
+    async def scenario():
+        async with httpx.AsyncClient(timeout=120) as client:
+            async with client.stream("POST", f"{base}/v1/completions", json=body(SLOW + [9] * 4, 115, True)) as slow:
+                lines = slow.aiter_lines()  # kept: closed, it would close the stream
+                await anext(lines)  # it runs, 20 ms a token
+                waiting = asyncio.create_task(stream_events(client, base, [8] * 8, 4))
+                await asyncio.sleep(1.0)
+                refused = await stream_events(client, base, [7] * 8, 4)
+            return refused, await waiting  # the slow answer is cut off: its client left
+
+    try:
+        (status, events, headers), (waited_status, waited_events, _) = asyncio.run(scenario())
+        counted = re.findall(r'^kvserve_requests_total{model="\w+",replica="",status="server_overloaded"} (\S+)$',
+                             httpx.get(f"{base}/metrics").text, re.M)
+    finally:
+        serve.delete("shedding")
+    assert status == 503 and headers["retry-after"] == "1", (status, events)
+    error = events[0]["error"]
+    assert error["code"] == "server_overloaded" and error["type"] == "server_error"
+    assert "max_queue_wait_s 0.5" in error["message"] and counted == ["1.0"]
+    assert waited_status == 200 and waited_events[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_deleting_the_app_lets_in_flight_streams_finish(server):

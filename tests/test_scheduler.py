@@ -1,6 +1,7 @@
 """The scheduler under random arrivals, steps and aborts, with both policies: the queues stay in
-policy order, admission takes the head of the queue, and preemption takes the running
-sequences that would run last, never one that runs before the sequence needing the room."""
+policy order, admission takes the head of the queue, preemption takes the running
+sequences that would run last, never one that runs before the sequence needing the room, and
+the longest wait a newcomer would queue behind is the plain maximum."""
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -86,6 +87,14 @@ class SchedulerMachine(RuleBasedStateMachine):
     def every_live_sequence_is_in_one_queue(self):
         queued = [s.seq_id for s in self.scheduler.waiting] + [s.seq_id for s in self.scheduler.running]
         assert sorted(queued) == sorted(self.live)
+
+    @invariant()
+    def the_longest_wait_is_the_oldest_fresh_waiting_request_a_newcomer_queues_behind(self):
+        now = self.arrivals + 0.5
+        for priority in range(4):
+            behind = [now - s.arrival for s in self.scheduler.waiting if s.num_preemptions == 0
+                      and (self.order is arrival_order or s.priority <= priority)]
+            assert self.scheduler.longest_wait(now, priority) == max(behind, default=0.0)
 
     def teardown(self):
         if not hasattr(self, "scheduler"):

@@ -245,6 +245,18 @@ def test_overload_queues_then_refuses():
     assert sum(1 for j in jobs if j.finish_s is not None) == 60 - len(refused)
 
 
+def test_past_saturation_a_replica_refuses_newcomers_behind_a_long_wait_and_serves_the_rest_in_time():
+    items = no_reuse(300, 40.0, 0, input_tokens=400, output_tokens=100)
+    runs = {wait: _run("kv", items, replicas=1, max_queue_wait_s=wait) for wait in (None, 0.5)}
+    summaries = {wait: summarize(jobs, 2.0, None) for wait, jobs in runs.items()}
+    assert summaries[None]["refused"] == 0 and summaries[None]["ttft_p90_s"] > 4.0
+    refused = [j for j in runs[0.5] if j.refused]
+    assert refused and all("max_queue_wait_s 0.5" in j.refused and j.first_token_s is None for j in refused)
+    assert summaries[0.5]["served"] + len(refused) == 300
+    assert summaries[0.5]["ttft_p90_s"] < 2.0
+    assert summaries[0.5]["goodput_req_s"] > 2 * summaries[None]["goodput_req_s"], summaries
+
+
 def test_the_cli_verb_writes_one_record_per_run(tmp_path):
     out = tmp_path / "sim.json"
     code = cli_main(["bench", "sim", "--workload", "llmd", "--requests", "40", "--param", "customers=3",

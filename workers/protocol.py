@@ -22,7 +22,7 @@ from kvserve.workers.engine.kv_events import (
 from kvserve.workers.engine.outputs import (
     EmbeddingOutput, EngineStats, GrammarTimings, HostTierStats, SpeculativeStats, StepCost, TokenLogprobs,
 )
-from kvserve.workers.engine.prompt_checks import prompt_length_problem
+from kvserve.workers.engine.prompt_checks import Overloaded, prompt_length_problem
 from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY, KVRetention, RetentionRange
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.structured_spec import StructuredOutputSpec
@@ -86,10 +86,17 @@ class SampleDelta:
 
 @dataclass(frozen=True)
 class RequestRefused:
-    """The replica's only answer to a request its engine cannot take as it stands (the
-    request's own problem, such as more KV blocks than the pool has): the ingress answers 400."""
+    """The replica's only answer to a request its engine cannot take: as it stands (the
+    request's own problem, such as more KV blocks than the pool has; the ingress answers 400),
+    or now (`overloaded`: past `max_queue_wait_s`; 503 with Retry-After)."""
 
     reason: str
+    overloaded: bool
+
+    @classmethod
+    def of(cls, error: ValueError) -> "RequestRefused":
+        """The answer to the engine's refusal `error`."""
+        return cls(str(error), isinstance(error, Overloaded))
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ class EngineThread(threading.Thread):
         if tokens:
             self.deliver(tokens)
         for request_id, reason in self.engine.take_refusals():
-            self.post(request_id, RequestRefused(reason))
+            self.post(request_id, RequestRefused(reason, overloaded=False))
         for embedding in self.engine.take_embeddings():
             self.post(embedding.request_id, embedding)
 
@@ -297,7 +297,7 @@ class LLMServer:
                                    request.cache_salt, block_hashes=hashes, kv_retention=request.kv_retention,
                                    lora_name=request.lora_name)
             except ValueError as error:  # the request's own problem, not an error of ours
-                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused(str(error)))
+                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused.of(error))
 
         finished = False
         try:
@@ -330,7 +330,7 @@ class LLMServer:
                 engine.add_embedding_request(request_id, request.prompt_token_ids, request.priority,
                                              request.cache_salt, block_hashes=hashes)
             except ValueError as error:
-                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused(str(error)))
+                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused.of(error))
 
         answer = None
         try:

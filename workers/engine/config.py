@@ -77,6 +77,11 @@ class EngineConfig(BaseModel):
         "fcfs", description="`fcfs`: requests run in arrival order; `priority`: by the request's `priority` "
         "(lower first), then arrival, and preemption takes the worst priority first"
     )
+    max_queue_wait_s: float | None = Field(
+        None, gt=0, description="refuse a new request at once (HTTP 503 with Retry-After) while a request "
+        "waiting here for its first step has waited longer than this many seconds (of the new one's priority "
+        "or better): past saturation it would wait as long; unset: never refuse for load"
+    )
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes seen before")
     kv_retention_prefixes: list[PrefixRetention] = Field(
         default_factory=list, description="retention priorities for prompts that start with given tokens"

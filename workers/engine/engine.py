@@ -15,7 +15,7 @@ from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.output_processor import NewToken, OutputProcessor, SampleKey
 from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, HostTierStats, RequestOutput, count_priorities
 from kvserve.workers.engine.pooling import PooledPrompt
-from kvserve.workers.engine.prompt_checks import prompt_length_problem
+from kvserve.workers.engine.prompt_checks import Overloaded, prompt_length_problem, queue_wait_problem
 from kvserve.workers.engine.retention import KVRetention, with_prefix_retention
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -95,7 +95,8 @@ class LLMEngine:
         pooled: PooledPrompt | None = None,
         lora_name: str | None = None,
     ) -> None:
-        """Queue a request; raises ValueError, changing nothing, if it can never be served.
+        """Queue a request; raises ValueError, changing nothing, if it can never be served
+        (`Overloaded`, a ValueError, if it cannot be now: `max_queue_wait_s`).
         `block_hashes`, the prompt's block chain if the caller computed it with this engine's
         block size, salt and LoRA adapter, saves hashing it again. With `pooled` the prompt is
         embedded instead (`add_embedding_request`). `lora_name` runs it under that adapter of
@@ -107,6 +108,9 @@ class LLMEngine:
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         self._check_prompt(token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        overloaded = queue_wait_problem(self.scheduler.longest_wait(arrival, priority), self.config.max_queue_wait_s)
+        if overloaded is not None:
+            raise Overloaded(overloaded)
         retention = with_prefix_retention(kv_retention, token_ids, self.config.kv_retention_prefixes)
         seqs = [
             Sequence(request_id, i, token_ids, params, arrival, priority, cache_salt, self.max_model_len,

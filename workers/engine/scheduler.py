@@ -105,6 +105,18 @@ class Scheduler:
         return (sum(self.waiting_tokens.values()) + sum(map(len, map(_TOKEN_IDS, running)))
                 - sum(map(_NUM_COMPUTED, running)))
 
+    def longest_wait(self, now: float, priority: int = 0) -> float:
+        """How long the waiting request that has waited longest for its first step has waited
+        by `now`, among those a new request of `priority` would queue behind (every one under
+        fcfs); 0 if none. Sequences preempted back into the queue ran before: how long they
+        wait again says little of a newcomer's wait."""
+        if self.order is arrival_order:  # the queue is in arrival order: the first fresh one
+            oldest = next((seq.arrival for seq in self.waiting if not seq.num_preemptions), now)
+        else:
+            oldest = min((seq.arrival for seq in self.waiting if not seq.num_preemptions and seq.priority <= priority),
+                         default=now)
+        return max(now - oldest, 0.0)
+
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         running, allocate = self.running, self.kv.allocate_slots
         seqs, counts = batch.seqs, batch.num_new_tokens

@@ -69,6 +69,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for name, default in {**_ENGINE_DEFAULTS, **_SERVE_DEFAULTS}.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help="(default: %(default)s)")
     parser.add_argument("--max-ongoing-requests", type=int, help="(default: --max-num-seqs, as ServingConfig's)")
+    parser.add_argument("--max-queue-wait-s", type=float, help="a replica refuses new requests while one has waited "
+                        "longer for its first step (EngineConfig's max_queue_wait_s; default: never)")
     parser.add_argument("--kv-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
                         help="a RouterOptions field of the kv policy, e.g. max_imbalance=16 (repeatable)")
     parser.add_argument("--slo-ttft-s", type=float, default=2.0, help="goodput's TTFT bound (default: %(default)s)")
@@ -127,14 +129,15 @@ def _config(args: argparse.Namespace, replicas: int, ingress: int) -> SimConfig:
     return SimConfig(replicas=replicas, ingress=ingress, block_size=args.block_size, kv_blocks=args.kv_blocks,
                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                      max_model_len=args.max_model_len, max_ongoing_requests=args.max_ongoing_requests,
-                     max_queued_requests=args.max_queued_requests, event_delay_s=args.event_delay_s, seed=args.seed,
+                     max_queued_requests=args.max_queued_requests, max_queue_wait_s=args.max_queue_wait_s,
+                     event_delay_s=args.event_delay_s, seed=args.seed,
                      router_options=RouterOptions(**dict(args.kv_option)))
 
 
 def _settings(args: argparse.Namespace, config: SimConfig, step_time) -> dict:
     return {"step_time": args.step_fit or args.preset, "kv_blocks": config.kv_blocks or step_time.kv_blocks(config.block_size),
             "block_size": config.block_size, "event_delay_s": config.event_delay_s, "seed": config.seed,
-            "max_ongoing_requests": config.max_ongoing_requests,
+            "max_ongoing_requests": config.max_ongoing_requests, "max_queue_wait_s": config.max_queue_wait_s,
             "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s,
             "kv_options": config.router_options.model_dump()}
 

@@ -19,7 +19,7 @@ from kvserve.cluster.bench.sim.step_time import step_counts
 from kvserve.cluster.bench.sim.workloads import WorkItem
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for
-from kvserve.workers.engine.prompt_checks import prompt_length_problem
+from kvserve.workers.engine.prompt_checks import prompt_length_problem, queue_wait_problem
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from kvserve.workers.engine.sequence import FinishReason, Sequence
@@ -58,6 +58,7 @@ class EngineLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    max_queue_wait_s: float | None = None
 
 
 class SimReplica:
@@ -86,6 +87,11 @@ class SimReplica:
         if blocks_for(total, self.limits.block_size) > self.limits.num_blocks:
             return "more KV blocks than the pool has"
         return None
+
+    def overload(self, now: float) -> str | None:
+        """Why the engine would refuse a request arriving `now` for its load (LLMEngine.add_request's
+        `max_queue_wait_s` rule), or None."""
+        return queue_wait_problem(self.scheduler.longest_wait(now), self.limits.max_queue_wait_s)
 
     def add(self, job: Job, now: float) -> None:
         """Queue the request; its prompt's block hashes are the ingress's, as the engine adopts them."""

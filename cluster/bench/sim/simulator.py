@@ -3,7 +3,7 @@ simulated replicas in simulated time; nothing sleeps.
 
 Two kinds of event: an arrival (routed at once by its ingress router, or queued there while
 every replica is at `max_ongoing_requests`, or refused when that queue is full, as Serve
-does) and the end of a replica's step (tokens appended, finished requests reported back to
+does; or refused by the replica it is sent to, past `max_queue_wait_s`) and the end of a replica's step (tokens appended, finished requests reported back to
 the router that sent them, queued requests routed again, the next step scheduled). Ties go
 to the step end. The routers hear the replicas' KV events and load `event_delay_s` late.
 """
@@ -35,6 +35,7 @@ class SimConfig:
     max_model_len: int = 32768
     max_ongoing_requests: int | None = None  # default: max_num_seqs, as ServingConfig's
     max_queued_requests: int = 512  # per ingress router; -1: no limit
+    max_queue_wait_s: float | None = None  # EngineConfig's: a replica refuses a newcomer past it
     event_delay_s: float = 0.05
     seed: int = 0
     router_options: RouterOptions = RouterOptions()
@@ -72,7 +73,8 @@ class Cluster:
         self.chains = chains
         self.clock = SimClock()
         limits = EngineLimits(config.kv_blocks or step_time.kv_blocks(config.block_size), config.block_size,
-                              config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len)
+                              config.max_num_seqs, config.max_num_batched_tokens, config.max_model_len,
+                              config.max_queue_wait_s)
         if limits.num_blocks < 1:
             raise ValueError("the step-time model leaves no room for a KV pool: choose another preset or --kv-blocks")
         follows = uses_events(policy)
@@ -136,6 +138,9 @@ class Cluster:
 
     def _send(self, job: Job, k: int) -> None:
         job.replica = k
+        job.refused = self.replicas[k].overload(self.clock.now)
+        if job.refused is not None:  # the router counted it sent and done at once, as Serve does
+            return
         self.ongoing[k] += 1
         self.routers[job.router].policy.sent(k, job)
         replica = self.replicas[k]
