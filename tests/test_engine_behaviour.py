@@ -3,6 +3,7 @@
 import json
 import random
 import shutil
+import time
 
 import pytest
 
@@ -119,21 +120,21 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm, prompt, para
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 def test_past_max_queue_wait_a_newcomer_is_refused_as_overloaded_and_the_queue_is_served(tiny_checkpoints, policy):
     llm = LLM(str(tiny_checkpoints["llama"]), device="cpu", num_kv_blocks=64, max_model_len=256, max_num_seqs=1,
-              max_queue_wait_s=1.0, scheduling_policy=policy)
+              max_queue_wait_s=0.2, scheduling_policy=policy)
     engine, params = llm.engine, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    engine.add_request("first", [5] * 8, params, arrival_time=100.0)
-    engine.add_request("second", [6] * 8, params, arrival_time=100.2)
-    engine.add_request("in time", [7] * 8, params, arrival_time=101.0)  # the oldest has waited 1.0 s: not longer
-    with pytest.raises(Overloaded, match="waited 1.5 s .*max_queue_wait_s 1"):
-        engine.add_request("late", [8] * 8, params, arrival_time=101.5)
+    for request_id in ("first", "second", "in time"):
+        engine.add_request(request_id, [5] * 8, params)
+    time.sleep(0.3)  # nothing has started: the oldest has now waited longer than 0.2 s
+    with pytest.raises(Overloaded, match=r"max_queue_wait_s \(0.2 s\)"):
+        engine.add_request("late", [8] * 8, params)
     assert RequestRefused.of(Overloaded("busy")) == RequestRefused("busy", overloaded=True)
-    if policy == "priority":  # it would run before every waiting request: nothing ahead of it has waited
-        engine.add_request("urgent", [9] * 8, params, priority=-1, arrival_time=101.5)
+    if policy == "priority":  # it would run before every waiting request: nothing waits ahead of it
+        engine.add_request("urgent", [9] * 8, params, priority=-1)
     finished = set()
     while engine.has_unfinished_requests():
         finished |= {out.request_id for out in engine.step() if out.finished}
     assert finished == {"first", "second", "in time"} | ({"urgent"} if policy == "priority" else set())
-    engine.add_request("after", [8] * 8, params, arrival_time=102.0)  # the queue is empty again
+    engine.add_request("after", [8] * 8, params)  # the queue is empty again
 
 
 @pytest.mark.parametrize(

@@ -121,3 +121,35 @@ def _queue(policy: str) -> Scheduler:
 def test_priority_policy_orders_by_priority_then_arrival_and_fcfs_ignores_it():
     assert [s.request_id for s in _queue("priority").waiting] == ["r1", "r3", "r0", "r2"]
     assert [s.request_id for s in _queue("fcfs").waiting] == ["r0", "r1", "r2", "r3"]
+
+
+def test_a_newcomer_is_refused_while_it_would_wait_longer_than_max_queue_wait_s():
+    """One sequence runs at a time. A request is refused where the requests ahead of it would
+    take longer than max_queue_wait_s at the pace the queue starts them, or where one it
+    queues behind has waited longer than that; a burst on an idle replica is taken whole."""
+    now = [0.0]
+    scheduler = Scheduler(SchedulerConfig(1, 64, max_queue_wait_s=1.0), KVCacheManager(64, BLOCK), lambda: now[0])
+    arrivals = iter(range(100))
+
+    def arrive(at: float) -> str | None:
+        now[0] = at
+        problem = scheduler.overload(at)
+        if problem is None:
+            scheduler.add(Sequence(f"r{next(arrivals)}", 0, [1, 2], SamplingParams(max_tokens=50), arrival=at))
+        return problem
+
+    assert [arrive(0.0), arrive(0.0), arrive(0.0)] == [None] * 3  # nothing started yet: no pace to judge by
+    scheduler.schedule()  # the first starts
+    assert arrive(0.1) is None  # two ahead, one start in the 0.1 s since the queue formed: 0.2 s
+    assert "max_queue_wait_s (1 s)" in arrive(0.6)  # three ahead at one start in 0.6 s: 1.8 s
+    assert arrive(1.5) is not None  # no start in the last second, and the oldest has waited 1.5 s
+    for seq in list(scheduler.running):
+        scheduler.finish(seq, FinishReason.ABORT)
+    now[0] = 1.6
+    scheduler.schedule()  # the second starts; two wait, the older for 1.6 s
+    assert arrive(1.7) is not None
+    while scheduler.waiting or scheduler.running:
+        for seq in list(scheduler.running):
+            scheduler.finish(seq, FinishReason.ABORT)
+        scheduler.schedule()
+    assert arrive(5.0) is None  # an empty queue takes anyone

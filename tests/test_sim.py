@@ -251,7 +251,7 @@ def test_past_saturation_a_replica_refuses_newcomers_behind_a_long_wait_and_serv
     summaries = {wait: summarize(jobs, 2.0, None) for wait, jobs in runs.items()}
     assert summaries[None]["refused"] == 0 and summaries[None]["ttft_p90_s"] > 4.0
     refused = [j for j in runs[0.5] if j.refused]
-    assert refused and all("max_queue_wait_s 0.5" in j.refused and j.first_token_s is None for j in refused)
+    assert refused and all("max_queue_wait_s (0.5 s)" in j.refused and j.first_token_s is None for j in refused)
     assert summaries[0.5]["served"] + len(refused) == 300
     assert summaries[0.5]["ttft_p90_s"] < 2.0
     assert summaries[0.5]["goodput_req_s"] > 2 * summaries[None]["goodput_req_s"], summaries

@@ -15,7 +15,7 @@ from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.output_processor import NewToken, OutputProcessor, SampleKey
 from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, HostTierStats, RequestOutput, count_priorities
 from kvserve.workers.engine.pooling import PooledPrompt
-from kvserve.workers.engine.prompt_checks import Overloaded, prompt_length_problem, queue_wait_problem
+from kvserve.workers.engine.prompt_checks import Overloaded, prompt_length_problem
 from kvserve.workers.engine.retention import KVRetention, with_prefix_retention
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -52,7 +52,7 @@ class LLMEngine:
         check_pool_holds_a_sequence(self.kv.num_blocks, config.block_size, self.max_model_len)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.scheduling_policy,
-                            config.max_loras if config.enable_lora else None),
+                            config.max_loras if config.enable_lora else None, config.max_queue_wait_s),
             self.kv,
         )
         self.eos_token_ids = self._eos_token_ids(model_config.eos_token_ids)
@@ -108,7 +108,7 @@ class LLMEngine:
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
         self._check_prompt(token_ids, params)
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        overloaded = queue_wait_problem(self.scheduler.longest_wait(arrival, priority), self.config.max_queue_wait_s)
+        overloaded = self.scheduler.overload(arrival, priority)
         if overloaded is not None:
             raise Overloaded(overloaded)
         retention = with_prefix_retention(kv_retention, token_ids, self.config.kv_retention_prefixes)

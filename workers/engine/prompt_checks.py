@@ -18,13 +18,3 @@ class Overloaded(ValueError):
     """A refusal that says nothing of the request: the replica is too far behind to take it
     now, and the same request may be served later or elsewhere (HTTP 503 with Retry-After)."""
 
-
-def queue_wait_problem(waited_s: float, max_queue_wait_s: float | None) -> str | None:
-    """Why a replica whose longest-waiting request has waited `waited_s` for its first step
-    refuses a new one under `max_queue_wait_s` (None: never), or None. Past saturation the
-    newcomer would wait about as long behind it: refused at once, it can be retried, and the
-    requests already waiting do not wait longer for it."""
-    if max_queue_wait_s is None or waited_s <= max_queue_wait_s:
-        return None
-    return (f"the server is overloaded: a request has waited {waited_s:.1f} s for its first step on this "
-            f"replica (max_queue_wait_s {max_queue_wait_s:g}); retry after a moment")

@@ -2,7 +2,9 @@
 
 import bisect
 import operator
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvserve.workers.engine.kv_cache_manager import BlockTransfer, KVCacheManager
@@ -20,6 +22,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     policy: str = "fcfs"  # one of SCHEDULING_POLICIES
     max_loras: int | None = None  # LoRA adapters among the running sequences at most; None: no adapters
+    max_queue_wait_s: float | None = None  # newcomers expected to wait longer are refused (`overload`)
 
 
 def arrival_order(seq: Sequence) -> tuple[float, int]:
@@ -62,7 +65,8 @@ class Scheduler:
     prefix cache) later.
     """
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, clock: Callable[[], float] = time.monotonic):
+        """`clock`: the one sequences' `arrival` is read on."""
         if config.policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy {config.policy!r} is not one of {', '.join(SCHEDULING_POLICIES)}")
         self.config = config
@@ -75,8 +79,13 @@ class Scheduler:
         self.waiting_tokens: dict[str, int] = {}
         self.departed: list[str] = []
         self.num_preemptions = 0
+        self.clock = clock
+        self._starts: deque[float] = deque()  # when sequences left the queue, within the last max_queue_wait_s
+        self._queued_since = 0.0  # when the queue last went from empty to not (with max_queue_wait_s)
 
     def add(self, seq: Sequence) -> None:
+        if not self.waiting and self.config.max_queue_wait_s is not None:
+            self._queued_since = self.clock()
         self.waiting_tokens[seq.seq_id] = seq.num_tokens - len(self.kv.get_computed_blocks(seq)) * self.kv.block_size
         key = self.order(seq)
         if not self.waiting or self.order(self.waiting[-1]) <= key:
@@ -104,6 +113,41 @@ class Scheduler:
         running = self.running
         return (sum(self.waiting_tokens.values()) + sum(map(len, map(_TOKEN_IDS, running)))
                 - sum(map(_NUM_COMPUTED, running)))
+
+    def overload(self, now: float, priority: int = 0) -> str | None:
+        """Why a request of `priority` arriving `now` is refused for load under
+        `max_queue_wait_s`, or None: it would wait longer than that for its first step. So it
+        would where a request it queues behind has waited longer already (past saturation the
+        newcomer waits about as long), or where the requests ahead of it take longer than that
+        at the pace the queue started sequences lately (in the last `max_queue_wait_s`, or
+        since the queue formed if later: a queue that grows faster than it drains is caught
+        before its oldest request has waited long, and a burst on an idle replica is not)."""
+        limit = self.config.max_queue_wait_s
+        if limit is None or not self.waiting:
+            return None
+        self._forget_starts_before(now - limit)
+        observed = min(limit, now - self._queued_since)
+        if self.longest_wait(now, priority) <= limit and (
+                not self._starts or self._ahead(priority) * observed <= limit * len(self._starts)):
+            return None
+        return (f"the server is overloaded: requests wait on this replica longer than max_queue_wait_s "
+                f"({limit:g} s) for their first step; retry after a moment")
+
+    def _ahead(self, priority: int) -> int:
+        """The waiting sequences a new request of `priority` would queue behind."""
+        if self.order is arrival_order:
+            return len(self.waiting)
+        return sum(1 for seq in self.waiting if seq.priority <= priority)
+
+    def _note_start(self) -> None:
+        now = self.clock()
+        self._starts.append(now)
+        self._forget_starts_before(now - self.config.max_queue_wait_s)
+
+    def _forget_starts_before(self, horizon: float) -> None:
+        starts = self._starts
+        while starts and starts[0] < horizon:
+            starts.popleft()
 
     def longest_wait(self, now: float, priority: int = 0) -> float:
         """How long the waiting request that has waited longest for its first step has waited
@@ -172,6 +216,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             del self.waiting_tokens[seq.seq_id]
+            if self.config.max_queue_wait_s is not None:
+                self._note_start()
             seq.num_computed_tokens = num_cached
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = num_cached

@@ -19,7 +19,7 @@ from kvserve.cluster.bench.sim.step_time import step_counts
 from kvserve.cluster.bench.sim.workloads import WorkItem
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for
-from kvserve.workers.engine.prompt_checks import prompt_length_problem, queue_wait_problem
+from kvserve.workers.engine.prompt_checks import prompt_length_problem
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from kvserve.workers.engine.sequence import FinishReason, Sequence
@@ -62,12 +62,14 @@ class EngineLimits:
 
 
 class SimReplica:
-    def __init__(self, name: str, limits: EngineLimits, step_time, publish: bool = True):
+    def __init__(self, name: str, limits: EngineLimits, step_time, clock, publish: bool = True):
+        """`clock`: the simulated time, read by calling it."""
         self.name = name
         self.limits = limits
         self.step_time = step_time
         self.kv = KVCacheManager(limits.num_blocks, limits.block_size, enable_prefix_caching=True)
-        self.scheduler = Scheduler(SchedulerConfig(limits.max_num_seqs, limits.max_num_batched_tokens), self.kv)
+        self.scheduler = Scheduler(SchedulerConfig(limits.max_num_seqs, limits.max_num_batched_tokens,
+                                                   max_queue_wait_s=limits.max_queue_wait_s), self.kv, clock)
         self.step_costs = StepCostFit(limits.max_num_batched_tokens)  # as the engine fits its steps
         self.jobs: dict[Sequence, Job] = {}  # by the object: no read of its id's string
         self.batch: ScheduledBatch | None = None
@@ -89,9 +91,8 @@ class SimReplica:
         return None
 
     def overload(self, now: float) -> str | None:
-        """Why the engine would refuse a request arriving `now` for its load (LLMEngine.add_request's
-        `max_queue_wait_s` rule), or None."""
-        return queue_wait_problem(self.scheduler.longest_wait(now), self.limits.max_queue_wait_s)
+        """Why the engine would refuse a request arriving `now` for its load (`max_queue_wait_s`), or None."""
+        return self.scheduler.overload(now)
 
     def add(self, job: Job, now: float) -> None:
         """Queue the request; its prompt's block hashes are the ingress's, as the engine adopts them."""

@@ -78,7 +78,7 @@ class Cluster:
         if limits.num_blocks < 1:
             raise ValueError("the step-time model leaves no room for a KV pool: choose another preset or --kv-blocks")
         follows = uses_events(policy)
-        self.replicas = [SimReplica(f"replica-{k}", limits, step_time, publish=follows)
+        self.replicas = [SimReplica(f"replica-{k}", limits, step_time, self.clock, publish=follows)
                          for k in range(config.replicas)]
         self.ongoing = [0] * config.replicas
         view = ClusterView([r.name for r in self.replicas], config.block_size, self.clock, self.ongoing,
