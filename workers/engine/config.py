@@ -78,9 +78,10 @@ class EngineConfig(BaseModel):
         "(lower first), then arrival, and preemption takes the worst priority first"
     )
     max_queue_wait_s: float | None = Field(
-        None, gt=0, description="refuse a new request at once (HTTP 503 with Retry-After) while a request "
-        "waiting here for its first step has waited longer than this many seconds (of the new one's priority "
-        "or better): past saturation it would wait as long; unset: never refuse for load"
+        None, gt=0, description="refuse a new request at once (HTTP 503 with Retry-After) when it would wait "
+        "longer than this many seconds for its first step: a request it would queue behind has waited longer, or "
+        "the requests ahead of it take longer at the pace the queue has been starting them; unset: never refuse "
+        "for load"
     )
     enable_prefix_caching: bool = Field(True, description="reuse the KV blocks of prompt prefixes seen before")
     kv_retention_prefixes: list[PrefixRetention] = Field(
