@@ -1,5 +1,5 @@
-"""What makes a request impossible to serve, known before any model runs: the prompt itself,
-or a replica too far behind to start it in time."""
+"""What makes a request impossible to serve, known before any model runs: the prompt itself;
+and the refusal of one a replica is too far behind to take now (`Scheduler.overload` decides)."""
 
 
 def prompt_length_problem(num_tokens: int, max_model_len: int) -> str | None:
@@ -17,4 +17,3 @@ def prompt_length_problem(num_tokens: int, max_model_len: int) -> str | None:
 class Overloaded(ValueError):
     """A refusal that says nothing of the request: the replica is too far behind to take it
     now, and the same request may be served later or elsewhere (HTTP 503 with Retry-After)."""
-

@@ -69,7 +69,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     for name, default in {**_ENGINE_DEFAULTS, **_SERVE_DEFAULTS}.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help="(default: %(default)s)")
     parser.add_argument("--max-ongoing-requests", type=int, help="(default: --max-num-seqs, as ServingConfig's)")
-    parser.add_argument("--max-queue-wait-s", type=float, help="a replica refuses new requests while one has waited "
+    parser.add_argument("--max-queue-wait-s", type=float, help="a replica refuses a new request that would wait "
                         "longer for its first step (EngineConfig's max_queue_wait_s; default: never)")
     parser.add_argument("--kv-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
                         help="a RouterOptions field of the kv policy, e.g. max_imbalance=16 (repeatable)")

@@ -3,9 +3,10 @@ simulated replicas in simulated time; nothing sleeps.
 
 Two kinds of event: an arrival (routed at once by its ingress router, or queued there while
 every replica is at `max_ongoing_requests`, or refused when that queue is full, as Serve
-does; or refused by the replica it is sent to, past `max_queue_wait_s`) and the end of a replica's step (tokens appended, finished requests reported back to
-the router that sent them, queued requests routed again, the next step scheduled). Ties go
-to the step end. The routers hear the replicas' KV events and load `event_delay_s` late.
+does; or refused by the replica it is sent to, past `max_queue_wait_s`) and the end of a
+replica's step (tokens appended, finished requests reported back to the router that sent
+them, queued requests routed again, the next step scheduled). Ties go to the step end. The
+routers hear the replicas' KV events and load `event_delay_s` late.
 """
 
 import gc
