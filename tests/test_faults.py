@@ -261,7 +261,7 @@ def test_a_replica_behind_max_queue_wait_answers_503_with_retry_after_and_serves
     assert status == 503 and headers["retry-after"] == "1", (status, events)
     error = events[0]["error"]
     assert error["code"] == "server_overloaded" and error["type"] == "server_error"
-    assert "max_queue_wait_s 0.5" in error["message"] and counted == ["1.0"]
+    assert "max_queue_wait_s (0.5 s)" in error["message"] and counted == ["1.0"]
     assert waited_status == 200 and waited_events[-1]["choices"][0]["finish_reason"] == "length"
 
 
