@@ -108,11 +108,14 @@ class WorkingSets:
                 self._forget_send(replica, sends.popleft())
 
     def _forget_send(self, replica: str, send: _Send) -> None:
-        """Forget a send that left the window: those of its blocks not sent again since."""
-        last_send = self._last_send[replica]
-        for block_hash in send.blocks[: send.kept]:
-            if last_send.get(block_hash) == send.number:
-                del last_send[block_hash]
+        """Forget a send that left the window: those of its blocks not sent again since. A
+        later prompt with one of its blocks held every block before it, so the blocks sent
+        again lead the chain: a binary search finds where they end, and only the tail after
+        them is visited (a conversation's history, re-sent with every turn, is skipped)."""
+        last_send, number = self._last_send[replica], send.number
+        resent = bisect.bisect_left(send.blocks, True, 0, send.kept, key=lambda h: last_send.get(h) == number)
+        for block_hash in send.blocks[resent : send.kept]:
+            del last_send[block_hash]
         if send.kept and send.blocks[0] not in last_send:
             self._unhead(replica, send.blocks[0])
         self._sizes[replica] = len(last_send)

@@ -806,6 +806,27 @@ def test_recent_matches_equal_a_walk_of_each_replicas_sends():
         assert sets.recent_matches(query, NAMES, within_s=now - since, beyond=beyond, now=float(now)) == deeper
 
 
+def test_working_set_sizes_equal_the_distinct_blocks_sent_within_the_window():
+    """As sends expire (each forgetting only the blocks no later send re-sent), every
+    replica's size is the plain count of the distinct blocks sent there within the window."""
+    import random
+
+    from kvserve.router.working_sets import WorkingSets
+
+    rng = random.Random(11)
+    trunks = [hash_block_chain(list(range(100 * t, 100 * t + 12 * BLOCK)), BLOCK) for t in range(3)]
+    sets = WorkingSets(window_s=6.0)
+    sent = []
+    for now in range(60):
+        chain = rng.choice(trunks)[: rng.randrange(1, 13)]
+        replica = rng.choice(NAMES)
+        sets.add(replica, chain, limit=None, now=float(now))
+        sent.append((now, replica, chain))
+        for name in NAMES:
+            plain = {h for at, r, c in sent if r == name and at > now - 6.0 for h in c}
+            assert sets.blocks(name, now=float(now)) == len(plain)
+
+
 def test_index_follows_the_host_tier_too():
     """Blocks evicted to a replica's host-memory tier leave its device set and join its host
     set in the index, as they do in the engine."""
