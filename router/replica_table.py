@@ -4,8 +4,12 @@ A decision looks at every replica. At hundreds of replicas, a dictionary lookup 
 and figure would cost more than the rest of the decision; instead each figure is written to
 the replica's row when it changes, and a decision finds its replicas' rows once (kept while
 it asks about the same replicas and no row moved) and reads every figure with one indexing.
+The replicas' step costs are read only as their median, kept up to date as fits change
+(`StepCostTable`).
 """
 
+import bisect
+import math
 from itertools import repeat
 
 import numpy as np
@@ -124,34 +128,47 @@ class ReplicaCounter(ReplicaRows):
         return self.counts[self.rows(replicas), 0]
 
 
-class StepCostTable(ReplicaRows):
+class StepCostTable:
     """Each replica's step cost, once its heartbeat has one (base_s, per_prefill_token_s,
-    per_decode_seq_s, tokens_per_step), and their median, worked out again only after one
-    changed: at hundreds of replicas heartbeats change some fit between most decisions, and
-    a median over the rows costs a fraction of one over a list of tuples."""
+    per_decode_seq_s, tokens_per_step), and their median. Each coefficient's values are kept
+    sorted, so that a changed fit moves one value per coefficient (two bisections) and the
+    median is read off the middle: at hundreds of replicas heartbeats change some fit between
+    most decisions, and sorting every fit again for the next decision cost tens of
+    microseconds of it. A fit with a coefficient that is not a finite number counts as none."""
 
     def __init__(self):
-        super().__init__(4, float)
+        self._fits: dict[str, tuple[float, ...]] = {}
+        self._sorted: tuple[list[float], ...] = ([], [], [], [])
         self._median: tuple[float, float, float, float] | None = None
 
     def write(self, replica: str, coefficients: tuple[float, float, float, int]) -> None:
-        new = replica not in self._rows
-        row = self.row(replica)
-        if new or self.counts[row].tolist() != list(coefficients):
-            self.counts[row] = coefficients
+        fit = tuple(map(float, coefficients))
+        if not all(map(math.isfinite, fit)):
+            self.drop(replica)
+            return
+        old = self._fits.get(replica)
+        if old == fit:
+            return
+        if old is not None:
+            self._remove(old)
+        self._fits[replica] = fit
+        for values, value in zip(self._sorted, fit):
+            bisect.insort(values, value)
+        self._median = None
+
+    def drop(self, replica: str) -> None:
+        old = self._fits.pop(replica, None)
+        if old is not None:
+            self._remove(old)
             self._median = None
 
-    def drop(self, replica: str) -> int | None:
-        row = super().drop(replica)
-        if row is not None:
-            self._median = None
-        return row
+    def _remove(self, fit: tuple[float, ...]) -> None:
+        for values, value in zip(self._sorted, fit):
+            del values[bisect.bisect_left(values, value)]
 
     def median(self) -> tuple[float, float, float, float] | None:
         """Of each coefficient over the replicas that have one; None if none has."""
-        if self._median is None and self._rows:
-            n = len(self._rows)
-            ranked = np.sort(self.counts[np.fromiter(self._rows.values(), np.intp, n)], axis=0)
-            middle = ranked[n // 2] if n % 2 else (ranked[n // 2 - 1] + ranked[n // 2]) / 2  # as np.median, faster
-            self._median = tuple(middle.tolist())
+        if self._median is None and self._fits:
+            n, middle = len(self._fits), len(self._fits) // 2
+            self._median = tuple(v[middle] if n % 2 else (v[middle - 1] + v[middle]) / 2 for v in self._sorted)
         return self._median

@@ -63,7 +63,7 @@ def test_a_counter_counts_from_zero_and_reads_as_an_array():
 
 def test_the_step_cost_median_follows_every_write_and_drop():
     """Against the median of the replicas' current tuples, through writes that change a fit,
-    writes that repeat one, new replicas and dropped ones (whose rows are handed out again)."""
+    writes that repeat one, new replicas and dropped ones, and fits with the same values."""
     rng = random.Random(3)
     table, current = StepCostTable(), {}
     assert table.median() is None
@@ -75,7 +75,8 @@ def test_the_step_cost_median_follows_every_write_and_drop():
         elif rng.random() < 0.3 and replica in current:
             table.write(replica, current[replica])
         else:
-            current[replica] = (rng.random(), rng.random() / 1e4, rng.random() / 1e3, rng.choice([512, 2048, 8192]))
+            current[replica] = (rng.choice([0.01, rng.random()]), rng.random() / 1e4, rng.random() / 1e3,
+                                rng.choice([512, 2048, 8192]))
             table.write(replica, current[replica])
         expected = tuple(statistics.median(c) for c in zip(*current.values())) if current else None
         assert table.median() == expected
@@ -91,3 +92,12 @@ def test_the_step_cost_median_is_worked_out_again_only_after_a_change():
     assert table.median() is median
     table.write("c", (0.05, 5e-5, 5e-4, 2048))
     assert table.median() == pytest.approx((0.03, 3e-5, 3e-4, 2048.0))
+
+
+def test_a_step_cost_that_is_not_a_finite_number_counts_as_none():
+    table = StepCostTable()
+    table.write("a", (0.01, 1e-5, 1e-4, 2048))
+    table.write("b", (float("nan"), 3e-5, 3e-4, 2048))
+    assert table.median() == (0.01, 1e-5, 1e-4, 2048.0)
+    table.write("a", (0.01, float("inf"), 1e-4, 2048))  # its earlier fit goes too
+    assert table.median() is None
