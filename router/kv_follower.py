@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Iterator
 
 import numpy as np
 import ray
@@ -37,6 +38,7 @@ FREEZE_AT_BLOCKS = 1 << 17
 # The replicas' running sequences are averaged over about this long: what a conversation
 # placed now will find there over its next turns, rather than the moment's count.
 DECODE_LOAD_WINDOW_S = 30.0
+APPLY_SLICE_S = 0.001  # the longest a hub answer's folding holds the event loop at a time (but for a snapshot)
 _followers: dict[str, "KVIndexFollower"] = {}
 
 
@@ -83,7 +85,7 @@ class KVIndexFollower:
             try:
                 hub = hub or ray.get_actor(hub_name(self.app_name), namespace="kvserve")
                 news = await hub.follow.remote(self.follower_id, self.cursors(), self._version, FOLLOW_TIMEOUT_S)
-                self.apply(news)
+                await self.apply_in_slices(news)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # no hub yet, or it restarted: try again shortly
@@ -113,22 +115,47 @@ class KVIndexFollower:
 
     def apply(self, news: HubNews) -> None:
         """Fold one answer of the hub into the index."""
+        for _ in self._applying(news):
+            pass
+
+    async def apply_in_slices(self, news: HubNews) -> None:
+        """`apply`, handing the event loop back every `APPLY_SLICE_S`: the ingress's requests
+        and routing decisions wait behind it (on this loop, or on another thread for the
+        interpreter lock), and at hundreds of replicas one answer takes several milliseconds
+        to fold in."""
+        start = time.perf_counter()
+        for _ in self._applying(news):
+            if time.perf_counter() - start >= APPLY_SLICE_S:
+                await asyncio.sleep(0)
+                start = time.perf_counter()
+
+    def _applying(self, news: HubNews) -> Iterator[None]:
+        """`apply`, pausing after each replica whose news changed anything. A replica whose
+        news is the heartbeat already taken, with no batch and no snapshot, is passed over:
+        folding it in again would change nothing (the hub sends every replica's latest
+        heartbeat with every answer)."""
         self._version = news.version
         self.routers = news.followers
         now = self.clock()
         for gone in set(self.index.replicas) - set(news.replicas):
             self.forget(gone)
         for replica, replica_news in news.replicas.items():
-            if replica in self.departed:
+            if replica in self.departed or self._heard_already(replica, replica_news):
                 continue
             self._note_heartbeat(replica, replica_news.heartbeat, now)
             self.stats[replica] = replica_news.heartbeat.stats
             if self._agrees(replica, replica_news):
                 self._apply_replica(replica, replica_news, now)
             self._figure(replica)
+            yield
         loaded = any(replica_news.snapshot is not None for replica_news in news.replicas.values())
         if loaded and len(self.index.holders) >= FREEZE_AT_BLOCKS:
             gc.freeze()
+
+    def _heard_already(self, replica: str, news: ReplicaNews) -> bool:
+        latest = self.latest_heartbeat.get(replica)
+        return (latest is not None and latest[0] == news.heartbeat.sent_at and not news.batches
+                and news.snapshot is None)
 
     def _note_heartbeat(self, replica: str, heartbeat: Heartbeat, now: float) -> None:
         latest = self.latest_heartbeat.get(replica)

@@ -295,14 +295,17 @@ def test_bench_priority_serves_the_important_requests_first_only_under_priority(
     assert all(row["requests"] == 4 for row in report["priority"])
 
 
-def test_bench_route_times_decisions_then_event_batches_on_the_index(capsys):
+def test_bench_route_times_decisions_event_batches_and_hub_answers(capsys):
     from kvserve.cluster.bench import route
 
     parser = argparse.ArgumentParser()
     route.add_flags(parser)
     args = parser.parse_args(["--replicas", "4", "--prompt-tokens", "256", "--prompts-per-replica", "2",
-                              "--decisions", "50", "--churn-batches", "40", "--churn-blocks", "4"])
+                              "--decisions", "50", "--churn-batches", "40", "--churn-blocks", "4", "--hub-answers", "4"])
     assert route.main(args) == 0
-    decisions, batches = capsys.readouterr().out.strip().splitlines()
+    decisions, batches, answers = capsys.readouterr().out.strip().splitlines()
     assert decisions.startswith("routing decision, 4 replicas, 256-token prompts (128 blocks indexed): p50 ")
     assert batches.startswith("event batches (4 blocks evicted and 4 stored each, 40 batches): p50 ")
+    assert answers.startswith("hub answers (4 replicas, each a heartbeat and a batch of 4 blocks evicted and 4 stored; "
+                              "4 answers): the event loop held at most at once p50 ")
+    assert ", in slices p50 " in answers

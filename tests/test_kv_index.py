@@ -134,6 +134,39 @@ def follower_with(holdings: dict[str, list[int]], stats: dict[str, EngineStats] 
     return follower
 
 
+def test_a_follower_folds_an_answer_in_slices_and_ends_where_apply_does(monkeypatch):
+    """While it folds a hub answer in, the follower hands the event loop back (the routing
+    decisions of the process run on that loop), and it ends with what `apply` gives."""
+    import asyncio
+
+    from kvserve.router import kv_follower
+
+    monkeypatch.setattr(kv_follower, "APPLY_SLICE_S", 0.0)  # a slice a replica
+    answer = HubNews(1, {f"r{i}": news_of(list(range(i, i + 8 * BLOCK)), stats=timed(pool_stats(), 100 * i))
+                         for i in range(20)}, 1)
+    at_once, sliced = KVIndexFollower("at-once", BLOCK), KVIndexFollower("sliced", BLOCK)
+    at_once.apply(answer)
+    seen = []
+
+    async def fold_beside_a_neighbour():
+        async def neighbour():
+            while True:
+                seen.append(len(sliced.index.replicas))
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(neighbour())
+        await asyncio.sleep(0)
+        await sliced.apply_in_slices(answer)
+        task.cancel()
+
+    asyncio.run(fold_beside_a_neighbour())
+    assert any(0 < count < 20 for count in seen)
+    names = list(answer.replicas)
+    assert {r: s.blocks for r, s in sliced.index.replicas.items()} == {r: s.blocks for r, s in at_once.index.replicas.items()}
+    assert sliced.figures(names).tolist() == at_once.figures(names).tolist()
+    assert sliced.deployment_step_cost() == at_once.deployment_step_cost()
+
+
 def test_scorer_prefers_the_holder_until_it_is_too_busy():
     from kvserve.router.kv_scoring import KVScorer
 

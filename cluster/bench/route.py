@@ -8,9 +8,17 @@ With `--churn-batches N` it then applies N event batches to the index, the repli
 each batch evicting a replica's `--churn-blocks` oldest blocks and storing as many new ones, as
 a full cache does under traffic, and times each: the follower applies them on the router's
 event loop, so a slow one delays the decisions waiting behind it.
+
+With `--hub-answers N` it then folds N answers of the KV event hub into the follower, each
+with a new heartbeat and one such batch from every replica (a busy cluster between two
+polls), alternately at once and in slices (`KVIndexFollower.apply_in_slices`, as the
+follower does), and reports how long each answer held the event loop at a stretch: the
+longest a routing decision could wait behind it.
 """
 
 import argparse
+import asyncio
+import dataclasses
 import os
 import random
 import time
@@ -39,6 +47,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--churn-batches", type=int, default=0,
                         help="then apply this many event batches to the index and time each (default: none)")
     parser.add_argument("--churn-blocks", type=int, default=8, help="blocks each churn batch evicts and stores")
+    parser.add_argument("--hub-answers", type=int, default=0,
+                        help="then fold this many hub answers (every replica: a heartbeat and a churn batch) and time "
+                        "how long each holds the event loop (default: none)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -77,37 +88,100 @@ def main(args: argparse.Namespace) -> int:
     print(f"routing decision, {args.replicas} replicas, {args.prompt_tokens}-token prompts "
           f"({sum(len(r.blocks) for r in follower.index.replicas.values())} blocks indexed): p50 {pick(0.5):.3f} ms, p90 {pick(0.9):.3f} ms, "
           f"p99 {pick(0.99):.3f} ms")
+    churn = _Churn(follower, {name: news[name].snapshot.blocks for name in replicas}, args.churn_blocks, size)
     if args.churn_batches:
-        _churn(follower, {name: news[name].snapshot.blocks for name in replicas}, args)
+        _time_batches(follower, churn, args.churn_batches)
+    if args.hub_answers:
+        asyncio.run(_time_hub_answers(follower, news, churn, args.hub_answers))
     return 0
 
 
-def _churn(follower: KVIndexFollower, held: dict[str, list[bytes]], args: argparse.Namespace) -> None:
-    """Apply `--churn-batches` batches, the replicas in turn, each evicting the replica's
-    oldest `--churn-blocks` blocks and storing as many new ones; print the apply times."""
-    index, count = follower.index, args.churn_blocks
-    oldest_first = {name: deque(blocks) for name, blocks in held.items()}
-    seqs = {name: index.replicas[name].last_seq for name in held}
-    names = list(held)
-    times = []
-    for k in range(args.churn_batches):
-        name = names[k % len(names)]
-        blocks = oldest_first[name]
-        evicted = [blocks.popleft() for _ in range(min(count, len(blocks)))]
-        stored = [os.urandom(32) for _ in range(count)]  # as a block hash: 32 uniform bytes
+class _Churn:
+    """Event batches as a full cache makes them: each evicts a replica's oldest blocks and
+    stores as many new ones."""
+
+    def __init__(self, follower: KVIndexFollower, held: dict[str, list[bytes]], count: int, block_size: int):
+        self.index, self.count, self.block_size = follower.index, count, block_size
+        self.oldest_first = {name: deque(blocks) for name, blocks in held.items()}
+        self.seqs = {name: self.index.replicas[name].last_seq for name in held}
+
+    def batch(self, name: str) -> KVEventBatch:
+        """The next batch of replica `name`."""
+        blocks = self.oldest_first[name]
+        evicted = [blocks.popleft() for _ in range(min(self.count, len(blocks)))]
+        stored = [os.urandom(32) for _ in range(self.count)]  # as a block hash: 32 uniform bytes
         blocks.extend(stored)
-        seqs[name] += 1
-        batch = KVEventBatch(index.replicas[name].epoch, seqs[name], 0.0, [
+        self.seqs[name] += 1
+        return KVEventBatch(self.index.replicas[name].epoch, self.seqs[name], 0.0, [
             BlockRemoved(evicted, DEVICE_MEDIUM),
-            BlockStored(stored, None, [], args.block_size, None, DEVICE_MEDIUM, DEFAULT_RETENTION_PRIORITY)])
+            BlockStored(stored, None, [], self.block_size, None, DEVICE_MEDIUM, DEFAULT_RETENTION_PRIORITY)])
+
+
+def _time_batches(follower: KVIndexFollower, churn: _Churn, count: int) -> None:
+    """Apply `count` batches, the replicas in turn; print the apply times."""
+    names = list(churn.seqs)
+    times = []
+    for k in range(count):
+        name = names[k % len(names)]
+        batch = churn.batch(name)
         start = time.perf_counter()
-        fate = index.apply(name, batch)
+        fate = follower.index.apply(name, batch)
         times.append(time.perf_counter() - start)
         if fate is not Fate.APPLIED:  # its time would be of a batch turned away
-            raise RuntimeError(f"churn batch {seqs[name]} of {name}: {fate.value}")
+            raise RuntimeError(f"churn batch {batch.seq} of {name}: {fate.value}")
     pick = _milliseconds_at(times)
-    print(f"event batches ({count} blocks evicted and {count} stored each, {len(times)} batches): "
+    print(f"event batches ({churn.count} blocks evicted and {churn.count} stored each, {len(times)} batches): "
           f"p50 {pick(0.5):.3f} ms, p99 {pick(0.99):.3f} ms, p99.9 {pick(0.999):.3f} ms, worst {pick(1.0):.1f} ms")
+
+
+async def _time_hub_answers(follower: KVIndexFollower, news: dict[str, ReplicaNews], churn: _Churn,
+                            count: int) -> None:
+    """Fold `count` hub answers, alternately at once and in slices; print how long each held
+    the event loop at a stretch."""
+    held = {"at once": [], "in slices": []}
+    for k in range(count):
+        answer = {}
+        for name, old in news.items():
+            batch = churn.batch(name)
+            heartbeat = dataclasses.replace(old.heartbeat, seq=batch.seq, sent_at=float(k + 1))
+            answer[name] = dataclasses.replace(old, heartbeat=heartbeat, batches=[batch], snapshot=None)
+        hub_news = HubNews(k + 2, answer, 1)
+        if k % 2:
+            held["in slices"].append(await _longest_hold(follower.apply_in_slices(hub_news)))
+        else:
+            held["at once"].append(await _longest_hold(_at_once(follower, hub_news)))
+        lost = [name for name in news if name not in follower.index.replicas]
+        if lost:
+            raise RuntimeError(f"hub answer {k + 1}: replicas dropped from the index: {lost[:3]}")
+    figures = ", ".join(f"{how} p50 {_milliseconds_at(times)(0.5):.2f} ms, worst {max(times) * 1e3:.2f} ms"
+                        for how, times in held.items() if times)
+    print(f"hub answers ({len(news)} replicas, each a heartbeat and a batch of {churn.count} blocks evicted and "
+          f"{churn.count} stored; {count} answers): the event loop held at most {figures}")
+
+
+async def _at_once(follower: KVIndexFollower, news: HubNews) -> None:
+    follower.apply(news)
+
+
+async def _longest_hold(folding) -> float:
+    """Run coroutine `folding` beside a task that only hands the loop back, and return the
+    longest the task waited for its turn."""
+    waits, done = [], False
+
+    async def neighbour():
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            waits.append(now - last)
+            last = now
+
+    task = asyncio.create_task(neighbour())
+    await asyncio.sleep(0)
+    await folding
+    done = True
+    await task
+    return max(waits)
 
 
 def _milliseconds_at(times: list[float]):
