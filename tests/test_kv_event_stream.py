@@ -25,7 +25,8 @@ from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import Sequence
 from kvserve.workers.kv_event_hub import FOLLOWER_SILENCE_S, LOG_BATCHES, KVEventHub
 from kvserve.workers.protocol import (
-    HEARTBEAT_PERIOD_S, BlockStored, EngineStats, Heartbeat, HubNews, KVEventBatch, ReplicaNews, ReplicaRegistration,
+    HEARTBEAT_PERIOD_S, BlockStored, EngineStats, Heartbeat, HubNews, KVCursor, KVEventBatch, ReplicaNews,
+    ReplicaRegistration,
 )
 
 BLOCK = 4
@@ -339,6 +340,30 @@ def test_a_follower_behind_the_log_gets_a_snapshot():
         await follow(follower, hub)
         assert counter("kvserve_router_kv_snapshots_total") == snapshots + 1
         assert_exact(hub, follower, [replica])
+
+    asyncio.run(run())
+
+
+def test_the_hub_answers_each_cursor_with_the_batches_after_it_or_a_snapshot():
+    """Against the log read whole: a cursor within the log gets exactly the batches after it,
+    one before the log's start or of another epoch a snapshot."""
+    async def run():
+        replica = Replica("a", 17)
+        hub = KVEventHub()
+        await beat(hub, replica)  # registers
+        for _ in range(LOG_BATCHES + 20):
+            replica.work()
+            await beat(hub, replica)
+        state = hub.replicas["a"]
+        logged = list(state.log)
+        assert len(logged) == LOG_BATCHES and logged[-1].seq == state.seq
+        for seq in range(logged[0].seq - 3, state.seq + 1):
+            news = state.news_since(KVCursor(state.epoch, seq))
+            if seq < logged[0].seq - 1:
+                assert news.batches is None and news.snapshot.blocks and set(news.snapshot.blocks) == state.blocks
+            else:
+                assert news.snapshot is None and news.batches == [b for b in logged if b.seq > seq]
+        assert state.news_since(KVCursor(state.epoch + 1, state.seq)).snapshot is not None
 
     asyncio.run(run())
 

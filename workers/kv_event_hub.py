@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 import ray
 
@@ -64,7 +65,9 @@ class _ReplicaState:
     def news_since(self, cursor: KVCursor | None) -> ReplicaNews:
         oldest = self.log[0].seq if self.log else self.seq + 1
         if cursor is not None and cursor.epoch == self.epoch and oldest - 1 <= cursor.seq <= self.seq:
-            batches = [b for b in self.log if b.seq > cursor.seq]
+            # The log's seqs run without a gap up to `seq`: the batches after the cursor are
+            # its last few, found from its end (not a pass over the log for every follower).
+            batches = list(islice(reversed(self.log), self.seq - cursor.seq))[::-1]
             return ReplicaNews(self.block_size, self.hash_check, self.heartbeat, batches, None)
         snapshot = BlockSnapshot(self.epoch, self.seq, list(self.blocks))
         return ReplicaNews(self.block_size, self.hash_check, self.heartbeat, None, snapshot)
