@@ -36,6 +36,7 @@ from kvserve.workers.runner import start_engine
 logger = logging.getLogger("ray.serve")  # Serve writes this logger to the replica's own log file
 
 STATS_PERIOD_S = HEARTBEAT_PERIOD_S
+PUBLISH_PERIOD_S = 0.05  # the shortest time between two publishes while requests run (see `_publish`)
 
 
 def get_or_create_hub(app_name: str):
@@ -184,7 +185,7 @@ class LLMServer:
         self._register()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop = asyncio.get_event_loop()
-        self._last_stats_at = 0.0
+        self._last_published_at = 0.0
         self.lora_registry = (get_or_create_registry(self.app_name, engine_config.lora_modules)
                               if engine_config.enable_lora else None)
         self._last_lora_poll_at = 0.0
@@ -215,13 +216,18 @@ class LLMServer:
             self._loop.call_soon_threadsafe(stream.put_nowait, item)
 
     def _publish(self, engine: LLMEngine) -> None:
-        """Send KV events as they happen, and a heartbeat (position in the event stream and
-        load) with them or at least every STATS_PERIOD_S."""
-        batch = engine.take_kv_events()
+        """Send the KV events taken since the last publish, with a heartbeat (position in the
+        event stream and load): at most every PUBLISH_PERIOD_S while requests run (on a GPU a
+        step that stores blocks comes every few ms, and one call per step from every replica
+        is more than the application's one hub can take; each call costs this thread too),
+        at once when the engine falls idle, and at least every STATS_PERIOD_S."""
         now = time.monotonic()
-        if batch is None and now - self._last_stats_at < STATS_PERIOD_S:
+        if now - self._last_published_at < PUBLISH_PERIOD_S and engine.has_unfinished_requests():
             return
-        self._last_stats_at = now
+        batch = engine.take_kv_events()
+        if batch is None and now - self._last_published_at < STATS_PERIOD_S:
+            return
+        self._last_published_at = now
         stats = engine.stats()
         if self._resync:
             self._rejoin(stats)
