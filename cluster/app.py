@@ -32,7 +32,8 @@ def router_config(config: AppConfig) -> RequestRouterConfig:
     serving = config.serving
     kwargs = {}
     if serving.router == "kv":
-        kwargs = {"block_size": config.engine.block_size, **serving.router_options.model_dump()}
+        kwargs = {"block_size": config.engine.block_size, "kv_event_hubs": serving.event_hubs(),
+                  **serving.router_options.model_dump()}
     return RequestRouterConfig(
         request_router_class=policy_class(serving.router),
         request_router_kwargs=kwargs,
@@ -60,6 +61,7 @@ def ingress_settings(config: AppConfig) -> IngressSettings:
         tool_parser=config.serving.tool_parser,
         enable_lora=engine.enable_lora,
         lora_modules=dict(engine.lora_modules),
+        kv_event_hubs=config.serving.event_hubs(),
     )
 
 
@@ -93,7 +95,7 @@ def llm_deployment(config: AppConfig):
         health_check_timeout_s=30.0,
         graceful_shutdown_timeout_s=serving.drain_timeout_s,
         graceful_shutdown_wait_loop_s=1.0,
-    ).bind(config.engine, serving.step_timeout_s)
+    ).bind(config.engine, serving.step_timeout_s, serving.event_hubs())
 
 
 def ingress_deployment(config: AppConfig | ClusterConfig):

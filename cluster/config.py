@@ -14,6 +14,11 @@ from kvserve.workers.engine.config import EngineConfig
 API_KEY_ENV = "KVSERVE_API_KEY"
 
 
+# One hub actor takes about this many replicas' publishes (one per replica at most every
+# PUBLISH_PERIOD_S while it works) and answers the routers' polls of them.
+REPLICAS_PER_HUB = 128
+
+
 class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,10 +63,18 @@ class ServingConfig(BaseModel):
     max_request_bytes: int = Field(
         4 * 2**20, ge=1024, description="the largest request body the ingress reads; larger ones get 413"
     )
+    kv_event_hubs: int | None = Field(
+        None, ge=1, description="hub actors that relay the replicas' KV events and load to the routers, each "
+        f"for a share of the replicas; default: one per {REPLICAS_PER_HUB} replicas"
+    )
     deploy_timeout_s: float = Field(
         120.0, gt=0, description="how long `kvserve serve` waits for the application to run before it fails, "
         "saying what blocks it"
     )
+
+    def event_hubs(self) -> int:
+        """`kv_event_hubs`, or its default for `replicas`."""
+        return self.kv_event_hubs or -(-self.replicas // REPLICAS_PER_HUB)
 
     @field_validator("api_key")
     @classmethod

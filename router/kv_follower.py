@@ -43,7 +43,8 @@ _followers: dict[str, "KVIndexFollower"] = {}
 
 
 class KVIndexFollower:
-    def __init__(self, app_name: str, block_size: int, clock=time.monotonic):
+    def __init__(self, app_name: str, block_size: int, clock=time.monotonic, hubs: int = 1):
+        """`hubs`: the application's `serving.kv_event_hubs`, each followed on its own."""
         self.app_name = app_name
         self.block_size = block_size
         self.expected_check = hash_check_value(block_size)
@@ -64,37 +65,44 @@ class KVIndexFollower:
         self.clock = clock  # times heartbeats' arrival; see `known`
         self.follower_id = uuid.uuid4().hex
         self.routers = 1  # the hub's followers: the routers that read the same reports
-        self._version = -1
-        self._task: asyncio.Task | None = None
+        self.hubs = hubs
+        self.relayed_by: dict[str, int] = {}  # per replica, the hub whose answers bring its news
+        self._versions = [-1] * hubs  # of each hub's last answer folded in (-1: ask again at once)
+        self._tasks: dict[int, asyncio.Task] = {}
 
     @classmethod
-    def for_app(cls, app_name: str, block_size: int) -> "KVIndexFollower":
+    def for_app(cls, app_name: str, block_size: int, hubs: int = 1) -> "KVIndexFollower":
         follower = _followers.get(app_name)
         if follower is None:
-            follower = _followers[app_name] = cls(app_name, block_size)
+            follower = _followers[app_name] = cls(app_name, block_size, hubs=hubs)
         follower.ensure_running()
         return follower
 
     def ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._follow_forever())
+        for hub in range(self.hubs):
+            task = self._tasks.get(hub)
+            if task is None or task.done():
+                self._tasks[hub] = asyncio.get_running_loop().create_task(self._follow_forever(hub))
 
-    async def _follow_forever(self) -> None:
+    async def _follow_forever(self, hub_number: int) -> None:
         hub = None
         while True:
             try:
-                hub = hub or ray.get_actor(hub_name(self.app_name), namespace="kvserve")
-                news = await hub.follow.remote(self.follower_id, self.cursors(), self._version, FOLLOW_TIMEOUT_S)
-                await self.apply_in_slices(news)
+                hub = hub or ray.get_actor(hub_name(self.app_name, hub_number), namespace="kvserve")
+                news = await hub.follow.remote(self.follower_id, self.cursors(hub_number), self._versions[hub_number],
+                                               FOLLOW_TIMEOUT_S)
+                await self.apply_in_slices(news, hub_number)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # no hub yet, or it restarted: try again shortly
-                logger.debug("KV event hub not reachable: %r", error)
+                logger.debug("KV event hub %d not reachable: %r", hub_number, error)
                 hub = None
                 await asyncio.sleep(0.5)
 
-    def cursors(self) -> dict[str, KVCursor]:
-        return {r: KVCursor(s.epoch, s.last_seq) for r, s in self.index.replicas.items()}
+    def cursors(self, hub: int = 0) -> dict[str, KVCursor]:
+        """Where this follower stands in the events of each replica hub number `hub` relays."""
+        relayed_by = self.relayed_by
+        return {r: KVCursor(s.epoch, s.last_seq) for r, s in self.index.replicas.items() if relayed_by.get(r) == hub}
 
     def known(self, replicas: list[str]) -> list[str]:
         """Those of `replicas` whose cached blocks the index knows now."""
@@ -113,35 +121,36 @@ class KVIndexFollower:
         """Per replica, a row of `replica_table`'s columns (zeros for one not heard of yet)."""
         return self.table.counts[self.table.rows(replicas)]
 
-    def apply(self, news: HubNews) -> None:
-        """Fold one answer of the hub into the index."""
-        for _ in self._applying(news):
+    def apply(self, news: HubNews, hub: int = 0) -> None:
+        """Fold one answer of hub number `hub` into the index."""
+        for _ in self._applying(news, hub):
             pass
 
-    async def apply_in_slices(self, news: HubNews) -> None:
+    async def apply_in_slices(self, news: HubNews, hub: int = 0) -> None:
         """`apply`, handing the event loop back every `APPLY_SLICE_S`: the ingress's requests
         and routing decisions wait behind it (on this loop, or on another thread for the
         interpreter lock), and at hundreds of replicas one answer takes several milliseconds
         to fold in."""
         start = time.perf_counter()
-        for _ in self._applying(news):
+        for _ in self._applying(news, hub):
             if time.perf_counter() - start >= APPLY_SLICE_S:
                 await asyncio.sleep(0)
                 start = time.perf_counter()
 
-    def _applying(self, news: HubNews) -> Iterator[None]:
+    def _applying(self, news: HubNews, hub: int) -> Iterator[None]:
         """`apply`, pausing after each replica whose news changed anything. A replica whose
         news is the heartbeat already taken, with no batch and no snapshot, is passed over:
         folding it in again would change nothing (the hub sends every replica's latest
-        heartbeat with every answer)."""
-        self._version = news.version
+        heartbeat with every answer). A replica this hub relayed and no longer names is gone."""
+        self._versions[hub] = news.version
         self.routers = news.followers
         now = self.clock()
-        for gone in set(self.index.replicas) - set(news.replicas):
+        for gone in [r for r, by in self.relayed_by.items() if by == hub and r not in news.replicas]:
             self.forget(gone)
         for replica, replica_news in news.replicas.items():
             if replica in self.departed or self._heard_already(replica, replica_news):
                 continue
+            self.relayed_by[replica] = hub
             self._note_heartbeat(replica, replica_news.heartbeat, now)
             self.stats[replica] = replica_news.heartbeat.stats
             if self._agrees(replica, replica_news):
@@ -231,7 +240,7 @@ class KVIndexFollower:
     def _lose(self, replica: str, cause: str) -> None:
         """Unknown until a snapshot arrives; the hub is asked for one at once."""
         self.index.drop_replica(replica)
-        self._version = -1
+        self._versions[self.relayed_by.get(replica, 0)] = -1
         metrics.REPLICAS_LOST.labels(cause).inc()
 
     def _agrees(self, replica: str, news: ReplicaNews) -> bool:
@@ -257,3 +266,4 @@ class KVIndexFollower:
         self.step_costs.drop(replica)
         self.queued.pop(replica, None)
         self.rejected.discard(replica)
+        self.relayed_by.pop(replica, None)

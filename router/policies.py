@@ -20,8 +20,9 @@ from kvserve.router.options import Policy, RouterOptions
 class KVAwareRouter(RequestRouter):
     """Ranks replicas with `KVScorer` over the local copy of the KV index (no remote call)."""
 
-    def initialize_state(self, block_size: int, **options):
+    def initialize_state(self, block_size: int, kv_event_hubs: int = 1, **options):
         self.block_size = block_size
+        self.kv_event_hubs = kv_event_hubs
         self.options = RouterOptions(**options)
         self.follower: KVIndexFollower | None = None
         self.scorer: KVScorer | None = None
@@ -29,7 +30,7 @@ class KVAwareRouter(RequestRouter):
 
     def _scorer(self) -> KVScorer:
         if self.scorer is None:
-            self.follower = KVIndexFollower.for_app(self._deployment_id.app_name, self.block_size)
+            self.follower = KVIndexFollower.for_app(self._deployment_id.app_name, self.block_size, self.kv_event_hubs)
             self.scorer = KVScorer(self.follower, self.block_size, self.options)
         self.follower.ensure_running()
         return self.scorer

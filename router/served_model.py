@@ -44,6 +44,7 @@ class IngressSettings:
     tool_parser: str | None = None  # a name in tool_parsers.FORMATS; None: the model's own
     enable_lora: bool = False
     lora_modules: dict[str, str] = field(default_factory=dict)  # the adapters of startup: name -> folder
+    kv_event_hubs: int = 1  # ServingConfig.event_hubs()
 
 
 def model_app_name(ingress_app: str, served_model_name: str) -> str:
@@ -95,7 +96,7 @@ class ServedModel:
 
     def ensure_follower(self) -> KVIndexFollower:
         if self.follower is None:
-            self.follower = KVIndexFollower.for_app(self.llm_app, self.block_size)
+            self.follower = KVIndexFollower.for_app(self.llm_app, self.block_size, self.settings.kv_event_hubs)
         self.follower.ensure_running()
         return self.follower
 

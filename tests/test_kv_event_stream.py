@@ -23,7 +23,7 @@ from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import Sequence
-from kvserve.workers.kv_event_hub import FOLLOWER_SILENCE_S, LOG_BATCHES, KVEventHub
+from kvserve.workers.kv_event_hub import FOLLOWER_SILENCE_S, LOG_BATCHES, KVEventHub, hub_of
 from kvserve.workers.protocol import (
     HEARTBEAT_PERIOD_S, BlockStored, EngineStats, Heartbeat, HubNews, KVCursor, KVEventBatch, ReplicaNews,
     ReplicaRegistration,
@@ -364,6 +364,41 @@ def test_the_hub_answers_each_cursor_with_the_batches_after_it_or_a_snapshot():
             else:
                 assert news.snapshot is None and news.batches == [b for b in logged if b.seq > seq]
         assert state.news_since(KVCursor(state.epoch + 1, state.seq)).snapshot is not None
+
+    asyncio.run(run())
+
+
+def test_a_follower_follows_every_hub_each_for_its_own_replicas():
+    """With several hubs each replica publishes to the one `hub_of` names; the follower folds
+    each hub's answers in with that hub's cursors, and a replica leaves the index when its
+    own hub stops naming it, whatever the other hubs' answers say."""
+    async def run():
+        replicas = [Replica(f"r{k}", 30 + k) for k in range(6)]
+        hubs = [KVEventHub(), KVEventHub()]
+        follower = KVIndexFollower("hubs-test", BLOCK, hubs=2)
+        home = {r.name: hub_of(r.name, 2) for r in replicas}
+        assert set(home.values()) == {0, 1}
+
+        async def period():
+            for replica in replicas:
+                replica.work()
+                await beat(hubs[home[replica.name]], replica)
+            for k, hub in enumerate(hubs):
+                assert set(follower.cursors(k)) <= {r for r, h in home.items() if h == k}
+                follower.apply(await hub.follow(follower.follower_id, follower.cursors(k), -1, 0), k)
+
+        for _ in range(6):
+            await period()
+        for k, hub in enumerate(hubs):
+            assert_exact(hub, follower, [r for r in replicas if home[r.name] == k])
+        leaving = replicas.pop()
+        hubs[home[leaving.name]].unregister(leaving.name)
+        other = 1 - home[leaving.name]
+        follower.apply(await hubs[other].follow(follower.follower_id, follower.cursors(other), -1, 0), other)
+        assert leaving.name in follower.index.replicas
+        await period()
+        assert leaving.name not in follower.index.replicas
+        assert set(follower.index.replicas) == {r.name for r in replicas}
 
     asyncio.run(run())
 

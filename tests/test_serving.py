@@ -264,6 +264,40 @@ def test_disconnect_mid_stream_frees_the_blocks(server, model_name):
         time.sleep(0.1)
 
 
+def test_replicas_spread_over_several_hubs_and_the_router_follows_them_all(server, model_name, tiny_checkpoints):
+    """With `serving.kv_event_hubs` each replica publishes to the hub `hub_of` names, and the
+    ingress follows every hub: its index holds every replica's blocks."""
+    from ray import serve
+
+    from kvserve.cluster.app import build_app
+    from kvserve.cluster.config import load_config
+    from kvserve.workers.kv_event_hub import hub_of
+
+    hubs = 3
+    config = load_config(None, {
+        "engine": {**ENGINE, "model": str(tiny_checkpoints["llama"])},
+        "serving": {"app_name": "hubs", "replicas": 2, "kv_event_hubs": hubs, "replica_cpus": 1,
+                    "port": int(server.rsplit(":", 1)[1])}})
+    serve.run(build_app(config), name="hubs", route_prefix="/hubs")
+    base = f"{server}/hubs"
+    try:
+        served = set()
+        for seed in range(40):
+            served.add(completion_with_header(base, model_name, random_tokens(40, seed=100 + seed))[0])
+            if len(served) == 2:
+                break
+        assert len(served) == 2, served
+        deadline = time.monotonic() + 30
+        while not all(metric(base, "kvserve_router_index_blocks").get(r, 0) > 0 for r in served):
+            assert time.monotonic() < deadline, metric(base, "kvserve_router_index_blocks")
+            time.sleep(0.5)
+        for replica in served:
+            relay = ray.get_actor(hub_name("hubs", hub_of(replica, hubs)), namespace="kvserve")
+            assert replica in ray.get(relay.follow.remote(None, {}, -1, 0)).replicas
+    finally:
+        serve.delete("hubs")
+
+
 def test_a_lost_hub_is_rebuilt_from_the_replicas(server, model_name):
     """The hub holds nothing the replicas cannot give again: killed, a new one comes up with
     every replica's blocks, and prefixes keep going to their holders."""

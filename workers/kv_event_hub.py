@@ -2,6 +2,9 @@
 
 Replicas publish their event batches here in order; every router follows the hub with a long
 poll and keeps its own copy of the index, so a routing decision never waits on the network.
+An application has `serving.kv_event_hubs` of them, each relaying the replicas `hub_of` gives
+it: at hundreds of replicas one actor cannot take every replica's publishes and answer every
+router.
 The hub keeps each replica's current block set besides a bounded log of recent batches: a
 follower that fell behind the log (or saw a gap, or follows another epoch) gets a snapshot
 instead of the batches.
@@ -14,6 +17,7 @@ hub forget the replica until it registers again with a snapshot.
 
 import asyncio
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
@@ -31,8 +35,15 @@ LIVENESS_PERIOD_S = 1.0
 FOLLOWER_SILENCE_S = 10.0  # a follower polls at least every few seconds; one silent this long is gone
 
 
-def hub_name(app_name: str) -> str:
-    return f"{HUB_NAME_PREFIX}-{app_name}"
+def hub_name(app_name: str, hub: int = 0) -> str:
+    """The actor name of the application's hub number `hub` (of `serving.kv_event_hubs`)."""
+    return f"{HUB_NAME_PREFIX}-{app_name}" if hub == 0 else f"{HUB_NAME_PREFIX}-{app_name}-{hub}"
+
+
+def hub_of(replica: str, hubs: int) -> int:
+    """The hub of `hubs` that relays the events of `replica`: every replica and every follower
+    work it out alike (a stable hash of the name, not Python's salted one)."""
+    return zlib.crc32(replica.encode()) % hubs
 
 
 @dataclass

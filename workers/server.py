@@ -24,7 +24,7 @@ from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.engine import LLMEngine
 from kvserve.workers.engine.output_processor import NewToken
 from kvserve.workers.engine.outputs import RequestOutput
-from kvserve.workers.kv_event_hub import KVEventHub, hub_name
+from kvserve.workers.kv_event_hub import KVEventHub, hub_name, hub_of
 from kvserve.workers.lora_registry import POLL_PERIOD_S, get_or_create_registry
 from kvserve.workers.models.lora_adapter import check_adapter
 from kvserve.workers.protocol import (
@@ -39,12 +39,13 @@ STATS_PERIOD_S = HEARTBEAT_PERIOD_S
 PUBLISH_PERIOD_S = 0.05  # the shortest time between two publishes while requests run (see `_publish`)
 
 
-def get_or_create_hub(app_name: str):
-    """The application's hub actor; Serve kills it on `serve.shutdown()`. It is kept out of
-    the calling replica's placement group, which would take it down with that replica."""
+def get_or_create_hub(app_name: str, hub_number: int = 0):
+    """The application's hub actor number `hub_number`; Serve kills it on `serve.shutdown()`.
+    It is kept out of the calling replica's placement group, which would take it down with
+    that replica."""
     hub = (
         ray.remote(KVEventHub)
-        .options(name=hub_name(app_name), namespace="kvserve", get_if_exists=True,
+        .options(name=hub_name(app_name, hub_number), namespace="kvserve", get_if_exists=True,
                  lifetime="detached", num_cpus=0, max_concurrency=1000, scheduling_strategy="DEFAULT")
         .remote()
     )
@@ -174,14 +175,15 @@ class EngineThread(threading.Thread):
 class LLMServer:
     """The Serve deployment class (the application builder applies `serve.deployment`)."""
 
-    def __init__(self, engine_config: EngineConfig, step_timeout_s: float):
+    def __init__(self, engine_config: EngineConfig, step_timeout_s: float, kv_event_hubs: int = 1):
         self.engine = start_engine(engine_config)
         self.outputs = self.engine.detach_outputs()  # run on this replica's event loop
         self.hash_check = hash_check_value(self.engine.config.block_size)
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self.app_name = context.app_name
-        self.hub = get_or_create_hub(self.app_name)
+        self.hub_number = hub_of(self.replica_id, kv_event_hubs)
+        self.hub = get_or_create_hub(self.app_name, self.hub_number)
         self._register()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop = asyncio.get_event_loop()
@@ -256,7 +258,7 @@ class LLMServer:
         """Register again from a snapshot, with a new hub if the old one is gone."""
         if self._hub_lost:
             try:
-                self.hub = get_or_create_hub(self.app_name)
+                self.hub = get_or_create_hub(self.app_name, self.hub_number)
             except Exception as error:  # Serve's controller is restarting: try again next period
                 logger.warning("KV event hub not reachable: %r", error)
                 return
