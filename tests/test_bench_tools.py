@@ -307,5 +307,5 @@ def test_bench_route_times_decisions_event_batches_and_hub_answers(capsys):
     assert decisions.startswith("routing decision, 4 replicas, 256-token prompts (128 blocks indexed): p50 ")
     assert batches.startswith("event batches (4 blocks evicted and 4 stored each, 40 batches): p50 ")
     assert answers.startswith("hub answers (4 replicas, each a heartbeat and a batch of 4 blocks evicted and 4 stored; "
-                              "4 answers): the event loop held at most at once p50 ")
-    assert ", in slices p50 " in answers
+                              "4 answers): a publish p50 ")
+    assert "; the follower held the event loop at most at once p50 " in answers and ", in slices p50 " in answers

@@ -9,11 +9,12 @@ each batch evicting a replica's `--churn-blocks` oldest blocks and storing as ma
 a full cache does under traffic, and times each: the follower applies them on the router's
 event loop, so a slow one delays the decisions waiting behind it.
 
-With `--hub-answers N` it then folds N answers of the KV event hub into the follower, each
-with a new heartbeat and one such batch from every replica (a busy cluster between two
-polls), alternately at once and in slices (`KVIndexFollower.apply_in_slices`, as the
-follower does), and reports how long each answer held the event loop at a stretch: the
-longest a routing decision could wait behind it.
+With `--hub-answers N` every replica then publishes such a batch and a heartbeat to a KV
+event hub (the real one, in process) N times, the hub answering the follower after each
+round (a busy cluster between two polls); the follower folds the answers in alternately at
+once and in slices (`KVIndexFollower.apply_in_slices`, as it does when it follows a hub). It
+reports the hub's time per publish and per answer, and how long each answer held the event
+loop at a stretch: the longest a routing decision could wait behind it.
 """
 
 import argparse
@@ -30,8 +31,10 @@ from kvserve.router.kv_scoring import KVScorer
 from kvserve.router.options import RouterOptions
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.engine.kv_events import DEVICE_MEDIUM, BlockRemoved, BlockStored
+from kvserve.workers.kv_event_hub import KVEventHub
 from kvserve.workers.protocol import (
-    DEFAULT_RETENTION_PRIORITY, BlockSnapshot, EngineStats, Heartbeat, HubNews, KVEventBatch, ReplicaNews, StepCost,
+    DEFAULT_RETENTION_PRIORITY, BlockSnapshot, EngineStats, Heartbeat, HubNews, KVEventBatch, ReplicaNews,
+    ReplicaRegistration, StepCost,
 )
 
 
@@ -136,27 +139,48 @@ def _time_batches(follower: KVIndexFollower, churn: _Churn, count: int) -> None:
 
 async def _time_hub_answers(follower: KVIndexFollower, news: dict[str, ReplicaNews], churn: _Churn,
                             count: int) -> None:
-    """Fold `count` hub answers, alternately at once and in slices; print how long each held
-    the event loop at a stretch."""
-    held = {"at once": [], "in slices": []}
+    """`count` rounds: every replica publishes a batch and a heartbeat to a hub (the real one,
+    in process), which answers the follower; the answers are folded in alternately at once
+    and in slices. Print the hub's times and how long each answer held the event loop."""
+    hub = KVEventHub()
+    for name, replica_news in news.items():  # where the follower stands (after any churn batches)
+        state = follower.index.replicas[name]
+        snapshot = BlockSnapshot(state.epoch, state.last_seq, list(state.blocks))
+        heartbeat = dataclasses.replace(replica_news.heartbeat, seq=state.last_seq)
+        await hub.register(ReplicaRegistration(name, replica_news.block_size, replica_news.hash_check, _Alive(),
+                                               snapshot, heartbeat))
+    publishes, answers, held = [], [], {"at once": [], "in slices": []}
     for k in range(count):
-        answer = {}
-        for name, old in news.items():
+        for name, replica_news in news.items():
             batch = churn.batch(name)
-            heartbeat = dataclasses.replace(old.heartbeat, seq=batch.seq, sent_at=float(k + 1))
-            answer[name] = dataclasses.replace(old, heartbeat=heartbeat, batches=[batch], snapshot=None)
-        hub_news = HubNews(k + 2, answer, 1)
-        if k % 2:
-            held["in slices"].append(await _longest_hold(follower.apply_in_slices(hub_news)))
-        else:
-            held["at once"].append(await _longest_hold(_at_once(follower, hub_news)))
+            heartbeat = dataclasses.replace(replica_news.heartbeat, seq=batch.seq, sent_at=float(k + 1))
+            start = time.perf_counter()
+            if not hub.publish(name, [batch], heartbeat):
+                raise RuntimeError(f"the hub turned away batch {batch.seq} of {name}")
+            publishes.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        answer = await hub.follow(follower.follower_id, follower.cursors(), -1, 0)
+        answers.append(time.perf_counter() - start)
+        folding = follower.apply_in_slices(answer) if k % 2 else _at_once(follower, answer)
+        held["in slices" if k % 2 else "at once"].append(await _longest_hold(folding))
         lost = [name for name in news if name not in follower.index.replicas]
         if lost:
             raise RuntimeError(f"hub answer {k + 1}: replicas dropped from the index: {lost[:3]}")
-    figures = ", ".join(f"{how} p50 {_milliseconds_at(times)(0.5):.2f} ms, worst {max(times) * 1e3:.2f} ms"
-                        for how, times in held.items() if times)
+    folds = ", ".join(f"{how} p50 {_milliseconds_at(times)(0.5):.2f} ms, worst {max(times) * 1e3:.2f} ms"
+                      for how, times in held.items() if times)
     print(f"hub answers ({len(news)} replicas, each a heartbeat and a batch of {churn.count} blocks evicted and "
-          f"{churn.count} stored; {count} answers): the event loop held at most {figures}")
+          f"{churn.count} stored; {count} answers): a publish p50 {_milliseconds_at(publishes)(0.5) * 1e3:.1f} us, "
+          f"an answer built in p50 {_milliseconds_at(answers)(0.5):.2f} ms; the follower held the event loop at "
+          f"most {folds}")
+
+
+class _Alive:
+    """Answers the hub's liveness pings, as a live replica's actor does."""
+
+    class __ray_ready__:  # noqa: N801 (the name of the Ray actor method the hub calls)
+        @staticmethod
+        async def remote() -> None:
+            return None
 
 
 async def _at_once(follower: KVIndexFollower, news: HubNews) -> None:
