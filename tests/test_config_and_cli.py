@@ -66,6 +66,20 @@ def test_a_replica_takes_a_full_batch_unless_the_config_caps_it(tiny_checkpoints
         parse_config({"engine": engine, "serving": {"max_ongoing_requests": 0}})
 
 
+def test_one_kv_event_hub_per_128_replicas_unless_the_config_says(tiny_checkpoints):
+    from kvserve.cluster.app import router_config
+
+    engine = {"model": str(tiny_checkpoints["llama"])}
+    hubs = {replicas: parse_config({"engine": engine, "serving": {"replicas": replicas}}).serving.event_hubs()
+            for replicas in (1, 128, 129, 512)}
+    assert hubs == {1: 1, 128: 1, 129: 2, 512: 4}
+    config = parse_config({"engine": engine, "serving": {"replicas": 2, "kv_event_hubs": 3}})
+    assert config.serving.event_hubs() == 3
+    assert router_config(config).request_router_kwargs["kv_event_hubs"] == 3
+    with pytest.raises(ConfigError, match="serving.kv_event_hubs"):
+        parse_config({"engine": engine, "serving": {"kv_event_hubs": 0}})
+
+
 def test_generate_json_on_the_built_in_model(tmp_path):
     result = kvserve("generate", "--prompt", "Hello", "--prompt", "Once upon a time", "--max-tokens", "5",
                      "--json", home=tmp_path)
