@@ -101,8 +101,9 @@ class KVIndexFollower:
 
     def cursors(self, hub: int = 0) -> dict[str, KVCursor]:
         """Where this follower stands in the events of each replica hub number `hub` relays."""
-        relayed_by = self.relayed_by
-        return {r: KVCursor(s.epoch, s.last_seq) for r, s in self.index.replicas.items() if relayed_by.get(r) == hub}
+        relayed_by, latest = self.relayed_by, self.latest_heartbeat
+        return {r: KVCursor(s.epoch, s.last_seq, latest[r][0] if r in latest else None)
+                for r, s in self.index.replicas.items() if relayed_by.get(r) == hub}
 
     def known(self, replicas: list[str]) -> list[str]:
         """Those of `replicas` whose cached blocks the index knows now."""
@@ -145,7 +146,7 @@ class KVIndexFollower:
         self._versions[hub] = news.version
         self.routers = news.followers
         now = self.clock()
-        for gone in [r for r, by in self.relayed_by.items() if by == hub and r not in news.replicas]:
+        for gone in [r for r, by in self.relayed_by.items() if by == hub and r not in news.relayed]:
             self.forget(gone)
         for replica, replica_news in news.replicas.items():
             if replica in self.departed or self._heard_already(replica, replica_news):

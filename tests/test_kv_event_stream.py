@@ -200,7 +200,7 @@ def mangler(seed: int):
                 batches = rng.choice([batches[:k] + batches[k + 1:], batches[:k + 1] + batches[k:],
                                       batches[:k] + batches[k:][::-1]])
             replicas[name] = dataclasses.replace(replica_news, batches=batches) if replica_news.batches else replica_news
-        return HubNews(news.version, replicas, news.followers)
+        return HubNews(news.version, replicas, news.followers, news.relayed)
 
     return mangle
 
@@ -234,7 +234,8 @@ def test_repeated_batches_cost_no_resync_and_no_snapshot():
 
         def repeat_late(news: HubNews) -> HubNews:
             return HubNews(news.version, {name: dataclasses.replace(n, batches=n.batches + n.batches[:1])
-                                          if n.batches else n for name, n in news.replicas.items()}, news.followers)
+                                          if n.batches else n for name, n in news.replicas.items()}, news.followers,
+                           news.relayed)
 
         for period in range(200):
             for replica in replicas:
@@ -270,7 +271,8 @@ def test_a_restarted_replica_s_old_epoch_is_fenced_off_at_the_hub_and_the_router
         assert_exact(hub, follower, [replica])
         router_fenced = counter("kvserve_router_kv_fenced_batches_total")
         current = hub.replicas["a"].heartbeat
-        stale = HubNews(hub.version, {"a": ReplicaNews(BLOCK, hash_check_value(BLOCK), current, late[1], None)}, 1)
+        stale = HubNews(hub.version, {"a": ReplicaNews(BLOCK, hash_check_value(BLOCK), current, late[1], None)}, 1,
+                        frozenset({"a"}))
         follower.apply(stale)  # the old epoch's batch 1, right after the new epoch's batch 0
         assert counter("kvserve_router_kv_fenced_batches_total") == router_fenced + 1
         assert not follower.index.replicas["a"].blocks & old_hashes
@@ -298,7 +300,8 @@ def test_a_batch_that_lost_events_is_caught_by_the_heartbeat_s_block_count():
         def gut(news: HubNews) -> HubNews:
             return HubNews(news.version, {name: dataclasses.replace(n, batches=[dataclasses.replace(b, events=[])
                                                                                for b in n.batches])
-                                          if n.batches else n for name, n in news.replicas.items()}, news.followers)
+                                          if n.batches else n for name, n in news.replicas.items()}, news.followers,
+                           news.relayed)
 
         replica.work()
         await beat(hub, replica)
@@ -346,7 +349,8 @@ def test_a_follower_behind_the_log_gets_a_snapshot():
 
 def test_the_hub_answers_each_cursor_with_the_batches_after_it_or_a_snapshot():
     """Against the log read whole: a cursor within the log gets exactly the batches after it,
-    one before the log's start or of another epoch a snapshot."""
+    one before the log's start or of another epoch a snapshot, one that has everything
+    (the last heartbeat too) nothing."""
     async def run():
         replica = Replica("a", 17)
         hub = KVEventHub()
@@ -358,12 +362,13 @@ def test_the_hub_answers_each_cursor_with_the_batches_after_it_or_a_snapshot():
         logged = list(state.log)
         assert len(logged) == LOG_BATCHES and logged[-1].seq == state.seq
         for seq in range(logged[0].seq - 3, state.seq + 1):
-            news = state.news_since(KVCursor(state.epoch, seq))
+            news = state.news_since(KVCursor(state.epoch, seq, None))
             if seq < logged[0].seq - 1:
                 assert news.batches is None and news.snapshot.blocks and set(news.snapshot.blocks) == state.blocks
             else:
                 assert news.snapshot is None and news.batches == [b for b in logged if b.seq > seq]
-        assert state.news_since(KVCursor(state.epoch + 1, state.seq)).snapshot is not None
+        assert state.news_since(KVCursor(state.epoch + 1, state.seq, None)).snapshot is not None
+        assert state.news_since(KVCursor(state.epoch, state.seq, state.heartbeat.sent_at)) is None
 
     asyncio.run(run())
 
@@ -390,6 +395,10 @@ def test_a_follower_follows_every_hub_each_for_its_own_replicas():
         for _ in range(6):
             await period()
         for k, hub in enumerate(hubs):
+            assert_exact(hub, follower, [r for r in replicas if home[r.name] == k])
+            quiet = await hub.follow(follower.follower_id, follower.cursors(k), -1, 0)  # nothing new since
+            assert quiet.replicas == {} and quiet.relayed == {r for r, h in home.items() if h == k}
+            follower.apply(quiet, k)
             assert_exact(hub, follower, [r for r in replicas if home[r.name] == k])
         leaving = replicas.pop()
         hubs[home[leaving.name]].unregister(leaving.name)

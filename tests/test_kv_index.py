@@ -89,6 +89,11 @@ def pool_stats(total: int = 1 << 20, used: int = 0, cached: int = 0) -> EngineSt
                        lora_adapters=(), queued_tokens=0, step_cost=None)
 
 
+def hub_news(version: int, replicas: dict[str, ReplicaNews], followers: int) -> HubNews:
+    """A hub's answer that names only the replicas it has news of."""
+    return HubNews(version, replicas, followers, frozenset(replicas))
+
+
 def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None = None,
             stats: EngineStats | None = None, sent_at: float = 0.0) -> ReplicaNews:
     """A replica's news as the hub gives it: a snapshot holding the blocks of `tokens`."""
@@ -103,10 +108,10 @@ def test_follower_distrusts_a_replica_that_hashes_differently():
     good = news_of(list(range(8)))
     other_size = news_of(list(range(8)), block_size=8)
     other_hash = news_of(list(range(8)), hash_check="00" * 32)
-    follower.apply(HubNews(1, {"good": good, "size": other_size, "hash": other_hash}, 1))
+    follower.apply(hub_news(1, {"good": good, "size": other_size, "hash": other_hash}, 1))
     assert set(follower.index.replicas) == {"good"}
     assert follower.rejected == {"size", "hash"}
-    follower.apply(HubNews(2, {"size": other_size}, 1))
+    follower.apply(hub_news(2, {"size": other_size}, 1))
     assert not follower.index.replicas
 
 
@@ -117,9 +122,9 @@ def test_a_large_index_leaves_the_garbage_collector_after_a_snapshot(monkeypatch
     monkeypatch.setattr(kv_follower, "FREEZE_AT_BLOCKS", 4)
     small, large = KVIndexFollower("test-app", BLOCK), KVIndexFollower("test-app", BLOCK)
     try:
-        small.apply(HubNews(1, {"r": news_of(list(range(3 * BLOCK)))}, 1))
+        small.apply(hub_news(1, {"r": news_of(list(range(3 * BLOCK)))}, 1))
         assert any(o is small.index.replicas["r"].blocks for o in gc.get_objects())
-        large.apply(HubNews(1, {"r": news_of(list(range(8 * BLOCK)))}, 1))
+        large.apply(hub_news(1, {"r": news_of(list(range(8 * BLOCK)))}, 1))
         assert not any(o is large.index.replicas["r"].blocks for o in gc.get_objects())
         assert gc.get_freeze_count() > 0
     finally:
@@ -130,7 +135,7 @@ def follower_with(holdings: dict[str, list[int]], stats: dict[str, EngineStats] 
     """A follower whose replicas hold the leading blocks of the given token lists."""
     follower = KVIndexFollower("scoring-test", BLOCK)
     stats = stats or {}
-    follower.apply(HubNews(1, {name: news_of(tokens, stats=stats.get(name)) for name, tokens in holdings.items()}, 1))
+    follower.apply(hub_news(1, {name: news_of(tokens, stats=stats.get(name)) for name, tokens in holdings.items()}, 1))
     return follower
 
 
@@ -142,7 +147,7 @@ def test_a_follower_folds_an_answer_in_slices_and_ends_where_apply_does(monkeypa
     from kvserve.router import kv_follower
 
     monkeypatch.setattr(kv_follower, "APPLY_SLICE_S", 0.0)  # a slice a replica
-    answer = HubNews(1, {f"r{i}": news_of(list(range(i, i + 8 * BLOCK)), stats=timed(pool_stats(), 100 * i))
+    answer = hub_news(1, {f"r{i}": news_of(list(range(i, i + 8 * BLOCK)), stats=timed(pool_stats(), 100 * i))
                          for i in range(20)}, 1)
     at_once, sliced = KVIndexFollower("at-once", BLOCK), KVIndexFollower("sliced", BLOCK)
     at_once.apply(answer)
@@ -265,7 +270,7 @@ def test_the_decode_load_is_averaged_over_heartbeats_and_its_spread_measured():
     follower = KVIndexFollower("scoring-test", BLOCK)
 
     def heartbeat(version: int, sent_at: float, running: dict[str, int]) -> None:
-        follower.apply(HubNews(version, {name: news_of([], stats=timed(pool_stats(), 0, running=count),
+        follower.apply(hub_news(version, {name: news_of([], stats=timed(pool_stats(), 0, running=count),
                                                        sent_at=sent_at) for name, count in running.items()}, 1))
 
     heartbeat(1, 0.0, {"a": 20, "b": 2})
@@ -319,7 +324,7 @@ def test_the_deployment_step_cost_follows_the_heartbeats():
     follower = follower_with({"a": [], "b": [], "c": []}, stats)
     assert follower.deployment_step_cost() == (0.01, 1e-3, 1e-4, 64)  # "c" has measured nothing yet
     stats["a"] = dataclasses.replace(stats["a"], step_cost=cheap)
-    follower.apply(HubNews(2, {name: news_of([], stats=s) for name, s in stats.items()}, 1))
+    follower.apply(hub_news(2, {name: news_of([], stats=s) for name, s in stats.items()}, 1))
     assert follower.deployment_step_cost() == pytest.approx((0.006, 5.5e-4, 5.5e-5, 64))
     follower.forget("b")
     assert follower.deployment_step_cost() == (0.002, 1e-4, 1e-5, 64)
@@ -354,7 +359,7 @@ def test_in_seconds_our_sends_count_their_uncached_tokens_until_a_heartbeat_does
     def heartbeat(version: int) -> None:
         stats = {"a": timed(pool_stats(1000), 0), "b": timed(pool_stats(1000), 0)}
         holdings = {"a": short_prompt[:192], "b": []}
-        follower.apply(HubNews(version, {name: news_of(tokens, stats=stats[name], sent_at=now[0])
+        follower.apply(hub_news(version, {name: news_of(tokens, stats=stats[name], sent_at=now[0])
                                          for name, tokens in holdings.items()}, 1))
 
     heartbeat(1)
@@ -391,7 +396,7 @@ def test_the_sends_since_each_replicas_heartbeat_are_counted_as_a_recount_would(
         nonlocal version
         version += 1
         sent_at[name] = now[0]
-        follower.apply(HubNews(version, {r: news_of([], stats=timed(pool_stats(1000), 0), sent_at=sent_at[r])
+        follower.apply(hub_news(version, {r: news_of([], stats=timed(pool_stats(1000), 0), sent_at=sent_at[r])
                                          for r in names}, 1))
 
     heartbeat("a")
@@ -677,7 +682,7 @@ def test_scorer_sends_a_follow_up_after_its_first_request_before_any_event():
     order, _ = scorer.rank(["a", "b", "c"], hashes, len(first))
     scorer.record(["a", "b", "c"][order[0]], hashes)
     # The first request is answered: a heartbeat comes, but none of its blocks' events yet.
-    follower.apply(HubNews(2, {name: news_of([], sent_at=1.0) for name in "abc"}, 1))
+    follower.apply(hub_news(2, {name: news_of([], sent_at=1.0) for name in "abc"}, 1))
     follow_up = first + [99, 98, 97, 96]
     again, reason = scorer.rank(["a", "b", "c"], hash_block_chain(follow_up, BLOCK), len(follow_up))
     assert again[0] == order[0] and reason == "cached_prefix"

@@ -57,11 +57,11 @@ def messages() -> list:
         BATCH,
         SNAPSHOT,
         HEARTBEAT,
-        KVCursor(EPOCH, 6),
+        KVCursor(EPOCH, 6, 1234.5),
         HubNews(3, {
             "r1": ReplicaNews(BLOCK, hash_check_value(BLOCK), HEARTBEAT, [BATCH], None),
             "r2": ReplicaNews(BLOCK, hash_check_value(BLOCK), HEARTBEAT, None, SNAPSHOT),
-        }, 2),
+        }, 2, frozenset({"r1", "r2", "r3"})),
         ReplicaRegistration("r1", BLOCK, hash_check_value(BLOCK), "actor-handle", SNAPSHOT, HEARTBEAT),
     ]
 

@@ -73,9 +73,12 @@ class _ReplicaState:
         before the batches already applied, says nothing)."""
         return heartbeat.seq < self.seq or (heartbeat.seq == self.seq and heartbeat.num_blocks == len(self.blocks))
 
-    def news_since(self, cursor: KVCursor | None) -> ReplicaNews:
+    def news_since(self, cursor: KVCursor | None) -> ReplicaNews | None:
+        """What a follower at `cursor` lacks of this replica; None: nothing."""
         oldest = self.log[0].seq if self.log else self.seq + 1
         if cursor is not None and cursor.epoch == self.epoch and oldest - 1 <= cursor.seq <= self.seq:
+            if cursor.seq == self.seq and cursor.heard == self.heartbeat.sent_at:
+                return None
             # The log's seqs run without a gap up to `seq`: the batches after the cursor are
             # its last few, found from its end (not a pass over the log for every follower).
             batches = list(islice(reversed(self.log), self.seq - cursor.seq))[::-1]
@@ -159,7 +162,8 @@ class KVEventHub:
                      timeout_s: float) -> HubNews:
         """Everything newer than the cursors of `follower` (a router's id; None: a reader that
         routes nothing), waiting up to `timeout_s` for news; and how many routers polled
-        within `FOLLOWER_SILENCE_S`."""
+        within `FOLLOWER_SILENCE_S`. A replica with nothing new is only named: while the
+        replicas publish every few milliseconds between them, most answers carry a few."""
         if follower is not None:
             self.followers[follower] = self.clock()
         if version == self.version:
@@ -167,8 +171,8 @@ class KVEventHub:
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
             except asyncio.TimeoutError:
                 pass
-        news = {r: s.news_since(cursors.get(r)) for r, s in self.replicas.items()}
-        return HubNews(self.version, news, self._count_followers())
+        news = {r: n for r, s in self.replicas.items() if (n := s.news_since(cursors.get(r))) is not None}
+        return HubNews(self.version, news, self._count_followers(), frozenset(self.replicas))
 
     def _count_followers(self) -> int:
         since = self.clock() - FOLLOWER_SILENCE_S

@@ -148,10 +148,12 @@ class ReplicaRegistration:
 
 @dataclass(frozen=True)
 class KVCursor:
-    """How far a follower has applied one replica's events."""
+    """How far a follower has applied one replica's events, and the `sent_at` of the
+    replica's heartbeat it holds (None: unknown, so the hub sends it)."""
 
     epoch: int
     seq: int
+    heard: float | None
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,11 @@ class ReplicaNews:
 @dataclass(frozen=True)
 class HubNews:
     """One answer of the hub to a follower; `version` goes up with every change. `followers`:
-    how many followers (a router each, one per ingress replica) polled the hub lately."""
+    how many followers (a router each, one per ingress replica) polled the hub lately.
+    `replicas` holds the news of those with something the follower's cursor lacks; `relayed`
+    names every replica the hub relays."""
 
     version: int
     replicas: dict[str, ReplicaNews]
     followers: int
+    relayed: frozenset[str]

@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
                             queued_tokens=rng.randrange(4096), step_cost=_step_cost(rng))
         heartbeat = Heartbeat(epoch=i, seq=1, sent_at=0.0, stats=stats)
         news[name] = ReplicaNews(size, hash_check_value(size), heartbeat, None, BlockSnapshot(i, 1, held))
-    follower.apply(HubNews(1, news, 1))
+    follower.apply(HubNews(1, news, 1, frozenset(news)))
     scorer = KVScorer(follower, size, RouterOptions(cost_unit=args.cost_unit))
     queries = []
     for _ in range(64):
@@ -166,11 +166,17 @@ async def _time_hub_answers(follower: KVIndexFollower, news: dict[str, ReplicaNe
         lost = [name for name in news if name not in follower.index.replicas]
         if lost:
             raise RuntimeError(f"hub answer {k + 1}: replicas dropped from the index: {lost[:3]}")
+    quiet = []  # answers when nothing happened since the last: the replicas only named
+    for _ in range(5):
+        start = time.perf_counter()
+        await hub.follow(follower.follower_id, follower.cursors(), -1, 0)
+        quiet.append(time.perf_counter() - start)
     folds = ", ".join(f"{how} p50 {_milliseconds_at(times)(0.5):.2f} ms, worst {max(times) * 1e3:.2f} ms"
                       for how, times in held.items() if times)
     print(f"hub answers ({len(news)} replicas, each a heartbeat and a batch of {churn.count} blocks evicted and "
           f"{churn.count} stored; {count} answers): a publish p50 {_milliseconds_at(publishes)(0.5) * 1e3:.1f} us, "
-          f"an answer built in p50 {_milliseconds_at(answers)(0.5):.2f} ms; the follower held the event loop at "
+          f"an answer built in p50 {_milliseconds_at(answers)(0.5):.2f} ms (with nothing new "
+          f"{_milliseconds_at(quiet)(0.5):.2f} ms); the follower held the event loop at "
           f"most {folds}")
 
 

@@ -117,7 +117,7 @@ class DelayedFeed:
 
     def _apply(self, news: dict[str, ReplicaNews]) -> None:
         self.version += 1
-        self.follower.apply(HubNews(self.version, news, self.routers))
+        self.follower.apply(HubNews(self.version, news, self.routers, frozenset(news)))
 
 
 def drop_read_entries(streams: list[EventStream], feeds: list[DelayedFeed]) -> None:
