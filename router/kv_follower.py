@@ -29,6 +29,11 @@ from kvserve.workers.kv_event_hub import hub_name
 logger = logging.getLogger(__name__)
 
 FOLLOW_TIMEOUT_S = 2.0
+# The shortest time between two polls of one hub. Its answer comes at the first publish after
+# the last one, and building it costs the hub a pass over its replicas' cursors: at 16
+# ingress replicas polling as fast as answers come, that pass alone would keep a hub of 128
+# replicas busy. So each answer waits for the news of at least this long.
+FOLLOW_PERIOD_S = 0.02
 # Past this many indexed blocks, objects alive after a snapshot is loaded leave the garbage
 # collector's generations (`gc.freeze`): a full collection would otherwise walk every entry of
 # every replica's block set and of the holder map, about 1.8 s at 8M blocks (0.1 ms frozen),
@@ -89,9 +94,11 @@ class KVIndexFollower:
         while True:
             try:
                 hub = hub or ray.get_actor(hub_name(self.app_name, hub_number), namespace="kvserve")
+                asked_at = time.monotonic()
                 news = await hub.follow.remote(self.follower_id, self.cursors(hub_number), self._versions[hub_number],
                                                FOLLOW_TIMEOUT_S)
                 await self.apply_in_slices(news, hub_number)
+                await asyncio.sleep(max(0.0, asked_at + FOLLOW_PERIOD_S - time.monotonic()))
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # no hub yet, or it restarted: try again shortly
