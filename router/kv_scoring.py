@@ -160,7 +160,7 @@ class KVScorer:
         if self.options.cost_unit == "tokens":
             costs = uncached + self.options.load_cost_tokens * loads + side_tokens
         else:
-            decode_steps = self._decode_steps_ahead(block_hashes, depths)
+            decode_steps = self._decode_steps_ahead(block_hashes, matched)
             costs = self._seconds(replicas, figures, uncached, side_tokens, ours, decode_steps)
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
@@ -187,7 +187,7 @@ class KVScorer:
                                             costs[group]))]
         return order
 
-    def _decode_steps_ahead(self, block_hashes: list[BlockHash], depths: np.ndarray) -> float:
+    def _decode_steps_ahead(self, block_hashes: list[BlockHash], matched: dict[str, int]) -> float:
         """The decode steps of the request to charge against each replica's running sequences:
         `decode_steps_ahead` for a request that starts a conversation, where conversations have
         later turns and the replicas' decoding load has grown uneven; fewer as either fades.
@@ -196,7 +196,7 @@ class KVScorer:
         context) beyond the replicas that happen to hold it. Where the load is even already
         (conversations placed by their first token land about at random), the first token alone
         decides: a start sent away from its cached prefix would only be slower."""
-        if (not self.options.decode_steps_ahead or not self._starts_conversation(depths)
+        if (not self.options.decode_steps_ahead or not self._starts_conversation(matched)
                 or self.conversations.continues(block_hashes)):
             return 0.0
         later_turns = self.conversations.later_turns(self.follower.routers)
@@ -204,12 +204,12 @@ class KVScorer:
         return self.options.decode_steps_ahead * min(max(uneven, 0.0), 1.0) * min(later_turns, 1.0)
 
     @staticmethod
-    def _starts_conversation(depths: np.ndarray) -> bool:
-        """Whether no replica holds more of the prompt (`depths`: its cached blocks on each)
-        than every other holder does (a continued conversation's history is on the replica
-        that served it)."""
-        deepest = depths.max(initial=0)
-        return deepest == 0 or np.count_nonzero(depths == deepest) > 1
+    def _starts_conversation(matched: dict[str, int]) -> bool:
+        """Whether no replica holds more of the prompt (`matched`: its cached blocks on each
+        replica that holds some) than every other holder does (a continued conversation's
+        history is on the replica that served it)."""
+        deepest = max(matched.values(), default=0)
+        return deepest == 0 or sum(1 for depth in matched.values() if depth == deepest) > 1
 
     def _seconds(self, replicas: list[str], figures: np.ndarray, uncached: np.ndarray, side_tokens: np.ndarray,
                  ours: np.ndarray, decode_steps: float) -> np.ndarray:
