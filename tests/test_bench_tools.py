@@ -301,7 +301,8 @@ def test_bench_route_times_decisions_event_batches_and_hub_answers(capsys):
     parser = argparse.ArgumentParser()
     route.add_flags(parser)
     args = parser.parse_args(["--replicas", "4", "--prompt-tokens", "256", "--prompts-per-replica", "2",
-                              "--decisions", "50", "--churn-batches", "40", "--churn-blocks", "4", "--hub-answers", "4"])
+                              "--decisions", "50", "--churn-batches", "40", "--churn-blocks", "4",
+                              "--hub-answers", "4"])
     assert route.main(args) == 0
     decisions, batches, answers = capsys.readouterr().out.strip().splitlines()
     assert decisions.startswith("routing decision, 4 replicas, 256-token prompts (128 blocks indexed): p50 ")

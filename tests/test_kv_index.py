@@ -167,7 +167,8 @@ def test_a_follower_folds_an_answer_in_slices_and_ends_where_apply_does(monkeypa
     asyncio.run(fold_beside_a_neighbour())
     assert any(0 < count < 20 for count in seen)
     names = list(answer.replicas)
-    assert {r: s.blocks for r, s in sliced.index.replicas.items()} == {r: s.blocks for r, s in at_once.index.replicas.items()}
+    blocks = {r: s.blocks for r, s in at_once.index.replicas.items()}
+    assert {r: s.blocks for r, s in sliced.index.replicas.items()} == blocks
     assert sliced.figures(names).tolist() == at_once.figures(names).tolist()
     assert sliced.deployment_step_cost() == at_once.deployment_step_cost()
 
