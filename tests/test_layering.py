@@ -18,7 +18,7 @@ FOLDERS = {
     "cluster": "kvserve.cluster",
     "router": "kvserve.router",
     "workers": "kvserve.workers",
-    "kernels": "kvserve.kernels",
+    "kvserve_kernels": "kvserve.kernels",
 }
 
 # Package -> rank; a module belongs to the longest package its name starts with, and may
@@ -135,6 +135,17 @@ def modules_loaded_by(modules: list[str]) -> list[str]:
 
 
 # -- the code as it is ---------------------------------------------------------------------
+
+
+def test_no_folder_at_the_root_stands_in_for_an_installed_package():
+    """`python -m` from the repository's root, and the Ray workers a driver started there,
+    have the root on `sys.path` ahead of the installed packages: a folder there named like a
+    package a dependency imports (transformers imports `kernels`) would be imported instead."""
+    import importlib.metadata
+
+    installed = set(importlib.metadata.packages_distributions())
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert not folders & (installed | {"kernels"})
 
 
 def test_engine_core_loads_no_ray():
