@@ -51,8 +51,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="then apply this many event batches to the index and time each (default: none)")
     parser.add_argument("--churn-blocks", type=int, default=8, help="blocks each churn batch evicts and stores")
     parser.add_argument("--hub-answers", type=int, default=0,
-                        help="then fold this many hub answers (every replica: a heartbeat and a churn batch) and time "
-                        "how long each holds the event loop (default: none)")
+                        help="then this many rounds of every replica publishing a heartbeat and a churn batch to a "
+                        "hub in process, which answers the follower: times the hub, and how long each answer holds "
+                        "the follower's event loop (default: none)")
 
 
 def main(args: argparse.Namespace) -> int:
