@@ -304,6 +304,8 @@ BENCHES = (
     ("engine", "offline engine against HF transformers generate", _engine_bench_flags("engine")),
     ("serve", "load generator against a running endpoint", _plain_bench_flags("serve")),
     ("route", "time of the KV-aware routing decision", _plain_bench_flags("route")),
+    ("ingress", "the ingress's work on a prompt (tokens, block hashes) and how long it holds the event loop",
+     _plain_bench_flags("ingress")),
     ("tp", "per-step overhead of tensor parallelism against tp 1", _engine_bench_flags("tp")),
     ("routers", "every routing policy side by side on local CPU replicas", _routers_bench_flags),
     ("kernels", "paged attention against copy bandwidth and torch SDPA", _plain_bench_flags("kernels")),

@@ -141,8 +141,8 @@ class Ingress:
     async def completions(self, body: CompletionRequest) -> Response:
         model, lora = await self._model(body.model)
         model.check_sampling_limits(body)
-        prompts = [model.tokenize(p) for p in body.prompts()]
-        max_tokens = min(model.max_tokens(ids, body.max_tokens) for _, ids in prompts)
+        prompts = await model.prepare(body.prompts(), body.cache_salt, lora.name if lora else None)
+        max_tokens = min(model.max_tokens(p.ids, body.max_tokens) for p in prompts)
         sampling = body.sampling(max_tokens, body.logprobs)
         return await self._serve(model, lora, prompts, sampling, body, chat=False)
 
@@ -150,8 +150,9 @@ class Ingress:
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
         model, lora = await self._model(body.model)
         model.check_sampling_limits(body)
-        prompt = model.tokenize(model.chat_prompt(body), add_special_tokens=False)
-        sampling = body.sampling(model.max_tokens(prompt[1], body.requested_max_tokens()), body.logprobs_count())
+        [prompt] = await model.prepare([model.chat_prompt(body)], body.cache_salt, lora.name if lora else None,
+                                       add_special_tokens=False)
+        sampling = body.sampling(model.max_tokens(prompt.ids, body.requested_max_tokens()), body.logprobs_count())
         return await self._serve(model, lora, [prompt], sampling, body, chat=True)
 
     @app.post("/v1/embeddings")
@@ -161,10 +162,10 @@ class Ingress:
             raise bad_request(f"{lora.name!r} is a LoRA adapter: adapters serve completions and chat, "
                               f"not embeddings (use the base model {model.name!r})", "model")
         model.check_dimensions(body)
-        prompts = [model.tokenize(p) for p in body.inputs()]
+        prompts = await model.prepare(body.inputs(), body.cache_salt)
         model.ensure_follower()
         request_id = f"embd-{uuid.uuid4().hex}"
-        embeds = [model.embed(f"{request_id}-{i}", text, ids, body) for i, (text, ids) in enumerate(prompts)]
+        embeds = [model.embed(f"{request_id}-{i}", prompt, body) for i, prompt in enumerate(prompts)]
         results = await asyncio.gather(*embeds, return_exceptions=True)
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
@@ -178,8 +179,7 @@ class Ingress:
                      chat: bool) -> Response:
         model.ensure_follower()
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        starts = [model.start(f"{request_id}-{i}", text, ids, sampling, body, lora)
-                  for i, (text, ids) in enumerate(prompts)]
+        starts = [model.start(f"{request_id}-{i}", prompt, sampling, body, lora) for i, prompt in enumerate(prompts)]
         timers = [RequestTimer(model.name) for _ in starts]
         started = await asyncio.gather(*starts, return_exceptions=True)
         failures = [s for s in started if isinstance(s, BaseException)]

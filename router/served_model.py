@@ -2,6 +2,8 @@
 and that deployment's KV index. Prompts are checked, tokenized and hashed here, once, and handed
 to the deployment through a handle whose request router picks the replica."""
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
@@ -19,11 +21,19 @@ from kvserve.router.tool_parsers import FORMATS, format_for_model
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.lora_registry import get_or_create_registry
 from kvserve.workers.protocol import (
-    EmbeddingOutput, EmbedRequest, GenerateRequest, RequestRefused, SamplingParams, prompt_length_problem,
+    BlockHash, EmbeddingOutput, EmbedRequest, GenerateRequest, RequestRefused, SamplingParams, prompt_length_problem,
 )
 
 LLM_DEPLOYMENT = "LLMServer"
 REPLICA_RETRIES = 2  # sends of a request whose replica died before its first output
+# Prompts this long in all (characters, or token ids x 4) are tokenized and hashed on a worker
+# thread. A 32k-token prompt takes tens of milliseconds, which on the event loop would stall
+# every stream and routing decision of the ingress replica meanwhile; shorter ones take less
+# than the hop to a thread. One thread, taking the prompts in turn: the tokenizers let go of
+# the GIL while they encode, but the rest holds it, and the loop waits at most one switch
+# interval for one thread, several for several (docs/benchmarks.md, "Preparing a prompt").
+OFF_LOOP_PROMPT_CHARS = 8192
+_PREPARER = ThreadPoolExecutor(1, thread_name_prefix="kvserve-prompts")
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,15 @@ def _route_on_its_own(request_id: str) -> None:
     one of them would never be routed. Each prompt runs in a task of its own (asyncio.gather),
     so the id set here stays with that task's calls."""
     serve_context._set_request_context(_internal_request_id=request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A prompt as the ingress sends it on: its text, its token ids, its blocks' hashes."""
+
+    text: str
+    ids: list[int]
+    block_hashes: list[BlockHash]
 
 
 @dataclass(frozen=True)
@@ -125,6 +144,25 @@ class ServedModel:
 
     # -- checks ------------------------------------------------------------------------
 
+    async def prepare(self, prompts: list[str | list[int]], cache_salt: str | None, lora_name: str | None = None,
+                      add_special_tokens: bool = True) -> list[Prompt]:
+        """`prepare_now`, on a worker thread if the prompts are long."""
+        size = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in prompts)
+        if size < OFF_LOOP_PROMPT_CHARS:
+            return self.prepare_now(prompts, cache_salt, lora_name, add_special_tokens)
+        return await asyncio.get_running_loop().run_in_executor(
+            _PREPARER, self.prepare_now, prompts, cache_salt, lora_name, add_special_tokens)
+
+    def prepare_now(self, prompts: list[str | list[int]], cache_salt: str | None, lora_name: str | None = None,
+                    add_special_tokens: bool = True) -> list[Prompt]:
+        """Each prompt tokenized (`tokenize`) and its blocks hashed as the replicas hash them
+        (under `cache_salt` and LoRA adapter `lora_name`)."""
+        prepared = []
+        for prompt in prompts:
+            text, ids = self.tokenize(prompt, add_special_tokens)
+            prepared.append(Prompt(text, ids, hash_block_chain(ids, self.block_size, cache_salt, lora_name)))
+        return prepared
+
     def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str, list[int]]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
@@ -179,27 +217,27 @@ class ServedModel:
 
     # -- sending -----------------------------------------------------------------------
 
-    async def embed(self, request_id: str, text: str, ids: list[int], body: EmbeddingRequest) -> EmbeddingOutput:
+    async def embed(self, request_id: str, prompt: Prompt, body: EmbeddingRequest) -> EmbeddingOutput:
         """One prompt's embedding; sent again, to a live replica, if its replica died first."""
         _route_on_its_own(request_id)
-        request = EmbedRequest(request_id, ids, text, hash_block_chain(ids, self.block_size, body.cache_salt),
-                               self.hash_check, body.cache_salt, body.priority)
+        request = EmbedRequest(request_id, prompt.ids, prompt.text, prompt.block_hashes, self.hash_check,
+                               body.cache_salt, body.priority)
         _, answer = await self._first_answer(lambda: self.llm.options(stream=True).embed.remote(request))
         return answer
 
-    async def start(self, request_id: str, text: str, ids: list[int], sampling: SamplingParams, body,
+    async def start(self, request_id: str, prompt: Prompt, sampling: SamplingParams, body,
                     lora: LoRAChoice | None = None):
-        """The stream of one prompt and its first delta, under `lora` if given. A replica that
-        dies before the first delta has given the client nothing: the request goes again, to a
-        live replica."""
+        """The stream of one prompt and its first delta, under `lora` if given (the prompt
+        `prepare`d under it). A replica that dies before the first delta has given the client
+        nothing: the request goes again, to a live replica."""
         _route_on_its_own(request_id)
         lora_name, lora_path = (lora.name, lora.path) if lora else (None, None)
         request = GenerateRequest(
             request_id=request_id,
-            prompt_token_ids=ids,
+            prompt_token_ids=prompt.ids,
             sampling=sampling,
-            prompt=text,
-            block_hashes=hash_block_chain(ids, self.block_size, body.cache_salt, lora_name),
+            prompt=prompt.text,
+            block_hashes=prompt.block_hashes,
             hash_check=self.hash_check,
             cache_salt=body.cache_salt,
             priority=body.priority,
