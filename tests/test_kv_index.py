@@ -8,12 +8,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from hypothesis import settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.kv_index import Fate, KVIndex, leading_matches
+from kvserve.router.kv_index import Fate, KVIndex, held_run, leading_matches
 from kvserve.router.options import RouterOptions
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager
@@ -101,6 +101,22 @@ def news_of(tokens: list[int], block_size: int = BLOCK, hash_check: str | None =
     heartbeat = Heartbeat(7, 1, sent_at, dataclasses.replace(stats or pool_stats(), kv_blocks_cached=len(blocks)))
     return ReplicaNews(block_size, hash_check or hash_check_value(block_size), heartbeat, None,
                        BlockSnapshot(7, 1, blocks))
+
+
+@given(length=st.integers(0, 400), holes=st.lists(st.integers(0, 400), max_size=3), start=st.integers(0, 400))
+@example(length=300, holes=[31], start=0)
+@example(length=300, holes=[32], start=0)
+@example(length=300, holes=[95], start=0)
+@example(length=300, holes=[96], start=0)
+@example(length=300, holes=[], start=5)
+def test_a_held_run_ends_at_the_first_block_missing(length, holes, start):
+    """`held_run` checks long chains in doubling slices: the run ends where it should whether
+    the first missing block opens a slice, closes it or sits inside it."""
+    chain = [i.to_bytes(32, "big") for i in range(length)]
+    held = set(chain) - {chain[h] for h in holes if h < length}
+    start = min(start, length)
+    expected = next((i for i in range(start, length) if chain[i] not in held), length) - start
+    assert held_run(held, chain, start) == expected
 
 
 def test_follower_distrusts_a_replica_that_hashes_differently():
