@@ -93,7 +93,9 @@ class ApiKeyGate:
     metrics_too: bool
 
     def protects(self, path: str) -> bool:
-        return path.startswith("/v1/") or (self.metrics_too and path == "/metrics")
+        """The API, and the tokenizer's endpoints (vLLM leaves those open; they spend the
+        ingress's time on whatever text is sent), and /metrics if so configured."""
+        return path.startswith("/v1/") or path in ("/tokenize", "/detokenize") or (self.metrics_too and path == "/metrics")
 
     def admits(self, header: bytes) -> bool:
         return hmac.compare_digest(header, self.authorization)

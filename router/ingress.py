@@ -7,6 +7,7 @@ function, and hands token ids to its LLMServer deployment. The ingress never run
 
 import asyncio
 import uuid
+from importlib.metadata import version as package_version
 
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,7 +19,8 @@ from kvserve.router.errors import OpenAIError, bad_request, engine_error, unknow
 from kvserve.router.generation import Generation, RequestTimer
 from kvserve.router.http_app import ApiKeyGate, app
 from kvserve.router.openai_schema import (
-    ChatCompletionRequest, CompletionRequest, EmbeddingRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoRAAdapterRequest,
+    TokenizeRequest, UnloadLoRAAdapterRequest,
 )
 from kvserve.router.responses import embeddings_body
 from kvserve.router.served_model import IngressSettings, LoRAChoice, ServedModel
@@ -136,6 +138,25 @@ class Ingress:
             if model.lora_registry is not None and await model.lora_registry.unload.remote(body.lora_name):
                 return PlainTextResponse(f"Success: LoRA adapter {body.lora_name!r} removed successfully.")
         raise unknown_lora(body.lora_name)
+
+    @app.get("/version")
+    async def version(self) -> dict:
+        return {"version": package_version("kvserve")}
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        """vLLM's: the token ids of a prompt or of chat messages (through the chat template),
+        and the model's `max_model_len` to hold them against."""
+        model, _ = await self._model(body.model)
+        text = body.prompt if body.messages is None else model.chat_prompt(body)
+        ids = await model.token_ids(text, body.special_tokens())
+        strings = model.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": model.max_model_len, "tokens": ids, "token_strs": strings}
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        model, _ = await self._model(body.model)
+        return {"prompt": await model.text_of(body.tokens, "tokens")}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest) -> Response:

@@ -481,6 +481,42 @@ def _field_message(kind: str, ctx: dict, param: str, text: str) -> str:
     return f"{param}: {text}"
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize` body: a `prompt`, or chat `messages` put through the model's chat
+    template (`add_special_tokens` then defaults to false, as for a chat completion)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give one of prompt and messages")
+        if self.prompt is not None and (self.tools is not None or "add_generation_prompt" in self.model_fields_set):
+            raise ValueError("tools and add_generation_prompt go with messages, not prompt")
+        return self
+
+    def template_tools(self) -> list[dict] | None:
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+    def special_tokens(self) -> bool:
+        return self.add_special_tokens if self.add_special_tokens is not None else self.messages is None
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `/detokenize` body."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
+
+
 class LoadLoRAAdapterRequest(BaseModel):
     """vLLM's `/v1/load_lora_adapter` body; `model` names the base model when several serve
     adapters."""

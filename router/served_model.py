@@ -3,6 +3,7 @@ and that deployment's KV index. Prompts are checked, tokenized and hashed here, 
 to the deployment through a handle whose request router picks the replica."""
 
 import asyncio
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer
 
 from kvserve.router.errors import bad_request, refusal, replica_died
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.openai_schema import ChatCompletionRequest, EmbeddingRequest
+from kvserve.router.openai_schema import ChatCompletionRequest, EmbeddingRequest, TokenizeRequest
 from kvserve.router.responses import TokenText
 from kvserve.router.tool_parsers import FORMATS, format_for_model
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
@@ -55,6 +56,13 @@ class IngressSettings:
     enable_lora: bool = False
     lora_modules: dict[str, str] = field(default_factory=dict)  # the adapters of startup: name -> folder
     kv_event_hubs: int = 1  # ServingConfig.event_hubs()
+
+
+async def _off_loop_if_long(size: int, work, *args, **kwargs):
+    """`work(*args, **kwargs)`, on the worker thread if `size` (characters) reaches `OFF_LOOP_PROMPT_CHARS`."""
+    if size < OFF_LOOP_PROMPT_CHARS:
+        return work(*args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_PREPARER, functools.partial(work, *args, **kwargs))
 
 
 def model_app_name(ingress_app: str, served_model_name: str) -> str:
@@ -146,12 +154,18 @@ class ServedModel:
 
     async def prepare(self, prompts: list[str | list[int]], cache_salt: str | None, lora_name: str | None = None,
                       add_special_tokens: bool = True) -> list[Prompt]:
-        """`prepare_now`, on a worker thread if the prompts are long."""
+        """`prepare_now`, on the worker thread if the prompts are long."""
         size = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in prompts)
-        if size < OFF_LOOP_PROMPT_CHARS:
-            return self.prepare_now(prompts, cache_salt, lora_name, add_special_tokens)
-        return await asyncio.get_running_loop().run_in_executor(
-            _PREPARER, self.prepare_now, prompts, cache_salt, lora_name, add_special_tokens)
+        return await _off_loop_if_long(size, self.prepare_now, prompts, cache_salt, lora_name, add_special_tokens)
+
+    async def token_ids(self, text: str, add_special_tokens: bool) -> list[int]:
+        """The token ids of `text`, however long (for /tokenize), on the worker thread if it is long."""
+        return await _off_loop_if_long(len(text), self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+
+    async def text_of(self, ids: list[int], param: str) -> str:
+        """The text of token ids a client sent as `param` (for /detokenize)."""
+        self._check_token_ids(ids, param)
+        return await _off_loop_if_long(4 * len(ids), self.tokenizer.decode, ids)
 
     def prepare_now(self, prompts: list[str | list[int]], cache_salt: str | None, lora_name: str | None = None,
                     add_special_tokens: bool = True) -> list[Prompt]:
@@ -197,7 +211,7 @@ class ServedModel:
             raise bad_request(f"dimensions must be <= the model's embedding size {self.settings.hidden_size}",
                               "dimensions")
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> str:
+    def chat_prompt(self, body: ChatCompletionRequest | TokenizeRequest) -> str:
         if not self.tokenizer.chat_template:
             raise bad_request("this model's tokenizer has no chat template", "messages")
         messages = [m.for_template() for m in body.messages]

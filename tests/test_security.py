@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 
 import httpx
 import pytest
@@ -81,8 +82,10 @@ class TestIngress:
         ("GET", "/v1/models", None),
         ("POST", "/v1/completions", COMPLETION),
         ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        ("POST", "/tokenize", {"prompt": "hi"}),
+        ("POST", "/detokenize", {"tokens": [5, 6]}),
     ])
-    def test_v1_routes_need_the_key(self, server, method, route, body):
+    def test_v1_and_tokenizer_routes_need_the_key(self, server, method, route, body):
         base, _ = server
         for headers in ({}, _bearer("sk-wrong"), {"Authorization": KEY}, _bearer(KEY + "x")):
             reply = httpx.request(method, f"{base}{route}", json=body, headers=headers, timeout=60)
@@ -98,9 +101,10 @@ class TestIngress:
                            headers={"content-type": "application/json"})
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
 
-    def test_health_and_ready_stay_open_and_metrics_can_need_the_key(self, server):
+    def test_health_ready_and_version_stay_open_and_metrics_can_need_the_key(self, server):
         base, _ = server
         assert httpx.get(f"{base}/health").status_code == 200
+        assert httpx.get(f"{base}/version").json() == {"version": version("kvserve")}
         assert httpx.get(f"{base}/ready").status_code == 200
         assert httpx.get(f"{base}/metrics").status_code == 401
         assert httpx.get(f"{base}/metrics", headers=_bearer(KEY)).status_code == 200

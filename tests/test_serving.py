@@ -13,6 +13,7 @@ import openai
 import pytest
 import ray
 from pydantic import BaseModel, Field
+from transformers import AutoTokenizer
 
 from kvserve.cluster.bench.routers import routing_decisions
 from kvserve.workers.kv_event_hub import hub_name
@@ -185,6 +186,31 @@ def test_bad_input_gets_openai_errors(server, client, model_name):
         client.completions.create(model="no-such-model", prompt="x")
     reply = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert reply.status_code == 400 and "error" in reply.json()
+
+
+def test_tokenize_and_detokenize_as_the_models_tokenizer_does(server, client, model_name, tiny_checkpoints):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"], local_files_only=True)
+    text = "The quick brown fox, the lazy dog."
+    reply = httpx.post(f"{server}/tokenize", json={"model": model_name, "prompt": text, "return_token_strs": True})
+    ids = tokenizer.encode(text)
+    assert reply.json() == {"count": len(ids), "max_model_len": 256, "tokens": ids,
+                            "token_strs": tokenizer.convert_ids_to_tokens(ids)}
+    assert httpx.post(f"{server}/detokenize", json={"tokens": ids}).json() == {"prompt": tokenizer.decode(ids)}
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say something."}]
+    chat = httpx.post(f"{server}/tokenize", json={"messages": messages}).json()
+    templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert chat["tokens"] == tokenizer.encode(templated, add_special_tokens=False) and chat["token_strs"] is None
+    answer = client.chat.completions.create(model=model_name, messages=messages, max_tokens=1)
+    assert answer.usage.prompt_tokens == chat["count"]
+
+    for body, param in (({"prompt": "x", "messages": messages}, "one of prompt and messages"), ({}, "one of prompt"),
+                        ({"prompt": "x", "tools": []}, "go with messages"), ({"prompt": "x", "n": 2}, "n is not")):
+        reply = httpx.post(f"{server}/tokenize", json=body)
+        assert reply.status_code == 400 and param in reply.json()["error"]["message"], reply.text
+    reply = httpx.post(f"{server}/detokenize", json={"tokens": [1, 10**6]})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "tokens", reply.text
+    assert httpx.post(f"{server}/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
 
 
 def random_tokens(count: int, seed: int) -> list[int]:
