@@ -3,7 +3,7 @@ pydantic's findings turned into messages a client can act on."""
 
 import json
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -136,6 +136,7 @@ class _SamplingFields(_CacheFields):
     ignore_eos: bool = False
     repetition_penalty: float = Field(1.0, gt=0)
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # OpenAI's: token id -> bias
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     kv_retention: KVRetentionBody | None = None
@@ -193,6 +194,7 @@ class _SamplingFields(_CacheFields):
             "ignore_eos": self.ignore_eos,
             "stop": self.stop or [],
             "stop_token_ids": self.stop_token_ids or [],
+            "logit_bias": self.logit_bias or None,
             "seed": self.seed,
             "logprobs": logprobs,
             "skip_special_tokens": self.skip_special_tokens,
@@ -437,6 +439,9 @@ def validation_problem(error: dict) -> tuple[str, str | None]:
     if kind == "json_invalid":
         return "the request body is not valid JSON", None
     path = loc[1:] if loc[:1] == ["body"] else loc
+    if path[-1:] == ["[key]"] and len(path) >= 2:  # a key of a mapping (logit_bias's token ids)
+        param = _param(path[:-2])
+        return f"{param} must map token ids to numbers; {path[-2]!r} is not a token id", param
     union_at = next((i for i, part in enumerate(path) if _is_union_tag(part)), None)
     if union_at is not None:
         param = _param(path[:union_at])

@@ -106,6 +106,24 @@ def test_same_tokens_under_scheduling_pressure(options, tiny_checkpoints, hf_ref
     assert llm.engine.kv.num_free_blocks == llm.engine.kv.num_blocks
 
 
+def test_logit_bias_equals_hf_sequence_bias(tiny_checkpoints, hf_refs):
+    """OpenAI's logit_bias is transformers' `sequence_bias` of one-token sequences."""
+    llm = engine_for(tiny_checkpoints["llama"])
+    prompts = make_prompts(llm.engine.vocab_size)[:6]
+    plain = [output.outputs[0].token_ids for output in llm.generate(prompts, greedy())]
+    bias = {plain[0][0]: -100.0, plain[1][2]: 2.5, 7: 1.5, 11: -3.0}
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logit_bias=bias)
+    config = GenerationConfig(do_sample=False, max_new_tokens=MAX_TOKENS, eos_token_id=None,
+                              sequence_bias={(token,): value for token, value in bias.items()})
+    model = hf_refs["llama"].model
+    for prompt, output in zip(prompts, llm.generate(prompts, params)):
+        with torch.inference_mode():
+            expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                      generation_config=config)
+        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] != plain
+
+
 def test_requests_arriving_while_others_decode(tiny_checkpoints, hf_refs):
     llm = engine_for(tiny_checkpoints["qwen2"])
     engine = llm.engine

@@ -172,6 +172,40 @@ def test_min_tokens_blocks_eos_and_stop_tokens_until_reached():
     assert sample(logits, rows).token_ids == [7, 7, EOS, 5]
 
 
+def test_logit_bias_is_added_before_the_argmax_and_the_penalties():
+    rng = random.Random(1)
+    rows, expected = [], []
+    logits = torch.randn(200, 8)
+    for i in range(len(logits)):
+        bias = {rng.randrange(10): rng.uniform(-3, 3) for _ in range(rng.randrange(4))}  # ids 8, 9: beyond the logits
+        params = {"repetition_penalty": 1.7} if i % 3 == 0 else {}
+        rows.append(row([1], [rng.randrange(8)], temperature=0, logit_bias=bias, **params))
+        biased = logits[i].clone()
+        for token, value in bias.items():
+            if token < 8:
+                biased[token] += value
+        if params:
+            biased = naive_penalties(biased, [1], rows[-1].output_token_ids, rows[-1].params)
+        expected.append(biased.argmax().item())
+    assert sample(logits, rows).token_ids == expected
+    assert expected != logits.argmax(dim=-1).tolist()
+
+
+def test_logit_bias_moves_draws_and_leaves_logprobs_raw():
+    logits = torch.tensor(PROBS).log()
+    tokens = draws_from(logits, 4000, logit_bias={3: 100.0, 0: -100.0})
+    assert set(tokens) == {3}
+    out = sample(logits[None], [row(logprobs=1, logit_bias={3: 100.0})])
+    assert out.token_ids == [3] and math.isclose(out.logprobs[0], math.log(PROBS[3]), rel_tol=1e-5)
+
+
+def test_a_bias_outside_its_bounds_is_refused():
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={3: 101.0})
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={-1: 1.0})
+
+
 def test_min_tokens_ignores_stop_token_ids_beyond_the_logits():
     logits = torch.randn(1, VOCAB)
     out = sample(logits, [row(temperature=0, min_tokens=1, stop_token_ids=[VOCAB + 10])], eos=(VOCAB + 1,))

@@ -213,6 +213,20 @@ def test_tokenize_and_detokenize_as_the_models_tokenizer_does(server, client, mo
     assert httpx.post(f"{server}/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
 
 
+def test_logit_bias_with_the_official_client(server, client, model_name, tiny_checkpoints):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"], local_files_only=True)
+    token = tokenizer.encode(" the", add_special_tokens=False)[0]  # whole characters: the text shows it
+    forced = client.completions.create(model=model_name, prompt="Once upon a time", max_tokens=4, temperature=0.8,
+                                       logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == tokenizer.decode([token] * 4)
+    for bias, said in (({"abc": 1}, "not a token id"), ({"100000": 1}, "outside the vocabulary"),
+                       ({str(token): 101}, "<= 100")):
+        reply = httpx.post(f"{server}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logit_bias": bias})
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and error["param"].startswith("logit_bias") and said in error["message"], reply.text
+
+
 def random_tokens(count: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(10, 500) for _ in range(count)]

@@ -1,7 +1,7 @@
 """Turns one step's logits into the next token of every sampling sequence, in one batch.
 
-Order of work, per row: stop tokens are masked until `min_tokens`; repetition, frequency and
-presence penalties; then greedy rows take the argmax, and the others go through temperature,
+Order of work, per row: stop tokens are masked until `min_tokens`; `logit_bias` is added;
+repetition, frequency and presence penalties; then greedy rows take the argmax, and the others go through temperature,
 top-k, top-p and min-p before a draw. Each of these stages is a fixed number of tensor
 operations over all the rows that draw, whatever the batch: a row that does not use a stage
 gets the value that leaves it unchanged, and a stage that no row uses is skipped. Logprobs are
@@ -195,9 +195,11 @@ class _Plan:
     rows: list[SamplingRow]
     vocab: int
     min_tokens: list[int] = field(default_factory=list)  # the rows still under their min_tokens
+    biased: bool = False  # whether a row has a logit_bias
     penalties: list[int] = field(default_factory=list)
     logprobs: list[int] = field(default_factory=list)
     draws: _Draws = field(default_factory=_Draws)
+    _biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # `biases`, once worked out
     _with_min_tokens: list[int] = field(default_factory=list)
     _drawing_rows: list[SamplingRow] = field(default_factory=list)
 
@@ -208,6 +210,7 @@ class _Plan:
         ahead = [draft_positions[i] for i in drawing] if draft_positions is not None else None
         plan = cls(
             rows, vocab,
+            biased=any(row.params.logit_bias for row in rows),
             penalties=[i for i, row in enumerate(rows) if row.penalized],
             logprobs=[i for i, row in enumerate(rows) if row.params.logprobs is not None],
             draws=_Draws.of(drawing, drawing_rows, vocab, ahead),
@@ -220,6 +223,12 @@ class _Plan:
     def holds(self, rows: list[SamplingRow], vocab: int) -> bool:
         """Whether this plan is for these very rows, in this order."""
         return vocab == self.vocab and len(rows) == len(self.rows) and all(map(operator.is_, rows, self.rows))
+
+    def biases(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`logit_bias_entries` of the rows, worked out once per plan."""
+        if self._biases is None:
+            self._biases = logit_bias_entries([row.params for row in self.rows], like)
+        return self._biases
 
     def refresh(self) -> None:
         """Only seeded draws read their counters."""
@@ -300,6 +309,9 @@ class Sampler:
             raw_logprobs = wanted.log_softmax(dim=-1)
         if plan.min_tokens:
             _mask_stop_tokens(logits, rows, plan.min_tokens, eos_token_ids)
+        if plan.biased:
+            row_of, token_of, bias = plan.biases(logits)
+            logits[row_of, token_of] += bias
         if plan.penalties:
             _apply_penalties(logits, rows, plan.penalties)
         sampled = SampledTokens(_choose(logits, plan.draws), rows, plan.logprobs)
@@ -317,6 +329,16 @@ class Sampler:
         plan = _Plan.of(rows, vocab, draft_positions)
         self._last_plan = plan if draft_positions is None else None
         return plan
+
+
+def logit_bias_entries(params: list[SamplingParams], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each `logit_bias` entry of the rows of `params` within the vocabulary (the width of
+    `like`), as (row, token, bias) tensors on `like`'s device: `like[rows, tokens] += biases`."""
+    vocab = like.shape[1]
+    entries = [(i, token, bias) for i, p in enumerate(params) if p.logit_bias
+               for token, bias in p.logit_bias.items() if token < vocab]
+    rows, tokens, biases = zip(*entries) if entries else ((), (), ())
+    return _index(list(rows), like), _index(list(tokens), like), _values(list(biases), like)
 
 
 def _index(row_numbers: list[int], like: torch.Tensor) -> torch.Tensor:
