@@ -324,13 +324,47 @@ class NamedToolChoice(BaseModel):
     function: NamedFunction
 
 
-class ChatCompletionRequest(_SamplingFields):
+# apply_chat_template's own arguments, which chat_template_kwargs may not set.
+_TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})
+
+
+class _ChatTemplateFields(BaseModel):
+    """How the messages go through the model's chat template (vLLM's names):
+    `continue_final_message` leaves the last (assistant) message open for the model to go on
+    with; `chat_template_kwargs` are more variables for the template, e.g. Qwen3's
+    `enable_thinking`."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _template_options_agree(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise refusal("continue_final_message", "continue_final_message needs add_generation_prompt set to "
+                                                    "false: the final message is continued, no new one opened")
+        taken = sorted(_TEMPLATE_ARGUMENTS & set(self.chat_template_kwargs or ()))
+        if taken:
+            raise refusal("chat_template_kwargs", f"chat_template_kwargs may not set {taken[0]!r}, an argument of "
+                                                  "the template call itself")
+        return self
+
+    def template_options(self) -> dict[str, Any]:
+        """The keyword arguments of `apply_chat_template` beside the messages and tools."""
+        return {"add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message, **(self.chat_template_kwargs or {})}
+
+
+class ChatCompletionRequest(_ChatTemplateFields, _SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    add_generation_prompt: bool = True
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -486,7 +520,7 @@ def _field_message(kind: str, ctx: dict, param: str, text: str) -> str:
     return f"{param}: {text}"
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ChatTemplateFields):
     """vLLM's `/tokenize` body: a `prompt`, or chat `messages` put through the model's chat
     template (`add_special_tokens` then defaults to false, as for a chat completion)."""
 
@@ -494,7 +528,6 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_generation_prompt: bool = True
     tools: list[Tool] | None = None
     add_special_tokens: bool | None = None
     return_token_strs: bool = False
@@ -503,8 +536,9 @@ class TokenizeRequest(BaseModel):
     def _prompt_or_messages(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give one of prompt and messages")
-        if self.prompt is not None and (self.tools is not None or "add_generation_prompt" in self.model_fields_set):
-            raise ValueError("tools and add_generation_prompt go with messages, not prompt")
+        chat_only = {"tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"}
+        if self.prompt is not None and chat_only & self.model_fields_set:
+            raise ValueError(f"{', '.join(sorted(chat_only))} go with messages, not prompt")
         return self
 
     def template_tools(self) -> list[dict] | None:

@@ -217,9 +217,8 @@ class ServedModel:
             raise bad_request("this model's tokenizer has no chat template", "messages")
         messages = [m.for_template() for m in body.messages]
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, tools=body.template_tools(), add_generation_prompt=body.add_generation_prompt, tokenize=False
-            )
+            return self.tokenizer.apply_chat_template(messages, tools=body.template_tools(), tokenize=False,
+                                                      **body.template_options())
         except (TemplateError, TypeError, ValueError) as error:
             raise bad_request(f"the model's chat template cannot take these messages: {error}", "messages") from None
 

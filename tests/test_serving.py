@@ -204,8 +204,26 @@ def test_tokenize_and_detokenize_as_the_models_tokenizer_does(server, client, mo
     answer = client.chat.completions.create(model=model_name, messages=messages, max_tokens=1)
     assert answer.usage.prompt_tokens == chat["count"]
 
+    # The chat template's options, as transformers' apply_chat_template takes them.
+    opened = messages + [{"role": "assistant", "content": "Well, the"}]
+    cases = [({"chat_template_kwargs": {"enable_thinking": False}}, {"enable_thinking": False}, messages),
+             ({"continue_final_message": True, "add_generation_prompt": False},
+              {"continue_final_message": True, "add_generation_prompt": False}, opened)]
+    for options, template_kwargs, chat_messages in cases:
+        got = httpx.post(f"{server}/tokenize", json={"messages": chat_messages, **options}).json()["tokens"]
+        templated = tokenizer.apply_chat_template(chat_messages, tokenize=False,
+                                                  **{"add_generation_prompt": True, **template_kwargs})
+        assert got == tokenizer.encode(templated, add_special_tokens=False) != chat["tokens"]
+        answer = client.chat.completions.create(model=model_name, messages=chat_messages, max_tokens=1,
+                                                extra_body=options)
+        assert answer.usage.prompt_tokens == len(got)
+    assert "<think>" in tokenizer.decode(httpx.post(f"{server}/tokenize", json={
+        "messages": messages, "chat_template_kwargs": {"enable_thinking": False}}).json()["tokens"])
+
     for body, param in (({"prompt": "x", "messages": messages}, "one of prompt and messages"), ({}, "one of prompt"),
-                        ({"prompt": "x", "tools": []}, "go with messages"), ({"prompt": "x", "n": 2}, "n is not")):
+                        ({"prompt": "x", "tools": []}, "go with messages"), ({"prompt": "x", "n": 2}, "n is not"),
+                        ({"messages": messages, "continue_final_message": True}, "add_generation_prompt set to false"),
+                        ({"messages": messages, "chat_template_kwargs": {"tokenize": True}}, "may not set 'tokenize'")):
         reply = httpx.post(f"{server}/tokenize", json=body)
         assert reply.status_code == 400 and param in reply.json()["error"]["message"], reply.text
     reply = httpx.post(f"{server}/detokenize", json={"tokens": [1, 10**6]})
