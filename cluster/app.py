@@ -59,6 +59,7 @@ def ingress_settings(config: AppConfig) -> IngressSettings:
         max_request_bytes=config.serving.max_request_bytes,
         metrics_need_api_key=config.serving.metrics_need_api_key,
         tool_parser=config.serving.tool_parser,
+        reasoning_parser=config.serving.reasoning_parser,
         enable_lora=engine.enable_lora,
         lora_modules=dict(engine.lora_modules),
         kv_event_hubs=config.serving.event_hubs(),

@@ -57,6 +57,10 @@ class ServingConfig(BaseModel):
     tool_parser: Literal["hermes", "llama3_json", "mistral"] | None = Field(
         None, description="how the model writes tool calls; default: read from its chat template, else its model type"
     )
+    reasoning_parser: Literal["qwen3", "deepseek_r1"] | None = Field(
+        None, description="how a reasoning model marks its thinking, which chat answers then carry apart as "
+        "`reasoning_content`; default: none, the thinking stays in `content`"
+    )
     max_stop_strings: int = Field(
         16, ge=0, description="the most stop strings one request may give (OpenAI allows 4, vLLM any number)"
     )

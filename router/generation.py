@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 from kvserve.router import routing_metrics as metrics
 from kvserve.router.errors import engine_error
+from kvserve.router.reasoning import ReasoningSplitter
 from kvserve.router.responses import (
     ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body,
     completion_logprobs, openai_finish_reason,
@@ -41,14 +42,17 @@ class Generation:
 
     def __init__(self, model_name: str, token_text: TokenText, request_id: str, body, chat: bool, num_prompts: int,
                  firsts: list[OutputDelta], streams: list, timers: list[RequestTimer],
-                 tool_call_reader: Callable[[], ToolCallReader | NamedCallReader] | None = None):
+                 tool_call_reader: Callable[[], ToolCallReader | NamedCallReader] | None = None,
+                 reasoning_parser: str | None = None):
         self.model_name, self.token_text = model_name, token_text
         self.request_id, self.body, self.chat = request_id, body, chat
         self.n = body.n
         self.choices = [ChoiceState(i) for i in range(num_prompts * self.n)]
-        if tool_call_reader is not None:
-            for choice in self.choices:
+        for choice in self.choices:
+            if tool_call_reader is not None:
                 choice.tool_calls = tool_call_reader()
+            if reasoning_parser is not None:
+                choice.reasoning = ReasoningSplitter(reasoning_parser)
         self.firsts, self.streams, self.timers = firsts, streams, timers
         self.usage = Usage()
         for first in firsts:
@@ -122,10 +126,7 @@ class Generation:
     def _final_choice(self, choice: ChoiceState) -> dict:
         logprobs = self._logprobs(choice.logprobs, 0) if self._wants_logprobs() else None
         if self.chat:
-            message = {"role": "assistant", "content": choice.text}
-            reason = choice.finish_reason
-            if choice.tool_calls is not None:
-                message, reason = _with_tool_calls(choice)
+            message, reason = _chat_message(choice)
             return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
         return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
                 "finish_reason": choice.finish_reason}
@@ -162,35 +163,66 @@ class Generation:
             logprobs = self._logprobs(sample.logprobs or [], len(choice.text) - len(sample.text))
         reason = openai_finish_reason(sample.finish_reason)
         if self.chat:
-            delta = {"content": sample.text}
-            if choice.tool_calls is not None:
-                delta, reason = _tool_call_delta(choice, sample)
+            delta, reason = _chat_delta(choice, sample)
             return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         return {"index": choice.index, "text": sample.text, "logprobs": logprobs, "finish_reason": reason}
 
 
-def _with_tool_calls(choice: ChoiceState) -> tuple[dict, str | None]:
-    """The final message of a choice whose text may hold tool calls, and its finish reason."""
+def _chat_message(choice: ChoiceState) -> tuple[dict, str | None]:
+    """A whole choice's message (its thinking apart, its answer's tool calls read) and finish reason."""
+    answer = choice.text
+    reasoning = None
+    if choice.reasoning is not None:
+        split = choice.reasoning.feed(answer, last=True)
+        answer, reasoning = split.content, split.reasoning
+    message, reason = {"role": "assistant", "content": answer}, choice.finish_reason
+    if choice.tool_calls is not None:
+        message, reason = _with_tool_calls(choice, answer)
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning or None
+        message["content"] = message["content"] or None
+    return message, reason
+
+
+def _chat_delta(choice: ChoiceState, sample: SampleDelta) -> tuple[dict, str | None]:
+    """A streamed choice's delta (its thinking apart, its answer's tool calls read) and finish reason."""
+    answer, reasoning = sample.text, ""
+    if choice.reasoning is not None:
+        split = choice.reasoning.feed(answer, last=sample.finish_reason is not None)
+        answer, reasoning = split.content, split.reasoning
+    delta, reason = {"content": answer}, openai_finish_reason(sample.finish_reason)
+    if choice.tool_calls is not None:
+        delta, reason = _tool_call_delta(choice, answer, sample.finish_reason)
+    if reasoning:
+        if not delta.get("content"):
+            delta.pop("content", None)
+        delta["reasoning_content"] = reasoning
+    return delta, reason
+
+
+def _with_tool_calls(choice: ChoiceState, answer: str) -> tuple[dict, str | None]:
+    """The final message of a choice whose `answer` may hold tool calls, and its finish reason."""
     reader = choice.tool_calls
-    content = reader.feed(choice.text).content + reader.finish().content
+    content = reader.feed(answer).content + reader.finish().content
     message = {"role": "assistant", "content": (content or None) if reader.calls else content}
     if reader.calls:
         message["tool_calls"] = [call.to_openai() for call in reader.calls]
     return message, openai_finish_reason(choice.finish_reason, bool(reader.calls))
 
 
-def _tool_call_delta(choice: ChoiceState, sample: SampleDelta) -> tuple[dict, str | None]:
-    """The streamed delta of a choice whose text may hold tool calls: the content that is
-    certain by now, and each call's name, then its arguments, as they come."""
+def _tool_call_delta(choice: ChoiceState, answer: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """The streamed delta of a choice whose answer may hold tool calls, `answer` its latest
+    piece: the content that is certain by now, and each call's name, then its arguments, as
+    they come."""
     reader = choice.tool_calls
-    parsed = reader.feed(sample.text)
-    if sample.finish_reason is not None:
+    parsed = reader.feed(answer)
+    if finish_reason is not None:
         last = reader.finish()
         parsed = Parsed(parsed.content + last.content, parsed.calls + last.calls)
     delta: dict = {"content": parsed.content} if parsed.content or not parsed.calls else {}
     if parsed.calls:
         delta["tool_calls"] = [call.to_openai() for call in parsed.calls]
-    return delta, openai_finish_reason(sample.finish_reason, bool(reader.calls))
+    return delta, openai_finish_reason(finish_reason, bool(reader.calls))
 
 
 def _sse(body, raw: bool = False) -> bytes:

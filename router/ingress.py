@@ -216,7 +216,7 @@ class Ingress:
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(replicas))}
         reader = body.tool_call_reader(model.tool_format) if chat else None
         run = Generation(lora.name if lora else model.name, model.token_text, request_id, body, chat, len(prompts), firsts, streams,
-                         timers, reader)
+                         timers, reader, model.settings.reasoning_parser if chat else None)
         if body.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
         return JSONResponse(await run.collect(), headers=headers)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvserve.router.reasoning import ReasoningSplitter
 from kvserve.router.tool_parsers import NamedCallReader, ToolCallReader
 from kvserve.workers.protocol import EmbeddingOutput, TokenLogprobs
 
@@ -13,7 +14,7 @@ from kvserve.workers.protocol import EmbeddingOutput, TokenLogprobs
 @dataclass
 class ChoiceState:
     """What one choice (one prompt x one sample) has produced so far; `tool_calls` reads the
-    tool calls out of its text when the request has tools."""
+    tool calls out of its answer when the request has tools."""
 
     index: int
     text: str = ""
@@ -21,6 +22,7 @@ class ChoiceState:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
     tool_calls: ToolCallReader | NamedCallReader | None = None
+    reasoning: ReasoningSplitter | None = None  # tells its thinking from its answer, for a reasoning model
 
 
 @dataclass

@@ -53,6 +53,7 @@ class IngressSettings:
     max_request_bytes: int
     metrics_need_api_key: bool
     tool_parser: str | None = None  # a name in tool_parsers.FORMATS; None: the model's own
+    reasoning_parser: str | None = None  # a name in reasoning.PARSERS; None: the thinking stays in the content
     enable_lora: bool = False
     lora_modules: dict[str, str] = field(default_factory=dict)  # the adapters of startup: name -> folder
     kv_event_hubs: int = 1  # ServingConfig.event_hubs()

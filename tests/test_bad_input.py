@@ -36,7 +36,8 @@ def server(tiny_checkpoints, local_app, tmp_path_factory):
     with local_app({
         "engine": {"model": str(model), "device": "cpu", "dtype": "float32",
                    "num_kv_blocks": 64, "max_model_len": MAX_MODEL_LEN},
-        "serving": {"app_name": APP, "replicas": 1, "replica_cpus": 0.5, "max_request_bytes": MAX_REQUEST_BYTES},
+        "serving": {"app_name": APP, "replicas": 1, "replica_cpus": 0.5, "max_request_bytes": MAX_REQUEST_BYTES,
+                    "reasoning_parser": "deepseek_r1"},
     }, num_cpus=2) as base, httpx.Client(base_url=base, timeout=60) as client:
         yield client
 
@@ -178,6 +179,21 @@ def test_still_serves_after_bad_input(server):
     reply = server.post(C, json=completion(max_tokens=4, ignore_eos=True))
     assert reply.status_code == 200, reply.text
     assert reply.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_reasoning_models_thinking_comes_apart(server):
+    """This server reads chat outputs as DeepSeek-R1's, whose thinking starts with the output:
+    the tiny model never closes it, so all of its output is reasoning_content, whole or streamed."""
+    prompt = server.post("/tokenize", json={"messages": chat()["messages"]}).json()["tokens"]
+    text = server.post(C, json=completion(prompt=prompt, max_tokens=6, temperature=0, ignore_eos=True)).json()
+    body = chat(max_tokens=6, temperature=0, ignore_eos=True)
+    message = server.post(CHAT, json=body).json()["choices"][0]["message"]
+    assert message["reasoning_content"] == text["choices"][0]["text"] and message["content"] is None
+    with server.stream("POST", CHAT, json={**body, "stream": True}) as reply:
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in reply.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+    assert not any(d.get("content") for d in deltas)
 
 
 # -- fuzz ----------------------------------------------------------------------------------

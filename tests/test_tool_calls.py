@@ -11,8 +11,9 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
 from kvserve.cluster.tiny_model import build_tokenizer
-from kvserve.router.generation import _tool_call_delta, _with_tool_calls
+from kvserve.router.generation import _chat_delta, _chat_message, _tool_call_delta, _with_tool_calls
 from kvserve.router.openai_schema import ChatCompletionRequest, validation_problem
+from kvserve.router.reasoning import ReasoningSplitter
 from kvserve.router.responses import ChoiceState, completion_body, chunk_body
 from kvserve.router.tool_parsers import (
     FORMATS, REQUIRED_FORMAT, NamedCallReader, ToolCallReader, format_for_model, required_calls_schema,
@@ -245,7 +246,7 @@ def chunk(choices: list[dict]) -> ChatCompletionChunk:
 def test_streamed_and_whole_answers_read_back_by_the_openai_client(tokenizer):
     text = assistant_turn(tokenizer, "hermes", CALLS, content="Checking.")
     whole = ChoiceState(0, text=text, finish_reason="stop", tool_calls=ToolCallReader(FORMATS["hermes"]))
-    message, reason = _with_tool_calls(whole)
+    message, reason = _with_tool_calls(whole, whole.text)
     body = completion_body("chatcmpl-1", "m", [{"index": 0, "message": message, "logprobs": None,
                                                  "finish_reason": reason}], None, chat=True)
     completion = ChatCompletion.model_validate(body)
@@ -257,7 +258,7 @@ def test_streamed_and_whole_answers_read_back_by_the_openai_client(tokenizer):
     pieces = [text[i:i + 4] for i in range(0, len(text), 4)]
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
-        delta, reason = _tool_call_delta(stream, SampleDelta(0, piece, [], None, "stop" if last else None))
+        delta, reason = _tool_call_delta(stream, piece, "stop" if last else None)
         state.handle_chunk(chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]))
     streamed = state.get_final_completion()
 
@@ -270,6 +271,45 @@ def test_streamed_and_whole_answers_read_back_by_the_openai_client(tokenizer):
 
 def test_an_answer_without_calls_stays_plain_content():
     choice = ChoiceState(0, text="no calls here", finish_reason="length", tool_calls=ToolCallReader(FORMATS["hermes"]))
-    message, reason = _with_tool_calls(choice)
+    message, reason = _with_tool_calls(choice, choice.text)
     assert message == {"role": "assistant", "content": "no calls here"} and reason == "length"
     assert openai.types.chat.ChatCompletionMessage.model_validate(message).tool_calls is None
+
+
+@pytest.mark.parametrize("parser,opening", [("qwen3", "<think>"), ("deepseek_r1", ""), ("deepseek_r1", "<think>")])
+@pytest.mark.parametrize("piece_size", [1, 3, 8])
+def test_thinking_is_told_apart_from_the_answer_and_its_calls(tokenizer, parser, opening, piece_size):
+    """A reasoning model's output, whole and streamed in pieces that cut its tags: the thinking
+    comes apart as reasoning_content, the answer's tool calls as before."""
+    thinking = "The user asks for Paris; < then </thin and on."
+    text = opening + thinking + "</think>\n\n" + assistant_turn(tokenizer, "hermes", CALLS, content="Checking.")
+
+    def choice(**fields):
+        return ChoiceState(0, tool_calls=ToolCallReader(FORMATS["hermes"]), reasoning=ReasoningSplitter(parser), **fields)
+
+    message, reason = _chat_message(choice(text=text, finish_reason="stop"))
+    assert message["reasoning_content"] == thinking and message["content"] == "\n\nChecking." and reason == "tool_calls"
+
+    stream, state, reasoning = choice(), ChatCompletionStreamState(), ""
+    state.handle_chunk(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}]))
+    pieces = [text[i:i + piece_size] for i in range(0, len(text), piece_size)]
+    for i, piece in enumerate(pieces):
+        delta, reason = _chat_delta(stream, SampleDelta(0, piece, [], None, "stop" if i == len(pieces) - 1 else None))
+        reasoning += delta.pop("reasoning_content", "")
+        state.handle_chunk(chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]))
+    streamed = state.get_final_completion().choices[0]
+    assert reasoning == thinking and streamed.message.content == "\n\nChecking." and streamed.finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed.message.tool_calls] == CALLS
+
+
+@pytest.mark.parametrize("parser,text,expected", [
+    ("qwen3", "Just an answer.", (None, "Just an answer.")),
+    ("qwen3", "<thi", (None, "<thi")),
+    ("qwen3", "  <think>unfinished", ("unfinished", None)),
+    ("deepseek_r1", "thinking to the end", ("thinking to the end", None)),
+    ("deepseek_r1", "done</think>", ("done", None)),
+])
+def test_outputs_with_and_without_a_closed_thinking_block(parser, text, expected):
+    message, _ = _chat_message(ChoiceState(0, text=text, finish_reason="length", reasoning=ReasoningSplitter(parser)))
+    assert (message["reasoning_content"], message["content"]) == expected

@@ -1,0 +1,79 @@
+"""A reasoning model's thinking, told apart from its answer (`serving.reasoning_parser`).
+
+Qwen3 and DeepSeek-R1 think between `<think>` and `</think>` before they answer. The chat
+response carries the thinking as `reasoning_content` (DeepSeek's API, vLLM's name) and only
+the answer as `content`. The two parsers differ in where the output starts: DeepSeek-R1's
+chat template opens the thinking in the prompt, so its output starts inside it; Qwen3's output
+opens it itself, or does not think at all (`enable_thinking` false), and then is all answer.
+A `<think>` the output starts with is dropped either way.
+
+`ReasoningSplitter` takes the text as it streams and hands back what is certain so far: a tag
+cut across two deltas is held back until the next delta shows whether it is one.
+"""
+
+from dataclasses import dataclass
+
+OPEN, CLOSE = "<think>", "</think>"
+PARSERS = ("qwen3", "deepseek_r1")
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    reasoning: str
+    content: str
+
+
+class ReasoningSplitter:
+    def __init__(self, parser: str):
+        if parser not in PARSERS:
+            raise ValueError(f"unknown reasoning parser {parser!r}; choose one of {', '.join(PARSERS)}")
+        self.thinking = parser == "deepseek_r1"
+        self.at_start = True  # nothing of the output handed back yet: a <think> may open it
+        self.held = ""
+
+    def feed(self, text: str, last: bool = False) -> Split:
+        """The thinking and the answer certain once `text` has come after what came before;
+        everything, held back or not, if it is the `last` of the output."""
+        split = self._feed(text)
+        if not last:
+            return split
+        rest = self.finish()
+        return Split(split.reasoning + rest.reasoning, split.content + rest.content)
+
+    def _feed(self, text: str) -> Split:
+        held = self.held + text
+        if self.at_start:
+            if OPEN.startswith(held.lstrip()) and len(held.lstrip()) < len(OPEN):
+                self.held = held  # could still be the opening tag
+                return Split("", "")
+            self.at_start = False
+            if held.lstrip().startswith(OPEN):
+                held, self.thinking = held.lstrip()[len(OPEN):], True
+        if not self.thinking:
+            self.held = ""
+            return Split("", held)
+        end = held.find(CLOSE)
+        if end >= 0:
+            self.thinking, self.held = False, ""
+            return Split(held[:end], held[end + len(CLOSE):])
+        keep = _partial_tag_at_end(held)
+        self.held = held[len(held) - keep:] if keep else ""
+        return Split(held[: len(held) - keep], "")
+
+    def finish(self) -> Split:
+        """What is still held back, at the end of the output."""
+        held, self.held = self.held, ""
+        return Split(held, "") if self.thinking else Split("", held)
+
+
+def split_all(parser: str, text: str) -> Split:
+    """A whole output's thinking and answer."""
+    return ReasoningSplitter(parser).feed(text, last=True)
+
+
+def _partial_tag_at_end(text: str) -> int:
+    """The length of the longest end of `text` that begins `</think>` (0: none)."""
+    for size in range(min(len(CLOSE) - 1, len(text)), 0, -1):
+        if CLOSE.startswith(text[-size:]):
+            return size
+    return 0

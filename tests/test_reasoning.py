@@ -1,0 +1,32 @@
+"""Telling a reasoning model's thinking from its answer, streamed however the text is cut."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvserve.router.reasoning import CLOSE, OPEN, PARSERS, ReasoningSplitter, Split, split_all
+
+# Text made of the tags, pieces of them and a little else, so that cuts fall inside tags.
+pieces = st.lists(st.sampled_from([OPEN, CLOSE, "<", "</", "<th", "</think", "think>", ">", " ", "\n", "a", "bc"]),
+                  max_size=12).map("".join)
+
+
+def reference(parser: str, text: str) -> Split:
+    """The rule in one piece: a leading <think> (after blanks) opens the thinking, which
+    DeepSeek-R1's output is in from the start; the first </think> closes it."""
+    thinking = parser == "deepseek_r1"
+    if text.lstrip().startswith(OPEN):
+        text, thinking = text.lstrip()[len(OPEN):], True
+    if not thinking:
+        return Split("", text)
+    reasoning, closed, answer = text.partition(CLOSE)
+    return Split(reasoning, answer if closed else "")
+
+
+@given(parser=st.sampled_from(PARSERS), text=pieces, cuts=st.lists(st.integers(0, 60), max_size=8))
+def test_streamed_pieces_add_up_to_the_whole_split(parser, text, cuts):
+    bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    splitter, reasoning, answer = ReasoningSplitter(parser), "", ""
+    for k, (start, end) in enumerate(zip(bounds, bounds[1:] or [len(text)])):
+        part = splitter.feed(text[start:end], last=k == max(len(bounds) - 2, 0))
+        reasoning, answer = reasoning + part.reasoning, answer + part.content
+    assert Split(reasoning, answer) == split_all(parser, text) == reference(parser, text)
