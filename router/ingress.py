@@ -162,7 +162,8 @@ class Ingress:
     async def completions(self, body: CompletionRequest) -> Response:
         model, lora = await self._model(body.model)
         model.check_sampling_limits(body)
-        prompts = await model.prepare(body.prompts(), body.cache_salt, lora.name if lora else None)
+        prompts = await model.prepare(body.prompts(), body.cache_salt, lora.name if lora else None,
+                                      keep_last=body.truncate_prompt_tokens)
         max_tokens = min(model.max_tokens(p.ids, body.max_tokens) for p in prompts)
         sampling = body.sampling(max_tokens, body.logprobs)
         return await self._serve(model, lora, prompts, sampling, body, chat=False)
@@ -172,7 +173,7 @@ class Ingress:
         model, lora = await self._model(body.model)
         model.check_sampling_limits(body)
         [prompt] = await model.prepare([model.chat_prompt(body)], body.cache_salt, lora.name if lora else None,
-                                       add_special_tokens=False)
+                                       add_special_tokens=False, keep_last=body.truncate_prompt_tokens)
         sampling = body.sampling(model.max_tokens(prompt.ids, body.requested_max_tokens()), body.logprobs_count())
         return await self._serve(model, lora, [prompt], sampling, body, chat=True)
 
@@ -183,7 +184,7 @@ class Ingress:
             raise bad_request(f"{lora.name!r} is a LoRA adapter: adapters serve completions and chat, "
                               f"not embeddings (use the base model {model.name!r})", "model")
         model.check_dimensions(body)
-        prompts = await model.prepare(body.inputs(), body.cache_salt)
+        prompts = await model.prepare(body.inputs(), body.cache_salt, keep_last=body.truncate_prompt_tokens)
         model.ensure_follower()
         request_id = f"embd-{uuid.uuid4().hex}"
         embeds = [model.embed(f"{request_id}-{i}", prompt, body) for i, prompt in enumerate(prompts)]

@@ -87,13 +87,15 @@ class KVRetentionBody(BaseModel):
 
 
 class _CacheFields(BaseModel):
-    """Fields every endpoint that fills KV blocks takes: a tenant's cache salt and the
-    request's priority (lower is served sooner)."""
+    """Fields every endpoint that fills KV blocks takes: a tenant's cache salt, the request's
+    priority (lower is served sooner) and vLLM's `truncate_prompt_tokens` (keep only the last
+    that many tokens of each prompt)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cache_salt: str | None = Field(None, min_length=1, max_length=CACHE_SALT_MAX_CHARS)
     priority: int = Field(0, ge=-(2**31), lt=2**31)
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
 
     @field_validator("cache_salt")
     @classmethod

@@ -154,10 +154,11 @@ class ServedModel:
     # -- checks ------------------------------------------------------------------------
 
     async def prepare(self, prompts: list[str | list[int]], cache_salt: str | None, lora_name: str | None = None,
-                      add_special_tokens: bool = True) -> list[Prompt]:
+                      add_special_tokens: bool = True, keep_last: int | None = None) -> list[Prompt]:
         """`prepare_now`, on the worker thread if the prompts are long."""
         size = sum(len(p) if isinstance(p, str) else 4 * len(p) for p in prompts)
-        return await _off_loop_if_long(size, self.prepare_now, prompts, cache_salt, lora_name, add_special_tokens)
+        return await _off_loop_if_long(size, self.prepare_now, prompts, cache_salt, lora_name, add_special_tokens,
+                                       keep_last)
 
     async def token_ids(self, text: str, add_special_tokens: bool) -> list[int]:
         """The token ids of `text`, however long (for /tokenize), on the worker thread if it is long."""
@@ -169,26 +170,33 @@ class ServedModel:
         return await _off_loop_if_long(4 * len(ids), self.tokenizer.decode, ids)
 
     def prepare_now(self, prompts: list[str | list[int]], cache_salt: str | None, lora_name: str | None = None,
-                    add_special_tokens: bool = True) -> list[Prompt]:
+                    add_special_tokens: bool = True, keep_last: int | None = None) -> list[Prompt]:
         """Each prompt tokenized (`tokenize`) and its blocks hashed as the replicas hash them
         (under `cache_salt` and LoRA adapter `lora_name`)."""
         prepared = []
         for prompt in prompts:
-            text, ids = self.tokenize(prompt, add_special_tokens)
+            text, ids = self.tokenize(prompt, add_special_tokens, keep_last)
             prepared.append(Prompt(text, ids, hash_block_chain(ids, self.block_size, cache_salt, lora_name)))
         return prepared
 
-    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> tuple[str, list[int]]:
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True,
+                 keep_last: int | None = None) -> tuple[str, list[int]]:
+        """The prompt's text and token ids, only its last `keep_last` tokens if given
+        (`truncate_prompt_tokens`); a bad request if they do not fit the model."""
+        if keep_last is not None and keep_last > self.max_model_len:
+            raise bad_request(f"truncate_prompt_tokens {keep_last} exceeds max_model_len {self.max_model_len}",
+                              "truncate_prompt_tokens")
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-            text = prompt
+            ids, text = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), prompt
         else:
             self._check_token_ids(prompt, "prompt")
-            ids, text = list(prompt), self.tokenizer.decode(prompt)
+            ids, text = list(prompt), None
+        if keep_last is not None and len(ids) > keep_last:
+            ids, text = ids[-keep_last:], None
         problem = prompt_length_problem(len(ids), self.max_model_len)
         if problem is not None:
             raise bad_request(problem, "prompt")
-        return text, ids
+        return (text if text is not None else self.tokenizer.decode(ids)), ids
 
     def _check_token_ids(self, ids: list[int], param: str) -> None:
         """Before anything decodes them: an id a tokenizer cannot hold raises OverflowError."""

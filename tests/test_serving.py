@@ -245,6 +245,23 @@ def test_logit_bias_with_the_official_client(server, client, model_name, tiny_ch
         assert reply.status_code == 400 and error["param"].startswith("logit_bias") and said in error["message"], reply.text
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client, model_name):
+    """vLLM's truncate_prompt_tokens: a prompt longer than the model takes runs on its last
+    tokens, as if only those had been sent."""
+    long_prompt = random_tokens(300, seed=7)  # max_model_len is 256
+    args = dict(model=model_name, max_tokens=4, temperature=0)
+    cut = client.completions.create(prompt=long_prompt, extra_body={"truncate_prompt_tokens": 100}, **args)
+    tail = client.completions.create(prompt=long_prompt[-100:], **args)
+    assert cut.usage.prompt_tokens == 100 and cut.choices[0].text == tail.choices[0].text
+    messages = [{"role": "user", "content": "Say something. " * 40}]
+    chat = client.chat.completions.create(model=model_name, messages=messages, max_tokens=1,
+                                          extra_body={"truncate_prompt_tokens": 20})
+    assert chat.usage.prompt_tokens == 20
+    for value, said in ((0, "truncate_prompt_tokens must be >= 1"), (257, "exceeds max_model_len 256")):
+        with pytest.raises(openai.BadRequestError, match=said):
+            client.completions.create(prompt="x", extra_body={"truncate_prompt_tokens": value}, **args)
+
+
 def random_tokens(count: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(10, 500) for _ in range(count)]
