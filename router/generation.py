@@ -142,15 +142,16 @@ class Generation:
     async def sse(self) -> AsyncIterator[bytes]:
         model = self.model_name
         usage_in_chunks = self.body.include_usage_in_stream
+        running_usage = self.usage if self.body.usage_in_every_chunk else None
         if self.chat:
             first = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None} for c in self.choices]
-            yield _sse(chunk_body(self.request_id, model, first, None, True))
+            yield _sse(chunk_body(self.request_id, model, first, running_usage, True))
         try:
             async for i, delta in self._deltas():
                 choices = [self._delta_choice(c, sample) for c, sample in self._fold(i, delta)]
                 if choices:
-                    yield _sse(chunk_body(self.request_id, model, choices, None, self.chat))
+                    yield _sse(chunk_body(self.request_id, model, choices, running_usage, self.chat))
         except Exception as error:
             yield _sse(engine_error(error).response().body, raw=True)
         if usage_in_chunks:

@@ -18,7 +18,8 @@ CACHE_SALT_MAX_CHARS = 256
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, the usage so far in every chunk
 
 
 def refusal(param: str, message: str) -> PydanticCustomError:
@@ -212,6 +213,10 @@ class _SamplingFields(_CacheFields):
     @property
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def usage_in_every_chunk(self) -> bool:
+        return self.include_usage_in_stream and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(_SamplingFields):

@@ -71,6 +71,13 @@ def test_streamed_completion_equals_the_plain_one(client, model_name):
     chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
     assert chunks[-1].usage.completion_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+    # vLLM's continuous_usage_stats: the usage so far in every chunk.
+    counted = list(client.completions.create(**args, stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}))
+    so_far = [c.usage.completion_tokens for c in counted]
+    assert so_far == sorted(so_far) and so_far[-1] == 10 and len(set(so_far)) > 2
+    assert {c.usage.prompt_tokens for c in counted} == {plain.usage.prompt_tokens}
 
 
 def test_chat_plain_and_streamed(client, model_name):
