@@ -175,6 +175,13 @@ def test_a_request_the_engine_refuses_is_a_400_logged_in_one_line(server):
     assert "refused: the request needs up to" in written and "Traceback" not in written
 
 
+def test_min_tokens_over_a_fully_stopped_vocabulary_is_a_400_and_the_replica_serves_on(server):
+    """Every token a stop token and min_tokens: once a sampler failure that broke the replica."""
+    reply = server.post(C, json=completion(min_tokens=1, stop_token_ids=list(range(512)), temperature=0.8))
+    assert reply.status_code == 400 and "whole vocabulary" in reply.json()["error"]["message"], reply.text
+    test_still_serves_after_bad_input(server)
+
+
 def test_still_serves_after_bad_input(server):
     reply = server.post(C, json=completion(max_tokens=4, ignore_eos=True))
     assert reply.status_code == 200, reply.text

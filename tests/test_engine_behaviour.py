@@ -108,6 +108,8 @@ def test_abort_at_random_points_leaks_no_block(llm):
         ([], SamplingParams(), "empty"),
         ([5, 99999], SamplingParams(), "vocabulary"),
         ([5] * 200, SamplingParams(max_tokens=50, n=16), "KV blocks"),
+        # Every token blocked until min_tokens: the sampler would have nothing to draw from.
+        ([5, 6], SamplingParams(min_tokens=1, temperature=0.8, stop_token_ids=list(range(512))), "whole vocabulary"),
     ],
 )
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm, prompt, params, message):

@@ -216,6 +216,10 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        if params.min_tokens and len({t for t in (*self.eos_token_ids, *params.stop_token_ids)
+                                      if 0 <= t < self.vocab_size}) == self.vocab_size:
+            raise ValueError("min_tokens holds back the end tokens and stop_token_ids until reached, and together "
+                             "they are the whole vocabulary: nothing would be left to generate")
         size = self.config.block_size
         per_sample = blocks_for(min(len(token_ids) + params.max_tokens, self.max_model_len), size)
         shared = len(token_ids) // size  # full prompt blocks, shared by the samples
