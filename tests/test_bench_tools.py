@@ -310,3 +310,13 @@ def test_bench_route_times_decisions_event_batches_and_hub_answers(capsys):
     assert answers.startswith("hub answers (4 replicas, each a heartbeat and a batch of 4 blocks evicted and 4 stored; "
                               "4 answers): a publish p50 ")
     assert "; the follower held the event loop at most at once p50 " in answers and ", in slices p50 " in answers
+
+
+def test_bench_ingress_prepares_both_ways_and_reports_each(tmp_path, tiny_checkpoints):
+    report = run_cli(tmp_path, "bench", "ingress", "--model", str(tiny_checkpoints["llama"]),
+                     "--prompt-tokens", "64,4096", "--concurrent", "2", "--rounds", "1")
+    rows = report["rows"]
+    assert [row["way"] for row in rows] == ["on the loop", "as served"] * 2
+    assert all(row["wall_ms"] > 0 and row["held_ms"] >= 0 for row in rows)
+    short, long_ = rows[0]["tokens"], rows[2]["tokens"]
+    assert abs(short - 64) < 16 and abs(long_ - 4096) < 400
