@@ -37,7 +37,7 @@ class ReasoningSplitter:
         split = self._feed(text)
         if not last:
             return split
-        rest = self.finish()
+        rest = self._rest()
         return Split(split.reasoning + rest.reasoning, split.content + rest.content)
 
     def _feed(self, text: str) -> Split:
@@ -60,15 +60,10 @@ class ReasoningSplitter:
         self.held = held[len(held) - keep:] if keep else ""
         return Split(held[: len(held) - keep], "")
 
-    def finish(self) -> Split:
+    def _rest(self) -> Split:
         """What is still held back, at the end of the output."""
         held, self.held = self.held, ""
         return Split(held, "") if self.thinking else Split("", held)
-
-
-def split_all(parser: str, text: str) -> Split:
-    """A whole output's thinking and answer."""
-    return ReasoningSplitter(parser).feed(text, last=True)
 
 
 def _partial_tag_at_end(text: str) -> int:

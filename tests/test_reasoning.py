@@ -3,11 +3,16 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvserve.router.reasoning import CLOSE, OPEN, PARSERS, ReasoningSplitter, Split, split_all
+from kvserve.router.reasoning import CLOSE, OPEN, PARSERS, ReasoningSplitter, Split
 
 # Text made of the tags, pieces of them and a little else, so that cuts fall inside tags.
 pieces = st.lists(st.sampled_from([OPEN, CLOSE, "<", "</", "<th", "</think", "think>", ">", " ", "\n", "a", "bc"]),
                   max_size=12).map("".join)
+
+
+def split_all(parser: str, text: str) -> Split:
+    """A whole output's thinking and answer, fed in one piece."""
+    return ReasoningSplitter(parser).feed(text, last=True)
 
 
 def reference(parser: str, text: str) -> Split:

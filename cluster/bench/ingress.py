@@ -4,9 +4,9 @@ hashing its blocks, `ServedModel.prepare`) and how long that holds the ingress's
 The event loop of an ingress replica forwards the tokens of all its streams and makes their
 routing decisions; whatever runs on it delays all of them. For each prompt length,
 `--concurrent` prompts are prepared together beside a task that wakes every millisecond and
-notes how late each wake-up came: how long the loop was held. Two ways, side by side: every prompt prepared
-on the loop itself (`prepare_now`, as the ingress did before), and as the ingress prepares
-them (`prepare`: a long prompt on a worker thread).
+notes how late each wake-up came: how long the loop was held. Two ways, side by side: every
+prompt prepared on the loop itself (`prepare_now`, as the ingress did before), and as the
+ingress prepares them (`prepare`: a long prompt on a worker thread).
 """
 
 import argparse
@@ -58,10 +58,11 @@ def _served_model(folder: str | None):
 def _text(model, tokens: int, seed: int) -> str:
     """Random words, about `tokens` tokens of the model's tokenizer."""
     rng = random.Random(seed)
-    words = " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(256))
-    per_token = len(words) / len(model.tokenizer.encode(words))
-    count = int(tokens * per_token / len(words) * 256) + 1
-    return " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9))) for _ in range(count))
+    words = lambda count: " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(2, 9)))  # noqa: E731
+                                   for _ in range(count))
+    sample = words(256)
+    tokens_per_word = len(model.tokenizer.encode(sample)) / 256
+    return words(int(tokens / tokens_per_word) + 1)
 
 
 async def _measure(model, prompts: list[str], way: str, rounds: int) -> dict:

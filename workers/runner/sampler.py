@@ -1,8 +1,8 @@
 """Turns one step's logits into the next token of every sampling sequence, in one batch.
 
 Order of work, per row: stop tokens are masked until `min_tokens`; `logit_bias` is added;
-repetition, frequency and presence penalties; then greedy rows take the argmax, and the others go through temperature,
-top-k, top-p and min-p before a draw. Each of these stages is a fixed number of tensor
+repetition, frequency and presence penalties; then greedy rows take the argmax, and the others
+go through temperature, top-k, top-p and min-p before a draw. Each of these stages is a fixed number of tensor
 operations over all the rows that draw, whatever the batch: a row that does not use a stage
 gets the value that leaves it unchanged, and a stage that no row uses is skipped. Logprobs are
 those of the raw logits, as vLLM reports by default. The sampler keeps the plan of a batch of
