@@ -188,6 +188,25 @@ def test_seeded_samples_on_rank_0_equal_the_in_process_ones(checkpoints):
         llm.engine.runner.shutdown()
 
 
+def test_prompt_logprobs_on_two_ranks_equal_the_in_process_ones(checkpoints):
+    """Every rank computes the scored positions' logits (the vocabulary is gathered across
+    them, 513 tokens: one rank holds the odd one); rank 0 reads them, chunk by chunk."""
+    scored = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=2)
+    options = {"max_num_batched_tokens": 16}
+    model = checkpoints["llama-vocab513"]
+    expected = [out.prompt_logprobs for out in LLM(str(model), **ENGINE, **options).generate(prompts(), scored)]
+    llm = tp_engine(model, **options)
+    try:
+        got = [out.prompt_logprobs for out in llm.generate(prompts(), scored)]
+    finally:
+        llm.engine.shutdown()
+    for mine, theirs in zip(got, expected):
+        assert mine[0] is None and len(mine) == len(theirs)
+        for a, b in zip(mine[1:], theirs[1:]):
+            assert (a.token_id, a.rank, [t for t, _ in a.top]) == (b.token_id, b.rank, [t for t, _ in b.top])
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
 def test_speculative_greedy_tokens_on_two_ranks_equal_the_plain_in_process_ones(checkpoints):
     greedy = SamplingParams(temperature=0.0, n=2, max_tokens=12, ignore_eos=True)
     repeating = [[5, 6, 7, 8, 9] * 4, [30, 31, 32, 30, 31, 32, 30]]

@@ -20,7 +20,8 @@ from kvserve.workers.engine.kv_events import (
     AllBlocksCleared, BlockRemoved, BlockSnapshot, BlockStored, KVEvent, KVEventBatch,
 )
 from kvserve.workers.engine.outputs import (
-    EmbeddingOutput, EngineStats, GrammarTimings, HostTierStats, SpeculativeStats, StepCost, TokenLogprobs,
+    EmbeddingOutput, EngineStats, GrammarTimings, HostTierStats, PromptLogprobs, SpeculativeStats, StepCost,
+    TokenLogprobs,
 )
 from kvserve.workers.engine.prompt_checks import Overloaded, prompt_length_problem
 from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY, KVRetention, RetentionRange
@@ -30,7 +31,7 @@ from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 __all__ = [
     "DEFAULT_RETENTION_PRIORITY", "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EmbedRequest", "EmbeddingOutput",
     "EngineStats", "GenerateRequest", "GrammarTimings", "Heartbeat", "HostTierStats", "HubNews", "KVCursor", "KVEvent",
-    "KVEventBatch", "KVRetention", "OutputDelta", "ReplicaNews", "ReplicaRegistration", "RequestRefused", "RetentionRange",
+    "KVEventBatch", "KVRetention", "OutputDelta", "PromptLogprobs", "ReplicaNews", "ReplicaRegistration", "RequestRefused", "RetentionRange",
     "SampleDelta", "SamplingParams", "SpeculativeStats", "StepCost", "StructuredOutputSpec", "TokenLogprobs",
     "prompt_length_problem",
 ]
@@ -108,6 +109,7 @@ class OutputDelta:
     num_cached_tokens: int
     samples: list[SampleDelta]
     finished: bool
+    prompt_logprobs: PromptLogprobs | None  # in the delta with the first token, when the request asked
 
 
 # -- replica <-> KV event hub <-> routers --------------------------------------------------

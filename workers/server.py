@@ -73,6 +73,7 @@ def output_delta(output: RequestOutput, replica: str) -> OutputDelta:
             if o.delta_token_ids or o.finish_reason
         ],
         finished=output.finished,
+        prompt_logprobs=output.prompt_logprobs,
     )
 
 

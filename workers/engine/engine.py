@@ -13,7 +13,9 @@ from kvserve.workers.engine.executor import ModelExecutor, PendingSample, Sample
 from kvserve.workers.engine.guided_decoding import GuidedDecoding
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.output_processor import NewToken, OutputProcessor, SampleKey
-from kvserve.workers.engine.outputs import EmbeddingOutput, EngineStats, HostTierStats, RequestOutput, count_priorities
+from kvserve.workers.engine.outputs import (
+    EmbeddingOutput, EngineStats, HostTierStats, RequestOutput, TokenLogprobs, count_priorities,
+)
 from kvserve.workers.engine.pooling import PooledPrompt
 from kvserve.workers.engine.prompt_checks import Overloaded, prompt_length_problem
 from kvserve.workers.engine.retention import KVRetention, with_prefix_retention
@@ -71,6 +73,7 @@ class LLMEngine:
         self.guided = GuidedDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._refusals: list[tuple[str, str]] = []  # (request id, why) of requests dropped after add_request
         self._pooling_requests = 0
+        self._scoring_requests = 0  # unfinished requests that asked for prompt logprobs
         self._embeddings: list[EmbeddingOutput] = []
         self.lora_folders = dict(config.lora_modules)  # the adapters served now: startup's and run time's
 
@@ -125,6 +128,9 @@ class LLMEngine:
             self._requests_with_penalties += 1
         if self.speculation is not None and speculates(params):
             self._requests_speculating += 1
+        if params.prompt_logprobs is not None:
+            seqs[0].prompt_logprobs = [None] * len(token_ids)
+            self._scoring_requests += 1
         if pooled is not None:
             seqs[0].pooled = pooled
             self._pooling_requests += 1
@@ -289,14 +295,17 @@ class LLMEngine:
             self.speculation.draft(batch, self.kv.block_tables)
         samples = self._verify_requests(batch) if speculating else self._sample_requests(batch)
         pooled = [i for i, seq in enumerate(batch.seqs) if seq.pooled is not None] if self._pooling_requests else []
+        scored = self._prompts_scored(batch) if self._scoring_requests else []
         step = StepRequest(batch, self.kv.block_tables, samples, self.eos_token_ids,
                            self.guided.token_masks(samples) if self.guided.num_requests else None, pooled,
-                           speculating)
+                           speculating, scored)
         if self.overlaps_steps and self._can_overlap():
             tokens = earlier + self._launch(step)
             self._observe_step(batch, started)
             return tokens
         sampled = self.runner.execute(step)
+        if scored:
+            self._take_prompt_logprobs([batch.seqs[i] for i in scored], sampled.prompt_logprobs)
         self._advance(batch, samples)
         if pooled:
             self._take_pooled([batch.seqs[i] for i in pooled], sampled.pooled)
@@ -319,7 +328,22 @@ class LLMEngine:
         """Whether the next step may be planned before this one's tokens are read: not while a
         request's sampling reads every token so far (penalties) or its grammar needs the last one."""
         return (self._requests_with_penalties == 0 and self.guided.num_requests == 0 and self._pooling_requests == 0
-                and self._requests_speculating == 0)
+                and self._requests_speculating == 0 and self._scoring_requests == 0)
+
+    @staticmethod
+    def _prompts_scored(batch: ScheduledBatch) -> list[int]:
+        """The batch indices of prompts whose logprobs are wanted, where this step computes a
+        position that predicts one of their tokens."""
+        return [i for i, seq in enumerate(batch.seqs)
+                if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1]
+
+    @staticmethod
+    def _take_prompt_logprobs(seqs: list[Sequence], chunks: list[list[TokenLogprobs]]) -> None:
+        """Put each chunk's scores in place (before the step's tokens count as computed): a
+        prompt computed again after a preemption overwrites its own."""
+        for seq, chunk in zip(seqs, chunks):
+            start = seq.num_computed_tokens + 1
+            seq.prompt_logprobs[start : start + len(chunk)] = chunk
 
     def _take_pooled(self, seqs: list[Sequence], rows) -> None:
         """Pool each embedding prompt's chunk of this step; those whose prompt is done end here."""
@@ -444,8 +468,11 @@ class LLMEngine:
             reason, stop = self._token_stop(seq, token, num_tokens)
             if reason is not None:
                 self._finish(seq, reason)
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None:  # its first token: the prompt is scored in full
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         return NewToken(seq.request_id, seq.sample_index, token, logprob, top, reason, stop,
-                        seq.num_cached_prompt_tokens)
+                        seq.num_cached_prompt_tokens, prompt_logprobs)
 
     def _token_stop(self, seq: Sequence, token: int, num_tokens: int) -> tuple[FinishReason | None, int | None]:
         """Whether `token` ends `seq` (and the stop token that did): one of its ending tokens,
@@ -481,6 +508,8 @@ class LLMEngine:
             self.guided.forget(request_id)
         if seqs[0].pooled is not None:
             self._pooling_requests -= 1
+        if seqs[0].params.prompt_logprobs is not None:
+            self._scoring_requests -= 1
         if not self.requests:
             self._in_flight = None  # only the tokens of ended sequences can be in it
 

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import torch
 
+from kvserve.workers.engine.outputs import TokenLogprobs
 from kvserve.workers.engine.scheduler import ScheduledBatch
 from kvserve.workers.engine.sequence import Sequence
 from kvserve.workers.models.config import ModelConfig
@@ -46,6 +47,7 @@ class StepRequest:
     token_masks: TokenMasks | None = None
     pooled: list[int] = field(default_factory=list)
     speculative: bool = False
+    prompt_scored: list[int] = field(default_factory=list)  # batch indices of prompts whose logprobs are wanted
 
 
 @dataclass(slots=True)
@@ -56,6 +58,9 @@ class SamplerOutput:
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None]
     pooled: torch.Tensor | None = None  # [len(step.pooled), hidden] float32 on the CPU
+    # Per entry of `step.prompt_scored`: the logprobs of the prompt tokens that its chunk's
+    # positions predict (the one after each position, up to the prompt's last).
+    prompt_logprobs: list[list[TokenLogprobs]] | None = None
 
 
 class PendingSample(Protocol):

@@ -78,8 +78,10 @@ class KVCacheManager:
 
     def get_computed_blocks(self, seq: Sequence) -> list[KVBlock]:
         """Cached blocks holding a prefix of `seq`, leaving at least one token to compute: the
-        device's, each followed where it ends by the host tier's (`on_host`)."""
-        if not self.enable_prefix_caching or (seq.pooled is not None and not seq.pooled.reads_cached_prefix):
+        device's, each followed where it ends by the host tier's (`on_host`). A prompt that
+        needs every token's hidden state (mean pooling, prompt logprobs) reads none."""
+        if (not self.enable_prefix_caching or (seq.pooled is not None and not seq.pooled.reads_cached_prefix)
+                or seq.params.prompt_logprobs is not None):
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         self._extend_hashes(seq, max_blocks)

@@ -11,7 +11,7 @@ and any tokens it made for them in the meantime are dropped.
 from dataclasses import dataclass
 
 from kvserve.workers.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from kvserve.workers.engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
+from kvserve.workers.engine.outputs import CompletionOutput, PromptLogprobs, RequestOutput, TokenLogprobs
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import FinishReason
 
@@ -30,6 +30,7 @@ class NewToken:
     finish_reason: FinishReason | None
     stop_reason: int | None  # the stop token that ended it
     num_cached_tokens: int
+    prompt_logprobs: PromptLogprobs | None = None  # with the request's first token, if it asked for them
 
 
 @dataclass
@@ -47,6 +48,7 @@ class _Request:
     prompt_token_ids: list[int]
     samples: list[_Sample]
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # once they came; without snapshots, until emitted
 
     @property
     def finished(self) -> bool:
@@ -92,6 +94,8 @@ class OutputProcessor:
             if sample.output.finished:
                 continue
             request.num_cached_tokens = new.num_cached_tokens
+            if new.prompt_logprobs is not None:
+                request.prompt_logprobs = new.prompt_logprobs
             if self._append(sample, new) and new.finish_reason is None:
                 stopped.append((new.request_id, new.sample_index))
             changed[new.request_id] = request
@@ -139,8 +143,11 @@ class OutputProcessor:
                 sample.delta_logprobs = []
         if request.finished:
             del self.requests[request.request_id]
+        prompt_logprobs = request.prompt_logprobs
+        if not self.snapshots:
+            request.prompt_logprobs = None
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
-                             request.num_cached_tokens)
+                             request.num_cached_tokens, prompt_logprobs)
 
     @staticmethod
     def _snapshot(sample: _Sample) -> CompletionOutput:

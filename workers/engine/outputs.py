@@ -13,6 +13,11 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # the N most likely tokens and their logprobs
+    rank: int | None = None  # of `token_id` among all tokens, 1 the most likely (prompt tokens only)
+
+
+# Per prompt position, its token's logprobs given the tokens before it (None at position 0).
+PromptLogprobs = list[TokenLogprobs | None]
 
 
 @dataclass
@@ -38,6 +43,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # with `params.prompt_logprobs`, from the first token on
 
     @property
     def finished(self) -> bool:

@@ -31,6 +31,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stop": (lambda v: all(v), "non-empty strings"),
     "stop_token_ids": (lambda v: all(t >= 0 for t in v), "token ids >= 0"),
     "logprobs": (lambda v: 0 <= v <= 20, "in [0, 20]"),
+    "prompt_logprobs": (lambda v: 0 <= v <= 20, "in [0, 20]"),
     "logit_bias": (lambda v: all(t >= 0 and -100 <= b <= 100 for t, b in v.items()),
                    "token ids >= 0, each with a bias in [-100, 100]"),
 }
@@ -59,6 +60,7 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # how many top tokens to report; 0: the sampled one only
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first; 0: its own only
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True

@@ -34,6 +34,7 @@ class Sequence:
         "kv_retention", "num_prompt_tokens", "num_cached_prompt_tokens", "block_hashes", "status",
         "finish_reason", "num_preemptions", "forks", "num_pending", "sample_row", "seed", "draft_probs",
         "num_draft_computed", "matcher", "pooled", "max_num_tokens", "ending_token_ids",
+        "prompt_logprobs",
     )
 
     def __init__(
@@ -86,6 +87,10 @@ class Sequence:
         self.num_draft_computed = 0
         self.matcher = None  # a StructuredMatcher: where its output stands in its grammar, if it has one
         self.pooled = None  # a PooledPrompt for an embedding request, which is never decoded
+        # With `params.prompt_logprobs`, on the sample that computes the prompt: per prompt
+        # position, the logprobs of its token (None at 0, and where not computed yet), until
+        # they are handed out with the first output token.
+        self.prompt_logprobs: list | None = None
         # Where it ends at the latest (max_tokens, or a shorter model length), and the tokens
         # that may end it (stop tokens, EOS): checked for every token, so worked out once.
         self.max_num_tokens = min(self.num_prompt_tokens + params.max_tokens, max_num_tokens or 1 << 62)

@@ -24,6 +24,7 @@ from kvserve.workers.runner.sampler import SampledTokens, Sampler, SamplingRow
 from kvserve.workers.runner.host_kv_tier import HostKVTier, host_blocks_for
 from kvserve.workers.runner.lora_slots import LoRASlots, token_slots
 from kvserve.workers.runner.lora_weights import LoRAWeights
+from kvserve.workers.runner.prompt_logprobs import score_prompts
 from kvserve.workers.runner.rejection_sampling import DrawnProposal, drawn_proposals, proposal_logits, verify_drawn
 from kvserve.workers.runner.step_inputs import Chunk, InputBatch, StepPlan, flat_inputs
 from kvserve.workers.engine.sampling_params import SamplingParams
@@ -210,20 +211,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _sample(self, plan: StepPlan, proposals: list[DrawnProposal] = ()) -> SampledTokens | None:
-        """The step's forward pass, sampling and pooling, queued on the device; None when it
-        samples and pools nothing."""
+        """The step's forward pass, sampling, pooling and prompt scoring, queued on the device;
+        None when it has none of these for this rank to hand back (a rank other than the first
+        of a tensor-parallel group only takes part in gathering logits)."""
         hidden = self._forward(plan)
         pooled = pool_chunks(hidden, *zip(*plan.pooled), self.config.pooling) if plan.pooled else None
+        scored = score_prompts(self.model.compute_logits, hidden, plan.prompt_scoring) if plan.prompt_scoring else None
         logits = self._logits(hidden, plan)
         if self.clock is not None:
             self.clock.lap("forward")
-        if logits is None or plan.rows is None:
-            return SampledTokens.pooled_only(pooled) if pooled is not None else None
+        if plan.rows is None:
+            return None
+        if logits is None:
+            return SampledTokens.nothing_sampled(pooled, scored) if pooled is not None or scored is not None else None
         drafted = proposal_logits(logits, proposals) if proposals else None
         sampled = self.sampler.sample(logits, plan.rows, plan.eos_token_ids, plan.token_masks, plan.draft_positions)
         if proposals:
             verify_drawn(sampled, drafted, proposals)
-        sampled.pooled = pooled
+        sampled.pooled, sampled.prompt_scores = pooled, scored
         return sampled
 
     def logits(self, plan: StepPlan) -> torch.Tensor | None:

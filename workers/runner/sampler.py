@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from kvserve.workers.engine.executor import SamplerOutput, TokenMasks
 from kvserve.workers.engine.structured_output import apply_token_bitmask
 from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.runner.prompt_logprobs import ScoredPrompts
 from kvserve.workers.runner.transfer import to_device
 
 _NEG_INF = float("-inf")
@@ -254,11 +255,12 @@ class SampledTokens:
     top_values: torch.Tensor | None = None  # [len(logprob_rows), most asked for], most likely first
     top_ids: torch.Tensor | None = None
     pooled: torch.Tensor | None = None  # the step's pooled embedding rows, if any
+    prompt_scores: ScoredPrompts | None = None  # the step's prompt logprobs, if any were asked for
 
     @classmethod
-    def pooled_only(cls, pooled: torch.Tensor) -> "SampledTokens":
-        """A step that pools and samples nothing."""
-        return cls(torch.empty(0, dtype=torch.long), [], [], pooled=pooled)
+    def nothing_sampled(cls, pooled: torch.Tensor | None, prompt_scores: ScoredPrompts | None) -> "SampledTokens":
+        """A step that samples nothing but pools or scores prompts."""
+        return cls(torch.empty(0, dtype=torch.long), [], [], pooled=pooled, prompt_scores=prompt_scores)
 
     def output(self) -> SamplerOutput:
         token_ids = self.token_ids.tolist()
@@ -271,7 +273,8 @@ class SampledTokens:
                 chosen[i] = logprob
                 top[i] = list(zip(ids[k][:n], values[k][:n]))
         pooled = self.pooled.cpu() if self.pooled is not None else None
-        return SamplerOutput(token_ids, chosen, top, pooled)
+        prompt_logprobs = self.prompt_scores.output() if self.prompt_scores is not None else None
+        return SamplerOutput(token_ids, chosen, top, pooled, prompt_logprobs)
 
 
 class Sampler:

@@ -18,6 +18,7 @@ import torch
 from kvserve.kernels.metadata import AttentionMetadata
 from kvserve.workers.engine.executor import SampleRequest, StepRequest, TokenMasks
 from kvserve.workers.engine.sequence import PENDING_TOKEN
+from kvserve.workers.runner.prompt_logprobs import PromptScoring, prompt_scoring
 from kvserve.workers.runner.sampler import SamplingRow
 from kvserve.workers.runner.transfer import to_device
 
@@ -48,6 +49,7 @@ class StepPlan:
     # Speculative steps: the position within its proposal of each row (0 for a plain sample).
     draft_positions: list[int] | None = None
     lora_slots: torch.Tensor | None = None  # each token's LoRA slot (-1: the base model), set by the runner
+    prompt_scoring: PromptScoring | None = None  # the positions whose logits score a prompt token
 
 
 @dataclass
@@ -99,7 +101,8 @@ class InputBatch:
         starts = meta.query_start_loc_cpu
         pooled = [(starts[i], starts[i + 1]) for i in step.pooled]
         plan = StepPlan(batch.block_copies, input_ids, positions, meta, repeat.last_rows, repeat.sampling_rows,
-                        step.eos_token_ids, step.token_masks, pooled)
+                        step.eos_token_ids, step.token_masks, pooled,
+                        prompt_scoring=prompt_scoring(seqs, step.prompt_scored, starts, query_lens, self.device))
         return _with_draft_rows(plan, samples) if step.speculative else plan
 
     def _follow_tables(self, batch, block_tables: dict[str, list[int]]) -> None:

@@ -77,8 +77,9 @@ def _to_device(plan: StepPlan, device: torch.device) -> StepPlan:
     tensors = ("query_start_loc", "context_lens", "block_tables", "slot_mapping")
     meta = dataclasses.replace(meta, **{name: move(getattr(meta, name)) for name in tensors})
     lora_slots = None if plan.lora_slots is None else move(plan.lora_slots)
+    scoring = None if plan.prompt_scoring is None else plan.prompt_scoring.to(device)
     return dataclasses.replace(plan, input_ids=move(plan.input_ids), positions=move(plan.positions), meta=meta,
-                               lora_slots=lora_slots)
+                               lora_slots=lora_slots, prompt_scoring=scoring)
 
 
 def placement_bundles(config: EngineConfig, replica_cpus: float, device: str) -> list[dict[str, float]]:
