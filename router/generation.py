@@ -2,6 +2,7 @@
 merged into OpenAI choices, as one body or as server-sent events."""
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -10,11 +11,12 @@ from kvserve.router import routing_metrics as metrics
 from kvserve.router.errors import engine_error
 from kvserve.router.reasoning import ReasoningSplitter
 from kvserve.router.responses import (
-    ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body,
-    completion_logprobs, openai_finish_reason,
+    ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body, completion_logprobs,
+    echoed_prompt_logprobs, openai_finish_reason, vllm_prompt_logprobs,
 )
+from kvserve.router.served_model import Prompt
 from kvserve.router.tool_parsers import NamedCallReader, Parsed, ToolCallReader
-from kvserve.workers.protocol import OutputDelta, SampleDelta, TokenLogprobs
+from kvserve.workers.protocol import OutputDelta, PromptLogprobs, SampleDelta, TokenLogprobs
 
 class RequestTimer:
     """Per-request latency metrics, labelled with the model and the replica that served it."""
@@ -38,16 +40,22 @@ class RequestTimer:
 
 
 class Generation:
-    """One HTTP request's generation: several prompts x n samples, merged into choices."""
+    """One HTTP request's generation: several prompts x n samples, merged into choices. A
+    completion with `echo` starts each choice with its prompt (and its logprobs with the
+    prompt's); one with `max_tokens` 0 keeps none of the generated token."""
 
-    def __init__(self, model_name: str, token_text: TokenText, request_id: str, body, chat: bool, num_prompts: int,
-                 firsts: list[OutputDelta], streams: list, timers: list[RequestTimer],
+    def __init__(self, model_name: str, token_text: TokenText, request_id: str, body, chat: bool,
+                 prompts: list[Prompt], firsts: list[OutputDelta], streams: list, timers: list[RequestTimer],
                  tool_call_reader: Callable[[], ToolCallReader | NamedCallReader] | None = None,
                  reasoning_parser: str | None = None):
         self.model_name, self.token_text = model_name, token_text
         self.request_id, self.body, self.chat = request_id, body, chat
         self.n = body.n
-        self.choices = [ChoiceState(i) for i in range(num_prompts * self.n)]
+        self.prompts = prompts
+        self.echo = not chat and body.echo
+        self.generates = chat or body.generates
+        self.scored: list[PromptLogprobs | None] = [None] * len(prompts)  # each prompt's, once they came
+        self.choices = [ChoiceState(i) for i in range(len(prompts) * self.n)]
         for choice in self.choices:
             if tool_call_reader is not None:
                 choice.tool_calls = tool_call_reader()
@@ -98,7 +106,11 @@ class Generation:
         replica = delta.replica
         touched = []
         new_tokens = 0
+        if delta.prompt_logprobs is not None:
+            self.scored[prompt_index] = delta.prompt_logprobs
         for sample in delta.samples:
+            if not self.generates:
+                sample = dataclasses.replace(sample, text="", token_ids=[], logprobs=None)
             choice = self.choices[prompt_index * self.n + sample.index]
             choice.text += sample.text
             choice.token_ids += sample.token_ids
@@ -121,23 +133,52 @@ class Generation:
         except Exception as error:
             raise engine_error(error) from error
         choices = [self._final_choice(c) for c in self.choices]
-        return completion_body(self.request_id, self.model_name, choices, self.usage, self.chat)
+        body = completion_body(self.request_id, self.model_name, choices, self.usage, self.chat)
+        if self.chat and self.body.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._vllm_prompt_logprobs(0)
+        return body
 
     def _final_choice(self, choice: ChoiceState) -> dict:
-        logprobs = self._logprobs(choice.logprobs, 0) if self._wants_logprobs() else None
         if self.chat:
+            logprobs = chat_logprobs(choice.logprobs, self.token_text) if self.body.logprobs else None
             message, reason = _chat_message(choice)
             return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
-        return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
-                "finish_reason": choice.finish_reason}
+        final = {"index": choice.index, "text": self._echoed(choice, choice.text),
+                 "logprobs": self._completion_logprobs(choice, choice.logprobs, 0, with_prompt=True),
+                 "finish_reason": choice.finish_reason}
+        return self._with_prompt_logprobs(choice, final)
 
-    def _wants_logprobs(self) -> bool:
-        return bool(self.body.logprobs) if self.chat else self.body.logprobs is not None
+    def _prompt_of(self, choice: ChoiceState) -> int:
+        return choice.index // self.n
 
-    def _logprobs(self, entries: list[TokenLogprobs], text_start: int) -> dict:
-        if self.chat:
-            return chat_logprobs(entries, self.token_text)
-        return completion_logprobs(entries, self.token_text, text_start)
+    def _echoed(self, choice: ChoiceState, text: str) -> str:
+        """`text`, the choice's first, after its prompt when the request echoes."""
+        return self.prompts[self._prompt_of(choice)].text + text if self.echo else text
+
+    def _completion_logprobs(self, choice: ChoiceState, entries: list[TokenLogprobs], text_start: int,
+                             with_prompt: bool) -> dict | None:
+        """The completion logprobs of `entries`, tokens of the choice's output whose text starts
+        at `text_start` of it; echoed, after the prompt's text, and `with_prompt` after the
+        prompt's own entries."""
+        if self.body.logprobs is None:
+            return None
+        prompt_index = self._prompt_of(choice)
+        prompt = self.prompts[prompt_index]
+        shift = len(prompt.text) if self.echo else 0
+        generated = completion_logprobs(entries, self.token_text, shift + text_start)
+        if not (self.echo and with_prompt):
+            return generated
+        echoed = echoed_prompt_logprobs(prompt.ids, self.scored[prompt_index], self.body.logprobs)
+        before = completion_logprobs(echoed, self.token_text, 0)
+        return {key: before[key] + generated[key] for key in before}
+
+    def _with_prompt_logprobs(self, choice: ChoiceState, body: dict) -> dict:
+        if self.body.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._vllm_prompt_logprobs(self._prompt_of(choice))
+        return body
+
+    def _vllm_prompt_logprobs(self, prompt_index: int) -> list[dict | None]:
+        return vllm_prompt_logprobs(self.scored[prompt_index], self.token_text, self.body.prompt_logprobs)
 
     async def sse(self) -> AsyncIterator[bytes]:
         model = self.model_name
@@ -151,7 +192,10 @@ class Generation:
             async for i, delta in self._deltas():
                 choices = [self._delta_choice(c, sample) for c, sample in self._fold(i, delta)]
                 if choices:
-                    yield _sse(chunk_body(self.request_id, model, choices, running_usage, self.chat))
+                    chunk = chunk_body(self.request_id, model, choices, running_usage, self.chat)
+                    if self.chat and delta.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
+                        chunk["prompt_logprobs"] = self._vllm_prompt_logprobs(i)
+                    yield _sse(chunk)
         except Exception as error:
             yield _sse(engine_error(error).response().body, raw=True)
         if usage_in_chunks:
@@ -159,14 +203,17 @@ class Generation:
         yield b"data: [DONE]\n\n"
 
     def _delta_choice(self, choice: ChoiceState, sample: SampleDelta) -> dict:
-        logprobs = None
-        if self._wants_logprobs():
-            logprobs = self._logprobs(sample.logprobs or [], len(choice.text) - len(sample.text))
-        reason = openai_finish_reason(sample.finish_reason)
+        """A choice's part of a chunk; a completion's first one carries its echoed prompt."""
         if self.chat:
+            logprobs = chat_logprobs(sample.logprobs or [], self.token_text) if self.body.logprobs else None
             delta, reason = _chat_delta(choice, sample)
             return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-        return {"index": choice.index, "text": sample.text, "logprobs": logprobs, "finish_reason": reason}
+        first, choice.streamed = not choice.streamed, True
+        logprobs = self._completion_logprobs(choice, sample.logprobs or [], len(choice.text) - len(sample.text),
+                                             with_prompt=first)
+        part = {"index": choice.index, "text": self._echoed(choice, sample.text) if first else sample.text,
+                "logprobs": logprobs, "finish_reason": openai_finish_reason(sample.finish_reason)}
+        return self._with_prompt_logprobs(choice, part) if first else part
 
 
 def _chat_message(choice: ChoiceState) -> tuple[dict, str | None]:

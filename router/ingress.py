@@ -164,7 +164,8 @@ class Ingress:
         model.check_sampling_limits(body)
         prompts = await model.prepare(body.prompts(), body.cache_salt, lora.name if lora else None,
                                       keep_last=body.truncate_prompt_tokens)
-        max_tokens = min(model.max_tokens(p.ids, body.max_tokens) for p in prompts)
+        asked = body.max_tokens if body.generates else 1  # the token the prompt's step samples anyway
+        max_tokens = min(model.max_tokens(p.ids, asked) for p in prompts)
         sampling = body.sampling(max_tokens, body.logprobs)
         return await self._serve(model, lora, prompts, sampling, body, chat=False)
 
@@ -216,8 +217,8 @@ class Ingress:
         replicas = [f.replica for f in firsts]
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(replicas))}
         reader = body.tool_call_reader(model.tool_format) if chat else None
-        run = Generation(lora.name if lora else model.name, model.token_text, request_id, body, chat, len(prompts), firsts, streams,
-                         timers, reader, model.settings.reasoning_parser if chat else None)
+        run = Generation(lora.name if lora else model.name, model.token_text, request_id, body, chat, prompts, firsts,
+                         streams, timers, reader, model.settings.reasoning_parser if chat else None)
         if body.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
         return JSONResponse(await run.collect(), headers=headers)

@@ -139,6 +139,7 @@ class _SamplingFields(_CacheFields):
     ignore_eos: bool = False
     repetition_penalty: float = Field(1.0, gt=0)
     stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's, with this many top ones
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # OpenAI's: token id -> bias
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -183,6 +184,11 @@ class _SamplingFields(_CacheFields):
     def retention(self) -> KVRetention | None:
         return self.kv_retention.retention() if self.kv_retention is not None else None
 
+    def scored_prompt_top(self) -> int | None:
+        """How many most likely tokens the engine reports at each prompt position; None: it
+        scores no prompt."""
+        return self.prompt_logprobs
+
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """The engine's sampling parameters; raises pydantic's ValidationError on values the
         engine refuses."""
@@ -200,6 +206,7 @@ class _SamplingFields(_CacheFields):
             "logit_bias": self.logit_bias or None,
             "seed": self.seed,
             "logprobs": logprobs,
+            "prompt_logprobs": self.scored_prompt_top(),
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "structured": self._structured,
@@ -220,16 +227,36 @@ class _SamplingFields(_CacheFields):
 
 
 class CompletionRequest(_SamplingFields):
+    """With `echo` each choice's text starts with its prompt, and with `logprobs` its logprobs
+    start with the prompt's tokens (the first has none): what scoring a text needs, as
+    lm-evaluation-harness does. `max_tokens` 0 (only with `echo`) generates nothing."""
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: Literal[False] = False
+    echo: bool = False
     suffix: None = None
 
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, value):
         return _not_empty(value, "prompt")
+
+    @model_validator(mode="after")
+    def _nothing_generated_only_with_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise refusal("max_tokens", "max_tokens 0 generates nothing: it needs echo (to score the prompt)")
+        return self
+
+    @property
+    def generates(self) -> bool:
+        """Whether the choices hold generated tokens (`max_tokens` 0: the engine still makes the
+        one that its prompt step samples, and it is dropped)."""
+        return self.max_tokens != 0
+
+    def scored_prompt_top(self) -> int | None:
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted) if wanted else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of the request: one text or token list each."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from kvserve.router.reasoning import ReasoningSplitter
 from kvserve.router.tool_parsers import NamedCallReader, ToolCallReader
-from kvserve.workers.protocol import EmbeddingOutput, TokenLogprobs
+from kvserve.workers.protocol import EmbeddingOutput, PromptLogprobs, TokenLogprobs
 
 
 @dataclass
@@ -23,6 +23,7 @@ class ChoiceState:
     finish_reason: str | None = None
     tool_calls: ToolCallReader | NamedCallReader | None = None
     reasoning: ReasoningSplitter | None = None  # tells its thinking from its answer, for a reasoning model
+    streamed: bool = False  # whether a chunk of it has been sent
 
 
 @dataclass
@@ -62,6 +63,8 @@ class TokenText:
 
 
 def completion_logprobs(entries: list[TokenLogprobs], token_text: TokenText, text_start: int) -> dict:
+    """The legacy completions format; an entry whose `logprob` is None (an echoed prompt's
+    first token, which nothing predicts) has no logprob and no top tokens."""
     tokens = [token_text(e.token_id) for e in entries]
     offsets, at = [], text_start
     for token in tokens:
@@ -70,9 +73,34 @@ def completion_logprobs(entries: list[TokenLogprobs], token_text: TokenText, tex
     return {
         "tokens": tokens,
         "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+        "top_logprobs": [None if e.logprob is None else {token_text(t): lp for t, lp in e.top} for e in entries],
         "text_offset": offsets,
     }
+
+
+def echoed_prompt_logprobs(prompt_ids: list[int], scored: PromptLogprobs, top: int) -> list[TokenLogprobs]:
+    """An echoed prompt's entries for `completion_logprobs`, with `top` most likely tokens each."""
+    first = TokenLogprobs(prompt_ids[0], None, [])
+    return [first] + [TokenLogprobs(e.token_id, e.logprob, e.top[:top]) for e in scored[1:]]
+
+
+def vllm_prompt_logprobs(scored: PromptLogprobs, token_text: TokenText, top: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt position, None for the first, else its token's and
+    the `top` most likely ones', by token id, each with its logprob, rank and text."""
+
+    def entry(token_id: int, logprob: float, rank: int) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": token_text(token_id)}
+
+    ranked = []
+    for e in scored:
+        if e is None:
+            ranked.append(None)
+            continue
+        tokens = {str(e.token_id): entry(e.token_id, e.logprob, e.rank)}
+        for rank, (token_id, logprob) in enumerate(e.top[:top], start=1):
+            tokens.setdefault(str(token_id), entry(token_id, logprob, rank))
+        ranked.append(tokens)
+    return ranked
 
 
 def chat_logprobs(entries: list[TokenLogprobs], token_text: TokenText) -> dict:

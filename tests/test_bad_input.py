@@ -224,12 +224,12 @@ SHARED = {
     "stream": st.booleans() | json_values, "stream_options": json_values, "min_tokens": st.integers(),
     "ignore_eos": st.booleans(), "stop_token_ids": token_ids | json_values, "skip_special_tokens": json_values,
     "include_stop_str_in_output": st.booleans(), "cache_salt": st.text(max_size=4) | json_values,
-    "priority": st.integers(), "user": json_values,
+    "priority": st.integers(), "user": json_values, "prompt_logprobs": st.integers(-1, 22) | json_values,
     "response_format": json_values, "guided_json": json_values, "guided_regex": st.text(max_size=8) | json_values,
     "guided_choice": json_values, "guided_grammar": st.text(max_size=12) | json_values,
 }
 COMPLETION_FIELDS = {**SHARED, "prompt": st.text(max_size=20) | token_ids | st.lists(token_ids, max_size=2) | json_values,
-                     "logprobs": st.integers(-1, 22) | json_values, "echo": json_values, "suffix": json_values}
+                     "logprobs": st.integers(-1, 22) | json_values, "echo": st.booleans() | json_values, "suffix": json_values}
 CHAT_FIELDS = {**SHARED, "messages": messages, "logprobs": json_values, "top_logprobs": st.integers(-1, 22),
                "max_completion_tokens": st.integers(-1, 4) | json_values,
                "add_generation_prompt": json_values, "tools": json_values,

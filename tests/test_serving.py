@@ -13,7 +13,8 @@ import openai
 import pytest
 import ray
 from pydantic import BaseModel, Field
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kvserve.cluster.bench.routers import routing_decisions
 from kvserve.workers.kv_event_hub import hub_name
@@ -267,6 +268,81 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client, model_name
     for value, said in ((0, "truncate_prompt_tokens must be >= 1"), (257, "exceeds max_model_len 256")):
         with pytest.raises(openai.BadRequestError, match=said):
             client.completions.create(prompt="x", extra_body={"truncate_prompt_tokens": value}, **args)
+
+
+def hf_prompt_logprobs(tiny_checkpoints, ids: list[int]) -> list[float]:
+    """transformers' logprob of each token of `ids` after the first, given those before it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logprobs = model(torch.tensor([ids])).logits[0, :-1].float().log_softmax(dim=-1)
+    return logprobs.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist()
+
+
+def test_echo_scores_a_text_as_lm_eval_reads_it(client, model_name, tiny_checkpoints):
+    """lm-evaluation-harness's loglikelihood request: context + continuation as token ids,
+    echo, logprobs 1, max_tokens 1; it sums token_logprobs[len(context):-1] and calls the
+    continuation greedy when each token's logprob is the top one's."""
+    context, continuation = random_tokens(30, seed=3), random_tokens(6, seed=4)
+    ids = context + continuation
+    expected = hf_prompt_logprobs(tiny_checkpoints, ids)
+    reply = client.completions.create(model=model_name, prompt=ids, max_tokens=1, logprobs=1, echo=True,
+                                      temperature=0)
+    choice = reply.choices[0]
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == len(ids) + 1 and logprobs.token_logprobs[0] is None
+    assert logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:-1] == pytest.approx(expected, abs=1e-4)
+    assert sum(logprobs.token_logprobs[len(context):-1]) == pytest.approx(sum(expected[len(context) - 1:]), abs=1e-3)
+    assert all(len(top) == 1 and max(top.values()) >= lp - 1e-6
+               for top, lp in zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:]))
+    assert logprobs.text_offset[0] == 0 and logprobs.text_offset == sorted(logprobs.text_offset)
+    plain = client.completions.create(model=model_name, prompt=ids, max_tokens=1, temperature=0)
+    assert choice.text.endswith(plain.choices[0].text) and len(choice.text) > len(plain.choices[0].text)
+    assert reply.usage.completion_tokens == 1
+
+
+def test_echo_without_generating_and_streamed(client, model_name, tiny_checkpoints):
+    prompt = "The quick brown fox jumps over"
+    scored = client.completions.create(model=model_name, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and len(choice.logprobs.tokens) == scored.usage.prompt_tokens
+    assert all(1 <= len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])  # tokens of one text share a key
+    args = dict(model=model_name, prompt=prompt, max_tokens=5, echo=True, logprobs=0, temperature=0,
+                extra_body={"ignore_eos": True})
+    whole = client.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**args, stream=True) if c.choices]
+    assert chunks[0].text.startswith(prompt)
+    assert "".join(c.text for c in chunks) == whole.text
+    assert sum((c.logprobs.tokens for c in chunks), []) == whole.logprobs.tokens
+    assert sum((c.logprobs.text_offset for c in chunks), []) == whole.logprobs.text_offset
+
+
+def test_vllm_prompt_logprobs_in_completions_and_chat(server, client, model_name, tiny_checkpoints):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"], local_files_only=True)
+    ids = random_tokens(12, seed=5)
+    expected = hf_prompt_logprobs(tiny_checkpoints, ids)
+    reply = client.completions.create(model=model_name, prompt=ids, max_tokens=2, extra_body={"prompt_logprobs": 3})
+    ranked = reply.choices[0].model_extra["prompt_logprobs"]
+    assert ranked[0] is None and len(ranked) == len(ids)
+    for token, entry, logprob in zip(ids[1:], ranked[1:], expected):
+        own = entry[str(token)]
+        assert own["logprob"] == pytest.approx(logprob, abs=1e-4) and own["decoded_token"] == tokenizer.decode([token])
+        assert len(entry) == (3 if own["rank"] <= 3 else 4)  # the top 3, and the prompt's token if not among them
+        assert sorted(e["rank"] for e in entry.values())[:3] == [1, 2, 3]
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = client.chat.completions.create(model=model_name, messages=messages, max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0})
+    scored = chat.model_extra["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == chat.usage.prompt_tokens
+    assert all(len(entry) == 1 and next(iter(entry.values()))["rank"] >= 1 for entry in scored[1:])
+    stream = client.chat.completions.create(model=model_name, messages=messages, max_tokens=2, stream=True,
+                                            extra_body={"prompt_logprobs": 0})
+    assert [c.model_extra["prompt_logprobs"] for c in stream if "prompt_logprobs" in c.model_extra] == [scored]
+    for body, param in (({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+                        ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs")):
+        reply = httpx.post(f"{server}/v1/completions", json=body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
 
 
 def random_tokens(count: int, seed: int) -> list[int]:
