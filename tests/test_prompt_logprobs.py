@@ -103,3 +103,19 @@ def test_samples_share_one_scoring_and_short_prompts(tiny_checkpoints, hf_model)
 def test_prompt_logprobs_out_of_range_are_refused():
     with pytest.raises(ValueError, match="prompt_logprobs must be in \\[0, 20\\]"):
         SamplingParams(prompt_logprobs=21)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prompt_logprobs_on_cuda_equal_the_cpu_ones(tiny_checkpoints):
+    """Scored positions gathered on the device, sliced, with chunked prefill and a sample's
+    own logprobs beside them in one step."""
+    options = {"dtype": "float32", "max_num_batched_tokens": 16}
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, prompt_logprobs=TOP, logprobs=2)
+    prompts = make_prompts(500)
+    cpu = LLM(str(tiny_checkpoints["llama"]), device="cpu", **options).generate(prompts, params)
+    cuda = LLM(str(tiny_checkpoints["llama"]), device="cuda", **options).generate(prompts, params)
+    for mine, theirs in zip(cuda, cpu):
+        assert mine.outputs[0].token_ids == theirs.outputs[0].token_ids
+        for a, b in zip(mine.prompt_logprobs[1:], theirs.prompt_logprobs[1:]):
+            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-3)
