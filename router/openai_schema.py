@@ -140,6 +140,7 @@ class _SamplingFields(_CacheFields):
     repetition_penalty: float = Field(1.0, gt=0)
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's, with this many top ones
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: the only tokens to generate
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # OpenAI's: token id -> bias
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -177,6 +178,9 @@ class _SamplingFields(_CacheFields):
         if len(constraints) > 1:
             first, second = list(constraints)[:2]
             raise refusal(second, f"{second} cannot be combined with {first}: a request takes one output constraint")
+        if constraints and self.allowed_token_ids is not None:
+            raise refusal("allowed_token_ids", f"allowed_token_ids cannot be used with a structured output "
+                                               f"({next(iter(constraints))}): the grammar may allow none of them")
         for param, fields in constraints.items():
             self._structured = structured_spec(param, fields)
         return self
@@ -204,6 +208,7 @@ class _SamplingFields(_CacheFields):
             "stop": self.stop or [],
             "stop_token_ids": self.stop_token_ids or [],
             "logit_bias": self.logit_bias or None,
+            "allowed_token_ids": self.allowed_token_ids,
             "seed": self.seed,
             "logprobs": logprobs,
             "prompt_logprobs": self.scored_prompt_top(),

@@ -215,6 +215,7 @@ class ServedModel:
             raise bad_request(f"top_k must be <= the vocabulary size {self.settings.vocab_size}", "top_k")
         self._check_token_ids(body.stop_token_ids or [], "stop_token_ids")
         self._check_token_ids(list(body.logit_bias or ()), "logit_bias")
+        self._check_token_ids(body.allowed_token_ids or [], "allowed_token_ids")
 
     def check_dimensions(self, body: EmbeddingRequest) -> None:
         if body.dimensions is not None and body.dimensions > self.settings.hidden_size:

@@ -110,6 +110,8 @@ def test_abort_at_random_points_leaks_no_block(llm):
         ([5] * 200, SamplingParams(max_tokens=50, n=16), "KV blocks"),
         # Every token blocked until min_tokens: the sampler would have nothing to draw from.
         ([5, 6], SamplingParams(min_tokens=1, temperature=0.8, stop_token_ids=list(range(512))), "whole vocabulary"),
+        ([5, 6], SamplingParams(min_tokens=2, stop_token_ids=[7, 9], allowed_token_ids=[9, 7]), "every one of allowed"),
+        ([5, 6], SamplingParams(allowed_token_ids=[3, 512]), "allowed_token_ids holds 512, outside the vocabulary"),
     ],
 )
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm, prompt, params, message):

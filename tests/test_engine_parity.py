@@ -124,6 +124,25 @@ def test_logit_bias_equals_hf_sequence_bias(tiny_checkpoints, hf_refs):
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] != plain
 
 
+def test_allowed_token_ids_equal_hf_prefix_allowed_tokens(tiny_checkpoints, hf_refs):
+    """vLLM's allowed_token_ids is transformers' `prefix_allowed_tokens_fn` with one list for
+    every step; greedy, and with the repetition penalty after the mask."""
+    llm = engine_for(tiny_checkpoints["llama"])
+    prompts = make_prompts(llm.engine.vocab_size)[:6]
+    allowed = [7, 11, 19, 23, 101, 257, 300]
+    model = hf_refs["llama"].model
+    for extra in ({}, {"repetition_penalty": 1.5}):
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, allowed_token_ids=allowed,
+                                **extra)
+        config = GenerationConfig(do_sample=False, max_new_tokens=MAX_TOKENS, eos_token_id=None, **extra)
+        for prompt, output in zip(prompts, llm.generate(prompts, params)):
+            with torch.inference_mode():
+                expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                          generation_config=config, prefix_allowed_tokens_fn=lambda batch, ids: allowed)
+            assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+            assert set(output.outputs[0].token_ids) <= set(allowed)
+
+
 def test_requests_arriving_while_others_decode(tiny_checkpoints, hf_refs):
     llm = engine_for(tiny_checkpoints["qwen2"])
     engine = llm.engine

@@ -199,6 +199,37 @@ def test_logit_bias_moves_draws_and_leaves_logprobs_raw():
     assert out.token_ids == [3] and math.isclose(out.logprobs[0], math.log(PROBS[3]), rel_tol=1e-5)
 
 
+def test_allowed_token_ids_leave_only_those_to_take():
+    """Against a naive per-row mask: greedy rows take the argmax among their allowed tokens,
+    drawing rows draw only those, rows without a list anything; logprobs stay raw."""
+    rng = random.Random(2)
+    logits = torch.randn(300, VOCAB)
+    rows, allowed = [], []
+    for i in range(len(logits)):
+        tokens = rng.sample(range(VOCAB + 4), rng.randint(1, 6)) if i % 4 else None  # ids past the logits: ignored
+        if tokens is not None and all(t >= VOCAB for t in tokens):
+            tokens.append(rng.randrange(VOCAB))
+        allowed.append(tokens)
+        greedy = {"temperature": 0} if i % 2 else {"temperature": 1.3, "top_k": 3}
+        rows.append(row(allowed_token_ids=tokens, logprobs=0, **greedy))
+    out = sample(logits, rows)
+    for i, (token, tokens) in enumerate(zip(out.token_ids, allowed)):
+        if tokens is not None:
+            assert token in tokens
+        if i % 2:
+            masked = logits[i].clone()
+            if tokens is not None:
+                masked[[t for t in range(VOCAB) if t not in tokens]] = float("-inf")
+            assert token == masked.argmax().item()
+        assert out.logprobs[i] == pytest.approx(logits[i].log_softmax(-1)[token].item(), abs=1e-5)
+
+
+def test_allowed_token_ids_must_be_a_list_of_ids():
+    for value in ([], [-1]):
+        with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list of token ids >= 0"):
+            SamplingParams(allowed_token_ids=value)
+
+
 def test_a_bias_outside_its_bounds_is_refused():
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={3: 101.0})

@@ -253,6 +253,27 @@ def test_logit_bias_with_the_official_client(server, client, model_name, tiny_ch
         assert reply.status_code == 400 and error["param"].startswith("logit_bias") and said in error["message"], reply.text
 
 
+def test_allowed_token_ids_with_the_official_client(server, client, model_name):
+    allowed = [101, 202, 303]
+    reply = client.completions.create(model=model_name, prompt="Pick one:", max_tokens=6, temperature=1.0,
+                                      logprobs=0, extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+    tokens = reply.choices[0].logprobs.tokens
+    assert len(tokens) == 6 and set(tokens) <= {client_token(server, t) for t in allowed}
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=3, extra_body={"allowed_token_ids": allowed})
+    assert chat.choices[0].message.content
+    for extra, said in (({"allowed_token_ids": []}, "must not be empty"), ({"allowed_token_ids": [3, 99999]}, "outside"),
+                        ({"allowed_token_ids": [3], "guided_regex": "a+"}, "structured output")):
+        reply = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra})
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and error["param"] == "allowed_token_ids" and said in error["message"], reply.text
+
+
+def client_token(server: str, token_id: int) -> str:
+    """The text of one token, as the server's logprobs show it."""
+    return httpx.post(f"{server}/detokenize", json={"tokens": [token_id]}).json()["prompt"]
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client, model_name):
     """vLLM's truncate_prompt_tokens: a prompt longer than the model takes runs on its last
     tokens, as if only those had been sent."""

@@ -213,7 +213,9 @@ def test_rejection_rule_keeps_the_target_distribution():
 
 @pytest.mark.parametrize("filters", [{"top_k": 2}, {"top_p": 0.6}, {"min_p": 0.3}, {"top_k": 3, "top_p": 0.8},
                                      {"temperature": 0.7, "top_p": 0.9, "min_p": 0.05},
-                                     {"logit_bias": {5: 6.5, 0: -2.0, 9: 3.0}, "top_p": 0.9}])
+                                     {"logit_bias": {5: 6.5, 0: -2.0, 9: 3.0}, "top_p": 0.9},
+                                     {"allowed_token_ids": [1, 3, 4, 9], "logit_bias": {4: 2.0}, "top_k": 2},
+                                     {"allowed_token_ids": [0, 2, 5], "min_p": 0.01}])
 def test_filtered_probs_are_what_the_sampler_draws_from(filters):
     logits = torch.tensor([[3.0, 2.0, 2.0, 1.0, 0.0, -5.0]])
     params = SamplingParams(**filters)

@@ -215,6 +215,22 @@ class LLMEngine:
         if in_use:
             raise ValueError(f"LoRA adapter {name!r} cannot be {change} while {in_use} requests run under it")
 
+    def _check_generable(self, params: SamplingParams) -> None:
+        """Refuse a request whose settings leave no token to generate at some step: its
+        sampler row would fail the whole step."""
+        allowed = params.allowed_token_ids
+        if allowed is not None and max(allowed) >= self.vocab_size:
+            raise ValueError(f"allowed_token_ids holds {max(allowed)}, outside the vocabulary (size {self.vocab_size})")
+        if not params.min_tokens:
+            return
+        held_back = {t for t in (*self.eos_token_ids, *params.stop_token_ids) if 0 <= t < self.vocab_size}
+        if len(held_back) == self.vocab_size:
+            raise ValueError("min_tokens holds back the end tokens and stop_token_ids until reached, and together "
+                             "they are the whole vocabulary: nothing would be left to generate")
+        if allowed is not None and held_back.issuperset(allowed):
+            raise ValueError("min_tokens holds back the end tokens and stop_token_ids until reached, and they "
+                             "hold every one of allowed_token_ids: nothing would be left to generate")
+
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         problem = prompt_length_problem(len(token_ids), self.max_model_len)
         if problem is not None:
@@ -222,10 +238,7 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        if params.min_tokens and len({t for t in (*self.eos_token_ids, *params.stop_token_ids)
-                                      if 0 <= t < self.vocab_size}) == self.vocab_size:
-            raise ValueError("min_tokens holds back the end tokens and stop_token_ids until reached, and together "
-                             "they are the whole vocabulary: nothing would be left to generate")
+        self._check_generable(params)
         size = self.config.block_size
         per_sample = blocks_for(min(len(token_ids) + params.max_tokens, self.max_model_len), size)
         shared = len(token_ids) // size  # full prompt blocks, shared by the samples

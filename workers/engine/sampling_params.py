@@ -34,6 +34,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompt_logprobs": (lambda v: 0 <= v <= 20, "in [0, 20]"),
     "logit_bias": (lambda v: all(t >= 0 and -100 <= b <= 100 for t, b in v.items()),
                    "token ids >= 0, each with a bias in [-100, 100]"),
+    "allowed_token_ids": (lambda v: len(v) > 0 and all(t >= 0 for t in v), "a non-empty list of token ids >= 0"),
 }
 
 
@@ -62,6 +63,7 @@ class SamplingParams(BaseModel):
     logprobs: int | None = None  # how many top tokens to report; 0: the sampled one only
     prompt_logprobs: int | None = None  # the same for every prompt token after the first; 0: its own only
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    allowed_token_ids: list[int] | None = None  # the only tokens it may generate
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured: StructuredOutputSpec | None = None  # the grammar every output must follow
@@ -90,6 +92,9 @@ class SamplingParams(BaseModel):
         if self.structured is not None and self.min_tokens:
             # A complete output's grammar allows only the end tokens, which min_tokens masks.
             raise ValueError("min_tokens cannot be used with a structured output (response_format or guided_*)")
+        if self.structured is not None and self.allowed_token_ids is not None:
+            # The grammar may allow none of them at some point: the row would have nothing to draw.
+            raise ValueError("allowed_token_ids cannot be used with a structured output (response_format or guided_*)")
         return self
 
     @property

@@ -3,8 +3,8 @@
 Proposed token x at position j is kept with probability min(1, p(x) / q(x)); at the first one
 refused, the token is drawn from the residual max(0, p - q), normalised, and the proposal ends
 there; after k kept tokens the target's own draw at position k follows. p and q are both the
-filtered distributions of the request's params (logit_bias, temperature, top-k, top-p,
-min-p): the draft draws from its q with the same filters as the target's p.
+filtered distributions of the request's params (allowed_token_ids, logit_bias, temperature,
+top-k, top-p, min-p): the draft draws from its q with the same filters as the target's p.
 
 Greedy requests and point-mass proposals (n-gram) need none of this: the sampler's draw at each
 position equals the proposed token exactly as often as this rule keeps it.
@@ -23,7 +23,7 @@ import torch
 from kvserve.workers.engine.executor import SampleRequest
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.runner.sampler import (
-    SampledTokens, draw_weights, logit_bias_entries, seed_streams, seeded_uniforms, unseeded_uniforms,
+    SampledTokens, allowed_token_masks, draw_weights, logit_bias_entries, seed_streams, seeded_uniforms, unseeded_uniforms,
 )
 
 
@@ -116,16 +116,18 @@ def _put_tokens(sampled: SampledTokens, logits: torch.Tensor, rows: list[int], f
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Each row's distribution after its logit_bias, temperature, top-k, top-p and min-p, as
+    """Each row's distribution after its allowed_token_ids, logit_bias, temperature, top-k, top-p and min-p, as
     the sampler draws from it: top-k keeps ties with its k-th token; top-p keeps a token while
     the mass of the tokens strictly more likely than it is below top_p, that mass over what
     top-k kept (the whole row without top-k); min-p keeps p >= min_p * p_max. Rows are not
     greedy."""
     vocab = logits.shape[1]
     column = lambda values: torch.tensor(values, dtype=logits.dtype, device=logits.device)[:, None]  # noqa: E731
-    if any(p.logit_bias for p in params):
-        rows, tokens, biases = logit_bias_entries(params, logits)
+    if any(p.logit_bias or p.allowed_token_ids is not None for p in params):
         logits = logits.clone()
+        rows, masks = allowed_token_masks(params, logits)
+        logits[rows] += masks
+        rows, tokens, biases = logit_bias_entries(params, logits)
         logits[rows, tokens] += biases
     probs = (logits / column([p.temperature for p in params])).softmax(dim=-1)
     descending = probs.sort(dim=-1, descending=True).values

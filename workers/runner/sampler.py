@@ -1,6 +1,7 @@
 """Turns one step's logits into the next token of every sampling sequence, in one batch.
 
-Order of work, per row: stop tokens are masked until `min_tokens`; `logit_bias` is added;
+Order of work, per row: tokens outside `allowed_token_ids` are masked, and stop tokens until
+`min_tokens`; `logit_bias` is added;
 repetition, frequency and presence penalties; then greedy rows take the argmax, and the others
 go through temperature, top-k, top-p and min-p before a draw. Each of these stages is a fixed number of tensor
 operations over all the rows that draw, whatever the batch: a row that does not use a stage
@@ -197,10 +198,12 @@ class _Plan:
     vocab: int
     min_tokens: list[int] = field(default_factory=list)  # the rows still under their min_tokens
     biased: bool = False  # whether a row has a logit_bias
+    restricted: bool = False  # whether a row has allowed_token_ids
     penalties: list[int] = field(default_factory=list)
     logprobs: list[int] = field(default_factory=list)
     draws: _Draws = field(default_factory=_Draws)
     _biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # `biases`, once worked out
+    _allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # `allowed`, once worked out
     _with_min_tokens: list[int] = field(default_factory=list)
     _drawing_rows: list[SamplingRow] = field(default_factory=list)
 
@@ -212,6 +215,7 @@ class _Plan:
         plan = cls(
             rows, vocab,
             biased=any(row.params.logit_bias for row in rows),
+            restricted=any(row.params.allowed_token_ids is not None for row in rows),
             penalties=[i for i, row in enumerate(rows) if row.penalized],
             logprobs=[i for i, row in enumerate(rows) if row.params.logprobs is not None],
             draws=_Draws.of(drawing, drawing_rows, vocab, ahead),
@@ -230,6 +234,12 @@ class _Plan:
         if self._biases is None:
             self._biases = logit_bias_entries([row.params for row in self.rows], like)
         return self._biases
+
+    def allowed(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`allowed_token_masks` of the rows, worked out once per plan."""
+        if self._allowed is None:
+            self._allowed = allowed_token_masks([row.params for row in self.rows], like)
+        return self._allowed
 
     def refresh(self) -> None:
         """Only seeded draws read their counters."""
@@ -310,6 +320,9 @@ class Sampler:
         if plan.logprobs:  # taken before anything below changes the logits
             wanted = logits if len(plan.logprobs) == len(rows) else logits[_index(plan.logprobs, logits)]
             raw_logprobs = wanted.log_softmax(dim=-1)
+        if plan.restricted:
+            restricted_rows, masks = plan.allowed(logits)
+            logits[restricted_rows] += masks
         if plan.min_tokens:
             _mask_stop_tokens(logits, rows, plan.min_tokens, eos_token_ids)
         if plan.biased:
@@ -342,6 +355,18 @@ def logit_bias_entries(params: list[SamplingParams], like: torch.Tensor) -> tupl
                for token, bias in p.logit_bias.items() if token < vocab]
     rows, tokens, biases = zip(*entries) if entries else ((), (), ())
     return _index(list(rows), like), _index(list(tokens), like), _values(list(biases), like)
+
+
+def allowed_token_masks(params: list[SamplingParams], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `params` with `allowed_token_ids`, and what to add to their logits (rows
+    as wide as `like`, on its device): 0 at each allowed token, -inf at every other."""
+    rows = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+    vocab = like.shape[1]
+    masks = torch.full((len(rows), vocab), _NEG_INF, dtype=like.dtype, device=like.device)
+    pairs = [(k, token) for k, i in enumerate(rows) for token in params[i].allowed_token_ids if token < vocab]
+    mask_rows, tokens = zip(*pairs) if pairs else ((), ())
+    masks[_index(list(mask_rows), like), _index(list(tokens), like)] = 0
+    return _index(rows, like), masks
 
 
 def _index(row_numbers: list[int], like: torch.Tensor) -> torch.Tensor:
