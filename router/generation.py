@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from kvserve.router import routing_metrics as metrics
-from kvserve.router.errors import engine_error
+from kvserve.router.errors import OpenAIError, engine_error
 from kvserve.router.reasoning import ReasoningSplitter
 from kvserve.router.responses import (
     ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body, completion_logprobs,
@@ -181,13 +181,23 @@ class Generation:
         return vllm_prompt_logprobs(self.scored[prompt_index], self.token_text, self.body.prompt_logprobs)
 
     async def sse(self) -> AsyncIterator[bytes]:
+        """The stream as server-sent events; a failure midway is its last event before [DONE]."""
+        try:
+            async for chunk in self.chunks():
+                yield _sse(chunk)
+        except OpenAIError as error:
+            yield _sse(error.response().body, raw=True)
+        yield b"data: [DONE]\n\n"
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        """The stream's chunks, as OpenAI's chunk objects; an engine failure midway raises its
+        OpenAIError."""
         model = self.model_name
-        usage_in_chunks = self.body.include_usage_in_stream
         running_usage = self.usage if self.body.usage_in_every_chunk else None
         if self.chat:
             first = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                       "logprobs": None, "finish_reason": None} for c in self.choices]
-            yield _sse(chunk_body(self.request_id, model, first, running_usage, True))
+            yield chunk_body(self.request_id, model, first, running_usage, True)
         try:
             async for i, delta in self._deltas():
                 choices = [self._delta_choice(c, sample) for c, sample in self._fold(i, delta)]
@@ -195,12 +205,11 @@ class Generation:
                     chunk = chunk_body(self.request_id, model, choices, running_usage, self.chat)
                     if self.chat and delta.prompt_logprobs is not None and self.body.prompt_logprobs is not None:
                         chunk["prompt_logprobs"] = self._vllm_prompt_logprobs(i)
-                    yield _sse(chunk)
+                    yield chunk
         except Exception as error:
-            yield _sse(engine_error(error).response().body, raw=True)
-        if usage_in_chunks:
-            yield _sse(chunk_body(self.request_id, model, [], self.usage, self.chat))
-        yield b"data: [DONE]\n\n"
+            raise engine_error(error) from error
+        if self.body.include_usage_in_stream:
+            yield chunk_body(self.request_id, model, [], self.usage, self.chat)
 
     def _delta_choice(self, choice: ChoiceState, sample: SampleDelta) -> dict:
         """A choice's part of a chunk; a completion's first one carries its echoed prompt."""

@@ -22,6 +22,7 @@ from kvserve.router.openai_schema import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoRAAdapterRequest,
     TokenizeRequest, UnloadLoRAAdapterRequest,
 )
+from kvserve.router.openai_responses import ResponseBuilder, ResponsesRequest
 from kvserve.router.responses import embeddings_body
 from kvserve.router.served_model import IngressSettings, LoRAChoice, ServedModel
 from kvserve.workers.protocol import SamplingParams
@@ -167,16 +168,34 @@ class Ingress:
         asked = body.max_tokens if body.generates else 1  # the token the prompt's step samples anyway
         max_tokens = min(model.max_tokens(p.ids, asked) for p in prompts)
         sampling = body.sampling(max_tokens, body.logprobs)
-        return await self._serve(model, lora, prompts, sampling, body, chat=False)
+        run, headers = await self._generation(model, lora, prompts, sampling, body, chat=False)
+        if body.stream:
+            return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
+        return JSONResponse(await run.collect(), headers=headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        _, run, headers = await self._chat(body)
+        if body.stream:
+            return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
+        return JSONResponse(await run.collect(), headers=headers)
+
+    @app.post("/v1/responses")
+    async def responses(self, body: ResponsesRequest) -> Response:
+        """OpenAI's Responses API, run as the chat completion it amounts to."""
+        model, run, headers = await self._chat(body.chat_request())
+        builder = ResponseBuilder(body, run.model_name, model.token_count)
+        if body.stream:
+            return StreamingResponse(builder.events(run.chunks()), media_type="text/event-stream", headers=headers)
+        return JSONResponse(builder.from_chat(await run.collect()), headers=headers)
+
+    async def _chat(self, body: ChatCompletionRequest) -> tuple[ServedModel, Generation, dict[str, str]]:
         model, lora = await self._model(body.model)
         model.check_sampling_limits(body)
         [prompt] = await model.prepare([model.chat_prompt(body)], body.cache_salt, lora.name if lora else None,
                                        add_special_tokens=False, keep_last=body.truncate_prompt_tokens)
         sampling = body.sampling(model.max_tokens(prompt.ids, body.requested_max_tokens()), body.logprobs_count())
-        return await self._serve(model, lora, [prompt], sampling, body, chat=True)
+        return model, *await self._generation(model, lora, [prompt], sampling, body, chat=True)
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest) -> Response:
@@ -198,8 +217,9 @@ class Ingress:
 
     # -- generation --------------------------------------------------------------------
 
-    async def _serve(self, model: ServedModel, lora: LoRAChoice | None, prompts, sampling: SamplingParams, body,
-                     chat: bool) -> Response:
+    async def _generation(self, model: ServedModel, lora: LoRAChoice | None, prompts, sampling: SamplingParams, body,
+                          chat: bool) -> tuple[Generation, dict[str, str]]:
+        """The request's prompts started on their replicas, and the headers of the answer."""
         model.ensure_follower()
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         starts = [model.start(f"{request_id}-{i}", prompt, sampling, body, lora) for i, prompt in enumerate(prompts)]
@@ -219,6 +239,4 @@ class Ingress:
         reader = body.tool_call_reader(model.tool_format) if chat else None
         run = Generation(lora.name if lora else model.name, model.token_text, request_id, body, chat, prompts, firsts,
                          streams, timers, reader, model.settings.reasoning_parser if chat else None)
-        if body.stream:
-            return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
-        return JSONResponse(await run.collect(), headers=headers)
+        return run, headers

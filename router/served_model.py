@@ -164,6 +164,10 @@ class ServedModel:
         """The token ids of `text`, however long (for /tokenize), on the worker thread if it is long."""
         return await _off_loop_if_long(len(text), self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
+    def token_count(self, text: str) -> int:
+        """The tokens of a piece of output text, tokenized again (the reasoning's share of an output)."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
     async def text_of(self, ids: list[int], param: str) -> str:
         """The text of token ids a client sent as `param` (for /detokenize)."""
         self._check_token_ids(ids, param)

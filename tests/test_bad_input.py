@@ -203,6 +203,21 @@ def test_a_reasoning_models_thinking_comes_apart(server):
     assert not any(d.get("content") for d in deltas)
 
 
+def test_a_reasoning_models_thinking_is_a_reasoning_item_of_its_response(server):
+    body = chat(max_tokens=6, temperature=0)
+    message = server.post(CHAT, json=body).json()["choices"][0]["message"]
+    request = {"input": body["messages"], "max_output_tokens": 6, "temperature": 0}
+    reply = server.post("/v1/responses", json=request).json()
+    [item] = reply["output"]
+    assert item["type"] == "reasoning" and item["content"][0]["text"] == message["reasoning_content"]
+    assert reply["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
+    with server.stream("POST", "/v1/responses", json={**request, "stream": True}) as streamed:
+        events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == item["content"][0]["text"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "response.completed" and events[-1]["response"]["output"][0]["type"] == "reasoning"
+
+
 # -- fuzz ----------------------------------------------------------------------------------
 
 json_values = st.recursive(
@@ -237,10 +252,20 @@ CHAT_FIELDS = {**SHARED, "messages": messages, "logprobs": json_values, "top_log
                "tool_choice": st.sampled_from(["none", "auto", "required"]) | json_values}
 
 
-def bodies(fields: dict):
-    """Random values for the known fields (any subset), random extra fields, and a
-    `max_tokens` that is small when valid, so that accepted requests finish quickly."""
-    known = st.fixed_dictionaries({"max_tokens": st.integers(-1, 4) | json_values}, optional=fields)
+RESPONSES_FIELDS = {
+    "model": json_values, "input": st.text(max_size=12) | messages | json_values, "instructions": json_values,
+    "temperature": st.floats() | json_values, "top_p": st.floats(), "tools": json_values,
+    "tool_choice": st.sampled_from(["none", "auto", "required"]) | json_values, "text": json_values,
+    "stream": st.booleans() | json_values, "previous_response_id": json_values, "seed": st.integers(),
+    "store": json_values, "metadata": json_values, "truncation": json_values,
+}
+
+
+def bodies(fields: dict, length: str = "max_tokens"):
+    """Random values for the known fields (any subset), random extra fields, and a `length`
+    (the field that bounds the output) that is small when valid, so that accepted requests
+    finish quickly."""
+    known = st.fixed_dictionaries({length: st.integers(-1, 4) | json_values}, optional=fields)
     extra = st.dictionaries(st.text(min_size=1, max_size=6), json_values, max_size=2)
     return st.tuples(known, extra).map(lambda pair: {**pair[1], **pair[0]}) | json_values
 
@@ -248,7 +273,8 @@ def bodies(fields: dict):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(route_and_body=st.sampled_from([C]).flatmap(lambda r: st.tuples(st.just(r), bodies(COMPLETION_FIELDS)))
-       | st.tuples(st.just(CHAT), bodies(CHAT_FIELDS)))
+       | st.tuples(st.just(CHAT), bodies(CHAT_FIELDS))
+       | st.tuples(st.just("/v1/responses"), bodies(RESPONSES_FIELDS, "max_output_tokens")))
 def test_fuzzed_bodies_never_get_a_5xx(server, route_and_body):
     route, body = route_and_body
     payload = json.dumps(body, allow_nan=True).encode()

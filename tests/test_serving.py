@@ -152,6 +152,61 @@ def test_required_tool_calls_validate_against_the_tool_schema(client, model_name
         jsonschema.validate(json.loads(call.function.arguments), WEATHER)
 
 
+def test_responses_api_text_plain_and_streamed(client, model_name):
+    """OpenAI's Responses API is the chat completion it amounts to: instructions as the system
+    message; the stream's events add up, in the client's own accumulator, to the response."""
+    chat = client.chat.completions.create(model=model_name, max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    args = dict(model=model_name, instructions="Be brief.", input="Hello", max_output_tokens=8, temperature=0)
+    reply = client.responses.create(**args)
+    assert reply.output_text == chat.choices[0].message.content
+    assert reply.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (chat.usage.prompt_tokens,
+                                                                     chat.usage.completion_tokens)
+    with client.responses.stream(**args) as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == reply.output_text
+    assert final.usage.output_tokens == reply.usage.output_tokens and final.status == reply.status
+    items = client.responses.create(model=model_name, max_output_tokens=8, temperature=0, input=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "input_text", "text": "Hello"}]}])
+    assert items.output_text == reply.output_text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_function_calls_and_their_outputs(client, model_name, stream):
+    tools = [{"type": "function", "name": "forecast", "parameters": WEATHER}]
+    asked = [{"role": "user", "content": "Weather?"}]
+    args = dict(model=model_name, input=asked, tools=tools, tool_choice="required", max_output_tokens=200,
+                temperature=1.0, extra_body={"seed": 6})
+    if stream:
+        with client.responses.stream(**args) as events:
+            reply = events.get_final_response()
+    else:
+        reply = client.responses.create(**args)
+    calls = [item for item in reply.output if item.type == "function_call"]
+    assert calls and reply.status == "completed"
+    for call in calls:
+        assert call.name == "forecast" and call.call_id.startswith("call_")
+        jsonschema.validate(json.loads(call.arguments), WEATHER)
+    answered = asked + [{"type": "function_call", "call_id": c.call_id, "name": c.name, "arguments": c.arguments}
+                        for c in calls]
+    answered += [{"type": "function_call_output", "call_id": c.call_id, "output": '{"celsius": 3}'} for c in calls]
+    follow = client.responses.create(model=model_name, input=answered, tools=tools, max_output_tokens=4)
+    assert follow.usage.input_tokens > reply.usage.input_tokens
+
+
+def test_responses_structured_output_and_refusals(server, client, model_name):
+    parsed = client.responses.parse(model=model_name, input=[{"role": "user", "content": "One order, please."}],
+                                    text_format=Order, max_output_tokens=200, temperature=1.0, extra_body={"seed": 2})
+    assert isinstance(parsed.output_parsed, Order)
+    for body, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
+                        ({"reasoning": {"effort": "low"}}, "reasoning"), ({"max_output_tokens": 0}, "max_output_tokens"),
+                        ({"input": []}, "input")):
+        reply = httpx.post(f"{server}/v1/responses", json={"input": "hi", **body})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
 def test_embeddings_with_the_official_client(client, model_name, offline):
     texts = ["Hello there", "The quick brown fox"]
     expected = offline.embed(texts)
