@@ -12,7 +12,7 @@ from kvserve.router.errors import OpenAIError, engine_error
 from kvserve.router.reasoning import ReasoningSplitter
 from kvserve.router.responses import (
     ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body, completion_logprobs,
-    echoed_prompt_logprobs, openai_finish_reason, vllm_prompt_logprobs,
+    echoed_prompt_logprobs, openai_finish_reason, token_id_text, vllm_prompt_logprobs,
 )
 from kvserve.router.served_model import Prompt
 from kvserve.router.tool_parsers import NamedCallReader, Parsed, ToolCallReader
@@ -48,7 +48,8 @@ class Generation:
                  prompts: list[Prompt], firsts: list[OutputDelta], streams: list, timers: list[RequestTimer],
                  tool_call_reader: Callable[[], ToolCallReader | NamedCallReader] | None = None,
                  reasoning_parser: str | None = None):
-        self.model_name, self.token_text = model_name, token_text
+        self.model_name = model_name
+        self.token_text = token_id_text if body.return_tokens_as_token_ids else token_text
         self.request_id, self.body, self.chat = request_id, body, chat
         self.n = body.n
         self.prompts = prompts

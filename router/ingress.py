@@ -164,7 +164,7 @@ class Ingress:
         model, lora = await self._model(body.model)
         model.check_sampling_limits(body)
         prompts = await model.prepare(body.prompts(), body.cache_salt, lora.name if lora else None,
-                                      keep_last=body.truncate_prompt_tokens)
+                                      body.add_special_tokens, body.truncate_prompt_tokens)
         asked = body.max_tokens if body.generates else 1  # the token the prompt's step samples anyway
         max_tokens = min(model.max_tokens(p.ids, asked) for p in prompts)
         sampling = body.sampling(max_tokens, body.logprobs)
@@ -193,7 +193,7 @@ class Ingress:
         model, lora = await self._model(body.model)
         model.check_sampling_limits(body)
         [prompt] = await model.prepare([model.chat_prompt(body)], body.cache_salt, lora.name if lora else None,
-                                       add_special_tokens=False, keep_last=body.truncate_prompt_tokens)
+                                       body.add_special_tokens, body.truncate_prompt_tokens)
         sampling = body.sampling(model.max_tokens(prompt.ids, body.requested_max_tokens()), body.logprobs_count())
         return model, *await self._generation(model, lora, [prompt], sampling, body, chat=True)
 

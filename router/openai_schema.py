@@ -144,6 +144,7 @@ class _SamplingFields(_CacheFields):
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # OpenAI's: token id -> bias
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name each token "token_id:<id>", not by its text
     kv_retention: KVRetentionBody | None = None
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None
@@ -241,6 +242,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: None = None
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's own (a BOS) around a text prompt
 
     @field_validator("prompt")
     @classmethod
@@ -407,6 +409,7 @@ class ChatCompletionRequest(_ChatTemplateFields, _SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    add_special_tokens: bool = False  # vLLM's: the template writes the special tokens itself
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):

@@ -62,6 +62,11 @@ class TokenText:
         return text
 
 
+def token_id_text(token_id: int) -> str:
+    """A token as vLLM's `return_tokens_as_token_ids` names it in logprobs."""
+    return f"token_id:{token_id}"
+
+
 def completion_logprobs(entries: list[TokenLogprobs], token_text: TokenText, text_start: int) -> dict:
     """The legacy completions format; an entry whose `logprob` is None (an echoed prompt's
     first token, which nothing predicts) has no logprob and no top tokens."""

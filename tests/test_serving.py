@@ -113,6 +113,27 @@ def test_n_logprobs_stop_and_seed(client, model_name):
     assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)
 
 
+def test_logprobs_by_token_id_and_special_tokens(client, model_name, tiny_checkpoints):
+    """vLLM's return_tokens_as_token_ids and add_special_tokens (a BOS: on by default for a
+    text prompt, off for chat, whose template writes its own)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"], local_files_only=True)
+    by_id = {"return_tokens_as_token_ids": True, "ignore_eos": True}
+    reply = client.completions.create(model=model_name, prompt="Hello there", max_tokens=4, temperature=0,
+                                      logprobs=1, extra_body=by_id).choices[0]
+    assert tokenizer.decode([int(t.removeprefix("token_id:")) for t in reply.logprobs.tokens]) == reply.text
+    assert all(key.startswith("token_id:") for top in reply.logprobs.top_logprobs for key in top)
+    chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          logprobs=True, top_logprobs=1, extra_body=by_id).choices[0]
+    assert all(e.token.startswith("token_id:") and e.top_logprobs[0].token.startswith("token_id:")
+               for e in chat.logprobs.content)
+    prompt_tokens = lambda **extra: client.completions.create(  # noqa: E731
+        model=model_name, prompt="Hello there", max_tokens=1, extra_body=extra).usage.prompt_tokens
+    chat_tokens = lambda **extra: client.chat.completions.create(  # noqa: E731
+        model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=1, extra_body=extra).usage.prompt_tokens
+    assert prompt_tokens() == prompt_tokens(add_special_tokens=False) + 1
+    assert chat_tokens(add_special_tokens=True) == chat_tokens() + 1
+
+
 class Order(BaseModel):
     size: Literal["small", "large"]
     count: Annotated[int, Field(ge=1, le=99)]
