@@ -141,6 +141,7 @@ class _SamplingFields(_CacheFields):
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's: each prompt token's, with this many top ones
     allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: the only tokens to generate
+    bad_words: list[str] | None = None  # vLLM's: words not to generate
     logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100)]] | None = None  # OpenAI's: token id -> bias
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -182,6 +183,10 @@ class _SamplingFields(_CacheFields):
         if constraints and self.allowed_token_ids is not None:
             raise refusal("allowed_token_ids", f"allowed_token_ids cannot be used with a structured output "
                                                f"({next(iter(constraints))}): the grammar may allow none of them")
+        if self.bad_words and (constraints or self.allowed_token_ids is not None):
+            other = next(iter(constraints), "allowed_token_ids")
+            raise refusal("bad_words", f"bad_words cannot be used with {other}: together they may come to allow "
+                                       "only banned tokens")
         for param, fields in constraints.items():
             self._structured = structured_spec(param, fields)
         return self
@@ -210,6 +215,7 @@ class _SamplingFields(_CacheFields):
             "stop_token_ids": self.stop_token_ids or [],
             "logit_bias": self.logit_bias or None,
             "allowed_token_ids": self.allowed_token_ids,
+            "bad_words": self.bad_words,
             "seed": self.seed,
             "logprobs": logprobs,
             "prompt_logprobs": self.scored_prompt_top(),

@@ -241,7 +241,7 @@ SHARED = {
     "include_stop_str_in_output": st.booleans(), "cache_salt": st.text(max_size=4) | json_values,
     "priority": st.integers(), "user": json_values, "prompt_logprobs": st.integers(-1, 22) | json_values,
     "allowed_token_ids": token_ids | json_values, "return_tokens_as_token_ids": json_values,
-    "add_special_tokens": json_values,
+    "add_special_tokens": json_values, "bad_words": st.lists(st.text(max_size=4), max_size=3) | json_values,
     "response_format": json_values, "guided_json": json_values, "guided_regex": st.text(max_size=8) | json_values,
     "guided_choice": json_values, "guided_grammar": st.text(max_size=12) | json_values,
 }

@@ -10,6 +10,7 @@ import pytest
 from kvserve.workers.engine import block_hash
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.prompt_checks import Overloaded
+from kvserve.workers.engine.bad_words import bad_word_token_ids
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.llm import LLM
 from kvserve.workers.protocol import RequestRefused
@@ -119,6 +120,17 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(llm, prompt, para
         llm.engine.add_request("bad", prompt, params)
     [ok] = llm.generate(["still serving"], SamplingParams(max_tokens=3, ignore_eos=True))
     assert len(ok.outputs[0].token_ids) == 3
+
+
+def test_bad_words_that_leave_nothing_before_min_tokens_are_refused(llm):
+    tokenizer = llm.engine.tokenizer
+    word_tokens = {ids[0] for ids in bad_word_token_ids(tokenizer, ["a"])}
+    assert all(len(tokenizer.encode(text, add_special_tokens=False)) == 1 for text in ("a", " a"))
+    others = [t for t in range(llm.engine.vocab_size) if t not in word_tokens]
+    with pytest.raises(ValueError, match="bad_words ban every token"):
+        llm.engine.add_request("bad", [5, 6], SamplingParams(min_tokens=1, bad_words=["a"], stop_token_ids=others))
+    [ok] = llm.generate([[5, 6]], SamplingParams(max_tokens=1, bad_words=["a"], stop_token_ids=others))
+    assert ok.outputs[0].token_ids[0] not in word_tokens
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from kvserve.workers.engine.bad_words import bad_word_token_ids
 from kvserve.workers.llm import LLM
 from kvserve.workers.engine.sampling_params import SamplingParams
 
@@ -141,6 +142,28 @@ def test_allowed_token_ids_equal_hf_prefix_allowed_tokens(tiny_checkpoints, hf_r
                                           generation_config=config, prefix_allowed_tokens_fn=lambda batch, ids: allowed)
             assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
             assert set(output.outputs[0].token_ids) <= set(allowed)
+
+
+def test_bad_words_equal_hf_bad_words_ids(tiny_checkpoints, hf_refs):
+    """vLLM's bad_words, as token sequences, are transformers' `bad_words_ids` (greedy); the
+    words are pieces of the unconstrained outputs, so the ban changes them."""
+    llm = engine_for(tiny_checkpoints["llama"])
+    tokenizer = llm.engine.tokenizer
+    prompts = make_prompts(llm.engine.vocab_size)[:6]
+    plain = [output.outputs[0].token_ids for output in llm.generate(prompts, greedy())]
+    words = [tokenizer.decode(plain[0][1:2]), tokenizer.decode(plain[1][2:4]), tokenizer.decode(plain[2][:3])]
+    words = [word for word in words if word.strip()]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, bad_words=words)
+    banned = [list(ids) for ids in bad_word_token_ids(tokenizer, words)]
+    config = GenerationConfig(do_sample=False, max_new_tokens=MAX_TOKENS, eos_token_id=None, bad_words_ids=banned)
+    model = hf_refs["llama"].model
+    outputs = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
+    for prompt, got in zip(prompts, outputs):
+        with torch.inference_mode():
+            expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                      generation_config=config)
+        assert got == expected[0, len(prompt):].tolist()
+    assert outputs != plain
 
 
 def test_requests_arriving_while_others_decode(tiny_checkpoints, hf_refs):

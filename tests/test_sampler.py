@@ -224,6 +224,21 @@ def test_allowed_token_ids_leave_only_those_to_take():
         assert out.logprobs[i] == pytest.approx(logits[i].log_softmax(-1)[token].item(), abs=1e-5)
 
 
+def test_bad_words_mask_their_last_token_after_the_rest():
+    """A one-token word is never taken; a longer one's last token not right after its others
+    in the output (the prompt does not count)."""
+    words = ((5,), (7, 9), (3, 4, 6))
+    cases = [  # (output, the two tokens the row prefers, in order; what it takes)
+        ([], (5, 9), 9), ([7], (9, 11), 11), ([3, 4], (6, 11), 11), ([7, 3], (9, 11), 9), ([2, 4], (6, 11), 6),
+        ([], (9, 11), 9),  # right after the prompt's last token, 7
+    ]
+    logits = torch.zeros(len(cases), VOCAB)
+    for i, (_, (first, second), _) in enumerate(cases):
+        logits[i, first], logits[i, second] = 2.0, 1.0
+    rows = [SamplingRow(SamplingParams(temperature=0), [7] + output, 1, bad_words=words) for output, _, _ in cases]
+    assert sample(logits, rows).token_ids == [taken for _, _, taken in cases]
+
+
 def test_allowed_token_ids_must_be_a_list_of_ids():
     for value in ([], [-1]):
         with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list of token ids >= 0"):

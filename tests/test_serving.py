@@ -345,6 +345,17 @@ def test_allowed_token_ids_with_the_official_client(server, client, model_name):
         assert reply.status_code == 400 and error["param"] == "allowed_token_ids" and said in error["message"], reply.text
 
 
+def test_bad_words_with_the_official_client(server, client, model_name):
+    args = dict(model=model_name, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=0)
+    plain = client.completions.create(**args, extra_body={"ignore_eos": True}).choices[0]
+    word = next(token for token in plain.logprobs.tokens if token.strip())
+    banned = client.completions.create(**args, extra_body={"ignore_eos": True, "bad_words": [word]}).choices[0]
+    assert word in plain.logprobs.tokens and word not in banned.logprobs.tokens
+    assert banned.text != plain.text
+    reply = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "bad_words": ["a"], "allowed_token_ids": [3]})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "bad_words", reply.text
+
+
 def client_token(server: str, token_id: int) -> str:
     """The text of one token, as the server's logprobs show it."""
     return httpx.post(f"{server}/detokenize", json={"tokens": [token_id]}).json()["prompt"]

@@ -11,6 +11,7 @@ from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for, 
 from kvserve.workers.engine.kv_events import BlockSnapshot, KVEventBatch
 from kvserve.workers.engine.executor import ModelExecutor, PendingSample, SampleRequest, StepRequest
 from kvserve.workers.engine.guided_decoding import GuidedDecoding
+from kvserve.workers.engine.bad_words import bad_word_token_ids
 from kvserve.workers.engine.block_hash import BlockHash
 from kvserve.workers.engine.output_processor import NewToken, OutputProcessor, SampleKey
 from kvserve.workers.engine.outputs import (
@@ -67,7 +68,7 @@ class LLMEngine:
         self._in_flight: _InFlight | None = None  # the step launched last, not read yet
         self._repeat_seqs: list[Sequence] | None = None  # see `_sample_requests`
         self._repeat_samples: list[SampleRequest] = []
-        self._requests_with_penalties = 0
+        self._requests_reading_tokens = 0  # whose sampling reads their tokens so far (`reads_tokens`)
         self.speculation = Speculation(config.speculative, draft_model) if config.speculative else None
         self._requests_speculating = 0
         self.guided = GuidedDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
@@ -123,9 +124,14 @@ class LLMEngine:
         if block_hashes:
             seqs[0].block_hashes = list(block_hashes)
         seqs[0].forks = seqs[1:]
+        if params.bad_words:
+            banned = bad_word_token_ids(self.tokenizer, params.bad_words)
+            self._check_bad_words(banned, params)
+            for seq in seqs:
+                seq.bad_word_ids = banned
         self.requests[request_id] = seqs
-        if params.uses_penalties:
-            self._requests_with_penalties += 1
+        if params.reads_tokens:
+            self._requests_reading_tokens += 1
         if self.speculation is not None and speculates(params):
             self._requests_speculating += 1
         if params.prompt_logprobs is not None:
@@ -231,6 +237,15 @@ class LLMEngine:
             raise ValueError("min_tokens holds back the end tokens and stop_token_ids until reached, and they "
                              "hold every one of allowed_token_ids: nothing would be left to generate")
 
+    def _check_bad_words(self, banned: tuple[tuple[int, ...], ...], params: SamplingParams) -> None:
+        """Refuse bad words that leave nothing to generate while min_tokens holds back the ends."""
+        if not params.min_tokens:
+            return
+        held_back = {t for t in (*self.eos_token_ids, *params.stop_token_ids) if 0 <= t < self.vocab_size}
+        if len(held_back | {ids[0] for ids in banned if len(ids) == 1}) >= self.vocab_size:
+            raise ValueError("bad_words ban every token that min_tokens does not hold back: nothing would be "
+                             "left to generate")
+
     def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         problem = prompt_length_problem(len(token_ids), self.max_model_len)
         if problem is not None:
@@ -290,8 +305,8 @@ class LLMEngine:
         and length end sequences here; stop strings are the output processor's.
 
         With async scheduling the step is launched and the tokens returned are those of the
-        step before it, read while this one runs; a step whose samples use penalties (which
-        read every token so far) waits for that step first."""
+        step before it, read while this one runs; a step whose samples use penalties or bad
+        words (which read the tokens so far) waits for that step first."""
         started = time.perf_counter()
         if self.guided.num_compiling:
             self._schedule_compiled()
@@ -339,8 +354,9 @@ class LLMEngine:
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before this one's tokens are read: not while a
-        request's sampling reads every token so far (penalties) or its grammar needs the last one."""
-        return (self._requests_with_penalties == 0 and self.guided.num_requests == 0 and self._pooling_requests == 0
+        request's sampling reads its tokens so far (penalties, bad words), its grammar needs the
+        last one, or its prompt is scored."""
+        return (self._requests_reading_tokens == 0 and self.guided.num_requests == 0 and self._pooling_requests == 0
                 and self._requests_speculating == 0 and self._scoring_requests == 0)
 
     @staticmethod
@@ -513,8 +529,8 @@ class LLMEngine:
 
     def _forget(self, request_id: str) -> None:
         seqs = self.requests.pop(request_id)
-        if seqs[0].params.uses_penalties:
-            self._requests_with_penalties -= 1
+        if seqs[0].params.reads_tokens:
+            self._requests_reading_tokens -= 1
         if self.speculation is not None and speculates(seqs[0].params):
             self._requests_speculating -= 1
         if seqs[0].params.structured is not None:

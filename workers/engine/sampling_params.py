@@ -35,6 +35,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "logit_bias": (lambda v: all(t >= 0 and -100 <= b <= 100 for t, b in v.items()),
                    "token ids >= 0, each with a bias in [-100, 100]"),
     "allowed_token_ids": (lambda v: len(v) > 0 and all(t >= 0 for t in v), "a non-empty list of token ids >= 0"),
+    "bad_words": (lambda v: all(word.strip() for word in v), "words that are not blank"),
 }
 
 
@@ -64,6 +65,7 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = None  # the same for every prompt token after the first; 0: its own only
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
     allowed_token_ids: list[int] | None = None  # the only tokens it may generate
+    bad_words: list[str] | None = None  # words it may not generate (as they tokenize, with a leading space or not)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured: StructuredOutputSpec | None = None  # the grammar every output must follow
@@ -95,11 +97,21 @@ class SamplingParams(BaseModel):
         if self.structured is not None and self.allowed_token_ids is not None:
             # The grammar may allow none of them at some point: the row would have nothing to draw.
             raise ValueError("allowed_token_ids cannot be used with a structured output (response_format or guided_*)")
+        if self.bad_words and (self.structured is not None or self.allowed_token_ids is not None):
+            # Either may come to allow only a banned token.
+            raise ValueError("bad_words cannot be used with allowed_token_ids or a structured output "
+                             "(response_format or guided_*)")
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
+
+    @property
+    def reads_tokens(self) -> bool:
+        """Whether sampling reads the tokens so far (penalties count them; bad words look at
+        the output's last ones)."""
+        return self.uses_penalties or bool(self.bad_words)
 
     @property
     def uses_penalties(self) -> bool:

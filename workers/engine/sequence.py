@@ -34,7 +34,7 @@ class Sequence:
         "kv_retention", "num_prompt_tokens", "num_cached_prompt_tokens", "block_hashes", "status",
         "finish_reason", "num_preemptions", "forks", "num_pending", "sample_row", "seed", "draft_probs",
         "num_draft_computed", "matcher", "pooled", "max_num_tokens", "ending_token_ids",
-        "prompt_logprobs",
+        "prompt_logprobs", "bad_word_ids",
     )
 
     def __init__(
@@ -91,6 +91,7 @@ class Sequence:
         # position, the logprobs of its token (None at 0, and where not computed yet), until
         # they are handed out with the first output token.
         self.prompt_logprobs: list | None = None
+        self.bad_word_ids: tuple[tuple[int, ...], ...] = ()  # `params.bad_words` as token sequences
         # Where it ends at the latest (max_tokens, or a shorter model length), and the tokens
         # that may end it (stop tokens, EOS): checked for every token, so worked out once.
         self.max_num_tokens = min(self.num_prompt_tokens + params.max_tokens, max_num_tokens or 1 << 62)

@@ -1,7 +1,8 @@
 """Turns one step's logits into the next token of every sampling sequence, in one batch.
 
-Order of work, per row: tokens outside `allowed_token_ids` are masked, and stop tokens until
-`min_tokens`; `logit_bias` is added;
+Order of work, per row: tokens outside `allowed_token_ids` are masked, the last token of each
+bad word whose other tokens end the output, and stop tokens until `min_tokens`; `logit_bias`
+is added;
 repetition, frequency and presence penalties; then greedy rows take the argmax, and the others
 go through temperature, top-k, top-p and min-p before a draw. Each of these stages is a fixed number of tensor
 operations over all the rows that draw, whatever the batch: a row that does not use a stage
@@ -74,6 +75,7 @@ class SamplingRow:
     token_ids: list[int]
     num_prompt_tokens: int
     seed: int | None = None
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences its output may not end with
     draws: bool = field(init=False)  # not greedy
     penalized: bool = field(init=False)
     # What a draw uses: temperature, top_k (0: off), top_p (inf: off), min_p, whether any of the
@@ -199,6 +201,7 @@ class _Plan:
     min_tokens: list[int] = field(default_factory=list)  # the rows still under their min_tokens
     biased: bool = False  # whether a row has a logit_bias
     restricted: bool = False  # whether a row has allowed_token_ids
+    banning: list[int] = field(default_factory=list)  # the rows with bad words
     penalties: list[int] = field(default_factory=list)
     logprobs: list[int] = field(default_factory=list)
     draws: _Draws = field(default_factory=_Draws)
@@ -216,6 +219,7 @@ class _Plan:
             rows, vocab,
             biased=any(row.params.logit_bias for row in rows),
             restricted=any(row.params.allowed_token_ids is not None for row in rows),
+            banning=[i for i, row in enumerate(rows) if row.bad_words],
             penalties=[i for i, row in enumerate(rows) if row.penalized],
             logprobs=[i for i, row in enumerate(rows) if row.params.logprobs is not None],
             draws=_Draws.of(drawing, drawing_rows, vocab, ahead),
@@ -323,6 +327,8 @@ class Sampler:
         if plan.restricted:
             restricted_rows, masks = plan.allowed(logits)
             logits[restricted_rows] += masks
+        if plan.banning:
+            _mask_bad_words(logits, rows, plan.banning)
         if plan.min_tokens:
             _mask_stop_tokens(logits, rows, plan.min_tokens, eos_token_ids)
         if plan.biased:
@@ -402,6 +408,24 @@ def _mask_stop_tokens(
         for token in chain(eos_token_ids, rows[i].params.stop_token_ids)
         if token < vocab
     ]
+    if pairs:
+        row_of, token_of = zip(*pairs)
+        logits[_index(row_of, logits), _index(token_of, logits)] = _NEG_INF
+
+
+def _mask_bad_words(logits: torch.Tensor, rows: list[SamplingRow], banning: list[int]) -> None:
+    """Mask, in each row of `banning`, the last token of every bad word whose earlier tokens
+    the row's output ends with (of a one-token word, always)."""
+    vocab = logits.shape[1]
+    pairs = []
+    for i in banning:
+        row = rows[i]
+        output_length = len(row.token_ids) - row.num_prompt_tokens
+        for word in row.bad_words:
+            before = len(word) - 1
+            if word[-1] < vocab and before <= output_length and (
+                    before == 0 or row.token_ids[len(row.token_ids) - before:] == list(word[:-1])):
+                pairs.append((i, word[-1]))
     if pairs:
         row_of, token_of = zip(*pairs)
         logits[_index(row_of, logits), _index(token_of, logits)] = _NEG_INF

@@ -127,7 +127,8 @@ class InputBatch:
             for i in [i for i, row in enumerate(rows) if row is None]:
                 seq = samples[i].seq
                 rows[i] = self.sampling_rows[seq.seq_id] = SamplingRow(seq.params, seq.token_ids,
-                                                                       seq.num_prompt_tokens, seq.seed)
+                                                                       seq.num_prompt_tokens, seq.seed,
+                                                                       seq.bad_word_ids)
         return rows
 
     def _fill_pending(self, input_ids: torch.Tensor, tokens: list[int], seqs: list, query_starts: list[int],

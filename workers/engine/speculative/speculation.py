@@ -21,10 +21,10 @@ from kvserve.workers.engine.speculative.ngram import NgramProposer
 
 
 def speculates(params: SamplingParams) -> bool:
-    """Whether a request may verify proposals: not with penalties (each position would need
-    the drafts before it among its counted tokens) nor a grammar (its matcher takes one token
+    """Whether a request may verify proposals: not with penalties or bad words (each position
+    would need the drafts before it among its tokens) nor a grammar (its matcher takes one token
     at a time)."""
-    return params.speculative and params.structured is None and not params.uses_penalties
+    return params.speculative and params.structured is None and not params.reads_tokens
 
 
 class DraftModel(Protocol):
