@@ -93,9 +93,11 @@ class ApiKeyGate:
     metrics_too: bool
 
     def protects(self, path: str) -> bool:
-        """The API, and the tokenizer's endpoints (vLLM leaves those open; they spend the
-        ingress's time on whatever text is sent), and /metrics if so configured."""
-        return path.startswith("/v1/") or path in ("/tokenize", "/detokenize") or (self.metrics_too and path == "/metrics")
+        """The API (with vLLM's unversioned score and rerank routes), and the tokenizer's
+        endpoints (vLLM leaves those open; they spend the ingress's time on whatever text is
+        sent), and /metrics if so configured."""
+        return (path.startswith(("/v1/", "/v2/")) or path in ("/tokenize", "/detokenize", "/score", "/rerank")
+                or (self.metrics_too and path == "/metrics"))
 
     def admits(self, header: bytes) -> bool:
         return hmac.compare_digest(header, self.authorization)

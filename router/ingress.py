@@ -20,12 +20,12 @@ from kvserve.router.generation import Generation, RequestTimer
 from kvserve.router.http_app import ApiKeyGate, app
 from kvserve.router.openai_schema import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoRAAdapterRequest,
-    TokenizeRequest, UnloadLoRAAdapterRequest,
+    RerankRequest, ScoreRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
 )
 from kvserve.router.openai_responses import ResponseBuilder, ResponsesRequest
-from kvserve.router.responses import embeddings_body
+from kvserve.router.responses import cosine, embeddings_body, rerank_body, score_body
 from kvserve.router.served_model import IngressSettings, LoRAChoice, ServedModel
-from kvserve.workers.protocol import SamplingParams
+from kvserve.workers.protocol import EmbeddingOutput, SamplingParams
 
 REPLICA_HEADER = "x-kvserve-replica"
 
@@ -199,21 +199,53 @@ class Ingress:
 
     @app.post("/v1/embeddings")
     async def embeddings(self, body: EmbeddingRequest) -> Response:
-        model, lora = await self._model(body.model)
+        model = await self._embedding_model(body.model)
+        model.check_dimensions(body)
+        results = await self._embed(model, body.inputs(), body, "embd")
+        return JSONResponse(embeddings_body(model.name, results, body.encoding_format, body.dimensions,
+                                            model.settings.normalize_embeddings))
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def score(self, body: ScoreRequest) -> Response:
+        """vLLM's: the cosine similarity of the embeddings of each pair of texts."""
+        model = await self._embedding_model(body.model)
+        firsts, seconds = body.pairs()
+        texts = list(dict.fromkeys(firsts + seconds))  # each text embedded once
+        results = dict(zip(texts, await self._embed(model, texts, body, "score")))
+        scores = [cosine(results[a].embedding, results[b].embedding) for a, b in zip(firsts, seconds)]
+        return JSONResponse(score_body(model.name, scores, list(results.values())))
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def rerank(self, body: RerankRequest) -> Response:
+        """vLLM's (Jina's, Cohere's): the documents by the cosine similarity of their embedding
+        with the query's, best first."""
+        model = await self._embedding_model(body.model)
+        query, *documents = await self._embed(model, [body.query, *body.documents], body, "rerank")
+        scores = [cosine(query.embedding, document.embedding) for document in documents]
+        return JSONResponse(rerank_body(model.name, body.documents, scores, body.top_n, [query, *documents]))
+
+    async def _embedding_model(self, name: str | None) -> ServedModel:
+        model, lora = await self._model(name)
         if lora is not None:
             raise bad_request(f"{lora.name!r} is a LoRA adapter: adapters serve completions and chat, "
                               f"not embeddings (use the base model {model.name!r})", "model")
-        model.check_dimensions(body)
-        prompts = await model.prepare(body.inputs(), body.cache_salt, keep_last=body.truncate_prompt_tokens)
+        return model
+
+    async def _embed(self, model: ServedModel, texts: list[str | list[int]], body, kind: str) -> list[EmbeddingOutput]:
+        """The embedding of each text, in order (`body`: its cache salt, priority and truncation)."""
+        prompts = await model.prepare(texts, body.cache_salt, keep_last=body.truncate_prompt_tokens)
         model.ensure_follower()
-        request_id = f"embd-{uuid.uuid4().hex}"
-        embeds = [model.embed(f"{request_id}-{i}", prompt, body) for i, prompt in enumerate(prompts)]
+        request_id = f"{kind}-{uuid.uuid4().hex}"
+        embeds = [model.embed(f"{request_id}-{i}", prompt, body.cache_salt, body.priority)
+                  for i, prompt in enumerate(prompts)]
         results = await asyncio.gather(*embeds, return_exceptions=True)
         failure = next((r for r in results if isinstance(r, BaseException)), None)
         if failure is not None:
             raise failure if isinstance(failure, OpenAIError) else engine_error(failure) from failure
-        return JSONResponse(embeddings_body(model.name, results, body.encoding_format, body.dimensions,
-                                            model.settings.normalize_embeddings))
+        return results
 
     # -- generation --------------------------------------------------------------------
 

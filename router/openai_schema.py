@@ -295,6 +295,50 @@ class EmbeddingRequest(_CacheFields):
         return _one_or_many(self.input)
 
 
+def _texts(value: str | list[str], param: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not texts or "" in texts:
+        raise refusal(param, f"{param} must hold non-empty texts")
+    return texts
+
+
+class ScoreRequest(_CacheFields):
+    """vLLM's score API over the model's embeddings: the cosine similarity of each text of
+    `text_1` with its counterpart in `text_2` (one text is set against every one of the other)."""
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+
+    @model_validator(mode="after")
+    def _paired(self):
+        firsts, seconds = _texts(self.text_1, "text_1"), _texts(self.text_2, "text_2")
+        if len(firsts) != len(seconds) and 1 not in (len(firsts), len(seconds)):
+            raise refusal("text_2", f"text_1 holds {len(firsts)} texts and text_2 {len(seconds)}: give as many "
+                                    "of each, or one to set against all of the other")
+        return self
+
+    def pairs(self) -> tuple[list[str], list[str]]:
+        """The texts of each pair: one list and the other, the same length."""
+        firsts, seconds = _texts(self.text_1, "text_1"), _texts(self.text_2, "text_2")
+        return firsts * (len(seconds) if len(firsts) == 1 else 1), seconds * (len(firsts) if len(seconds) == 1 else 1)
+
+
+class RerankRequest(_CacheFields):
+    """vLLM's (and Jina's, Cohere's) rerank API over the model's embeddings: `documents` by the
+    cosine similarity of their embedding with the query's, the `top_n` best (0: all)."""
+
+    model: str | None = None
+    query: str = Field(min_length=1)
+    documents: list[str] = Field(min_length=1)
+    top_n: int = Field(0, ge=0)
+
+    @field_validator("documents")
+    @classmethod
+    def _documents_not_empty(cls, value):
+        return _texts(value, "documents")
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str

@@ -2,6 +2,7 @@
 
 import base64
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,6 +141,31 @@ def chunk_body(request_id: str, model: str, choices: list[dict], usage: Usage | 
     if usage is None and chat:
         body["usage"] = None
     return body
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+
+
+def _embedded_tokens(outputs: list[EmbeddingOutput]) -> dict:
+    total = sum(o.num_prompt_tokens for o in outputs)
+    return {"prompt_tokens": total, "total_tokens": total}
+
+
+def score_body(model: str, scores: list[float], outputs: list[EmbeddingOutput]) -> dict:
+    """vLLM's score response; `outputs`: the embeddings computed for it."""
+    return {"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model,
+            "data": [{"index": i, "object": "score", "score": score} for i, score in enumerate(scores)],
+            "usage": _embedded_tokens(outputs)}
+
+
+def rerank_body(model: str, documents: list[str], scores: list[float], top_n: int,
+                outputs: list[EmbeddingOutput]) -> dict:
+    """vLLM's rerank response: the `top_n` best documents (0: all), best first."""
+    ranked = sorted(range(len(documents)), key=lambda i: -scores[i])[: top_n or None]
+    results = [{"index": i, "document": {"text": documents[i]}, "relevance_score": scores[i]} for i in ranked]
+    return {"id": f"rerank-{uuid.uuid4().hex}", "model": model, "usage": _embedded_tokens(outputs), "results": results}
 
 
 def embeddings_body(model: str, outputs: list[EmbeddingOutput], encoding_format: str, dimensions: int | None,

@@ -245,11 +245,11 @@ class ServedModel:
 
     # -- sending -----------------------------------------------------------------------
 
-    async def embed(self, request_id: str, prompt: Prompt, body: EmbeddingRequest) -> EmbeddingOutput:
+    async def embed(self, request_id: str, prompt: Prompt, cache_salt: str | None, priority: int) -> EmbeddingOutput:
         """One prompt's embedding; sent again, to a live replica, if its replica died first."""
         _route_on_its_own(request_id)
         request = EmbedRequest(request_id, prompt.ids, prompt.text, prompt.block_hashes, self.hash_check,
-                               body.cache_salt, body.priority)
+                               cache_salt, priority)
         _, answer = await self._first_answer(lambda: self.llm.options(stream=True).embed.remote(request))
         return answer
 

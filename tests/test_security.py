@@ -84,6 +84,10 @@ class TestIngress:
         ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
         ("POST", "/tokenize", {"prompt": "hi"}),
         ("POST", "/detokenize", {"tokens": [5, 6]}),
+        ("POST", "/v1/responses", {"input": "hi", "max_output_tokens": 2}),
+        ("POST", "/score", {"text_1": "hi", "text_2": "ho"}),
+        ("POST", "/rerank", {"query": "hi", "documents": ["ho"]}),
+        ("POST", "/v2/rerank", {"query": "hi", "documents": ["ho"]}),
     ])
     def test_v1_and_tokenizer_routes_need_the_key(self, server, method, route, body):
         base, _ = server

@@ -241,6 +241,29 @@ def test_embeddings_with_the_official_client(client, model_name, offline):
         client.embeddings.create(model=model_name, input="hi", dimensions=10_000)
 
 
+def test_score_and_rerank_are_cosines_of_the_embeddings(server, model_name, offline):
+    query, documents = "Hello there", ["The quick brown fox", "Hello there, friend", "Numbers: 1 2 3"]
+    vectors = [torch.tensor(o.embedding) for o in offline.embed([query, *documents])]
+    expected = [torch.nn.functional.cosine_similarity(vectors[0], v, dim=0).item() for v in vectors[1:]]
+    for route, body in (("/v1/score", {"text_1": query, "text_2": documents}),
+                        ("/score", {"text_1": documents, "text_2": [query] * 3})):
+        scored = httpx.post(f"{server}{route}", json={"model": model_name, **body}).json()
+        assert [d["index"] for d in scored["data"]] == [0, 1, 2]
+        assert [d["score"] for d in scored["data"]] == pytest.approx(expected, abs=1e-5)
+    best = sorted(range(3), key=lambda i: -expected[i])
+    for route in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        ranked = httpx.post(f"{server}{route}", json={"query": query, "documents": documents, "top_n": 2}).json()
+        assert [r["index"] for r in ranked["results"]] == best[:2]
+        assert [r["document"]["text"] for r in ranked["results"]] == [documents[i] for i in best[:2]]
+        assert ranked["usage"]["total_tokens"] == sum(o.num_prompt_tokens for o in offline.embed([query, *documents]))
+    for route, body, param in (("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2"),
+                               ("/score", {"text_1": "", "text_2": "c"}, "text_1"),
+                               ("/rerank", {"query": "q", "documents": []}, "documents"),
+                               ("/rerank", {"query": "q", "documents": ["d", ""]}, "documents")):
+        reply = httpx.post(f"{server}{route}", json=body)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
 def test_a_retained_system_prompt_survives_a_flood(client, model_name):
     """kv_retention keeps a system prompt cached through one-off prompts that evict an unretained
     one of the same length (each replica's pool holds 160 blocks; the flood fills both)."""
