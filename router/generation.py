@@ -153,7 +153,8 @@ class Generation:
         return choice.index // self.n
 
     def _echoed(self, choice: ChoiceState, text: str) -> str:
-        """`text`, the choice's first, after its prompt when the request echoes."""
+        """The choice's `text` (all of it, or a stream's first piece), after its prompt when the
+        request echoes."""
         return self.prompts[self._prompt_of(choice)].text + text if self.echo else text
 
     def _completion_logprobs(self, choice: ChoiceState, entries: list[TokenLogprobs], text_start: int,

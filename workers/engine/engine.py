@@ -110,7 +110,8 @@ class LLMEngine:
         self._check_lora_name(lora_name)
         text = prompt if isinstance(prompt, str) else None
         token_ids = self.tokenizer.encode(prompt) if text is not None else list(prompt)
-        self._check_prompt(token_ids, params)
+        banned = bad_word_token_ids(self.tokenizer, params.bad_words) if params.bad_words else ()
+        self._check_prompt(token_ids, params, banned)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         overloaded = self.scheduler.overload(arrival, priority)
         if overloaded is not None:
@@ -124,9 +125,7 @@ class LLMEngine:
         if block_hashes:
             seqs[0].block_hashes = list(block_hashes)
         seqs[0].forks = seqs[1:]
-        if params.bad_words:
-            banned = bad_word_token_ids(self.tokenizer, params.bad_words)
-            self._check_bad_words(banned, params)
+        if banned:
             for seq in seqs:
                 seq.bad_word_ids = banned
         self.requests[request_id] = seqs
@@ -221,39 +220,33 @@ class LLMEngine:
         if in_use:
             raise ValueError(f"LoRA adapter {name!r} cannot be {change} while {in_use} requests run under it")
 
-    def _check_generable(self, params: SamplingParams) -> None:
-        """Refuse a request whose settings leave no token to generate at some step: its
-        sampler row would fail the whole step."""
+    def _check_generable(self, params: SamplingParams, banned: tuple[tuple[int, ...], ...]) -> None:
+        """Refuse a request whose settings leave no token to generate at some step (`banned`:
+        its bad words' token sequences): its sampler row would fail the whole step."""
         allowed = params.allowed_token_ids
         if allowed is not None and max(allowed) >= self.vocab_size:
             raise ValueError(f"allowed_token_ids holds {max(allowed)}, outside the vocabulary (size {self.vocab_size})")
-        if not params.min_tokens:
-            return
-        held_back = {t for t in (*self.eos_token_ids, *params.stop_token_ids) if 0 <= t < self.vocab_size}
+        held_back = set()
+        if params.min_tokens:
+            held_back = {t for t in (*self.eos_token_ids, *params.stop_token_ids) if 0 <= t < self.vocab_size}
         if len(held_back) == self.vocab_size:
             raise ValueError("min_tokens holds back the end tokens and stop_token_ids until reached, and together "
                              "they are the whole vocabulary: nothing would be left to generate")
-        if allowed is not None and held_back.issuperset(allowed):
+        if held_back and allowed is not None and held_back.issuperset(allowed):
             raise ValueError("min_tokens holds back the end tokens and stop_token_ids until reached, and they "
                              "hold every one of allowed_token_ids: nothing would be left to generate")
-
-    def _check_bad_words(self, banned: tuple[tuple[int, ...], ...], params: SamplingParams) -> None:
-        """Refuse bad words that leave nothing to generate while min_tokens holds back the ends."""
-        if not params.min_tokens:
-            return
-        held_back = {t for t in (*self.eos_token_ids, *params.stop_token_ids) if 0 <= t < self.vocab_size}
         if len(held_back | {ids[0] for ids in banned if len(ids) == 1}) >= self.vocab_size:
             raise ValueError("bad_words ban every token that min_tokens does not hold back: nothing would be "
                              "left to generate")
 
-    def _check_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _check_prompt(self, token_ids: list[int], params: SamplingParams, banned: tuple[tuple[int, ...], ...]) -> None:
         problem = prompt_length_problem(len(token_ids), self.max_model_len)
         if problem is not None:
             raise ValueError(problem)
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        self._check_generable(params)
+        self._check_generable(params, banned)
         size = self.config.block_size
         per_sample = blocks_for(min(len(token_ids) + params.max_tokens, self.max_model_len), size)
         shared = len(token_ids) // size  # full prompt blocks, shared by the samples
