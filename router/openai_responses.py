@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from kvserve.router.errors import OpenAIError
 from kvserve.router.openai_schema import ChatCompletionRequest, refusal
@@ -72,7 +72,17 @@ class ReasoningItem(_Strict):
     status: str | None = None
 
 
-InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem
+def _item_type(item: Any) -> str:
+    """An input item's kind: its `type`, "message" when it has none (a bare role and content)."""
+    return (item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")) or "message"
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[ReasoningItem, Tag("reasoning")],
+    Discriminator(_item_type, custom_error_type="input_item_type", custom_error_message=(
+        "an input item's type must be 'message', 'function_call', 'function_call_output' or 'reasoning'")),
+]
 
 
 class FunctionTool(_Strict):
@@ -109,7 +119,7 @@ class TextConfig(_Strict):
 
 class ResponsesRequest(_Strict):
     model: str | None = None
-    input: str | Annotated[list[InputItem], Field(min_length=1)]
+    input: Annotated[list[InputItem], Field(min_length=1)]  # a text: one user message
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -125,6 +135,11 @@ class ResponsesRequest(_Strict):
     user: str | None = None
     truncation: Literal["disabled"] = "disabled"
     seed: int | None = None  # as in chat completions (not OpenAI's: its Responses API has none)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_is_a_user_message(cls, value: Any) -> Any:
+        return [{"role": "user", "content": value}] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _stateless(self):
@@ -154,8 +169,6 @@ class ResponsesRequest(_Strict):
 
     def _messages(self) -> list[dict]:
         messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
-        if isinstance(self.input, str):
-            return messages + [{"role": "user", "content": self.input}]
         for item in self.input:
             if isinstance(item, MessageItem):
                 messages.append({"role": item.role, "content": item.text()})

@@ -223,7 +223,8 @@ def test_responses_structured_output_and_refusals(server, client, model_name):
     assert isinstance(parsed.output_parsed, Order)
     for body, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
                         ({"reasoning": {"effort": "low"}}, "reasoning"), ({"max_output_tokens": 0}, "max_output_tokens"),
-                        ({"input": []}, "input")):
+                        ({"input": []}, "input"), ({"input": [{"type": "input_image"}]}, "input[0]"),
+                        ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].function_call.call_id")):
         reply = httpx.post(f"{server}/v1/responses", json={"input": "hi", **body})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
 
