@@ -355,13 +355,15 @@ def test_logit_bias_with_the_official_client(server, client, model_name, tiny_ch
 
 def test_allowed_token_ids_with_the_official_client(server, client, model_name):
     allowed = [101, 202, 303]
+    named = {f"token_id:{t}" for t in allowed}  # by id: a token may be part of a character, with no text alone
+    extra = {"allowed_token_ids": allowed, "ignore_eos": True, "return_tokens_as_token_ids": True}
     reply = client.completions.create(model=model_name, prompt="Pick one:", max_tokens=6, temperature=1.0,
-                                      logprobs=0, extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+                                      logprobs=0, extra_body=extra)
     tokens = reply.choices[0].logprobs.tokens
-    assert len(tokens) == 6 and set(tokens) <= {client_token(server, t) for t in allowed}
+    assert len(tokens) == 6 and set(tokens) <= named
     chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=3, extra_body={"allowed_token_ids": allowed})
-    assert chat.choices[0].message.content
+                                          max_tokens=3, logprobs=True, extra_body=extra)
+    assert {e.token for e in chat.choices[0].logprobs.content} <= named
     for extra, said in (({"allowed_token_ids": []}, "must not be empty"), ({"allowed_token_ids": [3, 99999]}, "outside"),
                         ({"allowed_token_ids": [3], "guided_regex": "a+"}, "structured output")):
         reply = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra})
@@ -378,11 +380,6 @@ def test_bad_words_with_the_official_client(server, client, model_name):
     assert banned.text != plain.text
     reply = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "bad_words": ["a"], "allowed_token_ids": [3]})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "bad_words", reply.text
-
-
-def client_token(server: str, token_id: int) -> str:
-    """The text of one token, as the server's logprobs show it."""
-    return httpx.post(f"{server}/detokenize", json={"tokens": [token_id]}).json()["prompt"]
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client, model_name):
