@@ -116,3 +116,30 @@ def test_no_token_is_computed_past_max_tokens(tiny_checkpoints):
 def test_async_on_needs_the_model_in_process():
     with pytest.raises(ValueError, match="async_scheduling"):
         EngineConfig(model="m", tp_size=2, async_scheduling="on")
+
+
+def test_prompts_scored_with_steps_overlapped_get_the_same_logprobs(tiny_checkpoints):
+    """Prompt logprobs come with the launched step's result, chunk by chunk, read a step later."""
+    model = str(tiny_checkpoints["llama"])
+    options = dict(device="cpu", num_kv_blocks=128, max_model_len=256, max_num_batched_tokens=24)
+    reqs = [(p, params.model_copy(update={"prompt_logprobs": 2 if i % 2 else 0}))
+            for i, (p, params) in enumerate(requests(500, seed=3))]
+
+    def scored(llm: LLM) -> dict:
+        outputs = llm.generate([p for p, _ in reqs], [params for _, params in reqs])
+        return {i: [(e.token_id, e.rank, [t for t, _ in e.top], e.logprob) for e in out.prompt_logprobs[1:]]
+                for i, out in enumerate(outputs)}
+
+    overlapped = LLM(model, async_scheduling="on", **options)
+    launch, launched_scoring = overlapped.engine.runner.launch, []
+
+    def recording_launch(step, *args):
+        launched_scoring.append(bool(step.prompt_scored))
+        return launch(step, *args)
+
+    overlapped.engine.runner.launch = recording_launch
+    got, expected = scored(overlapped), scored(LLM(model, async_scheduling="off", **options))
+    assert sum(launched_scoring) > 3  # chunks scored on the overlapped path
+    for i, entries in expected.items():
+        assert [e[:3] for e in got[i]] == [e[:3] for e in entries]
+        assert [e[3] for e in got[i]] == pytest.approx([e[3] for e in entries], abs=1e-4)

@@ -213,7 +213,8 @@ def test_a_reasoning_models_thinking_is_a_reasoning_item_of_its_response(server)
     assert reply["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
     with server.stream("POST", "/v1/responses", json={**request, "stream": True}) as streamed:
         events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
-    assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == item["content"][0]["text"]
+    deltas = [e["delta"] for e in events if e["type"] == "response.reasoning_text.delta"]
+    assert "".join(deltas) == item["content"][0]["text"]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert events[-1]["type"] == "response.completed" and events[-1]["response"]["output"][0]["type"] == "reasoning"
 
@@ -246,7 +247,8 @@ SHARED = {
     "guided_choice": json_values, "guided_grammar": st.text(max_size=12) | json_values,
 }
 COMPLETION_FIELDS = {**SHARED, "prompt": st.text(max_size=20) | token_ids | st.lists(token_ids, max_size=2) | json_values,
-                     "logprobs": st.integers(-1, 22) | json_values, "echo": st.booleans() | json_values, "suffix": json_values}
+                     "logprobs": st.integers(-1, 22) | json_values, "echo": st.booleans() | json_values,
+                     "suffix": json_values}
 CHAT_FIELDS = {**SHARED, "messages": messages, "logprobs": json_values, "top_logprobs": st.integers(-1, 22),
                "max_completion_tokens": st.integers(-1, 4) | json_values,
                "add_generation_prompt": json_values, "tools": json_values,

@@ -138,7 +138,7 @@ def test_allowed_token_ids_equal_hf_prefix_allowed_tokens(tiny_checkpoints, hf_r
         config = GenerationConfig(do_sample=False, max_new_tokens=MAX_TOKENS, eos_token_id=None, **extra)
         for prompt, output in zip(prompts, llm.generate(prompts, params)):
             with torch.inference_mode():
-                expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones_like(torch.tensor([prompt])),
                                           generation_config=config, prefix_allowed_tokens_fn=lambda batch, ids: allowed)
             assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
             assert set(output.outputs[0].token_ids) <= set(allowed)
@@ -160,7 +160,7 @@ def test_bad_words_equal_hf_bad_words_ids(tiny_checkpoints, hf_refs):
     outputs = [output.outputs[0].token_ids for output in llm.generate(prompts, params)]
     for prompt, got in zip(prompts, outputs):
         with torch.inference_mode():
-            expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            expected = model.generate(torch.tensor([prompt]), attention_mask=torch.ones_like(torch.tensor([prompt])),
                                       generation_config=config)
         assert got == expected[0, len(prompt):].tolist()
     assert outputs != plain

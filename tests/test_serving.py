@@ -129,7 +129,8 @@ def test_logprobs_by_token_id_and_special_tokens(client, model_name, tiny_checkp
     prompt_tokens = lambda **extra: client.completions.create(  # noqa: E731
         model=model_name, prompt="Hello there", max_tokens=1, extra_body=extra).usage.prompt_tokens
     chat_tokens = lambda **extra: client.chat.completions.create(  # noqa: E731
-        model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=1, extra_body=extra).usage.prompt_tokens
+        model=model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+        extra_body=extra).usage.prompt_tokens
     assert prompt_tokens() == prompt_tokens(add_special_tokens=False) + 1
     assert chat_tokens(add_special_tokens=True) == chat_tokens() + 1
 
@@ -190,7 +191,8 @@ def test_responses_api_text_plain_and_streamed(client, model_name):
     assert "".join(deltas) == final.output_text == reply.output_text
     assert final.usage.output_tokens == reply.usage.output_tokens and final.status == reply.status
     items = client.responses.create(model=model_name, max_output_tokens=8, temperature=0, input=[
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "input_text", "text": "Hello"}]}])
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Hello"}]}])
     assert items.output_text == reply.output_text
 
 
@@ -222,7 +224,8 @@ def test_responses_structured_output_and_refusals(server, client, model_name):
                                     text_format=Order, max_output_tokens=200, temperature=1.0, extra_body={"seed": 2})
     assert isinstance(parsed.output_parsed, Order)
     for body, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
-                        ({"reasoning": {"effort": "low"}}, "reasoning"), ({"max_output_tokens": 0}, "max_output_tokens"),
+                        ({"reasoning": {"effort": "low"}}, "reasoning"),
+                        ({"max_output_tokens": 0}, "max_output_tokens"),
                         ({"input": []}, "input"), ({"input": [{"type": "input_image"}]}, "input[0]"),
                         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].function_call.call_id")):
         reply = httpx.post(f"{server}/v1/responses", json={"input": "hi", **body})

@@ -36,11 +36,13 @@ EMBEDDING_PARAMS = SamplingParams(max_tokens=1)
 
 @dataclass
 class _InFlight:
-    """A launched step: its samples, where each one's pending token sits, its device result."""
+    """A launched step: its samples, where each one's pending token sits, its device result,
+    and the prompts it scores with the position each chunk starts at."""
 
     samples: list[SampleRequest]
     indices: list[int]
     pending: PendingSample
+    scored: list[tuple[Sequence, int]]
 
 
 class LLMEngine:
@@ -324,9 +326,10 @@ class LLMEngine:
             tokens = earlier + self._launch(step)
             self._observe_step(batch, started)
             return tokens
+        scored_chunks = self._scored_chunks(step)
         sampled = self.runner.execute(step)
-        if scored:
-            self._take_prompt_logprobs([batch.seqs[i] for i in scored], sampled.prompt_logprobs)
+        if scored_chunks:
+            self._take_prompt_logprobs(scored_chunks, sampled.prompt_logprobs)
         self._advance(batch, samples)
         if pooled:
             self._take_pooled([batch.seqs[i] for i in pooled], sampled.pooled)
@@ -347,10 +350,10 @@ class LLMEngine:
 
     def _can_overlap(self) -> bool:
         """Whether the next step may be planned before this one's tokens are read: not while a
-        request's sampling reads its tokens so far (penalties, bad words), its grammar needs the
-        last one, or its prompt is scored."""
+        request's sampling reads its tokens so far (penalties, bad words) or its grammar needs
+        the last one."""
         return (self._requests_reading_tokens == 0 and self.guided.num_requests == 0 and self._pooling_requests == 0
-                and self._requests_speculating == 0 and self._scoring_requests == 0)
+                and self._requests_speculating == 0)
 
     @staticmethod
     def _prompts_scored(batch: ScheduledBatch) -> list[int]:
@@ -360,12 +363,17 @@ class LLMEngine:
                 if seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens - 1]
 
     @staticmethod
-    def _take_prompt_logprobs(seqs: list[Sequence], chunks: list[list[TokenLogprobs]]) -> None:
-        """Put each chunk's scores in place (before the step's tokens count as computed): a
+    def _scored_chunks(step: StepRequest) -> list[tuple[Sequence, int]]:
+        """The prompts the step scores, each with the position its chunk starts at."""
+        return [(step.batch.seqs[i], step.batch.seqs[i].num_computed_tokens) for i in step.prompt_scored]
+
+    @staticmethod
+    def _take_prompt_logprobs(scored: list[tuple[Sequence, int]], chunks: list[list[TokenLogprobs]]) -> None:
+        """Put each chunk's scores in place (position `start` predicts token `start` + 1): a
         prompt computed again after a preemption overwrites its own."""
-        for seq, chunk in zip(seqs, chunks):
-            start = seq.num_computed_tokens + 1
-            seq.prompt_logprobs[start : start + len(chunk)] = chunk
+        for (seq, start), chunk in zip(scored, chunks):
+            if seq.prompt_logprobs is not None:
+                seq.prompt_logprobs[start + 1 : start + 1 + len(chunk)] = chunk
 
     def _take_pooled(self, seqs: list[Sequence], rows) -> None:
         """Pool each embedding prompt's chunk of this step; those whose prompt is done end here."""
@@ -382,6 +390,7 @@ class LLMEngine:
         previous = self._in_flight
         pending = self.runner.launch(step, previous.pending if previous else None)
         batch, samples = step.batch, step.samples
+        scored = self._scored_chunks(step)
         self._advance(batch, samples)
         for row, request in enumerate(samples):
             seq = request.seq
@@ -389,7 +398,7 @@ class LLMEngine:
             seq.num_pending += 1
             seq.sample_row = row
             seq.last_token_pending = len(seq.token_ids) >= seq.max_num_tokens
-        self._in_flight = _InFlight(samples, [len(s.seq.token_ids) - 1 for s in samples], pending)
+        self._in_flight = _InFlight(samples, [len(s.seq.token_ids) - 1 for s in samples], pending, scored)
         return self._read(previous) if previous else []
 
     def _take_in_flight(self) -> list[NewToken]:
@@ -402,6 +411,8 @@ class LLMEngine:
         sampled = in_flight.pending.result()
         if self.clock is not None:
             self.clock.lap("forward")
+        if in_flight.scored:
+            self._take_prompt_logprobs(in_flight.scored, sampled.prompt_logprobs)
         tokens = []
         for request, index, token, logprob, top in zip(in_flight.samples, in_flight.indices, sampled.token_ids,
                                                        sampled.logprobs, sampled.top_logprobs):

@@ -23,7 +23,8 @@ import torch
 from kvserve.workers.engine.executor import SampleRequest
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.runner.sampler import (
-    SampledTokens, allowed_token_masks, draw_weights, logit_bias_entries, seed_streams, seeded_uniforms, unseeded_uniforms,
+    SampledTokens, allowed_token_masks, draw_weights, logit_bias_entries, seed_streams, seeded_uniforms,
+    unseeded_uniforms,
 )
 
 
@@ -116,11 +117,11 @@ def _put_tokens(sampled: SampledTokens, logits: torch.Tensor, rows: list[int], f
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Each row's distribution after its allowed_token_ids, logit_bias, temperature, top-k, top-p and min-p, as
-    the sampler draws from it: top-k keeps ties with its k-th token; top-p keeps a token while
-    the mass of the tokens strictly more likely than it is below top_p, that mass over what
-    top-k kept (the whole row without top-k); min-p keeps p >= min_p * p_max. Rows are not
-    greedy."""
+    """Each row's distribution after its allowed_token_ids, logit_bias, temperature, top-k,
+    top-p and min-p, as the sampler draws from it: top-k keeps ties with its k-th token; top-p
+    keeps a token while the mass of the tokens strictly more likely than it is below top_p,
+    that mass over what top-k kept (the whole row without top-k); min-p keeps p >= min_p *
+    p_max. Rows are not greedy."""
     vocab = logits.shape[1]
     column = lambda values: torch.tensor(values, dtype=logits.dtype, device=logits.device)[:, None]  # noqa: E731
     if any(p.logit_bias or p.allowed_token_ids is not None for p in params):

@@ -2,9 +2,8 @@
 
 Order of work, per row: tokens outside `allowed_token_ids` are masked, the last token of each
 bad word whose other tokens end the output, and stop tokens until `min_tokens`; `logit_bias`
-is added;
-repetition, frequency and presence penalties; then greedy rows take the argmax, and the others
-go through temperature, top-k, top-p and min-p before a draw. Each of these stages is a fixed number of tensor
+is added; repetition, frequency and presence penalties; then greedy rows take the argmax, and
+the others go through temperature, top-k, top-p and min-p before a draw. Each of these stages is a fixed number of tensor
 operations over all the rows that draw, whatever the batch: a row that does not use a stage
 gets the value that leaves it unchanged, and a stage that no row uses is skipped. Logprobs are
 those of the raw logits, as vLLM reports by default. The sampler keeps the plan of a batch of
