@@ -23,11 +23,17 @@ from kvserve.router.openai_schema import (
     RerankRequest, ScoreRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
 )
 from kvserve.router.openai_responses import ResponseBuilder, ResponsesRequest
+from kvserve.router.response_store import get_or_create_store
 from kvserve.router.responses import cosine, embeddings_body, rerank_body, score_body
 from kvserve.router.served_model import IngressSettings, LoRAChoice, ServedModel
 from kvserve.workers.protocol import EmbeddingOutput, SamplingParams
 
 REPLICA_HEADER = "x-kvserve-replica"
+
+
+def _not_stored(response_id: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(404, f"no response {response_id!r} is stored: it was made with store false, deleted, or "
+                            "is older than the store keeps", "invalid_request_error", param, "not_found")
 
 
 @serve.ingress(app)
@@ -46,6 +52,7 @@ class Ingress:
         else:
             served = [ServedModel.in_own_app(settings, self.app_name) for settings in models]
         self.models = {model.name: model for model in served}
+        self.response_store = None  # the Responses API's, once a request needs it
 
     async def _model(self, name: str | None) -> tuple[ServedModel, LoRAChoice | None]:
         """The model a request names, and the LoRA adapter when the name is one of its adapters;
@@ -182,12 +189,49 @@ class Ingress:
 
     @app.post("/v1/responses")
     async def responses(self, body: ResponsesRequest) -> Response:
-        """OpenAI's Responses API, run as the chat completion it amounts to."""
-        model, run, headers = await self._chat(body.chat_request())
+        """OpenAI's Responses API, run as the chat completion it amounts to (after the stored
+        conversation of `previous_response_id`), kept in the store unless `store` is false."""
+        history = []
+        if body.previous_response_id is not None:
+            history = await self._stored("conversation", body.previous_response_id, "previous_response_id")
+        model, run, headers = await self._chat(body.chat_request(history))
         builder = ResponseBuilder(body, run.model_name, model.token_count)
+
+        async def keep(response: dict) -> None:
+            store = await self._response_store()
+            await store.put.remote(response, body.conversation(history, response["output"]))
+
         if body.stream:
-            return StreamingResponse(builder.events(run.chunks()), media_type="text/event-stream", headers=headers)
-        return JSONResponse(builder.from_chat(await run.collect()), headers=headers)
+            return StreamingResponse(builder.events(run.chunks(), keep if body.store else None),
+                                     media_type="text/event-stream", headers=headers)
+        response = builder.from_chat(await run.collect())
+        if body.store:
+            await keep(response)
+        return JSONResponse(response, headers=headers)
+
+    @app.get("/v1/responses/{response_id}")
+    async def stored_response(self, response_id: str) -> dict:
+        return await self._stored("response", response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(self, response_id: str) -> dict:
+        store = await self._response_store()
+        if not await store.delete.remote(response_id):
+            raise _not_stored(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    async def _stored(self, what: str, response_id: str, param: str | None = None):
+        """The stored response `response_id`'s `what` ("response" or "conversation")."""
+        store = await self._response_store()
+        kept = await getattr(store, what).remote(response_id)
+        if kept is None:
+            raise _not_stored(response_id, param)
+        return kept
+
+    async def _response_store(self):
+        if self.response_store is None:
+            self.response_store = await get_or_create_store(self.app_name)
+        return self.response_store
 
     async def _chat(self, body: ChatCompletionRequest) -> tuple[ServedModel, Generation, dict[str, str]]:
         model, lora = await self._model(body.model)

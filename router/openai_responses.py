@@ -8,20 +8,21 @@ object whose output holds a reasoning item (with a reasoning parser), a message 
 function calls; a chat stream becomes the Responses stream events, each item opened, filled
 by deltas and closed in turn.
 
-The server keeps no responses: `previous_response_id` is refused (send the conversation in
-`input`), and `store` changes nothing.
+A stored response (`store`, the default; `response_store.py`) keeps its conversation: a request
+with `previous_response_id` runs on it, its own input after it (the earlier requests'
+`instructions` are not carried over, as OpenAI's are not).
 """
 
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator
 
 from kvserve.router.errors import OpenAIError
-from kvserve.router.openai_schema import ChatCompletionRequest, refusal
+from kvserve.router.openai_schema import ChatCompletionRequest
 
 
 class _Strict(BaseModel):
@@ -85,6 +86,9 @@ InputItem = Annotated[
 ]
 
 
+_ITEMS = TypeAdapter(list[InputItem])
+
+
 class FunctionTool(_Strict):
     type: Literal["function"]
     name: str
@@ -141,16 +145,11 @@ class ResponsesRequest(_Strict):
     def _text_is_a_user_message(cls, value: Any) -> Any:
         return [{"role": "user", "content": value}] if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _stateless(self):
-        if self.previous_response_id is not None:
-            raise refusal("previous_response_id", "this server keeps no responses: send the whole conversation "
-                                                  "in input instead of previous_response_id")
-        return self
-
-    def chat_request(self) -> ChatCompletionRequest:
-        """The same request on the chat completions path."""
-        fields: dict[str, Any] = {"messages": self._messages(), "stream": self.stream,
+    def chat_request(self, history: list[dict] = ()) -> ChatCompletionRequest:
+        """The same request on the chat completions path, after the conversation `history`
+        (the items of a stored response's, `conversation`)."""
+        items = _ITEMS.validate_python(list(history)) + self.input
+        fields: dict[str, Any] = {"messages": self._messages(items), "stream": self.stream,
                                   "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature,
                                   "top_p": self.top_p, "parallel_tool_calls": self.parallel_tool_calls,
                                   "user": self.user, "model": self.model, "seed": self.seed}
@@ -167,9 +166,13 @@ class ResponsesRequest(_Strict):
             fields["response_format"] = self.text.format.response_format()
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
 
-    def _messages(self) -> list[dict]:
+    def conversation(self, history: list[dict], output: list[dict]) -> list[dict]:
+        """The items of the conversation so far: `history`, this request's input, its `output`."""
+        return [*history, *(item.model_dump(by_alias=True, exclude_none=True) for item in self.input), *output]
+
+    def _messages(self, items: list[InputItem]) -> list[dict]:
         messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
-        for item in self.input:
+        for item in items:
             if isinstance(item, MessageItem):
                 messages.append({"role": item.role, "content": item.text()})
             elif isinstance(item, FunctionCallItem):
@@ -196,7 +199,7 @@ class ResponsesRequest(_Strict):
             "parallel_tool_calls": self.parallel_tool_calls, "metadata": self.metadata or {},
             "text": {"format": self.text.format.model_dump(by_alias=True, exclude_none=True)
                      if self.text and self.text.format else {"type": "text"}},
-            "previous_response_id": None, "store": self.store, "truncation": self.truncation, "user": self.user,
+            "previous_response_id": self.previous_response_id, "store": self.store, "truncation": self.truncation, "user": self.user,
             "reasoning": None,
         }
 
@@ -252,8 +255,10 @@ class ResponseBuilder:
         usage = _usage(completion.get("usage"), reasoning, self.token_count)
         return self.response("completed", output, usage, choice["finish_reason"])
 
-    async def events(self, chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
-        """The Responses stream events of a chat stream, as server-sent events."""
+    async def events(self, chunks: AsyncIterator[dict],
+                     keep: Callable[[dict], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
+        """The Responses stream events of a chat stream, as server-sent events; `keep` gets
+        the completed response (to store it) before its last event goes out."""
         stream = _EventStream(self)
         yield stream.emit("response.created", response=self.response("in_progress", []))
         yield stream.emit("response.in_progress", response=self.response("in_progress", []))
@@ -270,8 +275,10 @@ class ResponseBuilder:
         for event in stream.finish():
             yield event
         usage = _usage(stream.usage, stream.reasoning, self.token_count)
-        yield stream.emit("response.completed",
-                          response=self.response("completed", stream.output, usage, stream.finish_reason))
+        response = self.response("completed", stream.output, usage, stream.finish_reason)
+        if keep is not None:
+            await keep(response)
+        yield stream.emit("response.completed", response=response)
 
 
 class _EventStream:

@@ -223,13 +223,40 @@ def test_responses_structured_output_and_refusals(server, client, model_name):
     parsed = client.responses.parse(model=model_name, input=[{"role": "user", "content": "One order, please."}],
                                     text_format=Order, max_output_tokens=200, temperature=1.0, extra_body={"seed": 2})
     assert isinstance(parsed.output_parsed, Order)
-    for body, param in (({"previous_response_id": "resp_1"}, "previous_response_id"),
-                        ({"reasoning": {"effort": "low"}}, "reasoning"),
+    for body, param in (({"reasoning": {"effort": "low"}}, "reasoning"),
                         ({"max_output_tokens": 0}, "max_output_tokens"),
                         ({"input": []}, "input"), ({"input": [{"type": "input_image"}]}, "input[0]"),
                         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].function_call.call_id")):
         reply = httpx.post(f"{server}/v1/responses", json={"input": "hi", **body})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stored_responses_continue_a_conversation(client, model_name, stream):
+    """A stored response is kept with its conversation: previous_response_id runs the next
+    input after it, as if the whole conversation had been sent; it can be fetched and deleted."""
+    args = dict(model=model_name, max_output_tokens=4, temperature=0)
+    if stream:
+        with client.responses.stream(input="Hello", **args) as events:
+            first = events.get_final_response()
+    else:
+        first = client.responses.create(input="Hello", **args)
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    follow = client.responses.create(previous_response_id=first.id, input="And then?", **args)
+    whole = client.responses.create(store=False, input=[
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "And then?"}], **args)
+    assert follow.previous_response_id == first.id
+    assert (follow.output_text, follow.usage.input_tokens) == (whole.output_text, whole.usage.input_tokens)
+    third = client.responses.create(previous_response_id=follow.id, input="Go on.", **args)
+    assert third.usage.input_tokens > follow.usage.input_tokens
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(whole.id)  # store: false
+    client.responses.delete(first.id)
+    for gone in (lambda: client.responses.retrieve(first.id),
+                 lambda: client.responses.create(previous_response_id=first.id, input="x", **args)):
+        with pytest.raises(openai.NotFoundError):
+            gone()
 
 
 def test_embeddings_with_the_official_client(client, model_name, offline):
