@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator
 
+from kvserve.router.chat_stream import Block, Change, ChatStreamReader, Grew, Opened, message_blocks
 from kvserve.router.errors import OpenAIError
 from kvserve.router.openai_schema import ChatCompletionRequest
 
@@ -242,139 +243,119 @@ class ResponseBuilder:
     def from_chat(self, completion: dict) -> dict:
         """The response to a whole chat completion (its one choice)."""
         [choice] = completion["choices"]
-        message = choice["message"]
-        output = []
-        reasoning = message.get("reasoning_content") or ""
-        if reasoning:
-            output.append(_reasoning_item(_new_id("rs"), reasoning, "completed"))
-        if message.get("content") or not (message.get("tool_calls") or reasoning):
-            output.append(_message_item(_new_id("msg"), message.get("content") or "", "completed"))
-        for call in message.get("tool_calls") or []:
-            output.append(_call_item(_new_id("fc"), call["id"], call["function"]["name"],
-                                     call["function"]["arguments"], "completed"))
-        usage = _usage(completion.get("usage"), reasoning, self.token_count)
+        blocks = message_blocks(choice["message"]) or [Block("text")]  # nothing at all: an empty message
+        output = [_item(block, "completed") for block in blocks]
+        usage = _usage(completion.get("usage"), _reasoning_text(blocks), self.token_count)
         return self.response("completed", output, usage, choice["finish_reason"])
 
     async def events(self, chunks: AsyncIterator[dict],
                      keep: Callable[[dict], Awaitable[None]] | None = None) -> AsyncIterator[bytes]:
         """The Responses stream events of a chat stream, as server-sent events; `keep` gets
         the completed response (to store it) before its last event goes out."""
-        stream = _EventStream(self)
+        stream = _EventStream()
         yield stream.emit("response.created", response=self.response("in_progress", []))
         yield stream.emit("response.in_progress", response=self.response("in_progress", []))
         try:
             async for chunk in chunks:
-                for event in stream.chunk(chunk):
+                for event in stream.events(stream.reader.read(chunk)):
                     yield event
         except OpenAIError as error:
-            for event in stream.close_item():
+            for event in stream.events(stream.reader.close()):
                 yield event
             failure = {"code": error.code or error.type, "message": error.message}
-            yield stream.emit("response.failed", response=self.response("failed", stream.output, error=failure))
+            yield stream.emit("response.failed", response=self.response("failed", stream.items, error=failure))
             return
         for event in stream.finish():
             yield event
-        usage = _usage(stream.usage, stream.reasoning, self.token_count)
-        response = self.response("completed", stream.output, usage, stream.finish_reason)
+        reader = stream.reader
+        usage = _usage(reader.usage, _reasoning_text(reader.blocks), self.token_count)
+        response = self.response("completed", stream.items, usage, reader.finish_reason)
         if keep is not None:
             await keep(response)
         yield stream.emit("response.completed", response=response)
 
 
 class _EventStream:
-    """The state of one streamed response: the output items so far, the one open now."""
+    """One streamed response's events: the chat stream's blocks as output items, one open at
+    a time (the last of `items`)."""
 
-    def __init__(self, builder: ResponseBuilder):
-        self.builder = builder
+    def __init__(self):
+        self.reader = ChatStreamReader()
         self.sequence = 0
-        self.output: list[dict] = []
-        self.open: dict | None = None  # the item being filled
-        self.open_call: int | None = None  # the chat tool call index of an open function call
-        self.reasoning = ""
-        self.usage: dict | None = None
-        self.finish_reason: str | None = None
+        self.items: list[dict] = []
 
     def emit(self, kind: str, **fields) -> bytes:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
         return f"event: {kind}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
-    def chunk(self, chunk: dict) -> list[bytes]:
+    def events(self, changes: list[Change]) -> list[bytes]:
         events = []
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        for choice in chunk["choices"]:
-            delta = choice["delta"]
-            if delta.get("reasoning_content"):
-                events += self._text("reasoning", delta["reasoning_content"])
-            if delta.get("content"):
-                events += self._text("message", delta["content"])
-            for call in delta.get("tool_calls") or []:
-                events += self._call(call)
-            if choice["finish_reason"] is not None:
-                self.finish_reason = choice["finish_reason"]
-        return events
-
-    def _text(self, kind: str, piece: str) -> list[bytes]:
-        events = [] if self.open is not None and self.open["type"] == kind else self._start(kind)
-        item, where = self.open, {"item_id": self.open["id"], "output_index": len(self.output) - 1, "content_index": 0}
-        item["content"][0]["text"] += piece
-        if kind == "reasoning":
-            self.reasoning += piece
-            return events + [self.emit("response.reasoning_text.delta", **where, delta=piece)]
-        return events + [self.emit("response.output_text.delta", **where, delta=piece, logprobs=[])]
-
-    def _start(self, kind: str) -> list[bytes]:
-        """Close the open item and open a reasoning item or a message, its one part empty."""
-        events = self.close_item()
-        make = _reasoning_item if kind == "reasoning" else _message_item
-        item = self.open = make(_new_id("rs" if kind == "reasoning" else "msg"), "", "in_progress")
-        self.output.append(item)
-        index = len(self.output) - 1
-        events.append(self.emit("response.output_item.added", output_index=index, item={**item, "content": []}))
-        events.append(self.emit("response.content_part.added", item_id=item["id"], output_index=index,
-                                content_index=0, part=item["content"][0]))
+        for change in changes:
+            if isinstance(change, Opened):
+                events += self._opened(change.block)
+            elif isinstance(change, Grew):
+                events += self._grew(change.piece)
+            else:
+                events += self._closed()
         return events
 
     def finish(self) -> list[bytes]:
-        """The events that close the output: the open item, or an empty message if there was none."""
-        return self.close_item() if self.output else self._start("message") + self.close_item()
+        """Close the open item, or send an empty message if the stream had no output at all."""
+        if self.items:
+            return self.events(self.reader.close())
+        return self._opened(Block("text")) + self._closed()
 
-    def _call(self, call: dict) -> list[bytes]:
-        events = []
-        if call.get("id") is not None and call["index"] != self.open_call:
-            events += self.close_item()
-            item = _call_item(_new_id("fc"), call["id"], call["function"]["name"], "", "in_progress")
-            self.output.append(item)
-            self.open, self.open_call = item, call["index"]
-            events.append(self.emit("response.output_item.added", output_index=len(self.output) - 1, item=dict(item)))
-        piece = call["function"].get("arguments") or ""
-        if piece and self.open is not None and self.open["type"] == "function_call":
-            self.open["arguments"] += piece
-            events.append(self.emit("response.function_call_arguments.delta", item_id=self.open["id"],
-                                    output_index=len(self.output) - 1, delta=piece))
-        return events
+    def _where(self) -> dict:
+        return {"item_id": self.items[-1]["id"], "output_index": len(self.items) - 1}
 
-    def close_item(self) -> list[bytes]:
-        """The events that finish the open item, if any."""
-        item, self.open, self.open_call = self.open, None, None
-        if item is None:
-            return []
-        index, events = len(self.output) - 1, []
+    def _opened(self, block: Block) -> list[bytes]:
+        item = _item(block, "in_progress", text="")  # its text comes in the deltas that follow
+        self.items.append(item)
+        if item["type"] == "function_call":
+            return [self.emit("response.output_item.added", output_index=len(self.items) - 1, item=item)]
+        return [self.emit("response.output_item.added", output_index=len(self.items) - 1, item={**item, "content": []}),
+                self.emit("response.content_part.added", **self._where(), content_index=0, part=item["content"][0])]
+
+    def _grew(self, piece: str) -> list[bytes]:
+        item = self.items[-1]
+        if item["type"] == "function_call":
+            item["arguments"] += piece
+            return [self.emit("response.function_call_arguments.delta", **self._where(), delta=piece)]
+        item["content"][0]["text"] += piece
+        if item["type"] == "reasoning":
+            return [self.emit("response.reasoning_text.delta", **self._where(), content_index=0, delta=piece)]
+        return [self.emit("response.output_text.delta", **self._where(), content_index=0, delta=piece, logprobs=[])]
+
+    def _closed(self) -> list[bytes]:
+        item, where, events = self.items[-1], self._where(), []
         item["status"] = "completed"
         if item["type"] == "function_call":
-            events.append(self.emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                                    arguments=item["arguments"]))
+            events.append(self.emit("response.function_call_arguments.done", **where, arguments=item["arguments"]))
         else:
             part = item["content"][0]
-            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
             if item["type"] == "reasoning":
-                events.append(self.emit("response.reasoning_text.done", **where, text=part["text"]))
+                events.append(self.emit("response.reasoning_text.done", **where, content_index=0, text=part["text"]))
             else:
-                events.append(self.emit("response.output_text.done", **where, text=part["text"], logprobs=[]))
-            events.append(self.emit("response.content_part.done", **where, part=part))
-        events.append(self.emit("response.output_item.done", output_index=index, item=item))
+                events.append(self.emit("response.output_text.done", **where, content_index=0, text=part["text"],
+                                        logprobs=[]))
+            events.append(self.emit("response.content_part.done", **where, content_index=0, part=part))
+        events.append(self.emit("response.output_item.done", output_index=where["output_index"], item=item))
         return events
+
+
+def _reasoning_text(blocks: list[Block]) -> str:
+    return "".join(block.text for block in blocks if block.kind == "reasoning")
+
+
+def _item(block: Block, status: str, text: str | None = None) -> dict:
+    """The output item of a block, with its text (or `text`)."""
+    text = block.text if text is None else text
+    if block.kind == "reasoning":
+        return _reasoning_item(_new_id("rs"), text, status)
+    if block.kind == "text":
+        return _message_item(_new_id("msg"), text, status)
+    return _call_item(_new_id("fc"), block.call_id, block.name, text, status)
 
 
 def _message_item(item_id: str, text: str, status: str) -> dict:
