@@ -117,6 +117,7 @@ class Generation:
             choice.token_ids += sample.token_ids
             choice.logprobs += sample.logprobs or []
             choice.finish_reason = openai_finish_reason(sample.finish_reason)
+            choice.stop_reason = sample.stop_reason
             new_tokens += len(sample.token_ids)
             touched.append((choice, sample))
         if new_tokens:
@@ -143,10 +144,11 @@ class Generation:
         if self.chat:
             logprobs = chat_logprobs(choice.logprobs, self.token_text) if self.body.logprobs else None
             message, reason = _chat_message(choice)
-            return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason}
+            return {"index": choice.index, "message": message, "logprobs": logprobs, "finish_reason": reason,
+                    "stop_reason": choice.stop_reason}
         final = {"index": choice.index, "text": self._echoed(choice, choice.text),
                  "logprobs": self._completion_logprobs(choice, choice.logprobs, 0, with_prompt=True),
-                 "finish_reason": choice.finish_reason}
+                 "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
         return self._with_prompt_logprobs(choice, final)
 
     def _prompt_of(self, choice: ChoiceState) -> int:
@@ -218,12 +220,14 @@ class Generation:
         if self.chat:
             logprobs = chat_logprobs(sample.logprobs or [], self.token_text) if self.body.logprobs else None
             delta, reason = _chat_delta(choice, sample)
-            return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            return {"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
+                    "stop_reason": sample.stop_reason}
         first, choice.streamed = not choice.streamed, True
         logprobs = self._completion_logprobs(choice, sample.logprobs or [], len(choice.text) - len(sample.text),
                                              with_prompt=first)
         part = {"index": choice.index, "text": self._echoed(choice, sample.text) if first else sample.text,
-                "logprobs": logprobs, "finish_reason": openai_finish_reason(sample.finish_reason)}
+                "logprobs": logprobs, "finish_reason": openai_finish_reason(sample.finish_reason),
+                "stop_reason": sample.stop_reason}
         return self._with_prompt_logprobs(choice, part) if first else part
 
 

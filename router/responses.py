@@ -22,6 +22,7 @@ class ChoiceState:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token that ended it
     tool_calls: ToolCallReader | NamedCallReader | None = None
     reasoning: ReasoningSplitter | None = None  # tells its thinking from its answer, for a reasoning model
     streamed: bool = False  # whether a chunk of it has been sent

@@ -41,7 +41,7 @@ def messages() -> list:
     sampling = SamplingParams(n=2, temperature=0.5, top_k=5, max_tokens=9, stop=["\n"], seed=3, logprobs=1)
     sample = SampleDelta(index=1, text="hi", token_ids=[5, 6],
                          logprobs=[TokenLogprobs(5, -0.5, [(5, -0.5)]), TokenLogprobs(6, -1.0, [(7, -0.2)])],
-                         finish_reason="length")
+                         finish_reason="stop", stop_reason="\n")
     return [
         GenerateRequest(request_id="cmpl-1-0", prompt_token_ids=list(range(13)), sampling=sampling,
                         prompt="text", block_hashes=CHAIN, hash_check=hash_check_value(BLOCK),

@@ -108,6 +108,7 @@ def test_n_logprobs_stop_and_seed(client, model_name):
     cut = client.completions.create(model=model_name, prompt="Story:", max_tokens=30, temperature=0, stop=[stop],
                                     extra_body={"ignore_eos": True}).choices[0]
     assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
+    assert cut.model_extra["stop_reason"] == stop  # vLLM's: the stop string that ended it
     chat = client.chat.completions.create(model=model_name, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=4, logprobs=True, top_logprobs=3, temperature=0)
     assert all(len(t.top_logprobs) == 3 for t in chat.choices[0].logprobs.content)

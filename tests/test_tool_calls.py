@@ -295,7 +295,8 @@ def test_thinking_is_told_apart_from_the_answer_and_its_calls(tokenizer, parser,
                                "finish_reason": None}]))
     pieces = [text[i:i + piece_size] for i in range(0, len(text), piece_size)]
     for i, piece in enumerate(pieces):
-        delta, reason = _chat_delta(stream, SampleDelta(0, piece, [], None, "stop" if i == len(pieces) - 1 else None))
+        delta, reason = _chat_delta(stream, SampleDelta(0, piece, [], None, "stop" if i == len(pieces) - 1 else None,
+                                                     None))
         reasoning += delta.pop("reasoning_content", "")
         state.handle_chunk(chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]))
     streamed = state.get_final_completion().choices[0]

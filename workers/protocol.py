@@ -83,6 +83,7 @@ class SampleDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprobs] | None  # one per new token, when the request asked
     finish_reason: str | None
+    stop_reason: str | int | None  # the stop string or stop token that ended it
 
 
 @dataclass(frozen=True)

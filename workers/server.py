@@ -68,6 +68,7 @@ def output_delta(output: RequestOutput, replica: str) -> OutputDelta:
                 token_ids=o.delta_token_ids,
                 logprobs=o.logprobs or None,
                 finish_reason=o.finish_reason,
+                stop_reason=o.stop_reason,
             )
             for o in output.outputs
             if o.delta_token_ids or o.finish_reason
