@@ -86,10 +86,11 @@ app.add_middleware(_BodySizeLimit)
 
 @dataclass(frozen=True)
 class ApiKeyGate:
-    """Which paths need the API key, and whether a request's `authorization` header holds it:
-    compared in constant time on the raw header bytes."""
+    """Which paths need the API key, and whether a request's headers hold it: `authorization:
+    Bearer <key>` (OpenAI's clients) or `x-api-key: <key>` (Anthropic's), compared in constant
+    time on the raw header bytes."""
 
-    authorization: bytes  # b"Bearer <key>"
+    key: bytes
     metrics_too: bool
 
     def protects(self, path: str) -> bool:
@@ -99,8 +100,9 @@ class ApiKeyGate:
         return (path.startswith(("/v1/", "/v2/")) or path in ("/tokenize", "/detokenize", "/score", "/rerank")
                 or (self.metrics_too and path == "/metrics"))
 
-    def admits(self, header: bytes) -> bool:
-        return hmac.compare_digest(header, self.authorization)
+    def admits(self, headers: dict[bytes, bytes]) -> bool:
+        bearer = hmac.compare_digest(headers.get(b"authorization", b""), b"Bearer " + self.key)
+        return hmac.compare_digest(headers.get(b"x-api-key", b""), self.key) or bearer
 
 
 class _ApiKeyCheck:
@@ -112,7 +114,7 @@ class _ApiKeyCheck:
     async def __call__(self, scope, receive, send):
         gate = getattr(scope["app"].state, "api_key_gate", None) if "app" in scope else None
         if scope["type"] == "http" and gate is not None and gate.protects(scope["path"]):
-            if not gate.admits(dict(scope["headers"]).get(b"authorization", b"")):
+            if not gate.admits(dict(scope["headers"])):
                 error = OpenAIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
                                     "authentication_error", code="invalid_api_key")
                 return await error.response()(scope, receive, send)

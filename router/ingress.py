@@ -22,6 +22,7 @@ from kvserve.router.openai_schema import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoRAAdapterRequest,
     RerankRequest, ScoreRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
 )
+from kvserve.router.anthropic_messages import MessageBuilder, MessagesRequest
 from kvserve.router.openai_responses import ResponseBuilder, ResponsesRequest
 from kvserve.router.response_store import get_or_create_store
 from kvserve.router.responses import cosine, embeddings_body, rerank_body, score_body
@@ -44,7 +45,7 @@ class Ingress:
         front_door = models[0]  # its settings come from the cluster's serving, the same for every model
         app.state.max_request_bytes = front_door.max_request_bytes
         if front_door.api_key is not None:
-            app.state.api_key_gate = ApiKeyGate(f"Bearer {front_door.api_key}".encode(),
+            app.state.api_key_gate = ApiKeyGate(front_door.api_key.encode(),
                                                 front_door.metrics_need_api_key)
         self.app_name = serve.get_replica_context().app_name
         if llm is not None:
@@ -208,6 +209,15 @@ class Ingress:
         if body.store:
             await keep(response)
         return JSONResponse(response, headers=headers)
+
+    @app.post("/v1/messages")
+    async def messages(self, body: MessagesRequest) -> Response:
+        """Anthropic's Messages API, run as the chat completion it amounts to."""
+        _, run, headers = await self._chat(body.chat_request())
+        builder = MessageBuilder(run.model_name, run.usage.to_dict())
+        if body.stream:
+            return StreamingResponse(builder.events(run.chunks()), media_type="text/event-stream", headers=headers)
+        return JSONResponse(builder.from_chat(await run.collect()), headers=headers)
 
     @app.get("/v1/responses/{response_id}")
     async def stored_response(self, response_id: str) -> dict:

@@ -264,6 +264,14 @@ RESPONSES_FIELDS = {
 }
 
 
+MESSAGES_FIELDS = {
+    "model": json_values, "messages": messages, "system": st.text(max_size=8) | json_values,
+    "stop_sequences": st.lists(st.text(max_size=3), max_size=2) | json_values, "stream": st.booleans() | json_values,
+    "temperature": st.floats() | json_values, "top_k": st.integers() | json_values, "tools": json_values,
+    "tool_choice": json_values, "metadata": json_values,
+}
+
+
 def bodies(fields: dict, length: str = "max_tokens"):
     """Random values for the known fields (any subset), random extra fields, and a `length`
     (the field that bounds the output) that is small when valid, so that accepted requests
@@ -277,7 +285,8 @@ def bodies(fields: dict, length: str = "max_tokens"):
                                                                  HealthCheck.too_slow])
 @given(route_and_body=st.sampled_from([C]).flatmap(lambda r: st.tuples(st.just(r), bodies(COMPLETION_FIELDS)))
        | st.tuples(st.just(CHAT), bodies(CHAT_FIELDS))
-       | st.tuples(st.just("/v1/responses"), bodies(RESPONSES_FIELDS, "max_output_tokens")))
+       | st.tuples(st.just("/v1/responses"), bodies(RESPONSES_FIELDS, "max_output_tokens"))
+       | st.tuples(st.just("/v1/messages"), bodies(MESSAGES_FIELDS)))
 def test_fuzzed_bodies_never_get_a_5xx(server, route_and_body):
     route, body = route_and_body
     payload = json.dumps(body, allow_nan=True).encode()

@@ -99,6 +99,13 @@ class TestIngress:
         reply = httpx.request(method, f"{base}{route}", json=body, headers=_bearer(KEY), timeout=60)
         assert reply.status_code == 200, reply.text
 
+    def test_anthropic_clients_send_the_key_as_x_api_key(self, server):
+        base, _ = server
+        body = {"model": "llama", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        for headers, status in (({"x-api-key": KEY}, 200), ({"x-api-key": "sk-wrong"}, 401), ({}, 401)):
+            reply = httpx.post(f"{base}/v1/messages", json=body, headers=headers, timeout=60)
+            assert reply.status_code == status, (headers, reply.text)
+
     def test_the_key_is_checked_before_the_body(self, server):
         base, _ = server
         reply = httpx.post(f"{base}/v1/completions", content=b"{not json", timeout=60,

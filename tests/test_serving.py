@@ -7,6 +7,7 @@ import re
 import time
 from typing import Annotated, Literal
 
+import anthropic
 import httpx
 import jsonschema
 import openai
@@ -38,6 +39,11 @@ def server(tiny_checkpoints, local_app):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    return anthropic.Anthropic(base_url=server, api_key="unused", max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -258,6 +264,55 @@ def test_stored_responses_continue_a_conversation(client, model_name, stream):
                  lambda: client.responses.create(previous_response_id=first.id, input="x", **args)):
         with pytest.raises(openai.NotFoundError):
             gone()
+
+
+def test_anthropic_messages_with_the_official_client(claude, client, model_name):
+    """Anthropic's Messages API is the chat completion it amounts to: plain, streamed through
+    the anthropic client's own accumulator, cut by a stop sequence."""
+    chat = client.chat.completions.create(model=model_name, max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    args = dict(model=model_name, max_tokens=8, system="Be brief.", messages=[{"role": "user", "content": "Hello"}],
+                extra_body={"temperature": 0})  # the client no longer sends sampling settings itself
+    reply = claude.messages.create(**args)
+    [block] = reply.content
+    assert block.text == chat.choices[0].message.content
+    assert reply.stop_reason == ("max_tokens" if chat.choices[0].finish_reason == "length" else "end_turn")
+    assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert reply.usage.output_tokens == chat.usage.completion_tokens
+    with claude.messages.stream(**args) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == final.content[0].text == block.text and final.stop_reason == reply.stop_reason
+    assert final.usage.output_tokens == reply.usage.output_tokens
+    full = claude.messages.create(**{**args, "max_tokens": 30}).content[0].text
+    stop = full[4:7]
+    cut = claude.messages.create(**{**args, "max_tokens": 30}, stop_sequences=[stop])
+    assert (cut.content[0].text, cut.stop_reason, cut.stop_sequence) == (full[: full.index(stop)], "stop_sequence", stop)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_tool_use_and_results(claude, model_name, stream):
+    asked = [{"role": "user", "content": "Weather?"}]
+    args = dict(model=model_name, max_tokens=200, messages=asked, tool_choice={"type": "any"},
+                tools=[{"name": "forecast", "input_schema": WEATHER}], extra_body={"temperature": 0})
+    if stream:
+        with claude.messages.stream(**args) as events:
+            reply = events.get_final_message()
+    else:
+        reply = claude.messages.create(**args)
+    calls = [block for block in reply.content if block.type == "tool_use"]
+    assert calls and reply.stop_reason == "tool_use"
+    for call in calls:
+        assert call.name == "forecast"
+        jsonschema.validate(call.input, WEATHER)
+    answered = asked + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.input}
+                                          for c in calls]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": c.id, "content": "3 C"} for c in calls]}]
+    follow = claude.messages.create(model=model_name, max_tokens=4, messages=answered, tools=args["tools"])
+    assert follow.usage.input_tokens + follow.usage.cache_read_input_tokens > reply.usage.input_tokens
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model=model_name, max_tokens=4, messages=[{"role": "robot", "content": "x"}])
 
 
 def test_embeddings_with_the_official_client(client, model_name, offline):
