@@ -217,6 +217,9 @@ def test_a_reasoning_models_thinking_is_a_reasoning_item_of_its_response(server)
     assert "".join(deltas) == item["content"][0]["text"]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert events[-1]["type"] == "response.completed" and events[-1]["response"]["output"][0]["type"] == "reasoning"
+    name = server.get("/v1/models").json()["data"][0]["id"]
+    anthropic_reply = server.post("/v1/messages", json={"model": name, **body}).json()
+    assert anthropic_reply["content"] == [{"type": "thinking", "thinking": message["reasoning_content"], "signature": ""}]
 
 
 # -- fuzz ----------------------------------------------------------------------------------
