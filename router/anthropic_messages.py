@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from kvserve.router.chat_stream import Block, ChatStreamReader, Closed, Grew, Opened, message_blocks
+from kvserve.router.chat_stream import Block, ChatStreamReader, Closed, Grew, Opened, message_blocks, typed_event
 from kvserve.router.errors import OpenAIError
 from kvserve.router.openai_schema import ChatCompletionRequest
 
@@ -234,4 +234,4 @@ def _delta(block: Block, piece: str) -> dict:
 
 
 def _event(kind: str, **fields) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False)}\n\n".encode()
+    return typed_event({"type": kind, **fields})

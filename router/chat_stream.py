@@ -4,6 +4,7 @@ grow and close them one after another (`ChatStreamReader`). The Responses API an
 Messages API build their outputs, and their stream events, from these.
 """
 
+import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +39,11 @@ class Closed:
 
 
 Change = Opened | Grew | Closed
+
+
+def typed_event(event: dict) -> bytes:
+    """A server-sent event named by its body's `type`, as both APIs stream them."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
 def message_blocks(message: dict) -> list[Block]:

@@ -13,7 +13,6 @@ with `previous_response_id` runs on it, its own input after it (the earlier requ
 `instructions` are not carried over, as OpenAI's are not).
 """
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator
 
-from kvserve.router.chat_stream import Block, Change, ChatStreamReader, Grew, Opened, message_blocks
+from kvserve.router.chat_stream import Block, Change, ChatStreamReader, Grew, Opened, message_blocks, typed_event
 from kvserve.router.errors import OpenAIError
 from kvserve.router.openai_schema import ChatCompletionRequest
 
@@ -287,7 +286,7 @@ class _EventStream:
     def emit(self, kind: str, **fields) -> bytes:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+        return typed_event(event)
 
     def events(self, changes: list[Change]) -> list[bytes]:
         events = []

@@ -10,8 +10,7 @@ holds the latest `MAX_STORED_RESPONSES`; older ones are forgotten (a request nam
 
 from collections import OrderedDict
 
-import ray
-from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+from kvserve.workers.app_actors import app_actor
 
 STORE_NAME_PREFIX = "kvserve-responses"
 MAX_STORED_RESPONSES = 4096
@@ -43,14 +42,7 @@ class ResponseStore:
 
 
 async def get_or_create_store(app_name: str):
-    """The store of Serve application `app_name`; Serve kills it on `serve.shutdown()`. Outside
-    any replica's placement group, which would take it down with it."""
-    store = (
-        ray.remote(ResponseStore)
-        .options(name=f"{STORE_NAME_PREFIX}-{app_name}", namespace="kvserve", get_if_exists=True,
-                 lifetime="detached", num_cpus=0, scheduling_strategy="DEFAULT")
-        .remote()
-    )
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    await controller._register_shutdown_cleanup_actor.remote(store)
+    """The store of Serve application `app_name` (`app_actor`)."""
+    store, registered = app_actor(ResponseStore, f"{STORE_NAME_PREFIX}-{app_name}")
+    await registered
     return store

@@ -11,7 +11,8 @@ those of their `lora_modules` included.
 """
 
 import ray
-from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+from kvserve.workers.app_actors import app_actor
 
 REGISTRY_NAME_PREFIX = "kvserve-lora-registry"
 POLL_PERIOD_S = 2.0  # how often a replica looks for adapters unloaded since
@@ -56,15 +57,8 @@ class LoRARegistry:
 
 
 def get_or_create_registry(app_name: str, startup: dict[str, str]):
-    """The registry of the model served by Serve application `app_name`, following its
-    `lora_modules` (`startup`); Serve kills it on `serve.shutdown()`. Outside any replica's
-    placement group, which would take it down with it."""
-    registry = (
-        ray.remote(LoRARegistry)
-        .options(name=f"{REGISTRY_NAME_PREFIX}-{app_name}", namespace="kvserve", get_if_exists=True,
-                 lifetime="detached", num_cpus=0, scheduling_strategy="DEFAULT")
-        .remote()
-    )
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    ray.get([controller._register_shutdown_cleanup_actor.remote(registry), registry.follow_startup.remote(startup)])
+    """The registry of the model served by Serve application `app_name` (`app_actor`),
+    following its `lora_modules` (`startup`)."""
+    registry, registered = app_actor(LoRARegistry, f"{REGISTRY_NAME_PREFIX}-{app_name}")
+    ray.get([registered, registry.follow_startup.remote(startup)])
     return registry

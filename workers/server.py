@@ -17,7 +17,6 @@ from functools import partial
 
 import ray
 from ray import serve
-from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
 from kvserve.workers.engine.block_hash import hash_check_value
 from kvserve.workers.engine.config import EngineConfig
@@ -25,6 +24,7 @@ from kvserve.workers.engine.engine import LLMEngine
 from kvserve.workers.engine.output_processor import NewToken
 from kvserve.workers.engine.outputs import RequestOutput
 from kvserve.workers.kv_event_hub import KVEventHub, hub_name, hub_of
+from kvserve.workers.app_actors import app_actor
 from kvserve.workers.lora_registry import POLL_PERIOD_S, get_or_create_registry
 from kvserve.workers.models.lora_adapter import check_adapter
 from kvserve.workers.protocol import (
@@ -40,17 +40,9 @@ PUBLISH_PERIOD_S = 0.05  # the shortest time between two publishes while request
 
 
 def get_or_create_hub(app_name: str, hub_number: int = 0):
-    """The application's hub actor number `hub_number`; Serve kills it on `serve.shutdown()`.
-    It is kept out of the calling replica's placement group, which would take it down with
-    that replica."""
-    hub = (
-        ray.remote(KVEventHub)
-        .options(name=hub_name(app_name, hub_number), namespace="kvserve", get_if_exists=True,
-                 lifetime="detached", num_cpus=0, max_concurrency=1000, scheduling_strategy="DEFAULT")
-        .remote()
-    )
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    ray.get(controller._register_shutdown_cleanup_actor.remote(hub))
+    """The application's hub actor number `hub_number` (`app_actor`)."""
+    hub, registered = app_actor(KVEventHub, hub_name(app_name, hub_number), max_concurrency=1000)
+    ray.get(registered)
     return hub
 
 
