@@ -10,7 +10,8 @@ holds the latest `MAX_STORED_RESPONSES`; older ones are forgotten (a request nam
 
 from collections import OrderedDict
 
-from kvserve.workers.app_actors import app_actor
+import ray
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
 STORE_NAME_PREFIX = "kvserve-responses"
 MAX_STORED_RESPONSES = 4096
@@ -42,7 +43,15 @@ class ResponseStore:
 
 
 async def get_or_create_store(app_name: str):
-    """The store of Serve application `app_name` (`app_actor`)."""
-    store, registered = app_actor(ResponseStore, f"{STORE_NAME_PREFIX}-{app_name}")
-    await registered
+    """The store of Serve application `app_name`, started as `workers/app_actors.py` starts the
+    workers' (which the router may not import): named, detached, outside any placement group,
+    killed by Serve at shutdown."""
+    store = (
+        ray.remote(ResponseStore)
+        .options(name=f"{STORE_NAME_PREFIX}-{app_name}", namespace="kvserve", get_if_exists=True,
+                 lifetime="detached", num_cpus=0, scheduling_strategy="DEFAULT")
+        .remote()
+    )
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    await controller._register_shutdown_cleanup_actor.remote(store)
     return store
