@@ -124,6 +124,53 @@ def test_later_turns_resend_the_conversation():
     assert oracle_hit_rate(items, BlockChains(16), 16) > 0.5
 
 
+def _agent_steps(closed_loop: int, n=160, rate=8.0):
+    return agentic_tool_loop(n, rate, 0, agents=2, tools_tokens=512, task_tokens=64, tool_output_tokens=64, steps=6,
+                             interval_s=0.5, closed_loop=closed_loop)
+
+
+def _previous_turns(jobs):
+    by_reply = {job.item.reply: job for job in jobs}
+    return [(job, by_reply[job.item.after]) for job in jobs if job.item.after in by_reply]
+
+
+def test_open_loop_sessions_send_on_their_own_clock_even_before_the_answer_they_hold():
+    items = _agent_steps(closed_loop=0)
+    assert all(item.after is None for item in items)
+    jobs = _run("kv", items)
+    assert all(job.arrival_s == job.item.arrival_s for job in jobs)
+    by_reply = {job.item.reply: job for job in jobs}
+    answer_of_history = [by_reply.get(job.item.segments[-2][0]) for job in jobs]
+    early = [job for job, answer in zip(jobs, answer_of_history) if answer and answer.finish_s > job.arrival_s]
+    assert early  # what closed_loop is for: these requests hold answers not written yet
+
+
+def test_closed_loop_sessions_send_each_turn_its_gap_after_the_answer_it_holds():
+    items = _agent_steps(closed_loop=1)
+    jobs = _run("kv", items)
+    follows = _previous_turns(jobs)
+    assert len(follows) > len(jobs) // 2
+    for job, previous in follows:
+        assert job.item.segments[-2][0] == previous.item.reply
+        assert job.arrival_s == pytest.approx(previous.finish_s + job.item.after_s)
+        assert job.first_token_s > job.arrival_s
+    # a session's first request in the run (its history from before it) goes out as generated
+    assert all(job.arrival_s == job.item.arrival_s for job in jobs if job.item.after not in {j.item.reply for j in jobs})
+    summary = summarize(jobs, 2.0, None)
+    assert summary["served"] == len(items)
+    assert summary["ttft_p50_s"] < 0.5
+
+
+def test_closed_loop_turns_after_a_refused_answer_still_go_out():
+    items = _agent_steps(closed_loop=1, n=200, rate=200.0)
+    jobs = _run("pow2", items, replicas=1, max_ongoing_requests=2, max_queued_requests=4)
+    refused = [job for job in jobs if job.refused]
+    assert refused and len(jobs) == 200
+    assert all(job.refused or job.finish_s is not None for job in jobs)
+    followers_of_refused = [job for job, previous in _previous_turns(jobs) if previous.refused]
+    assert followers_of_refused
+
+
 def test_the_oracle_counts_each_prompts_longest_prefix_seen_before():
     """The docstring's definition, block by block, against the oracle's bisection."""
     items = agentic_tool_loop(150, 4.0, 0) + multi_turn_chat(150, 4.0, 1)

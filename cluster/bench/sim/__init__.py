@@ -116,7 +116,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                 for policy in args.policies:
                     start = time.perf_counter()
                     jobs = simulate(policy, items, step_time, config, chains)
-                    record = {"policy": policy, "workload": workload.name, "rate": round(rate, 6),
+                    record = {"policy": policy, "workload": workload.name, "workload_params": workload.params,
+                              "rate": round(rate, 6),
                               "replicas": replicas, "ingress": ingress, "oracle_hit_rate": oracle,
                               **summarize(jobs, args.slo_ttft_s, args.slo_tpot_s),
                               **_settings(args, config, step_time), "wall_s": time.perf_counter() - start}

@@ -39,6 +39,7 @@ class Job:
     item: WorkItem
     block_hashes: list[BlockHash]
     router: int
+    arrival_s: float  # the item's, or later: when the answer it follows arrived (`WorkItem.after`)
     replica: int = -1
     first_token_s: float | None = None
     finish_s: float | None = None

@@ -36,12 +36,12 @@ def summarize(jobs, slo_ttft_s: float, slo_tpot_s: float | None) -> dict:
     the time the last answers take to drain says nothing about the routing. And the routing
     decision's own wall time (its router's last ranking of each request), p50 and p99 in ms."""
     served = [j for j in jobs if j.finish_s is not None]
-    ttft = [j.first_token_s - j.item.arrival_s for j in served]
+    ttft = [j.first_token_s - j.arrival_s for j in served]
     tpot = [(j.finish_s - j.first_token_s) / (j.item.output_length - 1) for j in served if j.item.output_length > 1]
     prompt_tokens = sum(j.item.input_length for j in served)
-    start = min((j.item.arrival_s for j in jobs), default=0.0)
+    start = min((j.arrival_s for j in jobs), default=0.0)
     span = max((j.finish_s for j in served), default=start) - start
-    window = (max((j.item.arrival_s for j in jobs), default=start) - start) or span  # one arrival: its span
+    window = (max((j.arrival_s for j in jobs), default=start) - start) or span  # one arrival: its span
     decisions = [j.decision_s * 1e3 for j in jobs if j.decision_s is not None]
     good = sum(1 for j, t in zip(served, ttft) if t <= slo_ttft_s and (
         slo_tpot_s is None or j.item.output_length < 2

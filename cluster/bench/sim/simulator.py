@@ -94,33 +94,66 @@ class Cluster:
         self.steps: list[tuple[float, int]] = []  # (end, replica) of the steps in flight
         self.ingress_rng = random.Random(config.seed + 2)
         self.steps_done = 0
+        self.answering: dict[int, Job] = {}  # by `WorkItem.reply`: the jobs not ended yet
+        self.held: dict[int, Job] = {}  # by the `reply` they follow: jobs waiting for that answer
+        self.followers: list[tuple[float, int, Job]] = []  # (arrival, index, job) of the held, once their answer ended
 
     def run(self, items: list[WorkItem]) -> list[Job]:
         """Every request to its end (finished or refused); the jobs in arrival order."""
         jobs = []
         for index, item in enumerate(items):
-            while self.steps and self.steps[0][0] <= item.arrival_s:
-                self._end_step(*heapq.heappop(self.steps))
+            self._run_until(item.arrival_s)
             self.clock.now = item.arrival_s
-            job = Job(index, item, self.chains.chain(item.segments), self.ingress_rng.randrange(len(self.routers)))
+            job = Job(index, item, self.chains.chain(item.segments), self.ingress_rng.randrange(len(self.routers)),
+                      item.arrival_s)
             jobs.append(job)
-            self._arrive(job)
-        while self.steps:
-            self._end_step(*heapq.heappop(self.steps))
+            self.answering[item.reply] = job
+            if item.after in self.answering:  # it follows an answer not written yet
+                self.held[item.after] = job
+            else:
+                self._arrive(job)
+        self._run_until(float("inf"))
         return jobs
+
+    def _run_until(self, t: float) -> None:
+        """The step ends and the held requests' arrivals up to `t`, in time order (a step end first)."""
+        steps, followers = self.steps, self.followers
+        while True:
+            step_end = steps[0][0] if steps else float("inf")
+            follower_arrival = followers[0][0] if followers else float("inf")
+            if step_end <= follower_arrival and step_end <= t and steps:
+                self._end_step(*heapq.heappop(steps))
+            elif follower_arrival <= t and followers:
+                self.clock.now, _, job = heapq.heappop(followers)
+                self._arrive(job)
+            else:
+                return
 
     def _arrive(self, job: Job) -> None:
         problem = self.replicas[0].refusal(job.item)
         if problem is not None:
-            job.refused = problem
+            self._refuse(job, problem)
             return
         router = self.routers[job.router]
         if any(r.queue for r in self.routers) or not self._route(job):
             limit = self.config.max_queued_requests
             if 0 <= limit <= len(router.queue):
-                job.refused = "queue full"
+                self._refuse(job, "queue full")
             else:
                 router.queue.append(job)
+
+    def _refuse(self, job: Job, why: str) -> None:
+        job.refused = why
+        self._answered(job)
+
+    def _answered(self, job: Job) -> None:
+        """`job` has ended (finished or refused): the request that follows its answer arrives
+        its `after_s` later."""
+        del self.answering[job.item.reply]
+        follower = self.held.pop(job.item.reply, None)
+        if follower is not None:
+            follower.arrival_s = self.clock.now + follower.item.after_s
+            heapq.heappush(self.followers, (follower.arrival_s, follower.index, follower))
 
     def _route(self, job: Job) -> bool:
         """Send to the first replica of the ranking below max_ongoing_requests; False if none."""
@@ -139,8 +172,9 @@ class Cluster:
 
     def _send(self, job: Job, k: int) -> None:
         job.replica = k
-        job.refused = self.replicas[k].overload(self.clock.now)
-        if job.refused is not None:  # the router counted it sent and done at once, as Serve does
+        refusal = self.replicas[k].overload(self.clock.now)
+        if refusal is not None:  # the router counted it sent and done at once, as Serve does
+            self._refuse(job, refusal)
             return
         self.ongoing[k] += 1
         self.routers[job.router].policy.sent(k, job)
@@ -165,6 +199,8 @@ class Cluster:
         self._start_step(k)
         if finished:
             self._route_queued()
+            for job in finished:
+                self._answered(job)
         self.steps_done += 1
         if self.steps_done % 4096 == 0:
             drop_read_entries([r.stream for r in self.replicas if r.stream is not None], self.feeds)
@@ -175,7 +211,7 @@ class Cluster:
             waiting = [r for r in self.routers if r.queue]
             if not waiting:
                 return
-            router = min(waiting, key=lambda r: r.queue[0].item.arrival_s)
+            router = min(waiting, key=lambda r: r.queue[0].arrival_s)
             if not self._route(router.queue[0]):
                 return
             router.queue.popleft()

@@ -28,6 +28,10 @@ class WorkItem:
     input_length: int
     output_length: int
     reply: int  # segment id of the answer's tokens
+    # A session's later request: the `reply` of the answer its history ends with, and the seconds
+    # from that answer's end to this request (the user's thinking, the agent's tool call).
+    after: int | None = None
+    after_s: float = 0.0
 
 
 @dataclass
@@ -56,8 +60,9 @@ def _around(rng: random.Random, mean: int) -> int:
     return max(1, rng.randint(mean // 2, mean + mean // 2))
 
 
-def _item(arrival: float, segments: list[Segment], output: int, reply: int) -> WorkItem:
-    return WorkItem(arrival, tuple(segments), sum(length for _, length in segments), output, reply)
+def _item(arrival: float, segments: list[Segment], output: int, reply: int, after: int | None = None,
+          after_s: float = 0.0) -> WorkItem:
+    return WorkItem(arrival, tuple(segments), sum(length for _, length in segments), output, reply, after, after_s)
 
 
 # -- Mooncake traces ------------------------------------------------------------------------
@@ -171,14 +176,20 @@ def llmd_shared_context(num_requests: int, rate: float, seed: int, customers: in
 
 
 def _sessions(num_requests: int, rate: float, seed: int, turns: int, start: Callable, step: Callable,
-              gap: Callable, warmup_s: float) -> list[WorkItem]:
+              gap: Callable, warmup_s: float, closed_loop: bool) -> list[WorkItem]:
     """Requests of sessions that start as a Poisson process (`rate` / `turns` per second; a
     session has `turns` requests on average): `start(rng, ids)` gives a session's opening
     segments, `step(rng, ids)` the segments added before each later request (after the
     previous answer), `gap(rng)` the seconds between a session's requests. Each request
     re-sends the whole history. Sessions start from `-warmup_s` on and only requests from
     time 0 on are kept, so the rate is steady from the start (sessions already under way
-    join with their history, which no cache has yet)."""
+    join with their history, which no cache has yet).
+
+    Open loop (as a trace is replayed), a request goes out `gap` after the previous one
+    went out, even if its answer, which the request's history holds, is not finished yet.
+    `closed_loop`: `gap` after that answer ended (`WorkItem.after`), as a user or an agent
+    waits for the answer; the arrival times given are then where the requests fall in the
+    run's order and cut only."""
     rng, ids = random.Random(seed), _Ids()
     starts = _poisson(rng, rate / turns)
     items: list[WorkItem] = []
@@ -189,41 +200,47 @@ def _sessions(num_requests: int, rate: float, seed: int, turns: int, start: Call
             break
         history, answer = start(rng, ids), None
         for _ in range(rng.randint(max(1, turns // 2), turns + turns // 2)):
+            after, after_s = None, 0.0
             if answer is not None:
                 history = history + [answer] + step(rng, ids)
-                t += gap(rng)
+                after_s = gap(rng)
+                after = answer[0] if closed_loop else None
+                t += after_s
             answer = (_REPLY + ids(), _around(rng, 300))
             if t >= 0:
-                items.append(_item(t, history, answer[1], answer[0]))
+                items.append(_item(t, history, answer[1], answer[0], after, after_s))
     items.sort(key=lambda item: item.arrival_s)
     return items[:num_requests]
 
 
 def multi_turn_chat(num_requests: int, rate: float, seed: int, system_prompts: int = 8,
                     system_tokens: int = 1000, user_tokens: int = 200, turns: int = 6,
-                    think_s: float = 20.0) -> list[WorkItem]:
+                    think_s: float = 20.0, closed_loop: int = 0) -> list[WorkItem]:
     """Chats: one of a few system prompts, then user turns and answers, a turn every
-    ~`think_s` seconds, each re-sending the conversation so far."""
+    ~`think_s` seconds (after the answer with `closed_loop`), each re-sending the
+    conversation so far."""
     return _sessions(
         num_requests, rate, seed, turns,
         start=lambda rng, ids: [(_CONTEXT + 10_000 + rng.randrange(system_prompts), system_tokens),
                                 (ids(), _around(rng, user_tokens))],
         step=lambda rng, ids: [(ids(), _around(rng, user_tokens))],
-        gap=lambda rng: rng.expovariate(1.0 / think_s), warmup_s=2 * turns * think_s,
+        gap=lambda rng: rng.expovariate(1.0 / think_s), warmup_s=2 * turns * think_s, closed_loop=bool(closed_loop),
     )
 
 
 def agentic_tool_loop(num_requests: int, rate: float, seed: int, agents: int = 4, tools_tokens: int = 4000,
                       task_tokens: int = 500, tool_output_tokens: int = 600, steps: int = 12,
-                      interval_s: float = 3.0) -> list[WorkItem]:
+                      interval_s: float = 3.0, closed_loop: int = 0) -> list[WorkItem]:
     """Agents: a shared tools-and-instructions context, a task, then a loop that appends the
-    model's action and the tool's output and re-sends the growing context every few seconds."""
+    model's action and the tool's output and re-sends the growing context every few seconds
+    (`closed_loop`: that long after the action, the tool's run)."""
     return _sessions(
         num_requests, rate, seed, steps,
         start=lambda rng, ids: [(_CONTEXT + 20_000 + rng.randrange(agents), tools_tokens),
                                 (ids(), _around(rng, task_tokens))],
         step=lambda rng, ids: [(ids(), _around(rng, tool_output_tokens))],
         gap=lambda rng: rng.uniform(0.5 * interval_s, 1.5 * interval_s), warmup_s=2 * steps * interval_s,
+        closed_loop=bool(closed_loop),
     )
 
 
