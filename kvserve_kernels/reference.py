@@ -103,6 +103,12 @@ def _decode_batch(q, k_cache, v_cache, tables, context_lens, max_ctx, scale):
     values = _gather(v_cache, tables, q.dtype)
     positions = torch.arange(keys.shape[2], device=q.device)
     mask = positions < context_lens[:, None]  # [B, L]
+    # A slot past a row's context may hold anything a block's earlier owner left, NaN included,
+    # which masking does not remove (its score, or its zero weight times its value, stays NaN).
+    # `_gather` copied the keys and values: such slots are zeroed in place.
+    stale = ~mask[:, None, :, None]
+    keys.masked_fill_(stale, 0.0)
+    values.masked_fill_(stale, 0.0)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
     )

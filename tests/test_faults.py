@@ -2,8 +2,8 @@
 that raises, a wedged engine, a burst far beyond capacity, and a replica behind its
 max_queue_wait_s.
 
-Faults are injected by `FaultyServer`, an `LLMServer` whose model raises, never returns or
-slows down on prompts that start with a marker; the rest of the application (ingress, router,
+Faults are injected by `FaultyServer`, an `LLMServer` whose model raises, never returns,
+slows down or gives NaN logits on prompts that start with a marker; the rest of the application (ingress, router,
 deployment options) is `build_app`'s own. `build_app` is handed the subclass by swapping
 the name it deploys in this driver only: Serve pickles the class it is given, so the
 replicas run the subclass and nothing in the package changes."""
@@ -30,6 +30,7 @@ SERVING = {"app_name": APP, "replicas": 2, "replica_cpus": 0.5, "max_ongoing_req
 FAIL = [3, 1, 4, 1]  # prompts starting with these make the step raise
 HANG = [2, 7, 1, 8]  # ... or never return
 SLOW = [1, 6, 1, 8]  # ... or take 20 ms
+NAN = [3, 5, 8, 9]  # ... or give NaN logits for the third output token
 
 
 def faulty_server_class():
@@ -55,6 +56,15 @@ def faulty_server_class():
                 return execute(step)
 
             self.engine.runner.execute = faulty_execute
+            sample = self.engine.runner.sampler.sample
+
+            def nan_sample(logits, rows, *rest):
+                for i, row in enumerate(rows):
+                    if tuple(row.token_ids[:4]) == (3, 5, 8, 9) and len(row.token_ids) - row.num_prompt_tokens == 2:
+                        logits[i] = float("nan")
+                return sample(logits, rows, *rest)
+
+            self.engine.runner.sampler.sample = nan_sample
 
     return FaultyServer
 
@@ -184,6 +194,26 @@ def test_a_step_that_raises_fails_its_requests_and_the_replica_serves_on(server)
     assert set(replica_actors()) == before and running_replicas() == 2
     for i in range(4):
         assert httpx.post(f"{server}/v1/completions", json=body([30 + i] * 8, 4, False), timeout=30).status_code == 200
+    wait_until_idle(server)
+
+
+def test_nan_logits_fail_their_request_alone_and_the_replica_serves_on(server):
+    wait_for_replicas(server)
+    before = set(replica_actors())
+
+    async def together():
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(
+                client.post(f"{server}/v1/completions", json=body(NAN + [9] * 4, 8, False)),
+                *(client.post(f"{server}/v1/completions", json=body([40 + i] * 8, 12, False)) for i in range(4)))
+
+    broken, *healthy = asyncio.run(together())
+    assert broken.status_code == 500
+    error = broken.json()["error"]
+    assert error["type"] == "internal_error"
+    assert "the model failed this request" in error["message"] and "output token 3 of sample 0 hold NaN" in error["message"]
+    assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12 for r in healthy)
+    assert set(replica_actors()) == before and running_replicas() == 2
     wait_until_idle(server)
 
 

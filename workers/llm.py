@@ -51,10 +51,15 @@ class LLM:
         ids = self._add_all(prompts, lambda request_id, prompt, i: self.engine.add_request(
             request_id, prompt, params[i], lora_name=adapters[i]))
         finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+        except Exception:  # a request failed midway: none of this call's stays behind
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
         return [finished[i] for i in ids]
 
     def embed(self, prompts: Prompt | Seq[Prompt]) -> list[EmbeddingOutput]:

@@ -140,6 +140,8 @@ class EngineThread(threading.Thread):
             self.deliver(tokens)
         for request_id, reason in self.engine.take_refusals():
             self.post(request_id, RequestRefused(reason, overloaded=False))
+        for request_id, reason in self.engine.take_failures():
+            self.post(request_id, RuntimeError(f"the model failed this request: {reason}"))
         for embedding in self.engine.take_embeddings():
             self.post(embedding.request_id, embedding)
 

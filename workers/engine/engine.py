@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.kv_cache_manager import KVCacheManager, blocks_for, check_pool_holds_a_sequence
 from kvserve.workers.engine.kv_events import BlockSnapshot, KVEventBatch
-from kvserve.workers.engine.executor import ModelExecutor, PendingSample, SampleRequest, StepRequest
+from kvserve.workers.engine.executor import NO_TOKEN, ModelExecutor, PendingSample, SampleRequest, StepRequest
 from kvserve.workers.engine.guided_decoding import GuidedDecoding
 from kvserve.workers.engine.bad_words import bad_word_token_ids
 from kvserve.workers.engine.block_hash import BlockHash
@@ -75,6 +75,7 @@ class LLMEngine:
         self._requests_speculating = 0
         self.guided = GuidedDecoding(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self._refusals: list[tuple[str, str]] = []  # (request id, why) of requests dropped after add_request
+        self._failures: list[tuple[str, str]] = []  # (request id, why) of requests the model failed midway
         self._pooling_requests = 0
         self._scoring_requests = 0  # unfinished requests that asked for prompt logprobs
         self._embeddings: list[EmbeddingOutput] = []
@@ -189,6 +190,13 @@ class LLMEngine:
         refusals, self._refusals = self._refusals, []
         return refusals
 
+    def take_failures(self) -> list[tuple[str, str]]:
+        """The requests ended since the last call because the model gave one of their samples
+        nothing to draw its next token from (NO_TOKEN), with the reason; the rest of the
+        batch goes on."""
+        failures, self._failures = self._failures, []
+        return failures
+
     def _check_lora_name(self, lora_name: str | None) -> None:
         if lora_name is None or lora_name in self.lora_folders:
             return
@@ -290,6 +298,9 @@ class LLMEngine:
         for request_id, reason in self.take_refusals():
             self.outputs.abort(request_id)
             raise ValueError(f"request {request_id!r} refused: {reason}")
+        failures = self.take_failures()
+        if failures:
+            raise RuntimeError("; ".join(f"request {request_id!r} failed: {reason}" for request_id, reason in failures))
         self.stop_samples(stopped)
         if self.clock is not None:
             self.clock.lap("detokenize")
@@ -336,8 +347,7 @@ class LLMEngine:
         if speculating:
             tokens = self._take_verified(samples, sampled) if samples else []
         else:
-            tokens = [self._take_token(s.seq, token, logprob, top, None) for s, token, logprob, top
-                      in zip(samples, sampled.token_ids, sampled.logprobs, sampled.top_logprobs)] if samples else []
+            tokens = self._take_samples(samples, sampled) if samples else []
         if self.clock is not None:
             self.clock.lap("outputs")
         self._observe_step(batch, started)
@@ -419,8 +429,8 @@ class LLMEngine:
             seq = request.seq
             seq.token_ids[index] = token
             seq.num_pending -= 1
-            if not seq.is_finished:
-                tokens.append(self._take_token(seq, token, logprob, top, index + 1))
+            if not seq.is_finished and (new := self._take_sampled(seq, token, logprob, top, index + 1)):
+                tokens.append(new)
         if self.clock is not None:
             self.clock.lap("outputs")
         return tokens
@@ -470,6 +480,14 @@ class LLMEngine:
                     samples += [SampleRequest(i, child) for child in seq.forks]
         return samples
 
+    def _take_samples(self, samples: list[SampleRequest], sampled) -> list[NewToken]:
+        """Each sample's new token (none for those a sibling sample's failure ended)."""
+        tokens = []
+        for request, token, logprob, top in zip(samples, sampled.token_ids, sampled.logprobs, sampled.top_logprobs):
+            if not request.seq.is_finished and (new := self._take_sampled(request.seq, token, logprob, top, None)):
+                tokens.append(new)
+        return tokens
+
     def _take_verified(self, samples: list[SampleRequest], sampled) -> list[NewToken]:
         """Each sample's tokens from its rows: the proposed tokens the target agrees with, then
         the target's own. The computed tokens and blocks of the rest are rolled back."""
@@ -479,16 +497,28 @@ class LLMEngine:
             targets = sampled.token_ids[row : row + len(drafts) + 1]
             accepted = self.speculation.num_accepted(drafts, targets) if drafts else 0
             for j in range(accepted + 1):
-                tokens.append(self._take_token(seq, targets[j], sampled.logprobs[row + j],
-                                               sampled.top_logprobs[row + j], None))
-                if seq.is_finished:
+                if seq.is_finished:  # by an earlier token, or a sibling sample's failure
                     break
+                new = self._take_sampled(seq, targets[j], sampled.logprobs[row + j], sampled.top_logprobs[row + j], None)
+                if new:
+                    tokens.append(new)
             if drafts:
                 seq.draft_token_ids, seq.draft_probs = [], None
                 if not seq.is_finished:
                     self.scheduler.roll_back(seq, len(drafts) - accepted)
             row += len(targets)
         return tokens
+
+    def _take_sampled(self, seq: Sequence, token: int, logprob, top, num_tokens: int | None) -> NewToken | None:
+        """`_take_token`, unless the model gave `seq` nothing to draw from: then its request
+        ends as failed (`take_failures`) and None."""
+        if token != NO_TOKEN:
+            return self._take_token(seq, token, logprob, top, num_tokens)
+        position = (len(seq.token_ids) + 1 if num_tokens is None else num_tokens) - seq.num_prompt_tokens
+        self._failures.append((seq.request_id, f"the model's logits for output token {position} of sample "
+                               f"{seq.sample_index} hold NaN or no finite value: nothing to draw from"))
+        self.abort_request(seq.request_id)
+        return None
 
     def _take_token(self, seq: Sequence, token: int, logprob, top, num_tokens: int | None) -> NewToken:
         """`token` is `seq`'s newest token (appended here when `num_tokens` is None, else already

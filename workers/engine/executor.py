@@ -52,7 +52,7 @@ class StepRequest:
 
 @dataclass(slots=True)
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: list[int]  # NO_TOKEN where a row's logits left nothing to draw
     # For rows whose params ask for logprobs, else None: the sampled token's logprob, and the
     # `params.logprobs` most likely (token id, logprob) pairs, most likely first.
     logprobs: list[float | None]
@@ -61,6 +61,11 @@ class SamplerOutput:
     # Per entry of `step.prompt_scored`: the logprobs of the prompt tokens that its chunk's
     # positions predict (the one after each position, up to the prompt's last).
     prompt_logprobs: list[list[TokenLogprobs]] | None = None
+
+
+# A sampled row's token where its logits left nothing to draw from: NaN, an infinite largest
+# logit, or every logit -inf (a numerically broken model). The engine fails that request alone.
+NO_TOKEN = -2
 
 
 class PendingSample(Protocol):

@@ -79,6 +79,8 @@ def verify_drawn(sampled: SampledTokens, logits: torch.Tensor, proposals: list[D
     counters = [row.num_output_tokens + j for row, j in zip(rows, positions)]
     target = filtered_probs(logits.float(), [row.params for row in rows])
     draft = torch.cat([p.probs for p in proposals]).to(target.device, target.dtype)
+    unusable = ~(target.sum(dim=-1) > 0)  # NaN logits: the sampler reports such a row as NO_TOKEN
+    target[unusable] = draft[unusable]
     drafted = torch.tensor([t for p in proposals for t in p.token_ids], device=target.device)[:, None]
     ratio = (target.gather(1, drafted) / draft.gather(1, drafted)).squeeze(1)
     accepted = (uniforms(seeds, counters, Use.ACCEPT, target.device) < ratio).tolist()

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvserve.workers.engine.executor import SamplerOutput, TokenMasks
+from kvserve.workers.engine.executor import NO_TOKEN, SamplerOutput, TokenMasks
 from kvserve.workers.engine.structured_output import apply_token_bitmask
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.runner.prompt_logprobs import ScoredPrompts
@@ -269,6 +269,7 @@ class SampledTokens:
     top_ids: torch.Tensor | None = None
     pooled: torch.Tensor | None = None  # the step's pooled embedding rows, if any
     prompt_scores: ScoredPrompts | None = None  # the step's prompt logprobs, if any were asked for
+    unusable: torch.Tensor | None = None  # [rows] bool: nothing to draw from (`_unusable_rows`)
 
     @classmethod
     def nothing_sampled(cls, pooled: torch.Tensor | None, prompt_scores: ScoredPrompts | None) -> "SampledTokens":
@@ -276,7 +277,8 @@ class SampledTokens:
         return cls(torch.empty(0, dtype=torch.long), [], [], pooled=pooled, prompt_scores=prompt_scores)
 
     def output(self) -> SamplerOutput:
-        token_ids = self.token_ids.tolist()
+        token_ids = self.token_ids if self.unusable is None else self.token_ids.masked_fill(self.unusable, NO_TOKEN)
+        token_ids = token_ids.tolist()
         chosen: list[float | None] = [None] * len(self.rows)
         top: list[list[tuple[int, float]] | None] = [None] * len(self.rows)
         if self.logprob_rows:
@@ -335,7 +337,8 @@ class Sampler:
             logits[row_of, token_of] += bias
         if plan.penalties:
             _apply_penalties(logits, rows, plan.penalties)
-        sampled = SampledTokens(_choose(logits, plan.draws), rows, plan.logprobs)
+        unusable = _unusable_rows(logits)
+        sampled = SampledTokens(_choose(logits, plan.draws), rows, plan.logprobs, unusable=unusable)
         if raw_logprobs is not None:
             _add_logprobs(sampled, raw_logprobs)
         return sampled
@@ -376,6 +379,18 @@ def allowed_token_masks(params: list[SamplingParams], like: torch.Tensor) -> tup
 
 def _index(row_numbers: list[int], like: torch.Tensor) -> torch.Tensor:
     return to_device(row_numbers, torch.long, like.device)
+
+
+def _unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """The rows with nothing to draw from: a NaN, an infinite largest logit, or every logit
+    -inf (a numerically broken model; every way a request could ask for it is refused). They
+    are zeroed, so that the draw runs on numbers and picks a token that `output` replaces by
+    NO_TOKEN: the request fails alone, not the whole step. On the CPU only when some row is
+    unusable; on a device always (a check would wait for it)."""
+    unusable = ~torch.isfinite(logits.amax(dim=-1, keepdim=True))
+    if logits.device.type != "cpu" or unusable.any():
+        logits.masked_fill_(unusable, 0.0)
+    return unusable.squeeze(1)
 
 
 def _choose(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
