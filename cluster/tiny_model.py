@@ -21,9 +21,10 @@ from transformers import (
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 VOCAB_SIZE = 512
 # With `enable_thinking` false (a chat_template_kwargs variable) the answer opens with an empty
-# thinking block, as Qwen3's template has it.
+# thinking block, as Qwen3's template has it; a `reasoning_effort` is stated first, as gpt-oss's has it.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
+    "{{ bos_token }}{% if reasoning_effort is defined %}<|system|>\nReasoning: {{ reasoning_effort }}{{ eos_token }}\n"
+    "{% endif %}{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
@@ -36,7 +37,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
 }
 MARKER = "kvserve_tiny_spec.json"
-SPEC_VERSION = 2  # bump when the built checkpoints change, so that old ones are rebuilt
+SPEC_VERSION = 3  # bump when the built checkpoints change, so that old ones are rebuilt
 SEED = 1234
 
 _SUBJECTS = ["The cat", "A small robot", "My neighbour", "The old library", "Every engineer",

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from kvserve.router.chat_stream import Block, ChatStreamReader, Closed, Grew, Opened, message_blocks, typed_event
 from kvserve.router.errors import OpenAIError
@@ -89,6 +89,27 @@ class ToolChoice(_Strict):
     disable_parallel_tool_use: bool | None = None
 
 
+class ThinkingConfig(_Strict):
+    """Whether the model thinks first: the chat template's `enable_thinking` (Qwen3's name). The
+    budget is not held apart from `max_tokens`, which bounds thinking and answer together."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: int | None = Field(None, ge=1)
+    display: Literal["summarized", "omitted"] | None = None
+
+
+class JSONOutputFormat(_Strict):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Strict):
+    """`effort` goes to the chat template as `reasoning_effort`; `format` is a structured output."""
+
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    format: JSONOutputFormat | None = None
+
+
 class MessagesRequest(_Strict):
     model: str
     max_tokens: int = Field(ge=1)
@@ -102,6 +123,17 @@ class MessagesRequest(_Strict):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     metadata: dict[str, Any] | None = None
+    thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None
+    service_tier: Literal["auto", "standard_only"] | None = None  # one tier here
+    cache_control: dict[str, Any] | None = None  # prompt caching is automatic here
+
+    @model_validator(mode="after")
+    def _budget_below_max_tokens(self):
+        budget = self.thinking.budget_tokens if self.thinking else None
+        if budget is not None and budget >= self.max_tokens:
+            raise ValueError(f"thinking.budget_tokens ({budget}) must be less than max_tokens ({self.max_tokens})")
+        return self
 
     def chat_request(self) -> ChatCompletionRequest:
         """The same request on the chat completions path."""
@@ -111,6 +143,13 @@ class MessagesRequest(_Strict):
         }
         if self.stream:
             fields["stream_options"] = {"include_usage": True}
+        template_variables = self._template_variables()
+        if template_variables:
+            fields["chat_template_kwargs"] = template_variables
+        output_format = self.output_config.format if self.output_config else None
+        if output_format is not None:
+            fields["response_format"] = {"type": "json_schema",
+                                         "json_schema": {"name": "output", "schema": output_format.schema_}}
         if self.tools:
             fields["tools"] = [{"type": "function", "function": {"name": tool.name, "description": tool.description,
                                                                  "parameters": tool.input_schema}}
@@ -122,6 +161,14 @@ class MessagesRequest(_Strict):
             if choice.disable_parallel_tool_use:
                 fields["parallel_tool_calls"] = False
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+
+    def _template_variables(self) -> dict[str, Any]:
+        variables: dict[str, Any] = {}
+        if self.thinking is not None:
+            variables["enable_thinking"] = self.thinking.type != "disabled"
+        if self.output_config is not None and self.output_config.effort is not None:
+            variables["reasoning_effort"] = self.output_config.effort
+        return variables
 
     def _messages(self) -> list[dict]:
         messages = []

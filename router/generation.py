@@ -61,7 +61,7 @@ class Generation:
             if tool_call_reader is not None:
                 choice.tool_calls = tool_call_reader()
             if reasoning_parser is not None:
-                choice.reasoning = ReasoningSplitter(reasoning_parser)
+                choice.reasoning = ReasoningSplitter(reasoning_parser, prompts[choice.index // self.n].text)
         self.firsts, self.streams, self.timers = firsts, streams, timers
         self.usage = Usage()
         for first in firsts:

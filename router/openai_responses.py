@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapt
 
 from kvserve.router.chat_stream import Block, Change, ChatStreamReader, Grew, Opened, message_blocks, typed_event
 from kvserve.router.errors import OpenAIError
-from kvserve.router.openai_schema import ChatCompletionRequest
+from kvserve.router.openai_schema import ChatCompletionRequest, ReasoningEffort
 
 
 class _Strict(BaseModel):
@@ -121,6 +121,15 @@ class TextConfig(_Strict):
     format: TextFormat | None = None
 
 
+class ReasoningConfig(_Strict):
+    """OpenAI's `reasoning`: `effort` as chat's `reasoning_effort`. A reasoning item holds the
+    whole thinking as its text (no summary is written), whatever `summary` asks."""
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None  # summary's deprecated name
+
+
 class ResponsesRequest(_Strict):
     model: str | None = None
     input: Annotated[list[InputItem], Field(min_length=1)]  # a text: one user message
@@ -139,6 +148,7 @@ class ResponsesRequest(_Strict):
     user: str | None = None
     truncation: Literal["disabled"] = "disabled"
     seed: int | None = None  # as in chat completions (not OpenAI's: its Responses API has none)
+    reasoning: ReasoningConfig | None = None
 
     @field_validator("input", mode="before")
     @classmethod
@@ -152,7 +162,8 @@ class ResponsesRequest(_Strict):
         fields: dict[str, Any] = {"messages": self._messages(items), "stream": self.stream,
                                   "max_completion_tokens": self.max_output_tokens, "temperature": self.temperature,
                                   "top_p": self.top_p, "parallel_tool_calls": self.parallel_tool_calls,
-                                  "user": self.user, "model": self.model, "seed": self.seed}
+                                  "user": self.user, "model": self.model, "seed": self.seed,
+                                  "reasoning_effort": self.reasoning.effort if self.reasoning else None}
         if self.stream:
             fields["stream_options"] = {"include_usage": True}
         if self.tools:
@@ -200,7 +211,7 @@ class ResponsesRequest(_Strict):
             "text": {"format": self.text.format.model_dump(by_alias=True, exclude_none=True)
                      if self.text and self.text.format else {"type": "text"}},
             "previous_response_id": self.previous_response_id, "store": self.store, "truncation": self.truncation, "user": self.user,
-            "reasoning": None,
+            "reasoning": self.reasoning.model_dump(exclude_none=True) if self.reasoning else None,
         }
 
 

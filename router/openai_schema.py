@@ -423,15 +423,21 @@ _TEMPLATE_ARGUMENTS = frozenset({
 })
 
 
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
 class _ChatTemplateFields(BaseModel):
     """How the messages go through the model's chat template (vLLM's names):
     `continue_final_message` leaves the last (assistant) message open for the model to go on
     with; `chat_template_kwargs` are more variables for the template, e.g. Qwen3's
-    `enable_thinking`."""
+    `enable_thinking`. OpenAI's `reasoning_effort` is the template variable of that name (as
+    gpt-oss's template reads it), unless `chat_template_kwargs` sets it; a template that does
+    not read it ignores it."""
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None
 
     @model_validator(mode="after")
     def _template_options_agree(self):
@@ -446,8 +452,9 @@ class _ChatTemplateFields(BaseModel):
 
     def template_options(self) -> dict[str, Any]:
         """The keyword arguments of `apply_chat_template` beside the messages and tools."""
+        effort = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort is not None else {}
         return {"add_generation_prompt": self.add_generation_prompt,
-                "continue_final_message": self.continue_final_message, **(self.chat_template_kwargs or {})}
+                "continue_final_message": self.continue_final_message, **effort, **(self.chat_template_kwargs or {})}
 
 
 class ChatCompletionRequest(_ChatTemplateFields, _SamplingFields):
@@ -628,7 +635,8 @@ class TokenizeRequest(_ChatTemplateFields):
     def _prompt_or_messages(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give one of prompt and messages")
-        chat_only = {"tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"}
+        chat_only = {"tools", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
+                     "reasoning_effort"}
         if self.prompt is not None and chat_only & self.model_fields_set:
             raise ValueError(f"{', '.join(sorted(chat_only))} go with messages, not prompt")
         return self

@@ -24,10 +24,15 @@ class Split:
 
 
 class ReasoningSplitter:
-    def __init__(self, parser: str):
+    def __init__(self, parser: str, prompt: str = ""):
+        """`prompt`: the text the output follows. Where it ends with a tag, the chat template has
+        said how the output starts: inside the thinking it opened, or with the answer after the
+        empty thinking it closed (Qwen3's `enable_thinking` false), whichever parser reads it;
+        otherwise the parser's rule does."""
         if parser not in PARSERS:
             raise ValueError(f"unknown reasoning parser {parser!r}; choose one of {', '.join(PARSERS)}")
-        self.thinking = parser == "deepseek_r1"
+        tail = prompt.rstrip()
+        self.thinking = tail.endswith(OPEN) or (parser == "deepseek_r1" and not tail.endswith(CLOSE))
         self.at_start = True  # nothing of the output handed back yet: a <think> may open it
         self.held = ""
 

@@ -206,6 +206,43 @@ def test_anthropic_tool_use_and_results(claude, model_name, stream):
         claude.messages.create(model=model_name, max_tokens=4, messages=[{"role": "robot", "content": "x"}])
 
 
+def test_reasoning_effort_reaches_the_chat_template_from_every_api(server, client, claude, model_name,
+                                                                  tiny_checkpoints):
+    """OpenAI's `reasoning_effort` (chat), `reasoning.effort` (Responses) and Anthropic's
+    `output_config.effort` are the template variable `reasoning_effort`, which the tiny
+    model's template states as gpt-oss's does."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoints["llama"], local_files_only=True)
+    messages = [{"role": "user", "content": "Hello"}]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, reasoning_effort="low", return_dict=False)
+    assert "Reasoning: low" in tokenizer.decode(expected)
+
+    def tokenized(**fields):
+        return httpx.post(f"{server}/tokenize", json={"model": model_name, "messages": messages, **fields}).json()["tokens"]
+
+    assert tokenized(reasoning_effort="low") == expected == tokenized(chat_template_kwargs={"reasoning_effort": "low"})
+    assert tokenized(reasoning_effort="high", chat_template_kwargs={"reasoning_effort": "low"}) == expected
+    chat = client.chat.completions.create(model=model_name, messages=messages, max_tokens=2, reasoning_effort="low")
+    assert chat.usage.prompt_tokens == len(expected)
+    response = client.responses.create(model=model_name, input="Hello", max_output_tokens=2,
+                                       reasoning={"effort": "low", "summary": "auto"})
+    assert response.usage.input_tokens == len(expected) and response.reasoning.effort == "low"
+    message = claude.messages.create(model=model_name, max_tokens=2, messages=messages,
+                                     output_config={"effort": "low"}, service_tier="auto")
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == len(expected)
+    with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+        client.chat.completions.create(model=model_name, messages=messages, max_tokens=2,
+                                       reasoning_effort="extreme")
+
+
+def test_anthropic_output_format_is_a_structured_output(claude, model_name):
+    message = claude.messages.create(model=model_name, max_tokens=120, messages=[{"role": "user", "content": "Order"}],
+                                     output_config={"format": {"type": "json_schema",
+                                                               "schema": Order.model_json_schema()}})
+    [block] = message.content
+    Order.model_validate_json(block.text)
+    assert message.stop_reason == "end_turn"
+
+
 def test_score_and_rerank_are_cosines_of_the_embeddings(server, model_name, offline):
     query, documents = "Hello there", ["The quick brown fox", "Hello there, friend", "Numbers: 1 2 3"]
     vectors = [torch.tensor(o.embedding) for o in offline.embed([query, *documents])]

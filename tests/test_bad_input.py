@@ -222,6 +222,32 @@ def test_a_reasoning_models_thinking_is_a_reasoning_item_of_its_response(server)
     assert anthropic_reply["content"] == [{"type": "thinking", "thinking": message["reasoning_content"], "signature": ""}]
 
 
+def test_thinking_turned_off_leaves_the_whole_output_an_answer(server):
+    """With `enable_thinking` false the template closes an empty thinking block in the prompt:
+    the output is all answer, though this server reads outputs as DeepSeek-R1's (which start
+    inside the thinking). Anthropic's `thinking` sets that variable."""
+    name = server.get("/v1/models").json()["data"][0]["id"]
+    body = chat(max_tokens=6, temperature=0)  # no ignore_eos: the Messages API has none
+    thinking = server.post(CHAT, json=body).json()["choices"][0]["message"]
+    off = {**body, "chat_template_kwargs": {"enable_thinking": False}}
+    answer = server.post(CHAT, json=off).json()["choices"][0]["message"]
+    assert answer["reasoning_content"] is None and answer["content"]
+    assert thinking["reasoning_content"] and thinking["content"] is None
+    with server.stream("POST", CHAT, json={**off, "stream": True}) as reply:
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in reply.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(d.get("content") or "" for d in deltas) == answer["content"]
+    assert not any(d.get("reasoning_content") for d in deltas)
+    for setting, content in (({"type": "disabled"}, [{"type": "text", "text": answer["content"]}]),
+                             ({"type": "enabled", "budget_tokens": 4},
+                              [{"type": "thinking", "thinking": thinking["reasoning_content"], "signature": ""}])):
+        reply = server.post("/v1/messages", json={"model": name, **body, "thinking": setting}).json()
+        assert reply.get("content") == content, reply
+    too_big = server.post("/v1/messages", json={"model": name, **body, "thinking": {"type": "enabled",
+                                                                                     "budget_tokens": 6}})
+    assert too_big.status_code == 400 and "budget_tokens (6) must be less than max_tokens (6)" in too_big.text
+
+
 # -- fuzz ----------------------------------------------------------------------------------
 
 json_values = st.recursive(

@@ -1,5 +1,6 @@
 """Telling a reasoning model's thinking from its answer, streamed however the text is cut."""
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -35,3 +36,13 @@ def test_streamed_pieces_add_up_to_the_whole_split(parser, text, cuts):
         part = splitter.feed(text[start:end], last=k == max(len(bounds) - 2, 0))
         reasoning, answer = reasoning + part.reasoning, answer + part.content
     assert Split(reasoning, answer) == split_all(parser, text) == reference(parser, text)
+
+
+@pytest.mark.parametrize("parser", PARSERS)
+def test_a_prompt_ending_in_a_tag_says_how_the_output_starts(parser):
+    closed = ReasoningSplitter(parser, "<|assistant|>\n<think>\n\n</think>\n\n").feed("Paris.", last=True)
+    assert (closed.reasoning, closed.content) == ("", "Paris.")
+    opened = ReasoningSplitter(parser, "<|assistant|>\n<think>\n").feed("Hmm.</think>Paris.", last=True)
+    assert (opened.reasoning, opened.content) == ("Hmm.", "Paris.")
+    plain = ReasoningSplitter(parser, "<|assistant|>\n").feed("Hmm.</think>Paris.", last=True)
+    assert plain == ReasoningSplitter(parser).feed("Hmm.</think>Paris.", last=True)
