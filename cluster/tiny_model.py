@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -19,6 +19,7 @@ from transformers import (
 )
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+THINK_TAGS = ("<think>", "</think>")  # one token each, kept in decoded text, as in Qwen3's and DeepSeek-R1's vocabularies
 VOCAB_SIZE = 512
 # With `enable_thinking` false (a chat_template_kwargs variable) the answer opens with an empty
 # thinking block, as Qwen3's template has it; a `reasoning_effort` is stated first, as gpt-oss's has it.
@@ -81,12 +82,13 @@ def build_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=VOCAB_SIZE - len(THINK_TAGS),
         special_tokens=[BOS, EOS, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer)
+    tokenizer.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in THINK_TAGS])
     bos_id = tokenizer.token_to_id(BOS)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]

@@ -249,6 +249,7 @@ class Ingress:
         [prompt] = await model.prepare([model.chat_prompt(body)], body.cache_salt, lora.name if lora else None,
                                        body.add_special_tokens, body.truncate_prompt_tokens)
         sampling = body.sampling(model.max_tokens(prompt.ids, body.requested_max_tokens()), body.logprobs_count())
+        sampling = model.after_thinking(sampling, prompt, body)
         return model, *await self._generation(model, lora, [prompt], sampling, body, chat=True)
 
     @app.post("/v1/embeddings")

@@ -23,6 +23,12 @@ class Split:
     content: str
 
 
+def thinking_closed(prompt: str) -> bool:
+    """Whether the prompt ends by closing the thinking (an empty block: Qwen3's template with
+    `enable_thinking` false): the output is all answer."""
+    return prompt.rstrip().endswith(CLOSE)
+
+
 class ReasoningSplitter:
     def __init__(self, parser: str, prompt: str = ""):
         """`prompt`: the text the output follows. Where it ends with a tag, the chat template has
@@ -31,8 +37,7 @@ class ReasoningSplitter:
         otherwise the parser's rule does."""
         if parser not in PARSERS:
             raise ValueError(f"unknown reasoning parser {parser!r}; choose one of {', '.join(PARSERS)}")
-        tail = prompt.rstrip()
-        self.thinking = tail.endswith(OPEN) or (parser == "deepseek_r1" and not tail.endswith(CLOSE))
+        self.thinking = prompt.rstrip().endswith(OPEN) or (parser == "deepseek_r1" and not thinking_closed(prompt))
         self.at_start = True  # nothing of the output handed back yet: a <think> may open it
         self.held = ""
 

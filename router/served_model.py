@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from kvserve.router.errors import bad_request, refusal, replica_died
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.openai_schema import ChatCompletionRequest, EmbeddingRequest, TokenizeRequest
+from kvserve.router.reasoning import CLOSE, thinking_closed
 from kvserve.router.responses import TokenText
 from kvserve.router.tool_parsers import FORMATS, format_for_model
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
@@ -112,6 +113,8 @@ class ServedModel:
         self.token_text = TokenText(self.tokenizer)
         self.tool_format = (FORMATS[settings.tool_parser] if settings.tool_parser
                             else format_for_model(settings.tokenizer, self.tokenizer.chat_template))
+        # The token that ends a reasoning model's thinking, where the vocabulary has it whole.
+        self.thinking_end = self.tokenizer.get_vocab().get(CLOSE) if settings.reasoning_parser else None
         self.follower: KVIndexFollower | None = None
         self.lora_registry = get_or_create_registry(llm_app, settings.lora_modules) if settings.enable_lora else None
 
@@ -220,6 +223,19 @@ class ServedModel:
         self._check_token_ids(body.stop_token_ids or [], "stop_token_ids")
         self._check_token_ids(list(body.logit_bias or ()), "logit_bias")
         self._check_token_ids(body.allowed_token_ids or [], "allowed_token_ids")
+
+    def after_thinking(self, sampling: SamplingParams, prompt: Prompt, body: ChatCompletionRequest) -> SamplingParams:
+        """`sampling` with its structured output (asked for by `body`) holding only after the
+        thinking of a reasoning model (`serving.reasoning_parser`): the output is free up to
+        the thinking's end token, unless the prompt closed the thinking already."""
+        if self.settings.reasoning_parser is None or sampling.structured is None or thinking_closed(prompt.text):
+            return sampling
+        if self.thinking_end is None:
+            raise bad_request(f"a structured output of a reasoning model (serving.reasoning_parser "
+                              f"{self.settings.reasoning_parser!r}) needs {CLOSE!r} to be one token of its "
+                              "vocabulary, and this tokenizer has no such token", body.output_constraint())
+        structured = sampling.structured.model_copy(update={"after_token_id": self.thinking_end})
+        return sampling.model_copy(update={"structured": structured})
 
     def check_dimensions(self, body: EmbeddingRequest) -> None:
         if body.dimensions is not None and body.dimensions > self.settings.hidden_size:

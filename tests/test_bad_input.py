@@ -248,6 +248,21 @@ def test_thinking_turned_off_leaves_the_whole_output_an_answer(server):
     assert too_big.status_code == 400 and "budget_tokens (6) must be less than max_tokens (6)" in too_big.text
 
 
+def test_a_reasoning_models_structured_output_holds_after_its_thinking(server):
+    """The grammar waits for `</think>` (made the first token here by a bias, so that the
+    thinking is empty); the answer then follows it. Where the prompt closed the thinking
+    (`enable_thinking` false) the grammar holds from the start."""
+    think_end = server.post("/tokenize", json={"prompt": "</think>", "add_special_tokens": False}).json()["tokens"]
+    assert len(think_end) == 1
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    body = chat(max_tokens=40, temperature=0, logit_bias={str(think_end[0]): 100},
+                response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
+    for extra in ({}, {"chat_template_kwargs": {"enable_thinking": False}}):
+        message = server.post(CHAT, json={**body, **extra}).json()["choices"][0]["message"]
+        assert json.loads(message["content"]) in ({"ok": True}, {"ok": False})
+        assert not message.get("reasoning_content")
+
+
 # -- fuzz ----------------------------------------------------------------------------------
 
 json_values = st.recursive(

@@ -65,6 +65,26 @@ def test_every_output_follows_its_grammar(llm):
     assert isinstance(json.loads(texts(anything)[0]), dict)
 
 
+def test_a_grammar_after_a_token_holds_from_the_token_after_it(llm):
+    """A reasoning model's structured output: free until its thinking ends (`after_token_id`,
+    here `</think>`, which the bias makes the first token), then the grammar."""
+    think_end = llm.engine.tokenizer.convert_tokens_to_ids("</think>")
+    after = StructuredOutputSpec(json_schema=ORDER, after_token_id=think_end)
+    ended = SamplingParams(temperature=1.0, seed=3, max_tokens=300, logit_bias={think_end: 100.0}, structured=after)
+    [output] = llm.generate(["Order:"], ended)
+    first, *rest = output.outputs[0].token_ids
+    assert first == think_end and output.outputs[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(llm.engine.tokenizer.decode(rest, skip_special_tokens=True)), ORDER)
+    # While the thinking goes on the output is what it is without a grammar.
+    never = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias={think_end: -100.0})
+    [free] = llm.generate(["Order:"], never)
+    [thinking] = llm.generate(["Order:"], never.model_copy(update={"structured": after}))
+    assert thinking.outputs[0].token_ids == free.outputs[0].token_ids
+    with pytest.raises(ValueError, match="after_token_id 512 is outside the vocabulary"):
+        llm.generate(["Order:"], never.model_copy(update={"structured": StructuredOutputSpec(
+            json_object=True, after_token_id=512)}))
+
+
 def test_guided_and_plain_requests_share_a_batch(llm):
     plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     [alone] = llm.generate(["Hello there"], plain)

@@ -181,7 +181,7 @@ class LLMEngine:
                 self._refusals.append((request_id, str(compiled)))
                 continue
             for seq in seqs:
-                seq.matcher = StructuredMatcher(compiled)
+                seq.matcher = StructuredMatcher(compiled, seq.params.structured.after_token_id)
             self.scheduler.add(seqs[0])
 
     def take_refusals(self) -> list[tuple[str, str]]:
@@ -232,7 +232,12 @@ class LLMEngine:
 
     def _check_generable(self, params: SamplingParams, banned: tuple[tuple[int, ...], ...]) -> None:
         """Refuse a request whose settings leave no token to generate at some step (`banned`:
-        its bad words' token sequences): its sampler row would fail the whole step."""
+        its bad words' token sequences), or name tokens outside the vocabulary."""
+        structured = params.structured
+        if structured is not None and structured.after_token_id is not None and not (
+                0 <= structured.after_token_id < self.vocab_size):
+            raise ValueError(f"the structured output's after_token_id {structured.after_token_id} is outside the "
+                             f"vocabulary (size {self.vocab_size})")
         allowed = params.allowed_token_ids
         if allowed is not None and max(allowed) >= self.vocab_size:
             raise ValueError(f"allowed_token_ids holds {max(allowed)}, outside the vocabulary (size {self.vocab_size})")

@@ -56,8 +56,9 @@ class GuidedDecoding:
         self._compiling.pop(request_id, None)
 
     def token_masks(self, samples: list[SampleRequest]) -> TokenMasks | None:
-        """The tokens each sample with a matcher may take next."""
-        guided = [(row, s.seq.matcher) for row, s in enumerate(samples) if s.seq.matcher is not None]
+        """The tokens each sample whose grammar holds may take next."""
+        guided = [(row, s.seq.matcher) for row, s in enumerate(samples)
+                  if s.seq.matcher is not None and s.seq.matcher.active]
         if not guided:
             return None
         bitmask = new_bitmask(len(samples), self._vocab_size)

@@ -32,17 +32,29 @@ class CompiledStructure:
 
 
 class StructuredMatcher:
-    """Where one sequence stands in its grammar."""
+    """Where one sequence stands in its grammar; before it, the free output up to the token
+    `awaiting` (`StructuredOutputSpec.after_token_id`), if the spec has one."""
 
-    def __init__(self, compiled: CompiledStructure):
+    def __init__(self, compiled: CompiledStructure, awaiting: int | None = None):
         self._matcher = xgrammar.GrammarMatcher(compiled.grammar)
+        self.awaiting = awaiting
+
+    @property
+    def active(self) -> bool:
+        """Whether the grammar holds for the next token."""
+        return self.awaiting is None
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the tokens allowed next into `bitmask[row]`."""
+        """Write the tokens allowed next into `bitmask[row]` (call only while `active`)."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token_id: int) -> bool:
-        """Advance past `token_id`; False (and no change) when the grammar does not allow it."""
+        """Advance past `token_id`; False (and no change) when the grammar does not allow it.
+        While the awaited token has not come, any token is taken, and that one ends the wait."""
+        if self.awaiting is not None:
+            if token_id == self.awaiting:
+                self.awaiting = None
+            return True
         return self._matcher.accept_token(token_id)
 
     def rollback(self, num_tokens: int) -> None:

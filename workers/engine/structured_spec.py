@@ -37,7 +37,9 @@ class StructuredOutputError(ValueError):
 
 
 class StructuredOutputSpec(BaseModel):
-    """Exactly one form is set. `json_schema` arrives as a dict or as its JSON text."""
+    """Exactly one form is set. `json_schema` arrives as a dict or as its JSON text. With
+    `after_token_id` the output is free up to and including its first such token (the end of a
+    reasoning model's thinking), and the grammar holds from the token after it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -46,6 +48,7 @@ class StructuredOutputSpec(BaseModel):
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None  # EBNF, as xgrammar reads it (GBNF: `root ::= ...`)
+    after_token_id: int | None = None
 
     @field_validator("json_schema", mode="before")
     @classmethod
@@ -81,7 +84,7 @@ class StructuredOutputSpec(BaseModel):
 
     def key(self) -> str:
         """A stable hash of the spec: equal specs share one compiled grammar."""
-        canonical = json.dumps(self.model_dump(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        canonical = json.dumps(self.model_dump(exclude={"after_token_id"}), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_grammar(self) -> "xgrammar.Grammar":
