@@ -118,6 +118,27 @@ def test_offline_generate_names_the_failed_request_and_leaves_nothing_behind(poi
     assert len(llm.generate([prompt], params)[0].outputs[0].token_ids) == 14
 
 
+def test_an_embedding_of_nan_hidden_states_fails_alone(poisoned):
+    llm = LLM(str(poisoned), device="cpu", num_kv_blocks=64, max_model_len=128)
+    healthy = [[11, 12, 13], [20, 21, 22, 23]]
+    alone = [e.embedding for e in llm.embed(healthy)]
+    with pytest.raises(RuntimeError, match=r"request 'offline-3' failed: .* NaN or infinite values"):
+        llm.embed([healthy[0], [5, POISON, 9]])
+    assert not llm.engine.has_unfinished_requests() and llm.engine.stats().kv_blocks_used == 0
+    engine = llm.engine
+    engine.add_embedding_request("bad", [5, POISON, 9])
+    for i, prompt in enumerate(healthy):
+        engine.add_embedding_request(f"ok-{i}", prompt)
+    embeddings, failures = {}, {}
+    while engine.has_unfinished_requests():
+        engine.step_tokens()
+        embeddings.update((e.request_id, e.embedding) for e in engine.take_embeddings())
+        failures.update(engine.take_failures())
+    assert set(failures) == {"bad"} and set(embeddings) == {"ok-0", "ok-1"}
+    for i, vector in enumerate(alone):  # batched differently: equal up to rounding
+        torch.testing.assert_close(torch.tensor(embeddings[f"ok-{i}"]), torch.tensor(vector), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("broken_row", [
     pytest.param(lambda row: row.fill_(float("nan")), id="nan"),
     pytest.param(lambda row: row.fill_(float("-inf")), id="all-minus-inf"),

@@ -1,7 +1,8 @@
 """Offline batch generation, shaped like vLLM's `LLM` for its users."""
 
+import contextlib
 import itertools
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable, Iterator, Sequence as Seq
 
 from kvserve.workers.engine.config import EngineConfig
 from kvserve.workers.engine.outputs import EmbeddingOutput, RequestOutput
@@ -51,15 +52,11 @@ class LLM:
         ids = self._add_all(prompts, lambda request_id, prompt, i: self.engine.add_request(
             request_id, prompt, params[i], lora_name=adapters[i]))
         finished: dict[str, RequestOutput] = {}
-        try:
+        with self._aborted_on_failure(ids):
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
                     if output.finished:
                         finished[output.request_id] = output
-        except Exception:  # a request failed midway: none of this call's stays behind
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            raise
         return [finished[i] for i in ids]
 
     def embed(self, prompts: Prompt | Seq[Prompt]) -> list[EmbeddingOutput]:
@@ -67,10 +64,23 @@ class LLM:
         ids = self._add_all(_prompt_list(prompts), lambda request_id, prompt, _: self.engine.add_embedding_request(
             request_id, prompt))
         finished: dict[str, EmbeddingOutput] = {}
-        while self.engine.has_unfinished_requests():
-            self.engine.step()
-            finished.update((e.request_id, e) for e in self.engine.take_embeddings())
+        with self._aborted_on_failure(ids):
+            while self.engine.has_unfinished_requests():
+                self.engine.step()
+                finished.update((e.request_id, e) for e in self.engine.take_embeddings())
         return [finished[i] for i in ids]
+
+    @contextlib.contextmanager
+    def _aborted_on_failure(self, ids: list[str]) -> Iterator[None]:
+        """If a request fails midway (the step raises), none of `ids` stays behind in the engine,
+        nor an embedding of theirs that the failing step finished."""
+        try:
+            yield
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            self.engine.take_embeddings()
+            raise
 
     def _add_all(self, prompts: list[Prompt], add: Callable[[str, str | list[int], int], None]) -> list[str]:
         """Each prompt's request id, once `add(request_id, prompt, index)` queued them all; if one

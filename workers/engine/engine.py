@@ -1,5 +1,6 @@
 """The engine: requests in, one scheduled forward pass per step, tokens and outputs back."""
 
+import math
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -396,6 +397,11 @@ class LLMEngine:
             seq.pooled.add(row)
             if seq.num_computed_tokens == seq.num_tokens:
                 vector = seq.pooled.vector(seq.num_tokens, self.config.normalize_embeddings)
+                if not all(map(math.isfinite, vector)):
+                    self._failures.append((seq.request_id, "the model's hidden states for this prompt hold NaN or "
+                                                           "infinite values: it has no embedding"))
+                    self.abort_request(seq.request_id)
+                    continue
                 self._embeddings.append(
                     EmbeddingOutput(seq.request_id, vector, seq.num_tokens, seq.num_cached_prompt_tokens))
                 self._finish(seq, FinishReason.STOP)
