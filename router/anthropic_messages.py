@@ -131,7 +131,7 @@ class MessagesRequest(_Strict):
     @model_validator(mode="after")
     def _budget_below_max_tokens(self):
         budget = self.thinking.budget_tokens if self.thinking else None
-        if budget is not None and budget >= self.max_tokens:
+        if budget is not None and self.max_tokens is not None and budget >= self.max_tokens:
             raise ValueError(f"thinking.budget_tokens ({budget}) must be less than max_tokens ({self.max_tokens})")
         return self
 
@@ -189,6 +189,12 @@ class MessagesRequest(_Strict):
             if text or not any(isinstance(block, ToolResultBlock) for block in blocks):
                 messages.append({"role": "user", "content": text})
         return messages
+
+
+class TokenCountRequest(MessagesRequest):
+    """`POST /v1/messages/count_tokens`: a request's prompt, to count; nothing is generated."""
+
+    max_tokens: int | None = Field(None, ge=1)
 
 
 def _stop_reason(finish_reason: str | None, stop_reason: str | int | None) -> tuple[str | None, str | None]:

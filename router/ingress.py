@@ -22,7 +22,7 @@ from kvserve.router.openai_schema import (
     ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest, LoadLoRAAdapterRequest,
     RerankRequest, ScoreRequest, TokenizeRequest, UnloadLoRAAdapterRequest,
 )
-from kvserve.router.anthropic_messages import MessageBuilder, MessagesRequest
+from kvserve.router.anthropic_messages import MessageBuilder, MessagesRequest, TokenCountRequest
 from kvserve.router.openai_responses import ResponseBuilder, ResponsesRequest
 from kvserve.router.response_store import get_or_create_store
 from kvserve.router.responses import cosine, embeddings_body, rerank_body, score_body
@@ -218,6 +218,14 @@ class Ingress:
         if body.stream:
             return StreamingResponse(builder.events(run.chunks()), media_type="text/event-stream", headers=headers)
         return JSONResponse(builder.from_chat(await run.collect()), headers=headers)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(self, body: TokenCountRequest) -> dict:
+        """Anthropic's: the tokens of a Messages request's prompt, through the chat template."""
+        chat = body.chat_request()
+        model, _ = await self._model(chat.model)
+        ids = await model.token_ids(model.chat_prompt(chat), chat.add_special_tokens)
+        return {"input_tokens": len(ids)}
 
     @app.get("/v1/responses/{response_id}")
     async def stored_response(self, response_id: str) -> dict:

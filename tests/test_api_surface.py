@@ -234,6 +234,15 @@ def test_reasoning_effort_reaches_the_chat_template_from_every_api(server, clien
                                        reasoning_effort="extreme")
 
 
+def test_anthropic_token_count_is_the_prompt_a_message_sends(claude, model_name):
+    args = dict(model=model_name, system="Be brief.", messages=[{"role": "user", "content": "Hello"}],
+                tools=[{"name": "forecast", "input_schema": WEATHER}])
+    counted = claude.messages.count_tokens(**args)
+    sent = claude.messages.create(max_tokens=2, **args)
+    assert counted.input_tokens == sent.usage.input_tokens + sent.usage.cache_read_input_tokens
+    assert claude.messages.count_tokens(model=model_name, messages=args["messages"]).input_tokens < counted.input_tokens
+
+
 def test_anthropic_output_format_is_a_structured_output(claude, model_name):
     message = claude.messages.create(model=model_name, max_tokens=120, messages=[{"role": "user", "content": "Order"}],
                                      output_config={"format": {"type": "json_schema",

@@ -88,6 +88,7 @@ class TestIngress:
         ("POST", "/score", {"text_1": "hi", "text_2": "ho"}),
         ("POST", "/rerank", {"query": "hi", "documents": ["ho"]}),
         ("POST", "/v2/rerank", {"query": "hi", "documents": ["ho"]}),
+        ("POST", "/v1/messages/count_tokens", {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}),
     ])
     def test_v1_and_tokenizer_routes_need_the_key(self, server, method, route, body):
         base, _ = server
