@@ -121,7 +121,7 @@ def test_responses_structured_output_and_refusals(server, client, model_name):
     parsed = client.responses.parse(model=model_name, input=[{"role": "user", "content": "One order, please."}],
                                     text_format=Order, max_output_tokens=200, temperature=1.0, extra_body={"seed": 2})
     assert isinstance(parsed.output_parsed, Order)
-    for body, param in (({"reasoning": {"effort": "low"}}, "reasoning"),
+    for body, param in (({"reasoning": {"effort": "enormous"}}, "reasoning.effort"),
                         ({"max_output_tokens": 0}, "max_output_tokens"),
                         ({"input": []}, "input"), ({"input": [{"type": "input_image"}]}, "input[0]"),
                         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].function_call.call_id")):
