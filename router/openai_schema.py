@@ -43,6 +43,23 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`, the newer home of its `guided_*` fields: one of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def spec_fields(self) -> dict:
+        fields = {"json_schema": self.json_, "json_object": self.json_object or None, "regex": self.regex,
+                  "choice": self.choice, "grammar": self.grammar}
+        return {name: value for name, value in fields.items() if value is not None}
+
+
 class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
@@ -152,6 +169,7 @@ class _SamplingFields(_CacheFields):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     speculative: bool = True
     _structured: StructuredOutputSpec | None = PrivateAttr(None)
 
@@ -171,6 +189,7 @@ class _SamplingFields(_CacheFields):
             "guided_regex": {"regex": self.guided_regex} if self.guided_regex is not None else None,
             "guided_choice": {"choice": self.guided_choice} if self.guided_choice is not None else None,
             "guided_grammar": {"grammar": self.guided_grammar} if self.guided_grammar is not None else None,
+            "structured_outputs": self.structured_outputs.spec_fields() if self.structured_outputs else None,
         }
         return {param: fields for param, fields in constraints.items() if fields is not None}
 

@@ -5,6 +5,7 @@ replica of its own (not test_serving's two): their traffic would leave those rep
 and working sets uneven for that module's routing tests."""
 
 import json
+import re
 
 import anthropic
 import httpx
@@ -250,6 +251,27 @@ def test_anthropic_output_format_is_a_structured_output(claude, model_name):
     [block] = message.content
     Order.model_validate_json(block.text)
     assert message.stop_reason == "end_turn"
+
+
+def test_vllms_structured_outputs_field(client, model_name):
+    """vLLM's `structured_outputs` (json, regex, choice, grammar, json_object): one of them."""
+    chat = dict(model=model_name, messages=[{"role": "user", "content": "Pick"}], max_tokens=120, temperature=1.0,
+                seed=4)
+    choices = ["red", "green", "blue"]
+    picked = client.chat.completions.create(**chat, extra_body={"structured_outputs": {"choice": choices}})
+    assert picked.choices[0].message.content in choices
+    ordered = client.chat.completions.create(
+        **chat, extra_body={"structured_outputs": {"json": Order.model_json_schema()}})
+    Order.model_validate_json(ordered.choices[0].message.content)
+    digits = client.completions.create(model=model_name, prompt="Call", max_tokens=12, temperature=1.0,
+                                       extra_body={"structured_outputs": {"regex": "[0-9]{3}-[0-9]{4}"}})
+    assert re.fullmatch("[0-9]{3}-[0-9]{4}", digits.choices[0].text)
+    for extra in ({"structured_outputs": {"regex": "a+", "choice": ["a"]}}, {"structured_outputs": {}},
+                  {"structured_outputs": {"choice": ["a"]}, "guided_regex": "a+"},
+                  {"structured_outputs": {"whitespace_pattern": " "}}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**chat, extra_body=extra)
+        assert "structured_outputs" in str(refused.value), extra
 
 
 def test_score_and_rerank_are_cosines_of_the_embeddings(server, model_name, offline):
