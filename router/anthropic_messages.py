@@ -90,8 +90,8 @@ class ToolChoice(_Strict):
 
 
 class ThinkingConfig(_Strict):
-    """Whether the model thinks first: the chat template's `enable_thinking` (Qwen3's name). The
-    budget is not held apart from `max_tokens`, which bounds thinking and answer together."""
+    """Whether the model thinks first: the chat template's `enable_thinking` (Qwen3's name);
+    `budget_tokens` is chat's `thinking_token_budget` (with `serving.reasoning_parser`)."""
 
     type: Literal["enabled", "disabled", "adaptive"]
     budget_tokens: int | None = Field(None, ge=1)
@@ -143,6 +143,8 @@ class MessagesRequest(_Strict):
         }
         if self.stream:
             fields["stream_options"] = {"include_usage": True}
+        if self.thinking is not None and self.thinking.type == "enabled":
+            fields["thinking_token_budget"] = self.thinking.budget_tokens
         template_variables = self._template_variables()
         if template_variables:
             fields["chat_template_kwargs"] = template_variables

@@ -490,11 +490,19 @@ class ChatCompletionRequest(_ChatTemplateFields, _SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     add_special_tokens: bool = False  # vLLM's: the template writes the special tokens itself
+    thinking_token_budget: int | None = Field(None, ge=0)  # vLLM's: with serving.reasoning_parser
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    @model_validator(mode="after")
+    def _budget_can_end_the_thinking(self):
+        if self.thinking_token_budget is not None and (self.allowed_token_ids is not None or self.bad_words):
+            raise refusal("thinking_token_budget", "thinking_token_budget cannot be used with allowed_token_ids or "
+                                                   "bad_words: they may ban the token that ends the thinking")
         return self
 
     def requested_max_tokens(self) -> int | None:

@@ -23,7 +23,8 @@ from kvserve.router.tool_parsers import FORMATS, format_for_model
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.lora_registry import get_or_create_registry
 from kvserve.workers.protocol import (
-    BlockHash, EmbeddingOutput, EmbedRequest, GenerateRequest, RequestRefused, SamplingParams, prompt_length_problem,
+    BlockHash, EmbeddingOutput, EmbedRequest, GenerateRequest, RequestRefused, SamplingParams, ThinkingBudget,
+    prompt_length_problem,
 )
 
 LLM_DEPLOYMENT = "LLMServer"
@@ -225,17 +226,25 @@ class ServedModel:
         self._check_token_ids(body.allowed_token_ids or [], "allowed_token_ids")
 
     def after_thinking(self, sampling: SamplingParams, prompt: Prompt, body: ChatCompletionRequest) -> SamplingParams:
-        """`sampling` with its structured output (asked for by `body`) holding only after the
-        thinking of a reasoning model (`serving.reasoning_parser`): the output is free up to
-        the thinking's end token, unless the prompt closed the thinking already."""
-        if self.settings.reasoning_parser is None or sampling.structured is None or thinking_closed(prompt.text):
+        """`sampling` for a reasoning model (`serving.reasoning_parser`) whose output starts with
+        its thinking (the prompt did not close it): its structured output holds only after the
+        thinking's end token, and `thinking_token_budget` bounds the thinking. Without a
+        reasoning parser there is no thinking to place a grammar after or to bound."""
+        budget = body.thinking_token_budget
+        if (self.settings.reasoning_parser is None or thinking_closed(prompt.text)
+                or (sampling.structured is None and budget is None)):
             return sampling
         if self.thinking_end is None:
-            raise bad_request(f"a structured output of a reasoning model (serving.reasoning_parser "
+            raise bad_request(f"a reasoning model's structured output or thinking budget (serving.reasoning_parser "
                               f"{self.settings.reasoning_parser!r}) needs {CLOSE!r} to be one token of its "
-                              "vocabulary, and this tokenizer has no such token", body.output_constraint())
-        structured = sampling.structured.model_copy(update={"after_token_id": self.thinking_end})
-        return sampling.model_copy(update={"structured": structured})
+                              "vocabulary, and this tokenizer has no such token",
+                              body.output_constraint() or "thinking_token_budget")
+        update = {}
+        if sampling.structured is not None:
+            update["structured"] = sampling.structured.model_copy(update={"after_token_id": self.thinking_end})
+        if budget is not None:
+            update["thinking_budget"] = ThinkingBudget(end_token_id=self.thinking_end, max_tokens=budget)
+        return sampling.model_copy(update=update)
 
     def check_dimensions(self, body: EmbeddingRequest) -> None:
         if body.dimensions is not None and body.dimensions > self.settings.hidden_size:

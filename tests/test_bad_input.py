@@ -239,7 +239,7 @@ def test_thinking_turned_off_leaves_the_whole_output_an_answer(server):
     assert "".join(d.get("content") or "" for d in deltas) == answer["content"]
     assert not any(d.get("reasoning_content") for d in deltas)
     for setting, content in (({"type": "disabled"}, [{"type": "text", "text": answer["content"]}]),
-                             ({"type": "enabled", "budget_tokens": 4},
+                             ({"type": "adaptive"},
                               [{"type": "thinking", "thinking": thinking["reasoning_content"], "signature": ""}])):
         reply = server.post("/v1/messages", json={"model": name, **body, "thinking": setting}).json()
         assert reply.get("content") == content, reply
@@ -261,6 +261,28 @@ def test_a_reasoning_models_structured_output_holds_after_its_thinking(server):
         message = server.post(CHAT, json={**body, **extra}).json()["choices"][0]["message"]
         assert json.loads(message["content"]) in ({"ok": True}, {"ok": False})
         assert not message.get("reasoning_content")
+
+
+def test_a_thinking_token_budget_ends_the_thinking(server):
+    """vLLM's thinking_token_budget (and Anthropic's thinking.budget_tokens): the thinking, which
+    the bias would keep going, ends after that many tokens, and the answer follows."""
+    name = server.get("/v1/models").json()["data"][0]["id"]
+    [think_end] = server.post("/tokenize", json={"prompt": "</think>", "add_special_tokens": False}).json()["tokens"]
+    body = chat(max_tokens=10, temperature=0, logit_bias={str(think_end): -100})
+    endless = server.post(CHAT, json=body).json()["choices"][0]["message"]
+    assert endless["content"] is None
+    bounded = server.post(CHAT, json={**body, "thinking_token_budget": 3}).json()["choices"][0]["message"]
+    assert endless["reasoning_content"].startswith(bounded["reasoning_content"]) and bounded["content"]
+    assert server.post("/tokenize", json={"prompt": bounded["reasoning_content"], "add_special_tokens": False}
+                       ).json()["count"] <= 3
+    unbiased = {k: v for k, v in body.items() if k != "logit_bias"}  # the Messages API has no logit_bias
+    chat_bounded = server.post(CHAT, json={**unbiased, "thinking_token_budget": 3}).json()["choices"][0]["message"]
+    messages = {"model": name, **unbiased, "thinking": {"type": "enabled", "budget_tokens": 3}}
+    reply = server.post("/v1/messages", json=messages).json()
+    assert reply["content"] == [{"type": "thinking", "thinking": chat_bounded["reasoning_content"], "signature": ""},
+                                {"type": "text", "text": chat_bounded["content"]}]
+    refused = server.post(CHAT, json={**body, "thinking_token_budget": 3, "bad_words": ["x"]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "thinking_token_budget"
 
 
 # -- fuzz ----------------------------------------------------------------------------------

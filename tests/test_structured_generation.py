@@ -8,7 +8,7 @@ import re
 import jsonschema
 import pytest
 
-from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams, ThinkingBudget
 from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 from kvserve.workers.llm import LLM
 
@@ -83,6 +83,30 @@ def test_a_grammar_after_a_token_holds_from_the_token_after_it(llm):
     with pytest.raises(ValueError, match="after_token_id 512 is outside the vocabulary"):
         llm.generate(["Order:"], never.model_copy(update={"structured": StructuredOutputSpec(
             json_object=True, after_token_id=512)}))
+
+
+def test_a_thinking_budget_ends_the_thinking_and_the_grammar_follows(llm):
+    """A thinking that would not end (its end token biased away) is ended at its budget: the
+    tokens before are those it thinks without a budget, the end is forced once, and a grammar
+    waiting for the end then holds."""
+    think_end = llm.engine.tokenizer.convert_tokens_to_ids("</think>")
+    endless = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={think_end: -100.0})
+    [free] = llm.generate(["Order:"], endless)
+    assert think_end not in free.outputs[0].token_ids
+    for budget in (0, 5):
+        bounded = endless.model_copy(update={"thinking_budget": ThinkingBudget(end_token_id=think_end,
+                                                                               max_tokens=budget)})
+        assert bounded.reads_tokens
+        tokens = llm.generate(["Order:"], bounded)[0].outputs[0].token_ids
+        assert tokens[:budget] == free.outputs[0].token_ids[:budget]
+        assert tokens[budget] == think_end and tokens.count(think_end) == 1 and len(tokens) == 12
+    answered = SamplingParams(temperature=1.0, seed=3, max_tokens=300, logit_bias={think_end: -100.0},
+                              thinking_budget=ThinkingBudget(end_token_id=think_end, max_tokens=4),
+                              structured=StructuredOutputSpec(json_schema=ORDER, after_token_id=think_end))
+    [output] = llm.generate(["Order:"], answered)
+    tokens = output.outputs[0].token_ids
+    assert tokens[4] == think_end and output.outputs[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(llm.engine.tokenizer.decode(tokens[5:], skip_special_tokens=True)), ORDER)
 
 
 def test_guided_and_plain_requests_share_a_batch(llm):

@@ -25,14 +25,15 @@ from kvserve.workers.engine.outputs import (
 )
 from kvserve.workers.engine.prompt_checks import Overloaded, prompt_length_problem
 from kvserve.workers.engine.retention import DEFAULT_RETENTION_PRIORITY, KVRetention, RetentionRange
-from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.engine.sampling_params import SamplingParams, ThinkingBudget
 from kvserve.workers.engine.structured_spec import StructuredOutputSpec
 
 __all__ = [
     "DEFAULT_RETENTION_PRIORITY", "AllBlocksCleared", "BlockHash", "BlockRemoved", "BlockSnapshot", "BlockStored", "EmbedRequest", "EmbeddingOutput",
     "EngineStats", "GenerateRequest", "GrammarTimings", "Heartbeat", "HostTierStats", "HubNews", "KVCursor", "KVEvent",
     "KVEventBatch", "KVRetention", "OutputDelta", "PromptLogprobs", "ReplicaNews", "ReplicaRegistration", "RequestRefused", "RetentionRange",
-    "SampleDelta", "SamplingParams", "SpeculativeStats", "StepCost", "StructuredOutputSpec", "TokenLogprobs",
+    "SampleDelta", "SamplingParams", "SpeculativeStats", "StepCost", "StructuredOutputSpec", "ThinkingBudget",
+    "TokenLogprobs",
     "prompt_length_problem",
 ]
 

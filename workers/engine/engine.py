@@ -239,6 +239,10 @@ class LLMEngine:
                 0 <= structured.after_token_id < self.vocab_size):
             raise ValueError(f"the structured output's after_token_id {structured.after_token_id} is outside the "
                              f"vocabulary (size {self.vocab_size})")
+        budget = params.thinking_budget
+        if budget is not None and budget.end_token_id >= self.vocab_size:
+            raise ValueError(f"the thinking budget's end_token_id {budget.end_token_id} is outside the vocabulary "
+                             f"(size {self.vocab_size})")
         allowed = params.allowed_token_ids
         if allowed is not None and max(allowed) >= self.vocab_size:
             raise ValueError(f"allowed_token_ids holds {max(allowed)}, outside the vocabulary (size {self.vocab_size})")

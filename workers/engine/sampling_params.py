@@ -44,6 +44,16 @@ def _shown(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
+class ThinkingBudget(BaseModel):
+    """A reasoning model's output opens with its thinking, which `end_token_id` ends: once
+    `max_tokens` output tokens hold no such token, the next one is that token."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    end_token_id: int = Field(ge=0)
+    max_tokens: int = Field(ge=0)
+
+
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -70,6 +80,7 @@ class SamplingParams(BaseModel):
     skip_special_tokens: bool = True
     structured: StructuredOutputSpec | None = None  # the grammar every output must follow
     speculative: bool = True  # False: never verify proposed tokens, where the engine speculates
+    thinking_budget: ThinkingBudget | None = None  # the output opens with thinking, at most this long
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -101,6 +112,9 @@ class SamplingParams(BaseModel):
             # Either may come to allow only a banned token.
             raise ValueError("bad_words cannot be used with allowed_token_ids or a structured output "
                              "(response_format or guided_*)")
+        if self.thinking_budget is not None and (self.bad_words or self.allowed_token_ids is not None):
+            # Either may ban the token that ends the thinking when the budget forces it.
+            raise ValueError("a thinking budget cannot be used with allowed_token_ids or bad_words")
         return self
 
     @property
@@ -110,8 +124,8 @@ class SamplingParams(BaseModel):
     @property
     def reads_tokens(self) -> bool:
         """Whether sampling reads the tokens so far (penalties count them; bad words look at
-        the output's last ones)."""
-        return self.uses_penalties or bool(self.bad_words)
+        the output's last ones; a thinking budget looks for the thinking's end)."""
+        return self.uses_penalties or bool(self.bad_words) or self.thinking_budget is not None
 
     @property
     def uses_penalties(self) -> bool:

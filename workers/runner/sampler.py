@@ -2,7 +2,8 @@
 
 Order of work, per row: tokens outside `allowed_token_ids` are masked, the last token of each
 bad word whose other tokens end the output, and stop tokens until `min_tokens`; `logit_bias`
-is added; repetition, frequency and presence penalties; then greedy rows take the argmax, and
+is added; repetition, frequency and presence penalties; a row whose thinking has used its
+budget can take only the token that ends it; then greedy rows take the argmax, and
 the others go through temperature, top-k, top-p and min-p before a draw. Each of these stages is a fixed number of tensor
 operations over all the rows that draw, whatever the batch: a row that does not use a stage
 gets the value that leaves it unchanged, and a stage that no row uses is skipped. Logprobs are
@@ -77,6 +78,7 @@ class SamplingRow:
     bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences its output may not end with
     draws: bool = field(init=False)  # not greedy
     penalized: bool = field(init=False)
+    thinking_over: bool = field(init=False)  # no thinking budget, or its thinking has ended
     # What a draw uses: temperature, top_k (0: off), top_p (inf: off), min_p, whether any of the
     # last three filters, the seed (0 when none) and whether there is one.
     draw_settings: tuple[float, int, float, float, bool, int, bool] = field(init=False)
@@ -85,6 +87,7 @@ class SamplingRow:
         p = self.params
         self.draws = not p.greedy
         self.penalized = p.uses_penalties
+        self.thinking_over = p.thinking_budget is None
         top_k = max(p.top_k, 0)
         # top_p 1.0 is off as well: the mass of a whole row may round to just below 1.
         top_p = p.top_p if p.top_p < 1.0 else math.inf
@@ -98,6 +101,15 @@ class SamplingRow:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    def thinking_due(self) -> bool:
+        """Whether its thinking has used up its budget without ending: the next token ends it.
+        The output is searched for the end only from the budget on, and never once it is found."""
+        budget = self.params.thinking_budget
+        if self.thinking_over or self.num_output_tokens < budget.max_tokens:
+            return False
+        self.thinking_over = budget.end_token_id in self.output_token_ids
+        return not self.thinking_over
 
 
 @dataclass(slots=True)
@@ -198,6 +210,7 @@ class _Plan:
     rows: list[SamplingRow]
     vocab: int
     min_tokens: list[int] = field(default_factory=list)  # the rows still under their min_tokens
+    thinking_ends: list[int] = field(default_factory=list)  # the rows whose thinking must end now
     biased: bool = False  # whether a row has a logit_bias
     restricted: bool = False  # whether a row has allowed_token_ids
     banning: list[int] = field(default_factory=list)  # the rows with bad words
@@ -207,6 +220,7 @@ class _Plan:
     _biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # `biases`, once worked out
     _allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # `allowed`, once worked out
     _with_min_tokens: list[int] = field(default_factory=list)
+    _with_thinking_budget: list[int] = field(default_factory=list)
     _drawing_rows: list[SamplingRow] = field(default_factory=list)
 
     @classmethod
@@ -223,9 +237,10 @@ class _Plan:
             logprobs=[i for i, row in enumerate(rows) if row.params.logprobs is not None],
             draws=_Draws.of(drawing, drawing_rows, vocab, ahead),
             _with_min_tokens=[i for i, row in enumerate(rows) if row.params.min_tokens],
+            _with_thinking_budget=[i for i, row in enumerate(rows) if not row.thinking_over],
             _drawing_rows=drawing_rows,
         )
-        plan._count_min_tokens()
+        plan._count_output_tokens()
         return plan
 
     def holds(self, rows: list[SamplingRow], vocab: int) -> bool:
@@ -248,12 +263,14 @@ class _Plan:
         """Only seeded draws read their counters."""
         if self.draws.uses("seed"):
             self.draws.count(self._drawing_rows)
-        self._count_min_tokens()
+        self._count_output_tokens()
 
-    def _count_min_tokens(self) -> None:
+    def _count_output_tokens(self) -> None:
         rows = self.rows
         self.min_tokens = [i for i in self._with_min_tokens
                            if len(rows[i].token_ids) - rows[i].num_prompt_tokens < rows[i].params.min_tokens]
+        if self._with_thinking_budget:
+            self.thinking_ends = [i for i in self._with_thinking_budget if rows[i].thinking_due()]
 
 
 @dataclass
@@ -337,6 +354,8 @@ class Sampler:
             logits[row_of, token_of] += bias
         if plan.penalties:
             _apply_penalties(logits, rows, plan.penalties)
+        if plan.thinking_ends:
+            _end_thinking(logits, rows, plan.thinking_ends)
         unusable = _unusable_rows(logits)
         sampled = SampledTokens(_choose(logits, plan.draws), rows, plan.logprobs, unusable=unusable)
         if raw_logprobs is not None:
@@ -425,6 +444,13 @@ def _mask_stop_tokens(
     if pairs:
         row_of, token_of = zip(*pairs)
         logits[_index(row_of, logits), _index(token_of, logits)] = _NEG_INF
+
+
+def _end_thinking(logits: torch.Tensor, rows: list[SamplingRow], ending: list[int]) -> None:
+    """The rows in `ending` can take only the token that ends their thinking."""
+    index = _index(ending, logits)
+    logits[index] = _NEG_INF
+    logits[index, _index([rows[i].params.thinking_budget.end_token_id for i in ending], logits)] = 0.0
 
 
 def _mask_bad_words(logits: torch.Tensor, rows: list[SamplingRow], banning: list[int]) -> None:
