@@ -210,10 +210,6 @@ class _SamplingFields(_CacheFields):
             self._structured = structured_spec(param, fields)
         return self
 
-    def output_constraint(self) -> str | None:
-        """The parameter that asks for the request's structured output, if one does."""
-        return next(iter(self._output_constraints()), None)
-
     def retention(self) -> KVRetention | None:
         return self.kv_retention.retention() if self.kv_retention is not None else None
 

@@ -228,23 +228,22 @@ class ServedModel:
     def after_thinking(self, sampling: SamplingParams, prompt: Prompt, body: ChatCompletionRequest) -> SamplingParams:
         """`sampling` for a reasoning model (`serving.reasoning_parser`) whose output starts with
         its thinking (the prompt did not close it): its structured output holds only after the
-        thinking's end token, and `thinking_token_budget` bounds the thinking. Without a
-        reasoning parser there is no thinking to place a grammar after or to bound."""
+        thinking's end token, and `thinking_token_budget` bounds the thinking. Both need that
+        token whole in the vocabulary; without it the grammar holds from the start, and a
+        budget is refused. Without a reasoning parser there is no thinking to bound."""
         budget = body.thinking_token_budget
-        if (self.settings.reasoning_parser is None or thinking_closed(prompt.text)
-                or (sampling.structured is None and budget is None)):
+        if self.settings.reasoning_parser is None or thinking_closed(prompt.text):
             return sampling
-        if self.thinking_end is None:
-            raise bad_request(f"a reasoning model's structured output or thinking budget (serving.reasoning_parser "
-                              f"{self.settings.reasoning_parser!r}) needs {CLOSE!r} to be one token of its "
-                              "vocabulary, and this tokenizer has no such token",
-                              body.output_constraint() or "thinking_token_budget")
+        if budget is not None and self.thinking_end is None:
+            raise bad_request(f"thinking_token_budget needs {CLOSE!r} to be one token of the model's vocabulary "
+                              "(it is forced when the budget runs out), and this tokenizer has no such token",
+                              "thinking_token_budget")
         update = {}
-        if sampling.structured is not None:
+        if sampling.structured is not None and self.thinking_end is not None:
             update["structured"] = sampling.structured.model_copy(update={"after_token_id": self.thinking_end})
         if budget is not None:
             update["thinking_budget"] = ThinkingBudget(end_token_id=self.thinking_end, max_tokens=budget)
-        return sampling.model_copy(update=update)
+        return sampling.model_copy(update=update) if update else sampling
 
     def check_dimensions(self, body: EmbeddingRequest) -> None:
         if body.dimensions is not None and body.dimensions > self.settings.hidden_size:
