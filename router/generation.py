@@ -25,6 +25,7 @@ class RequestTimer:
         self.model = model
         self.start = time.perf_counter()
         self.last_token_at: float | None = None
+        self.done = False
 
     def tokens_arrived(self, replica: str) -> None:
         now = time.perf_counter()
@@ -35,6 +36,7 @@ class RequestTimer:
         self.last_token_at = now
 
     def finished(self, replica: str, status: str) -> None:
+        self.done = True
         metrics.E2E.labels(self.model, replica).observe(time.perf_counter() - self.start)
         metrics.REQUESTS.labels(self.model, replica, status).inc()
 
@@ -128,12 +130,19 @@ class Generation:
             self.timers[prompt_index].finished(replica, "ok")
         return touched
 
+    def _failed(self, error: OpenAIError) -> OpenAIError:
+        """`error`, once each prompt that had not finished is counted as ended by it."""
+        for timer, first in zip(self.timers, self.firsts):
+            if not timer.done:
+                timer.finished(first.replica, error.code or error.type)
+        return error
+
     async def collect(self) -> dict:
         try:
             async for i, delta in self._deltas():
                 self._fold(i, delta)
         except Exception as error:
-            raise engine_error(error) from error
+            raise self._failed(engine_error(error)) from error
         choices = [self._final_choice(c) for c in self.choices]
         body = completion_body(self.request_id, self.model_name, choices, self.usage, self.chat)
         if self.chat and self.body.prompt_logprobs is not None:
@@ -211,7 +220,7 @@ class Generation:
                         chunk["prompt_logprobs"] = self._vllm_prompt_logprobs(i)
                     yield chunk
         except Exception as error:
-            raise engine_error(error) from error
+            raise self._failed(engine_error(error)) from error
         if self.body.include_usage_in_stream:
             yield chunk_body(self.request_id, model, [], self.usage, self.chat)
 

@@ -197,9 +197,17 @@ def test_a_step_that_raises_fails_its_requests_and_the_replica_serves_on(server)
     wait_until_idle(server)
 
 
+def failed_requests(base: str) -> float:
+    """kvserve_requests_total of requests that ended in an internal error, over all replicas."""
+    text = httpx.get(f"{base}/metrics").text
+    return sum(float(v) for v in re.findall(r'^kvserve_requests_total\{[^}]*status="internal_error"[^}]*\} (\S+)$',
+                                            text, re.M))
+
+
 def test_nan_logits_fail_their_request_alone_and_the_replica_serves_on(server):
     wait_for_replicas(server)
     before = set(replica_actors())
+    failed = failed_requests(server)
 
     async def together():
         async with httpx.AsyncClient(timeout=30) as client:
@@ -213,6 +221,7 @@ def test_nan_logits_fail_their_request_alone_and_the_replica_serves_on(server):
     assert error["type"] == "internal_error"
     assert "the model failed this request" in error["message"] and "output token 3 of sample 0 hold NaN" in error["message"]
     assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12 for r in healthy)
+    assert failed_requests(server) == failed + 1  # counted though it failed after its first tokens
     assert set(replica_actors()) == before and running_replicas() == 2
     wait_until_idle(server)
 
