@@ -3,10 +3,10 @@ that raises, a wedged engine, a burst far beyond capacity, and a replica behind 
 max_queue_wait_s.
 
 Faults are injected by `FaultyServer`, an `LLMServer` whose model raises, never returns,
-slows down or gives NaN logits on prompts that start with a marker; the rest of the application (ingress, router,
-deployment options) is `build_app`'s own. `build_app` is handed the subclass by swapping
-the name it deploys in this driver only: Serve pickles the class it is given, so the
-replicas run the subclass and nothing in the package changes."""
+slows down or gives NaN logits on prompts that start with a marker; the rest of the
+application (ingress, router, deployment options) is `build_app`'s own. `build_app` is handed
+the subclass by swapping the name it deploys in this driver only: Serve pickles the class it
+is given, so the replicas run the subclass and nothing in the package changes."""
 
 import asyncio
 import json

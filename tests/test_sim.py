@@ -155,7 +155,8 @@ def test_closed_loop_sessions_send_each_turn_its_gap_after_the_answer_it_holds()
         assert job.arrival_s == pytest.approx(previous.finish_s + job.item.after_s)
         assert job.first_token_s > job.arrival_s
     # a session's first request in the run (its history from before it) goes out as generated
-    assert all(job.arrival_s == job.item.arrival_s for job in jobs if job.item.after not in {j.item.reply for j in jobs})
+    replies = {job.item.reply for job in jobs}
+    assert all(job.arrival_s == job.item.arrival_s for job in jobs if job.item.after not in replies)
     summary = summarize(jobs, 2.0, None)
     assert summary["served"] == len(items)
     assert summary["ttft_p50_s"] < 0.5
