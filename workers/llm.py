@@ -72,8 +72,8 @@ class LLM:
 
     @contextlib.contextmanager
     def _aborted_on_failure(self, ids: list[str]) -> Iterator[None]:
-        """If a request fails midway (the step raises), none of `ids` stays behind in the engine,
-        nor an embedding of theirs that the failing step finished."""
+        """If adding or stepping raises (a request refused, or failed midway), none of `ids` stays
+        behind in the engine, nor an embedding of theirs that the failing step finished."""
         try:
             yield
         except Exception:
@@ -86,11 +86,7 @@ class LLM:
         """Each prompt's request id, once `add(request_id, prompt, index)` queued them all; if one
         is refused (ValueError), none stays queued."""
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        try:
+        with self._aborted_on_failure(ids):
             for i, (request_id, prompt) in enumerate(zip(ids, prompts)):
                 add(request_id, _prompt_input(prompt), i)
-        except ValueError:
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-            raise
         return ids
