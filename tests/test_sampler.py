@@ -6,6 +6,7 @@ import torch
 
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.engine.sequence import Sequence
+from kvserve.workers.runner import sampler as sampler_module
 from kvserve.workers.runner.sampler import Sampler, SamplingRow
 
 VOCAB = 64
@@ -41,6 +42,16 @@ def frequencies(tokens: list[int], vocab: int) -> list[float]:
     return [tokens.count(token) / len(tokens) for token in range(vocab)]
 
 
+@pytest.fixture(params=["host_check", "sync_free"])
+def top_p_path(request, monkeypatch):
+    """Both ways the sampler filters top-p: by rejection, with a host check of the draws (on the
+    CPU), and by sorting every top-p row, with nothing read back (on a device, where the check
+    would stall the next step's scheduling), the latter run here on the CPU."""
+    if request.param == "sync_free":
+        monkeypatch.setattr(sampler_module, "_sync_stalls", lambda device: True)
+    return request.param
+
+
 def test_greedy_is_argmax():
     logits = torch.randn(8, VOCAB)
     out = sample(logits, [row(temperature=0) for _ in range(8)])
@@ -53,7 +64,7 @@ def test_top_k_of_one_is_greedy():
     assert sample(logits, [row(top_k=1) for _ in range(8)]).token_ids == logits.argmax(dim=-1).tolist()
 
 
-def test_tiny_top_p_keeps_only_the_most_likely_token():
+def test_tiny_top_p_keeps_only_the_most_likely_token(top_p_path):
     logits = torch.randn(200, VOCAB)
     assert sample(logits, [row(top_p=1e-9) for _ in range(200)]).token_ids == logits.argmax(dim=-1).tolist()
 
@@ -71,11 +82,11 @@ def test_tiny_top_p_keeps_only_the_most_likely_token():
         ({}, {0, 1, 2, 3}),
     ],
 )
-def test_filters_keep_exactly_the_expected_tokens(params, kept):
+def test_filters_keep_exactly_the_expected_tokens(params, kept, top_p_path):
     assert set(draws(PROBS, 2000, **params)) == kept
 
 
-def test_filters_apply_per_row_in_a_mixed_batch():
+def test_filters_apply_per_row_in_a_mixed_batch(top_p_path):
     settings = [{"top_k": 2}, {}, {"min_p": 0.5}, {"top_p": 0.85}, {"temperature": 0}]
     kept = [{0, 1}, {0, 1, 2, 3}, {0, 1}, {0, 1, 2}, {0}]
     rows = [row(**settings[i % 5]) for i in range(2000)]
@@ -92,12 +103,23 @@ def test_top_k_keeps_every_token_tied_with_the_kth_even_past_the_window():
     assert tokens <= {0, *range(100, 500)} and len(tokens) > 350
 
 
-def test_top_p_keeps_every_token_tied_with_the_one_that_reaches_it():
+def test_top_p_within_top_k_keeps_the_ties_that_run_past_the_window(top_p_path):
+    logits = torch.full((WIDE,), -30.0)
+    logits[0] = math.log(0.2)
+    logits[100:500] = math.log(0.002)  # 400 tokens tied with the second: top_k=2 keeps them all
+    # Under top-k the tied tokens hold 0.8 of 1.0: top_p=0.9 reaches past the most likely token
+    # into the ties, and keeps them all.
+    tokens = set(draws_from(logits, 4000, top_k=2, top_p=0.9))
+    assert tokens <= {0, *range(100, 500)} and len(tokens) > 350
+    assert set(draws_from(logits, 500, top_k=2, top_p=0.1)) == {0}
+
+
+def test_top_p_keeps_every_token_tied_with_the_one_that_reaches_it(top_p_path):
     # The mass reaches 0.5 at token 1 or 2, whichever comes first: both are kept.
     assert set(draws([0.4, 0.2, 0.2, 0.1, 0.1], 2000, top_p=0.5)) == {0, 1, 2}
 
 
-def test_a_wide_nucleus_is_kept_whole():
+def test_a_wide_nucleus_is_kept_whole(top_p_path):
     logits = torch.full((WIDE,), -20.0)
     logits[:512] = torch.linspace(0.0, -0.01, 512)  # nearly flat
     kept = int((logits.double().softmax(dim=-1).cumsum(dim=-1) < 0.9).sum()) + 1
@@ -374,3 +396,26 @@ def test_logprobs_are_those_of_the_raw_logits():
     assert out.logprobs[1] is None and out.top_logprobs[1] is None
     assert out.top_logprobs[2] == []
     assert len(out.top_logprobs[3]) == 20 and out.top_logprobs[3][0][0] == out.token_ids[3]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_drawing_on_cuda_reads_nothing_back_before_the_tokens():
+    """Every filter, seeded or not, draws on the device without a host sync (which would stall
+    the scheduling of the next step), and keeps the same tokens as on the CPU."""
+    settings = [{}, {"temperature": 0}, {"top_k": 2}, {"top_p": 0.85}, {"top_k": 3, "top_p": 0.5},
+                {"min_p": 0.5}, {"top_p": 0.75}, {"top_k": 3, "min_p": 0.25, "top_p": 0.9}]
+    kept = [{0, 1, 2, 3}, {0}, {0, 1}, {0, 1, 2}, {0}, {0, 1}, {0, 1}, {0, 1, 2}]
+    # Every other round of the settings seeded, each row with its own seed.
+    rows = [row(seed=i if i // len(settings) % 2 else None, **settings[i % len(settings)])
+            for i in range(400 * len(settings))]
+    logits = torch.tensor(PROBS).log().repeat(len(rows), 1).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampled = Sampler().sample(logits, rows, (EOS,))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tokens = sampled.output().token_ids
+    for k in range(len(settings)):
+        assert set(tokens[k::len(settings)]) == kept[k], settings[k]

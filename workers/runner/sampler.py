@@ -161,6 +161,10 @@ class _Draws:
         """The positions of the draws with top-k."""
         return self._kept("with_top_k", lambda: [i for i, k in enumerate(self.top_k) if k])
 
+    def with_top_p(self) -> list[int]:
+        """The positions of the draws with top-p."""
+        return self._kept("with_top_p", lambda: [i for i, p in enumerate(self.top_p) if p < 1.0])
+
     def uses(self, stage: str) -> bool:
         """Whether any draw scales by its temperature ("temperature"), has top-p, min-p, a seed
         ("seed") or none ("no_seed")."""
@@ -178,9 +182,13 @@ class _Draws:
             self._seed_streams = seed_streams(self.seeds)
         return self._seed_streams
 
-    def window(self, vocab: int) -> int:
+    def window(self, vocab: int, device: torch.device) -> int:
         """How many of the largest logits the top-k rows look at: k + 1, to tell whether ties
-        with their k-th logit run past the window."""
+        with their k-th logit run past the window. With top-p on a device, the whole row:
+        telling which rows' ties run past would wait for the step (a host sync), which holds
+        back the scheduling of the next one, and a device sorts a whole row quickly."""
+        if _sync_stalls(device) and self.uses("top_p"):
+            return vocab
         return min(max(self.top_k) + 1, vocab)
 
     def subset(self, positions: list[int]) -> "_Draws":
@@ -551,7 +559,7 @@ def _sample_top_k(logits: torch.Tensor, draws: _Draws) -> torch.Tensor:
     found among their k + 1 largest probabilities, unless ties with the k-th run past them; then
     each row draws from the probabilities at or above its floor."""
     probs = logits.softmax(dim=-1)
-    floor = _floor(probs, _descending(probs, draws.window(logits.shape[1])), draws)
+    floor = _floor(probs, _descending(probs, draws.window(logits.shape[1], probs.device)), draws)
     return draw_weights(probs.mul_(_at_least(probs, floor)), _uniforms(draws, logits.device)[0])
 
 
@@ -581,11 +589,23 @@ def _draw_nucleus(weights: torch.Tensor, mass_limit: torch.Tensor, draws: _Draws
     likely token; inf where a row has no top-p). Every row draws from its whole row; a draw in
     the nucleus is kept (conditioned on that, it follows the nucleus' renormalised
     distribution), and the few rows whose draw is not find their nucleus by sorting and draw
-    again from it."""
+    again from it. On a device every row draws from its sorted nucleus instead: finding the
+    rows to draw again would wait for the step (a host sync), which holds back the scheduling of
+    the next one."""
+    if _sync_stalls(weights.device):
+        rows = draws.with_top_p()
+        if len(rows) == len(weights):
+            _keep_nucleus(weights, mass_limit)
+        else:
+            index = _index(rows, weights)
+            nucleus = weights[index]
+            _keep_nucleus(nucleus, mass_limit[index])
+            weights[index] = nucleus
+        return draw_weights(weights, _uniforms(draws, weights.device)[0])
     uniforms = _uniforms(draws, weights.device, rounds=2)
     tokens = draw_weights(weights, uniforms[0])
     outside = _outside_nucleus(weights, weights.gather(1, tokens[:, None]), mass_limit)
-    if len(outside):  # a host sync
+    if len(outside):
         tokens[outside] = _sorted_nucleus_draw(weights[outside], mass_limit[outside], uniforms[1, outside])
     return tokens
 
@@ -601,13 +621,24 @@ def _outside_nucleus(weights: torch.Tensor, drawn_weight: torch.Tensor, mass_lim
 
 def _sorted_nucleus_draw(weights: torch.Tensor, mass_limit: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """The draw from each row's nucleus, found by sorting the row (`weights` is changed)."""
+    _keep_nucleus(weights, mass_limit)
+    # One running sum per row: these are the few rows drawn again, so its memory stays small.
+    cumulative = weights.cumsum(dim=-1, dtype=torch.float64)
+    return torch.searchsorted(cumulative, uniforms[:, None] * cumulative[:, -1:], right=True).squeeze(1)
+
+
+def _sync_stalls(device: torch.device) -> bool:
+    """Whether reading a value back on `device` waits for the step's queued work, which holds
+    back the scheduling of the next step (async scheduling): everywhere but on the CPU."""
+    return device.type != "cpu"
+
+
+def _keep_nucleus(weights: torch.Tensor, mass_limit: torch.Tensor) -> None:
+    """Zero the weights outside each row's nucleus (`_draw_nucleus` says which), by sorting."""
     descending = _descending(weights)
     mass_above = descending.cumsum(dim=-1) - descending
     smallest_kept = descending.masked_fill(mass_above >= mass_limit, math.inf).amin(dim=-1, keepdim=True)
     weights.masked_fill_(weights < smallest_kept, 0.0)
-    # One running sum per row: these are the few rows drawn again, so its memory stays small.
-    cumulative = weights.cumsum(dim=-1, dtype=torch.float64)
-    return torch.searchsorted(cumulative, uniforms[:, None] * cumulative[:, -1:], right=True).squeeze(1)
 
 
 def _descending(values: torch.Tensor, width: int | None = None) -> torch.Tensor:
@@ -644,7 +675,7 @@ def _top_p_floor(probs: torch.Tensor, values: torch.Tensor, kth: torch.Tensor, d
     floor = _nucleus_floor(values * _at_least(values, kth), top_p)
     if values.shape[1] < probs.shape[1]:
         unsettled = (top_p < 1.0) & (kth == values[:, -1:])
-        rows = unsettled.squeeze(1).nonzero().squeeze(1)  # a host sync
+        rows = unsettled.squeeze(1).nonzero().squeeze(1)  # a host sync: on the CPU only (`window`)
         if len(rows):
             descending = _descending(probs[rows])
             floor[rows] = _nucleus_floor(descending * _at_least(descending, kth[rows]), top_p[rows])
