@@ -81,8 +81,8 @@ STEPS = (
         gpu_args=("-q", "-m", "gpu", *GPU_TEST_FILES),
         dry_args=("-q", "-m", "gpu", *GPU_TEST_FILES),
         what="the gpu-marked tests: kernels at real sizes, graph capture and replay, no host sync inside a "
-             "decode step nor in the sampler's filters, profiled KV sizing (with a draft model's weights and KV cache beside the pool), prompt "
-             "logprobs on the device",
+             "decode step nor in the sampler's filters, profiled KV sizing (with a draft model's weights and KV "
+             "cache beside the pool), prompt logprobs on the device",
     ),
     Step(
         name="kernels", cap_s=35, module=CLI,

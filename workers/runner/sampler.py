@@ -186,7 +186,7 @@ class _Draws:
         """How many of the largest logits the top-k rows look at: k + 1, to tell whether ties
         with their k-th logit run past the window. With top-p on a device, the whole row:
         telling which rows' ties run past would wait for the step (a host sync), which holds
-        back the scheduling of the next one, and a device sorts a whole row quickly."""
+        back the scheduling of the next one."""
         if _sync_stalls(device) and self.uses("top_p"):
             return vocab
         return min(max(self.top_k) + 1, vocab)
@@ -582,6 +582,12 @@ def _at_least(values: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
     return (values - floor).sign_().add_(1.0).clamp_(max=1.0)
 
 
+def _sync_stalls(device: torch.device) -> bool:
+    """Whether reading a value back on `device` waits for the step's queued work, which holds
+    back the scheduling of the next step (async scheduling): everywhere but on the CPU."""
+    return device.type != "cpu"
+
+
 def _draw_nucleus(weights: torch.Tensor, mass_limit: torch.Tensor, draws: _Draws) -> torch.Tensor:
     """Top-p by rejection over `weights`. A token belongs to the nucleus when the weight of the
     tokens strictly more likely than it is below its row's `mass_limit` (top_p of the row's whole
@@ -625,12 +631,6 @@ def _sorted_nucleus_draw(weights: torch.Tensor, mass_limit: torch.Tensor, unifor
     # One running sum per row: these are the few rows drawn again, so its memory stays small.
     cumulative = weights.cumsum(dim=-1, dtype=torch.float64)
     return torch.searchsorted(cumulative, uniforms[:, None] * cumulative[:, -1:], right=True).squeeze(1)
-
-
-def _sync_stalls(device: torch.device) -> bool:
-    """Whether reading a value back on `device` waits for the step's queued work, which holds
-    back the scheduling of the next step (async scheduling): everywhere but on the CPU."""
-    return device.type != "cpu"
 
 
 def _keep_nucleus(weights: torch.Tensor, mass_limit: torch.Tensor) -> None:
