@@ -70,7 +70,7 @@ class KVScorer:
             position = self.follower.positions(ranked).get(replica)
             if position is not None:
                 self._note_send(replica, float(uncached[position]))
-        if self.options.decode_steps_ahead:
+        if self.options.decode_steps_ahead or self.options.seed_idle_replicas:
             self.conversations.sent(self.follower.clock(), block_hashes)
         stats = self.follower.stats.get(replica)
         self.working_sets.add(replica, block_hashes, limit=2 * stats.kv_blocks_total if stats else None)
@@ -162,6 +162,8 @@ class KVScorer:
         else:
             decode_steps = self._decode_steps_ahead(block_hashes, matched)
             costs = self._seconds(replicas, figures, uncached, side_tokens, ours, decode_steps)
+            if self._seeds_an_idle_replica(block_hashes, matched, depths, figures):
+                costs = self._idle_first(costs, figures, ours, self.follower.known_mask(replicas))
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
         order = self._order(costs, ahead, loads, fills)
@@ -202,6 +204,29 @@ class KVScorer:
         later_turns = self.conversations.later_turns(self.follower.routers)
         uneven = self.follower.decode_dispersion() - 1
         return self.options.decode_steps_ahead * min(max(uneven, 0.0), 1.0) * min(later_turns, 1.0)
+
+    def _seeds_an_idle_replica(self, block_hashes: list[BlockHash], matched: dict[str, int], depths: np.ndarray,
+                               figures: np.ndarray) -> bool:
+        """Whether the request starts a conversation, where conversations have later turns, on a
+        prefix that replicas hold (`depths`: their cached blocks of it) and every deepest holder
+        has sequences running (`options.seed_idle_replicas`)."""
+        if (not self.options.seed_idle_replicas or not matched or not self._starts_conversation(matched)
+                or self.conversations.continues(block_hashes)
+                or not self.conversations.later_turns(self.follower.routers)):
+            return False
+        holders = depths == depths.max()
+        return bool((figures[holders, RUNNING] > 0).all())
+
+    @staticmethod
+    def _idle_first(costs: np.ndarray, figures: np.ndarray, ours: np.ndarray, known: np.ndarray) -> np.ndarray:
+        """`costs` with every `known` replica that caches nothing and runs or waits on nothing
+        (as its heartbeat and our own sends tell) made the cheapest."""
+        idle = known & (figures[:, OCCUPIED] == 0) & (figures[:, REPORTED] == 0) & (ours == 0) & (figures[:, TOTAL] > 0)
+        if not idle.any():
+            return costs
+        seeded = costs.copy()
+        seeded[idle] = costs.min() - 1.0
+        return seeded
 
     @staticmethod
     def _starts_conversation(matched: dict[str, int]) -> bool:

@@ -33,6 +33,13 @@ class RouterOptions(BaseModel):
         "later turns will follow it there. Scaled down to nothing where conversations have no later turns (one "
         "request each) or where the replicas' decoding load, averaged over 30 s, is no more uneven than random "
         "placement leaves it (variance at most the mean); 0: place every request for its first token only")
+    seed_idle_replicas: bool = Field(
+        True, description="kv, `cost_unit: seconds`: where conversations have later turns, a request that starts "
+        "one on a shared prefix (a system prompt, a tool context) whose holders all have sequences running goes to a "
+        "replica that caches nothing and runs nothing, if there is one. A cost that counts only the request's own "
+        "first token never pays a shared prefix's prefill on an empty replica, so a cluster larger than the holders "
+        "of its few shared prefixes would leave the others idle for good; the conversation placed there makes it a "
+        "holder, and later conversations find an idle holder more often (false: never)")
     waiting_work_charge: float = Field(
         1.0, ge=0, description="kv, `cost_unit: seconds`: while requests wait on the replicas for room, a request's "
         "prefill on a replica (its uncached tokens, the blocks it pushes out) is charged again this many times the "

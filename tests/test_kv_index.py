@@ -281,6 +281,40 @@ def test_in_seconds_a_new_conversation_goes_where_it_will_decode_and_a_continued
     assert first_choice(uneven, turn, holdings={"busy": history, "quiet": system}) == "busy"
 
 
+def test_in_seconds_a_new_conversation_seeds_an_idle_replica_when_every_holder_is_busy():
+    """A cluster larger than the holders of its shared prefix: a conversation that starts on
+    the prefix goes to a replica that caches and runs nothing, though its prefill is longer
+    there, while every holder has sequences running; not where a holder is idle, nor for a later
+    turn, nor where conversations have no later turns, nor with `seed_idle_replicas` off."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    system, other = list(range(32)), list(range(900, 932))
+    start = system + list(range(200, 216))
+
+    def first_choice(prompt: list[int], holder_running: int = 3, later_turns: bool = True,
+                     spare_holds: list[int] = (), history: list[int] = (),
+                     options: RouterOptions = EXACT_SECONDS) -> str:
+        names = ["holder", "second", "spare"]
+        holdings = {"holder": list(history) or system, "second": system, "spare": list(spare_holds)}
+        stats = {"holder": timed(pool_stats(100), 0, running=holder_running),
+                 "second": timed(pool_stats(100), 0, running=2), "spare": timed(pool_stats(100), 0)}
+        scorer = KVScorer(follower_with(holdings, stats), BLOCK, options)
+        earlier = list(range(500, 540))
+        scorer.record("second", hash_block_chain(earlier, BLOCK))
+        if later_turns:
+            scorer.record("second", hash_block_chain(earlier + list(range(600, 620)), BLOCK))
+        return names[scorer.rank(names, hash_block_chain(prompt, BLOCK), len(prompt))[0][0]]
+
+    assert first_choice(start) == "spare"  # 48 tokens to compute there, 16 on a holder
+    assert first_choice(start, holder_running=0) == "holder"  # a holder is idle: it takes it
+    assert first_choice(start, later_turns=False) in ("holder", "second")
+    assert first_choice(start, spare_holds=other) in ("holder", "second")  # it caches something already
+    assert first_choice(start, options=EXACT_SECONDS.model_copy(update={"seed_idle_replicas": False})) in (
+        "holder", "second")
+    history = system + list(range(200, 216)) + list(range(300, 320))
+    assert first_choice(history + list(range(400, 408)), history=history) == "holder"  # a later turn stays
+
+
 def test_the_decode_load_is_averaged_over_heartbeats_and_its_spread_measured():
     from kvserve.router.kv_follower import DECODE_LOAD_WINDOW_S
 
