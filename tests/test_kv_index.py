@@ -292,10 +292,10 @@ def test_in_seconds_a_new_conversation_seeds_an_idle_replica_when_every_holder_i
     start = system + list(range(200, 216))
 
     def first_choice(prompt: list[int], holder_running: int = 3, later_turns: bool = True,
-                     spare_holds: list[int] = (), history: list[int] = (),
+                     spare_holds: list[int] | None = None, history: list[int] | None = None,
                      options: RouterOptions = EXACT_SECONDS) -> str:
         names = ["holder", "second", "spare"]
-        holdings = {"holder": list(history) or system, "second": system, "spare": list(spare_holds)}
+        holdings = {"holder": history or system, "second": system, "spare": spare_holds or []}
         stats = {"holder": timed(pool_stats(100), 0, running=holder_running),
                  "second": timed(pool_stats(100), 0, running=2), "spare": timed(pool_stats(100), 0)}
         scorer = KVScorer(follower_with(holdings, stats), BLOCK, options)
