@@ -88,6 +88,9 @@ def test_bench_routers_runs_the_offload_setups_side_by_side():
     args = parser.parse_args(["--cost-unit", "tokens", "seconds"])
     assert setups(args, "kv") == [Setup(160, 0.0, 0.8, cost_unit="tokens"), Setup(160, 0.0, 0.8, cost_unit="seconds")]
     assert setups(args, "pow2") == [Setup(160, 0.0, 0.8)]
+    args = parser.parse_args(["--seed-idle-replicas", "on", "off"])
+    assert setups(args, "kv") == [Setup(160, 0.0, 0.8), Setup(160, 0.0, 0.8, seed_idle_replicas=False)]
+    assert Setup(160, 0.0, 0.8, seed_idle_replicas=False).name == "160 blocks, seed idle replicas off"
 
 
 def test_bench_routers_lora_workload_gives_each_adapter_its_system_prompt_and_kv_both_costs():

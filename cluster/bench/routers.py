@@ -8,7 +8,8 @@ measured with the tier off and on, and against a pool that holds everything, in 
 The `lora` workload (not run by default) serves `--loras` random PEFT adapters on the base
 model, each request under one of them with that adapter's system prompt; its setups for the
 `kv` policy differ in `lora_load_cost_tokens` (0: the router ignores where adapters are).
-`--cost-unit tokens seconds` runs the `kv` policy once with each `router_options.cost_unit`.
+`--cost-unit tokens seconds` runs the `kv` policy once with each `router_options.cost_unit`,
+`--seed-idle-replicas on off` once with and once without `router_options.seed_idle_replicas`.
 
 With `--trace-out`, each workload's requests (but the `lora` one's) are also written as a
 Mooncake trace, for the simulator (`kvserve bench sim --trace`) to replay the same traffic."""
@@ -53,6 +54,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help="kv policy, lora workload: the cost of loading an adapter, each value a setup of its own")
     parser.add_argument("--cost-unit", nargs="+", choices=["tokens", "seconds"], default=[RouterOptions().cost_unit],
                         help="kv policy: what its costs count, each value a setup of its own")
+    parser.add_argument("--seed-idle-replicas", nargs="+", choices=["on", "off"],
+                        default=["on" if RouterOptions().seed_idle_replicas else "off"],
+                        help="kv policy: router_options.seed_idle_replicas, each value a setup of its own")
     parser.add_argument("--unbounded-kv-blocks", type=int,
                         help="also run each policy first with a pool this large and no host tier, the reference")
     parser.add_argument("--out", default="bench-routers", help="prefix of the .jsonl and .png written")
@@ -74,13 +78,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 @dataclass(frozen=True)
 class Setup:
     """One deployment's cache: device pool blocks, host tier GiB, the kv policy's host credit,
-    its cost of loading a LoRA adapter and the unit of its costs."""
+    its cost of loading a LoRA adapter, the unit of its costs and whether it seeds idle replicas."""
 
     kv_blocks: int
     kv_offload_gib: float
     host_block_credit: float
     lora_load_cost_tokens: int = RouterOptions().lora_load_cost_tokens
     cost_unit: str = RouterOptions().cost_unit
+    seed_idle_replicas: bool = RouterOptions().seed_idle_replicas
 
     @property
     def name(self) -> str:
@@ -88,13 +93,16 @@ class Setup:
         lora = (f", LoRA load cost {self.lora_load_cost_tokens}"
                 if self.lora_load_cost_tokens != RouterOptions().lora_load_cost_tokens else "")
         unit = f", cost in {self.cost_unit}" if self.cost_unit != RouterOptions().cost_unit else ""
-        return f"{self.kv_blocks} blocks{tier}{lora}{unit}"
+        seeding = (f", seed idle replicas {'on' if self.seed_idle_replicas else 'off'}"
+                   if self.seed_idle_replicas != RouterOptions().seed_idle_replicas else "")
+        return f"{self.kv_blocks} blocks{tier}{lora}{unit}{seeding}"
 
 
 def setups(args: argparse.Namespace, policy: str) -> list[Setup]:
     """The reference pool if asked, then every host tier size over `kv_blocks`, and for the kv
     policy with a host tier, every credit (the credit changes nothing elsewhere); for the kv
-    policy under the lora workload, every LoRA load cost; for the kv policy, every cost unit."""
+    policy under the lora workload, every LoRA load cost; for the kv policy, every cost unit
+    and each way of seeding idle replicas."""
     default_credit = RouterOptions().host_block_credit
     runs = [Setup(args.unbounded_kv_blocks, 0.0, default_credit)] if args.unbounded_kv_blocks else []
     for gib in args.kv_offload_gib:
@@ -104,6 +112,7 @@ def setups(args: argparse.Namespace, policy: str) -> list[Setup]:
         runs = [replace(run, lora_load_cost_tokens=cost) for run in runs for cost in args.lora_load_cost_tokens]
     if policy == "kv":
         runs = [replace(run, cost_unit=unit) for run in runs for unit in args.cost_unit]
+        runs = [replace(run, seed_idle_replicas=seeding == "on") for run in runs for seeding in args.seed_idle_replicas]
     return runs
 
 
@@ -125,7 +134,8 @@ def _config(args: argparse.Namespace, model: str, adapters: dict[str, str], poli
                     "replica_cpus": 1, "max_ongoing_requests": 256,
                     "router_options": {"host_block_credit": setup.host_block_credit,
                                        "lora_load_cost_tokens": setup.lora_load_cost_tokens,
-                                       "cost_unit": setup.cost_unit}},
+                                       "cost_unit": setup.cost_unit,
+                                       "seed_idle_replicas": setup.seed_idle_replicas}},
     })
 
 
