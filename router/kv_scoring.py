@@ -160,9 +160,9 @@ class KVScorer:
         if self.options.cost_unit == "tokens":
             costs = uncached + self.options.load_cost_tokens * loads + side_tokens
         else:
-            decode_steps = self._decode_steps_ahead(block_hashes, matched)
-            costs = self._seconds(replicas, figures, uncached, side_tokens, ours, decode_steps)
-            if self._seeds_an_idle_replica(block_hashes, matched, depths, figures):
+            later_turns = self._later_turns_of_a_start(block_hashes, matched)
+            costs = self._seconds(replicas, figures, uncached, side_tokens, ours, self._decode_steps_ahead(later_turns))
+            if self._seeds_an_idle_replica(later_turns, matched, depths, figures):
                 costs = self._idle_first(costs, figures, ours, self.follower.known_mask(replicas))
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
@@ -189,7 +189,17 @@ class KVScorer:
                                             costs[group]))]
         return order
 
-    def _decode_steps_ahead(self, block_hashes: list[BlockHash], matched: dict[str, int]) -> float:
+    def _later_turns_of_a_start(self, block_hashes: list[BlockHash], matched: dict[str, int]) -> float:
+        """For a request that starts a conversation, the later turns conversations have had
+        lately (`ConversationLog.later_turns`); 0 for any other request, or where neither rule
+        that places a conversation's start is on."""
+        options = self.options
+        if ((not options.decode_steps_ahead and not options.seed_idle_replicas)
+                or not self._starts_conversation(matched) or self.conversations.continues(block_hashes)):
+            return 0.0
+        return self.conversations.later_turns(self.follower.routers)
+
+    def _decode_steps_ahead(self, later_turns: float) -> float:
         """The decode steps of the request to charge against each replica's running sequences:
         `decode_steps_ahead` for a request that starts a conversation, where conversations have
         later turns and the replicas' decoding load has grown uneven; fewer as either fades.
@@ -197,22 +207,20 @@ class KVScorer:
         for its first token; and this spreads the conversations that share a prefix (a tool
         context) beyond the replicas that happen to hold it. Where the load is even already
         (conversations placed by their first token land about at random), the first token alone
-        decides: a start sent away from its cached prefix would only be slower."""
-        if (not self.options.decode_steps_ahead or not self._starts_conversation(matched)
-                or self.conversations.continues(block_hashes)):
+        decides: a start sent away from its cached prefix would only be slower. `later_turns`:
+        `_later_turns_of_a_start`'s."""
+        if not self.options.decode_steps_ahead or not later_turns:
             return 0.0
-        later_turns = self.conversations.later_turns(self.follower.routers)
         uneven = self.follower.decode_dispersion() - 1
         return self.options.decode_steps_ahead * min(max(uneven, 0.0), 1.0) * min(later_turns, 1.0)
 
-    def _seeds_an_idle_replica(self, block_hashes: list[BlockHash], matched: dict[str, int], depths: np.ndarray,
+    def _seeds_an_idle_replica(self, later_turns: float, matched: dict[str, int], depths: np.ndarray,
                                figures: np.ndarray) -> bool:
-        """Whether the request starts a conversation, where conversations have later turns, on a
-        prefix that replicas hold (`depths`: their cached blocks of it) and every deepest holder
-        has sequences running (`options.seed_idle_replicas`)."""
-        if (not self.options.seed_idle_replicas or not matched or not self._starts_conversation(matched)
-                or self.conversations.continues(block_hashes)
-                or not self.conversations.later_turns(self.follower.routers)):
+        """Whether the request starts a conversation, where conversations have later turns
+        (`later_turns`: `_later_turns_of_a_start`'s), on a prefix that replicas hold (`depths`:
+        their cached blocks of it) and every deepest holder has sequences running
+        (`options.seed_idle_replicas`)."""
+        if not self.options.seed_idle_replicas or not later_turns or not matched:
             return False
         holders = depths == depths.max()
         return bool((figures[holders, RUNNING] > 0).all())
