@@ -17,8 +17,18 @@ from kvserve.router.kv_scoring import KVScorer
 from kvserve.router.options import Policy, RouterOptions
 
 
+# How long a choice not yet followed by its send counts as in flight (a request cancelled
+# while it waited for a replica is never sent).
+UNSENT_CHOICE_S = 5.0
+
+
 class KVAwareRouter(RequestRouter):
-    """Ranks replicas with `KVScorer` over the local copy of the KV index (no remote call)."""
+    """Ranks replicas with `KVScorer` over the local copy of the KV index (no remote call).
+
+    Serve routes the requests that wait together one after another, with no pause between,
+    and reports each send only after the last is routed: a choice counts as in flight on the
+    replica chosen as soon as it is made, or the whole burst would go where the first did.
+    The send moves the count where the request really went (the first choice may be full)."""
 
     def initialize_state(self, block_size: int, kv_event_hubs: int = 1, **options):
         self.block_size = block_size
@@ -27,6 +37,7 @@ class KVAwareRouter(RequestRouter):
         self.follower: KVIndexFollower | None = None
         self.scorer: KVScorer | None = None
         self.known: set[str] = set()
+        self.unsent: dict[str, tuple[float, str]] = {}  # request id -> (chosen when, replica counted)
 
     def _scorer(self) -> KVScorer:
         if self.scorer is None:
@@ -50,14 +61,36 @@ class KVAwareRouter(RequestRouter):
         scorer = self._scorer()
         order, reason = scorer.rank(ids, hashes, num_tokens, priority, lora_name)
         scorer.record(ids[order[0]], hashes, lora_name)
+        if pending_request is not None:
+            self._count_choice(pending_request.metadata.internal_request_id, ids[order[0]])
         routing_metrics.record_decision("kv", reason, time.perf_counter() - start)
         return [[candidate_replicas[k]] for k in order]
 
+    def _count_choice(self, request_id: str, replica: str) -> None:
+        """Count `replica` as running request `request_id` until its send is reported; a
+        request chosen for again (its replicas were full) moves its count."""
+        scorer, now = self.scorer, time.monotonic()
+        for stale in [r for r, (at, _) in self.unsent.items() if at < now - UNSENT_CHOICE_S]:
+            scorer.request_completed(self.unsent.pop(stale)[1])
+        if request_id in self.unsent:
+            scorer.request_completed(self.unsent.pop(request_id)[1])
+        self.unsent[request_id] = (now, replica)
+        scorer.request_sent(replica)
+
     def on_send_request(self, replica_id: ReplicaID) -> None:
         # Serve calls this for every request sent (on_request_routed only under its
-        # strict max_ongoing_requests mode); on_request_completed balances it.
+        # strict max_ongoing_requests mode); on_request_completed balances it. The send does
+        # not say which request it carries: the oldest choice of this replica, else the
+        # oldest choice anywhere (it went to a later one in its ranking), was this one.
         super().on_send_request(replica_id)
-        self._scorer().request_sent(replica_id.unique_id)
+        replica, scorer = replica_id.unique_id, self._scorer()
+        choice = next((r for r, (_, chosen) in self.unsent.items() if chosen == replica), None)
+        if choice is not None:
+            del self.unsent[choice]
+            return
+        if self.unsent:
+            scorer.request_completed(self.unsent.pop(next(iter(self.unsent)))[1])
+        scorer.request_sent(replica)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         self._scorer().request_completed(replica_id.unique_id)

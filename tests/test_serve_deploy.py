@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from ray.serve.schema import ServeDeploySchema
 from kvserve.cluster.config import parse_config
 from kvserve.workers.engine.sampling_params import SamplingParams
 from kvserve.workers.llm import LLM
+from kvserve.workers.models.distributed import free_port
 
 CPU_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve-cpu.yaml"
 SERVE_CONFIGS = sorted(CPU_CONFIG.parent.glob("serve-*.yaml"))
@@ -52,19 +52,11 @@ WORKER_PORTS = 48
 
 def free_ports(count: int) -> list[int]:
     """`count` distinct TCP ports free now, none in Ray's default worker range."""
-    held, ports = [], []
-    try:
-        while len(ports) < count:
-            sock = socket.socket()
-            held.append(sock)
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-            if port not in RAY_DEFAULT_WORKER_PORTS:
-                ports.append(port)
-        return ports
-    finally:
-        for sock in held:
-            sock.close()
+    ports = set()
+    while len(ports) < count:
+        if (port := free_port()) not in RAY_DEFAULT_WORKER_PORTS:
+            ports.add(port)
+    return list(ports)
 
 
 def isolated_env(home: Path) -> dict:

@@ -11,13 +11,17 @@ import jsonschema
 import openai
 import pytest
 import ray
+from ray import serve
+from ray.serve import context as serve_context
 from request_shapes import WEATHER, Order, random_tokens
 from transformers import AutoTokenizer
 
 from kvserve.cluster.bench.routers import routing_decisions
+from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
 from kvserve.workers.kv_event_hub import hub_name
 from kvserve.workers.llm import LLM
 from kvserve.workers.engine.sampling_params import SamplingParams
+from kvserve.workers.protocol import GenerateRequest
 
 APP = "kvtest"
 ENGINE = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 160, "max_model_len": 256}
@@ -292,6 +296,32 @@ def test_a_hot_holder_sheds_load_to_the_other_replica(server, model_name):
         results = list(pool.map(lambda i: completion_with_header(server, model_name, prefix + [i], 120), range(12)))
     replicas = [r for r, _ in results]
     assert holder in replicas and len(set(replicas)) == 2
+
+
+def test_a_burst_waiting_together_spreads_past_the_holder(server):
+    """Serve's request router routes the requests that wait together one after another and
+    tells the policy of each send only once the burst is routed. From the driver's own handle
+    all twelve wait at once: each choice must count as load as soon as it is made."""
+    prefix = random_tokens(96, seed=12)
+    llm = serve.get_deployment_handle("LLMServer", APP)
+    sampling = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+
+    def send(tail: int):
+        ids = prefix + [tail]
+        serve_context._set_request_context(_internal_request_id=f"burst-{tail}")
+        return llm.options(stream=True).generate.remote(GenerateRequest(
+            request_id=f"burst-{tail}", prompt_token_ids=ids, sampling=sampling, prompt="",
+            block_hashes=hash_block_chain(ids, 16), hash_check=hash_check_value(16), cache_salt=None,
+            priority=0, kv_retention=None, lora_name=None, lora_path=None))
+
+    holder = next(iter(send(1))).replica
+    time.sleep(0.6)
+    streams = [send(tail) for tail in range(2, 14)]
+    replicas = [next(iter(stream)).replica for stream in streams]
+    for stream in streams:
+        for _ in stream:
+            pass
+    assert holder in replicas and len(set(replicas)) == 2, replicas
 
 
 def metric(server, name: str) -> dict[str, float]:

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import time
 
 import httpx
@@ -23,7 +24,7 @@ from kvserve.cluster.app import build_app
 from kvserve.cluster.cli import build_parser, config_overrides, main
 from kvserve.cluster.config import load_config
 from kvserve.cluster.tiny_model import build_tiny_checkpoint
-from kvserve.workers.models.distributed import free_port
+from kvserve.workers.models.distributed import _ephemeral_ports, free_port
 from kvserve.workers.llm import LLM
 from kvserve.workers.engine.sampling_params import SamplingParams
 
@@ -67,6 +68,16 @@ def generate(llm: LLM, params: SamplingParams) -> list[list[list[int]]]:
 
 def live_placement_groups() -> list[str]:
     return [pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"]
+
+
+def test_a_free_port_is_bindable_and_never_one_the_kernel_hands_out_itself():
+    """Servers and rendezvous bind the port some time after it is picked: one from the
+    ephemeral range could meanwhile become an outgoing connection's source port."""
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and not ports & set(_ephemeral_ports())
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("", port))
 
 
 @pytest.mark.parametrize(

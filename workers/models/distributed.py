@@ -1,5 +1,6 @@
 """The tensor-parallel group of one engine: its collectives, and how a rank joins it."""
 
+import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,11 +37,37 @@ class TPGroup:
 SINGLE = TPGroup()
 
 
+# Above Ray's default worker ports (10002-19999), below the kernel's ephemeral range (where it
+# picks outgoing connections' source ports, 32768 and up on Linux).
+LISTEN_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    """A TCP port free on this machine now, on every interface."""
+    """A TCP port free on this machine now, on every interface. Not one the kernel would pick
+    itself: that range also gives outgoing connections their source ports, and a busy process
+    (Ray opens many) may take the port before the caller binds it."""
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in random.sample(LISTEN_PORTS, 64) if p not in ephemeral]
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out as source ports (Linux; elsewhere its usual range)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 65536)
 
 
 def join_group(rank: int, size: int, master_addr: str, master_port: int, device: torch.device) -> TPGroup:
