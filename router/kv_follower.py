@@ -91,7 +91,7 @@ class KVIndexFollower:
 
     async def _follow_forever(self, hub_number: int) -> None:
         hub = None
-        while True:
+        while ray.is_initialized():  # after ray.shutdown() a Ray call would start a new cluster
             try:
                 hub = hub or ray.get_actor(hub_name(self.app_name, hub_number), namespace="kvserve")
                 asked_at = time.monotonic()

@@ -964,3 +964,20 @@ def test_scorer_order_sorts_by_cost_then_breaks_ties_as_one_full_sort_would():
         draws = np.random.default_rng(trial).random(n)
         expected = np.lexsort((draws, fills, loads, ahead, costs))
         assert scorer._order(costs, ahead, loads, fills).tolist() == expected.tolist()
+
+
+def test_a_follower_without_ray_stops_rather_than_start_a_cluster():
+    """Ray's calls start a local cluster when none is up: a follower outliving `ray.shutdown()`
+    (in a driver that held a handle of its own) must stop, not start one."""
+    import asyncio
+
+    import ray
+
+    async def follow() -> None:
+        follower = KVIndexFollower("no-such-app", 16)
+        follower.ensure_running()
+        await asyncio.wait_for(follower._tasks[0], 5)
+
+    assert not ray.is_initialized()
+    asyncio.run(follow())
+    assert not ray.is_initialized()

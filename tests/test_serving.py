@@ -300,27 +300,32 @@ def test_a_hot_holder_sheds_load_to_the_other_replica(server, model_name):
 
 def test_a_burst_waiting_together_spreads_past_the_holder(server):
     """Serve's request router routes the requests that wait together one after another and
-    tells the policy of each send only once the burst is routed. From the driver's own handle
-    all twelve wait at once: each choice must count as load as soon as it is made."""
-    prefix = random_tokens(96, seed=12)
-    llm = serve.get_deployment_handle("LLMServer", APP)
-    sampling = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    tells the policy of each send only once the burst is routed. From a handle of its own (in
+    a Ray task, as an application's code would hold one) all twelve wait at once: each choice
+    must count as load as soon as it is made."""
 
-    def send(tail: int):
-        ids = prefix + [tail]
-        serve_context._set_request_context(_internal_request_id=f"burst-{tail}")
-        return llm.options(stream=True).generate.remote(GenerateRequest(
-            request_id=f"burst-{tail}", prompt_token_ids=ids, sampling=sampling, prompt="",
-            block_hashes=hash_block_chain(ids, 16), hash_check=hash_check_value(16), cache_salt=None,
-            priority=0, kv_retention=None, lora_name=None, lora_path=None))
+    def send_burst(prefix: list[int]) -> tuple[str, list[str]]:
+        llm = serve.get_deployment_handle("LLMServer", APP)
+        sampling = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
 
-    holder = next(iter(send(1))).replica
-    time.sleep(0.6)
-    streams = [send(tail) for tail in range(2, 14)]
-    replicas = [next(iter(stream)).replica for stream in streams]
-    for stream in streams:
-        for _ in stream:
-            pass
+        def send(tail: int):
+            ids = prefix + [tail]
+            serve_context._set_request_context(_internal_request_id=f"burst-{tail}")
+            return llm.options(stream=True).generate.remote(GenerateRequest(
+                request_id=f"burst-{tail}", prompt_token_ids=ids, sampling=sampling, prompt="",
+                block_hashes=hash_block_chain(ids, 16), hash_check=hash_check_value(16), cache_salt=None,
+                priority=0, kv_retention=None, lora_name=None, lora_path=None))
+
+        holder = next(iter(send(1))).replica
+        time.sleep(0.6)
+        streams = [send(tail) for tail in range(2, 14)]
+        replicas = [next(iter(stream)).replica for stream in streams]
+        for stream in streams:
+            for _ in stream:
+                pass
+        return holder, replicas
+
+    holder, replicas = ray.get(ray.remote(send_burst).options(num_cpus=0).remote(random_tokens(96, seed=14)))
     assert holder in replicas and len(set(replicas)) == 2, replicas
 
 
