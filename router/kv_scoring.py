@@ -288,9 +288,8 @@ class KVScorer:
     def _unreported_tokens(self, replicas: list[str], in_flight_unreported: np.ndarray) -> np.ndarray:
         """Per replica, the uncached tokens of our latest sends there that its heartbeat has
         not counted: as many as we sent after that heartbeat arrived, or as we have in flight
-        there beyond the requests it reported, whichever is more. The first count holds from
-        the decision on; the second only once Serve counts the request in flight, which may be
-        after it has decided a whole burst."""
+        there beyond the requests it reported, whichever is more (the heartbeat's count holds
+        requests of other routers)."""
         unreported = in_flight_unreported
         since = self._sends_since_heartbeat()
         if since:
