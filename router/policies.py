@@ -70,9 +70,12 @@ class KVAwareRouter(RequestRouter):
         """Count `replica` as running request `request_id` until its send is reported; a
         request chosen for again (its replicas were full) moves its count."""
         scorer, now = self.scorer, time.monotonic()
-        while self.unsent and (oldest := next(iter(self.unsent.values())))[0] < now - UNSENT_CHOICE_S:
-            del self.unsent[next(iter(self.unsent))]  # the dict keeps the choices in the order made
-            scorer.request_completed(oldest[1])
+        while self.unsent:  # the dict keeps the choices in the order made: the oldest first
+            oldest, (chosen_at, chosen) = next(iter(self.unsent.items()))
+            if chosen_at >= now - UNSENT_CHOICE_S:
+                break
+            del self.unsent[oldest]
+            scorer.request_completed(chosen)
         if request_id in self.unsent:
             scorer.request_completed(self.unsent.pop(request_id)[1])
         self.unsent[request_id] = (now, replica)
