@@ -163,7 +163,7 @@ class KVScorer:
             later_turns = self._later_turns_of_a_start(block_hashes, matched)
             costs = self._seconds(replicas, figures, uncached, side_tokens, ours, self._decode_steps_ahead(later_turns))
             if self._seeds_an_idle_replica(later_turns, matched, depths, figures):
-                costs = self._idle_first(costs, figures, ours, self.follower.known_mask(replicas))
+                costs = self._idle_first(replicas, costs, figures, ours, side_tokens)
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
         order = self._order(costs, ahead, loads, fills)
@@ -216,20 +216,33 @@ class KVScorer:
 
     def _seeds_an_idle_replica(self, later_turns: float, matched: dict[str, int], depths: np.ndarray,
                                figures: np.ndarray) -> bool:
-        """Whether the request starts a conversation, where conversations have later turns
-        (`later_turns`: `_later_turns_of_a_start`'s), on a prefix that replicas hold (`depths`:
-        their cached blocks of it) and every deepest holder has sequences running
-        (`options.seed_idle_replicas`)."""
-        if not self.options.seed_idle_replicas or not later_turns or not matched:
+        """Whether the request goes first to a replica that caches and runs nothing, if there is
+        one (`options.seed_idle_replicas`): where no replica holds any of its prompt, or where it
+        starts a conversation, conversations having later turns (`later_turns`:
+        `_later_turns_of_a_start`'s), on a prefix that replicas hold (`depths`: their cached
+        blocks of it) and every deepest holder has sequences running.
+        A prompt no one holds is computed whole anywhere, and an empty idle replica is as quick
+        as any; but routers that jitter their costs would as often pick an idle replica that
+        holds another prefix, which then takes the later requests of both prefixes while the
+        empty one waits for work."""
+        if not self.options.seed_idle_replicas:
+            return False
+        if not matched:
+            return True
+        if not later_turns:
             return False
         holders = depths == depths.max()
         return bool((figures[holders, RUNNING] > 0).all())
 
-    @staticmethod
-    def _idle_first(costs: np.ndarray, figures: np.ndarray, ours: np.ndarray, known: np.ndarray) -> np.ndarray:
-        """`costs` with every `known` replica that caches nothing and runs or waits on nothing
-        (as its heartbeat and our own sends tell) made the cheapest."""
-        idle = known & (figures[:, OCCUPIED] == 0) & (figures[:, REPORTED] == 0) & (ours == 0) & (figures[:, TOTAL] > 0)
+    def _idle_first(self, replicas: list[str], costs: np.ndarray, figures: np.ndarray, ours: np.ndarray,
+                    side_tokens: np.ndarray | int) -> np.ndarray:
+        """`costs` with every spare replica made the cheapest: known, caching nothing, running
+        or waiting on nothing (as its heartbeat and our own sends tell), sent nothing by us
+        lately, and pushing out or loading no more than any other replica would
+        (`side_tokens`: a spare replica without the request's LoRA adapter is no spare)."""
+        idle = (self.follower.known_mask(replicas) & (figures[:, OCCUPIED] == 0) & (figures[:, REPORTED] == 0)
+                & (figures[:, QUEUED_TOKENS] == 0) & (ours == 0) & (figures[:, TOTAL] > 0)
+                & (self.working_sets.sizes(replicas) == 0) & (side_tokens <= np.min(side_tokens)))
         if not idle.any():
             return costs
         seeded = costs.copy()

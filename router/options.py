@@ -39,7 +39,9 @@ class RouterOptions(BaseModel):
         "replica that caches nothing and runs nothing, if there is one. A cost that counts only the request's own "
         "first token never pays a shared prefix's prefill on an empty replica, so a cluster larger than the holders "
         "of its few shared prefixes would leave the others idle for good; the conversation placed there makes it a "
-        "holder, and later conversations find an idle holder more often (false: never)")
+        "holder, and later conversations find an idle holder more often. A prompt no replica holds any of goes to "
+        "such a replica too: the jitter of several routers would otherwise put it as often on an idle replica "
+        "holding another prefix, which then takes the later requests of both (false: never)")
     waiting_work_charge: float = Field(
         1.0, ge=0, description="kv, `cost_unit: seconds`: while requests wait on the replicas for room, a request's "
         "prefill on a replica (its uncached tokens, the blocks it pushes out) is charged again this many times the "

@@ -315,6 +315,34 @@ def test_in_seconds_a_new_conversation_seeds_an_idle_replica_when_every_holder_i
     assert first_choice(history + list(range(400, 408)), history=history) == "holder"  # a later turn stays
 
 
+def test_a_prompt_no_replica_holds_goes_to_a_spare_replica_however_many_routers_jitter():
+    """Computed whole anywhere, a prompt no replica holds goes to a replica that caches and runs
+    nothing: with one router its tie-break does so already, and with several the jitter must
+    not send it as often to an idle replica holding another prefix, which would then take the
+    later requests of both. Not where the spare replica lacks the request's LoRA adapter and
+    another has it, nor with `seed_idle_replicas` off."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    names = ["busy", "idle", "spare"]
+    prompt = list(range(48))
+
+    def choices(routers: int, options: RouterOptions = RouterOptions(), lora_name: str | None = None) -> Counter:
+        with_adapter = dataclasses.replace(timed(pool_stats(100), 0), lora_adapters=("tuned",))
+        stats = {"busy": timed(pool_stats(100), 1, running=1), "idle": with_adapter, "spare": timed(pool_stats(100), 0)}
+        follower = follower_with({"busy": list(range(900, 932)), "idle": list(range(800, 832)), "spare": []}, stats)
+        follower.routers = routers
+        scorer = KVScorer(follower, BLOCK, options)
+        hashes = hash_block_chain(prompt, BLOCK, lora_name=lora_name)
+        return Counter(names[scorer.rank(names, hashes, len(prompt), lora_name=lora_name)[0][0]] for _ in range(200))
+
+    random.seed(5)  # the scorer draws from a generator it seeds from `random`
+    assert choices(routers=1) == {"spare": 200}
+    assert choices(routers=16) == {"spare": 200}
+    unseeded = choices(routers=16, options=RouterOptions(seed_idle_replicas=False))
+    assert unseeded["idle"] > 0 and unseeded["spare"] > 0  # within the jitter of each other
+    assert choices(routers=1, lora_name="tuned") == {"idle": 200}  # it saves loading the adapter
+
+
 def test_the_decode_load_is_averaged_over_heartbeats_and_its_spread_measured():
     from kvserve.router.kv_follower import DECODE_LOAD_WINDOW_S
 
@@ -481,7 +509,8 @@ def test_in_seconds_several_routers_spread_near_ties_and_keep_clear_choices():
 
     def choices(queues: dict[str, int], routers: int) -> Counter:
         stats = {name: timed(pool_stats(100), queued) for name, queued in queues.items()}
-        follower = follower_with(dict.fromkeys(queues, []), stats)
+        follower = follower_with({name: list(range(1000 + 100 * k, 1032 + 100 * k)) for k, name in enumerate(queues)},
+                                 stats)  # each holds a prefix of its own: none is a spare replica to seed
         follower.routers = routers  # as the hub counted its followers
         scorer = KVScorer(follower, BLOCK, RouterOptions())
         return Counter(list(queues)[scorer.rank(list(queues), hashes, len(prompt))[0][0]] for _ in range(300))
