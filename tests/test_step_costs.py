@@ -30,6 +30,22 @@ def test_the_fit_recovers_a_steps_cost_and_follows_a_change():
     assert fit.model().per_prefill_token_s == pytest.approx(4e-5, rel=0.05)
 
 
+def test_a_loose_coefficient_is_fitted_within_the_others_not_clipped():
+    """Two long prefills of about the same length, the rest decodes of one sequence (a
+    replica's first second of work): the steps say little of the cost per prompt token, and
+    the unconstrained fit gives it a negative slope. The nonnegative fit still predicts the
+    steps it saw; clipping that slope to 0 left a decode step predicted at 0.18 s."""
+    fit = StepCostFit(tokens_per_step=2048)
+    steps = [(2048, 0, 0.1252), (1966, 0, 0.1272)] + [(0, 1, 0.0147)] * MIN_STEPS
+    for prefill, decodes, seconds in steps:
+        fit.observe(prefill, decodes, seconds)
+    cost = fit.model()
+    assert min(cost.base_s, cost.per_prefill_token_s, cost.per_decode_seq_s) >= 0
+    for prefill, decodes, seconds in steps:
+        predicted = cost.base_s + cost.per_prefill_token_s * prefill + cost.per_decode_seq_s * decodes
+        assert predicted == pytest.approx(seconds, rel=0.05)
+
+
 def test_decode_steps_alone_report_no_cost():
     fit = StepCostFit(tokens_per_step=512)
     for _ in range(4 * MIN_STEPS):
