@@ -10,6 +10,9 @@ model, each request under one of them with that adapter's system prompt; its set
 `kv` policy differ in `lora_load_cost_tokens` (0: the router ignores where adapters are).
 `--cost-unit tokens seconds` runs the `kv` policy once with each `router_options.cost_unit`,
 `--seed-idle-replicas on off` once with and once without `router_options.seed_idle_replicas`.
+`--ingress N` serves through N ingress replicas, each routing its share of the requests as the
+routers of a larger deployment do (the routing decisions by reason are then not counted:
+each ingress replica's /metrics holds its own).
 
 With `--trace-out`, each workload's requests (but the `lora` one's) are also written as a
 Mooncake trace, for the simulator (`kvserve bench sim --trace`) to replay the same traffic."""
@@ -39,6 +42,7 @@ KV_BLOCKS, MAX_MODEL_LEN, BLOCK_SIZE = 160, 2048, 16  # a replica's engine, unle
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--ingress", type=int, default=1, help="ingress replicas, each a router of its own")
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--workloads", nargs="+", choices=[*WORKLOADS, LORA_WORKLOAD], default=WORKLOADS)
     parser.add_argument("--kv-blocks", type=int, default=KV_BLOCKS, help="KV pool of each replica, in blocks")
@@ -130,7 +134,8 @@ def _config(args: argparse.Namespace, model: str, adapters: dict[str, str], poli
     engine = replica_engine(setup.kv_blocks, args.max_model_len, args.block_size, setup.kv_offload_gib)
     return load_config(None, {
         "engine": {"model": model, **engine, **lora},
-        "serving": {"app_name": "bench", "replicas": args.replicas, "router": policy, "port": port,
+        "serving": {"app_name": "bench", "replicas": args.replicas, "ingress_replicas": args.ingress,
+                    "router": policy, "port": port,
                     "replica_cpus": 1, "max_ongoing_requests": 256,
                     "router_options": {"host_block_credit": setup.host_block_credit,
                                        "lora_load_cost_tokens": setup.lora_load_cost_tokens,
@@ -172,7 +177,7 @@ def main(args: argparse.Namespace, model: str) -> int:
             for setup in setups(args, policy):
                 serve.run(build_app(_config(args, model, adapters, policy, setup, port)), name="bench", route_prefix="/")
                 _wait_ready(url, args.replicas)
-                _warm_up(url, args.replicas)
+                _warm_up(url, args.replicas, args.block_size)
                 for workload in args.workloads:
                     summary = _run_setup(args, url, policy, setup, workload, list(adapters))
                     bench_serve.print_table(summary)
@@ -188,14 +193,19 @@ def main(args: argparse.Namespace, model: str) -> int:
     return 0
 
 
-def _warm_up(url: str, replicas: int) -> None:
+def _warm_up(url: str, replicas: int, block_size: int) -> None:
     """A few concurrent throwaway requests, so that no measured request pays a replica's first
-    forward passes. Their token ids are outside every workload's prompts (those start at 10)."""
+    forward passes. Each is shorter than a KV block, prompt and answer together, so that no
+    replica caches anything after them: the first measured requests find the replicas as a
+    fresh deployment has them (a `kv` router sends a prompt no one holds to an empty replica).
+    Their token ids are outside every workload's prompts (those start at 10)."""
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+    answer_tokens = 4
+    prompt_tokens = max(block_size - answer_tokens - 1, 1)
 
     def body(i: int) -> dict:
-        prompt = [3 + i % 7, 3 + (i // 7) % 7] * 16  # distinct, so no policy piles them up
-        return {"model": model, "prompt": prompt, "max_tokens": 4, "ignore_eos": True}
+        prompt = ([3 + i % 7, 3 + (i // 7) % 7] * block_size)[:prompt_tokens]  # distinct, so no policy piles them up
+        return {"model": model, "prompt": prompt, "max_tokens": answer_tokens, "ignore_eos": True}
 
     async def send_all() -> None:
         async with httpx.AsyncClient(timeout=300) as client:
@@ -222,10 +232,12 @@ def _run_workload(args: argparse.Namespace, adapters: list[str]) -> dict:
         models = [base["id"]] * len(prompts)
         if args.trace_out:
             write_trace(args, prompts)  # the same for every policy: the last one written stays
-    decided_before, host_hits_before = routing_decisions(args.url), host_tier_hits(args.url)
+    decisions = routing_decisions if args.ingress == 1 else lambda url: Counter()  # see the module's text
+    decided_before, host_hits_before = decisions(args.url), host_tier_hits(args.url)
     results, elapsed = asyncio.run(bench_serve.run_load(args, prompts, models))
     summary = bench_serve.summarize(args, results, elapsed, bench_serve.oracle_hit_rate(prompts, args.block_size))
-    summary["decisions"] = dict(routing_decisions(args.url) - decided_before)
+    summary["decisions"] = dict(decisions(args.url) - decided_before)
+    summary["ingress"] = args.ingress
     summary["host_tier_hit_blocks"] = host_tier_hits(args.url) - host_hits_before
     summary["requests_per_replica"] = sorted(Counter(r.replica for r in results if r.ok).values(), reverse=True)
     return summary
