@@ -15,6 +15,7 @@ DECAY = 0.999
 MIN_STEPS = 32  # fitted steps before the model is reported
 REFIT_STEPS = 16  # steps between solves: heartbeats ask for the model after nearly every step
 _RIDGE = 1e-9  # keeps the solve defined while one kind of step has not been seen
+_SUBSETS = [[i for i in range(3) if mask >> i & 1] for mask in range(1, 8)]  # the nonempty sets of coefficients
 
 
 class StepCostFit:
@@ -75,5 +76,3 @@ def _nonnegative_least_squares(xtx: np.ndarray, xty: np.ndarray) -> tuple[float,
             best, best_loss = coef, loss
     return tuple(map(float, best))
 
-
-_SUBSETS = [[i for i in range(3) if mask >> i & 1] for mask in range(1, 8)]
