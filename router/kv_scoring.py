@@ -163,7 +163,7 @@ class KVScorer:
             later_turns = self._later_turns_of_a_start(block_hashes, matched)
             costs = self._seconds(replicas, figures, uncached, side_tokens, ours, self._decode_steps_ahead(later_turns))
             if self._seeds_an_idle_replica(later_turns, matched, depths, figures):
-                costs = self._idle_first(replicas, costs, figures, ours, side_tokens)
+                costs = self._idle_first(replicas, costs, figures, ours, pressures, side_tokens)
             self._last_uncached = (replicas, uncached)
         ahead = self._waiting_ahead(replicas, priority)
         order = self._order(costs, ahead, loads, fills)
@@ -235,14 +235,15 @@ class KVScorer:
         return bool((figures[holders, RUNNING] > 0).all())
 
     def _idle_first(self, replicas: list[str], costs: np.ndarray, figures: np.ndarray, ours: np.ndarray,
-                    side_tokens: np.ndarray | int) -> np.ndarray:
+                    pressures: np.ndarray, side_tokens: np.ndarray | int) -> np.ndarray:
         """`costs` with every spare replica made the cheapest: known, caching nothing, running
         or waiting on nothing (as its heartbeat and our own sends tell), sent nothing by us
-        lately, and pushing out or loading no more than any other replica would
-        (`side_tokens`: a spare replica without the request's LoRA adapter is no spare)."""
+        lately (with nothing cached, its pressure is 0 only where its working set is empty),
+        and pushing out or loading no more than any other replica would (`side_tokens`: a
+        spare replica without the request's LoRA adapter is no spare)."""
         idle = (self.follower.known_mask(replicas) & (figures[:, OCCUPIED] == 0) & (figures[:, REPORTED] == 0)
-                & (figures[:, QUEUED_TOKENS] == 0) & (ours == 0) & (figures[:, TOTAL] > 0)
-                & (self.working_sets.sizes(replicas) == 0) & (side_tokens <= np.min(side_tokens)))
+                & (figures[:, QUEUED_TOKENS] == 0) & (ours == 0) & (figures[:, TOTAL] > 0) & (pressures == 0)
+                & (side_tokens <= np.min(side_tokens)))
         if not idle.any():
             return costs
         seeded = costs.copy()
