@@ -23,21 +23,26 @@ class Split:
     content: str
 
 
-def thinking_closed(prompt: str) -> bool:
-    """Whether the prompt ends by closing the thinking (an empty block: Qwen3's template with
-    `enable_thinking` false): the output is all answer."""
-    return prompt.rstrip().endswith(CLOSE)
+def thinking_start(parser: str, prompt: str) -> bool | None:
+    """How the output after `prompt` begins: inside the thinking (True: the prompt opened it, or
+    DeepSeek-R1's rule), with the answer (False: the prompt closed an empty thinking, Qwen3's
+    template with `enable_thinking` false), or either (None, Qwen3's rule: its output opens the
+    thinking itself, or skips it)."""
+    text = prompt.rstrip()
+    if text.endswith(OPEN):
+        return True
+    if text.endswith(CLOSE):
+        return False
+    return True if parser == "deepseek_r1" else None
 
 
 class ReasoningSplitter:
     def __init__(self, parser: str, prompt: str = ""):
-        """`prompt`: the text the output follows. Where it ends with a tag, the chat template has
-        said how the output starts: inside the thinking it opened, or with the answer after the
-        empty thinking it closed (Qwen3's `enable_thinking` false), whichever parser reads it;
-        otherwise the parser's rule does."""
+        """`prompt`: the text the output follows, which with the parser says how the output
+        starts (`thinking_start`); where it may start either way, a `<think>` opening it says."""
         if parser not in PARSERS:
             raise ValueError(f"unknown reasoning parser {parser!r}; choose one of {', '.join(PARSERS)}")
-        self.thinking = prompt.rstrip().endswith(OPEN) or (parser == "deepseek_r1" and not thinking_closed(prompt))
+        self.thinking = thinking_start(parser, prompt) is True
         self.at_start = True  # nothing of the output handed back yet: a <think> may open it
         self.held = ""
 

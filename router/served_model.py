@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from kvserve.router.errors import bad_request, refusal, replica_died
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.openai_schema import ChatCompletionRequest, EmbeddingRequest, TokenizeRequest
-from kvserve.router.reasoning import CLOSE, thinking_closed
+from kvserve.router.reasoning import CLOSE, OPEN, thinking_start
 from kvserve.router.responses import TokenText
 from kvserve.router.tool_parsers import FORMATS, format_for_model
 from kvserve.workers.engine.block_hash import hash_block_chain, hash_check_value
@@ -114,8 +114,9 @@ class ServedModel:
         self.token_text = TokenText(self.tokenizer)
         self.tool_format = (FORMATS[settings.tool_parser] if settings.tool_parser
                             else format_for_model(settings.tokenizer, self.tokenizer.chat_template))
-        # The token that ends a reasoning model's thinking, where the vocabulary has it whole.
-        self.thinking_end = self.tokenizer.get_vocab().get(CLOSE) if settings.reasoning_parser else None
+        # The tokens that open and end a reasoning model's thinking, where the vocabulary has them whole.
+        vocabulary = self.tokenizer.get_vocab() if settings.reasoning_parser else {}
+        self.thinking_open, self.thinking_end = vocabulary.get(OPEN), vocabulary.get(CLOSE)
         self.follower: KVIndexFollower | None = None
         self.lora_registry = get_or_create_registry(llm_app, settings.lora_modules) if settings.enable_lora else None
 
@@ -226,23 +227,29 @@ class ServedModel:
         self._check_token_ids(body.allowed_token_ids or [], "allowed_token_ids")
 
     def after_thinking(self, sampling: SamplingParams, prompt: Prompt, body: ChatCompletionRequest) -> SamplingParams:
-        """`sampling` for a reasoning model (`serving.reasoning_parser`) whose output starts with
-        its thinking (the prompt did not close it): its structured output holds only after the
-        thinking's end token, and `thinking_token_budget` bounds the thinking. Both need that
+        """`sampling` for a reasoning model (`serving.reasoning_parser`) whose output may start
+        with its thinking (the prompt did not close it): its structured output holds only after
+        the thinking's end token, and `thinking_token_budget` bounds the thinking. Both need that
         token whole in the vocabulary; without it the grammar holds from the start, and a
-        budget is refused. Without a reasoning parser there is no thinking to bound."""
-        budget = body.thinking_token_budget
-        if self.settings.reasoning_parser is None or thinking_closed(prompt.text):
+        budget is refused. Where the output opens the thinking itself or skips it (Qwen3's), both
+        wait only for an output that opens with the opening token; a vocabulary without it whole
+        leaves them waiting from the start. Without a reasoning parser there is no thinking."""
+        budget, parser = body.thinking_token_budget, self.settings.reasoning_parser
+        start = None if parser is None else thinking_start(parser, prompt.text)
+        if parser is None or start is False:
             return sampling
         if budget is not None and self.thinking_end is None:
             raise bad_request(f"thinking_token_budget needs {CLOSE!r} to be one token of the model's vocabulary "
                               "(it is forced when the budget runs out), and this tokenizer has no such token",
                               "thinking_token_budget")
+        opener = self.thinking_open if start is None else None
         update = {}
         if sampling.structured is not None and self.thinking_end is not None:
-            update["structured"] = sampling.structured.model_copy(update={"after_token_id": self.thinking_end})
+            update["structured"] = sampling.structured.model_copy(
+                update={"after_token_id": self.thinking_end, "opened_by_token_id": opener})
         if budget is not None:
-            update["thinking_budget"] = ThinkingBudget(end_token_id=self.thinking_end, max_tokens=budget)
+            update["thinking_budget"] = ThinkingBudget(end_token_id=self.thinking_end, max_tokens=budget,
+                                                       opened_by_token_id=opener)
         return sampling.model_copy(update=update) if update else sampling
 
     def check_dimensions(self, body: EmbeddingRequest) -> None:

@@ -1,5 +1,6 @@
 """The ingress's prompt preparation (`ServedModel.prepare`): tokens and block hashes as the
-replicas compute them, and long prompts prepared while the event loop goes on serving."""
+replicas compute them, and long prompts prepared while the event loop goes on serving; and
+what a reasoning model's prompt says of its output's sampling (`ServedModel.after_thinking`)."""
 
 import asyncio
 import threading
@@ -10,8 +11,10 @@ from kvserve.cluster.app import ingress_settings
 from kvserve.cluster.config import parse_config
 from kvserve.cluster.tiny_model import build_tiny_checkpoint
 from kvserve.router.errors import OpenAIError
+from kvserve.router.openai_schema import ChatCompletionRequest
 from kvserve.router.served_model import OFF_LOOP_PROMPT_CHARS, ServedModel
 from kvserve.workers.engine.block_hash import hash_block_chain
+from kvserve.workers.engine.sampling_params import ThinkingBudget
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +69,27 @@ def test_a_too_long_prompt_is_a_bad_request_from_the_thread_too(model):
     with pytest.raises(OpenAIError) as error:
         asyncio.run(model.prepare([text], None))
     assert (error.value.status, error.value.param) == (400, "prompt")
+
+
+def test_a_thinking_qwen3_may_skip_is_bounded_only_once_opened(tmp_path):
+    """Qwen3's output opens its thinking itself, or skips it: its grammar and its thinking
+    budget wait for the thinking's end only if the output opens with `<think>`. A prompt that
+    opened the thinking leaves no choice; one that closed it leaves no thinking."""
+    folder = build_tiny_checkpoint(tmp_path, "qwen3")
+    settings = ingress_settings(parse_config({"engine": {"model": str(folder)},
+                                              "serving": {"reasoning_parser": "qwen3"}}))
+    model = ServedModel(settings, llm=None, llm_app="unused")
+    think, think_end = model.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
+    body = ChatCompletionRequest(model=model.name, messages=[{"role": "user", "content": "Hi"}],
+                                 thinking_token_budget=4, response_format={"type": "json_object"})
+    sampling = body.sampling(16, None)
+    text = model.chat_prompt(body)
+    for prompt, opener in ((text, think), (text + "<think>\n", None)):
+        [prepared] = asyncio.run(model.prepare([prompt], None, None))
+        after = model.after_thinking(sampling, prepared, body)
+        assert (after.structured.after_token_id, after.structured.opened_by_token_id) == (think_end, opener)
+        assert after.thinking_budget == ThinkingBudget(end_token_id=think_end, max_tokens=4, opened_by_token_id=opener)
+    closed = ChatCompletionRequest(**{**body.model_dump(exclude_unset=True),
+                                      "chat_template_kwargs": {"enable_thinking": False}})
+    [prepared] = asyncio.run(model.prepare([model.chat_prompt(closed)], None, None))
+    assert model.after_thinking(sampling, prepared, closed) is sampling

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvserve.router.reasoning import CLOSE, OPEN, PARSERS, ReasoningSplitter, Split
+from kvserve.router.reasoning import CLOSE, OPEN, PARSERS, ReasoningSplitter, Split, thinking_start
 
 # Text made of the tags, pieces of them and a little else, so that cuts fall inside tags.
 pieces = st.lists(st.sampled_from([OPEN, CLOSE, "<", "</", "<th", "</think", "think>", ">", " ", "\n", "a", "bc"]),
@@ -46,3 +46,11 @@ def test_a_prompt_ending_in_a_tag_says_how_the_output_starts(parser):
     assert (opened.reasoning, opened.content) == ("Hmm.", "Paris.")
     plain = ReasoningSplitter(parser, "<|assistant|>\n").feed("Hmm.</think>Paris.", last=True)
     assert plain == ReasoningSplitter(parser).feed("Hmm.</think>Paris.", last=True)
+
+
+def test_how_the_output_starts_follows_the_prompts_tag_else_the_parser():
+    for parser in PARSERS:
+        assert thinking_start(parser, "<|assistant|>\n<think>\n") is True
+        assert thinking_start(parser, "<|assistant|>\n<think>\n\n</think>\n\n") is False
+    assert thinking_start("deepseek_r1", "<|assistant|>\n") is True
+    assert thinking_start("qwen3", "<|assistant|>\n") is None  # it opens the thinking, or skips it

@@ -157,6 +157,29 @@ def test_bitmask_allows_exactly_the_grammar_next_tokens(compiler, tokenizer):
     assert torch.all(logits[1, len(tokenizer):] == float("-inf"))  # padding ids beyond the tokenizer
 
 
+@pytest.mark.parametrize("opener", [31, 32, 95])  # the last bit of a 32-bit word, the first, a middle word's last
+def test_an_output_that_may_open_a_thinking_allows_its_opening_token_first(compiler, tokenizer, opener):
+    """An undecided matcher (`opened_by_token_id`) allows the grammar's first tokens and the
+    opening token; after the opening token it waits for the end token, after any other first
+    token the grammar holds."""
+    digits = {t for t in range(len(tokenizer)) if re.fullmatch("[0-9]+", tokenizer.decode([t]))}
+    end = next(t for t in range(len(tokenizer)) if t not in digits and t != opener)
+    assert opener not in digits
+    spec = StructuredOutputSpec(regex="[0-9]+", after_token_id=end, opened_by_token_id=opener)
+    compiled = compiler.compile(spec).result()
+    matcher = StructuredMatcher.for_spec(compiled, spec)
+    bitmask = new_bitmask(1, MODEL_VOCAB)
+    fill_bitmask_rows(bitmask, [(0, matcher)])
+    logits = torch.zeros(1, MODEL_VOCAB)
+    apply_token_bitmask(logits, bitmask, [0])
+    assert set(torch.nonzero(logits[0] == 0).flatten().tolist()) == digits | {opener}
+    assert matcher.accept(opener) and not matcher.active
+    x = tokenizer.encode("x", add_special_tokens=False)[0]
+    assert matcher.accept(x) and matcher.accept(end) and matcher.active and not matcher.accept(x)
+    answering = StructuredMatcher.for_spec(compiled, spec)
+    assert answering.accept(min(digits)) and answering.active and not answering.accept(opener)
+
+
 def test_compile_cache_is_keyed_by_spec_bounded_and_off_thread(tokenizer):
     compiler = GrammarCompiler(tokenizer, MODEL_VOCAB, [tokenizer.eos_token_id], cache_size=2)
     try:
@@ -183,6 +206,7 @@ def test_compile_cache_is_keyed_by_spec_bounded_and_off_thread(tokenizer):
     ({"choice": []}, "choice must hold at least one string"),
     ({}, "exactly one of json_schema, json_object, regex, choice, grammar; got none"),
     ({"regex": "a", "choice": ["a"]}, "got regex, choice"),
+    ({"regex": "a", "opened_by_token_id": 5}, "opened_by_token_id needs after_token_id"),
 ])
 def test_a_spec_that_cannot_compile_is_refused_with_its_reason(fields, problem):
     with pytest.raises(ValidationError) as refused:

@@ -182,7 +182,7 @@ class LLMEngine:
                 self._refusals.append((request_id, str(compiled)))
                 continue
             for seq in seqs:
-                seq.matcher = StructuredMatcher(compiled, seq.params.structured.after_token_id)
+                seq.matcher = StructuredMatcher.for_spec(compiled, seq.params.structured)
             self.scheduler.add(seqs[0])
 
     def take_refusals(self) -> list[tuple[str, str]]:
@@ -231,18 +231,21 @@ class LLMEngine:
         if in_use:
             raise ValueError(f"LoRA adapter {name!r} cannot be {change} while {in_use} requests run under it")
 
+    def _check_in_vocabulary(self, whose: str, **token_ids: int | None) -> None:
+        for name, token_id in token_ids.items():
+            if token_id is not None and not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"{whose} {name} {token_id} is outside the vocabulary (size {self.vocab_size})")
+
     def _check_generable(self, params: SamplingParams, banned: tuple[tuple[int, ...], ...]) -> None:
         """Refuse a request whose settings leave no token to generate at some step (`banned`:
         its bad words' token sequences), or name tokens outside the vocabulary."""
-        structured = params.structured
-        if structured is not None and structured.after_token_id is not None and not (
-                0 <= structured.after_token_id < self.vocab_size):
-            raise ValueError(f"the structured output's after_token_id {structured.after_token_id} is outside the "
-                             f"vocabulary (size {self.vocab_size})")
-        budget = params.thinking_budget
-        if budget is not None and budget.end_token_id >= self.vocab_size:
-            raise ValueError(f"the thinking budget's end_token_id {budget.end_token_id} is outside the vocabulary "
-                             f"(size {self.vocab_size})")
+        structured, budget = params.structured, params.thinking_budget
+        if structured is not None:
+            self._check_in_vocabulary("the structured output's", after_token_id=structured.after_token_id,
+                                      opened_by_token_id=structured.opened_by_token_id)
+        if budget is not None:
+            self._check_in_vocabulary("the thinking budget's", end_token_id=budget.end_token_id,
+                                      opened_by_token_id=budget.opened_by_token_id)
         allowed = params.allowed_token_ids
         if allowed is not None and max(allowed) >= self.vocab_size:
             raise ValueError(f"allowed_token_ids holds {max(allowed)}, outside the vocabulary (size {self.vocab_size})")

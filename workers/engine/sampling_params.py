@@ -46,12 +46,15 @@ def _shown(value: Any) -> str:
 
 class ThinkingBudget(BaseModel):
     """A reasoning model's output opens with its thinking, which `end_token_id` ends: once
-    `max_tokens` output tokens hold no such token, the next one is that token."""
+    `max_tokens` output tokens hold no such token, the next one is that token. With
+    `opened_by_token_id` the output thinks only if its first token is that one (a thinking
+    the model may skip), and the budget counts the tokens after it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     end_token_id: int = Field(ge=0)
     max_tokens: int = Field(ge=0)
+    opened_by_token_id: int | None = Field(default=None, ge=0)
 
 
 class SamplingParams(BaseModel):

@@ -33,11 +33,18 @@ class CompiledStructure:
 
 class StructuredMatcher:
     """Where one sequence stands in its grammar; before it, the free output up to the token
-    `awaiting` (`StructuredOutputSpec.after_token_id`), if the spec has one."""
+    `awaiting` (`StructuredOutputSpec.after_token_id`), if the spec has one: from the start,
+    or only if the first token is `opener` (`opened_by_token_id`), which until then is allowed
+    beside the grammar's first tokens."""
 
-    def __init__(self, compiled: CompiledStructure, awaiting: int | None = None):
+    def __init__(self, compiled: CompiledStructure, awaiting: int | None = None, opener: int | None = None):
         self._matcher = xgrammar.GrammarMatcher(compiled.grammar)
-        self.awaiting = awaiting
+        self.awaiting = awaiting if opener is None else None
+        self._undecided = (opener, awaiting) if opener is not None else None  # (opener, awaiting) until a first token
+
+    @classmethod
+    def for_spec(cls, compiled: CompiledStructure, spec: StructuredOutputSpec) -> "StructuredMatcher":
+        return cls(compiled, spec.after_token_id, spec.opened_by_token_id)
 
     @property
     def active(self) -> bool:
@@ -47,10 +54,17 @@ class StructuredMatcher:
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the tokens allowed next into `bitmask[row]` (call only while `active`)."""
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._undecided is not None:
+            allow_token(bitmask, row, self._undecided[0])
 
     def accept(self, token_id: int) -> bool:
         """Advance past `token_id`; False (and no change) when the grammar does not allow it.
         While the awaited token has not come, any token is taken, and that one ends the wait."""
+        if self._undecided is not None:
+            (opener, awaiting), self._undecided = self._undecided, None
+            if token_id == opener:
+                self.awaiting = awaiting
+                return True
         if self.awaiting is not None:
             if token_id == self.awaiting:
                 self.awaiting = None
@@ -110,6 +124,12 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def allow_token(bitmask: torch.Tensor, row: int, token_id: int) -> None:
+    """Set `token_id`'s bit in `bitmask[row]` (bit `token_id % 32` of int32 word `token_id // 32`)."""
+    bit = 1 << (token_id % 32)
+    bitmask[row, token_id // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit
 
 
 def new_bitmask(num_rows: int, vocab_size: int) -> torch.Tensor:

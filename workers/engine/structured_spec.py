@@ -39,7 +39,9 @@ class StructuredOutputError(ValueError):
 class StructuredOutputSpec(BaseModel):
     """Exactly one form is set. `json_schema` arrives as a dict or as its JSON text. With
     `after_token_id` the output is free up to and including its first such token (the end of a
-    reasoning model's thinking), and the grammar holds from the token after it."""
+    reasoning model's thinking), and the grammar holds from the token after it. With
+    `opened_by_token_id` as well, it waits so only if its first token is that one (the opening
+    of a thinking the model may skip, Qwen3's): any other first token is the grammar's."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +51,7 @@ class StructuredOutputSpec(BaseModel):
     choice: tuple[str, ...] | None = None
     grammar: str | None = None  # EBNF, as xgrammar reads it (GBNF: `root ::= ...`)
     after_token_id: int | None = None
+    opened_by_token_id: int | None = None
 
     @field_validator("json_schema", mode="before")
     @classmethod
@@ -68,6 +71,8 @@ class StructuredOutputSpec(BaseModel):
                                         f"got {', '.join(given) or 'none'}")
         if self.choice is not None and not self.choice:
             raise StructuredOutputError("choice must hold at least one string")
+        if self.opened_by_token_id is not None and self.after_token_id is None:
+            raise StructuredOutputError("opened_by_token_id needs after_token_id: the token that ends what it opens")
         self.to_grammar()
         return self
 
@@ -84,7 +89,7 @@ class StructuredOutputSpec(BaseModel):
 
     def key(self) -> str:
         """A stable hash of the spec: equal specs share one compiled grammar."""
-        canonical = json.dumps(self.model_dump(exclude={"after_token_id"}), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        canonical = json.dumps(self.model_dump(exclude={"after_token_id", "opened_by_token_id"}), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def to_grammar(self) -> "xgrammar.Grammar":

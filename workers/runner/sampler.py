@@ -104,9 +104,20 @@ class SamplingRow:
 
     def thinking_due(self) -> bool:
         """Whether its thinking has used up its budget without ending: the next token ends it.
-        The output is searched for the end only from the budget on, and never once it is found."""
+        The output is searched for the end only from the budget on, and never once it is found;
+        an output that may skip its thinking is looked at once it has a first token."""
         budget = self.params.thinking_budget
-        if self.thinking_over or self.num_output_tokens < budget.max_tokens:
+        if self.thinking_over:
+            return False
+        opener, thought = budget.opened_by_token_id, self.num_output_tokens
+        if opener is not None:
+            if not thought:
+                return False
+            if self.token_ids[self.num_prompt_tokens] != opener:
+                self.thinking_over = True
+                return False
+            thought -= 1
+        if thought < budget.max_tokens:
             return False
         self.thinking_over = budget.end_token_id in self.output_token_ids
         return not self.thinking_over
