@@ -9,6 +9,7 @@ import pytest
 
 from kvserve.cluster.bench.sim.baselines import oracle_hit_rate
 from kvserve.cluster.bench.sim.prompts import BlockChains, prompt_tokens
+from kvserve.cluster.bench.sim.relay import DelayedFeed, EventStream
 from kvserve.cluster.bench.sim.report import summarize
 from kvserve.cluster.bench.sim.routers import SIM_POLICIES
 from kvserve.cluster.bench.sim.simulator import SimConfig, simulate
@@ -18,7 +19,11 @@ from kvserve.cluster.bench.sim.workloads import (
     trace_workload, write_mooncake,
 )
 from kvserve.cluster.cli import main as cli_main
+from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.workers.engine.block_hash import hash_block_chain
+from kvserve.workers.engine.kv_events import BlockSnapshot
+from kvserve.workers.engine.outputs import EngineStats
+from kvserve.workers.protocol import Heartbeat
 
 H100_8B = PRESETS["h100-llama3-8b-tp1"]
 REQUIRED_KEYS = {"policy", "workload", "rate", "replicas", "ingress", "hit_rate", "oracle_hit_rate", "ttft_p50_s",
@@ -170,6 +175,29 @@ def test_closed_loop_turns_after_a_refused_answer_still_go_out():
     assert all(job.refused or job.finish_s is not None for job in jobs)
     followers_of_refused = [job for job, previous in _previous_turns(jobs) if previous.refused]
     assert followers_of_refused
+
+
+def test_the_relay_beats_for_an_idle_replica_and_is_silent_through_a_step():
+    """An idle replica's heartbeat goes out again each heartbeat period, as LLMServer's idle loop
+    sends one; a replica in a step sends nothing until the step ends, as the engine's thread."""
+    now = 0.0
+    follower = KVIndexFollower("sim", 16, clock=lambda: now)
+    stats = EngineStats(0, 0, 64, 0, 0, 0, None, None, None, (), (), 0, None)
+    stream = EventStream("r", 16, BlockSnapshot(1, 0, []), Heartbeat(1, 0, 0.0, stats))
+    feed = DelayedFeed(follower, [stream], delay_s=0.0, routers=1)
+
+    def last_heartbeat_sent_at(t: float) -> float:
+        nonlocal now
+        now = t
+        feed.catch_up(t)
+        return follower.latest_heartbeat["r"][0]
+
+    assert last_heartbeat_sent_at(0.3) == 0.3
+    stream.stepping(0.4, 1.4)
+    assert last_heartbeat_sent_at(1.0) == 0.3
+    stream.publish(1.4, None, Heartbeat(1, 0, 1.4, stats))
+    assert last_heartbeat_sent_at(1.5) == 1.4
+    assert last_heartbeat_sent_at(1.7) == 1.7
 
 
 def test_the_oracle_counts_each_prompts_longest_prefix_seen_before():

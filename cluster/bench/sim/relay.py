@@ -5,13 +5,15 @@ Each replica appends to its `EventStream` what LLMServer sends the hub: its regi
 Each ingress router has a `DelayedFeed` that hands its real `KVIndexFollower` the real
 `HubNews` the hub would have answered `delay_s` ago: first each replica's snapshot, then
 the batches after the follower's cursor with the latest heartbeat (whose `EngineStats` are
-the load the routers see). A replica that published nothing for a heartbeat period (idle,
-or in a long step) sends its last heartbeat again with a new time, as LLMServer's loop does,
-so that routers do not take it for silent.
+the load the routers see). An idle replica that published nothing for a heartbeat period
+sends its last heartbeat again with a new time, as LLMServer's idle loop does, so that routers
+do not take it for silent; in a step it sends nothing until the step ends, as the engine's
+thread does.
 """
 
 import bisect
 import dataclasses
+from collections import deque
 
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.workers.engine.block_hash import hash_check_value
@@ -33,6 +35,18 @@ class EventStream:
         self.heartbeats: list[Heartbeat] = []
         self.dropped = 0  # entries removed from the front
         self.last_published = heartbeat.sent_at
+        self.steps: deque[tuple[float, float]] = deque()  # (start, end) of the steps not yet known to be over
+
+    def stepping(self, start: float, end: float) -> None:
+        self.steps.append((start, end))
+
+    def step_end(self, at: float) -> float | None:
+        """When the step in flight at `at` ends, or None if none is. Ask with `at` never
+        decreasing: the steps over by then are forgotten."""
+        steps = self.steps
+        while steps and steps[0][1] <= at:
+            steps.popleft()
+        return steps[0][1] if steps and steps[0][0] < at else None
 
     def publish(self, now: float, batch: KVEventBatch | None, heartbeat: Heartbeat) -> None:
         self.times.append(now)
@@ -95,18 +109,19 @@ class DelayedFeed:
         """The news of one replica up to `horizon`, and the horizon of its next news."""
         start = self.cursors[k] - stream.dropped
         end = bisect.bisect_right(stream.times, horizon, lo=start)
+        step_end = stream.step_end(horizon)
         if end > start:
             heartbeat = stream.heartbeats[end - 1]
             batches = [b for b in stream.batches[start:end] if b is not None]
             self.cursors[k] = end + stream.dropped
             news = stream.news(heartbeat, batches)
             self._heard(k, stream, heartbeat)
-        elif horizon - self.heard[k].sent_at >= HEARTBEAT_PERIOD_S:
+        elif step_end is None and horizon - self.heard[k].sent_at >= HEARTBEAT_PERIOD_S:
             news = stream.news(dataclasses.replace(self.heard[k], sent_at=horizon), [])
             self._heard(k, stream, news.heartbeat)
         else:
             news = self.quiet[k]
-        due = self.heard[k].sent_at + HEARTBEAT_PERIOD_S
+        due = self.heard[k].sent_at + HEARTBEAT_PERIOD_S if step_end is None else step_end
         if end < len(stream.times):
             due = min(due, stream.times[end])
         return news, due
@@ -126,5 +141,6 @@ def drop_read_entries(streams: list[EventStream], feeds: list[DelayedFeed]) -> N
         read = [feed.cursors[k] for feed in feeds]
         if not feeds:
             stream.drop_before(stream.dropped + len(stream.times))
+            stream.steps.clear()
         elif None not in read:
             stream.drop_before(min(read))

@@ -116,6 +116,8 @@ class SimReplica:
         self.batch = batch
         duration = self._duration(batch)
         self.step_costs.observe_batch(batch.num_new_tokens, duration)
+        if self.stream is not None:
+            self.stream.stepping(now, now + duration)
         return now + duration
 
     def _duration(self, batch: ScheduledBatch) -> float:
