@@ -204,7 +204,7 @@ class KVIndexFollower:
         cached = len(state.blocks) if state is not None else 0
         used = stats.kv_blocks_used
         counts = (stats.running + stats.waiting, max(cached, used), used, stats.kv_blocks_total, stats.queued_tokens,
-                  stats.running)
+                  stats.running, stats.working_set_blocks)
         self.table.write(replica, counts, state.heard_at + SILENCE_S if state is not None else -np.inf)
         cost = stats.step_cost
         if cost is not None:

@@ -12,7 +12,9 @@ from kvserve.router import routing_metrics
 from kvserve.router.conversations import ConversationLog
 from kvserve.router.kv_follower import KVIndexFollower
 from kvserve.router.options import RouterOptions
-from kvserve.router.replica_table import OCCUPIED, QUEUED_TOKENS, REPORTED, RUNNING, TOTAL, USED, ReplicaCounter
+from kvserve.router.replica_table import (
+    OCCUPIED, QUEUED_TOKENS, REPORTED, RUNNING, TOTAL, USED, WORKING_SET, ReplicaCounter,
+)
 from kvserve.router.working_sets import WorkingSets
 from kvserve.workers.protocol import BlockHash
 
@@ -110,14 +112,18 @@ class KVScorer:
           or in use;
         - pressure: its working set, or the blocks in use if more, over its pool: above 1 when
           the traffic sent there already wants more than it can cache (up to 2, more where
-          retained blocks leave little room). Blocks kept at a retention priority above the
-          default stay whatever comes: they leave both the wanted blocks and the pool, and
-          new blocks compete for the rest.
+          retained blocks leave little room). The working set is what this router sent there
+          lately; with several routers, each of which sends it only its share, what the
+          replica's requests asked for, as its heartbeat counts them, where that is more. Blocks kept at a retention
+          priority above the default stay whatever comes: they leave both the wanted blocks
+          and the pool, and new blocks compete for the rest.
         A replica the hub has not passed on yet counts our load and an empty pool."""
         n = len(replicas)
         reported, occupied, used, total = (figures[:, c] for c in (REPORTED, OCCUPIED, USED, TOTAL))
         ours = self.in_flight.of(replicas)
         wanted = self.working_sets.sizes(replicas)
+        if self.follower.routers > 1:
+            wanted = np.maximum(wanted, figures[:, WORKING_SET])
         heard = total > 0
         fills = np.divide(np.minimum(occupied, total), total, out=np.zeros(n), where=heard)
         retained, retained_wanted = self._retained(replicas)

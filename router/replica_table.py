@@ -21,7 +21,8 @@ USED = 2  # blocks in use
 TOTAL = 3  # blocks in its pool
 QUEUED_TOKENS = 4  # prompt tokens waiting to be computed
 RUNNING = 5  # sequences running
-_COLUMNS = 6
+WORKING_SET = 6  # distinct prompt blocks its requests asked for lately (`workers/engine/working_set.py`)
+_COLUMNS = 7
 _UNWRITTEN = 0  # the row of every replica without one: all zeros
 
 

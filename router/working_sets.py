@@ -10,7 +10,8 @@ follow-up sent meanwhile (the next turn of a conversation, a burst on a new shar
 would find no holder; the blocks sent in the last few seconds send it after the first.
 
 It counts this router's own decisions; with several ingress replicas each sees its share of
-the traffic, in the same proportions.
+the traffic, and the scorer takes the replica's own count of its working set where that is
+more (`workers/engine/working_set.py`).
 """
 
 import bisect

@@ -590,6 +590,25 @@ def test_scorer_weighs_evicting_wanted_blocks_against_load():
     assert scorer.rank(["wanted", "stale", "busy"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 2, 0]
 
 
+def test_a_pool_other_routers_keep_wanted_counts_as_wanted():
+    """Another ingress router's traffic keeps one replica's whole pool wanted, as the replica's
+    heartbeat counts it (`working_set_blocks`). This router sent it nothing, and still places a
+    new prefix on the replica whose pool nobody wants, though the other has more free room.
+    A router alone sends all the traffic: its own count is the whole, and the room decides."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    wanted_elsewhere = dataclasses.replace(pool_stats(10), working_set_blocks=10)
+    follower = follower_with({"wanted": [], "stale": list(range(100, 120))},
+                             stats={"wanted": wanted_elsewhere, "stale": pool_stats(10)})
+    follower.routers = 2  # as the hub counted its followers
+    scorer = KVScorer(follower, BLOCK)
+    prompt = list(range(24))
+    for _ in range(8):  # equal costs would go to the most free room: "wanted"
+        assert scorer.rank(["wanted", "stale"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [1, 0]
+    follower.routers = 1
+    assert scorer.rank(["wanted", "stale"], hash_block_chain(prompt, BLOCK), len(prompt))[0] == [0, 1]
+
+
 def test_a_system_prompt_held_by_one_replica_does_not_pull_every_conversation_there():
     """Every conversation opens with the same system prompt, which one replica caches: it
     saves each new conversation a little there, and the conversations would pile up on it."""

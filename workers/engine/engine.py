@@ -624,6 +624,7 @@ class LLMEngine:
             lora_adapters=self.runner.resident_loras() if self.config.enable_lora else (),
             queued_tokens=self.scheduler.queued_tokens(),
             step_cost=self.step_costs.model(),
+            working_set_blocks=self.scheduler.asked_blocks.count(),
         )
 
     def _waiting_by_priority(self) -> tuple[tuple[int, int], ...]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from kvserve.workers.engine.kv_cache_manager import BlockTransfer, KVCacheManager
 from kvserve.workers.engine.sequence import FinishReason, Sequence, SequenceStatus
+from kvserve.workers.engine.working_set import RecentBlocks
 
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -82,11 +83,13 @@ class Scheduler:
         self.clock = clock
         self._starts: deque[float] = deque()  # when sequences left the queue, within the last max_queue_wait_s
         self._queued_since = 0.0  # when the queue last went from empty to not (with max_queue_wait_s)
+        self.asked_blocks = RecentBlocks(2 * kv.num_blocks, clock=clock)  # the working set, reported to routers
 
     def add(self, seq: Sequence) -> None:
         if not self.waiting and self.config.max_queue_wait_s is not None:
             self._queued_since = self.clock()
         self.waiting_tokens[seq.seq_id] = seq.num_tokens - len(self.kv.get_computed_blocks(seq)) * self.kv.block_size
+        self.asked_blocks.ask(seq.block_hashes)
         key = self.order(seq)
         if not self.waiting or self.order(self.waiting[-1]) <= key:
             self.waiting.append(seq)

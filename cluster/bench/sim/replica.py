@@ -169,4 +169,5 @@ class SimReplica:
         kv, scheduler = self.kv, self.scheduler
         return EngineStats(len(scheduler.running), len(scheduler.waiting), kv.num_blocks,
                            kv.num_blocks - kv.num_free_blocks, kv.num_cached_blocks, scheduler.num_preemptions, None, None,
-                           None, (), (), scheduler.queued_tokens(), self.step_costs.model())
+                           None, (), (), scheduler.queued_tokens(), self.step_costs.model(),
+                           scheduler.asked_blocks.count())
