@@ -64,8 +64,8 @@ class RouterOptions(BaseModel):
     imbalance_share: float = Field(
         2.0, ge=0, description="kv: or this share of the least busy replica's in-flight requests, if more")
     working_set_window_s: float = Field(
-        60.0, gt=0, description="kv: how long a prompt sent to a replica counts as wanted in its cache (the "
-        "replicas' own count, which the router takes where it is more, covers the last 60 s)")
+        60.0, gt=0, description="kv: how long a prompt sent to a replica counts as wanted in its cache (with "
+        "several ingress routers, the replica's own count of the last 60 s counts where it is more)")
     recent_s: float = Field(
         5.0, gt=0, description="kv: how long the router's own sends count as cached, until the replica's "
         "KV events have reached the index")
