@@ -192,7 +192,7 @@ def test_host_tier_figures_reach_the_metrics():
                          bytes_out=9216)
     stats = EngineStats(running=1, waiting=0, kv_blocks_total=16, kv_blocks_used=3, kv_blocks_cached=5,
                         num_preemptions=0, grammars=None, speculative=None, host_tier=tier, waiting_by_priority=(),
-                        lora_adapters=(), queued_tokens=0, step_cost=None)
+                        lora_adapters=(), queued_tokens=0, step_cost=None, working_set_blocks=0)
     routing_metrics.export_replica_stats({"r1": stats}, {}, 0)
     text = generate_latest().decode()
     for name, value in [("hit_blocks_total", 4), ("blocks_out_total", 9), ("bytes_in_total", 4096)]:

@@ -74,7 +74,7 @@ class Replica:
         stats = EngineStats(running=0, waiting=0, kv_blocks_total=kv.num_blocks, kv_blocks_used=0,
                             kv_blocks_cached=kv.num_cached_blocks, num_preemptions=0, grammars=None, speculative=None,
                             host_tier=None, waiting_by_priority=(), lora_adapters=(),
-                            queued_tokens=0, step_cost=None)
+                            queued_tokens=0, step_cost=None, working_set_blocks=0)
         return Heartbeat(kv.epoch, self.seq, time.time(), stats)
 
     def registration(self) -> ReplicaRegistration:

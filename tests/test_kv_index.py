@@ -86,7 +86,7 @@ def test_a_sequence_gap_is_refused():
 def pool_stats(total: int = 1 << 20, used: int = 0, cached: int = 0) -> EngineStats:
     return EngineStats(running=0, waiting=0, kv_blocks_total=total, kv_blocks_used=used, kv_blocks_cached=cached,
                        num_preemptions=0, grammars=None, speculative=None, host_tier=None, waiting_by_priority=(),
-                       lora_adapters=(), queued_tokens=0, step_cost=None)
+                       lora_adapters=(), queued_tokens=0, step_cost=None, working_set_blocks=0)
 
 
 def hub_news(version: int, replicas: dict[str, ReplicaNews], followers: int) -> HubNews:

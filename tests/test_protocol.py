@@ -25,7 +25,8 @@ STATS = EngineStats(running=2, waiting=1, kv_blocks_total=64, kv_blocks_used=9, 
                     host_tier=HostTierStats(blocks_total=32, blocks_cached=7, hit_blocks=4, blocks_in=4, blocks_out=9,
                                             bytes_in=4096, bytes_out=9216),
                     waiting_by_priority=((-1, 1),), lora_adapters=("tuned",), queued_tokens=130,
-                    step_cost=StepCost(base_s=0.012, per_prefill_token_s=2e-5, per_decode_seq_s=1e-4, tokens_per_step=2048))
+                    step_cost=StepCost(base_s=0.012, per_prefill_token_s=2e-5, per_decode_seq_s=1e-4, tokens_per_step=2048),
+                    working_set_blocks=12)
 EPOCH = 2**62 + 5
 BATCH = KVEventBatch(EPOCH, 7, 1.7e9, [
     BlockStored(CHAIN[1:], CHAIN[0], list(range(4, 12)), BLOCK, lora_name=None, medium="cpu", priority=100),

@@ -13,7 +13,7 @@ def test_rows_grow_past_their_arrays_and_keep_every_replica_s_figures():
     table = ReplicaTable()
     names = [f"r{i}" for i in range(40)]  # the arrays start with room for one replica
     for i, name in enumerate(names):
-        table.write(name, (i, 0, 0, 10 * i, 0, 0), known_until=float(i))
+        table.write(name, (i, 0, 0, 10 * i, 0, 0, 0), known_until=float(i))
     figures = table.counts[table.rows(names)]
     assert figures[:, REPORTED].tolist() == list(range(40))
     assert figures[:, TOTAL].tolist() == [10 * i for i in range(40)]
@@ -22,22 +22,22 @@ def test_rows_grow_past_their_arrays_and_keep_every_replica_s_figures():
 
 def test_a_replica_never_written_reads_as_zeros_and_never_known():
     table = ReplicaTable()
-    table.write("a", (1, 2, 3, 4, 5, 6), known_until=9.0)
+    table.write("a", (1, 2, 3, 4, 5, 6, 7), known_until=9.0)
     rows = table.rows(["ghost", "a"])
-    assert table.counts[rows].tolist() == [[0] * 6, [1, 2, 3, 4, 5, 6]]
+    assert table.counts[rows].tolist() == [[0] * 7, [1, 2, 3, 4, 5, 6, 7]]
     assert table.known_until[rows].tolist() == [-np.inf, 9.0]
 
 
 def test_a_dropped_replica_s_row_is_zeroed_and_handed_to_the_next_one():
     table = ReplicaTable()
-    table.write("a", (1, 1, 1, 1, 1, 1), known_until=5.0)
-    table.write("b", (2, 2, 2, 2, 2, 2), known_until=5.0)
+    table.write("a", (1,) * 7, known_until=5.0)
+    table.write("b", (2,) * 7, known_until=5.0)
     asked = ["a", "b"]
     row_a = int(table.rows(asked)[0])
     table.drop("a")
-    assert table.counts[table.rows(asked)].tolist() == [[0] * 6, [2] * 6]  # the asked rows were worked out again
+    assert table.counts[table.rows(asked)].tolist() == [[0] * 7, [2] * 7]  # the asked rows were worked out again
     assert table.known_until[table.rows(asked)].tolist() == [-np.inf, 5.0]
-    table.write("c", (3, 3, 3, 3, 3, 3), known_until=7.0)
+    table.write("c", (3,) * 7, known_until=7.0)
     assert int(table.rows(["c"])[0]) == row_a
     assert table.counts[table.rows(["a", "b", "c"])][:, REPORTED].tolist() == [0, 2, 3]
 

@@ -182,7 +182,7 @@ def test_the_relay_beats_for_an_idle_replica_and_is_silent_through_a_step():
     sends one; a replica in a step sends nothing until the step ends, as the engine's thread."""
     now = 0.0
     follower = KVIndexFollower("sim", 16, clock=lambda: now)
-    stats = EngineStats(0, 0, 64, 0, 0, 0, None, None, None, (), (), 0, None)
+    stats = EngineStats(0, 0, 64, 0, 0, 0, None, None, None, (), (), 0, None, 0)
     stream = EventStream("r", 16, BlockSnapshot(1, 0, []), Heartbeat(1, 0, 0.0, stats))
     feed = DelayedFeed(follower, [stream], delay_s=0.0, routers=1)
 

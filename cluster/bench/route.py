@@ -70,7 +70,8 @@ def main(args: argparse.Namespace) -> int:
         stats = EngineStats(running=rng.randrange(8), waiting=0, kv_blocks_total=1 << 20, kv_blocks_used=len(held),
                             kv_blocks_cached=len(held), num_preemptions=0, grammars=None, speculative=None,
                             host_tier=None, waiting_by_priority=(), lora_adapters=(),
-                            queued_tokens=rng.randrange(4096), step_cost=_step_cost(rng))
+                            queued_tokens=rng.randrange(4096), step_cost=_step_cost(rng),
+                            working_set_blocks=len(held))
         heartbeat = Heartbeat(epoch=i, seq=1, sent_at=0.0, stats=stats)
         news[name] = ReplicaNews(size, hash_check_value(size), heartbeat, None, BlockSnapshot(i, 1, held))
     follower.apply(HubNews(1, news, 1, frozenset(news)))

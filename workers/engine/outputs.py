@@ -81,7 +81,7 @@ class EngineStats:
     lora_adapters: tuple[str, ...]  # the LoRA adapters in the replica's device slots now
     queued_tokens: int  # tokens its running and waiting sequences have still to compute
     step_cost: StepCost | None  # how long its steps take, once it has measured enough of them
-    working_set_blocks: int = 0  # distinct prompt blocks asked for within `working_set.WINDOW_S`
+    working_set_blocks: int  # distinct prompt blocks its requests asked for within `working_set.WINDOW_S`
 
     def waiting_ahead_of(self, priority: int) -> int:
         """Waiting sequences a new request of `priority` would queue behind by priority alone:
