@@ -114,9 +114,9 @@ class KVScorer:
           the traffic sent there already wants more than it can cache (up to 2, more where
           retained blocks leave little room). The working set is what this router sent there
           lately; with several routers, each of which sends it only its share, what the
-          replica's requests asked for, as its heartbeat counts them, where that is more. Blocks kept at a retention
-          priority above the default stay whatever comes: they leave both the wanted blocks
-          and the pool, and new blocks compete for the rest.
+          replica's requests asked for, as its heartbeat counts them, where that is more.
+          Blocks kept at a retention priority above the default stay whatever comes: they
+          leave both the wanted blocks and the pool, and new blocks compete for the rest.
         A replica the hub has not passed on yet counts our load and an empty pool."""
         n = len(replicas)
         reported, occupied, used, total = (figures[:, c] for c in (REPORTED, OCCUPIED, USED, TOTAL))

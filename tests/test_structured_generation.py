@@ -118,7 +118,8 @@ def test_a_thinking_the_output_may_skip_holds_the_grammar_back_only_once_opened(
     skipped = SamplingParams(temperature=1.0, seed=3, max_tokens=300, logit_bias={think: -100.0}, structured=spec)
     [output] = llm.generate(["Order:"], skipped)
     assert output.outputs[0].finish_reason == "stop"
-    jsonschema.validate(json.loads(llm.engine.tokenizer.decode(output.outputs[0].token_ids, skip_special_tokens=True)), ORDER)
+    answer = llm.engine.tokenizer.decode(output.outputs[0].token_ids, skip_special_tokens=True)
+    jsonschema.validate(json.loads(answer), ORDER)
     opening = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logit_bias={think: 100.0, think_end: -100.0})
     [free] = llm.generate(["Order:"], opening)
     [opened] = llm.generate(["Order:"], opening.model_copy(update={"structured": spec}))
@@ -134,12 +135,13 @@ def test_a_thinking_budget_counts_only_a_thinking_the_output_opened(llm):
     one that opens it is given the budget's tokens after the opening one."""
     think, think_end = llm.engine.tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
     budget = ThinkingBudget(end_token_id=think_end, max_tokens=2, opened_by_token_id=think)
-    skipping = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={think: -100.0, think_end: -100.0})
+    skipping = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                              logit_bias={think: -100.0, think_end: -100.0})
     [free] = llm.generate(["Order:"], skipping)
     [skipped] = llm.generate(["Order:"], skipping.model_copy(update={"thinking_budget": budget}))
     assert skipped.outputs[0].token_ids == free.outputs[0].token_ids
-    opening = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias={think: 100.0, think_end: -100.0},
-                             thinking_budget=budget)
+    opening = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                             logit_bias={think: 100.0, think_end: -100.0}, thinking_budget=budget)
     tokens = llm.generate(["Order:"], opening)[0].outputs[0].token_ids
     assert tokens[:3] == [think, think, think] and tokens[3] == think_end and tokens.count(think_end) == 1
 
