@@ -353,6 +353,28 @@ def test_the_cli_verb_writes_one_record_per_run(tmp_path):
     assert (tmp_path / "sim-llmd-r2-i1.png").stat().st_size > 0
 
 
+
+def test_a_warm_up_leaves_the_cold_starts_requests_out_of_every_figure(tmp_path, capsys):
+    """30 requests 100 ms apart, each opening with one of 3 shared blocks: after the first
+    second, 20 requests, and the oracle finds every shared block cached."""
+    trace = tmp_path / "t.jsonl"
+    write_mooncake(trace, [{"timestamp": 100 * k, "input_length": 600, "output_length": 4, "hash_ids": [k % 3, 10 + k]}
+                           for k in range(30)])
+    records = {}
+    for warmup in ("0", "0.95"):
+        out = tmp_path / f"w{warmup}.json"
+        assert cli_main(["bench", "sim", "--trace", str(trace), "--policies", "kv", "--replicas", "2",
+                         "--preset", "h100-llama3-8b-tp1", "--kv-blocks", "300", "--warmup-s", warmup,
+                         "--json", str(out), "--markdown", str(tmp_path / "t.md")]) == 0
+        records[warmup] = json.loads(out.read_text())[0]
+    cold, warm = records["0"], records["0.95"]
+    assert (cold["requests"], warm["requests"]) == (30, 20)
+    assert (cold["warmup_s"], warm["warmup_s"]) == (0.0, 0.95)
+    assert warm["oracle_hit_rate"] == pytest.approx(512 / 600)
+    assert cold["oracle_hit_rate"] == pytest.approx(27 * 512 / (30 * 600))
+    assert cli_main(["bench", "sim", "--trace", str(trace), "--warmup-s", "-1"]) == 1
+    assert "--warmup-s must be 0 or more" in capsys.readouterr().err
+
 def test_the_cli_replays_a_trace_at_its_own_rate(tmp_path):
     trace = tmp_path / "t.jsonl"
     write_mooncake(trace, [{"timestamp": 100 * k, "input_length": 600, "output_length": 4, "hash_ids": [k % 3, 10 + k]}

@@ -73,6 +73,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         "longer for its first step (EngineConfig's max_queue_wait_s; default: never)")
     parser.add_argument("--kv-option", type=_param, action="append", default=[], metavar="KEY=VALUE",
                         help="a RouterOptions field of the kv policy, e.g. max_imbalance=16 (repeatable)")
+    parser.add_argument("--warmup-s", type=float, default=0.0,
+                        help="leave out of every figure the requests that arrive in the run's first this many "
+                        "seconds: the cluster's cold start, its caches empty (default: %(default)s)")
     parser.add_argument("--slo-ttft-s", type=float, default=2.0, help="goodput's TTFT bound (default: %(default)s)")
     parser.add_argument("--slo-tpot-s", type=float, help="goodput's TPOT bound (default: none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -100,6 +103,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     from kvserve.cluster.bench.sim.baselines import oracle_hit_rate
     from kvserve.cluster.bench.sim.report import summarize
 
+    if args.warmup_s < 0:
+        raise ValueError("--warmup-s must be 0 or more")
     unknown = [p for p in args.policies if p not in SIM_POLICIES]
     if unknown:
         raise ValueError(f"unknown policy {unknown[0]!r}; choose from {', '.join(SIM_POLICIES)}")
@@ -109,7 +114,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
     records = []
     for rate in _rates(args, workload):
         items = workload.at_rate(rate)
-        oracle = oracle_hit_rate(items, chains, args.block_size)
+        measured_from = items[0].arrival_s + args.warmup_s if items else 0.0
+        oracle = oracle_hit_rate(items, chains, args.block_size, measured_from)
         for replicas in args.replicas:
             for ingress in args.ingress:
                 config = _config(args, replicas, ingress)
@@ -119,7 +125,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict]:
                     record = {"policy": policy, "workload": workload.name, "workload_params": workload.params,
                               "rate": round(rate, 6),
                               "replicas": replicas, "ingress": ingress, "oracle_hit_rate": oracle,
-                              **summarize(jobs, args.slo_ttft_s, args.slo_tpot_s),
+                              **summarize([j for j in jobs if j.arrival_s >= measured_from], args.slo_ttft_s,
+                                          args.slo_tpot_s),
                               **_settings(args, config, step_time), "wall_s": time.perf_counter() - start}
                     records.append(record)
                     print(_progress(record), file=sys.stderr, flush=True)
@@ -139,7 +146,7 @@ def _settings(args: argparse.Namespace, config: SimConfig, step_time) -> dict:
     return {"step_time": args.step_fit or args.preset, "kv_blocks": config.kv_blocks or step_time.kv_blocks(config.block_size),
             "block_size": config.block_size, "event_delay_s": config.event_delay_s, "seed": config.seed,
             "max_ongoing_requests": config.max_ongoing_requests, "max_queue_wait_s": config.max_queue_wait_s,
-            "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s,
+            "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s, "warmup_s": args.warmup_s,
             "kv_options": config.router_options.model_dump()}
 
 

@@ -7,6 +7,7 @@ only the scoring rule differs. Ties are broken at random.
 """
 
 import bisect
+import math
 import random
 from collections import OrderedDict
 
@@ -248,9 +249,10 @@ class LlmdPrecisePrefix(RoutingPolicy):
         return _best_first(scores, self.view.rng)
 
 
-def oracle_hit_rate(items, chains, block_size: int) -> float:
+def oracle_hit_rate(items, chains, block_size: int, measured_from: float = -math.inf) -> float:
     """The hit rate of one unbounded cache that keeps every block ever seen (prompts and
-    answers), with the engine's rule that the last prompt token is always computed."""
+    answers), with the engine's rule that the last prompt token is always computed; over the
+    items scheduled to arrive from `measured_from` on (the cache fills from the first)."""
     seen: set[BlockHash] = set()
     hit = total = 0
     for item in items:
@@ -259,8 +261,9 @@ def oracle_hit_rate(items, chains, block_size: int) -> float:
         # `seen` holds whole chains, and a chained hash names its whole prefix, so the blocks
         # of a prompt that are seen are a prefix of its chain: bisect for its end.
         depth = bisect.bisect_left(range(usable), True, key=lambda i: hashes[i] not in seen)
-        hit += depth * block_size
-        total += item.input_length
+        if item.arrival_s >= measured_from:
+            hit += depth * block_size
+            total += item.input_length
         seen.update(hashes[depth:])
         seen.update(chains.added_hashes(item.segments, (item.reply, item.output_length)))
     return hit / total if total else 0.0
