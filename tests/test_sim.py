@@ -353,7 +353,6 @@ def test_the_cli_verb_writes_one_record_per_run(tmp_path):
     assert (tmp_path / "sim-llmd-r2-i1.png").stat().st_size > 0
 
 
-
 def test_a_warm_up_leaves_the_cold_starts_requests_out_of_every_figure(tmp_path, capsys):
     """30 requests 100 ms apart, each opening with one of 3 shared blocks: after the first
     second, 20 requests, and the oracle finds every shared block cached."""
@@ -374,6 +373,8 @@ def test_a_warm_up_leaves_the_cold_starts_requests_out_of_every_figure(tmp_path,
     assert cold["oracle_hit_rate"] == pytest.approx(27 * 512 / (30 * 600))
     assert cli_main(["bench", "sim", "--trace", str(trace), "--warmup-s", "-1"]) == 1
     assert "--warmup-s must be 0 or more" in capsys.readouterr().err
+    assert "after the first 0.95 s" in (tmp_path / "t.md").read_text()
+
 
 def test_the_cli_replays_a_trace_at_its_own_rate(tmp_path):
     trace = tmp_path / "t.jsonl"

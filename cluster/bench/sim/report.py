@@ -70,10 +70,14 @@ def _setting(record: dict) -> tuple:
 
 
 def markdown(records: list[dict]) -> str:
-    """One table per workload x replicas x ingress, rows by rate then policy."""
+    """One table per workload x replicas x ingress, rows by rate then policy; the heading
+    names a warm-up left out (`--warmup-s`)."""
     out = []
     for (workload, replicas, ingress), group in groupby(sorted(records, key=_setting), key=_setting):
-        out.append(f"### {workload}, {replicas} replicas, {ingress} ingress router(s)\n")
+        group = list(group)
+        warmup = group[0]["warmup_s"]
+        after = f", requests after the first {warmup:g} s" if warmup else ""
+        out.append(f"### {workload}, {replicas} replicas, {ingress} ingress router(s){after}\n")
         out.append("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
         out.append("|" + "---|" * len(COLUMNS))
         for record in sorted(group, key=lambda r: (r["rate"], r["policy"])):
