@@ -235,8 +235,10 @@ class ServedModel:
         wait only for an output that opens with the opening token; a vocabulary without it whole
         leaves them waiting from the start. Without a reasoning parser there is no thinking."""
         budget, parser = body.thinking_token_budget, self.settings.reasoning_parser
-        start = None if parser is None else thinking_start(parser, prompt.text)
-        if parser is None or start is False:
+        if parser is None:
+            return sampling
+        start = thinking_start(parser, prompt.text)
+        if start is False:
             return sampling
         if budget is not None and self.thinking_end is None:
             raise bad_request(f"thinking_token_budget needs {CLOSE!r} to be one token of the model's vocabulary "
