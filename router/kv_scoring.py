@@ -1,6 +1,7 @@
 """The KV-aware routing decision, free of Serve so that it can be tested and timed alone."""
 
 import random
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Container
 from dataclasses import dataclass
@@ -22,7 +23,24 @@ _NOMINAL_STEP = (0.0, 1.0, 0.0, np.inf)  # before any replica measured its steps
 _SENDS_KEPT = 256  # per replica, the uncached tokens of this router's last sends there
 
 
-@dataclass
+# Per LLM application, the scorers of the `KVAwareRouter`s in this process (those Serve creates
+# for the ingress's handles), for the ingress to reach on a refusal. Here, not beside the router:
+# Serve ships the router's module by value, with copies of its globals.
+_scorers: defaultdict[str, weakref.WeakSet["KVScorer"]] = defaultdict(weakref.WeakSet)
+
+
+def register_scorer(app_name: str, scorer: "KVScorer") -> None:
+    _scorers[app_name].add(scorer)
+
+
+def forget_refused_send(app_name: str, replica: str, block_hashes: list[BlockHash]) -> None:
+    """A replica of application `app_name` refused the request of these blocks: the routers
+    of this process that sent it there take the send back (`KVScorer.withdraw`)."""
+    for scorer in list(_scorers.get(app_name, ())):
+        scorer.withdraw(replica, block_hashes)
+
+
+@dataclass(eq=False)  # one router's state: equal only to itself (kept in weak sets by identity)
 class KVScorer:
     """With `options.cost_unit` "tokens" (`_seconds` says what "seconds" does):
     cost(replica) = prompt tokens it would compute (a block in its host-memory tier counts
@@ -64,6 +82,7 @@ class KVScorer:
         self._unheard: dict[str, tuple[float | None, int]] = {}
         self._last_uncached: tuple[list[str], np.ndarray] | None = None  # of the last ranking, for `record`
         self._ties = np.random.default_rng(random.getrandbits(64))  # seeded by `random`, as the simulator needs
+        self._refused: deque[tuple[str, list[BlockHash]]] = deque()  # sends refused, from the ingress's thread
 
     def record(self, replica: str, block_hashes: list[BlockHash], lora_name: str | None = None) -> None:
         """The request with these blocks (under LoRA adapter `lora_name`) goes to `replica`."""
@@ -87,6 +106,16 @@ class KVScorer:
             self._unheard[replica] = (heard_at, min(count + 1, len(sends)))
         else:
             self._unheard[replica] = (None, 0)
+
+    def withdraw(self, replica: str, block_hashes: list[BlockHash]) -> None:
+        """`replica` refused the request of these blocks that we sent it: it caches none of
+        them, so a retry is not drawn back there by them, nor do they count in its working set.
+        Safe from any thread: the next ranking, on the router's own, takes the send back."""
+        self._refused.append((replica, block_hashes))
+
+    def _take_back_refused(self) -> None:
+        while self._refused:
+            self.working_sets.withdraw(*self._refused.popleft())
 
     def request_sent(self, replica: str) -> None:
         self.in_flight[replica] += 1
@@ -149,6 +178,7 @@ class KVScorer:
         """Indices of `replicas`, best first, and the reason for the first choice, for a
         request of `priority` (lower is served sooner) under LoRA adapter `lora_name` (None:
         the base model)."""
+        self._take_back_refused()
         known = self._known(replicas)
         matched = self.follower.index.prefix_matches(block_hashes, known)
         matched.update(self.working_sets.recent_matches(block_hashes, known, self.options.recent_s, matched))

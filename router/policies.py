@@ -13,7 +13,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from kvserve.router import routing_metrics
 from kvserve.router.kv_follower import KVIndexFollower
-from kvserve.router.kv_scoring import KVScorer
+from kvserve.router.kv_scoring import KVScorer, register_scorer
 from kvserve.router.options import Policy, RouterOptions
 
 
@@ -41,8 +41,10 @@ class KVAwareRouter(RequestRouter):
 
     def _scorer(self) -> KVScorer:
         if self.scorer is None:
-            self.follower = KVIndexFollower.for_app(self._deployment_id.app_name, self.block_size, self.kv_event_hubs)
+            app_name = self._deployment_id.app_name
+            self.follower = KVIndexFollower.for_app(app_name, self.block_size, self.kv_event_hubs)
             self.scorer = KVScorer(self.follower, self.block_size, self.options)
+            register_scorer(app_name, self.scorer)
         self.follower.ensure_running()
         return self.scorer
 

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from kvserve.router.errors import bad_request, refusal, replica_died
 from kvserve.router.kv_follower import KVIndexFollower
+from kvserve.router.kv_scoring import forget_refused_send
 from kvserve.router.openai_schema import ChatCompletionRequest, EmbeddingRequest, TokenizeRequest
 from kvserve.router.reasoning import CLOSE, OPEN, thinking_start
 from kvserve.router.responses import TokenText
@@ -283,7 +284,8 @@ class ServedModel:
         _route_on_its_own(request_id)
         request = EmbedRequest(request_id, prompt.ids, prompt.text, prompt.block_hashes, self.hash_check,
                                cache_salt, priority)
-        _, answer = await self._first_answer(lambda: self.llm.options(stream=True).embed.remote(request))
+        _, answer = await self._first_answer(lambda: self.llm.options(stream=True).embed.remote(request),
+                                             prompt.block_hashes)
         return answer
 
     async def start(self, request_id: str, prompt: Prompt, sampling: SamplingParams, body,
@@ -306,10 +308,12 @@ class ServedModel:
             lora_name=lora_name,
             lora_path=lora_path,
         )
-        return await self._first_answer(lambda: self.llm.options(stream=True).generate.remote(request))
+        return await self._first_answer(lambda: self.llm.options(stream=True).generate.remote(request),
+                                        prompt.block_hashes)
 
-    async def _first_answer(self, send):
-        """The stream `send()` opens and its first item; sent again if its replica died first."""
+    async def _first_answer(self, send, block_hashes: list[BlockHash]):
+        """The stream `send()` opens for a prompt of `block_hashes`, and its first item; sent
+        again if its replica died first."""
         for attempt in range(REPLICA_RETRIES + 1):
             stream = send()
             try:
@@ -321,6 +325,7 @@ class ServedModel:
                 continue
             if isinstance(first, RequestRefused):
                 stream.cancel()
+                forget_refused_send(self.llm_app, first.replica, block_hashes)
                 raise refusal(first.reason, first.overloaded)
             return stream, first
 

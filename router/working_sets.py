@@ -159,6 +159,34 @@ class WorkingSets:
                                                       key=lambda h: last_send.get(h, -1) < recent)
         return matched
 
+    def withdraw(self, replica: str, block_hashes: list[BlockHash]) -> None:
+        """Take back the latest send of this chain of blocks to `replica` (the replica refused
+        the request, so it cached none of it): its blocks count as last sent by the earlier
+        sends there that share them, or leave. Sends share a chain's leading blocks only, so
+        the newest earlier send claims the blocks it shares, the next one those beyond, and
+        so on (rare, and only the replica's sends are visited)."""
+        sends = self._sends.get(replica)
+        withdrawn = next((send for send in reversed(sends or ()) if send.blocks == block_hashes), None)
+        if withdrawn is None:
+            return
+        sends.remove(withdrawn)
+        last_send, end = self._last_send[replica], withdrawn.kept
+        claimed = bisect.bisect_left(block_hashes, True, 0, end, key=lambda h: last_send.get(h) == withdrawn.number)
+        for earlier in reversed(sends):
+            if claimed == end:
+                break
+            shared = min(earlier.kept, end)
+            if earlier.number > withdrawn.number or shared <= claimed or earlier.blocks[claimed] != block_hashes[claimed]:
+                continue
+            shared = bisect.bisect_left(range(shared), True, claimed, key=lambda k: earlier.blocks[k] != block_hashes[k])
+            last_send.update(zip(block_hashes[claimed:shared], repeat(earlier.number)))
+            claimed = shared
+        for block_hash in block_hashes[claimed:end]:
+            del last_send[block_hash]
+        if block_hashes[0] not in last_send:
+            self._unhead(replica, block_hashes[0])
+        self._sizes[replica] = len(last_send)
+
     def forget(self, replica: str) -> None:
         for block_hash in self._last_send.pop(replica, ()):
             self._unhead(replica, block_hash)

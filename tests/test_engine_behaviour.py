@@ -143,7 +143,7 @@ def test_past_max_queue_wait_a_newcomer_is_refused_as_overloaded_and_the_queue_i
     time.sleep(0.3)  # nothing has started: the oldest has now waited longer than 0.2 s
     with pytest.raises(Overloaded, match=r"max_queue_wait_s \(0.2 s\)"):
         engine.add_request("late", [8] * 8, params)
-    assert RequestRefused.of(Overloaded("busy")) == RequestRefused("busy", overloaded=True)
+    assert RequestRefused.of(Overloaded("busy"), "r1") == RequestRefused("busy", overloaded=True, replica="r1")
     if policy == "priority":  # it would run before every waiting request: nothing waits ahead of it
         engine.add_request("urgent", [9] * 8, params, priority=-1)
     finished = set()

@@ -272,7 +272,8 @@ def test_health_checks_answer_during_a_burst_and_every_request_ends_cleanly(serv
 def test_a_replica_behind_max_queue_wait_answers_503_with_retry_after_and_serves_its_queue(server, tiny_checkpoints):
     """A second application on the same Serve instance: one replica running one sequence at a
     time. While a slow answer runs, a second request waits; once it has waited past the
-    engine's max_queue_wait_s, a third is refused at once, and the second is served."""
+    engine's max_queue_wait_s, a third is refused at once, and the second is served. The
+    router takes the refused send back: its retry finds no replica caching its prompt."""
     config = load_config(None, {
         "engine": {**ENGINE, "model": str(tiny_checkpoints["llama"]), "max_num_seqs": 1, "max_queue_wait_s": 0.5},
         "serving": {**SERVING, "app_name": "shedding", "replicas": 1, "port": int(server.rsplit(":", 1)[1])}})
@@ -288,11 +289,20 @@ def test_a_replica_behind_max_queue_wait_answers_503_with_retry_after_and_serves
                 await anext(lines)  # it runs, 20 ms a token
                 waiting = asyncio.create_task(stream_events(client, base, [8] * 8, 4))
                 await asyncio.sleep(1.0)
-                refused = await stream_events(client, base, [7] * 8, 4)
-            return refused, await waiting  # the slow answer is cut off: its client left
+                refused = await stream_events(client, base, [7] * 40, 4)  # two full blocks
+            waited = await waiting  # the slow answer is cut off: its client left
+            uncached = uncached_decisions()
+            retried = await stream_events(client, base, [7] * 40, 4)  # within the router's recent_s of the refusal
+            return refused, waited, retried, uncached_decisions() - uncached
+
+    def uncached_decisions() -> float:
+        found = re.findall(r'^kvserve_routing_decisions_total{policy="kv",reason="no_cached_prefix"} (\S+)$',
+                           httpx.get(f"{base}/metrics").text, re.M)
+        return float(found[0]) if found else 0.0
 
     try:
-        (status, events, headers), (waited_status, waited_events, _) = asyncio.run(scenario())
+        (status, events, headers), (waited_status, waited_events, _), (retried_status, _, _), retry_uncached = \
+            asyncio.run(scenario())
         counted = re.findall(r'^kvserve_requests_total{model="\w+",replica="",status="server_overloaded"} (\S+)$',
                              httpx.get(f"{base}/metrics").text, re.M)
     finally:
@@ -302,6 +312,7 @@ def test_a_replica_behind_max_queue_wait_answers_503_with_retry_after_and_serves
     assert error["code"] == "server_overloaded" and error["type"] == "server_error"
     assert "max_queue_wait_s (0.5 s)" in error["message"] and counted == ["1.0"]
     assert waited_status == 200 and waited_events[-1]["choices"][0]["finish_reason"] == "length"
+    assert retried_status == 200 and retry_uncached == 1.0
 
 
 def test_deleting_the_app_lets_in_flight_streams_finish(server):

@@ -964,6 +964,54 @@ def test_working_set_sizes_equal_the_distinct_blocks_sent_within_the_window():
             assert sets.blocks(name, now=float(now)) == len(plain)
 
 
+def test_a_withdrawn_send_leaves_the_working_sets_as_if_never_sent():
+    """Sends withdrawn (the replica refused them) at random among sends that share prefixes:
+    each replica's size, its recent matches, and its sizes as the rest expire are those of
+    the sends that were not withdrawn."""
+    import random
+
+    from kvserve.router.working_sets import WorkingSets
+
+    rng = random.Random(5)
+    trunks = [hash_block_chain(list(range(100 * t, 100 * t + 12 * BLOCK)), BLOCK) for t in range(3)]
+    sets = WorkingSets(window_s=8.0)
+    sent = []  # (at, replica, chain) of the sends not withdrawn
+    for now in range(80):
+        chain = rng.choice(trunks)[: rng.randrange(1, 13)]
+        replica = rng.choice(NAMES)
+        sets.add(replica, chain, limit=None, now=float(now))
+        sent.append((now, replica, chain))
+        if rng.random() < 0.4:
+            _, replica, chain = rng.choice([send for send in sent if send[0] > now - 8.0])
+            sets.withdraw(replica, chain)
+            sent.remove(next(send for send in reversed(sent) if send[1:] == (replica, chain)))
+        for name in NAMES:
+            plain = {h for at, r, c in sent if r == name and at > now - 8.0 for h in c}
+            assert sets.blocks(name, now=float(now)) == len(plain)
+        query, since = rng.choice(trunks), now - 3.0
+        walked = leading_matches(query, NAMES, lambda r: {h for at, name, c in sent if name == r and at > since for h in c})
+        assert sets.recent_matches(query, NAMES, within_s=3.0, now=float(now)) == {r: d for r, d in walked.items() if d}
+    sets.withdraw("a", trunks[0] + trunks[1])  # never sent: nothing changes
+    assert [sets.blocks(name, now=79.0) for name in NAMES] == [
+        len({h for at, r, c in sent if r == name and at > 71.0 for h in c}) for name in NAMES]
+
+
+def test_a_refused_request_does_not_draw_its_retry_back_to_the_replica_that_refused_it():
+    from kvserve.router.kv_scoring import KVScorer
+
+    follower = follower_with({"a": [], "b": []})
+    scorer = KVScorer(follower, BLOCK)
+    prompt = list(range(40))
+    hashes = hash_block_chain(prompt, BLOCK)
+    order, _ = scorer.rank(["a", "b"], hashes, len(prompt))
+    refused_by = ["a", "b"][order[0]]
+    scorer.record(refused_by, hashes)
+    assert scorer.rank(["a", "b"], hashes, len(prompt))[1] != "no_cached_prefix"  # taken for cached there
+    scorer.withdraw(refused_by, hashes)
+    assert scorer.rank(["a", "b"], hashes, len(prompt))[1] == "no_cached_prefix"
+    assert scorer.working_sets.blocks(refused_by) == 0
+
+
 def test_index_follows_the_host_tier_too():
     """Blocks evicted to a replica's host-memory tier leave its device set and join its host
     set in the index, as they do in the engine."""

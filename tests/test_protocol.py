@@ -54,7 +54,7 @@ def messages() -> list:
         EmbedRequest(request_id="embd-1-0", prompt_token_ids=list(range(13)), prompt="text", block_hashes=CHAIN,
                      hash_check=hash_check_value(BLOCK), cache_salt="tenant", priority=2),
         EmbeddingOutput(request_id="embd-1-0", embedding=[0.5, -0.25], num_prompt_tokens=13, num_cached_tokens=8),
-        RequestRefused("the request needs up to 90 KV blocks but the pool has only 64", overloaded=False),
+        RequestRefused("the request needs up to 90 KV blocks but the pool has only 64", overloaded=False, replica="r1"),
         STATS,
         BATCH,
         SNAPSHOT,

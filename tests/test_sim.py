@@ -12,7 +12,7 @@ from kvserve.cluster.bench.sim.prompts import BlockChains, prompt_tokens
 from kvserve.cluster.bench.sim.relay import DelayedFeed, EventStream
 from kvserve.cluster.bench.sim.report import summarize
 from kvserve.cluster.bench.sim.routers import SIM_POLICIES
-from kvserve.cluster.bench.sim.simulator import SimConfig, simulate
+from kvserve.cluster.bench.sim.simulator import Cluster, SimConfig, simulate
 from kvserve.cluster.bench.sim.step_time import PRESETS, fit_step_time, load_step_fit
 from kvserve.cluster.bench.sim.workloads import (
     agentic_tool_loop, llmd_shared_context, mooncake_records, multi_turn_chat, no_reuse, read_mooncake,
@@ -331,6 +331,20 @@ def test_past_saturation_a_replica_refuses_newcomers_behind_a_long_wait_and_serv
     assert summaries[0.5]["served"] + len(refused) == 300
     assert summaries[0.5]["ttft_p90_s"] < 2.0
     assert summaries[0.5]["goodput_req_s"] > 2 * summaries[None]["goodput_req_s"], summaries
+
+
+def test_the_router_takes_back_what_a_replica_refused_as_in_serve():
+    """Each refused prompt leaves the `kv` router's working set (the replica cached none of
+    it); the last prompts served there stay in it."""
+    items = no_reuse(300, 40.0, 0, input_tokens=400, output_tokens=100)
+    cluster = Cluster("kv", SimConfig(replicas=1, kv_blocks=300, seed=0, max_queue_wait_s=0.5), H100_8B, BlockChains(16))
+    jobs = cluster.run(items)
+    sets = cluster.routers[0].policy.scorer.working_sets
+    sets.sizes(["replica-0"], now=cluster.clock.now)
+    refused = [j for j in jobs if j.refused]
+    assert refused and all(sets.wanted_among("replica-0", set(j.block_hashes)) == 0 for j in refused)
+    last_served = max((j for j in jobs if not j.refused), key=lambda j: j.arrival_s)
+    assert sets.wanted_among("replica-0", set(last_served.block_hashes)) == len(last_served.block_hashes)
 
 
 def test_the_cli_verb_writes_one_record_per_run(tmp_path):

@@ -95,11 +95,12 @@ class RequestRefused:
 
     reason: str
     overloaded: bool
+    replica: str  # the replica that refused: its router forgets the send (the prompt was not cached there)
 
     @classmethod
-    def of(cls, error: ValueError) -> "RequestRefused":
-        """The answer to the engine's refusal `error`."""
-        return cls(str(error), isinstance(error, Overloaded))
+    def of(cls, error: ValueError, replica: str) -> "RequestRefused":
+        """`replica`'s answer to its engine's refusal `error`."""
+        return cls(str(error), isinstance(error, Overloaded), replica)
 
 
 @dataclass(frozen=True)

@@ -86,9 +86,10 @@ class EngineThread(threading.Thread):
     Every pass of the loop beats (`beat`); an idle loop still beats each STATS_PERIOD_S, so a
     loop that has not beaten for `step_timeout_s` is stuck in a step or elsewhere."""
 
-    def __init__(self, engine: LLMEngine, deliver, post, publish, step_timeout_s: float):
+    def __init__(self, engine: LLMEngine, replica_id: str, deliver, post, publish, step_timeout_s: float):
         super().__init__(name="kvserve-engine", daemon=True)
         self.engine = engine
+        self.replica_id = replica_id  # the name its refusals carry
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.deliver = deliver
         self.post = post  # (request id, item): an error, a refusal or an embedding for its stream
@@ -139,7 +140,7 @@ class EngineThread(threading.Thread):
         if tokens:
             self.deliver(tokens)
         for request_id, reason in self.engine.take_refusals():
-            self.post(request_id, RequestRefused(reason, overloaded=False))
+            self.post(request_id, RequestRefused(reason, overloaded=False, replica=self.replica_id))
         for request_id, reason in self.engine.take_failures():
             self.post(request_id, RuntimeError(f"the model failed this request: {reason}"))
         for embedding in self.engine.take_embeddings():
@@ -189,7 +190,7 @@ class LLMServer:
         self._last_lora_poll_at = 0.0
         self._resync = False
         self._hub_lost = False
-        self.thread = EngineThread(self.engine, self._deliver, self._post, self._publish, step_timeout_s)
+        self.thread = EngineThread(self.engine, self.replica_id, self._deliver, self._post, self._publish, step_timeout_s)
         self.thread.start()
 
     def _register(self, stats: EngineStats | None = None) -> None:
@@ -301,7 +302,7 @@ class LLMServer:
                                    request.cache_salt, block_hashes=hashes, kv_retention=request.kv_retention,
                                    lora_name=request.lora_name)
             except ValueError as error:  # the request's own problem, not an error of ours
-                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused.of(error))
+                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused.of(error, self.replica_id))
 
         finished = False
         try:
@@ -334,7 +335,7 @@ class LLMServer:
                 engine.add_embedding_request(request_id, request.prompt_token_ids, request.priority,
                                              request.cache_salt, block_hashes=hashes)
             except ValueError as error:
-                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused.of(error))
+                self._loop.call_soon_threadsafe(stream.put_nowait, RequestRefused.of(error, self.replica_id))
 
         answer = None
         try:

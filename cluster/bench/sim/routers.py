@@ -41,6 +41,9 @@ class RoutingPolicy:
     def sent(self, replica: int, job) -> None:
         pass
 
+    def refused(self, replica: int, job) -> None:
+        """`replica` refused `job` at once (past its queue wait): it caches none of it."""
+
     def first_token(self, replica: int, job) -> None:
         pass
 
@@ -65,6 +68,9 @@ class KVPolicy(RoutingPolicy):
 
     def sent(self, replica: int, job) -> None:
         self.scorer.request_sent(self.view.names[replica])
+
+    def refused(self, replica: int, job) -> None:
+        self.scorer.withdraw(self.view.names[replica], job.block_hashes)
 
     def done(self, replica: int, job) -> None:
         self.scorer.request_completed(self.view.names[replica])

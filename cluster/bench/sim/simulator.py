@@ -174,6 +174,7 @@ class Cluster:
         job.replica = k
         refusal = self.replicas[k].overload(self.clock.now)
         if refusal is not None:  # the router counted it sent and done at once, as Serve does
+            self.routers[job.router].policy.refused(k, job)
             self._refuse(job, refusal)
             return
         self.ongoing[k] += 1
