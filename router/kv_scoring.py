@@ -1,6 +1,7 @@
 """The KV-aware routing decision, free of Serve so that it can be tested and timed alone."""
 
 import random
+import threading
 import weakref
 from collections import defaultdict, deque
 from collections.abc import Container
@@ -26,17 +27,22 @@ _SENDS_KEPT = 256  # per replica, the uncached tokens of this router's last send
 # Per LLM application, the scorers of the `KVAwareRouter`s in this process (those Serve creates
 # for the ingress's handles), for the ingress to reach on a refusal. Here, not beside the router:
 # Serve ships the router's module by value, with copies of its globals.
+# The routers register on their thread, the ingress reads on its own: both under the lock.
 _scorers: defaultdict[str, weakref.WeakSet["KVScorer"]] = defaultdict(weakref.WeakSet)
+_scorers_lock = threading.Lock()
 
 
 def register_scorer(app_name: str, scorer: "KVScorer") -> None:
-    _scorers[app_name].add(scorer)
+    with _scorers_lock:
+        _scorers[app_name].add(scorer)
 
 
 def forget_refused_send(app_name: str, replica: str, block_hashes: list[BlockHash]) -> None:
     """A replica of application `app_name` refused the request of these blocks: the routers
     of this process that sent it there take the send back (`KVScorer.withdraw`)."""
-    for scorer in list(_scorers.get(app_name, ())):
+    with _scorers_lock:
+        scorers = list(_scorers.get(app_name, ()))
+    for scorer in scorers:
         scorer.withdraw(replica, block_hashes)
 
 
