@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 from kvserve.router import routing_metrics as metrics
 from kvserve.router.errors import OpenAIError, engine_error
-from kvserve.router.reasoning import ReasoningSplitter
+from kvserve.router.reasoning import ReasoningSplitter, ThinkingTokens
 from kvserve.router.responses import (
     ChoiceState, TokenText, Usage, chat_logprobs, chunk_body, completion_body, completion_logprobs,
     echoed_prompt_logprobs, openai_finish_reason, token_id_text, vllm_prompt_logprobs,
@@ -49,7 +49,7 @@ class Generation:
     def __init__(self, model_name: str, token_text: TokenText, request_id: str, body, chat: bool,
                  prompts: list[Prompt], firsts: list[OutputDelta], streams: list, timers: list[RequestTimer],
                  tool_call_reader: Callable[[], ToolCallReader | NamedCallReader] | None = None,
-                 reasoning_parser: str | None = None):
+                 reasoning_parser: str | None = None, thinking_tags: tuple[int, int] | None = None):
         self.model_name = model_name
         self.token_text = token_id_text if body.return_tokens_as_token_ids else token_text
         self.request_id, self.body, self.chat = request_id, body, chat
@@ -63,9 +63,12 @@ class Generation:
             if tool_call_reader is not None:
                 choice.tool_calls = tool_call_reader()
             if reasoning_parser is not None:
-                choice.reasoning = ReasoningSplitter(reasoning_parser, prompts[choice.index // self.n].text)
+                prompt = prompts[choice.index // self.n].text
+                choice.reasoning = ReasoningSplitter(reasoning_parser, prompt)
+                if thinking_tags is not None:
+                    choice.thinking_tokens = ThinkingTokens(reasoning_parser, prompt, *thinking_tags)
         self.firsts, self.streams, self.timers = firsts, streams, timers
-        self.usage = Usage()
+        self.usage = Usage(reasoning_tokens=0 if reasoning_parser is not None and thinking_tags is not None else None)
         for first in firsts:
             self.usage.prompt_tokens += first.num_prompt_tokens * self.n
             self.usage.cached_tokens += first.num_cached_tokens
@@ -121,6 +124,8 @@ class Generation:
             choice.finish_reason = openai_finish_reason(sample.finish_reason)
             choice.stop_reason = sample.stop_reason
             new_tokens += len(sample.token_ids)
+            if choice.thinking_tokens is not None:
+                self.usage.reasoning_tokens += choice.thinking_tokens.feed(sample.token_ids)
             touched.append((choice, sample))
         if new_tokens:
             self.usage.completion_tokens += new_tokens

@@ -220,13 +220,18 @@ def _new_id(prefix: str) -> str:
 
 
 def _usage(chat_usage: dict | None, reasoning_text: str, token_count) -> dict | None:
+    """The response's usage from the chat's: its count of reasoning tokens, or where the
+    vocabulary has no whole thinking tags to count them by, the thinking's text tokenized again."""
     if chat_usage is None:
         return None
+    reasoning_tokens = chat_usage.get("completion_tokens_details", {}).get("reasoning_tokens")
+    if reasoning_tokens is None:
+        reasoning_tokens = token_count(reasoning_text) if reasoning_text else 0
     return {
         "input_tokens": chat_usage["prompt_tokens"],
         "input_tokens_details": {"cached_tokens": chat_usage["prompt_tokens_details"]["cached_tokens"]},
         "output_tokens": chat_usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": token_count(reasoning_text) if reasoning_text else 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": chat_usage["total_tokens"],
     }
 

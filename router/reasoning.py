@@ -81,6 +81,35 @@ class ReasoningSplitter:
         return Split(held, "") if self.thinking else Split("", held)
 
 
+class ThinkingTokens:
+    """How many of a sample's output tokens are its thinking, counted by the tags' token ids
+    (where the vocabulary has both whole), by `ReasoningSplitter`'s rule: the tokens after an
+    opening tag that starts the output, or from the start where the output starts inside
+    the thinking, up to the closing tag; the tags themselves not counted."""
+
+    def __init__(self, parser: str, prompt: str, open_id: int, close_id: int):
+        self.starts_thinking = thinking_start(parser, prompt) is True
+        self.open_id, self.close_id = open_id, close_id
+        self.thinking: bool | None = None  # None: no token yet
+        self.count = 0
+
+    def feed(self, token_ids: list[int]) -> int:
+        """Take the sample's next tokens; returns how many of them are thinking."""
+        before = self.count
+        for token in token_ids:
+            if self.thinking is None:
+                self.thinking = self.starts_thinking or token == self.open_id
+                if token == self.open_id:
+                    continue
+            if not self.thinking:
+                break
+            if token == self.close_id:
+                self.thinking = False
+                break
+            self.count += 1
+        return self.count - before
+
+
 def _partial_tag_at_end(text: str) -> int:
     """The length of the longest end of `text` that begins `</think>` (0: none)."""
     for size in range(min(len(CLOSE) - 1, len(text)), 0, -1):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvserve.router.reasoning import ReasoningSplitter
+from kvserve.router.reasoning import ReasoningSplitter, ThinkingTokens
 from kvserve.router.tool_parsers import NamedCallReader, ToolCallReader
 from kvserve.workers.protocol import EmbeddingOutput, PromptLogprobs, TokenLogprobs
 
@@ -25,6 +25,7 @@ class ChoiceState:
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token that ended it
     tool_calls: ToolCallReader | NamedCallReader | None = None
     reasoning: ReasoningSplitter | None = None  # tells its thinking from its answer, for a reasoning model
+    thinking_tokens: ThinkingTokens | None = None  # counts its thinking's tokens, where the tags are tokens
     streamed: bool = False  # whether a chunk of it has been sent
 
 
@@ -33,14 +34,18 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    reasoning_tokens: int | None = None  # of the completion tokens, counted for a reasoning model's chat
 
     def to_dict(self) -> dict:
-        return {
+        usage = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        if self.reasoning_tokens is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
 
 
 def openai_finish_reason(reason: str | None, called_tools: bool = False) -> str | None:

@@ -121,6 +121,13 @@ class ServedModel:
         self.follower: KVIndexFollower | None = None
         self.lora_registry = get_or_create_registry(llm_app, settings.lora_modules) if settings.enable_lora else None
 
+    @property
+    def thinking_tags(self) -> tuple[int, int] | None:
+        """The token ids that open and close the thinking, where the vocabulary has both whole."""
+        if self.thinking_open is None or self.thinking_end is None:
+            return None
+        return self.thinking_open, self.thinking_end
+
     @classmethod
     def in_own_app(cls, settings: IngressSettings, ingress_app: str) -> "ServedModel":
         app_name = model_app_name(ingress_app, settings.served_model_name)

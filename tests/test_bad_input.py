@@ -194,8 +194,10 @@ def test_a_reasoning_models_thinking_comes_apart(server):
     prompt = server.post("/tokenize", json={"messages": chat()["messages"]}).json()["tokens"]
     text = server.post(C, json=completion(prompt=prompt, max_tokens=6, temperature=0, ignore_eos=True)).json()
     body = chat(max_tokens=6, temperature=0, ignore_eos=True)
-    message = server.post(CHAT, json=body).json()["choices"][0]["message"]
+    reply = server.post(CHAT, json=body).json()
+    message = reply["choices"][0]["message"]
     assert message["reasoning_content"] == text["choices"][0]["text"] and message["content"] is None
+    assert reply["usage"]["completion_tokens_details"] == {"reasoning_tokens": 6}  # counted by the tags' ids
     with server.stream("POST", CHAT, json={**body, "stream": True}) as reply:
         deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in reply.iter_lines()
                   if line.startswith("data: {")]
@@ -205,18 +207,21 @@ def test_a_reasoning_models_thinking_comes_apart(server):
 
 def test_a_reasoning_models_thinking_is_a_reasoning_item_of_its_response(server):
     body = chat(max_tokens=6, temperature=0)
-    message = server.post(CHAT, json=body).json()["choices"][0]["message"]
+    completion = server.post(CHAT, json=body).json()
+    message = completion["choices"][0]["message"]
     request = {"input": body["messages"], "max_output_tokens": 6, "temperature": 0}
     reply = server.post("/v1/responses", json=request).json()
     [item] = reply["output"]
     assert item["type"] == "reasoning" and item["content"][0]["text"] == message["reasoning_content"]
-    assert reply["usage"]["output_tokens_details"]["reasoning_tokens"] > 0
+    reasoning_tokens = completion["usage"]["completion_tokens_details"]["reasoning_tokens"]
+    assert reply["usage"]["output_tokens_details"]["reasoning_tokens"] == reasoning_tokens > 0
     with server.stream("POST", "/v1/responses", json={**request, "stream": True}) as streamed:
         events = [json.loads(line[6:]) for line in streamed.iter_lines() if line.startswith("data: {")]
     deltas = [e["delta"] for e in events if e["type"] == "response.reasoning_text.delta"]
     assert "".join(deltas) == item["content"][0]["text"]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     assert events[-1]["type"] == "response.completed" and events[-1]["response"]["output"][0]["type"] == "reasoning"
+    assert events[-1]["response"]["usage"]["output_tokens_details"]["reasoning_tokens"] == reasoning_tokens
     name = server.get("/v1/models").json()["data"][0]["id"]
     anthropic_reply = server.post("/v1/messages", json={"model": name, **body}).json()
     assert anthropic_reply["content"] == [{"type": "thinking", "thinking": message["reasoning_content"], "signature": ""}]
@@ -230,8 +235,10 @@ def test_thinking_turned_off_leaves_the_whole_output_an_answer(server):
     body = chat(max_tokens=6, temperature=0)  # no ignore_eos: the Messages API has none
     thinking = server.post(CHAT, json=body).json()["choices"][0]["message"]
     off = {**body, "chat_template_kwargs": {"enable_thinking": False}}
-    answer = server.post(CHAT, json=off).json()["choices"][0]["message"]
+    answered = server.post(CHAT, json=off).json()
+    answer = answered["choices"][0]["message"]
     assert answer["reasoning_content"] is None and answer["content"]
+    assert answered["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
     assert thinking["reasoning_content"] and thinking["content"] is None
     with server.stream("POST", CHAT, json={**off, "stream": True}) as reply:
         deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in reply.iter_lines()

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvserve.router.reasoning import CLOSE, OPEN, PARSERS, ReasoningSplitter, Split, thinking_start
+from kvserve.router.reasoning import CLOSE, OPEN, PARSERS, ReasoningSplitter, Split, ThinkingTokens, thinking_start
 
 # Text made of the tags, pieces of them and a little else, so that cuts fall inside tags.
 pieces = st.lists(st.sampled_from([OPEN, CLOSE, "<", "</", "<th", "</think", "think>", ">", " ", "\n", "a", "bc"]),
@@ -54,3 +54,22 @@ def test_how_the_output_starts_follows_the_prompts_tag_else_the_parser():
         assert thinking_start(parser, "<|assistant|>\n<think>\n\n</think>\n\n") is False
     assert thinking_start("deepseek_r1", "<|assistant|>\n") is True
     assert thinking_start("qwen3", "<|assistant|>\n") is None  # it opens the thinking, or skips it
+
+
+# Tokens whose texts are the two tags and single letters: the thinking's text has one letter per token.
+TOKEN_TEXTS = {0: OPEN, 1: CLOSE, 2: "a", 3: "b"}
+PROMPTS = ["<|assistant|>\n", "<|assistant|>\n<think>\n", "<|assistant|>\n<think>\n\n</think>\n\n"]
+
+
+@given(parser=st.sampled_from(PARSERS), prompt=st.sampled_from(PROMPTS), tokens=st.lists(st.sampled_from(list(TOKEN_TEXTS)), max_size=10),
+       cuts=st.lists(st.integers(0, 10), max_size=4))
+def test_the_thinking_tokens_counted_by_id_are_those_of_the_split_text(parser, prompt, tokens, cuts):
+    """However the tokens arrive, their count is the letters of the thinking the text splitter
+    finds in their text (a prompt's closing tag, a leading opening tag, a closing tag alike)."""
+    counter, counted = ThinkingTokens(parser, prompt, 0, 1), 0
+    bounds = sorted({min(c, len(tokens)) for c in cuts} | {0, len(tokens)})
+    for start, end in zip(bounds, bounds[1:]):
+        counted += counter.feed(tokens[start:end])
+    text = "".join(TOKEN_TEXTS[t] for t in tokens)
+    thinking = ReasoningSplitter(parser, prompt).feed(text, last=True).reasoning
+    assert counted == counter.count == len(thinking.replace(OPEN, "x"))  # one letter, or a tag, per token
