@@ -333,5 +333,6 @@ class Ingress:
         headers = {REPLICA_HEADER: ",".join(dict.fromkeys(replicas))}
         reader = body.tool_call_reader(model.tool_format) if chat else None
         run = Generation(lora.name if lora else model.name, model.token_text, request_id, body, chat, prompts, firsts,
-                         streams, timers, reader, model.settings.reasoning_parser if chat else None, model.thinking_tags)
+                         streams, timers, reader, model.settings.reasoning_parser if chat else None,
+                         model.thinking_tags)
         return run, headers

@@ -176,9 +176,11 @@ class WorkingSets:
             if claimed == end:
                 break
             shared = min(earlier.kept, end)
-            if earlier.number > withdrawn.number or shared <= claimed or earlier.blocks[claimed] != block_hashes[claimed]:
+            if (earlier.number > withdrawn.number or shared <= claimed
+                    or earlier.blocks[claimed] != block_hashes[claimed]):
                 continue
-            shared = bisect.bisect_left(range(shared), True, claimed, key=lambda k: earlier.blocks[k] != block_hashes[k])
+            blocks = earlier.blocks
+            shared = bisect.bisect_left(range(shared), True, claimed, key=lambda k: blocks[k] != block_hashes[k])
             last_send.update(zip(block_hashes[claimed:shared], repeat(earlier.number)))
             claimed = shared
         for block_hash in block_hashes[claimed:end]:

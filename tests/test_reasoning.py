@@ -61,8 +61,8 @@ TOKEN_TEXTS = {0: OPEN, 1: CLOSE, 2: "a", 3: "b"}
 PROMPTS = ["<|assistant|>\n", "<|assistant|>\n<think>\n", "<|assistant|>\n<think>\n\n</think>\n\n"]
 
 
-@given(parser=st.sampled_from(PARSERS), prompt=st.sampled_from(PROMPTS), tokens=st.lists(st.sampled_from(list(TOKEN_TEXTS)), max_size=10),
-       cuts=st.lists(st.integers(0, 10), max_size=4))
+@given(parser=st.sampled_from(PARSERS), prompt=st.sampled_from(PROMPTS),
+       tokens=st.lists(st.sampled_from(list(TOKEN_TEXTS)), max_size=10), cuts=st.lists(st.integers(0, 10), max_size=4))
 def test_the_thinking_tokens_counted_by_id_are_those_of_the_split_text(parser, prompt, tokens, cuts):
     """However the tokens arrive, their count is the letters of the thinking the text splitter
     finds in their text (a prompt's closing tag, a leading opening tag, a closing tag alike)."""
