@@ -59,16 +59,17 @@ class Generation:
         self.generates = chat or body.generates
         self.scored: list[PromptLogprobs | None] = [None] * len(prompts)  # each prompt's, once they came
         self.choices = [ChoiceState(i) for i in range(len(prompts) * self.n)]
+        counts_thinking = reasoning_parser is not None and thinking_tags is not None
         for choice in self.choices:
             if tool_call_reader is not None:
                 choice.tool_calls = tool_call_reader()
             if reasoning_parser is not None:
                 prompt = prompts[choice.index // self.n].text
                 choice.reasoning = ReasoningSplitter(reasoning_parser, prompt)
-                if thinking_tags is not None:
+                if counts_thinking:
                     choice.thinking_tokens = ThinkingTokens(reasoning_parser, prompt, *thinking_tags)
         self.firsts, self.streams, self.timers = firsts, streams, timers
-        self.usage = Usage(reasoning_tokens=0 if reasoning_parser is not None and thinking_tags is not None else None)
+        self.usage = Usage(reasoning_tokens=0 if counts_thinking else None)
         for first in firsts:
             self.usage.prompt_tokens += first.num_prompt_tokens * self.n
             self.usage.cached_tokens += first.num_cached_tokens

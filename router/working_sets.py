@@ -183,11 +183,7 @@ class WorkingSets:
             shared = bisect.bisect_left(range(shared), True, claimed, key=lambda k: blocks[k] != block_hashes[k])
             last_send.update(zip(block_hashes[claimed:shared], repeat(earlier.number)))
             claimed = shared
-        for block_hash in block_hashes[claimed:end]:
-            del last_send[block_hash]
-        if block_hashes[0] not in last_send:
-            self._unhead(replica, block_hashes[0])
-        self._sizes[replica] = len(last_send)
+        self._forget_send(replica, withdrawn)  # the blocks no earlier send claimed
 
     def forget(self, replica: str) -> None:
         for block_hash in self._last_send.pop(replica, ()):
