@@ -38,6 +38,12 @@ class ConversationLog:
             self._prompt_ends.pop(block_hashes[-1], None)
             self._prompt_ends[block_hashes[-1]] = now
 
+    def withdraw(self, block_hashes: list[BlockHash]) -> None:
+        """A prompt sent lately was refused: its retry continues only what its history held before."""
+        if block_hashes:
+            self._prompt_ends.pop(block_hashes[-1], None)
+            self._last_answer = None
+
     def later_turns(self, routers: int) -> float:
         """Requests after the first per conversation, lately. Of the continuations, this
         router saw one in `routers` as such and took the rest for new conversations."""

@@ -121,7 +121,9 @@ class KVScorer:
 
     def _take_back_refused(self) -> None:
         while self._refused:
-            self.working_sets.withdraw(*self._refused.popleft())
+            replica, block_hashes = self._refused.popleft()
+            self.working_sets.withdraw(replica, block_hashes)
+            self.conversations.withdraw(block_hashes)
 
     def request_sent(self, replica: str) -> None:
         self.in_flight[replica] += 1

@@ -997,6 +997,7 @@ def test_a_withdrawn_send_leaves_the_working_sets_as_if_never_sent():
 
 
 def test_a_refused_request_does_not_draw_its_retry_back_to_the_replica_that_refused_it():
+    """Nor does the retry count as the refused prompt's next turn."""
     from kvserve.router.kv_scoring import KVScorer
 
     follower = follower_with({"a": [], "b": []})
@@ -1007,9 +1008,11 @@ def test_a_refused_request_does_not_draw_its_retry_back_to_the_replica_that_refu
     refused_by = ["a", "b"][order[0]]
     scorer.record(refused_by, hashes)
     assert scorer.rank(["a", "b"], hashes, len(prompt))[1] != "no_cached_prefix"  # taken for cached there
+    assert scorer.conversations.continues(hashes)  # and for a conversation's next turn
     scorer.withdraw(refused_by, hashes)
     assert scorer.rank(["a", "b"], hashes, len(prompt))[1] == "no_cached_prefix"
     assert scorer.working_sets.blocks(refused_by) == 0
+    assert not scorer.conversations.continues(hashes)  # the retry starts the conversation
 
 
 def test_index_follows_the_host_tier_too():
