@@ -67,7 +67,7 @@ class Generation:
                 prompt = prompts[choice.index // self.n].text
                 choice.reasoning = ReasoningSplitter(reasoning_parser, prompt)
                 if counts_thinking:
-                    choice.thinking_tokens = ThinkingTokens(reasoning_parser, prompt, *thinking_tags)
+                    choice.thinking_tokens = ThinkingTokens(reasoning_parser, prompt, *thinking_tags, token_text)
         self.firsts, self.streams, self.timers = firsts, streams, timers
         self.usage = Usage(reasoning_tokens=0 if counts_thinking else None)
         for first in firsts:
@@ -126,7 +126,8 @@ class Generation:
             choice.stop_reason = sample.stop_reason
             new_tokens += len(sample.token_ids)
             if choice.thinking_tokens is not None:
-                self.usage.reasoning_tokens += choice.thinking_tokens.feed(sample.token_ids)
+                self.usage.reasoning_tokens += choice.thinking_tokens.feed(sample.token_ids,
+                                                                           last=sample.finish_reason is not None)
             touched.append((choice, sample))
         if new_tokens:
             self.usage.completion_tokens += new_tokens

@@ -11,6 +11,7 @@ A `<think>` the output starts with is dropped either way.
 cut across two deltas is held back until the next delta shows whether it is one.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -84,30 +85,45 @@ class ReasoningSplitter:
 class ThinkingTokens:
     """How many of a sample's output tokens are its thinking, counted by the tags' token ids
     (where the vocabulary has both whole), by `ReasoningSplitter`'s rule: the tokens after an
-    opening tag that starts the output, or from the start where the output starts inside
-    the thinking, up to the closing tag; the tags themselves not counted."""
+    opening tag that starts the output (blank tokens before it dropped), or from the start
+    where the output starts inside the thinking, up to the closing tag; the tags themselves
+    not counted. `token_text` gives a token's text, to tell the blank ones."""
 
-    def __init__(self, parser: str, prompt: str, open_id: int, close_id: int):
+    def __init__(self, parser: str, prompt: str, open_id: int, close_id: int, token_text: Callable[[int], str]):
         self.starts_thinking = thinking_start(parser, prompt) is True
-        self.open_id, self.close_id = open_id, close_id
-        self.thinking: bool | None = None  # None: no token yet
+        self.open_id, self.close_id, self.token_text = open_id, close_id, token_text
+        self.thinking: bool | None = None  # None: no token yet but blank ones
+        self.leading_blanks = 0  # thinking where the output starts inside it, unless a tag follows
         self.count = 0
 
-    def feed(self, token_ids: list[int]) -> int:
-        """Take the sample's next tokens; returns how many of them are thinking."""
+    def feed(self, token_ids: list[int], last: bool = False) -> int:
+        """Take the sample's next tokens (its `last`, if so); returns how many more of its
+        tokens are thinking."""
         before = self.count
         for token in token_ids:
             if self.thinking is None:
-                self.thinking = self.starts_thinking or token == self.open_id
                 if token == self.open_id:
+                    self.thinking = True
                     continue
+                if not self.token_text(token).strip():
+                    self.leading_blanks += 1
+                    continue
+                self._begin()
             if not self.thinking:
                 break
             if token == self.close_id:
                 self.thinking = False
                 break
             self.count += 1
+        if last and self.thinking is None:
+            self._begin()
         return self.count - before
+
+    def _begin(self) -> None:
+        """The output starts with something else than the opening tag."""
+        self.thinking = self.starts_thinking
+        if self.thinking:
+            self.count += self.leading_blanks
 
 
 def _partial_tag_at_end(text: str) -> int:

@@ -56,8 +56,9 @@ def test_how_the_output_starts_follows_the_prompts_tag_else_the_parser():
     assert thinking_start("qwen3", "<|assistant|>\n") is None  # it opens the thinking, or skips it
 
 
-# Tokens whose texts are the two tags and single letters: the thinking's text has one letter per token.
-TOKEN_TEXTS = {0: OPEN, 1: CLOSE, 2: "a", 3: "b"}
+# Tokens whose texts are the two tags and single letters, blank or not: the thinking's text has
+# one letter per token.
+TOKEN_TEXTS = {0: OPEN, 1: CLOSE, 2: "a", 3: "b", 4: " ", 5: "\n"}
 PROMPTS = ["<|assistant|>\n", "<|assistant|>\n<think>\n", "<|assistant|>\n<think>\n\n</think>\n\n"]
 
 
@@ -65,11 +66,13 @@ PROMPTS = ["<|assistant|>\n", "<|assistant|>\n<think>\n", "<|assistant|>\n<think
        tokens=st.lists(st.sampled_from(list(TOKEN_TEXTS)), max_size=10), cuts=st.lists(st.integers(0, 10), max_size=4))
 def test_the_thinking_tokens_counted_by_id_are_those_of_the_split_text(parser, prompt, tokens, cuts):
     """However the tokens arrive, their count is the letters of the thinking the text splitter
-    finds in their text (a prompt's closing tag, a leading opening tag, a closing tag alike)."""
-    counter, counted = ThinkingTokens(parser, prompt, 0, 1), 0
+    finds in their text (a prompt's closing tag, an opening tag after blanks or none, a closing
+    tag, an output of blanks alike)."""
+    counter, counted = ThinkingTokens(parser, prompt, 0, 1, TOKEN_TEXTS.__getitem__), 0
     bounds = sorted({min(c, len(tokens)) for c in cuts} | {0, len(tokens)})
     for start, end in zip(bounds, bounds[1:]):
-        counted += counter.feed(tokens[start:end])
+        counted += counter.feed(tokens[start:end], last=end == len(tokens))
+    counted += counter.feed([], last=True)  # the end may come after the last token
     text = "".join(TOKEN_TEXTS[t] for t in tokens)
     thinking = ReasoningSplitter(parser, prompt).feed(text, last=True).reasoning
     assert counted == counter.count == len(thinking.replace(OPEN, "x"))  # one letter, or a tag, per token
