@@ -204,8 +204,11 @@ class KVScorer:
         if self.options.cost_unit == "tokens":
             costs = uncached + self.options.load_cost_tokens * loads + side_tokens
         else:
+            # Placed by load where no replica caches `min_cached_share` of the prompt.
+            placed = (uncached if depths.max() * size >= self.options.min_cached_share * num_tokens
+                      else np.full_like(uncached, num_tokens))
             later_turns = self._later_turns_of_a_start(block_hashes, matched)
-            costs = self._seconds(replicas, figures, uncached, side_tokens, ours, self._decode_steps_ahead(later_turns))
+            costs = self._seconds(replicas, figures, placed, side_tokens, ours, self._decode_steps_ahead(later_turns))
             if self._seeds_an_idle_replica(later_turns, matched, depths, figures):
                 costs = self._idle_first(replicas, costs, figures, ours, pressures, side_tokens)
             self._last_uncached = (replicas, uncached)

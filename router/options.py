@@ -48,6 +48,13 @@ class RouterOptions(BaseModel):
         "replicas' median count of waiting requests: once most replicas queue, work added anywhere delays about that "
         "many later requests, so a prompt stays where it is cached instead of moving for a slightly shorter queue "
         "and taking the cluster's capacity by its recompute (0: the request's own time to its first token only)")
+    min_cached_share: float = Field(
+        0.5, ge=0, le=1, description="kv, `cost_unit: seconds`: a prompt of which no replica caches this share is "
+        "placed as if no replica cached any of it, by load alone: a conversation's history met for the first time "
+        "(an ingress or a cluster restarted under live traffic) then spreads the prefix it shares with others (a "
+        "system prompt, a tool context) over more replicas, which gives the conversations that start on it later "
+        "more holders to choose among; what it forgoes is under this share of the prompt's prefill (0: every "
+        "cached block counts)")
     load_cost_tokens: int = Field(64, ge=0, description="kv, `cost_unit: tokens`: prompt tokens one in-flight request is worth")
     host_block_credit: float = Field(
         0.8, ge=0, le=1, description="kv: what a block in a replica's host-memory tier saves, against one on its device "

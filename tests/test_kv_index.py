@@ -228,6 +228,24 @@ def test_in_seconds_a_cache_hit_is_worth_its_prefill_time_against_a_queue():
     assert first_choice(60, 40) == "holder"  # 68 against 88
 
 
+def test_in_seconds_a_prompt_mostly_cached_nowhere_is_placed_by_load_alone():
+    """A history no replica holds half of (met for the first time) goes where the queue is
+    shortest, as if nothing of it were cached: its shared prefix spreads to more replicas."""
+    from kvserve.router.kv_scoring import KVScorer
+
+    prompt = list(range(40))
+    hashes = hash_block_chain(prompt, BLOCK)
+
+    def first_choice(held: int, options: RouterOptions = EXACT_SECONDS) -> str:
+        stats = {"holder": timed(pool_stats(100), 10), "other": timed(pool_stats(100), 0)}
+        scorer = KVScorer(follower_with({"holder": prompt[:held], "other": []}, stats), BLOCK, options)
+        return ["holder", "other"][scorer.rank(["holder", "other"], hashes, len(prompt))[0][0]]
+
+    assert first_choice(held=16) == "other"  # 40% held: 10 + 40 tokens there against 40 here
+    assert first_choice(held=16, options=EXACT_SECONDS.model_copy(update={"min_cached_share": 0})) == "holder"
+    assert first_choice(held=24) == "holder"  # 60% held: 10 + 16 tokens there
+
+
 def test_in_seconds_while_requests_wait_for_room_a_prompt_stays_where_it_is_cached():
     """Near saturation a recompute elsewhere costs every later request its time: the
     request's own work is charged again for each request waiting on a replica (the median)."""
@@ -614,13 +632,13 @@ def test_a_system_prompt_held_by_one_replica_does_not_pull_every_conversation_th
     saves each new conversation a little there, and the conversations would pile up on it."""
     from kvserve.router.kv_scoring import KVScorer
 
-    system = list(range(2 * BLOCK))
+    system = list(range(6 * BLOCK))  # most of each prompt (less would be placed by load alone: min_cached_share)
     pool = pool_stats(20)  # a conversation wants half
     follower = follower_with({"a": system, "b": [], "c": [], "d": []}, stats=dict.fromkeys("abcd", pool))
     scorer = KVScorer(follower, BLOCK)
     chosen = []
     for k in range(4):
-        prompt = system + list(range(1000 * (k + 1), 1000 * (k + 1) + 8 * BLOCK))
+        prompt = system + list(range(1000 * (k + 1), 1000 * (k + 1) + 4 * BLOCK))
         hashes = hash_block_chain(prompt, BLOCK)
         order, _ = scorer.rank(list("abcd"), hashes, len(prompt))
         chosen.append("abcd"[order[0]])
