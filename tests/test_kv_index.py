@@ -229,21 +229,25 @@ def test_in_seconds_a_cache_hit_is_worth_its_prefill_time_against_a_queue():
 
 
 def test_in_seconds_a_prompt_mostly_cached_nowhere_is_placed_by_load_alone():
-    """A history no replica holds half of (met for the first time) goes where the queue is
-    shortest, as if nothing of it were cached: its shared prefix spreads to more replicas."""
+    """With one router, a history no replica holds half of (met for the first time) goes where
+    the queue is shortest, as if nothing of it were cached: its shared prefix spreads to more
+    replicas."""
     from kvserve.router.kv_scoring import KVScorer
 
     prompt = list(range(40))
     hashes = hash_block_chain(prompt, BLOCK)
 
-    def first_choice(held: int, options: RouterOptions = EXACT_SECONDS) -> str:
+    def first_choice(held: int, options: RouterOptions = EXACT_SECONDS, routers: int = 1) -> str:
         stats = {"holder": timed(pool_stats(100), 10), "other": timed(pool_stats(100), 0)}
-        scorer = KVScorer(follower_with({"holder": prompt[:held], "other": []}, stats), BLOCK, options)
+        follower = follower_with({"holder": prompt[:held], "other": []}, stats)
+        follower.routers = routers  # as the hub counted its followers
+        scorer = KVScorer(follower, BLOCK, options)
         return ["holder", "other"][scorer.rank(["holder", "other"], hashes, len(prompt))[0][0]]
 
     assert first_choice(held=16) == "other"  # 40% held: 10 + 40 tokens there against 40 here
     assert first_choice(held=16, options=EXACT_SECONDS.model_copy(update={"min_cached_share": 0})) == "holder"
     assert first_choice(held=24) == "holder"  # 60% held: 10 + 16 tokens there
+    assert first_choice(held=16, routers=2) == "holder"  # one router's rule (cost_jitter is 0 here)
 
 
 def test_in_seconds_while_requests_wait_for_room_a_prompt_stays_where_it_is_cached():
