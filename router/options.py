@@ -50,8 +50,8 @@ class RouterOptions(BaseModel):
         "and taking the cluster's capacity by its recompute (0: the request's own time to its first token only)")
     min_cached_share: float = Field(
         0.5, ge=0, le=1, description="kv, `cost_unit: seconds`: a prompt of which no replica caches this share is "
-        "placed as if no replica cached any of it, by load alone: a conversation's history met for the first time "
-        "(an ingress or a cluster restarted under live traffic) then spreads the prefix it shares with others (a "
+        "placed as if no replica cached any of it, by load alone: a conversation's history no cache holds "
+        "(replicas restarted under live traffic, or the history evicted) then spreads the prefix it shares with others (a "
         "system prompt, a tool context) over more replicas, which gives the conversations that start on it later "
         "more holders to choose among; what it forgoes is under this share of the prompt's prefill. With one "
         "ingress router only: several jitter their times (`cost_jitter`) by more than the queues differ, and would "
