@@ -219,9 +219,8 @@ class KVScorer:
 
     def _placed_by_load(self, depths: np.ndarray, num_tokens: int) -> bool:
         """Whether the request is placed as if no replica cached any of its prompt
-        (`options.min_cached_share`): one router's alone. With several, each raises its
-        predicted times by up to `cost_jitter`, which for a prompt computed whole everywhere
-        outweighs the queues and would place it at random (measured: a lower hit rate)."""
+        (`options.min_cached_share`): one router's alone. With 16 routers the rule lost hit
+        rate and time to first token in the simulator (docs/benchmarks.md, seventeenth round)."""
         return (self.follower.routers == 1
                 and depths.max() * self.block_size < self.options.min_cached_share * num_tokens)
 

@@ -54,8 +54,8 @@ class RouterOptions(BaseModel):
         "(replicas restarted under live traffic, or the history evicted) then spreads the prefix it shares with others (a "
         "system prompt, a tool context) over more replicas, which gives the conversations that start on it later "
         "more holders to choose among; what it forgoes is under this share of the prompt's prefill. With one "
-        "ingress router only: several jitter their times (`cost_jitter`) by more than the queues differ, and would "
-        "place such prompts at random (0: every cached block counts)")
+        "ingress router only: with 16 the rule cost hit rate and time to first token in the simulator (0: every "
+        "cached block counts)")
     load_cost_tokens: int = Field(64, ge=0, description="kv, `cost_unit: tokens`: prompt tokens one in-flight request is worth")
     host_block_credit: float = Field(
         0.8, ge=0, le=1, description="kv: what a block in a replica's host-memory tier saves, against one on its device "
