@@ -51,9 +51,9 @@ class RouterOptions(BaseModel):
     min_cached_share: float = Field(
         0.5, ge=0, le=1, description="kv, `cost_unit: seconds`: a prompt of which no replica caches this share is "
         "placed as if no replica cached any of it, by load alone: a conversation's history no cache holds "
-        "(replicas restarted under live traffic, or the history evicted) then spreads the prefix it shares with others (a "
-        "system prompt, a tool context) over more replicas, which gives the conversations that start on it later "
-        "more holders to choose among; what it forgoes is under this share of the prompt's prefill. With one "
+        "(replicas restarted under live traffic, or the history evicted) then spreads the prefix it shares with "
+        "others (a system prompt, a tool context) over more replicas, which gives the conversations that start on it "
+        "later more holders to choose among; what it forgoes is under this share of the prompt's prefill. With one "
         "ingress router only: with 16 the rule cost hit rate and time to first token in the simulator (0: every "
         "cached block counts)")
     load_cost_tokens: int = Field(64, ge=0, description="kv, `cost_unit: tokens`: prompt tokens one in-flight request is worth")
