@@ -39,10 +39,18 @@ class ConversationLog:
             self._prompt_ends[block_hashes[-1]] = now
 
     def withdraw(self, block_hashes: list[BlockHash]) -> None:
-        """A prompt sent lately was refused: its retry continues only what its history held before."""
-        if block_hashes:
-            self._prompt_ends.pop(block_hashes[-1], None)
-            self._last_answer = None
+        """A prompt sent lately was refused: its retry continues only what its history held
+        before, and counts as the one send of it."""
+        sent_at = self._prompt_ends.pop(block_hashes[-1], None) if block_hashes else None
+        self._last_answer = None
+        if sent_at is None:
+            return
+        for position in range(len(self._sends) - 1, -1, -1):
+            when, continued = self._sends[position]
+            if when == sent_at:
+                del self._sends[position]
+                self._continued -= continued
+                return
 
     def later_turns(self, routers: int) -> float:
         """Requests after the first per conversation, lately. Of the continuations, this

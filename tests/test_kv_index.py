@@ -405,6 +405,23 @@ def test_a_prompt_holding_an_earlier_prompt_continues_a_conversation():
     assert not log.continues(second) and log.later_turns(routers=1) == 0.0
 
 
+def test_a_withdrawn_send_counts_neither_as_a_turn_nor_as_a_prompt_to_continue():
+    """A refused send and its retry are one request: only the retry counts."""
+    from kvserve.router.conversations import ConversationLog
+
+    log = ConversationLog(window_s=60.0)
+    first = hash_block_chain(list(range(40)), BLOCK)
+    second = hash_block_chain(list(range(40)) + list(range(100, 120)), BLOCK)
+    log.sent(0.0, first)
+    log.sent(1.0, second)
+    log.withdraw(second)
+    assert log.later_turns(routers=1) == 0.0  # one conversation, no later turn
+    log.sent(2.0, second)  # the retry
+    assert log.later_turns(routers=1) == 1.0
+    log.withdraw(hash_block_chain([9] * 8, BLOCK))  # never sent: nothing changes
+    assert log.later_turns(routers=1) == 1.0 and log.continues(second + [object()])
+
+
 def test_in_seconds_every_replica_counts_the_median_step_cost():
     """One model on one kind of GPU: the replicas' fits are pooled (their median), so one
     replica's odd fit (here a step ten times cheaper) does not draw the traffic to it; a
