@@ -243,11 +243,26 @@ def test_a_seed_gives_the_same_run():
 
 def test_with_one_replica_and_no_reuse_every_policy_gives_the_same_result():
     items = no_reuse(40, 4.0, 0, input_tokens=400, output_tokens=12)
-    results = {p: _without_decision_times(summarize(_run(p, items, replicas=1), 2.0, None)) for p in SIM_POLICIES}
+    results = {p: _without_decision_times(summarize(_run(p, items, replicas=1, route_call_s=0.0), 2.0, None))
+               for p in SIM_POLICIES}
     first = results["kv"]
     assert first["served"] == 40 and first["hit_rate"] == 0.0
     for policy, result in results.items():
         assert result == first, policy
+
+
+def test_a_policy_that_waits_on_remote_calls_delivers_each_request_that_much_later():
+    """Ray's tree router asks its tree actor once for the match, and once more for the
+    smallest trees where the match is short; the others decide in their own process."""
+    items = _shared_context(n=30, rate=0.1)  # one request at a time on one replica
+
+    def ttfts(policy, route_call_s):
+        return [job.first_token_s - job.arrival_s for job in _run(policy, items, replicas=1, route_call_s=route_call_s)]
+
+    assert ttfts("kv", 0.004) == ttfts("kv", 0.0)
+    added = [round((late - early) / 0.004, 6) for late, early in zip(ttfts("prefix_approx", 0.004),
+                                                                    ttfts("prefix_approx", 0.0))]
+    assert set(added) == {1.0, 2.0} and added[0] == 2.0  # the first prompt matches nothing
 
 
 def _without_decision_times(summary: dict) -> dict:

@@ -64,6 +64,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated, of {','.join(SIM_POLICIES)} (default: all)")
     parser.add_argument("--event-delay-s", type=float, default=0.05,
                         help="delay of KV events and load reports from replica to router (default: %(default)s)")
+    parser.add_argument("--route-call-ms", type=float, default=0.5,
+                        help="one remote call a policy waits on to route a request: Ray's tree router asks its tree "
+                        "actor once, twice where the match is short (default: %(default)s; docs/sim.md)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=32768, help="(default: %(default)s)")
     for name, default in {**_ENGINE_DEFAULTS, **_SERVE_DEFAULTS}.items():
@@ -138,13 +141,14 @@ def _config(args: argparse.Namespace, replicas: int, ingress: int) -> SimConfig:
                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                      max_model_len=args.max_model_len, max_ongoing_requests=args.max_ongoing_requests,
                      max_queued_requests=args.max_queued_requests, max_queue_wait_s=args.max_queue_wait_s,
-                     event_delay_s=args.event_delay_s, seed=args.seed,
+                     event_delay_s=args.event_delay_s, route_call_s=args.route_call_ms / 1e3, seed=args.seed,
                      router_options=RouterOptions(**dict(args.kv_option)))
 
 
 def _settings(args: argparse.Namespace, config: SimConfig, step_time) -> dict:
     return {"step_time": args.step_fit or args.preset, "kv_blocks": config.kv_blocks or step_time.kv_blocks(config.block_size),
-            "block_size": config.block_size, "event_delay_s": config.event_delay_s, "seed": config.seed,
+            "block_size": config.block_size, "event_delay_s": config.event_delay_s,
+            "route_call_s": config.route_call_s, "seed": config.seed,
             "max_ongoing_requests": config.max_ongoing_requests, "max_queue_wait_s": config.max_queue_wait_s,
             "slo_ttft_s": args.slo_ttft_s, "slo_tpot_s": args.slo_tpot_s, "warmup_s": args.warmup_s,
             "kv_options": config.router_options.model_dump()}

@@ -93,7 +93,10 @@ class PrefixCacheAffinity(RoutingPolicy):
     least `match_rate_threshold` (0.1) of the prompt, else the replicas with the fewest
     characters in the tree; Serve takes the candidate with the shortest queue. A prompt is
     inserted under the replica it was sent to. The tree is one actor for all ingress
-    replicas, so it is shared here too; eviction is off by default."""
+    replicas, so it is shared here too; eviction is off by default. The router waits on the
+    actor to decide: one call for the match, and one more for the smallest trees where the
+    match is short (`calls_on_path`); its insert after the send blocks only the router's
+    later requests, and is left out."""
 
     def __init__(self, view: ClusterView, shared: dict, imbalanced_threshold: float = float("inf"),
                  match_rate_threshold: float = 0.1):
@@ -107,10 +110,13 @@ class PrefixCacheAffinity(RoutingPolicy):
         ongoing, rng = self.view.ongoing, self.view.rng
         fallback = self.fallback.rank(job)
         if max(ongoing) - min(ongoing) > self.imbalanced_threshold:
+            self.calls_on_path = 0
             return fallback
         depths = self.trees.matches(job.block_hashes)
         best = max(depths)
-        if best * self.view.block_size / job.item.input_length >= self.match_rate_threshold:
+        matched = best * self.view.block_size / job.item.input_length >= self.match_rate_threshold
+        self.calls_on_path = 1 if matched else 2
+        if matched:
             candidates = [k for k, depth in enumerate(depths) if depth == best]
         else:
             smallest = min(self.trees.size(k) for k in range(len(depths)))

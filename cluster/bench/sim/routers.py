@@ -34,6 +34,7 @@ class RoutingPolicy:
     """A ranking of the replicas for each request, and what the router learns as it goes."""
 
     uses_events = False  # whether it needs a follower of the replicas' KV events and load
+    calls_on_path = 0  # the remote calls its last ranking waited on (each costs `SimConfig.route_call_s`)
 
     def rank(self, job) -> list[int]:
         raise NotImplementedError

@@ -5,8 +5,10 @@ Two kinds of event: an arrival (routed at once by its ingress router, or queued 
 every replica is at `max_ongoing_requests`, or refused when that queue is full, as Serve
 does; or refused by the replica it is sent to, past `max_queue_wait_s`) and the end of a
 replica's step (tokens appended, finished requests reported back to the router that sent
-them, queued requests routed again, the next step scheduled). Ties go to the step end. The
-routers hear the replicas' KV events and load `event_delay_s` late.
+them, queued requests routed again, the next step scheduled); and, for a policy that makes
+remote calls to decide (Ray's tree asks its tree actor), a request's delivery to its replica
+`route_call_s` per call after its router took it. Ties go to the step end. The routers hear
+the replicas' KV events and load `event_delay_s` late.
 """
 
 import gc
@@ -38,6 +40,7 @@ class SimConfig:
     max_queued_requests: int = 512  # per ingress router; -1: no limit
     max_queue_wait_s: float | None = None  # EngineConfig's: a replica refuses a newcomer past it
     event_delay_s: float = 0.05
+    route_call_s: float = 0.0005  # one remote call a policy makes on a request's path (`RoutingPolicy.calls_on_path`)
     seed: int = 0
     router_options: RouterOptions = RouterOptions()
 
@@ -97,6 +100,7 @@ class Cluster:
         self.answering: dict[int, Job] = {}  # by `WorkItem.reply`: the jobs not ended yet
         self.held: dict[int, Job] = {}  # by the `reply` they follow: jobs waiting for that answer
         self.followers: list[tuple[float, int, Job]] = []  # (arrival, index, job) of the held, once their answer ended
+        self.deliveries: list[tuple[float, int, int, Job]] = []  # (when, index, replica, job) of those sent, not yet there
 
     def run(self, items: list[WorkItem]) -> list[Job]:
         """Every request to its end (finished or refused); the jobs in arrival order."""
@@ -116,13 +120,18 @@ class Cluster:
         return jobs
 
     def _run_until(self, t: float) -> None:
-        """The step ends and the held requests' arrivals up to `t`, in time order (a step end first)."""
-        steps, followers = self.steps, self.followers
+        """The step ends, deliveries and held requests' arrivals up to `t`, in time order (a
+        step end first, then a delivery)."""
+        steps, followers, deliveries = self.steps, self.followers, self.deliveries
         while True:
             step_end = steps[0][0] if steps else float("inf")
+            delivery = deliveries[0][0] if deliveries else float("inf")
             follower_arrival = followers[0][0] if followers else float("inf")
-            if step_end <= follower_arrival and step_end <= t and steps:
+            if step_end <= min(delivery, follower_arrival, t) and steps:
                 self._end_step(*heapq.heappop(steps))
+            elif delivery <= min(follower_arrival, t) and deliveries:
+                self.clock.now, _, k, job = heapq.heappop(deliveries)
+                self._deliver(job, k)
             elif follower_arrival <= t and followers:
                 self.clock.now, _, job = heapq.heappop(followers)
                 self._arrive(job)
@@ -178,7 +187,15 @@ class Cluster:
             self._refuse(job, refusal)
             return
         self.ongoing[k] += 1
-        self.routers[job.router].policy.sent(k, job)
+        policy = self.routers[job.router].policy
+        policy.sent(k, job)
+        delay = policy.calls_on_path * self.config.route_call_s
+        if delay > 0:
+            heapq.heappush(self.deliveries, (self.clock.now + delay, job.index, k, job))
+        else:
+            self._deliver(job, k)
+
+    def _deliver(self, job: Job, k: int) -> None:
         replica = self.replicas[k]
         replica.add(job, self.clock.now)
         if not replica.busy:
