@@ -100,7 +100,7 @@ class Cluster:
         self.answering: dict[int, Job] = {}  # by `WorkItem.reply`: the jobs not ended yet
         self.held: dict[int, Job] = {}  # by the `reply` they follow: jobs waiting for that answer
         self.followers: list[tuple[float, int, Job]] = []  # (arrival, index, job) of the held, once their answer ended
-        self.deliveries: list[tuple[float, int, int, Job]] = []  # (when, index, replica, job) of those sent, not yet there
+        self.deliveries: list[tuple[float, int, int, Job]] = []  # (when, index, replica, job): sent, not yet there
 
     def run(self, items: list[WorkItem]) -> list[Job]:
         """Every request to its end (finished or refused); the jobs in arrival order."""
