@@ -1,14 +1,14 @@
 """The discrete-event loop: requests arrive at ingress routers, are routed, and run on
 simulated replicas in simulated time; nothing sleeps.
 
-Two kinds of event: an arrival (routed at once by its ingress router, or queued there while
-every replica is at `max_ongoing_requests`, or refused when that queue is full, as Serve
-does; or refused by the replica it is sent to, past `max_queue_wait_s`) and the end of a
+Three kinds of event: an arrival (routed at once by its ingress router, or queued there
+while every replica is at `max_ongoing_requests`, or refused when that queue is full, as
+Serve does; or refused by the replica it is sent to, past `max_queue_wait_s`); the end of a
 replica's step (tokens appended, finished requests reported back to the router that sent
-them, queued requests routed again, the next step scheduled); and, for a policy that makes
-remote calls to decide (Ray's tree asks its tree actor), a request's delivery to its replica
-`route_call_s` per call after its router took it. Ties go to the step end. The routers hear
-the replicas' KV events and load `event_delay_s` late.
+them, queued requests routed again, the next step scheduled); and a request's delivery to
+its replica, `route_call_s` per remote call its policy waited on to decide (Ray's tree asks
+its tree actor) after its router took it, at once for the others. Ties go to the step end,
+then to a delivery. The routers hear the replicas' KV events and load `event_delay_s` late.
 """
 
 import gc
